@@ -1,0 +1,114 @@
+"""Session-wide safety settings and the stand-in fixtures (sshd fleets, a local Cloud TPU API).
+
+tests/ has no __init__.py on purpose: pytest then puts tests/ on sys.path, so `standins` imports as a package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from standins.pod import Pod
+from standins.pod import make_pod as stand_in_pod
+from standins.sshfleet import SshFleet, start_fleet
+from standins.tpu_api import FakeTpuApi
+
+# Set for the whole session. A client built without explicit credentials makes google-auth probe the GCE
+# metadata server (169.254.169.254, off this machine): these keep any probe on a closed local port instead.
+SESSION_ENV = {
+    "NO_GCE_CHECK": "true",  # lowercase: google-auth compares against "true"
+    "GCE_METADATA_HOST": "127.0.0.1:9",
+    "GCE_METADATA_IP": "127.0.0.1:9",
+}
+# The host's gcloud/ADC setup must not leak into tests.
+UNSET_ENV = ("GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT", "CLOUDSDK_CORE_PROJECT")
+
+_saved_env: dict[str, str | None] = {}
+_session_dir: Path | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _session_dir
+    config.addinivalue_line("markers", "slow: takes more than 5 s")
+    _session_dir = Path(tempfile.mkdtemp(prefix="tpuctl-tests-"))
+    cloudsdk = _session_dir / "cloudsdk"
+    cloudsdk.mkdir()
+    overrides: dict[str, str | None] = {
+        **SESSION_ENV,
+        **dict.fromkeys(UNSET_ENV),
+        "CLOUDSDK_CONFIG": str(cloudsdk),  # an empty gcloud config: no account, project or credentials
+        # A config path that does not exist, so tpuctl never reads the developer's own config.
+        "TPUCTL_CONFIG": str(_session_dir / "no-such-dir" / "config.toml"),
+    }
+    for name, value in overrides.items():
+        _saved_env.setdefault(name, os.environ.get(name))
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for name, value in _saved_env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    _saved_env.clear()
+    if _session_dir is not None:
+        shutil.rmtree(_session_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def tpu_api() -> Iterator[FakeTpuApi]:
+    """A started local Cloud TPU v2 API; point the client at `tpu_api.endpoint`."""
+    with FakeTpuApi() as api:
+        yield api
+
+
+@pytest.fixture
+def make_fleet() -> Iterator[Callable[..., SshFleet]]:
+    """make_fleet(n) starts an n-worker sshd fleet; all are closed at teardown, also after a failure."""
+    with contextlib.ExitStack() as closing:  # closes every fleet even if closing one of them raises
+
+        def make(n: int, base_dir: Path | None = None) -> SshFleet:
+            fleet = start_fleet(n, base_dir)
+            closing.callback(fleet.close)
+            return fleet
+
+        yield make
+
+
+@pytest.fixture
+def fleet(make_fleet: Callable[..., SshFleet]) -> SshFleet:
+    return make_fleet(2)
+
+
+@pytest.fixture
+def fleet4(make_fleet: Callable[..., SshFleet]) -> SshFleet:
+    return make_fleet(4)
+
+
+@pytest.fixture
+def make_pod(make_fleet: Callable[..., SshFleet], tpu_api: FakeTpuApi, tmp_path: Path) -> Callable[[int], Pod]:
+    """make_pod(n): an n-worker stand-in pod (sshd fleet + node "pod" in the local API) and a tpuctl runner."""
+
+    def make(n: int) -> Pod:
+        return stand_in_pod(make_fleet(n), tpu_api, tmp_path / f"home{n}")
+
+    return make
+
+
+@pytest.fixture
+def pod(make_pod: Callable[[int], Pod]) -> Pod:
+    return make_pod(2)
+
+
+@pytest.fixture
+def pod4(make_pod: Callable[[int], Pod]) -> Pod:
+    return make_pod(4)

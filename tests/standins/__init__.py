@@ -1,0 +1,1 @@
+"""Real stand-ins for the cloud: sshd "TPU workers" on loopback and a local Cloud TPU API server."""

@@ -1,0 +1,64 @@
+"""A stand-in TPU pod: an sshd fleet registered as a node in the local Cloud TPU API, and a way to run tpuctl
+against it (the real console script, in a subprocess, with an environment of the test's own)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from standins.sshfleet import SshFleet
+from standins.tpu_api import FakeTpuApi
+
+TPUCTL = str(Path(sys.executable).parent / "tpuctl")
+PROJECT, ZONE, NODE = "proj", "zone-a", "pod"
+
+
+@dataclass
+class Pod:
+    fleet: SshFleet
+    api: FakeTpuApi
+    home: Path  # HOME of the tpuctl user: its config, cache (sync mirror) and known_hosts live here
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.home / "known_hosts"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            **os.environ,
+            "HOME": str(self.home),
+            "XDG_CACHE_HOME": str(self.home / ".cache"),
+            "TPUCTL_API_ENDPOINT": self.api.endpoint,
+            "TPUCTL_PROJECT": PROJECT,
+            "TPUCTL_ZONE": ZONE,
+            "TPUCTL_TPU": NODE,
+            "TPUCTL_SSH_USER": self.fleet.user,
+            "TPUCTL_SSH_KEY": str(self.fleet.key_path),
+            "TPUCTL_SSH_PORT": str(self.fleet.port),
+            "TPUCTL_KNOWN_HOSTS": str(self.known_hosts),
+            "TPUCTL_CONNECT_TIMEOUT": "5",
+            "TPUCTL_API_TIMEOUT": "10",
+        }
+
+    def tpuctl(
+        self, *args: str, env: dict[str, str] | None = None, timeout: float = 60, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [TPUCTL, *args],
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+        )
+
+
+def make_pod(fleet: SshFleet, api: FakeTpuApi, home: Path) -> Pod:
+    home.mkdir(parents=True, exist_ok=True)
+    api.add_fleet_node(PROJECT, ZONE, NODE, fleet)
+    return Pod(fleet=fleet, api=api, home=home)

@@ -1,0 +1,176 @@
+"""check / kill / clean-logs against real processes holding (stand-in) TPU device files on real workers.
+
+The chips themselves are the one thing that cannot exist here: each worker gets device files in its own /tmp
+(TPUCTL_DEVICE_GLOBS points at them), and real processes hold them open or hold libtpu's lock, as libtpu does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+HOLD_DEVICE = "import sys, time; f = open(sys.argv[1], 'rb'); time.sleep(600)"
+HOLD_LOCK = "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.lockf(f, fcntl.LOCK_EX); time.sleep(600)"
+# A job that ignores SIGTERM, as a wedged trainer might.
+STUBBORN = (
+    "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); f = open(sys.argv[1], 'rb'); "
+    "time.sleep(600)"
+)
+
+
+def devices(worker, n=4):
+    d = worker.path("/tmp/dev")
+    d.mkdir(exist_ok=True)
+    for i in range(n):
+        (d / f"accel{i}").write_bytes(b"")
+    return "/tmp/dev/accel*"
+
+
+def locked_by(pid):
+    with open("/proc/locks") as f:
+        return f" {pid} " in f.read()
+
+
+def wait_for(predicate, seconds=5.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_check_finds_the_process_holding_a_device(pod4):
+    globs = [devices(w) for w in pod4.fleet.workers].pop()
+    holder = pod4.fleet.workers[2].spawn(["python3", "-c", HOLD_DEVICE, "/tmp/dev/accel1"])
+    assert wait_for(lambda: any("accel1" in os.readlink(f"/proc/{holder}/fd/{fd}") for fd in _fds(holder)))
+    r = pod4.tpuctl("check", "--json", env={"TPUCTL_DEVICE_GLOBS": globs})
+    assert r.returncode == 1, r.stderr
+    data = json.loads(r.stdout)
+    assert [d["state"] for d in data] == ["free", "free", "busy", "free"]
+    (h,) = data[2]["holders"]
+    assert h["pid"] == holder and h["user"] == "root" and "accel1" in h["cmd"]
+    assert set(data[0]) == {"worker", "ip", "state", "holders", "error"} and data[0]["ip"] == pod4.fleet.workers[0].ip
+    # the table names the holder too
+    r = pod4.tpuctl("check", env={"TPUCTL_DEVICE_GLOBS": globs})
+    assert r.returncode == 1 and str(holder) in r.stdout and "busy" in r.stdout
+
+
+def _fds(pid):
+    try:
+        return os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return []
+
+
+def test_a_lockfile_alone_is_not_busy_but_a_held_lock_is(pod):
+    w0, w1 = pod.fleet.workers
+    w0.path("/tmp/libtpu_lockfile").write_text("")  # left behind by a dead process
+    w1.path("/tmp/libtpu_lockfile").write_text("")
+    holder = w1.spawn(["python3", "-c", HOLD_LOCK, "/tmp/libtpu_lockfile"])
+    assert wait_for(lambda: locked_by(holder))
+    r = pod.tpuctl("check", "--json", env={"TPUCTL_DEVICE_GLOBS": "/tmp/dev/none*"})
+    data = json.loads(r.stdout)
+    assert [d["state"] for d in data] == ["free", "busy"]
+    assert [h["pid"] for h in data[1]["holders"]] == [holder]
+    assert r.returncode == 1
+
+
+def test_an_unreachable_worker_is_unknown_never_free(pod):
+    pod.fleet.workers[1].stop_sshd()
+    r = pod.tpuctl("check", "--json")
+    assert r.returncode == 2
+    data = json.loads(r.stdout)
+    assert [d["state"] for d in data] == ["free", "unknown"]
+    assert "connection refused" in data[1]["error"]
+
+
+def test_kill_stops_holders_and_only_then_removes_their_lockfiles(pod):
+    w0, w1 = pod.fleet.workers
+    globs = devices(w0)
+    devices(w1)
+    for w in (w0, w1):
+        w.path("/tmp/libtpu_lockfile").write_text("")
+    polite = w0.spawn(["python3", "-c", HOLD_DEVICE, "/tmp/dev/accel0"])
+    locker = w0.spawn(["python3", "-c", HOLD_LOCK, "/tmp/libtpu_lockfile"])
+    stubborn = w1.spawn(["python3", "-c", STUBBORN, "/tmp/dev/accel2"])
+    bystander = w1.spawn(["sleep", "600"])  # holds nothing: must survive
+    assert wait_for(lambda: locked_by(locker))
+    assert wait_for(lambda: len(_fds(stubborn)) >= 4)
+
+    dry = pod.tpuctl("kill", "--dry-run", "--json", env={"TPUCTL_DEVICE_GLOBS": globs})
+    assert dry.returncode == 0, dry.stderr
+    planned = json.loads(dry.stdout)
+    assert sorted(h["pid"] for h in planned[0]["killed"]) == sorted([polite, locker])
+    assert [h["pid"] for h in planned[1]["killed"]] == [stubborn]
+    assert all(alive(p) for p in (polite, locker, stubborn))
+    assert w0.path("/tmp/libtpu_lockfile").exists()  # held: a dry run removes nothing anyway
+
+    r = pod.tpuctl("kill", "--yes", "--grace", "1", "--json", env={"TPUCTL_DEVICE_GLOBS": globs})
+    assert r.returncode == 0, r.stderr
+    done = json.loads(r.stdout)
+    assert {h["pid"]: h["signal"] for h in done[0]["killed"]} == {polite: "TERM", locker: "TERM"}
+    assert {h["pid"]: h["signal"] for h in done[1]["killed"]} == {stubborn: "KILL"}
+    assert done[0]["lockfiles_removed"] == ["/tmp/libtpu_lockfile"]
+    assert done[1]["lockfiles_removed"] == ["/tmp/libtpu_lockfile"]
+    assert not any(alive(p) for p in (polite, locker, stubborn))
+    assert alive(bystander)
+    assert not w0.path("/tmp/libtpu_lockfile").exists()
+    assert pod.tpuctl("check", env={"TPUCTL_DEVICE_GLOBS": globs}).returncode == 0
+
+
+def test_kill_stops_tpuctl_tmux_sessions_only(pod):
+    w0 = pod.fleet.workers[0]
+    ours = w0.spawn(["tmux", "new-session", "-d", "-s", "tpuctl-run1", "sleep 600"])
+    theirs = w0.spawn(["tmux", "new-session", "-d", "-s", "notebook", "sleep 600"])
+    for pid in (ours, theirs):
+        assert wait_for(lambda pid=pid: not alive(pid))  # `tmux new -d` returns once the server has it
+    sessions = "tmux list-sessions -F '#{session_name}'"
+    assert pod.tpuctl("ssh", "--", sessions).stdout.split() == ["notebook", "tpuctl-run1"]
+    r = pod.tpuctl("kill", "--yes", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)[0]["sessions"] == ["tpuctl-run1"]
+    assert pod.tpuctl("ssh", "--", sessions).stdout.split() == ["notebook"]
+
+
+def test_kill_without_a_terminal_needs_yes(pod):
+    r = pod.tpuctl("kill")
+    assert r.returncode == 2
+    assert "without confirmation" in r.stderr and "--yes" in r.stderr
+
+
+def test_clean_logs_reports_freed_bytes_and_keeps_held_locks(pod):
+    w0, w1 = pod.fleet.workers
+    logs = w0.path("/tmp/tpu_logs")
+    logs.mkdir()
+    (logs / "tpu_driver.INFO").write_bytes(b"x" * 10_000)
+    (logs / "sub").mkdir()
+    (logs / "sub" / "trace").write_bytes(b"y" * 2_000)
+    w0.path("/tmp/core.1234").write_bytes(b"z" * 500)
+    w0.path("/tmp/libtpu_lockfile").write_text("")
+    w1.path("/tmp/libtpu_lockfile").write_text("")
+    locker = w1.spawn(["python3", "-c", HOLD_LOCK, "/tmp/libtpu_lockfile"])
+    assert wait_for(lambda: locked_by(locker))
+
+    dry = json.loads(pod.tpuctl("clean-logs", "--dry-run", "--json").stdout)
+    assert dry[0]["freed_bytes"] == 12_500 and logs.exists()
+
+    r = pod.tpuctl("clean-logs", "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data[0]["freed_bytes"] == 12_500
+    assert sorted(data[0]["removed"]) == ["/tmp/core.1234", "/tmp/tpu_logs"]
+    assert data[0]["lockfiles_removed"] == ["/tmp/libtpu_lockfile"]
+    assert data[1]["lockfiles_removed"] == []  # held by a live process: left alone
+    assert not logs.exists() and w1.path("/tmp/libtpu_lockfile").exists() and alive(locker)
+    table = pod.tpuctl("clean-logs", "--dry-run")
+    assert table.returncode == 0 and "would free" in table.stdout

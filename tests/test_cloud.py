@@ -1,0 +1,73 @@
+"""tpuctl list and API failures: the real google-cloud-tpu client against the local Cloud TPU API."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+
+def test_list_shows_every_node_of_the_zone(pod):
+    workers = [("10.0.0.5", None), ("10.0.0.6", None)]
+    pod.api.add_node("proj", "zone-a", "other", workers, accelerator_type="v5p-16", state="CREATING", health="")
+    pod.api.add_node("proj", "zone-b", "elsewhere", [("10.1.0.1", "1.2.3.4")])
+    r = pod.tpuctl("list", "--json")
+    assert r.returncode == 0, r.stderr
+    nodes = {n["name"]: n for n in json.loads(r.stdout)}
+    assert set(nodes) == {"pod", "other"}
+    assert nodes["pod"]["state"] == "READY" and nodes["pod"]["health"] == "HEALTHY"
+    assert [w["external_ip"] for w in nodes["pod"]["workers"]] == pod.fleet.ips
+    assert nodes["other"]["accelerator_type"] == "v5p-16" and nodes["other"]["state"] == "CREATING"
+    assert [w["internal_ip"] for w in nodes["other"]["workers"]] == ["10.0.0.5", "10.0.0.6"]
+    table = pod.tpuctl("list", "--internal-ip")
+    assert table.returncode == 0
+    row = next(line for line in table.stdout.splitlines() if line.startswith("other"))
+    assert row.split()[:5] == ["other", "CREATING", "-", "v5p-16", "2"] and "10.0.0.5, 10.0.0.6" in row
+
+
+def test_list_pages_through_many_nodes(pod):
+    for i in range(120):
+        pod.api.add_node("proj", "zone-a", f"n{i:03d}", [(f"10.0.1.{i}", None)])
+    r = pod.tpuctl("list", "--json")
+    assert r.returncode == 0
+    assert len(json.loads(r.stdout)) == 121
+
+
+def test_an_empty_zone_says_so(pod):
+    r = pod.tpuctl("list", "--zone", "empty-zone")
+    assert r.returncode == 0
+    assert r.stdout == "" and "No TPUs in project proj, zone empty-zone." in r.stderr
+
+
+def test_permission_denied_is_one_line(pod):
+    pod.api.denied_projects.add("proj")
+    r = pod.tpuctl("list")
+    assert r.returncode == 2
+    assert r.stderr.startswith("tpuctl: error: listing TPUs: permission denied in project proj, zone zone-a")
+    assert r.stderr.count("\n") == 1
+
+
+def test_an_unreachable_api_is_one_line_within_the_timeout(pod):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    start = time.monotonic()
+    r = pod.tpuctl(
+        "exec",
+        "--",
+        "true",
+        env={"TPUCTL_API_ENDPOINT": f"http://127.0.0.1:{port}", "TPUCTL_API_TIMEOUT": "2"},
+    )
+    assert time.monotonic() - start < 15
+    assert r.returncode == 2
+    assert f"cannot reach the Cloud TPU API at http://127.0.0.1:{port}" in r.stderr
+    assert r.stderr.count("\n") == 1
+
+
+def test_no_credentials_for_the_real_endpoint_says_how_to_log_in(pod):
+    # https endpoint -> Application Default Credentials; the test session has none (and no metadata server).
+    r = pod.tpuctl("list", env={"TPUCTL_API_ENDPOINT": "https://tpu.googleapis.com"})
+    assert r.returncode == 2
+    assert r.stderr == (
+        "tpuctl: error: no Google Cloud credentials found (run `gcloud auth application-default login`)\n"
+    )

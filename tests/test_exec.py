@@ -1,0 +1,139 @@
+"""tpuctl exec and ssh against real sshd workers found through the (local) Cloud TPU API."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+def test_exec_runs_on_every_worker_with_prefixes(pod4):
+    r = pod4.tpuctl("exec", "--", "hostname")
+    assert r.returncode == 0, r.stderr
+    lines = sorted(r.stdout.splitlines())
+    assert lines == sorted(f"[w{w.index}] {w.hostname}" for w in pod4.fleet.workers)
+    # the summary table goes to stderr, one row per worker
+    for w in pod4.fleet.workers:
+        assert f"w{w.index}" in r.stderr and w.ip in r.stderr
+
+
+def test_exec_sends_words_exactly_as_given(pod):
+    r = pod.tpuctl("exec", "--workers", "0", "--", "printf", "%s\\n", "a b", "$HOME", "it's", '"q"', "`x`", "")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["[w0] a b", "[w0] $HOME", "[w0] it's", '[w0] "q"', "[w0] `x`", "[w0] "]
+
+
+def test_exec_one_argument_is_a_shell_command_line(pod):
+    r = pod.tpuctl("exec", "--workers", "1", "--", 'echo "$((40+2))" | tr 4 x; echo "$HOME"')
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["[w1] x2", "[w1] /root"]
+
+
+def test_exec_exit_status_is_the_worst_workers(pod4):
+    r = pod4.tpuctl("exec", "--", 'case "$(hostname)" in w2-*) exit 7;; w3-*) exit 3;; esac; echo fine')
+    assert r.returncode == 7
+    assert r.stdout.count("fine") == 2
+
+
+def test_exec_json(pod):
+    r = pod.tpuctl("exec", "--json", "--", "echo out; echo err >&2; exit 4")
+    assert r.returncode == 4
+    data = json.loads(r.stdout)["workers"]
+    assert [d["worker"] for d in data] == [0, 1]
+    assert all(d["stdout"] == "out\n" and d["stderr"] == "err\n" and d["exit_code"] == 4 for d in data)
+    assert all(d["status"] == "failed" for d in data)
+
+
+def test_exec_group_prints_each_worker_together(pod):
+    r = pod.tpuctl("exec", "--group", "--", "echo one; sleep 0.2; echo two")
+    assert r.returncode == 0
+    assert r.stdout == "one\ntwo\none\ntwo\n"
+
+
+def test_exec_worker_selection_is_checked(pod):
+    r = pod.tpuctl("exec", "--workers", "0,5", "--", "true")
+    assert r.returncode == 2
+    assert "worker 5 does not exist" in r.stderr and "workers 0-1" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_a_stopped_worker_is_named_and_does_not_stop_the_others(pod4):
+    pod4.fleet.workers[2].stop_sshd()
+    r = pod4.tpuctl("exec", "--", "hostname")
+    assert r.returncode == 255
+    assert r.stdout.count("[w") == 3 and "[w2]" not in r.stdout
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("w2 (") and "connection refused" in last
+
+
+def test_a_hung_worker_times_out_without_blocking_the_others(pod):
+    pod.fleet.workers[0].freeze()  # TCP connects, sshd never answers
+    r = pod.tpuctl("exec", "--", "hostname", env={"TPUCTL_CONNECT_TIMEOUT": "1"}, timeout=30)
+    assert r.returncode == 255
+    assert f"[w1] {pod.fleet.workers[1].hostname}" in r.stdout
+    assert "w0 (" in r.stderr and "no SSH answer within 1s" in r.stderr
+
+
+def test_a_command_past_its_timeout_is_reported(pod):
+    slow = pod.fleet.workers[1].hostname
+    r = pod.tpuctl("exec", "--timeout", "1", "--", f'if [ "$(hostname)" = "{slow}" ]; then sleep 30; fi; echo done')
+    assert r.returncode == 255
+    assert "[w0] done" in r.stdout
+    assert "w1 (" in r.stderr and "timed out after 1s" in r.stderr
+
+
+def test_unknown_tpu_lists_the_existing_ones(pod):
+    r = pod.tpuctl("exec", "--tpu", "nope", "--", "true")
+    assert r.returncode == 2
+    assert r.stderr.strip() == ("tpuctl: error: TPU 'nope' not found in project proj, zone zone-a (TPUs there: pod)")
+
+
+def test_a_node_that_is_not_ready_is_refused(pod):
+    pod.api.set_state("proj", "zone-a", "pod", "PREEMPTED")
+    r = pod.tpuctl("exec", "--", "true")
+    assert r.returncode == 2
+    assert "TPU 'pod' is PREEMPTED, not READY" in r.stderr
+
+
+def test_missing_key_is_one_line(pod, tmp_path):
+    r = pod.tpuctl("exec", "--ssh-key", str(tmp_path / "nokey"), "--", "true")
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "SSH key" in r.stderr and "does not exist" in r.stderr
+
+
+def test_wrong_user_is_reported_per_worker(pod):
+    r = pod.tpuctl("exec", "--ssh-user", "nobody-here", "--", "true")
+    assert r.returncode == 255
+    assert "authentication failed as 'nobody-here'" in r.stderr
+
+
+def test_changed_host_key_is_refused_unless_replaced(pod):
+    assert pod.tpuctl("exec", "--", "true").returncode == 0
+    known = pod.known_hosts.read_text()
+    assert all(w.ip in known for w in pod.fleet.workers)
+    pod.fleet.workers[1].new_host_key()  # the VM was "recreated"
+    r = pod.tpuctl("exec", "--", "true")
+    assert r.returncode == 255
+    assert "presented a different ssh-ed25519 host key" in r.stderr and "--replace-host-keys" in r.stderr
+    r = pod.tpuctl("exec", "--replace-host-keys", "--", "true")
+    assert r.returncode == 0, r.stderr
+    assert pod.tpuctl("exec", "--", "true").returncode == 0  # the new key is now the recorded one
+
+
+def test_ssh_runs_a_command_on_one_worker(pod):
+    r = pod.tpuctl("ssh", "--worker", "1", "--", "hostname; echo '$HOME'")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [pod.fleet.workers[1].hostname, "$HOME"]
+
+
+def test_ssh_exit_status_passes_through(pod):
+    assert pod.tpuctl("ssh", "--", "exit 9").returncode == 9
+
+
+@pytest.mark.slow
+def test_exec_on_sixteen_workers(make_pod):
+    pod = make_pod(16)
+    r = pod.tpuctl("exec", "--json", "--", "hostname")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)["workers"]
+    assert [d["stdout"].strip() for d in data] == [w.hostname for w in pod.fleet.workers]

@@ -1,0 +1,113 @@
+"""tpuctl sync with real rsync over real ssh: incremental, .gitignore-aware, delta computed once."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+
+@pytest.fixture
+def project(tmp_path):
+    src = tmp_path / "proj"
+    (src / "pkg").mkdir(parents=True)
+    for i in range(20):
+        (src / "pkg" / f"mod{i}.py").write_text(f"VALUE = {i}\n" * 50)
+    (src / "README.md").write_text("hello\n")
+    (src / ".gitignore").write_text("*.log\nbuild/\n")
+    (src / "train.log").write_text("ignored\n")
+    (src / "build").mkdir()
+    (src / "build" / "big.bin").write_bytes(b"0" * 1000)
+    subprocess.run(["git", "init", "-q", str(src)], check=True)
+    return src
+
+
+def remote_files(worker, remote="/root/tpuctl"):
+    root = worker.path(remote)
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def sync_json(pod, *args, **kw):
+    r = pod.tpuctl("sync", *args, "--json", **kw)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_sync_copies_the_tree_skipping_git_and_ignored_files(pod4, project):
+    data = sync_json(pod4, str(project))
+    expected = sorted([".gitignore", "README.md", *(f"pkg/mod{i}.py" for i in range(20))])
+    for w in pod4.fleet.workers:
+        assert [f for f in remote_files(w) if f != ".tpuctl-sync"] == expected
+        assert w.path("/root/tpuctl/pkg/mod7.py").read_text() == (project / "pkg" / "mod7.py").read_text()
+    assert [d["ok"] for d in data] == [True] * 4
+    assert all(d["files"] == len(expected) for d in data)
+
+
+def test_incremental_sync_sends_only_the_change_computed_once(pod4, project):
+    sync_json(pod4, str(project))
+    (project / "pkg" / "mod3.py").write_text("VALUE = 'changed'\n")
+    data = sync_json(pod4, str(project))
+    assert [d["method"] for d in data] == ["batch"] * 4
+    assert [d["files"] for d in data] == [1] * 4
+    assert all(d["bytes_sent"] < 2_000 for d in data)
+    for w in pod4.fleet.workers:
+        assert w.path("/root/tpuctl/pkg/mod3.py").read_text() == "VALUE = 'changed'\n"
+
+
+def test_a_worker_that_differs_is_synced_in_full(pod, project):
+    sync_json(pod, str(project))
+    w1 = pod.fleet.workers[1]
+    # worker 1 is "recreated": its disk is empty again
+    subprocess.run(["rm", "-rf", str(w1.path("/root/tpuctl"))], check=True)
+    (project / "README.md").write_text("hello again\n")
+    data = sync_json(pod, str(project))
+    assert [d["method"] for d in data] == ["batch", "full"]
+    assert data[1]["files"] == 22
+    assert w1.path("/root/tpuctl/README.md").read_text() == "hello again\n"
+    assert w1.path("/root/tpuctl/pkg/mod19.py").exists()
+    # and from then on it takes the batch like the others
+    (project / "README.md").write_text("third\n")
+    assert [d["method"] for d in sync_json(pod, str(project))] == ["batch", "batch"]
+
+
+def test_delete_removes_files_gone_locally_but_keeps_the_venv(pod, project):
+    sync_json(pod, str(project))
+    w0 = pod.fleet.workers[0]
+    w0.path("/root/tpuctl/.venv").mkdir()
+    w0.path("/root/tpuctl/.venv/marker").write_text("")
+    (project / "pkg" / "mod0.py").unlink()
+    sync_json(pod, str(project))
+    assert w0.path("/root/tpuctl/pkg/mod0.py").exists()  # no --delete: nothing removed
+    sync_json(pod, str(project), "--delete")
+    assert not w0.path("/root/tpuctl/pkg/mod0.py").exists()
+    assert w0.path("/root/tpuctl/.venv/marker").exists()
+
+
+def test_full_and_remote_dir_and_exclude(pod, project):
+    data = sync_json(pod, str(project), "--full", "--remote-dir", "/tmp/code", "--exclude", "mod1*.py")
+    assert [d["method"] for d in data] == ["full", "full"]
+    files = remote_files(pod.fleet.workers[1], "/tmp/code")
+    assert "pkg/mod2.py" in files and "pkg/mod1.py" not in files and "pkg/mod15.py" not in files
+
+
+def test_dry_run_lists_changes_and_touches_nothing(pod, project):
+    r = pod.tpuctl("sync", str(project), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "pkg/mod5.py" in r.stdout.splitlines() and "train.log" not in r.stdout
+    assert "Would send 22 changed files to 2 workers" in r.stderr
+    assert not pod.fleet.workers[0].path("/root/tpuctl").exists()
+
+
+def test_a_down_worker_fails_alone(pod, project):
+    pod.fleet.workers[0].stop_sshd()
+    r = pod.tpuctl("sync", str(project))
+    assert r.returncode == 1
+    assert "w0 (" in r.stderr.strip().splitlines()[-1] and "connection refused" in r.stderr
+    assert pod.fleet.workers[1].path("/root/tpuctl/README.md").exists()
+
+
+def test_sync_of_a_missing_directory_is_one_line(pod, tmp_path):
+    r = pod.tpuctl("sync", str(tmp_path / "nope"))
+    assert r.returncode == 2
+    assert "does not exist" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,508 @@
+"""tpuctl: the command line. One thin function per command: parse, call the library, print.
+
+Output: data on stdout (tables, command output, --json), messages and summaries on stderr.
+Exit codes: see tpuctl.errors (0 ok, 1 some workers failed / busy, 2 bad input / unknown, 255 exec unreachable).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from tpuctl import __version__, config, render
+from tpuctl.errors import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, TpuctlError
+from tpuctl.options import dry_run_option, fleet_options, json_option, setting_options
+
+if TYPE_CHECKING:
+    from tpuctl.cloud import Node
+    from tpuctl.config import Settings
+    from tpuctl.fleet import Fleet, WorkerResult
+    from tpuctl.ops import WorkerReport
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+@click.group(context_settings=CONTEXT)
+@click.option("--profile", envvar="TPUCTL_PROFILE", help="Profile of ~/.config/tpuctl/config.toml [env TPUCTL_PROFILE]")
+@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks for errors.")
+@click.version_option(__version__, prog_name="tpuctl")
+@click.pass_context
+def cli(ctx: click.Context, profile: str | None, verbose: bool) -> None:
+    """Run CLIP training on Cloud TPU pods: find the workers, sync, prepare, check, kill, clean.
+
+    \b
+    Examples:
+      tpuctl list --zone us-central2-b
+      tpuctl sync . --tpu my-pod
+      tpuctl exec --tpu my-pod -- 'nproc; df -h /'
+      tpuctl check --tpu my-pod --json
+    """
+    ctx.obj = {"profile": profile, "verbose": verbose}
+
+
+def _settings(flags: dict[str, Any]) -> Settings:
+    ctx = click.get_current_context()
+    return config.resolve(flags, profile=ctx.find_root().obj["profile"])
+
+
+def _node(settings: Settings) -> Node:
+    from tpuctl.cloud import TpuApi
+
+    settings.require("tpu")
+    assert settings.tpu is not None
+    node = TpuApi(settings).get_node(settings.tpu)
+    if node.state != "READY":
+        raise TpuctlError(f"TPU {node.name!r} is {node.state}, not READY", "see `tpuctl list` for its state")
+    if not node.workers:
+        raise TpuctlError(f"TPU {node.name!r} reports no workers yet", "wait until it is READY")
+    return node
+
+
+def _fleet(settings: Settings, workers: str = "all") -> Fleet:
+    from tpuctl.fleet import Fleet
+
+    node = _node(settings)
+    return Fleet(settings, [node.workers[i] for i in parse_workers(workers, len(node.workers))])
+
+
+def parse_workers(spec: str, count: int) -> list[int]:
+    """'all', '3', '0,3,5' or '0-3' -> worker indices, checked against the node's worker count."""
+    if spec == "all":
+        return list(range(count))
+    indices: list[int] = []
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.strip().partition("-")
+            indices += range(int(lo), int(hi or lo) + 1)
+    except ValueError:
+        raise TpuctlError(f"--workers {spec!r} is not a worker list", "use all, 3, 0,3,5 or 0-3") from None
+    bad = [i for i in indices if not 0 <= i < count]
+    if bad:
+        raise TpuctlError(f"worker {bad[0]} does not exist", f"this TPU has workers 0-{count - 1}")
+    return sorted(set(indices))
+
+
+def _out() -> Any:
+    return render.console()
+
+
+def _err() -> Any:
+    return render.console(stderr=True)
+
+
+def _say_failures(reports: list[WorkerReport]) -> None:
+    lines = render.failures((r.index, r.ip, r.error) for r in reports if r.error)
+    for line in lines:
+        _err().print(f"[red]{line}[/red]", markup=True)
+
+
+# --- settings and discovery ---------------------------------------------------------------------------------
+
+
+@cli.group(name="config")
+def config_group() -> None:
+    """Show where tpuctl's settings come from."""
+
+
+@config_group.command("show")
+@fleet_options("remote_dir", "command_timeout")
+@json_option
+def config_show(as_json: bool, **flags: Any) -> None:
+    """Print every resolved setting and where it came from (flag, env, profile, gcloud, default).
+
+    Example: TPUCTL_ZONE=us-central2-b tpuctl config show
+    """
+    settings = _settings(flags)
+    if as_json:
+        render.print_json(render.settings_json(settings))
+    else:
+        _out().print(render.settings_table(settings))
+
+
+@cli.command("list")
+@setting_options("project", "zone", "internal_ip")
+@json_option
+def list_nodes(as_json: bool, **flags: Any) -> None:
+    """List the TPUs in the zone: state, health, type, workers and their IPs.
+
+    Example: tpuctl list --project my-proj --zone us-central2-b --json
+    """
+    from tpuctl.cloud import TpuApi
+
+    settings = _settings(flags)
+    nodes = TpuApi(settings).list_nodes()
+    if as_json:
+        render.print_json([n.to_json() for n in nodes])
+    elif not nodes:
+        _err().print(f"No TPUs in project {settings.project}, zone {settings.zone}.")
+    else:
+        _out().print(render.nodes_table(nodes, settings.internal_ip))
+
+
+# --- running commands ---------------------------------------------------------------------------------------
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.option("--worker", "-w", type=int, default=0, show_default=True, help="Worker index.")
+@fleet_options()
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def ssh(worker: int, command: tuple[str, ...], **flags: Any) -> None:
+    """Open a shell on one worker, or run CMD there (system ssh client).
+
+    \b
+    Examples:
+      tpuctl ssh --worker 3
+      tpuctl ssh -- 'tail -n 50 /tmp/tpu_logs/*.INFO'
+    """
+    from tpuctl import remote
+    from tpuctl.ssh import KnownHosts, host_key_name, ssh_command
+
+    settings = _settings(flags)
+    node = _node(settings)
+    index = parse_workers(str(worker), len(node.workers))[0]
+    host = node.workers[index].address(settings.internal_ip)
+    if shutil.which("ssh") is None:
+        raise TpuctlError("ssh is not installed on this machine", "install openssh-client")
+    if settings.replace_host_keys:
+        KnownHosts(settings.path("known_hosts")).forget([host_key_name(host, settings.ssh_port)])
+    argv = ssh_command(settings, host, interactive=not command)
+    if command:
+        argv.append(remote.user_command(command))
+    sys.stdout.flush()
+    os.execvp(argv[0], argv)
+
+
+@cli.command(name="exec", context_settings={"ignore_unknown_options": True})
+@click.option("--workers", default="all", show_default=True, help="Which workers: all, 3, 0,3,5 or 0-3.")
+@click.option("--group", is_flag=True, help="Print each worker's output together, after it finishes.")
+@fleet_options("command_timeout")
+@json_option
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_(workers: str, group: bool, as_json: bool, command: tuple[str, ...], **flags: Any) -> None:
+    """Run CMD on the workers in parallel; output prefixed [wN]; exit status is the worst worker's.
+
+    One argument is a shell command line (quote it: pipes, $VARS work); several are words sent exactly as given.
+
+    \b
+    Examples:
+      tpuctl exec -- 'python3 -c "import jax; print(jax.device_count())"'
+      tpuctl exec --workers 0,3 -- ls -la /tmp/tpu_logs
+    """
+    from tpuctl import remote
+
+    settings = _settings(flags)
+    fleet = _fleet(settings, workers)
+    lock = threading.Lock()
+
+    def stream(worker: Any, name: str, line: str) -> None:
+        out = sys.stdout if name == "stdout" else sys.stderr
+        with lock:
+            out.write(f"[{render.worker_name(worker.index)}] {line}\n")
+            out.flush()
+
+    quiet = as_json or group
+    results = fleet.run(remote.user_command(command), on_line=None if quiet else stream)
+    if as_json:
+        render.print_json({"workers": [render.result_json(r) for r in results]})
+    elif group:
+        for r in results:
+            _err().print(f"[bold]── {render.worker_name(r.worker.index)} {r.host}: {r.status}[/bold]")
+            sys.stdout.write(r.stdout)
+            sys.stderr.write(r.stderr)
+            sys.stdout.flush()
+    if not as_json:
+        _err().print(render.results_table(results))
+        for line in render.failures((r.worker.index, r.host, r.error) for r in results if r.error):
+            _err().print(f"[red]{line}[/red]")
+    raise SystemExit(exec_exit_code(results))
+
+
+def exec_exit_code(results: list[WorkerResult]) -> int:
+    """The worst worker's: 255 if any could not be reached or timed out, else the highest exit code."""
+    if any(r.error is not None for r in results):
+        return EXIT_UNREACHABLE
+    return max((r.exit_code or 0 for r in results), default=0)
+
+
+# --- code and environment -----------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("directory", default=".", type=click.Path(path_type=Path))
+@click.option("--delete", is_flag=True, help="Remove files on the workers that DIR no longer has.")
+@click.option("--exclude", multiple=True, metavar="PAT", help="Also skip files matching PAT (rsync pattern).")
+@click.option("--full", is_flag=True, help="rsync every worker in full instead of applying the computed delta.")
+@fleet_options("remote_dir", "command_timeout")
+@dry_run_option
+@json_option
+def sync(
+    directory: Path,
+    delete: bool,
+    exclude: tuple[str, ...],
+    full: bool,
+    dry_run: bool,
+    as_json: bool,
+    **flags: Any,
+) -> None:
+    """Copy DIR (default .) to every worker's remote dir, incrementally, skipping .git and .gitignore'd files.
+
+    \b
+    Examples:
+      tpuctl sync . --tpu my-pod
+      tpuctl sync ~/code/openvision --remote-dir '~/openvision' --exclude '*.ckpt'
+    """
+    from tpuctl import sync as syncing
+
+    settings = _settings(flags)
+    src = directory.resolve()
+    syncing.check_source(src)
+    fleet = _fleet(settings)
+    if dry_run:
+        files = syncing.changed_files(src, settings, delete=delete, excludes=exclude)
+        if as_json:
+            render.print_json({"files": files, "workers": fleet.hosts})
+        else:
+            for f in files:
+                click.echo(f)
+            _err().print(
+                f"Would send {len(files)} changed files to {len(fleet.hosts)} workers ({settings.remote_dir})."
+            )
+        return
+    with _SyncProgress(len(fleet.workers), enabled=not as_json) as progress:
+        results = syncing.sync(settings, fleet, src, delete=delete, excludes=exclude, full=full, on_progress=progress)
+    if as_json:
+        render.print_json(
+            [
+                {
+                    "worker": r.worker.index,
+                    "ip": r.host,
+                    "ok": r.ok,
+                    "method": r.method,
+                    "files": r.files,
+                    "bytes_sent": r.bytes_sent,
+                    "seconds": round(r.seconds, 3),
+                    "error": r.error,
+                }
+                for r in results
+            ]
+        )
+    else:
+        _out().print(render.sync_table(results))
+        for line in render.failures((r.worker.index, r.host, r.error) for r in results if r.error):
+            _err().print(f"[red]{line}[/red]")
+        if all(r.ok for r in results):
+            _err().print(f"Synced {src} to {settings.remote_dir} on {len(results)} workers. Next: tpuctl prepare")
+    raise SystemExit(EXIT_OK if all(r.ok for r in results) else EXIT_FAILED)
+
+
+class _SyncProgress:
+    """A rich progress view with a row per worker (only on a terminal)."""
+
+    def __init__(self, count: int, enabled: bool):
+        from rich.progress import BarColumn, Progress, TextColumn
+
+        console = render.console(stderr=True)
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[phase]}"),
+            console=console, disable=not enabled or not console.is_terminal, transient=True,
+        )  # fmt: skip
+        self.tasks: dict[int, Any] = {}
+        self.lock = threading.Lock()
+
+    def __enter__(self) -> _SyncProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def __call__(self, worker: Any, phase: str) -> None:
+        with self.lock:
+            if worker.index not in self.tasks:
+                name = render.worker_name(worker.index)
+                self.tasks[worker.index] = self.progress.add_task(name, total=1, phase=phase)
+            done = phase in ("done", "failed")
+            self.progress.update(self.tasks[worker.index], phase=phase, completed=1 if done else 0)
+
+
+@cli.command()
+@fleet_options("remote_dir", "command_timeout")
+@setting_options("python", "extras", "pip_args")
+@dry_run_option
+@json_option
+def prepare(dry_run: bool, as_json: bool, **flags: Any) -> None:
+    """Create REMOTE_DIR/.venv on every worker with the project and its extras (idempotent).
+
+    Example: tpuctl sync . && tpuctl prepare --extras train
+    """
+    from tpuctl import ops, remote
+
+    settings = _settings(flags)
+    fleet = _fleet(settings)
+    if dry_run:
+        command = remote.prepare_command(
+            settings.remote_dir, settings.python, settings.extras, settings.pip_args, settings.device_globs
+        )
+        _err().print(f"Would run on {len(fleet.hosts)} workers ({', '.join(fleet.hosts)}):")
+        click.echo(command)
+        return
+    reports = ops.prepare(settings, fleet)
+    if as_json:
+        render.print_json([{"worker": r.index, "ip": r.ip, "error": r.error, **r.data} for r in reports])
+    else:
+        rows = [
+            (
+                render.worker_name(r.index),
+                r.ip,
+                render.status_style("failed" if r.error else "ok"),
+                "" if r.error else "installed" if r.data.get("changed") else "unchanged",
+                f"{r.data.get('seconds', 0):.1f}s",
+            )
+            for r in reports
+        ]
+        _out().print(render.table(None, ["worker", "host", "status", "venv", "time"], rows))
+        _say_failures(reports)
+    raise SystemExit(EXIT_FAILED if any(r.error for r in reports) else EXIT_OK)
+
+
+# --- the chips ----------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@fleet_options()
+@json_option
+def check(as_json: bool, **flags: Any) -> None:
+    """Who holds the TPU chips on each worker. Exit 0 all free, 1 any busy, 2 any unknown (unreachable).
+
+    Example: tpuctl check --tpu my-pod --json
+    """
+    from tpuctl import ops
+
+    settings = _settings(flags)
+    reports = ops.check(settings, _fleet(settings))
+    if as_json:
+        render.print_json(
+            [{"worker": r.index, "ip": r.ip, "state": r.state, "holders": r.holders, "error": r.error} for r in reports]
+        )
+    else:
+        rows = []
+        for r in reports:
+            holders = "; ".join(f"{h['pid']} {h['user']} {h['cmd'][:60]}" for h in r.holders)
+            locks = ", ".join(lock["path"] for lock in r.data.get("lockfiles", []))
+            rows.append((render.worker_name(r.index), r.ip, render.status_style(r.state), holders, locks))
+        _out().print(render.table(None, ["worker", "host", "state", "holders (pid user cmd)", "lockfiles"], rows))
+        _say_failures(reports)
+    raise SystemExit(ops.check_exit_code(reports))
+
+
+@cli.command()
+@click.option("--grace", type=float, default=10.0, show_default=True, help="Seconds between TERM and KILL.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@fleet_options()
+@dry_run_option
+@json_option
+def kill(grace: float, yes: bool, dry_run: bool, as_json: bool, **flags: Any) -> None:
+    """Stop the training job on every worker: tpuctl's tmux sessions, then the chip holders, then stale locks.
+
+    Holders get TERM, then KILL after --grace seconds; lockfiles go only once nobody holds them.
+    Never kills its own shell or sshd.
+
+    Example: tpuctl kill --tpu my-pod --dry-run
+    """
+    from tpuctl import ops
+
+    settings = _settings(flags)
+    fleet = _fleet(settings)
+    if not dry_run and not yes:
+        _confirm_by_name(settings.tpu or "", f"kill the jobs on all {len(fleet.workers)} workers of")
+    reports = ops.kill(settings, fleet, grace=grace, dry_run=dry_run)
+    if as_json:
+        render.print_json([{"worker": r.index, "ip": r.ip, "error": r.error, **r.data} for r in reports])
+    else:
+        verb = "would kill" if dry_run else "killed"
+        rows = []
+        for r in reports:
+            killed = "; ".join(f"{h['pid']} {h['user']} {h['cmd'][:50]}" for h in r.data.get("killed", []))
+            sessions = ", ".join(r.data.get("sessions", []))
+            locks = ", ".join(r.data.get("lockfiles_removed", []))
+            rows.append((render.worker_name(r.index), r.ip, sessions, killed, locks, r.data.get("survivors", "")))
+        columns = ["worker", "host", "tmux sessions", verb, "lockfiles removed", "survivors"]
+        _out().print(render.table(None, columns, rows))
+        _say_failures(reports)
+    failed = any(r.error or r.data.get("survivors") for r in reports)
+    raise SystemExit(EXIT_FAILED if failed else EXIT_OK)
+
+
+@cli.command("clean-logs")
+@fleet_options()
+@dry_run_option
+@json_option
+def clean_logs(dry_run: bool, as_json: bool, **flags: Any) -> None:
+    """Remove /tmp/tpu_logs, crash dumps and libtpu lockfiles nobody holds; report freed bytes per worker.
+
+    Example: tpuctl clean-logs --tpu my-pod
+    """
+    from tpuctl import ops
+
+    settings = _settings(flags)
+    reports = ops.clean_logs(settings, _fleet(settings), dry_run=dry_run)
+    if as_json:
+        render.print_json([{"worker": r.index, "ip": r.ip, "error": r.error, **r.data} for r in reports])
+    else:
+        rows = [
+            (
+                render.worker_name(r.index),
+                r.ip,
+                len(r.data.get("removed", [])) + len(r.data.get("lockfiles_removed", [])),
+                render.human_bytes(r.data.get("freed_bytes", 0)),
+            )
+            for r in reports
+        ]
+        freed = "would free" if dry_run else "freed"
+        _out().print(render.table(None, ["worker", "host", "removed", freed], rows))
+        _say_failures(reports)
+    raise SystemExit(EXIT_FAILED if any(r.error for r in reports) else EXIT_OK)
+
+
+def _confirm_by_name(name: str, action: str) -> None:
+    if not sys.stdin.isatty():
+        raise TpuctlError(f"refusing to {action} TPU {name!r} without confirmation", "add --yes (or use --dry-run)")
+    import questionary
+
+    typed = questionary.text(f"Type the TPU name to {action} it ({name}):").unsafe_ask()
+    if typed.strip() != name:
+        raise TpuctlError(f"confirmation {typed!r} does not match {name!r}; nothing was done")
+
+
+def main() -> None:
+    """Console entry point: user errors become one line and an exit code; tracebacks only with -v."""
+    verbose = "-v" in sys.argv[1:] or "--verbose" in sys.argv[1:]
+    try:
+        cli.main(standalone_mode=False, prog_name="tpuctl")
+    except TpuctlError as e:
+        if verbose:
+            raise
+        click.echo(f"tpuctl: error: {e}", err=True)
+        raise SystemExit(e.exit_code) from None
+    except click.exceptions.Abort:
+        click.echo("tpuctl: aborted", err=True)
+        raise SystemExit(130) from None
+    except click.ClickException as e:
+        e.show()
+        raise SystemExit(e.exit_code) from None
+    except KeyboardInterrupt:
+        click.echo("tpuctl: interrupted", err=True)
+        raise SystemExit(130) from None
+    except SystemExit:
+        raise
+    except Exception as e:
+        if verbose:
+            raise
+        click.echo(f"tpuctl: internal error: {type(e).__name__}: {e} (rerun with -v for the traceback)", err=True)
+        raise SystemExit(EXIT_FAILED) from None

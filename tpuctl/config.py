@@ -1,0 +1,237 @@
+"""Where settings come from: flags > environment (TPUCTL_*) > profile in the config file > gcloud config > default.
+
+`Settings` is the one source of truth: each field carries its default, its type, its help text and its flag;
+the CLI options, `tpuctl config show` and the environment names are all derived from it.
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import getpass
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+from tpuctl.errors import ConfigError
+
+ENV_PREFIX = "TPUCTL_"
+DEFAULT_CONFIG_PATH = "~/.config/tpuctl/config.toml"
+
+
+def _local_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a uid with no passwd entry (some containers)
+        return "root"
+
+
+def _setting(default: Any, kind: str, help: str, flag: str | None = None, gcloud: str | None = None) -> Any:
+    """A settings field. kind: str|int|float|bool|list|path. gcloud: 'section/key' in gcloud's config files."""
+    meta = {"kind": kind, "help": help, "flag": flag, "gcloud": gcloud}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Settings:
+    project: str | None = _setting(None, "str", "Google Cloud project.", "--project", gcloud="core/project")
+    zone: str | None = _setting(None, "str", "Zone of the TPU, e.g. us-central2-b.", "--zone", gcloud="compute/zone")
+    tpu: str | None = _setting(None, "str", "Name of the TPU node (pod).", "--tpu")
+    ssh_user: str = _setting(_local_user(), "str", "User to log in as on the workers.", "--ssh-user")
+    ssh_key: str = _setting("~/.ssh/google_compute_engine", "path", "Private key for the workers.", "--ssh-key")
+    ssh_port: int = _setting(22, "int", "SSH port of the workers.", "--ssh-port")
+    remote_dir: str = _setting("~/tpuctl", "str", "Project directory on the workers.", "--remote-dir")
+    internal_ip: bool = _setting(False, "bool", "Reach workers by their internal IPs (from inside the VPC).")
+    concurrency: int = _setting(64, "int", "Most workers contacted at once.", "--concurrency")
+    connect_timeout: float = _setting(10.0, "float", "Seconds to wait for a worker's SSH connection.")
+    command_timeout: float = _setting(600.0, "float", "Seconds a remote command may run.", "--timeout")
+    known_hosts: str = _setting("~/.config/tpuctl/known_hosts", "path", "tpuctl's own known_hosts file.")
+    replace_host_keys: bool = _setting(False, "bool", "Accept workers whose host key changed (recreated VMs).")
+    device_globs: list[str] = _setting(["/dev/accel*", "/dev/vfio/[0-9]*"], "list", "TPU device paths (globs).")
+    api_timeout: float = _setting(30.0, "float", "Seconds a Cloud TPU API call may take, retries included.")
+    api_endpoint: str = _setting(
+        "https://tpu.googleapis.com",
+        "str",
+        "Cloud TPU API endpoint; http:// means an emulator (no credentials).",
+    )
+    python: str = _setting("python3", "str", "Python on the workers used to create the virtualenv.")
+    extras: str = _setting("train", "str", "Extras of the project that `prepare` installs on the workers.")
+    pip_args: str = _setting("", "str", "Extra arguments for pip on the workers, e.g. an index URL.")
+    # Where each value came from, for `tpuctl config show`.
+    sources: dict[str, str] = field(default_factory=dict, compare=False, metadata={"kind": "internal"})
+
+    def require(self, *names: str) -> None:
+        """Raise a ConfigError naming every way to set the first missing setting."""
+        for name in names:
+            if getattr(self, name) in (None, ""):
+                raise ConfigError(f"{name} is not set", how_to_set(name))
+
+    def path(self, name: str) -> Path:
+        return Path(os.path.expanduser(getattr(self, name)))
+
+
+def setting_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(Settings) if f.metadata.get("kind") != "internal"]
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def how_to_set(name: str) -> str:
+    f = next(f for f in setting_fields() if f.name == name)
+    ways = [
+        f"--{name.replace('_', '-')}" if f.metadata["flag"] is None else f.metadata["flag"],
+        env_name(name),
+    ]
+    ways.append(f"'{name} = ...' in a profile of {DEFAULT_CONFIG_PATH}")
+    if f.metadata["gcloud"]:
+        section, key = f.metadata["gcloud"].split("/")
+        ways.append(f"`gcloud config set {section}/{key} ...`")
+    return "set it with " + ", ".join(ways[:-1]) + " or " + ways[-1]
+
+
+def _parse(name: str, kind: str, raw: Any, origin: str) -> Any:
+    """Turn a raw value (a string from env, or a TOML value) into the setting's type."""
+    try:
+        if kind in ("str", "path"):
+            if not isinstance(raw, str):
+                raise TypeError
+            return raw
+        if kind == "int":
+            if isinstance(raw, bool):
+                raise TypeError
+            return int(raw)
+        if kind == "float":
+            if isinstance(raw, bool):
+                raise TypeError
+            return float(raw)
+        if kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            if isinstance(raw, str) and raw.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                return raw.lower() in ("1", "true", "yes", "on")
+            raise TypeError
+        if kind == "list":
+            if isinstance(raw, str):
+                return [p.strip() for p in raw.split(",") if p.strip()]
+            if isinstance(raw, list) and all(isinstance(p, str) for p in raw):
+                return list(raw)
+            raise TypeError
+    except (TypeError, ValueError):
+        want = {"list": "a list of strings (comma-separated in env)", "path": "a path"}.get(kind, f"a {kind}")
+        raise ConfigError(f"{name} from {origin} is {raw!r}, expected {want}") from None
+    raise AssertionError(kind)
+
+
+def _validate(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
+    checks = [
+        ("ssh_port", lambda v: 1 <= v <= 65535, "a port between 1 and 65535"),
+        ("concurrency", lambda v: v >= 1, "at least 1"),
+        ("connect_timeout", lambda v: v > 0, "more than 0 seconds"),
+        ("command_timeout", lambda v: v > 0, "more than 0 seconds"),
+        ("api_timeout", lambda v: v > 0, "more than 0 seconds"),
+    ]
+    for name, ok, want in checks:
+        if not ok(values[name]):
+            raise ConfigError(f"{name} = {values[name]!r} (from {sources[name]}) must be {want}")
+
+
+# --- the layers -------------------------------------------------------------------------------------------
+
+
+def config_file_path(env: Mapping[str, str]) -> Path:
+    return Path(os.path.expanduser(env.get(env_name("config"), DEFAULT_CONFIG_PATH)))
+
+
+def load_profile(path: Path, wanted: str | None) -> tuple[str | None, dict[str, Any]]:
+    """Return (profile name, its raw settings) from the config file; ({}, None) when there is none to use."""
+    if not path.exists():
+        if wanted:
+            raise ConfigError(f"profile {wanted!r} asked for, but {path} does not exist", "create it or drop --profile")
+        return None, {}
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
+    unknown = set(data) - {"default_profile", "profiles"}
+    if unknown:
+        raise ConfigError(f"unknown key {sorted(unknown)[0]!r} in {path}", "use default_profile or [profiles.NAME]")
+    profiles = data.get("profiles", {})
+    name = wanted or data.get("default_profile") or ("default" if "default" in profiles else None)
+    if name is None:
+        return None, {}
+    if name not in profiles:
+        have = ", ".join(sorted(profiles)) or "none"
+        raise ConfigError(f"profile {name!r} is not in {path}", f"profiles there: {have}")
+    known = {f.name for f in setting_fields()}
+    for key in profiles[name]:
+        if key not in known:
+            raise ConfigError(
+                f"unknown setting {key!r} in profile {name!r} of {path}", f"known: {', '.join(sorted(known))}"
+            )
+    return name, dict(profiles[name])
+
+
+def load_gcloud(env: Mapping[str, str]) -> tuple[str, dict[str, str]]:
+    """Read gcloud's active configuration the way gcloud does, without running gcloud (it is slow)."""
+    root = Path(os.path.expanduser(env.get("CLOUDSDK_CONFIG", "~/.config/gcloud")))
+    name = env.get("CLOUDSDK_ACTIVE_CONFIG_NAME")
+    if not name:
+        try:
+            name = (root / "active_config").read_text().strip() or "default"
+        except OSError:
+            name = "default"
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(root / "configurations" / f"config_{name}")
+    except configparser.Error:
+        return name, {}
+    values = {f"{s}/{k}": v for s in parser.sections() for k, v in parser.items(s)}
+    # gcloud's own environment overrides (CLOUDSDK_CORE_PROJECT, CLOUDSDK_COMPUTE_ZONE) beat its files.
+    for key in ("core/project", "compute/zone"):
+        override = env.get("CLOUDSDK_" + key.replace("/", "_").upper())
+        if override:
+            values[key] = override
+    return name, values
+
+
+def resolve(
+    flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None, profile: str | None = None
+) -> Settings:
+    """Resolve every setting through the layers; `flags` holds values given on the command line (None = not given)."""
+    env = os.environ if env is None else env
+    flags = flags or {}
+    path = config_file_path(env)
+    profile_name, profile_values = load_profile(path, profile or env.get(env_name("profile")) or None)
+    gcloud_name, gcloud_values = load_gcloud(env)
+
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for f in setting_fields():
+        kind, name = f.metadata["kind"], f.name
+        if flags.get(name) is not None:
+            flag = f.metadata["flag"] or "--" + name.replace("_", "-")
+            values[name], sources[name] = _parse(name, kind, flags[name], f"flag {flag}"), f"flag {flag}"
+        elif env.get(env_name(name)):
+            origin = f"env {env_name(name)}"
+            values[name], sources[name] = _parse(name, kind, env[env_name(name)], origin), origin
+        elif name in profile_values:
+            origin = f"profile {profile_name} ({path})"
+            values[name], sources[name] = _parse(name, kind, profile_values[name], origin), origin
+        elif f.metadata["gcloud"] and gcloud_values.get(f.metadata["gcloud"]):
+            values[name], sources[name] = gcloud_values[f.metadata["gcloud"]], f"gcloud config {gcloud_name}"
+        else:
+            values[name] = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            sources[name] = "default"
+    _validate(values, sources)
+    return Settings(**values, sources=sources)

@@ -1,0 +1,257 @@
+"""Fan-out over workers: run one command on many workers in parallel, with a result per worker.
+
+Built on fabric/paramiko, with what fabric's ThreadingGroup lacks: a concurrency cap, a deadline for every step
+(connect, banner, auth, command) plus an overall watchdog so one hung worker never blocks the command, binary
+stdin, and output streamed line by line as it arrives.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tpuctl.ssh import KnownHosts, load_private_key, open_socket
+
+if TYPE_CHECKING:
+    import paramiko
+
+    from tpuctl.cloud import Worker
+    from tpuctl.config import Settings
+
+# on_line(worker, stream, line): called from worker threads as lines arrive ("stdout" or "stderr").
+LineCallback = Callable[["Worker", str, str], None]
+
+# After the exit status arrives, wait this long for the rest of the output (a backgrounded child may hold it open).
+_DRAIN_GRACE_S = 0.5
+
+
+@dataclass
+class WorkerResult:
+    worker: Worker
+    host: str
+    exit_code: int | None = None  # None when the command did not run to its end
+    stdout: str = ""
+    stderr: str = ""
+    error: str | None = None  # why it did not run to its end (unreachable, timed out, host key changed)
+    timed_out: bool = False
+    seconds: float = 0.0
+
+    @property
+    def status(self) -> str:
+        if self.timed_out:
+            return "timeout"
+        if self.error is not None:
+            return "unreachable"
+        return "ok" if self.exit_code == 0 else "failed"
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass
+class _Output:
+    """Accumulates one stream and hands complete lines to the callback."""
+
+    stream: str
+    on_line: Callable[[str, str], None] | None
+    data: bytearray = field(default_factory=bytearray)
+    _partial: bytearray = field(default_factory=bytearray)
+
+    def feed(self, chunk: bytes) -> None:
+        self.data += chunk
+        if self.on_line is None:
+            return
+        self._partial += chunk
+        *lines, rest = self._partial.split(b"\n")
+        self._partial = bytearray(rest)
+        for line in lines:
+            self.on_line(self.stream, line.decode(errors="replace"))
+
+    def close(self) -> str:
+        if self.on_line is not None and self._partial:
+            self.on_line(self.stream, self._partial.decode(errors="replace"))
+            self._partial.clear()
+        return self.data.decode(errors="replace")
+
+
+class CommandTimeout(Exception):
+    pass
+
+
+class Fleet:
+    """The workers of one TPU node, reachable over SSH."""
+
+    def __init__(self, settings: Settings, workers: Sequence[Worker]):
+        self.settings = settings
+        self.workers = list(workers)
+        self.hosts = [w.address(settings.internal_ip) for w in self.workers]
+        self._pkey = load_private_key(settings)
+        self._known_hosts = KnownHosts(settings.path("known_hosts"), replace=settings.replace_host_keys)
+        self._slots = threading.Semaphore(settings.concurrency)
+        # paramiko logs each failed handshake with a traceback; tpuctl reports failures per worker instead.
+        logging.getLogger("paramiko").addHandler(logging.NullHandler())
+        logging.getLogger("paramiko").propagate = False
+
+    def run(
+        self,
+        command: str | Callable[[Worker], str],
+        *,
+        timeout: float | None = None,
+        stdin: bytes | None = None,
+        on_line: LineCallback | None = None,
+        on_done: Callable[[WorkerResult], None] | None = None,
+    ) -> list[WorkerResult]:
+        """Run `command` (or command(worker)) on every worker; results in worker order.
+
+        `stdin` is sent to every worker; on_line gets output lines as they arrive, on_done each finished worker.
+        """
+        timeout = self.settings.command_timeout if timeout is None else timeout
+        results = [WorkerResult(worker=w, host=h) for w, h in zip(self.workers, self.hosts, strict=True)]
+        threads = []
+        for result in results:
+            text = command(result.worker) if callable(command) else command
+            t = threading.Thread(
+                target=self._run_one, args=(result, text, timeout, stdin, on_line, on_done), daemon=True
+            )
+            t.start()
+            threads.append(t)
+        # The watchdog: each worker's own deadlines should fire first; this catches whatever hangs past them
+        # (e.g. a queue behind the concurrency cap, or a library call without a timeout).
+        waves = -(-len(self.workers) // self.settings.concurrency)
+        deadline = time.monotonic() + waves * (3 * self.settings.connect_timeout + timeout) + 5
+        for t, result in zip(threads, results, strict=True):
+            t.join(max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                result.error, result.timed_out = "no answer before the deadline", True
+        return results
+
+    def subset(self, indices: Sequence[int]) -> Fleet:
+        """The same fleet restricted to some workers (by worker index), sharing keys and known hosts."""
+        chosen = [w for w in self.workers if w.index in set(indices)]
+        clone = object.__new__(Fleet)
+        clone.__dict__.update(self.__dict__)
+        clone.workers, clone.hosts = chosen, [w.address(self.settings.internal_ip) for w in chosen]
+        return clone
+
+    def _run_one(
+        self,
+        result: WorkerResult,
+        command: str,
+        timeout: float,
+        stdin: bytes | None,
+        on_line: LineCallback | None,
+        on_done: Callable[[WorkerResult], None] | None,
+    ) -> None:
+        start = time.monotonic()
+        client = None
+        with self._slots:
+            try:
+                client = self._connect(result.host)
+                callback = None if on_line is None else (lambda s, line: on_line(result.worker, s, line))
+                result.exit_code, result.stdout, result.stderr = _exec(client, command, timeout, stdin, callback)
+            except CommandTimeout:
+                result.error, result.timed_out = f"timed out after {timeout:g}s", True
+            except Exception as e:  # any failure of one worker is that worker's result, never the command's end
+                result.error = _describe_failure(e, self.settings, time.monotonic() - start)
+            finally:
+                if client is not None:
+                    client.close()
+                result.seconds = time.monotonic() - start
+        if on_done is not None:
+            on_done(result)
+
+    def _connect(self, host: str) -> paramiko.SSHClient:
+        from fabric import Connection
+
+        s = self.settings
+        conn = Connection(
+            host,
+            user=s.ssh_user,
+            port=s.ssh_port,
+            connect_timeout=max(1, round(s.connect_timeout)),
+            connect_kwargs={
+                "sock": open_socket(host, s.ssh_port, s.connect_timeout),
+                "pkey": self._pkey,
+                "look_for_keys": False,
+                "allow_agent": False,
+                "banner_timeout": s.connect_timeout,
+                "auth_timeout": s.connect_timeout,
+                "channel_timeout": s.connect_timeout,
+            },
+        )
+        conn.client.set_missing_host_key_policy(self._known_hosts.policy())
+        conn.open()
+        return conn.client
+
+
+def _exec(
+    client: paramiko.SSHClient,
+    command: str,
+    timeout: float,
+    stdin: bytes | None,
+    on_line: Callable[[str, str], None] | None,
+) -> tuple[int, str, str]:
+    deadline = time.monotonic() + timeout
+    transport = client.get_transport()
+    assert transport is not None
+    chan = transport.open_session(timeout=max(1.0, min(timeout, 30.0)))
+    chan.exec_command(command)
+    if stdin:
+        chan.sendall(stdin)
+    chan.shutdown_write()
+    out, err = _Output("stdout", on_line), _Output("stderr", on_line)
+    exited_at = None
+    while True:
+        now = time.monotonic()
+        if now >= deadline:
+            raise CommandTimeout
+        select.select([chan], [], [], min(deadline - now, 0.2))
+        while chan.recv_ready():
+            out.feed(chan.recv(65536))
+        while chan.recv_stderr_ready():
+            err.feed(chan.recv_stderr(65536))
+        if chan.exit_status_ready():
+            exited_at = exited_at or now
+            drained = chan.eof_received and not chan.recv_ready() and not chan.recv_stderr_ready()
+            if drained or now - exited_at > _DRAIN_GRACE_S:
+                break
+    return chan.recv_exit_status(), out.close(), err.close()
+
+
+def _describe_failure(e: Exception, settings: Settings, elapsed: float) -> str:
+    """One line on why a worker could not run the command."""
+    import paramiko
+
+    from tpuctl.errors import TpuctlError
+
+    if isinstance(e, TpuctlError):
+        return str(e)
+    if isinstance(e, ConnectionRefusedError):
+        return f"connection refused on port {settings.ssh_port}"
+    if isinstance(e, socket.timeout | TimeoutError):
+        return f"no connection within {settings.connect_timeout:g}s"
+    if isinstance(e, paramiko.AuthenticationException):
+        return f"authentication failed as {settings.ssh_user!r} with key {settings.ssh_key}"
+    if isinstance(e, paramiko.SSHException) and ("banner" in str(e) or "No existing session" in str(e)):
+        # the handshake never completed: a hung sshd (timeout) or one that dropped us (e.g. MaxStartups)
+        if elapsed >= settings.connect_timeout:
+            return f"no SSH answer within {settings.connect_timeout:g}s"
+        return "the SSH handshake failed (the worker closed the connection)"
+    if isinstance(e, OSError | EOFError | paramiko.SSHException):
+        return f"connection failed: {e or type(e).__name__}"
+    return f"{type(e).__name__}: {e}"
+
+
+def summarize(results: Sequence[WorkerResult]) -> dict[str, Any]:
+    """Counts per status, e.g. {'ok': 30, 'failed': 1, 'unreachable': 1, 'timeout': 0}."""
+    counts = dict.fromkeys(("ok", "failed", "unreachable", "timeout"), 0)
+    for r in results:
+        counts[r.status] += 1
+    return counts

@@ -1,0 +1,83 @@
+"""Fleet operations with structured per-worker answers: check, kill, clean-logs, prepare.
+
+Each sends one command from tpuctl.remote to every worker and parses the JSON the worker script prints. A worker
+that cannot be reached, or whose answer cannot be read, is "unknown": never "free".
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tpuctl import remote
+
+if TYPE_CHECKING:
+    from tpuctl.config import Settings
+    from tpuctl.fleet import Fleet, WorkerResult
+
+# Bounds for the chip scripts: they scan /proc, so seconds; kill adds the TERM grace and the KILL wait.
+CHIPS_TIMEOUT_S = 60.0
+
+
+@dataclass
+class WorkerReport:
+    """A worker's parsed answer; `error` set (and `state` "unknown") when there is none."""
+
+    index: int
+    ip: str
+    state: str = "unknown"  # free | busy | unknown (chips); ok | failed (prepare)
+    data: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def holders(self) -> list[dict[str, Any]]:
+        return list(self.data.get("holders", []))
+
+
+def _report(r: WorkerResult) -> WorkerReport:
+    report = WorkerReport(index=r.worker.index, ip=r.host)
+    if r.error is not None:
+        report.error = r.error
+        return report
+    try:
+        report.data = json.loads(r.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        detail = (r.stderr.strip().splitlines() or [f"exit {r.exit_code}, no answer"])[-1]
+        report.error = f"could not inspect the worker: {detail}"
+        return report
+    if r.exit_code != 0:
+        report.error = report.data.get("error") or f"exit {r.exit_code}: {r.stderr.strip()[-200:]}"
+        return report
+    report.state = report.data.get("state", "ok")
+    return report
+
+
+def _chips(settings: Settings, fleet: Fleet, action: str, timeout: float, **options: Any) -> list[WorkerReport]:
+    command = remote.chips_command(action, settings.device_globs, **options)
+    return [_report(r) for r in fleet.run(command, timeout=timeout)]
+
+
+def check(settings: Settings, fleet: Fleet) -> list[WorkerReport]:
+    return _chips(settings, fleet, "check", CHIPS_TIMEOUT_S)
+
+
+def kill(settings: Settings, fleet: Fleet, *, grace: float = 10.0, dry_run: bool = False) -> list[WorkerReport]:
+    return _chips(settings, fleet, "kill", CHIPS_TIMEOUT_S + grace, grace=grace, dry_run=dry_run)
+
+
+def clean_logs(settings: Settings, fleet: Fleet, *, dry_run: bool = False) -> list[WorkerReport]:
+    return _chips(settings, fleet, "clean", CHIPS_TIMEOUT_S, dry_run=dry_run)
+
+
+def prepare(settings: Settings, fleet: Fleet) -> list[WorkerReport]:
+    command = remote.prepare_command(
+        settings.remote_dir, settings.python, settings.extras, settings.pip_args, settings.device_globs
+    )
+    return [_report(r) for r in fleet.run(command)]
+
+
+def check_exit_code(reports: list[WorkerReport]) -> int:
+    """0 all free, 1 any busy, 2 any unknown (an unknown worker might be busy: it outranks busy)."""
+    states = {r.state for r in reports}
+    return 2 if "unknown" in states else 1 if "busy" in states else 0

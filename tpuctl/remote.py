@@ -1,0 +1,107 @@
+"""Every command line sent to a worker's shell is built here, with shlex quoting, and nowhere else.
+
+Bigger jobs (inspecting chips, killing holders, preparing a virtualenv) are small stdlib-only Python scripts in
+tpuctl/scripts/, sent inline as `python3 -c SCRIPT ARGS_JSON`: nothing to install on the worker, no quoting of
+data into code, and they answer with one JSON document on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Sequence
+from functools import cache
+from importlib import resources
+from typing import Any
+
+# Where libtpu leaves its lock (old and new builds) and its logs; what counts as a crash dump.
+LOCKFILE_GLOBS = (
+    "/tmp/libtpu_lockfile",
+    "/tmp/libtpu_lock_*",
+    "/tmp/libtpu_lock_*/*",
+    "/root/.libtpu_lockfile",
+    "/home/*/.libtpu_lockfile",
+)
+TPU_LOG_DIR = "/tmp/tpu_logs"
+CRASH_DUMP_GLOBS = ("/tmp/core", "/tmp/core.*")
+# tmux sessions tpuctl starts are named with this prefix, so `kill` stops ours and nobody else's.
+SESSION_PREFIX = "tpuctl-"
+SYNC_STAMP = ".tpuctl-sync"
+
+
+def user_command(argv: Sequence[str]) -> str:
+    """The remote command line for `tpuctl exec/ssh -- CMD`.
+
+    One argument is a command line for the remote shell, sent as typed (pipes, $VARS and quotes work as in
+    `ssh host 'CMD'`); several arguments are words, each quoted, so they arrive exactly as given.
+    """
+    if not argv:
+        raise ValueError("empty command")
+    return argv[0] if len(argv) == 1 else shlex.join(argv)
+
+
+def privileged(argv: Sequence[str]) -> str:
+    """Run argv as root: directly when we log in as root, else through passwordless sudo (as on TPU VMs)."""
+    words = shlex.join(argv)
+    return f'if [ "$(id -u)" -eq 0 ]; then {words}; else sudo -n {words}; fi'
+
+
+@cache
+def _script(name: str) -> str:
+    return resources.files("tpuctl").joinpath("scripts", f"{name}.py").read_text()
+
+
+def python_script(name: str, args: dict[str, Any], python: str = "python3") -> list[str]:
+    return [python, "-c", _script(name), json.dumps(args, sort_keys=True)]
+
+
+def chips_command(action: str, device_globs: Sequence[str], **options: Any) -> str:
+    """check / kill / clean on the TPU chips of a worker; see scripts/chips.py for the JSON it prints."""
+    args = {
+        "action": action,
+        "device_globs": list(device_globs),
+        "lockfile_globs": list(LOCKFILE_GLOBS),
+        "log_dir": TPU_LOG_DIR,
+        "crash_globs": list(CRASH_DUMP_GLOBS),
+        "session_prefix": SESSION_PREFIX,
+        **options,
+    }
+    return privileged(python_script("chips", args))
+
+
+def prepare_command(remote_dir: str, python: str, extras: str, pip_args: str, device_globs: Sequence[str]) -> str:
+    args = {
+        "remote_dir": remote_dir,
+        "extras": extras,
+        "pip_args": shlex.split(pip_args),
+        "device_globs": list(device_globs),
+    }
+    return shlex.join(python_script("prepare", args, python=python))
+
+
+def rsync_path(remote_dir: str) -> str:
+    """remote_dir as rsync and remote shells take it: '~/x' becomes 'x' (relative to the login directory)."""
+    if remote_dir in ("~", "~/"):
+        return "."
+    return remote_dir[2:] if remote_dir.startswith("~/") else remote_dir
+
+
+def apply_sync_batch(remote_dir: str, rsync_args: Sequence[str], old_stamp: str, new_stamp: str) -> str:
+    """Apply an rsync batch (arriving on stdin) if the worker holds exactly the tree the batch was made against.
+
+    Exit 98 with "stale:<stamp>" when it does not: the caller then syncs that worker in full.
+    """
+    d = shlex.quote(rsync_path(remote_dir))
+    stamp, tmp = shlex.quote(SYNC_STAMP), shlex.quote(SYNC_STAMP + ".tmp")
+    rsync = shlex.join(["rsync", *rsync_args, "--read-batch=-", "."])
+    return (
+        f"mkdir -p {d} && cd {d} || exit 97; "
+        f"have=$(cat {stamp} 2>/dev/null || echo none); "
+        f'if [ "$have" != {shlex.quote(old_stamp)} ]; then echo "stale:$have"; exit 98; fi; '
+        f"{rsync} && printf '%s\\n' {shlex.quote(new_stamp)} > {tmp} && mv {tmp} {stamp}"
+    )
+
+
+def write_sync_stamp(remote_dir: str, stamp: str) -> str:
+    d = shlex.quote(rsync_path(remote_dir))
+    return f"printf '%s\\n' {shlex.quote(stamp)} > {d}/{shlex.quote(SYNC_STAMP)}"

@@ -1,0 +1,137 @@
+"""Pure renderers: results -> rich tables (for people, on stderr or stdout) and JSON (for scripts, on stdout).
+
+No command logic here; the commands decide what to show, these decide how it looks.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+    from tpuctl.cloud import Node
+    from tpuctl.config import Settings
+    from tpuctl.fleet import WorkerResult
+    from tpuctl.sync import SyncResult
+
+
+def console(stderr: bool = False) -> Console:
+    """A console that drops colour and live displays when not on a terminal (and honours NO_COLOR)."""
+    from rich.console import Console
+
+    c = Console(stderr=stderr, highlight=False, soft_wrap=False)
+    if not c.is_terminal:
+        c.width = max(c.width, 200)  # a pipe or file: don't fold table cells at 80 columns
+    return c
+
+
+def print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left", show_edge=False, pad_edge=False, box=None, header_style="bold")
+    for column in columns:
+        t.add_column(column, overflow="fold")
+    for row in rows:
+        t.add_row(*("" if v is None else str(v) for v in row))
+    return t
+
+
+def human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError
+
+
+def status_style(status: str) -> str:
+    color = {"ok": "green", "free": "green", "busy": "yellow", "failed": "red"}.get(status, "red")
+    return f"[{color}]{status}[/{color}]"
+
+
+def worker_name(index: int) -> str:
+    return f"w{index}"
+
+
+def settings_table(settings: Settings) -> Table:
+    from tpuctl.config import setting_fields
+
+    rows = [(f.name, getattr(settings, f.name), settings.sources.get(f.name, "")) for f in setting_fields()]
+    return table(None, ["setting", "value", "from"], rows)
+
+
+def settings_json(settings: Settings) -> dict[str, Any]:
+    from tpuctl.config import setting_fields
+
+    return {
+        f.name: {"value": getattr(settings, f.name), "source": settings.sources.get(f.name)} for f in setting_fields()
+    }
+
+
+def nodes_table(nodes: Sequence[Node], internal: bool) -> Table:
+    rows = []
+    for n in nodes:
+        ips = [(w.internal_ip if internal else w.external_ip) or "-" for w in n.workers]
+        shown = ", ".join(ips[:4]) + (f", … (+{len(ips) - 4})" if len(ips) > 4 else "")
+        state = f"[green]{n.state}[/green]" if n.state == "READY" else f"[yellow]{n.state}[/yellow]"
+        rows.append((n.name, state, n.health or "-", n.accelerator_type, len(n.workers), shown))
+    return table(None, ["name", "state", "health", "type", "workers", "ips"], rows)
+
+
+def results_table(results: Sequence[WorkerResult]) -> Table:
+    rows = [
+        (
+            worker_name(r.worker.index),
+            r.host,
+            status_style(r.status),
+            "-" if r.exit_code is None else r.exit_code,
+            f"{r.seconds:.2f}s",
+        )
+        for r in results
+    ]
+    return table(None, ["worker", "host", "status", "exit", "time"], rows)
+
+
+def result_json(r: WorkerResult) -> dict[str, Any]:
+    return {
+        "worker": r.worker.index,
+        "ip": r.host,
+        "status": r.status,
+        "exit_code": r.exit_code,
+        "stdout": r.stdout,
+        "stderr": r.stderr,
+        "error": r.error,
+        "seconds": round(r.seconds, 3),
+    }
+
+
+def sync_table(results: Sequence[SyncResult]) -> Table:
+    rows = [
+        (
+            worker_name(r.worker.index),
+            r.host,
+            status_style("ok" if r.ok else "failed"),
+            r.method or "-",
+            r.files,
+            human_bytes(r.bytes_sent),
+            f"{r.seconds:.2f}s",
+        )
+        for r in results
+    ]
+    return table(None, ["worker", "host", "status", "method", "files", "sent", "time"], rows)
+
+
+def failures(items: Iterable[tuple[int, str, str]]) -> list[str]:
+    """Lines naming each failed worker and why, printed last so they are what the user sees."""
+    return [f"{worker_name(i)} ({host}): {why}" for i, host, why in items]
