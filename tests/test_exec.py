@@ -137,3 +137,65 @@ def test_exec_on_sixteen_workers(make_pod):
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)["workers"]
     assert [d["stdout"].strip() for d in data] == [w.hostname for w in pod.fleet.workers]
+
+
+def test_a_worker_that_dies_mid_command_is_named(pod):
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(
+        [pod.tpuctl_path, "exec", "--", "echo started; sleep 4; echo finished"],
+        env=pod.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.5)
+    pod.fleet.workers[1].crash()
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 255
+    assert "[w0] finished" in out and "[w1] started" in out and "[w1] finished" not in out
+    assert err.strip().splitlines()[-1].startswith("w1 (") and "connection lost" in err
+
+
+def test_missing_local_tools_are_one_line(pod, tmp_path):
+    r = pod.tpuctl("ssh", "--", "true", env={"PATH": str(tmp_path)})
+    assert (
+        r.returncode == 2
+        and r.stderr == "tpuctl: error: ssh is not installed on this machine (install openssh-client)\n"
+    )
+    r = pod.tpuctl("sync", str(tmp_path), env={"PATH": str(tmp_path)})
+    assert r.returncode == 2
+    assert (
+        r.stderr == "tpuctl: error: rsync is not installed on this machine (install it, e.g. `apt-get install rsync`)\n"
+    )
+
+
+def test_ssh_opens_an_interactive_shell_in_a_terminal(pod):
+    import subprocess
+    import time
+    import uuid
+
+    tmux = ["tmux", "-L", f"tpuctl-test-{uuid.uuid4().hex[:8]}"]
+    worker = pod.fleet.workers[1]
+
+    def screen() -> str:
+        return subprocess.run([*tmux, "capture-pane", "-p"], capture_output=True, text=True).stdout
+
+    def wait_for(text: str) -> bool:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if text in screen():
+                return True
+            time.sleep(0.1)
+        return False
+
+    try:
+        start = [*tmux, "new-session", "-d", "-x", "150", "-y", "40", f"{pod.tpuctl_path} ssh --worker 1; sleep 60"]
+        subprocess.run(start, env=pod.env, check=True)
+        assert wait_for("#"), screen()  # root's prompt on the worker
+        subprocess.run([*tmux, "send-keys", "echo on-$(hostname)-now", "Enter"], check=True)
+        assert wait_for(f"on-{worker.hostname}-now"), screen()
+        subprocess.run([*tmux, "send-keys", "exit", "Enter"], check=True)
+    finally:
+        subprocess.run([*tmux, "kill-server"], capture_output=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 
 import pytest
 
@@ -103,7 +104,7 @@ def test_a_down_worker_fails_alone(pod, project):
     pod.fleet.workers[0].stop_sshd()
     r = pod.tpuctl("sync", str(project))
     assert r.returncode == 1
-    assert "w0 (" in r.stderr.strip().splitlines()[-1] and "connection refused" in r.stderr
+    assert "w0 (" in r.stderr.strip().splitlines()[-1] and "connection refused" in r.stderr.lower()
     assert pod.fleet.workers[1].path("/root/tpuctl/README.md").exists()
 
 
@@ -111,3 +112,51 @@ def test_sync_of_a_missing_directory_is_one_line(pod, tmp_path):
     r = pod.tpuctl("sync", str(tmp_path / "nope"))
     assert r.returncode == 2
     assert "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_change_is_applied_while_the_api_is_still_answering(pod, project):
+    """The batch goes to the workers the last sync reached (verified by their recorded host keys) in parallel with
+    the API look-up, which on a real pod is a round trip across the internet."""
+    sync_json(pod, str(project))
+    (project / "README.md").write_text("early\n")
+    pod.api.delay_s = 4.0
+    start = time.monotonic()
+    proc = subprocess.Popen([pod.tpuctl_path, "sync", str(project), "--json"], env=pod.env, stdout=subprocess.PIPE)
+    readme = pod.fleet.workers[1].path("/root/tpuctl/README.md")
+    while readme.read_text() != "early\n" and time.monotonic() - start < 3.5:
+        time.sleep(0.05)
+    assert readme.read_text() == "early\n" and proc.poll() is None  # applied before the API answered
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert [d["method"] for d in json.loads(out)] == ["batch", "batch"]
+
+
+def test_only_the_workers_the_api_names_are_reported_and_new_ones_are_synced(make_pod, project):
+    pod = make_pod(3)
+    node = pod.api.nodes[("proj", "zone-a", "pod")]
+    endpoints = node["networkEndpoints"]
+    node["networkEndpoints"] = endpoints[:2]
+    sync_json(pod, str(project))
+    node["networkEndpoints"] = endpoints[1:]  # worker 0 left the node, a new VM joined (say, after a repair)
+    (project / "README.md").write_text("v2\n")
+    data = sync_json(pod, str(project))
+    assert [d["ip"] for d in data] == [w.ip for w in pod.fleet.workers[1:]]
+    assert [d["method"] for d in data] == ["batch", "full"]
+    assert pod.fleet.workers[2].path("/root/tpuctl/README.md").read_text() == "v2\n"
+
+
+def test_a_recreated_worker_with_a_new_host_key_is_refused_until_replaced(pod, project):
+    sync_json(pod, str(project))
+    w1 = pod.fleet.workers[1]
+    w1.crash()  # the VM is gone, open connections included; a new one comes up at the same IP with a new key
+    subprocess.run(["rm", "-rf", str(w1.path("/root/tpuctl"))], check=True)
+    w1.new_host_key()
+    (project / "README.md").write_text("v3\n")
+    r = pod.tpuctl("sync", str(project), "--json")
+    assert r.returncode == 1
+    data = json.loads(r.stdout)
+    assert data[0]["method"] == "batch" and not data[1]["ok"]
+    assert "host key" in data[1]["error"].lower()
+    data = sync_json(pod, str(project), "--replace-host-keys")
+    assert [d["ok"] for d in data] == [True, True] and data[1]["method"] == "full"
+    assert w1.path("/root/tpuctl/README.md").read_text() == "v3\n"

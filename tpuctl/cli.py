@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -96,10 +97,14 @@ def _err() -> Any:
     return render.console(stderr=True)
 
 
-def _say_failures(reports: list[WorkerReport]) -> None:
-    lines = render.failures((r.index, r.ip, r.error) for r in reports if r.error)
-    for line in lines:
-        _err().print(f"[red]{line}[/red]", markup=True)
+def _show(reports: list[WorkerReport], as_json: bool, table: Callable[[list[WorkerReport]], Any]) -> None:
+    """Per-worker reports as JSON, or as a table followed by the failed workers and why (last, on stderr)."""
+    if as_json:
+        render.print_json([render.report_json(r) for r in reports])
+        return
+    _out().print(table(reports))
+    for line in render.failures((r.index, r.ip, r.error) for r in reports if r.error):
+        _err().print(f"[red]{line}[/red]")
 
 
 # --- settings and discovery ---------------------------------------------------------------------------------
@@ -262,36 +267,22 @@ def sync(
     settings = _settings(flags)
     src = directory.resolve()
     syncing.check_source(src)
-    fleet = _fleet(settings)
     if dry_run:
         files = syncing.changed_files(src, settings, delete=delete, excludes=exclude)
+        hosts = [w.address(settings.internal_ip) for w in _node(settings).workers]
         if as_json:
-            render.print_json({"files": files, "workers": fleet.hosts})
+            render.print_json({"files": files, "workers": hosts})
         else:
             for f in files:
                 click.echo(f)
-            _err().print(
-                f"Would send {len(files)} changed files to {len(fleet.hosts)} workers ({settings.remote_dir})."
-            )
+            _err().print(f"Would send {len(files)} changed files to {len(hosts)} workers ({settings.remote_dir}).")
         return
-    with _SyncProgress(len(fleet.workers), enabled=not as_json) as progress:
-        results = syncing.sync(settings, fleet, src, delete=delete, excludes=exclude, full=full, on_progress=progress)
+    with syncing.Mirror(settings, src, delete=delete, excludes=exclude, full=full) as mirror:
+        workers = _node(settings).workers  # looked up while the delta is computed (and applied where it can be)
+        with _SyncProgress(len(workers), enabled=not as_json) as progress:
+            results = mirror.sync(workers, on_progress=progress)
     if as_json:
-        render.print_json(
-            [
-                {
-                    "worker": r.worker.index,
-                    "ip": r.host,
-                    "ok": r.ok,
-                    "method": r.method,
-                    "files": r.files,
-                    "bytes_sent": r.bytes_sent,
-                    "seconds": round(r.seconds, 3),
-                    "error": r.error,
-                }
-                for r in results
-            ]
-        )
+        render.print_json([render.sync_json(r) for r in results])
     else:
         _out().print(render.sync_table(results))
         for line in render.failures((r.worker.index, r.host, r.error) for r in results if r.error):
@@ -302,27 +293,31 @@ def sync(
 
 
 class _SyncProgress:
-    """A rich progress view with a row per worker (only on a terminal)."""
+    """A rich progress view with a row per worker, only on a terminal (rich is not even imported otherwise)."""
 
     def __init__(self, count: int, enabled: bool):
-        from rich.progress import BarColumn, Progress, TextColumn
-
         console = render.console(stderr=True)
-        self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[phase]}"),
-            console=console, disable=not enabled or not console.is_terminal, transient=True,
-        )  # fmt: skip
+        self.progress = None
+        if enabled and console.is_terminal:
+            from rich.progress import BarColumn, Progress, TextColumn
+
+            columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[phase]}"))
+            self.progress = Progress(*columns, console=console, transient=True)
         self.tasks: dict[int, Any] = {}
         self.lock = threading.Lock()
 
     def __enter__(self) -> _SyncProgress:
-        self.progress.__enter__()
+        if self.progress is not None:
+            self.progress.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.progress.__exit__(*exc)
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
 
     def __call__(self, worker: Any, phase: str) -> None:
+        if self.progress is None:
+            return
         with self.lock:
             if worker.index not in self.tasks:
                 name = render.worker_name(worker.index)
@@ -353,21 +348,7 @@ def prepare(dry_run: bool, as_json: bool, **flags: Any) -> None:
         click.echo(command)
         return
     reports = ops.prepare(settings, fleet)
-    if as_json:
-        render.print_json([{"worker": r.index, "ip": r.ip, "error": r.error, **r.data} for r in reports])
-    else:
-        rows = [
-            (
-                render.worker_name(r.index),
-                r.ip,
-                render.status_style("failed" if r.error else "ok"),
-                "" if r.error else "installed" if r.data.get("changed") else "unchanged",
-                f"{r.data.get('seconds', 0):.1f}s",
-            )
-            for r in reports
-        ]
-        _out().print(render.table(None, ["worker", "host", "status", "venv", "time"], rows))
-        _say_failures(reports)
+    _show(reports, as_json, render.prepare_table)
     raise SystemExit(EXIT_FAILED if any(r.error for r in reports) else EXIT_OK)
 
 
@@ -386,18 +367,10 @@ def check(as_json: bool, **flags: Any) -> None:
 
     settings = _settings(flags)
     reports = ops.check(settings, _fleet(settings))
-    if as_json:
-        render.print_json(
-            [{"worker": r.index, "ip": r.ip, "state": r.state, "holders": r.holders, "error": r.error} for r in reports]
-        )
+    if as_json:  # the documented shape: worker, ip, state, holders (and error)
+        render.print_json([render.check_json(r) for r in reports])
     else:
-        rows = []
-        for r in reports:
-            holders = "; ".join(f"{h['pid']} {h['user']} {h['cmd'][:60]}" for h in r.holders)
-            locks = ", ".join(lock["path"] for lock in r.data.get("lockfiles", []))
-            rows.append((render.worker_name(r.index), r.ip, render.status_style(r.state), holders, locks))
-        _out().print(render.table(None, ["worker", "host", "state", "holders (pid user cmd)", "lockfiles"], rows))
-        _say_failures(reports)
+        _show(reports, False, render.check_table)
     raise SystemExit(ops.check_exit_code(reports))
 
 
@@ -422,19 +395,7 @@ def kill(grace: float, yes: bool, dry_run: bool, as_json: bool, **flags: Any) ->
     if not dry_run and not yes:
         _confirm_by_name(settings.tpu or "", f"kill the jobs on all {len(fleet.workers)} workers of")
     reports = ops.kill(settings, fleet, grace=grace, dry_run=dry_run)
-    if as_json:
-        render.print_json([{"worker": r.index, "ip": r.ip, "error": r.error, **r.data} for r in reports])
-    else:
-        verb = "would kill" if dry_run else "killed"
-        rows = []
-        for r in reports:
-            killed = "; ".join(f"{h['pid']} {h['user']} {h['cmd'][:50]}" for h in r.data.get("killed", []))
-            sessions = ", ".join(r.data.get("sessions", []))
-            locks = ", ".join(r.data.get("lockfiles_removed", []))
-            rows.append((render.worker_name(r.index), r.ip, sessions, killed, locks, r.data.get("survivors", "")))
-        columns = ["worker", "host", "tmux sessions", verb, "lockfiles removed", "survivors"]
-        _out().print(render.table(None, columns, rows))
-        _say_failures(reports)
+    _show(reports, as_json, render.kill_table)
     failed = any(r.error or r.data.get("survivors") for r in reports)
     raise SystemExit(EXIT_FAILED if failed else EXIT_OK)
 
@@ -452,21 +413,7 @@ def clean_logs(dry_run: bool, as_json: bool, **flags: Any) -> None:
 
     settings = _settings(flags)
     reports = ops.clean_logs(settings, _fleet(settings), dry_run=dry_run)
-    if as_json:
-        render.print_json([{"worker": r.index, "ip": r.ip, "error": r.error, **r.data} for r in reports])
-    else:
-        rows = [
-            (
-                render.worker_name(r.index),
-                r.ip,
-                len(r.data.get("removed", [])) + len(r.data.get("lockfiles_removed", [])),
-                render.human_bytes(r.data.get("freed_bytes", 0)),
-            )
-            for r in reports
-        ]
-        freed = "would free" if dry_run else "freed"
-        _out().print(render.table(None, ["worker", "host", "removed", freed], rows))
-        _say_failures(reports)
+    _show(reports, as_json, render.clean_table)
     raise SystemExit(EXIT_FAILED if any(r.error for r in reports) else EXIT_OK)
 
 

@@ -54,6 +54,9 @@ class Settings:
     concurrency: int = _setting(64, "int", "Most workers contacted at once.", "--concurrency")
     connect_timeout: float = _setting(10.0, "float", "Seconds to wait for a worker's SSH connection.")
     command_timeout: float = _setting(600.0, "float", "Seconds a remote command may run.", "--timeout")
+    ssh_control_persist: float = _setting(
+        300.0, "float", "Seconds an idle shared SSH connection (ControlMaster) waits for the next command; 0: off."
+    )
     known_hosts: str = _setting("~/.config/tpuctl/known_hosts", "path", "tpuctl's own known_hosts file.")
     replace_host_keys: bool = _setting(False, "bool", "Accept workers whose host key changed (recreated VMs).")
     device_globs: list[str] = _setting(["/dev/accel*", "/dev/vfio/[0-9]*"], "list", "TPU device paths (globs).")

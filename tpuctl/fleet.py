@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tpuctl.ssh import KnownHosts, load_private_key, open_socket
 
@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
     from tpuctl.cloud import Worker
     from tpuctl.config import Settings
+
+T = TypeVar("T")
 
 # on_line(worker, stream, line): called from worker threads as lines arrive ("stdout" or "stderr").
 LineCallback = Callable[["Worker", str, str], None]
@@ -85,6 +87,10 @@ class CommandTimeout(Exception):
     pass
 
 
+class ConnectionLost(Exception):
+    pass
+
+
 class Fleet:
     """The workers of one TPU node, reachable over SSH."""
 
@@ -115,13 +121,15 @@ class Fleet:
         timeout = self.settings.command_timeout if timeout is None else timeout
         results = [WorkerResult(worker=w, host=h) for w, h in zip(self.workers, self.hosts, strict=True)]
         threads = []
+        go = threading.Event()  # workers wait for it, so starting thread N never queues behind N-1's handshake
         for result in results:
             text = command(result.worker) if callable(command) else command
             t = threading.Thread(
-                target=self._run_one, args=(result, text, timeout, stdin, on_line, on_done), daemon=True
+                target=self._run_one, args=(go, result, text, timeout, stdin, on_line, on_done), daemon=True
             )
             t.start()
             threads.append(t)
+        go.set()
         # The watchdog: each worker's own deadlines should fire first; this catches whatever hangs past them
         # (e.g. a queue behind the concurrency cap, or a library call without a timeout).
         waves = -(-len(self.workers) // self.settings.concurrency)
@@ -132,16 +140,9 @@ class Fleet:
                 result.error, result.timed_out = "no answer before the deadline", True
         return results
 
-    def subset(self, indices: Sequence[int]) -> Fleet:
-        """The same fleet restricted to some workers (by worker index), sharing keys and known hosts."""
-        chosen = [w for w in self.workers if w.index in set(indices)]
-        clone = object.__new__(Fleet)
-        clone.__dict__.update(self.__dict__)
-        clone.workers, clone.hosts = chosen, [w.address(self.settings.internal_ip) for w in chosen]
-        return clone
-
     def _run_one(
         self,
+        go: threading.Event,
         result: WorkerResult,
         command: str,
         timeout: float,
@@ -149,6 +150,7 @@ class Fleet:
         on_line: LineCallback | None,
         on_done: Callable[[WorkerResult], None] | None,
     ) -> None:
+        go.wait()
         start = time.monotonic()
         client = None
         with self._slots:
@@ -158,6 +160,8 @@ class Fleet:
                 result.exit_code, result.stdout, result.stderr = _exec(client, command, timeout, stdin, callback)
             except CommandTimeout:
                 result.error, result.timed_out = f"timed out after {timeout:g}s", True
+            except ConnectionLost:
+                result.error = "connection lost before the command finished"
             except Exception as e:  # any failure of one worker is that worker's result, never the command's end
                 result.error = _describe_failure(e, self.settings, time.monotonic() - start)
             finally:
@@ -191,6 +195,27 @@ class Fleet:
         return conn.client
 
 
+def each(items: Sequence[T], fn: Callable[[T], None], limit: int) -> None:
+    """fn(item) for every item in parallel threads, at most `limit` at once; returns when all are done.
+
+    The threads are all started before any begins work: starting thread N while N-1 threads hold the GIL in their
+    handshakes would otherwise queue the later workers behind the earlier ones.
+    """
+    go, slots = threading.Event(), threading.Semaphore(limit)
+
+    def run(item: T) -> None:
+        go.wait()
+        with slots:
+            fn(item)
+
+    threads = [threading.Thread(target=run, args=(item,), daemon=True) for item in items]
+    for t in threads:
+        t.start()
+    go.set()
+    for t in threads:
+        t.join()
+
+
 def _exec(
     client: paramiko.SSHClient,
     command: str,
@@ -222,7 +247,10 @@ def _exec(
             drained = chan.eof_received and not chan.recv_ready() and not chan.recv_stderr_ready()
             if drained or now - exited_at > _DRAIN_GRACE_S:
                 break
-    return chan.recv_exit_status(), out.close(), err.close()
+    status = chan.recv_exit_status()
+    if status == -1:  # paramiko's value when the channel closed without an exit status
+        raise ConnectionLost
+    return status, out.close(), err.close()
 
 
 def _describe_failure(e: Exception, settings: Settings, elapsed: float) -> str:

@@ -89,16 +89,17 @@ def rsync_path(remote_dir: str) -> str:
 def apply_sync_batch(remote_dir: str, rsync_args: Sequence[str], old_stamp: str, new_stamp: str) -> str:
     """Apply an rsync batch (arriving on stdin) if the worker holds exactly the tree the batch was made against.
 
-    Exit 98 with "stale:<stamp>" when it does not: the caller then syncs that worker in full.
+    Exit 98 with "stale:<stamp>" when it does not: the caller then syncs that worker in full. Shell builtins only,
+    besides rsync itself: this runs on every worker at every sync, and forks add up.
     """
     d = shlex.quote(rsync_path(remote_dir))
-    stamp, tmp = shlex.quote(SYNC_STAMP), shlex.quote(SYNC_STAMP + ".tmp")
+    stamp = shlex.quote(SYNC_STAMP)
     rsync = shlex.join(["rsync", *rsync_args, "--read-batch=-", "."])
     return (
-        f"mkdir -p {d} && cd {d} || exit 97; "
-        f"have=$(cat {stamp} 2>/dev/null || echo none); "
+        f"{{ [ -d {d} ] || mkdir -p {d}; }} && cd {d} || exit 97; "
+        f"have=none; [ -f {stamp} ] && read -r have < {stamp}; "
         f'if [ "$have" != {shlex.quote(old_stamp)} ]; then echo "stale:$have"; exit 98; fi; '
-        f"{rsync} && printf '%s\\n' {shlex.quote(new_stamp)} > {tmp} && mv {tmp} {stamp}"
+        f"{rsync} && printf '%s\\n' {shlex.quote(new_stamp)} > {stamp}"
     )
 
 

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from tpuctl.cloud import Node
     from tpuctl.config import Settings
     from tpuctl.fleet import WorkerResult
+    from tpuctl.ops import WorkerReport
     from tpuctl.sync import SyncResult
 
 
@@ -130,6 +131,90 @@ def sync_table(results: Sequence[SyncResult]) -> Table:
         for r in results
     ]
     return table(None, ["worker", "host", "status", "method", "files", "sent", "time"], rows)
+
+
+def report_json(r: WorkerReport) -> dict[str, Any]:
+    return {"worker": r.index, "ip": r.ip, "error": r.error, **r.data}
+
+
+def check_json(r: WorkerReport) -> dict[str, Any]:
+    return {"worker": r.index, "ip": r.ip, "state": r.state, "holders": r.holders, "error": r.error}
+
+
+def _processes(processes: Iterable[dict[str, Any]], width: int = 60) -> str:
+    return "; ".join(f"{p['pid']} {p['user']} {p['cmd'][:width]}" for p in processes)
+
+
+def check_table(reports: Sequence[WorkerReport]) -> Table:
+    rows = [
+        (
+            worker_name(r.index),
+            r.ip,
+            status_style(r.state),
+            _processes(r.holders),
+            ", ".join(lock["path"] for lock in r.data.get("lockfiles", [])),
+        )
+        for r in reports
+    ]
+    return table(None, ["worker", "host", "state", "holders (pid user cmd)", "lockfiles"], rows)
+
+
+def kill_table(reports: Sequence[WorkerReport]) -> Table:
+    dry_run = any(r.data.get("dry_run") for r in reports)
+    rows = [
+        (
+            worker_name(r.index),
+            r.ip,
+            ", ".join(r.data.get("sessions", [])),
+            _processes(r.data.get("killed", []), 50),
+            ", ".join(r.data.get("lockfiles_removed", [])),
+            ", ".join(map(str, r.data.get("survivors", []))),
+        )
+        for r in reports
+    ]
+    verb = "would kill" if dry_run else "killed"
+    return table(None, ["worker", "host", "tmux sessions", verb, "lockfiles removed", "survivors"], rows)
+
+
+def clean_table(reports: Sequence[WorkerReport]) -> Table:
+    dry_run = any(r.data.get("dry_run") for r in reports)
+    rows = [
+        (
+            worker_name(r.index),
+            r.ip,
+            len(r.data.get("removed", [])) + len(r.data.get("lockfiles_removed", [])),
+            human_bytes(r.data.get("freed_bytes", 0)),
+        )
+        for r in reports
+    ]
+    return table(None, ["worker", "host", "removed", "would free" if dry_run else "freed"], rows)
+
+
+def prepare_table(reports: Sequence[WorkerReport]) -> Table:
+    rows = [
+        (
+            worker_name(r.index),
+            r.ip,
+            status_style("failed" if r.error else "ok"),
+            "" if r.error else "installed" if r.data.get("changed") else "unchanged",
+            f"{r.data.get('seconds', 0):.1f}s",
+        )
+        for r in reports
+    ]
+    return table(None, ["worker", "host", "status", "venv", "time"], rows)
+
+
+def sync_json(r: SyncResult) -> dict[str, Any]:
+    return {
+        "worker": r.worker.index,
+        "ip": r.host,
+        "ok": r.ok,
+        "method": r.method,
+        "files": r.files,
+        "bytes_sent": r.bytes_sent,
+        "seconds": round(r.seconds, 3),
+        "error": r.error,
+    }
 
 
 def failures(items: Iterable[tuple[int, str, str]]) -> list[str]:

@@ -139,8 +139,38 @@ def load_private_key(settings: Settings) -> paramiko.PKey:
         raise ConfigError(f"SSH key {path} cannot be loaded: {e}", hint) from None
 
 
-def ssh_command(settings: Settings, host: str | None = None, *, interactive: bool = False) -> list[str]:
-    """The OpenSSH client command line for one worker (`tpuctl ssh`); without a host, rsync's transport (-e)."""
+def _multiplexing(settings: Settings) -> list[str]:
+    """OpenSSH options that share one connection per worker across commands (ControlMaster/ControlPersist).
+
+    The sockets live in a private directory (they grant a logged-in session to whoever can open them); if that
+    directory is not ours alone, multiplexing is simply not used.
+    """
+    if settings.ssh_control_persist <= 0:
+        return []
+    base = Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp") / f"tpuctl-{os.getuid()}"
+    try:
+        base.mkdir(mode=0o700, exist_ok=True)
+        st = base.stat()
+    except OSError:
+        return []
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        return []
+    return [
+        "-o", "ControlMaster=auto",
+        "-o", f"ControlPath={base}/%C",  # %C: a hash of host, port and user; short enough for a socket path
+        "-o", f"ControlPersist={max(1, round(settings.ssh_control_persist))}",
+        "-o", "ServerAliveInterval=15",  # a shared connection to a VM that vanished fails in ~45 s, not hangs
+        "-o", "ServerAliveCountMax=3",
+    ]  # fmt: skip
+
+
+def ssh_command(
+    settings: Settings, host: str | None = None, *, interactive: bool = False, known_hosts_only: bool = False
+) -> list[str]:
+    """The OpenSSH client command line for one worker (`tpuctl ssh`); without a host, rsync's transport (-e).
+
+    known_hosts_only: connect only to a host whose key is already recorded (no trust on first use).
+    """
     settings.path("known_hosts").parent.mkdir(parents=True, exist_ok=True)
     argv = [
         "ssh",
@@ -150,10 +180,11 @@ def ssh_command(settings: Settings, host: str | None = None, *, interactive: boo
         "-o", "IdentitiesOnly=yes",
         "-o", f"UserKnownHostsFile={settings.path('known_hosts')}",
         "-o", "GlobalKnownHostsFile=/dev/null",
-        "-o", "StrictHostKeyChecking=accept-new",
+        "-o", f"StrictHostKeyChecking={'yes' if known_hosts_only else 'accept-new'}",
         "-o", f"ConnectTimeout={max(1, round(settings.connect_timeout))}",
         "-o", "LogLevel=ERROR",
     ]  # fmt: skip
+    argv += _multiplexing(settings)
     if interactive:
         argv.append("-t")
     else:

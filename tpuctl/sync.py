@@ -4,14 +4,17 @@ A plain fan-out runs one rsync per worker, and each one re-scans the tree, re-se
 the same delta, 32 or 256 times, across the slow laptop->pod link. Instead tpuctl keeps a local mirror of what it
 last sent (in the cache dir) and:
   1. rsyncs DIR into the mirror with --write-batch: the delta is computed once, into a batch file;
-  2. streams that batch to every worker over one SSH channel each (`rsync --read-batch=-`), guarded by a stamp:
+  2. streams that batch to every worker over one SSH session each (`rsync --read-batch=-`), guarded by a stamp:
      a worker applies it only if it holds exactly the tree the batch was made against;
   3. syncs in full (rsync over ssh from the mirror, rsync's quick check) the workers that were not: new VMs,
      recreated ones, or ones a batch could not be applied to. `--full` does this for every worker.
+The transport is the system ssh client with connection multiplexing (ControlMaster): after the first command the
+sessions reuse each worker's open connection, so an edit-sync-run loop pays no SSH handshakes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -19,24 +22,24 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tpuctl import remote
 from tpuctl.errors import TpuctlError
-from tpuctl.ssh import ssh_command
+from tpuctl.fleet import each
+from tpuctl.ssh import KnownHosts, host_key_name, ssh_command
 
 if TYPE_CHECKING:
     from tpuctl.cloud import Worker
     from tpuctl.config import Settings
-    from tpuctl.fleet import Fleet
 
-STALE_EXIT = 98  # remote.apply_sync_batch: the worker's tree is not the batch's base
+SSH_FAILED = 255  # the ssh client's exit status when it could not connect
 
 
 @dataclass
@@ -112,115 +115,185 @@ def changed_files(src: Path, settings: Settings, *, delete: bool, excludes: Sequ
     return [line for line in out.stdout.splitlines() if line and not line.endswith("/")]
 
 
-def sync(
-    settings: Settings,
-    fleet: Fleet,
-    src: Path,
-    *,
-    delete: bool = False,
-    excludes: Sequence[str] = (),
-    full: bool = False,
-    on_progress: ProgressCallback | None = None,
-) -> list[SyncResult]:
-    check_source(src)
-    progress = on_progress or (lambda worker, phase: None)
-    filters = [*(["--delete"] if delete else []), *rsync_filters(excludes)]
-    state = mirror_dir(settings, src)
-    state.mkdir(parents=True, exist_ok=True)
-    with open(state / "lock", "w") as lock:
+class Mirror:
+    """The local copy of what was last sent to a TPU's workers, locked while in use.
+
+    Entering it starts rsync computing the delta (a separate process) and then, in a thread, applying it to the
+    workers the last sync reached, so that both overlap the caller's look-up of the TPU's workers. That early
+    apply only talks to hosts whose SSH host key is already recorded: a host that answers with that key is the
+    very VM synced before, whatever the API now says. `sync` then finishes the job for the workers the API names.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        src: Path,
+        *,
+        delete: bool = False,
+        excludes: Sequence[str] = (),
+        full: bool = False,
+    ):
+        """full: rsync every worker in full instead of applying the batch (rsync's quick check on each)."""
+        check_source(src)
+        _need_local("ssh")
+        self.settings, self.src, self.full = settings, src, full
+        self.filters = [*(["--delete"] if delete else []), *rsync_filters(excludes)]
+        self.state = mirror_dir(settings, src)
+        self.tree, self.stamp_file, self.hosts_file = self.state / "tree", self.state / "stamp", self.state / "hosts"
+
+    def __enter__(self) -> Mirror:
+        self.state.mkdir(parents=True, exist_ok=True)
+        self._stack = contextlib.ExitStack()
+        lock = self._stack.enter_context(open(self.state / "lock", "w"))
         fcntl.flock(lock, fcntl.LOCK_EX)  # one sync per mirror at a time
-        old_stamp, new_stamp, batch, files = _write_batch(src, state, filters)
+        intact = self.stamp_file.exists() and self.tree.exists()
+        self.old_stamp = self.stamp_file.read_text().strip() if intact else "none"
+        # Until the new batch is written the mirror matches no worker (if we stop halfway, all sync in full).
+        self.stamp_file.unlink(missing_ok=True)
+        self.tree.mkdir(exist_ok=True)
+        self.batch_path = Path(self._stack.enter_context(tempfile.TemporaryDirectory(dir=self.state))) / "batch"
+        argv = ["rsync", "-a", "--stats", *self.filters, f"--write-batch={self.batch_path}"]
+        self._rsync = subprocess.Popen(
+            [*argv, f"{self.src}/", f"{self.tree}/"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self._stack.callback(self._stop_rsync)
+        self._early: dict[str, float] = {}  # host -> seconds, for hosts the early apply brought up to date
+        self._early_thread = None
+        last_hosts = self.hosts_file.read_text().split() if intact and self.hosts_file.exists() else []
+        if last_hosts and not self.full and not self.settings.replace_host_keys:
+            self._early_thread = threading.Thread(target=self._apply_early, args=(last_hosts,), daemon=True)
+            self._early_thread.start()
+        return self
 
-        results = {w.index: SyncResult(worker=w, host=h) for w, h in zip(fleet.workers, fleet.hosts, strict=True)}
-        todo_full = list(results.values())
-        if not full:
-            todo_full = []
-            for w in fleet.workers:
-                progress(w, "batch")
-            applied = fleet.run(
-                remote.apply_sync_batch(settings.remote_dir, ["-a", *filters], old_stamp, new_stamp),
-                stdin=batch,
-                on_done=lambda r: progress(r.worker, "done" if r.ok else "full" if r.exit_code else "failed"),
-            )
-            for r in applied:
-                result = results[r.worker.index]
-                result.seconds = r.seconds
-                if r.ok:
+    def __exit__(self, *exc: object) -> None:
+        if self._early_thread is not None:
+            self._early_thread.join()
+        self._stack.close()
+
+    def _stop_rsync(self) -> None:
+        if self._rsync.poll() is None:
+            self._rsync.kill()
+        self._rsync.communicate()
+
+    def _batch(self) -> tuple[str, bytes, int]:
+        """Wait for the delta, once: (the new stamp, the batch, files in it)."""
+        if not hasattr(self, "_batch_result"):
+            out, err = self._rsync.communicate()
+            if self._rsync.returncode != 0:
+                raise TpuctlError(f"rsync of {self.src} into the local mirror failed: {err.strip()}")
+            new_stamp = uuid.uuid4().hex
+            self.stamp_file.write_text(new_stamp + "\n")
+            count = _stat(out, "Number of regular files transferred")
+            self._batch_result = (new_stamp, self.batch_path.read_bytes(), count)
+        return self._batch_result
+
+    def _apply_early(self, hosts: list[str]) -> None:
+        try:
+            new_stamp, batch, _ = self._batch()
+        except TpuctlError:
+            return  # sync() meets the same error and reports it
+        apply = remote.apply_sync_batch(self.settings.remote_dir, ["-a", *self.filters], self.old_stamp, new_stamp)
+
+        def one(host: str) -> None:
+            start = time.monotonic()
+            out = _run_ssh(self.settings, host, apply, stdin=batch, known_hosts_only=True)
+            if out is not None and out.returncode == 0:
+                self._early[host] = time.monotonic() - start
+
+        each(hosts, one, self.settings.concurrency)
+
+    def sync(self, workers: Sequence[Worker], *, on_progress: ProgressCallback | None = None) -> list[SyncResult]:
+        """Bring every worker to the mirror's new state; a result per worker, in worker order."""
+        settings = self.settings
+        progress = on_progress or (lambda worker, phase: None)
+        results = [SyncResult(worker=w, host=w.address(settings.internal_ip)) for w in workers]
+        if settings.replace_host_keys:
+            hosts = [host_key_name(r.host, settings.ssh_port) for r in results]
+            KnownHosts(settings.path("known_hosts")).forget(hosts)
+        new_stamp, batch, files = self._batch()
+        if self._early_thread is not None:
+            self._early_thread.join()
+        apply = remote.apply_sync_batch(settings.remote_dir, ["-a", *self.filters], self.old_stamp, new_stamp)
+
+        def one(result: SyncResult) -> None:
+            if result.host in self._early:  # already applied while the workers were being looked up
+                result.method, result.files, result.bytes_sent = "batch", files, len(batch)
+                result.seconds = self._early[result.host]
+            elif not self.full:
+                progress(result.worker, "batch")
+                out = _ssh(settings, result, apply, stdin=batch)
+                if out is not None and out.returncode == 0:
                     result.method, result.files, result.bytes_sent = "batch", files, len(batch)
-                elif r.exit_code is not None:  # reachable, but stale or the batch did not apply: sync it in full
-                    todo_full.append(result)
-                else:
-                    result.error = r.error
-        if todo_full:
-            _full_sync(settings, fleet, state / "tree", todo_full, filters, new_stamp, progress)
-    return [results[w.index] for w in fleet.workers]
+                elif out is None or out.returncode == SSH_FAILED:
+                    result.error = result.error or _ssh_error(out)
+                # else: reachable, but stale or the batch did not apply: sync it in full
+            if result.method == "" and result.error is None:
+                progress(result.worker, "full")
+                _full_sync(settings, result, self.tree, self.filters, new_stamp)
+            progress(result.worker, "done" if result.ok else "failed")
+
+        each(results, one, settings.concurrency)
+        self.hosts_file.write_text("".join(f"{r.host}\n" for r in results if r.ok))
+        return results
 
 
-def _write_batch(src: Path, state: Path, filters: list[str]) -> tuple[str, str, bytes, int]:
-    """Update the mirror from src, recording the delta as an rsync batch; returns (old, new stamp, batch, files)."""
-    tree, stamp_file = state / "tree", state / "stamp"
-    old_stamp = stamp_file.read_text().strip() if stamp_file.exists() and tree.exists() else "none"
-    tree.mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=state) as tmp:
-        batch_path = Path(tmp) / "batch"
-        out = subprocess.run(
-            ["rsync", "-a", "--stats", *filters, f"--write-batch={batch_path}", f"{src}/", f"{tree}/"],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        if out.returncode != 0:
-            stamp_file.unlink(missing_ok=True)  # the mirror may be half-updated: make every worker sync in full
-            raise TpuctlError(f"rsync of {src} into the local mirror failed: {out.stderr.strip()}")
-        batch = batch_path.read_bytes()
-    new_stamp = uuid.uuid4().hex
-    stamp_file.write_text(new_stamp + "\n")
-    return old_stamp, new_stamp, batch, _stat(out.stdout, "Number of regular files transferred")
+def _run_ssh(
+    settings: Settings, host: str, command: str, stdin: bytes = b"", known_hosts_only: bool = False
+) -> subprocess.CompletedProcess[bytes] | None:
+    """Run one command on a worker with the system ssh client (multiplexed); None if it timed out."""
+    try:
+        return subprocess.run(
+            [*ssh_command(settings, host, known_hosts_only=known_hosts_only), command],
+            input=stdin,
+            capture_output=True,
+            timeout=settings.command_timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return None
 
 
-def _full_sync(
-    settings: Settings,
-    fleet: Fleet,
-    tree: Path,
-    todo: list[SyncResult],
-    filters: list[str],
-    stamp: str,
-    progress: ProgressCallback,
-) -> None:
-    _need_local("ssh")
+def _ssh(
+    settings: Settings, result: SyncResult, command: str, stdin: bytes = b""
+) -> subprocess.CompletedProcess[bytes] | None:
+    """_run_ssh for one worker's result: adds the time taken, and names a timeout as the worker's error."""
+    start = time.monotonic()
+    out = _run_ssh(settings, result.host, command, stdin)
+    result.seconds += time.monotonic() - start
+    if out is None:
+        result.error = f"timed out after {settings.command_timeout:g}s"
+    return out
+
+
+def _ssh_error(out: subprocess.CompletedProcess[bytes] | None) -> str:
+    lines = out.stderr.decode(errors="replace").strip().splitlines() if out is not None else []
+    return lines[-1].removeprefix("ssh: ") if lines else "ssh failed"
+
+
+def _full_sync(settings: Settings, result: SyncResult, tree: Path, filters: list[str], stamp: str) -> None:
+    """rsync the whole mirror to one worker (rsync's quick check), then record the stamp it now holds."""
     transport = " ".join(_quote_for_rsync(a) for a in ssh_command(settings))
     dest = remote.rsync_path(settings.remote_dir)
-
-    def one(result: SyncResult) -> None:
-        progress(result.worker, "full")
-        start = time.monotonic()
-        argv = ["rsync", "-az", "--stats", f"--timeout={round(settings.command_timeout)}", *filters]
-        argv += ["-e", transport, f"{tree}/", f"{settings.ssh_user}@{result.host}:{dest}/"]
-        try:
-            out = subprocess.run(argv, capture_output=True, text=True, timeout=settings.command_timeout, check=False)
-        except subprocess.TimeoutExpired:
-            result.error = f"rsync timed out after {settings.command_timeout:g}s"
-        else:
-            if out.returncode == 0:
-                result.method = "full"
-                result.files = _stat(out.stdout, "Number of regular files transferred")
-                result.bytes_sent = _stat(out.stdout, "Total bytes sent")
-            else:
-                lines = out.stderr.strip().splitlines()
-                result.error = f"rsync failed ({out.returncode}): {lines[-1] if lines else ''}"
+    argv = ["rsync", "-az", "--stats", f"--timeout={round(settings.command_timeout)}", *filters]
+    argv += ["-e", transport, f"{tree}/", f"{settings.ssh_user}@{result.host}:{dest}/"]
+    start = time.monotonic()
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=settings.command_timeout, check=False)
+    except subprocess.TimeoutExpired:
+        result.error = f"rsync timed out after {settings.command_timeout:g}s"
+        return
+    finally:
         result.seconds += time.monotonic() - start
-        if result.error:
-            progress(result.worker, "failed")
-
-    with ThreadPoolExecutor(max_workers=min(settings.concurrency, len(todo))) as pool:
-        list(pool.map(one, todo))
-    synced = [r for r in todo if r.ok]
-    if synced:
-        stamped = fleet.subset([r.worker.index for r in synced]).run(
-            remote.write_sync_stamp(settings.remote_dir, stamp)
-        )
-        for r, s in zip(synced, stamped, strict=True):
-            if not s.ok:
-                r.error = f"could not record the sync: {s.error or s.stderr.strip()}"
-            progress(r.worker, "done" if r.ok else "failed")
+    if out.returncode != 0:
+        lines = out.stderr.strip().splitlines()
+        result.error = f"rsync failed ({out.returncode}): {lines[-1] if lines else ''}"
+        return
+    result.method = "full"
+    result.files = _stat(out.stdout, "Number of regular files transferred")
+    result.bytes_sent = _stat(out.stdout, "Total bytes sent")
+    stamped = _ssh(settings, result, remote.write_sync_stamp(settings.remote_dir, stamp))
+    if stamped is not None and stamped.returncode != 0:
+        result.error = f"could not record the sync: {_ssh_error(stamped)}"
 
 
 def _quote_for_rsync(arg: str) -> str:

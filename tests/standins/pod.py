@@ -22,6 +22,8 @@ class Pod:
     api: FakeTpuApi
     home: Path  # HOME of the tpuctl user: its config, cache (sync mirror) and known_hosts live here
 
+    tpuctl_path = TPUCTL
+
     @property
     def known_hosts(self) -> Path:
         return self.home / "known_hosts"

@@ -156,6 +156,14 @@ class StandinWorker:
         self._launch()
         _wait_ready([self])
 
+    def crash(self) -> None:
+        """SIGKILL everything on the worker, sshd and its sessions included: the VM died mid-command."""
+        self.thaw()
+        _signal(_pids_in(self.namespaces) | {p.pid for p in self._children() if p.poll() is None}, signal.SIGKILL)
+        if self._sshd is not None:
+            self._sshd.wait()
+            self._sshd = None
+
     def new_host_key(self) -> None:
         """Give the worker a new host key and restart its sshd, as when a TPU VM is deleted and recreated."""
         self.stop_sshd()

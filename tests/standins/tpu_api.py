@@ -16,6 +16,7 @@ import datetime
 import enum
 import json
 import threading
+import time
 import traceback
 from collections.abc import Iterable, Sequence
 from http import HTTPStatus
@@ -78,6 +79,7 @@ class FakeTpuApi:
     def __init__(self) -> None:
         self.nodes: dict[NodeKey, dict[str, Any]] = {}
         self.denied_projects: set[str] = set()
+        self.delay_s = 0.0  # seconds every answer waits, to stand in for a slow API across the internet
         self.requests: list[RecordedRequest] = []
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -277,6 +279,7 @@ def _handler_for(api: FakeTpuApi) -> type[BaseHTTPRequestHandler]:
             path, query = unquote(url.path), parse_qs(url.query)
             api.requests.append(RecordedRequest(self.command, path, query))
             self._drain_body()
+            time.sleep(api.delay_s)
             try:
                 status, body = HTTPStatus.OK, api._route(self.command, path, query)
                 if "enum-encoding=int" in query.get("$alt", [""])[0]:
