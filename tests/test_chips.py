@@ -59,7 +59,8 @@ def test_check_finds_the_process_holding_a_device(pod4):
     assert [d["state"] for d in data] == ["free", "free", "busy", "free"]
     (h,) = data[2]["holders"]
     assert h["pid"] == holder and h["user"] == "root" and "accel1" in h["cmd"]
-    assert set(data[0]) == {"worker", "ip", "state", "holders", "error"} and data[0]["ip"] == pod4.fleet.workers[0].ip
+    assert set(data[0]) == {"worker", "ip", "state", "holders", "lockfiles", "error"}
+    assert data[0]["ip"] == pod4.fleet.workers[0].ip
     # the table names the holder too
     r = pod4.tpuctl("check", env={"TPUCTL_DEVICE_GLOBS": globs})
     assert r.returncode == 1 and str(holder) in r.stdout and "busy" in r.stdout
@@ -82,7 +83,11 @@ def test_a_lockfile_alone_is_not_busy_but_a_held_lock_is(pod):
     data = json.loads(r.stdout)
     assert [d["state"] for d in data] == ["free", "busy"]
     assert [h["pid"] for h in data[1]["holders"]] == [holder]
+    assert data[0]["lockfiles"] == [{"path": "/tmp/libtpu_lockfile", "held_by": []}]
+    assert data[1]["lockfiles"] == [{"path": "/tmp/libtpu_lockfile", "held_by": [holder]}]
     assert r.returncode == 1
+    table = pod.tpuctl("check", env={"TPUCTL_DEVICE_GLOBS": "/tmp/dev/none*"}).stdout
+    assert "/tmp/libtpu_lockfile (stale)" in table and "/tmp/libtpu_lockfile (held)" in table
 
 
 def test_an_unreachable_worker_is_unknown_never_free(pod):

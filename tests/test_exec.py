@@ -199,3 +199,26 @@ def test_ssh_opens_an_interactive_shell_in_a_terminal(pod):
         subprocess.run([*tmux, "send-keys", "exit", "Enter"], check=True)
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True)
+
+
+def test_a_single_worker_pod(make_pod):
+    pod = make_pod(1)
+    r = pod.tpuctl("exec", "--", "hostname")
+    assert r.returncode == 0 and r.stdout == f"[w0] {pod.fleet.workers[0].hostname}\n"
+    assert pod.tpuctl("check").returncode == 0
+
+
+def test_workers_without_external_ips_need_internal_ip(pod):
+    node = pod.api.nodes[("proj", "zone-a", "pod")]
+    for endpoint in node["networkEndpoints"]:
+        endpoint.pop("accessConfig", None)
+    r = pod.tpuctl("exec", "--", "true")
+    assert r.returncode == 2
+    assert r.stderr == (
+        f"tpuctl: error: worker 0 has no external IP (internal {pod.fleet.workers[0].ip}) "
+        "(from inside the VPC, use --internal-ip or TPUCTL_INTERNAL_IP=1)\n"
+    )
+    r = pod.tpuctl("exec", "--internal-ip", "--", "hostname")
+    assert r.returncode == 0 and sorted(r.stdout.split()) == sorted(
+        [f"[w{w.index}]" for w in pod.fleet.workers] + [w.hostname for w in pod.fleet.workers]
+    )

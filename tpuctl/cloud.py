@@ -28,7 +28,7 @@ class Worker:
         if not self.external_ip:
             raise ConfigError(
                 f"worker {self.index} has no external IP (internal {self.internal_ip})",
-                "use --internal-ip from inside the VPC (or TPUCTL_INTERNAL_IP=1)",
+                "from inside the VPC, use --internal-ip or TPUCTL_INTERNAL_IP=1",
             )
         return self.external_ip
 

@@ -1,6 +1,6 @@
 """Fan-out over workers: run one command on many workers in parallel, with a result per worker.
 
-Built on fabric/paramiko, with what fabric's ThreadingGroup lacks: a concurrency cap, a deadline for every step
+Built on paramiko directly, with what fabric's ThreadingGroup lacks: a concurrency cap, a deadline for every step
 (connect, banner, auth, command) plus an overall watchdog so one hung worker never blocks the command, binary
 stdin, and output streamed line by line as it arrives.
 """
@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from tpuctl.ssh import KnownHosts, load_private_key, open_socket
+from tpuctl.ssh import KnownHosts, load_paramiko, load_private_key, open_socket
 
 if TYPE_CHECKING:
     import paramiko
@@ -172,27 +172,23 @@ class Fleet:
             on_done(result)
 
     def _connect(self, host: str) -> paramiko.SSHClient:
-        from fabric import Connection
-
         s = self.settings
-        conn = Connection(
+        client = load_paramiko().SSHClient()
+        client.set_missing_host_key_policy(self._known_hosts.policy())
+        client.connect(
             host,
-            user=s.ssh_user,
             port=s.ssh_port,
-            connect_timeout=max(1, round(s.connect_timeout)),
-            connect_kwargs={
-                "sock": open_socket(host, s.ssh_port, s.connect_timeout),
-                "pkey": self._pkey,
-                "look_for_keys": False,
-                "allow_agent": False,
-                "banner_timeout": s.connect_timeout,
-                "auth_timeout": s.connect_timeout,
-                "channel_timeout": s.connect_timeout,
-            },
+            username=s.ssh_user,
+            pkey=self._pkey,
+            sock=open_socket(host, s.ssh_port, s.connect_timeout),
+            look_for_keys=False,
+            allow_agent=False,
+            timeout=s.connect_timeout,
+            banner_timeout=s.connect_timeout,
+            auth_timeout=s.connect_timeout,
+            channel_timeout=s.connect_timeout,
         )
-        conn.client.set_missing_host_key_policy(self._known_hosts.policy())
-        conn.open()
-        return conn.client
+        return client
 
 
 def each(items: Sequence[T], fn: Callable[[T], None], limit: int) -> None:
@@ -255,9 +251,9 @@ def _exec(
 
 def _describe_failure(e: Exception, settings: Settings, elapsed: float) -> str:
     """One line on why a worker could not run the command."""
-    import paramiko
-
     from tpuctl.errors import TpuctlError
+
+    paramiko = load_paramiko()
 
     if isinstance(e, TpuctlError):
         return str(e)

@@ -138,7 +138,13 @@ def report_json(r: WorkerReport) -> dict[str, Any]:
 
 
 def check_json(r: WorkerReport) -> dict[str, Any]:
-    return {"worker": r.index, "ip": r.ip, "state": r.state, "holders": r.holders, "error": r.error}
+    locks = [{"path": lock["path"], "held_by": lock["holders"]} for lock in r.data.get("lockfiles", [])]
+    return {"worker": r.index, "ip": r.ip, "state": r.state, "holders": r.holders, "lockfiles": locks, "error": r.error}
+
+
+def _lockfiles(r: WorkerReport) -> str:
+    locks = r.data.get("lockfiles", [])
+    return ", ".join(f"{lock['path']} ({'held' if lock['holders'] else 'stale'})" for lock in locks)
 
 
 def _processes(processes: Iterable[dict[str, Any]], width: int = 60) -> str:
@@ -152,7 +158,7 @@ def check_table(reports: Sequence[WorkerReport]) -> Table:
             r.ip,
             status_style(r.state),
             _processes(r.holders),
-            ", ".join(lock["path"] for lock in r.data.get("lockfiles", [])),
+            _lockfiles(r),
         )
         for r in reports
     ]

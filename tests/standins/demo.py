@@ -48,6 +48,8 @@ def main() -> int:
             (worker.path("/tmp/dev")).mkdir()
             for i in range(4):
                 worker.path(f"/tmp/dev/accel{i}").write_bytes(b"")
+            worker.path("/tmp/tpu_logs").mkdir()  # what libtpu leaves behind
+            worker.path("/tmp/tpu_logs/tpu_driver.INFO").write_bytes(b"I1126 log line\n" * 5000)
         print(f"A stand-in pod: {args.workers} sshd workers on {', '.join(fleet.ips)}, port {fleet.port};")
         print(f"the Cloud TPU API at {api.endpoint} (project proj, zone zone-a, node pod).")
         codes = [
