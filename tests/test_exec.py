@@ -222,3 +222,11 @@ def test_workers_without_external_ips_need_internal_ip(pod):
     assert r.returncode == 0 and sorted(r.stdout.split()) == sorted(
         [f"[w{w.index}]" for w in pod.fleet.workers] + [w.hostname for w in pod.fleet.workers]
     )
+
+
+def test_exec_dry_run_prints_the_remote_line_and_runs_nothing(pod):
+    r = pod.tpuctl("exec", "--dry-run", "--workers", "1", "--", "touch", "/tmp/it's here")
+    assert r.returncode == 0
+    assert r.stdout == "touch '/tmp/it'\"'\"'s here'\n"
+    assert f"Would run on 1 worker ({pod.fleet.workers[1].ip})" in r.stderr
+    assert not pod.fleet.workers[1].path("/tmp/it's here").exists()

@@ -187,9 +187,10 @@ def ssh(worker: int, command: tuple[str, ...], **flags: Any) -> None:
 @click.option("--workers", default="all", show_default=True, help="Which workers: all, 3, 0,3,5 or 0-3.")
 @click.option("--group", is_flag=True, help="Print each worker's output together, after it finishes.")
 @fleet_options("command_timeout")
+@dry_run_option
 @json_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def exec_(workers: str, group: bool, as_json: bool, command: tuple[str, ...], **flags: Any) -> None:
+def exec_(workers: str, group: bool, dry_run: bool, as_json: bool, command: tuple[str, ...], **flags: Any) -> None:
     """Run CMD on the workers in parallel; output prefixed [wN]; exit status is the worst worker's.
 
     One argument is a shell command line (quote it: pipes, $VARS work); several are words sent exactly as given.
@@ -203,6 +204,10 @@ def exec_(workers: str, group: bool, as_json: bool, command: tuple[str, ...], **
 
     settings = _settings(flags)
     fleet = _fleet(settings, workers)
+    if dry_run:
+        _err().print(f"Would run on {render.count(len(fleet.hosts), 'worker')} ({', '.join(fleet.hosts)}):")
+        click.echo(remote.user_command(command))
+        return
     lock = threading.Lock()
 
     def stream(worker: Any, name: str, line: str) -> None:
@@ -275,7 +280,10 @@ def sync(
         else:
             for f in files:
                 click.echo(f)
-            _err().print(f"Would send {len(files)} changed files to {len(hosts)} workers ({settings.remote_dir}).")
+            _err().print(
+                f"Would send {render.count(len(files), 'changed file')} to {render.count(len(hosts), 'worker')}"
+                f" ({settings.remote_dir})."
+            )
         return
     with syncing.Mirror(settings, src, delete=delete, excludes=exclude, full=full) as mirror:
         workers = _node(settings).workers  # looked up while the delta is computed (and applied where it can be)
@@ -288,7 +296,9 @@ def sync(
         for line in render.failures((r.worker.index, r.host, r.error) for r in results if r.error):
             _err().print(f"[red]{line}[/red]")
         if all(r.ok for r in results):
-            _err().print(f"Synced {src} to {settings.remote_dir} on {len(results)} workers. Next: tpuctl prepare")
+            _err().print(
+                f"Synced {src} to {settings.remote_dir} on {render.count(len(results), 'worker')}. Next: tpuctl prepare"
+            )
     raise SystemExit(EXIT_OK if all(r.ok for r in results) else EXIT_FAILED)
 
 
@@ -344,11 +354,15 @@ def prepare(dry_run: bool, as_json: bool, **flags: Any) -> None:
         command = remote.prepare_command(
             settings.remote_dir, settings.python, settings.extras, settings.pip_args, settings.device_globs
         )
-        _err().print(f"Would run on {len(fleet.hosts)} workers ({', '.join(fleet.hosts)}):")
+        _err().print(f"Would run on {render.count(len(fleet.hosts), 'worker')} ({', '.join(fleet.hosts)}):")
         click.echo(command)
         return
     reports = ops.prepare(settings, fleet)
     _show(reports, as_json, render.prepare_table)
+    if not as_json and not any(r.error for r in reports):
+        _err().print(
+            f"{settings.remote_dir}/.venv is ready on {render.count(len(reports), 'worker')}. Next: tpuctl check"
+        )
     raise SystemExit(EXIT_FAILED if any(r.error for r in reports) else EXIT_OK)
 
 
@@ -396,6 +410,8 @@ def kill(grace: float, yes: bool, dry_run: bool, as_json: bool, **flags: Any) ->
         _confirm_by_name(settings.tpu or "", f"kill the jobs on all {len(fleet.workers)} workers of")
     reports = ops.kill(settings, fleet, grace=grace, dry_run=dry_run)
     _show(reports, as_json, render.kill_table)
+    if not as_json and not dry_run and not any(r.error for r in reports):
+        _err().print("Stopped. Next: tpuctl check")
     failed = any(r.error or r.data.get("survivors") for r in reports)
     raise SystemExit(EXIT_FAILED if failed else EXIT_OK)
 

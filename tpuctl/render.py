@@ -61,6 +61,10 @@ def status_style(status: str) -> str:
     return f"[{color}]{status}[/{color}]"
 
 
+def count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def worker_name(index: int) -> str:
     return f"w{index}"
 
