@@ -179,3 +179,15 @@ def test_clean_logs_reports_freed_bytes_and_keeps_held_locks(pod):
     assert not logs.exists() and w1.path("/tmp/libtpu_lockfile").exists() and alive(locker)
     table = pod.tpuctl("clean-logs", "--dry-run")
     assert table.returncode == 0 and "would free" in table.stdout
+
+
+def test_tables_show_worker_text_as_it_is(pod):
+    """Command lines come from the workers: [brackets] in them are text, not rich markup."""
+    w0 = pod.fleet.workers[0]
+    globs = devices(w0)
+    w0.path("/tmp/[bold]job.py").write_text(HOLD_DEVICE)
+    holder = w0.spawn(["python3", "/tmp/[bold]job.py", "/tmp/dev/accel0"])
+    assert wait_for(lambda: any("accel0" in os.readlink(f"/proc/{holder}/fd/{fd}") for fd in _fds(holder)))
+    r = pod.tpuctl("check", env={"TPUCTL_DEVICE_GLOBS": globs})
+    assert r.returncode == 1
+    assert f"{holder} root python3 /tmp/[bold]job.py /tmp/dev/accel0" in r.stdout

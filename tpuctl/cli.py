@@ -104,7 +104,7 @@ def _show(reports: list[WorkerReport], as_json: bool, table: Callable[[list[Work
         return
     _out().print(table(reports))
     for line in render.failures((r.index, r.ip, r.error) for r in reports if r.error):
-        _err().print(f"[red]{line}[/red]")
+        _err().print(render.plain(line), style="red")
 
 
 # --- settings and discovery ---------------------------------------------------------------------------------
@@ -222,14 +222,14 @@ def exec_(workers: str, group: bool, dry_run: bool, as_json: bool, command: tupl
         render.print_json({"workers": [render.result_json(r) for r in results]})
     elif group:
         for r in results:
-            _err().print(f"[bold]── {render.worker_name(r.worker.index)} {r.host}: {r.status}[/bold]")
+            _err().print(render.plain(f"── {render.worker_name(r.worker.index)} {r.host}: {r.status}"), style="bold")
             sys.stdout.write(r.stdout)
             sys.stderr.write(r.stderr)
             sys.stdout.flush()
     if not as_json:
         _err().print(render.results_table(results))
         for line in render.failures((r.worker.index, r.host, r.error) for r in results if r.error):
-            _err().print(f"[red]{line}[/red]")
+            _err().print(render.plain(line), style="red")
     raise SystemExit(exec_exit_code(results))
 
 
@@ -294,7 +294,7 @@ def sync(
     else:
         _out().print(render.sync_table(results))
         for line in render.failures((r.worker.index, r.host, r.error) for r in results if r.error):
-            _err().print(f"[red]{line}[/red]")
+            _err().print(render.plain(line), style="red")
         if all(r.ok for r in results):
             _err().print(
                 f"Synced {src} to {settings.remote_dir} on {render.count(len(results), 'worker')}. Next: tpuctl prepare"
@@ -306,9 +306,9 @@ class _SyncProgress:
     """A rich progress view with a row per worker, only on a terminal (rich is not even imported otherwise)."""
 
     def __init__(self, count: int, enabled: bool):
-        console = render.console(stderr=True)
         self.progress = None
-        if enabled and console.is_terminal:
+        console = render.console(stderr=True) if enabled and sys.stderr.isatty() else None
+        if console is not None and console.is_terminal:
             from rich.progress import BarColumn, Progress, TextColumn
 
             columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[phase]}"))

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     from tpuctl.cloud import Node
     from tpuctl.config import Settings
@@ -43,7 +44,7 @@ def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any
     for column in columns:
         t.add_column(column, overflow="fold")
     for row in rows:
-        t.add_row(*("" if v is None else str(v) for v in row))
+        t.add_row(*(plain(v) for v in row))
     return t
 
 
@@ -56,9 +57,17 @@ def human_bytes(n: int) -> str:
     raise AssertionError
 
 
-def status_style(status: str) -> str:
-    color = {"ok": "green", "free": "green", "busy": "yellow", "failed": "red"}.get(status, "red")
-    return f"[{color}]{status}[/{color}]"
+def status_style(status: str) -> Text:
+    from rich.text import Text
+
+    return Text(status, style={"ok": "green", "free": "green", "busy": "yellow", "failed": "red"}.get(status, "red"))
+
+
+def plain(value: Any) -> Text:
+    """A cell or line shown as it is: text from workers (commands, errors) may hold [brackets] rich would parse."""
+    from rich.text import Text
+
+    return value if isinstance(value, Text) else Text("" if value is None else str(value))
 
 
 def count(n: int, noun: str) -> str:
@@ -89,7 +98,8 @@ def nodes_table(nodes: Sequence[Node], internal: bool) -> Table:
     for n in nodes:
         ips = [(w.internal_ip if internal else w.external_ip) or "-" for w in n.workers]
         shown = ", ".join(ips[:4]) + (f", … (+{len(ips) - 4})" if len(ips) > 4 else "")
-        state = f"[green]{n.state}[/green]" if n.state == "READY" else f"[yellow]{n.state}[/yellow]"
+        state = plain(n.state)
+        state.stylize("green" if n.state == "READY" else "yellow")
         rows.append((n.name, state, n.health or "-", n.accelerator_type, len(n.workers), shown))
     return table(None, ["name", "state", "health", "type", "workers", "ips"], rows)
 
