@@ -1,0 +1,141 @@
+"""Recipes: every shipped one loads, OpenVision's schedules are what its train.sh says, and every mistake is one
+line naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trainer import recipe
+from trainer.recipe import RecipeError
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+SHIPPED = sorted(p.stem for p in RECIPES.glob("*.toml"))
+
+
+def test_the_expected_recipes_ship():
+    assert SHIPPED == ["b16", "h14", "l14", "s16", "so400m", "ti16", "tiny"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_recipe_loads_and_says_how_it_is_launched(name):
+    path = RECIPES / f"{name}.toml"
+    r = recipe.load(path)
+    assert r.stages and all(recipe.Recipe.stage_steps(r, s) > 0 for s in r.stages)
+    head = path.read_text().splitlines()[:6]
+    assert any(line.startswith("# Launch:") for line in head) and any(line.startswith("# Cost:") for line in head)
+
+
+@pytest.mark.parametrize(
+    ("name", "image", "resolutions"),
+    [
+        ("ti16", "Ti/16", [160, 224, 384]),
+        ("s16", "S/16", [160, 224, 384]),
+        ("b16", "B/16", [160, 224, 384]),
+        ("l14", "L/14", [84, 224, 336]),
+        ("so400m", "So400m/14", [84, 224, 378]),
+        ("h14", "H/14", [84, 224]),
+    ],
+)
+def test_openvision_schedules(name, image, resolutions):
+    r = recipe.load(RECIPES / f"{name}.toml")
+    assert r.model.image == image and r.model.decoder and r.loss.caption_weight == 2.0
+    assert [s.resolution for s in r.stages] == resolutions
+    batches, samples = [32768, 16384, 8192], [12_810_000_000, 1_025_000_000, 256_000_000]
+    n = len(resolutions)
+    assert [s.global_batch for s in r.stages] == batches[:n]
+    assert [s.samples for s in r.stages] == samples[:n]
+    assert [s.peak_lr for s in r.stages] == [1.024e-3, 2.56e-5, 3.2e-6][:n]
+    assert [s.warmup_steps for s in r.stages] == [1563, 1563, 0][:n]
+    assert [s.eval_every for s in r.stages] == [1000, 2000, 4000][:n]
+    assert (r.optimizer.b1, r.optimizer.b2, r.optimizer.weight_decay, r.optimizer.mu_dtype) == (
+        0.9,
+        0.95,
+        0.2,
+        "bfloat16",
+    )
+    assert (r.text.context_length, r.text.caption_length, r.data.shuffle_buffer) == (80, 128, 250_000)
+    assert r.stage_steps(r.stages[0]) == 390_931  # 12.81 B / 32,768, rounded up
+
+
+def test_overrides_reach_any_key():
+    r = recipe.load(
+        RECIPES / "b16.toml",
+        [
+            "stages.0.global_batch=256",
+            "model.image=S/16",
+            "data.source=synthetic",
+            "mesh.fsdp=2",
+            "loss.caption_weight=0",
+        ],
+    )
+    assert r.stages[0].global_batch == 256 and r.model.image == "S/16" and r.data.source == "synthetic"
+    assert r.mesh.fsdp == 2 and r.loss.caption_weight == 0.0
+    assert r.stages[1].global_batch == 16384  # the others untouched
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["stages.0.global_batch=256", "stages.0.global_batch=512"], "--set stages.0.global_batch is given twice"),
+        (["stages.5.name=x"], "--set stages.5: there are 3 entries (0-2)"),
+        (["model"], "--set 'model' is not key=value"),
+        (["model.imag=B/16"], "unknown key model.imag (known here: image, text, decoder,"),
+        (
+            ["stages.1.resolution=150"],
+            'stages[1].resolution = 150 is not divisible by the patch size 16 of model.image = "B/16"',
+        ),
+        (["stages.0.global_batch=many"], 'stages[0].global_batch = "many" must be an integer'),
+        (["model.pooling=max"], 'model.pooling = "max" is not one of "mean", "cls", "map"'),
+        (["model.image=B/15"], 'model.image = "B/15" is not VARIANT/PATCH'),
+        (["model.text=XL"], 'model.text = "XL" is not one of Ti, S, B, L, So400m, H'),
+        (["stages.0.epochs=10"], "stages[0] needs exactly one of samples or epochs"),
+        (["stages.0.grad_accum=3"], "stages[0].global_batch = 32768 is not divisible by stages[0].grad_accum = 3"),
+        (["stages.2.name=ft224"], 'stages[2].name = "ft224" is used by an earlier stage'),
+        (["stages.0.patch_keep=0"], "stages[0].patch_keep = 0.0 must be in (0, 1]"),
+        (["mesh.data=-1", "mesh.fsdp=-1"], "only one of mesh.data, mesh.fsdp, mesh.tensor may be -1"),
+        (
+            ["data.source=tfrecord", "data.train=''"],
+            'data.train is empty: data.source = "tfrecord" needs the training files',
+        ),
+        (["stages.1.warmup_steps=100000"], "stages[1].warmup_steps = 100000 is longer than the stage (62562 steps)"),
+    ],
+)
+def test_mistakes_are_one_line_naming_the_key(overrides, message):
+    with pytest.raises(RecipeError) as e:
+        recipe.load(RECIPES / "b16.toml", overrides)
+    assert str(e.value).startswith(message), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_file_level_mistakes(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[model]\nimage = "B/16"\nimage = "L/14"\n')
+    with pytest.raises(RecipeError, match=r"bad\.toml: "):
+        recipe.load(bad)
+    bad.write_text('[model]\nimage = "B/16"\n')
+    with pytest.raises(RecipeError, match=r"^stages is missing$"):
+        recipe.load(bad)
+    bad.write_text('[[stages]]\nname = "a"\nresolution = 32\nglobal_batch = 8\n')
+    with pytest.raises(RecipeError, match=r"^stages\[0\]\.peak_lr is missing$"):
+        recipe.load(bad)
+    bad.write_text("stages = 3\n")
+    with pytest.raises(RecipeError, match=r"^stages must be an array"):
+        recipe.load(bad)
+    with pytest.raises(RecipeError, match="does not exist"):
+        recipe.load(tmp_path / "none.toml")
+
+
+def test_batches_must_split_over_the_devices_and_hosts():
+    r = recipe.load(RECIPES / "tiny.toml")
+    recipe.check_devices(r, device_count=8, process_count=2)
+    with pytest.raises(
+        RecipeError, match=r"^stages\[0\]\.global_batch = 64 \(/ grad_accum 1 = 64\) is not divisible by 6 devices$"
+    ):
+        recipe.check_devices(r, device_count=6)
+    r = recipe.load(RECIPES / "tiny.toml", ["stages.1.grad_accum=4"])
+    with pytest.raises(
+        RecipeError, match=r"^stages\[1\]\.global_batch = 64 \(/ grad_accum 4 = 16\) is not divisible by 32"
+    ):
+        recipe.check_devices(r, device_count=32)

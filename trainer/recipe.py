@@ -1,0 +1,352 @@
+"""Recipes: one TOML file -> a typed, validated `Recipe`. The schema below is the one source of defaults.
+
+Every key is checked once, at start-up: an unknown key, a wrong type, an impossible value or a key set twice is one
+`RecipeError` line naming the key (e.g. `stages[1].resolution = 150 is not divisible by the patch size 16 of
+model.image = "B/16"`). `--set key=value` overrides any key before validation (`stages.1.global_batch=256`).
+Checks that need the machine (batch divisible by the device count) are in `check_devices`, run once JAX is up.
+
+Standard library only: `tpuctl` reads recipes too, and must not import jax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+IMAGE_VARIANTS = ("Ti", "S", "B", "L", "So400m", "H")  # sizes: trainer/models (the variant table)
+TEXT_VARIANTS = ("Ti", "S", "B", "L", "So400m", "H")
+PATCH_SIZES = (8, 14, 16)
+
+
+class RecipeError(ValueError):
+    """A recipe problem, as one line naming the key."""
+
+
+@dataclass(frozen=True)
+class Model:
+    image: str = "B/16"  # VARIANT/PATCH, e.g. "L/14"
+    text: str = "B"  # text tower variant
+    decoder: str = ""  # caption decoder variant ("" = none); OpenVision trains with one
+    pooling: Literal["mean", "cls", "map"] = "mean"
+    posemb: Literal["sincos2d", "learned"] = "sincos2d"
+    embed_dim: int = 0  # output width; 0 = the variant's (Ti 192, S 384, B 512, L 768, So400m 1152, H 1024)
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"  # compute
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    remat: Literal["none", "block", "dots"] = "none"
+
+    @property
+    def image_variant(self) -> str:
+        return self.image.split("/")[0]
+
+    @property
+    def patch(self) -> int:
+        return int(self.image.split("/")[1])
+
+
+@dataclass(frozen=True)
+class Text:
+    tokenizer: Literal["bert_wordpiece", "clip_bpe"] = "bert_wordpiece"
+    vocab: str = ""  # vocab file; "" = the one shipped with the trainer
+    context_length: int = 80  # encoder tokens (pooled at the last position)
+    caption_length: int = 128  # decoder target tokens
+
+
+@dataclass(frozen=True)
+class Data:
+    source: Literal["synthetic", "tfrecord", "webdataset", "fashion_mnist"] = "synthetic"
+    train: str = ""  # files or gs:// glob of the training shards
+    caption_key: str = "txt"  # alt-text
+    recaption_key: str = "llava_caption"  # the re-caption the decoder predicts ("" = use the alt-text)
+    shuffle_buffer: int = 250_000
+    seed: int = 0
+    epoch_size: int = 1_281_167  # samples per "epoch" when a stage counts epochs (ImageNet-1k's train split)
+    color_jitter: float = 0.4  # strength; 0 = off (applied with p 0.8, grayscale with p 0.2, as OpenVision)
+    crop_min_area: float = 0.4  # random-resized-crop area range [crop_min_area, 1]
+    max_bad_fraction: float = 0.01  # stop with an error naming the shard past this fraction of bad samples
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    b1: float = 0.9
+    b2: float = 0.95
+    mu_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    weight_decay: float = 0.2  # decoupled, on kernels only
+    grad_clip_norm: float = 0.0  # 0 = no clipping
+
+
+@dataclass(frozen=True)
+class Loss:
+    contrastive: Literal["softmax", "sigmoid"] = "softmax"
+    contrastive_weight: float = 1.0
+    caption_weight: float = 2.0  # used when model.decoder is set
+    temperature_init: float = 1 / 0.07  # softmax: learned, clamped to max_temperature; sigmoid: 10 with bias -10
+    max_temperature: float = 100.0
+
+
+@dataclass(frozen=True)
+class Mesh:
+    data: int = -1  # -1 = the devices the other axes leave
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    every_steps: int = 1000
+    keep: int = 3  # latest checkpoints kept; each stage's final one is kept as well
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    resolution: int
+    global_batch: int
+    peak_lr: float
+    samples: int = 0  # how long, in samples ...
+    epochs: float = 0.0  # ... or in epochs of data.epoch_size (exactly one of the two)
+    warmup_steps: int = 0
+    eval_every: int = 0  # steps; 0 = only at the end of the stage
+    checkpoint_every: int = 0  # steps; 0 = checkpoint.every_steps
+    grad_accum: int = 1  # micro-batches per step
+    patch_keep: float = 1.0  # CLIPA-style patch dropout: fraction of patches kept (1 = none dropped)
+
+
+@dataclass(frozen=True)
+class Eval:
+    kind: Literal["zeroshot", "retrieval"]
+    name: str
+    path: str = ""  # the eval data (a TFRecord glob, an image folder, a Karpathy-split JSON, ...)
+    classnames: str = ""  # zero-shot: a class-names file ("" = ImageNet's, shipped)
+    templates: str = ""  # zero-shot: a prompt-templates file ("" = CLIP's 80, shipped)
+    batch: int = 256
+
+
+@dataclass(frozen=True)
+class Recipe:
+    stages: tuple[Stage, ...]
+    model: Model = field(default_factory=Model)
+    text: Text = field(default_factory=Text)
+    data: Data = field(default_factory=Data)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    loss: Loss = field(default_factory=Loss)
+    mesh: Mesh = field(default_factory=Mesh)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    evals: tuple[Eval, ...] = ()
+
+    def stage_samples(self, stage: Stage) -> int:
+        return stage.samples or round(stage.epochs * self.data.epoch_size)
+
+    def stage_steps(self, stage: Stage) -> int:
+        return -(-self.stage_samples(stage) // stage.global_batch)
+
+
+# --- loading ------------------------------------------------------------------------------------------------
+
+
+def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Read, override (`key=value` strings) and validate a recipe file."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise RecipeError(f"recipe {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:  # also catches a key set twice in the file
+        raise RecipeError(f"recipe {path}: {e}") from None
+    apply_overrides(raw, overrides)
+    return from_dict(raw)
+
+
+def from_dict(raw: dict[str, Any]) -> Recipe:
+    recipe = _build(Recipe, raw, "")
+    validate(recipe)
+    return recipe
+
+
+def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> None:
+    """Apply `a.b=value` / `stages.1.key=value` overrides in place; the value is read as TOML (else a string)."""
+    seen: set[str] = set()
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise RecipeError(f"--set {item!r} is not key=value (e.g. --set stages.0.global_batch=256)")
+        if key in seen:
+            raise RecipeError(f"--set {key} is given twice")
+        seen.add(key)
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text  # a bare word: a string
+        *parents, last = key.split(".")
+        node: Any = raw
+        for i, part in enumerate(parents):
+            node = _child(node, part, ".".join(parents[: i + 1]))
+        if isinstance(node, list):
+            raise RecipeError(f"--set {key}: name a key inside {'.'.join(parents)}[{last}], e.g. {key}.name=...")
+        node[last] = value
+
+
+def _child(node: Any, part: str, where: str) -> Any:
+    if isinstance(node, list):
+        if not part.isdigit() or int(part) >= len(node):
+            raise RecipeError(f"--set {where}: there are {len(node)} entries (0-{len(node) - 1})")
+        return node[int(part)]
+    return node.setdefault(part, {})
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    """A dataclass from a TOML table, field by field, naming the key of any problem."""
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where or 'the recipe'} must be a table, not {_show(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        key = _join(where, unknown[0])
+        raise RecipeError(f"unknown key {key} (known here: {', '.join(fields)})")
+    values = {}
+    for name, f in fields.items():
+        key = _join(where, name)
+        if name in raw:
+            values[name] = _convert(hints[name], raw[name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise RecipeError(f"{key} is missing")
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, key: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    if origin is tuple:  # tuple[X, ...]: an array of tables
+        if not isinstance(value, list):
+            raise RecipeError(f"{key} must be an array ([[{key}]] tables), not {_show(value)}")
+        return tuple(_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is Literal:
+        if value not in args:
+            raise RecipeError(f"{key} = {_show(value)} is not one of {', '.join(map(_show, args))}")
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (type(value) is hint):
+        return value
+    if isinstance(hint, types.UnionType | type):
+        raise RecipeError(f"{key} = {_show(value)} must be {_type_name(hint)}")
+    raise AssertionError(f"unsupported schema type {hint} for {key}")
+
+
+def _type_name(hint: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
+
+
+def _show(value: Any) -> str:
+    return f'"{value}"' if isinstance(value, str) else repr(value).lower() if isinstance(value, bool) else repr(value)
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+# --- validation ---------------------------------------------------------------------------------------------
+
+
+def validate(r: Recipe) -> None:
+    """Impossible values, one line each, naming the key."""
+    m = r.model
+    match = re.fullmatch(r"([A-Za-z0-9]+)/(\d+)", m.image)
+    if not match or match.group(1) not in IMAGE_VARIANTS or int(match.group(2)) not in PATCH_SIZES:
+        raise RecipeError(
+            f'model.image = "{m.image}" is not VARIANT/PATCH with VARIANT in {", ".join(IMAGE_VARIANTS)} and PATCH in'
+            f' {", ".join(map(str, PATCH_SIZES))} (e.g. "B/16")'
+        )
+    for key, variant in (("model.text", m.text), ("model.decoder", m.decoder)):
+        if variant and variant not in TEXT_VARIANTS:
+            raise RecipeError(f'{key} = "{variant}" is not one of {", ".join(TEXT_VARIANTS)}')
+    _positive(
+        [
+            ("model.embed_dim", m.embed_dim, 0),
+            ("text.context_length", r.text.context_length, 1),
+            ("text.caption_length", r.text.caption_length, 1),
+            ("data.shuffle_buffer", r.data.shuffle_buffer, 1),
+            ("data.epoch_size", r.data.epoch_size, 1),
+            ("checkpoint.every_steps", r.checkpoint.every_steps, 1),
+            ("checkpoint.keep", r.checkpoint.keep, 1),
+        ]
+    )
+    for key, value in (
+        ("data.crop_min_area", r.data.crop_min_area),
+        ("data.max_bad_fraction", r.data.max_bad_fraction),
+    ):
+        if not 0 <= value <= 1:
+            raise RecipeError(f"{key} = {value} must be between 0 and 1")
+    if r.data.source != "synthetic" and not r.data.train and r.data.source != "fashion_mnist":
+        raise RecipeError(f'data.train is empty: data.source = "{r.data.source}" needs the training files')
+    for name in ("data", "fsdp", "tensor"):
+        size = getattr(r.mesh, name)
+        if size == 0 or size < -1:
+            raise RecipeError(f"mesh.{name} = {size} must be a positive size, or -1 for the devices left")
+    if [getattr(r.mesh, n) for n in ("data", "fsdp", "tensor")].count(-1) > 1:
+        raise RecipeError("only one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    if not r.stages:
+        raise RecipeError("the recipe has no [[stages]]")
+    names = set()
+    for i, s in enumerate(r.stages):
+        _validate_stage(r, s, f"stages[{i}]")
+        if s.name in names:
+            raise RecipeError(f'stages[{i}].name = "{s.name}" is used by an earlier stage')
+        names.add(s.name)
+
+
+def _validate_stage(r: Recipe, s: Stage, key: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", s.name):
+        raise RecipeError(f'{key}.name = "{s.name}" must be letters, digits, _ . - (it names a directory)')
+    patch = r.model.patch
+    if s.resolution <= 0 or s.resolution % patch:
+        raise RecipeError(
+            f"{key}.resolution = {s.resolution} is not divisible by the patch size {patch}"
+            f' of model.image = "{r.model.image}"'
+        )
+    if (s.samples > 0) == (s.epochs > 0):
+        raise RecipeError(f"{key} needs exactly one of samples or epochs (> 0)")
+    _positive([(f"{key}.global_batch", s.global_batch, 1), (f"{key}.grad_accum", s.grad_accum, 1)])
+    _positive([(f"{key}.warmup_steps", s.warmup_steps, 0), (f"{key}.eval_every", s.eval_every, 0)])
+    _positive([(f"{key}.checkpoint_every", s.checkpoint_every, 0)])
+    if s.global_batch % s.grad_accum:
+        raise RecipeError(
+            f"{key}.global_batch = {s.global_batch} is not divisible by {key}.grad_accum = {s.grad_accum}"
+        )
+    if not s.peak_lr > 0:
+        raise RecipeError(f"{key}.peak_lr = {s.peak_lr} must be more than 0")
+    if not 0 < s.patch_keep <= 1:
+        raise RecipeError(f"{key}.patch_keep = {s.patch_keep} must be in (0, 1]")
+    if s.warmup_steps > r.stage_steps(s):
+        raise RecipeError(f"{key}.warmup_steps = {s.warmup_steps} is longer than the stage ({r.stage_steps(s)} steps)")
+
+
+def _positive(checks: list[tuple[str, int, int]]) -> None:
+    for key, value, least in checks:
+        if value < least:
+            raise RecipeError(f"{key} = {value} must be at least {least}")
+
+
+def check_devices(r: Recipe, device_count: int, process_count: int = 1) -> None:
+    """What depends on the machine: each stage's batch splits evenly over devices and hosts."""
+    for i, s in enumerate(r.stages):
+        micro = s.global_batch // s.grad_accum
+        if micro % device_count:
+            raise RecipeError(
+                f"stages[{i}].global_batch = {s.global_batch} (/ grad_accum {s.grad_accum} = {micro}) is not divisible"
+                f" by {device_count} devices"
+            )
+        if micro % process_count:
+            raise RecipeError(f"stages[{i}].global_batch = {s.global_batch} is not divisible by {process_count} hosts")
