@@ -19,7 +19,7 @@ from standins.sshfleet import SshFleet, start_fleet
 from standins.tpu_api import FakeTpuApi
 
 # Set for the whole session. A client built without explicit credentials makes google-auth probe the GCE
-# metadata server (169.254.169.254, off this machine): these keep any probe on a closed local port instead.
+# metadata server (a link-local address off this machine): these keep any probe on a closed local port instead.
 SESSION_ENV = {
     "NO_GCE_CHECK": "true",  # lowercase: google-auth compares against "true"
     "GCE_METADATA_HOST": "127.0.0.1:9",
