@@ -1,0 +1,65 @@
+"""Model shapes and sizes: parameter counts of the image towers equal the published ViT sizes exactly.
+
+Published totals (timm's ImageNet-1k ViTs) include what our towers leave out: a 1,000-class head, a class token,
+learned positions for 1 + N tokens and the patchify bias. Taking those out must leave exactly our trunk.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from trainer.models.variants import EMBED_DIM, IMAGE
+from trainer.models.vit import ImageTower, posemb_sincos_2d
+
+
+def param_count(module, *inputs) -> int:
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))
+
+
+@pytest.mark.parametrize(
+    ("variant", "patch", "published", "published_patch"),
+    [
+        ("Ti", 16, 5_717_416, 16),  # vit_tiny_patch16_224
+        ("S", 16, 22_050_664, 16),  # vit_small_patch16_224
+        ("B", 16, 86_567_656, 16),  # vit_base_patch16_224
+        ("L", 14, 304_326_632, 16),  # vit_large_patch16_224, re-patched to /14 below
+        ("H", 14, 632_045_800, 14),  # vit_huge_patch14_224
+    ],
+)
+def test_image_tower_sizes_match_the_published_vits(variant, patch, published, published_patch):
+    size = IMAGE[variant]
+    w = size.width
+    tokens = (224 // published_patch) ** 2 + 1
+    trunk = published - (w * 1000 + 1000) - w - tokens * w - w  # head, class token, positions, patchify bias
+    trunk += 3 * w * (patch**2 - published_patch**2)  # our patch size
+    ours = param_count(ImageTower(size, patch, EMBED_DIM[variant]), jnp.zeros((1, 224, 224, 3)))
+    assert ours - w * EMBED_DIM[variant] == trunk  # our bias-free head maps width -> the embedding
+
+
+def test_so400m_is_the_shape_optimized_400m():
+    ours = param_count(ImageTower(IMAGE["So400m"], 14, EMBED_DIM["So400m"]), jnp.zeros((1, 224, 224, 3)))
+    assert 405e6 < ours - 1152 * 1152 < 420e6  # SigLIP's 428 M adds a MAP head (~15 M) and learned positions
+
+
+def test_the_tower_runs_and_positions_are_fixed_by_default():
+    tower = ImageTower(IMAGE["Ti"], 8, 64)
+    images = jnp.ones((2, 32, 32, 3))
+    params = tower.init(jax.random.key(0), images)
+    embedding, tokens = tower.apply(params, images)
+    assert embedding.shape == (2, 64) and tokens.shape == (2, 16, 192)
+    assert "pos_embedding" not in params["params"]
+    learned = ImageTower(IMAGE["Ti"], 8, 64, posemb="learned", pooling="cls")
+    p = learned.init(jax.random.key(0), images)["params"]
+    assert p["pos_embedding"].value.shape == (16, 192) and p["cls"].value.shape == (192,)
+
+
+def test_sincos_positions():
+    pe = posemb_sincos_2d(3, 4, 8)
+    assert pe.shape == (12, 8)
+    np.testing.assert_allclose(pe[:, :2], np.sin(np.arange(4)[None, :].repeat(3, 0).reshape(-1, 1) * [1, 1e-4]))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        posemb_sincos_2d(2, 2, 6)

@@ -1,0 +1,1 @@
+"""OpenVision's towers: image (vit.py), text and caption decoder; sizes in variants.py."""
