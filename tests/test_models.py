@@ -63,3 +63,50 @@ def test_sincos_positions():
     np.testing.assert_allclose(pe[:, :2], np.sin(np.arange(4)[None, :].repeat(3, 0).reshape(-1, 1) * [1, 1e-4]))
     with pytest.raises(ValueError, match="divisible by 4"):
         posemb_sincos_2d(2, 2, 6)
+
+
+def tiny_clip(*overrides):
+    from pathlib import Path
+
+    from trainer import recipe
+    from trainer.models.clip import build
+
+    r = recipe.load(Path(__file__).resolve().parents[1] / "recipes" / "tiny.toml", list(overrides))
+    return r, build(r)
+
+
+def randomized(params, seed=1):
+    """Init leaves zero-initialised heads; random values everywhere make every dependency visible."""
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree_util.tree_unflatten(
+        tree, [0.05 * jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves, strict=True)]
+    )
+
+
+def test_clip_forward_from_the_tiny_recipe():
+    _, model = tiny_clip()
+    images, texts = jnp.ones((2, 32, 32, 3)), jnp.ones((2, 16), jnp.int32)
+    captions = jnp.array([[5, 6, 7, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]] * 2)
+    params = model.init(jax.random.key(0), images, texts, captions)
+    out = model.apply(randomized(params), images, texts, captions)
+    assert out["image_emb"].shape == (2, 192) and out["text_emb"].shape == (2, 192)
+    np.testing.assert_allclose(np.linalg.norm(out["image_emb"], axis=-1), 1.0, rtol=1e-5)
+    assert out["caption_logits"].shape == (2, 16, 32_000)
+    fresh = model.apply(params, images, texts, captions)
+    assert float(fresh["log_scale"]) == pytest.approx(np.log(1 / 0.07))
+    sig = tiny_clip("loss.contrastive=sigmoid")[1]
+    p = sig.init(jax.random.key(0), images, texts)
+    assert float(p["params"]["bias"]) == -10.0 and float(p["params"]["log_scale"]) == pytest.approx(np.log(10.0))
+
+
+def test_the_caption_decoder_is_causal():
+    _, model = tiny_clip()
+    images, texts = jnp.ones((1, 32, 32, 3)), jnp.ones((1, 16), jnp.int32)
+    captions = jnp.arange(3, 19)[None]
+    params = randomized(model.init(jax.random.key(0), images, texts, captions))
+    before = model.apply(params, images, texts, captions)["caption_logits"]
+    after = model.apply(params, images, texts, captions.at[0, 5].set(99))["caption_logits"]
+    # position t predicts captions[t] from captions[:t]: changing captions[5] leaves positions 0-5 alone
+    np.testing.assert_allclose(before[0, :6], after[0, :6], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(before[0, 6:], after[0, 6:])

@@ -87,7 +87,7 @@ def test_overrides_reach_any_key():
             'stages[1].resolution = 150 is not divisible by the patch size 16 of model.image = "B/16"',
         ),
         (["stages.0.global_batch=many"], 'stages[0].global_batch = "many" must be an integer'),
-        (["model.pooling=max"], 'model.pooling = "max" is not one of "mean", "cls", "map"'),
+        (["model.pooling=max"], 'model.pooling = "max" is not one of "mean", "cls"'),
         (["model.image=B/15"], 'model.image = "B/15" is not VARIANT/PATCH'),
         (["model.text=XL"], 'model.text = "XL" is not one of Ti, S, B, L, So400m, H'),
         (["stages.0.epochs=10"], "stages[0] needs exactly one of samples or epochs"),

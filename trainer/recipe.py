@@ -37,7 +37,7 @@ class Model:
     image: str = "B/16"  # VARIANT/PATCH, e.g. "L/14"
     text: str = "B"  # text tower variant
     decoder: str = ""  # caption decoder variant ("" = none); OpenVision trains with one
-    pooling: Literal["mean", "cls", "map"] = "mean"
+    pooling: Literal["mean", "cls"] = "mean"
     posemb: Literal["sincos2d", "learned"] = "sincos2d"
     embed_dim: int = 0  # output width; 0 = the variant's (Ti 192, S 384, B 512, L 768, So400m 1152, H 1024)
     dtype: Literal["bfloat16", "float32"] = "bfloat16"  # compute

@@ -1,0 +1,68 @@
+"""The CLIP model: image tower + text tower (+ caption decoder), a learned temperature (and SigLIP's bias).
+
+`build(recipe)` is the one way to make it; `Clip.__call__` returns everything the losses need.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from trainer.models import variants
+from trainer.models.text import CaptionDecoder, TextTower
+from trainer.models.vit import Dtype, ImageTower
+from trainer.recipe import Recipe
+
+BOS_ID = 1  # OpenVision's [bos] (BERT's [unused0])
+
+
+class Clip(nn.Module):
+    image: ImageTower
+    text: TextTower
+    decoder: CaptionDecoder | None
+    temperature_init: float
+    sigmoid: bool = False
+
+    @nn.compact
+    def __call__(self, images: jnp.ndarray, texts: jnp.ndarray, captions: jnp.ndarray | None = None) -> dict[str, Any]:
+        """images (B, H, W, 3), texts (B, L) alt-text ids, captions (B, T) re-caption ids (decoder targets)."""
+        image_emb, image_tokens = self.image(images)
+        text_emb, text_tokens = self.text(texts)
+        init_scale = math.log(10.0) if self.sigmoid else math.log(self.temperature_init)
+        out: dict[str, Any] = {
+            "image_emb": normalize(image_emb),
+            "text_emb": normalize(text_emb),
+            "log_scale": self.param("log_scale", nn.initializers.constant(init_scale), (), jnp.float32),
+        }
+        if self.sigmoid:
+            out["bias"] = self.param("bias", nn.initializers.constant(-10.0), (), jnp.float32)
+        if self.decoder is not None and captions is not None:
+            inputs = jnp.concatenate([jnp.full_like(captions[:, :1], BOS_ID), captions[:, :-1]], axis=1)
+            out["caption_logits"] = self.decoder(inputs, image_tokens, text_tokens)
+        return out
+
+
+def normalize(x: jnp.ndarray) -> jnp.ndarray:
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+
+
+def build(recipe: Recipe) -> Clip:
+    m = recipe.model
+    dtypes: dict[str, Dtype] = {"dtype": jnp.dtype(m.dtype), "param_dtype": jnp.dtype(m.param_dtype)}
+    embed_dim = m.embed_dim or variants.EMBED_DIM[m.image_variant]
+    image = ImageTower(
+        variants.IMAGE[m.image_variant], m.patch, embed_dim, pooling=m.pooling, posemb=m.posemb, **dtypes
+    )
+    text = TextTower(variants.TEXT[m.text], embed_dim, **dtypes)
+    decoder = CaptionDecoder(variants.TEXT[m.decoder], **dtypes) if m.decoder else None
+    return Clip(
+        image=image,
+        text=text,
+        decoder=decoder,
+        temperature_init=recipe.loss.temperature_init,
+        sigmoid=recipe.loss.contrastive == "sigmoid",
+    )

@@ -1,0 +1,103 @@
+"""The text encoder and the caption decoder (OpenVision: BERT WordPiece ids, an embedding table of 32,000 rows).
+
+TextTower: learned positions, pre-LN blocks, final LayerNorm, pooled at the last position, bias-free head.
+CaptionDecoder: causal self-attention over the caption so far, cross-attention to the image's patch tokens (and the
+alt-text's tokens), next-token logits over the vocabulary.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from trainer.models.variants import Size
+from trainer.models.vit import Attention, Block, Dtype, Mlp, layer_norm, logical
+
+VOCAB_ROWS = 32_000
+
+
+def embed_tokens(name: str, tokens: jnp.ndarray, width: int, dtype: Dtype, param_dtype: Dtype) -> jnp.ndarray:
+    table = nn.Embed(
+        VOCAB_ROWS,
+        width,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        embedding_init=logical(nn.initializers.normal(0.02), "vocab", "embed"),
+        name=name,
+    )
+    return table(tokens)
+
+
+def positions(module: nn.Module, length: int, width: int, param_dtype: Dtype) -> jnp.ndarray:
+    return module.param(
+        "pos_embedding", logical(nn.initializers.normal(0.01), None, "embed"), (length, width), param_dtype
+    )
+
+
+class TextTower(nn.Module):
+    """tokens (B, L) -> (embedding (B, embed_dim), tokens (B, L, width))."""
+
+    size: Size
+    embed_dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        width = self.size.width
+        x = embed_tokens("embedding", tokens, width, **kw)
+        x = x + positions(self, tokens.shape[1], width, self.param_dtype).astype(self.dtype)[None]
+        for i in range(self.size.depth):
+            x = Block(self.size, name=f"block{i}", **kw)(x)
+        x = layer_norm("ln_final", **kw)(x)
+        embedding = nn.Dense(
+            self.embed_dim, use_bias=False, kernel_init=logical(nn.initializers.zeros, "embed", None), name="head", **kw
+        )(x[:, -1])
+        return embedding, x
+
+
+class DecoderBlock(nn.Module):
+    size: Size
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, context: jnp.ndarray, causal: jnp.ndarray) -> jnp.ndarray:
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        x = x + Attention(self.size.heads, name="self_attn", **kw)(layer_norm("ln1", **kw)(x), mask=causal)
+        x = x + Attention(self.size.heads, name="cross_attn", **kw)(layer_norm("ln2", **kw)(x), context=context)
+        return x + Mlp(self.size.mlp, name="mlp", **kw)(layer_norm("ln3", **kw)(x))
+
+
+class CaptionDecoder(nn.Module):
+    """(caption inputs (B, T), image tokens (B, N, Wi), alt-text tokens (B, L, Wt) or None) -> logits (B, T, V)."""
+
+    size: Size
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, inputs: jnp.ndarray, image_tokens: jnp.ndarray, text_tokens: jnp.ndarray | None = None
+    ) -> jnp.ndarray:
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        width = self.size.width
+
+        def project(name: str, tokens: jnp.ndarray) -> jnp.ndarray:
+            return nn.Dense(
+                width, kernel_init=logical(nn.initializers.xavier_uniform(), None, "embed"), name=name, **kw
+            )(tokens.astype(self.dtype))
+
+        context = project("image_proj", image_tokens)
+        if text_tokens is not None:
+            context = jnp.concatenate([context, project("text_proj", text_tokens)], axis=1)
+        x = embed_tokens("embedding", inputs, width, **kw)
+        x = x + positions(self, inputs.shape[1], width, self.param_dtype).astype(self.dtype)[None]
+        causal = nn.make_causal_mask(inputs)
+        for i in range(self.size.depth):
+            x = DecoderBlock(self.size, name=f"block{i}", **kw)(x, context, causal)
+        x = layer_norm("ln_final", **kw)(x)
+        return nn.Dense(VOCAB_ROWS, kernel_init=logical(nn.initializers.zeros, "embed", "vocab"), name="logits", **kw)(
+            x
+        )
