@@ -1,0 +1,75 @@
+"""The mesh and the logical-axis rules: shapes from the recipe, parameters laid out by the one rules table.
+
+The 8-device check runs in a subprocess: XLA's host device count must be set before jax starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from trainer.recipe import Mesh, RecipeError
+from trainer.sharding import mesh_shape
+
+
+def test_mesh_shape_fills_the_minus_one():
+    assert mesh_shape(Mesh(), 8) == (8, 1, 1)
+    assert mesh_shape(Mesh(data=-1, fsdp=4), 8) == (2, 4, 1)
+    assert mesh_shape(Mesh(data=2, fsdp=-1, tensor=2), 8) == (2, 2, 2)
+    assert mesh_shape(Mesh(data=1), 1) == (1, 1, 1)
+    with pytest.raises(RecipeError, match=r"^mesh: data 3 x fsdp 1 x tensor 1 = 3 is not the 8 devices JAX sees$"):
+        mesh_shape(Mesh(data=3), 8)
+    with pytest.raises(RecipeError, match=r"^mesh: 8 devices do not split into fixed axes of 3$"):
+        mesh_shape(Mesh(data=-1, fsdp=3), 8)
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import jax, jax.numpy as jnp
+    import flax.linen as nn
+    from pathlib import Path
+    from trainer import recipe, sharding
+    from trainer.models.clip import build
+
+    r = recipe.load(Path(sys.argv[1]), ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
+                  "model.image=S/16", "model.text=S", "model.decoder=''"])
+    model = build(r)
+    mesh = sharding.make_mesh(r.mesh)
+    images, texts = jnp.ones((8, 16, 16, 3)), jnp.ones((8, 16), jnp.int32)
+    init = lambda: model.init(jax.random.key(0), images, texts)
+    shardings = sharding.param_shardings(jax.eval_shape(init), mesh)
+    params = nn.unbox(jax.jit(init, out_shardings=shardings)())["params"]
+    fc1 = params["image"]["block0"]["mlp"]["fc1"]["kernel"]
+    emb = params["text"]["embedding"]["embedding"]
+    batch = jax.device_put(images, sharding.batch_sharding(mesh))
+    print(json.dumps({
+        "devices": jax.device_count(),
+        "mesh": dict(mesh.shape),
+        "fc1_spec": list(fc1.sharding.spec), "fc1_shard": list(fc1.addressable_shards[0].data.shape),
+        "emb_spec": list(emb.sharding.spec), "emb_shard": list(emb.addressable_shards[0].data.shape),
+        "scale_spec": list(params["log_scale"].sharding.spec),
+        "batch_shard": list(batch.addressable_shards[0].data.shape),
+    }))
+    """
+)
+
+
+def test_parameters_and_batches_are_laid_out_by_the_rules():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    tiny = os.path.join(os.path.dirname(__file__), "..", "recipes", "tiny.toml")
+    r = subprocess.run([sys.executable, "-c", SCRIPT, tiny], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["devices"] == 8 and got["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    # image MLP kernel (embed 384, mlp 1536): embed over fsdp, mlp over tensor
+    assert got["fc1_spec"] == ["fsdp", "tensor"] and got["fc1_shard"] == [192, 768]
+    # token table (vocab 32000, embed 384): vocab over tensor, embed over fsdp
+    assert got["emb_spec"] == ["tensor", "fsdp"] and got["emb_shard"] == [16000, 192]
+    assert got["scale_spec"] == []  # scalars replicated
+    assert got["batch_shard"] == [2, 16, 16, 3]  # batch over data x fsdp = 4 ways

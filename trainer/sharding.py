@@ -1,0 +1,61 @@
+"""The device mesh and the ONE table that maps the models' logical axis names to mesh axes.
+
+Mesh axes: data (batch only), fsdp (batch and parameters' embed axis), tensor (mlp, heads, vocab). OpenVision's
+default is pure data parallelism (fsdp = tensor = 1).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from trainer.recipe import Mesh as MeshConfig
+from trainer.recipe import RecipeError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axis (None: replicated). The models name their parameters' axes with these.
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("kv", None),
+)
+
+
+def mesh_shape(config: MeshConfig, device_count: int) -> tuple[int, int, int]:
+    """Sizes of (data, fsdp, tensor); the one -1 takes the devices the others leave."""
+    sizes = [config.data, config.fsdp, config.tensor]
+    fixed = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if device_count % fixed:
+            raise RecipeError(f"mesh: {device_count} devices do not split into fixed axes of {fixed}")
+        sizes[sizes.index(-1)] = device_count // fixed
+    if int(np.prod(sizes)) != device_count:
+        raise RecipeError(
+            f"mesh: data {sizes[0]} x fsdp {sizes[1]} x tensor {sizes[2]} = {int(np.prod(sizes))} is not the"
+            f" {device_count} devices JAX sees"
+        )
+    return sizes[0], sizes[1], sizes[2]
+
+
+def make_mesh(config: MeshConfig, devices: list[Any] | None = None) -> Mesh:
+    devices = list(jax.devices()) if devices is None else devices
+    shape = mesh_shape(config, len(devices))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def param_shardings(abstract_params: Any, mesh: Mesh) -> Any:
+    """NamedShardings for a (boxed, from eval_shape) parameter tree, from its logical axis names and the rules."""
+    specs = nn.get_partition_spec(abstract_params)
+    return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
