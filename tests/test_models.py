@@ -85,7 +85,7 @@ def randomized(params, seed=1):
 
 
 def test_clip_forward_from_the_tiny_recipe():
-    _, model = tiny_clip()
+    _r, model = tiny_clip()
     images, texts = jnp.ones((2, 32, 32, 3)), jnp.ones((2, 16), jnp.int32)
     captions = jnp.array([[5, 6, 7, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]] * 2)
     params = model.init(jax.random.key(0), images, texts, captions)
@@ -93,8 +93,15 @@ def test_clip_forward_from_the_tiny_recipe():
     assert out["image_emb"].shape == (2, 192) and out["text_emb"].shape == (2, 192)
     np.testing.assert_allclose(np.linalg.norm(out["image_emb"], axis=-1), 1.0, rtol=1e-5)
     assert out["caption_logits"].shape == (2, 16, 32_000)
-    fresh = model.apply(params, images, texts, captions)
-    assert float(fresh["log_scale"]) == pytest.approx(np.log(1 / 0.07))
+    assert float(params["params"]["log_scale"]) == pytest.approx(np.log(1 / 0.07))
+    # the recipe's weights: 1 x contrastive + 2 x caption, the caption loss over the 4 non-padding tokens
+    from trainer.step import loss_terms
+
+    total, terms = loss_terms(
+        model, _r, randomized(params)["params"], {"images": images, "texts": texts, "captions": captions}
+    )
+    assert float(total) == pytest.approx(float(terms["contrastive"]) + 2 * float(terms["caption"]), rel=1e-5)
+    assert float(terms["caption"]) > 0
     sig = tiny_clip("loss.contrastive=sigmoid")[1]
     p = sig.init(jax.random.key(0), images, texts)
     assert float(p["params"]["bias"]) == -10.0 and float(p["params"]["log_scale"]) == pytest.approx(np.log(10.0))
@@ -110,3 +117,11 @@ def test_the_caption_decoder_is_causal():
     # position t predicts captions[t] from captions[:t]: changing captions[5] leaves positions 0-5 alone
     np.testing.assert_allclose(before[0, :6], after[0, :6], rtol=1e-5, atol=1e-6)
     assert not np.allclose(before[0, 6:], after[0, 6:])
+
+
+def test_normalize_has_finite_gradients_at_zero():
+    from trainer.models.clip import normalize
+
+    grad = jax.grad(lambda x: normalize(x).sum())(jnp.zeros((2, 4)))
+    assert np.isfinite(np.asarray(grad)).all()
+    np.testing.assert_allclose(np.linalg.norm(normalize(jnp.ones((3, 4))), axis=-1), 1.0, rtol=1e-6)

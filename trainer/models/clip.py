@@ -9,6 +9,7 @@ import math
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from trainer.models import variants
@@ -45,9 +46,10 @@ class Clip(nn.Module):
         return out
 
 
-def normalize(x: jnp.ndarray) -> jnp.ndarray:
+def normalize(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
+    """L2-normalise; through rsqrt of the clamped squared norm, whose gradient stays finite at x = 0."""
     x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
 def build(recipe: Recipe) -> Clip:

@@ -52,7 +52,11 @@ class TextTower(nn.Module):
             x = Block(self.size, name=f"block{i}", **kw)(x)
         x = layer_norm("ln_final", **kw)(x)
         embedding = nn.Dense(
-            self.embed_dim, use_bias=False, kernel_init=logical(nn.initializers.zeros, "embed", None), name="head", **kw
+            self.embed_dim,
+            use_bias=False,
+            kernel_init=logical(nn.initializers.lecun_normal(), "embed", None),
+            name="head",
+            **kw,
         )(x[:, -1])
         return embedding, x
 

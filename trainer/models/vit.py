@@ -160,7 +160,7 @@ class ImageTower(nn.Module):
         embedding = nn.Dense(
             self.embed_dim,
             use_bias=False,
-            kernel_init=logical(nn.initializers.zeros, "embed", None),
+            kernel_init=logical(nn.initializers.lecun_normal(), "embed", None),
             name="head",
             **kw,
         )(pooled)
