@@ -73,3 +73,22 @@ def test_parameters_and_batches_are_laid_out_by_the_rules():
     assert got["emb_spec"] == ["tensor", "fsdp"] and got["emb_shard"] == [16000, 192]
     assert got["scale_spec"] == []  # scalars replicated
     assert got["batch_shard"] == [2, 16, 16, 3]  # batch over data x fsdp = 4 ways
+
+
+def test_the_model_must_split_evenly_over_the_mesh():
+    from pathlib import Path
+
+    from trainer import recipe
+    from trainer.sharding import check_model_fits
+
+    tiny = recipe.load(Path(__file__).resolve().parents[1] / "recipes" / "tiny.toml")
+    check_model_fits(tiny, (8, 1, 1))
+    check_model_fits(tiny, (1, 4, 1))  # widths 192 over 4
+    with pytest.raises(RecipeError, match=r'^mesh.tensor = 2 does not divide the 3 heads of model.image = "Ti/8"$'):
+        check_model_fits(tiny, (4, 1, 2))
+    with pytest.raises(RecipeError, match=r'^mesh.fsdp = 5 does not divide the 192 width of model.image = "Ti/8"$'):
+        check_model_fits(tiny, (1, 5, 1))
+    b16 = recipe.load(Path(__file__).resolve().parents[1] / "recipes" / "b16.toml")
+    check_model_fits(b16, (4, 4, 4))
+    with pytest.raises(RecipeError, match=r'^mesh.tensor = 3 does not divide the 8 heads of model.text = "B"$'):
+        check_model_fits(b16, (1, 1, 3))

@@ -13,8 +13,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from trainer.models import variants
+from trainer.models.text import VOCAB_ROWS
 from trainer.recipe import Mesh as MeshConfig
-from trainer.recipe import RecipeError
+from trainer.recipe import Recipe, RecipeError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -43,6 +45,28 @@ def mesh_shape(config: MeshConfig, device_count: int) -> tuple[int, int, int]:
             f" {device_count} devices JAX sees"
         )
     return sizes[0], sizes[1], sizes[2]
+
+
+def check_model_fits(recipe: Recipe, shape: tuple[int, int, int]) -> None:
+    """Every sharded parameter axis must split evenly: heads, MLP and vocabulary over tensor, widths over fsdp."""
+    _, fsdp, tensor = shape
+    m = recipe.model
+    towers = [
+        ("model.image", f'"{m.image}"', variants.IMAGE[m.image_variant]),
+        ("model.text", f'"{m.text}"', variants.TEXT[m.text]),
+    ]
+    if m.decoder:
+        towers.append(("model.decoder", f'"{m.decoder}"', variants.TEXT[m.decoder]))
+    for key, name, size in towers:
+        for what, count, axis, ways in (
+            ("heads", size.heads, "tensor", tensor),
+            ("MLP width", size.mlp, "tensor", tensor),
+            ("width", size.width, "fsdp", fsdp),
+        ):
+            if count % ways:
+                raise RecipeError(f"mesh.{axis} = {ways} does not divide the {count} {what} of {key} = {name}")
+    if VOCAB_ROWS % tensor:
+        raise RecipeError(f"mesh.tensor = {tensor} does not divide the {VOCAB_ROWS} vocabulary rows")
 
 
 def make_mesh(config: MeshConfig, devices: list[Any] | None = None) -> Mesh:
