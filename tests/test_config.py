@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from standins.pod import TPUCTL
 
 from tpuctl import config
 from tpuctl.errors import ConfigError
-
-TPUCTL = str(Path(sys.executable).parent / "tpuctl")
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import os
 import shutil
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -103,7 +103,12 @@ def _show(reports: list[WorkerReport], as_json: bool, table: Callable[[list[Work
         render.print_json([render.report_json(r) for r in reports])
         return
     _out().print(table(reports))
-    for line in render.failures((r.index, r.ip, r.error) for r in reports if r.error):
+    _say_failures((r.index, r.ip, r.error) for r in reports)
+
+
+def _say_failures(items: Iterable[tuple[int, str, str | None]]) -> None:
+    """The workers that failed and why, one line each, last on stderr so they are what the user sees."""
+    for line in render.failures((i, host, why) for i, host, why in items if why):
         _err().print(render.plain(line), style="red")
 
 
@@ -228,8 +233,7 @@ def exec_(workers: str, group: bool, dry_run: bool, as_json: bool, command: tupl
             sys.stdout.flush()
     if not as_json:
         _err().print(render.results_table(results))
-        for line in render.failures((r.worker.index, r.host, r.error) for r in results if r.error):
-            _err().print(render.plain(line), style="red")
+        _say_failures((r.worker.index, r.host, r.error) for r in results)
     raise SystemExit(exec_exit_code(results))
 
 
@@ -293,8 +297,7 @@ def sync(
         render.print_json([render.sync_json(r) for r in results])
     else:
         _out().print(render.sync_table(results))
-        for line in render.failures((r.worker.index, r.host, r.error) for r in results if r.error):
-            _err().print(render.plain(line), style="red")
+        _say_failures((r.worker.index, r.host, r.error) for r in results)
         if all(r.ok for r in results):
             _err().print(
                 f"Synced {src} to {settings.remote_dir} on {render.count(len(results), 'worker')}. Next: tpuctl prepare"

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from tpuctl.ssh import KnownHosts, load_paramiko, load_private_key, open_socket
 
@@ -271,11 +271,3 @@ def _describe_failure(e: Exception, settings: Settings, elapsed: float) -> str:
     if isinstance(e, OSError | EOFError | paramiko.SSHException):
         return f"connection failed: {e or type(e).__name__}"
     return f"{type(e).__name__}: {e}"
-
-
-def summarize(results: Sequence[WorkerResult]) -> dict[str, Any]:
-    """Counts per status, e.g. {'ok': 30, 'failed': 1, 'unreachable': 1, 'timeout': 0}."""
-    counts = dict.fromkeys(("ok", "failed", "unreachable", "timeout"), 0)
-    for r in results:
-        counts[r.status] += 1
-    return counts

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,11 +237,11 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if hint in (int, float, str, bool) and (type(value) is hint):
-        return value
-    if isinstance(hint, types.UnionType | type):
+    if hint not in (int, float, str, bool):
+        raise AssertionError(f"unsupported schema type {hint} for {key}")
+    if type(value) is not hint:
         raise RecipeError(f"{key} = {_show(value)} must be {_type_name(hint)}")
-    raise AssertionError(f"unsupported schema type {hint} for {key}")
+    return value
 
 
 def _type_name(hint: Any) -> str:
