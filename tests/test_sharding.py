@@ -43,9 +43,9 @@ SCRIPT = textwrap.dedent(
     mesh = sharding.make_mesh(r.mesh)
     images, texts = jnp.ones((8, 16, 16, 3)), jnp.ones((8, 16), jnp.int32)
     init = lambda: model.init(jax.random.key(0), images, texts)
-    shardings = sharding.param_shardings(jax.eval_shape(init), mesh)
+    shardings = sharding.logical_shardings(jax.eval_shape(init), mesh)
     params = nn.unbox(jax.jit(init, out_shardings=shardings)())["params"]
-    fc1 = params["image"]["block0"]["mlp"]["fc1"]["kernel"]
+    fc1 = params["image"]["blocks"]["mlp"]["fc1"]["kernel"]
     emb = params["text"]["embedding"]["embedding"]
     batch = jax.device_put(images, sharding.batch_sharding(mesh))
     print(json.dumps({
@@ -67,8 +67,8 @@ def test_parameters_and_batches_are_laid_out_by_the_rules():
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["devices"] == 8 and got["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
-    # image MLP kernel (embed 384, mlp 1536): embed over fsdp, mlp over tensor
-    assert got["fc1_spec"] == ["fsdp", "tensor"] and got["fc1_shard"] == [192, 768]
+    # image MLP kernels (layers 12, embed 384, mlp 1536): layers whole, embed over fsdp, mlp over tensor
+    assert got["fc1_spec"] == [None, "fsdp", "tensor"] and got["fc1_shard"] == [12, 192, 768]
     # token table (vocab 32000, embed 384): vocab over tensor, embed over fsdp
     assert got["emb_spec"] == ["tensor", "fsdp"] and got["emb_shard"] == [16000, 192]
     assert got["scale_spec"] == []  # scalars replicated

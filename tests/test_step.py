@@ -61,12 +61,12 @@ SCRIPT = textwrap.dedent(
         "captions": np.where(np.arange(16) < 10, rng.integers(3, 30000, size=(8, 16)), 0).astype(np.int32),
     }
     init = lambda: model.init(jax.random.key(0), batch["images"], batch["texts"], batch["captions"])
-    shardings = sharding.param_shardings(jax.eval_shape(init), mesh)["params"]
+    shardings = sharding.logical_shardings(jax.eval_shape(init), mesh)["params"]
     params = jax.jit(lambda: nn.unbox(init())["params"], out_shardings=shardings)()
     tx = optimizer.make(r, stage)
     state = jax.jit(partial(init_state, tx=tx))(params)
     batch = jax.device_put(batch, sharding.batch_sharding(mesh))
-    step = jax.jit(partial(train_step, model, r, tx), donate_argnums=0)
+    step = jax.jit(partial(train_step, model, r, stage, tx), donate_argnums=0)
     losses = []
     for _ in range(2):
         state, metrics = step(state, batch)
@@ -74,7 +74,7 @@ SCRIPT = textwrap.dedent(
     leaves = jax.tree_util.tree_leaves(state.params)
     print(json.dumps({
         "devices": jax.device_count(),
-        "fc1_spec": list(state.params["image"]["block0"]["mlp"]["fc1"]["kernel"].sharding.spec),
+        "fc1_spec": list(state.params["image"]["blocks"]["mlp"]["fc1"]["kernel"].sharding.spec),
         "losses": losses,
         "checksum": float(sum(np.abs(np.asarray(x, np.float64)).sum() for x in leaves)),
     }))
@@ -93,7 +93,7 @@ def run_step(devices: int) -> dict:
 def test_a_step_on_8_devices_equals_the_step_on_1():
     one, eight = run_step(1), run_step(8)
     assert one["devices"] == 1 and eight["devices"] == 8
-    assert eight["fc1_spec"] == ["fsdp"]  # the parameters really are sharded over fsdp there
+    assert eight["fc1_spec"] == [None, "fsdp"]  # the parameters really are sharded over fsdp there
     np.testing.assert_allclose(eight["losses"], one["losses"], rtol=2e-5)
     assert one["losses"][1] < one["losses"][0]  # and the step learns
     np.testing.assert_allclose(eight["checksum"], one["checksum"], rtol=1e-5)

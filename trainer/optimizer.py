@@ -22,7 +22,13 @@ def schedule(stage: Stage, total_steps: int) -> optax.Schedule:
 
 def decay_mask(params: Any) -> Any:
     """True for matrix weights ("kernel"); biases, norms, embeddings, temperature and positions are not decayed."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+    return jax.tree_util.tree_map_with_path(lambda path, _: _last_key(path) == "kernel", params)
+
+
+def _last_key(path: tuple) -> str | None:
+    """The innermost dict key (boxed parameters add an attribute step after it)."""
+    keys = [entry.key for entry in path if hasattr(entry, "key")]
+    return keys[-1] if keys else None
 
 
 def make(recipe: Recipe, stage: Stage) -> optax.GradientTransformation:

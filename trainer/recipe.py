@@ -36,12 +36,12 @@ class Model:
     image: str = "B/16"  # VARIANT/PATCH, e.g. "L/14"
     text: str = "B"  # text tower variant
     decoder: str = ""  # caption decoder variant ("" = none); OpenVision trains with one
-    pooling: Literal["mean", "cls"] = "mean"
+    pooling: Literal["mean", "cls", "map"] = "mean"
     posemb: Literal["sincos2d", "learned"] = "sincos2d"
     embed_dim: int = 0  # output width; 0 = the variant's (Ti 192, S 384, B 512, L 768, So400m 1152, H 1024)
     dtype: Literal["bfloat16", "float32"] = "bfloat16"  # compute
     param_dtype: Literal["float32", "bfloat16"] = "float32"
-    remat: Literal["none", "block", "dots"] = "none"
+    remat: Literal["none", "block", "dots"] = "none"  # backward pass recomputes all of a block, or all but matmuls
 
     @property
     def image_variant(self) -> str:
@@ -106,6 +106,11 @@ class Checkpoint:
 
 
 @dataclass(frozen=True)
+class Log:
+    every_steps: int = 50  # metrics (JSONL, TensorBoard, console) every this many steps; averaged over them
+
+
+@dataclass(frozen=True)
 class Stage:
     name: str
     resolution: int
@@ -140,6 +145,7 @@ class Recipe:
     loss: Loss = field(default_factory=Loss)
     mesh: Mesh = field(default_factory=Mesh)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    log: Log = field(default_factory=Log)
     evals: tuple[Eval, ...] = ()
 
     def stage_samples(self, stage: Stage) -> int:
@@ -280,6 +286,7 @@ def validate(r: Recipe) -> None:
             ("data.epoch_size", r.data.epoch_size, 1),
             ("checkpoint.every_steps", r.checkpoint.every_steps, 1),
             ("checkpoint.keep", r.checkpoint.keep, 1),
+            ("log.every_steps", r.log.every_steps, 1),
         ]
     )
     for key, value in (

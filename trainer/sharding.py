@@ -28,6 +28,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("heads", "tensor"),
     ("vocab", "tensor"),
     ("kv", None),
+    ("layers", None),  # the stacked blocks' leading axis
 )
 
 
@@ -75,9 +76,10 @@ def make_mesh(config: MeshConfig, devices: list[Any] | None = None) -> Mesh:
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
-def param_shardings(abstract_params: Any, mesh: Mesh) -> Any:
-    """NamedShardings for a (boxed, from eval_shape) parameter tree, from its logical axis names and the rules."""
-    specs = nn.get_partition_spec(abstract_params)
+def logical_shardings(abstract_tree: Any, mesh: Mesh) -> Any:
+    """NamedShardings for a boxed tree from eval_shape (parameters, or a train state whose optimizer moments keep the
+    parameters' boxes), from its logical axis names and the rules; unnamed leaves are replicated."""
+    specs = nn.get_partition_spec(abstract_tree)
     return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
 
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from trainer.models import variants
 from trainer.models.text import CaptionDecoder, TextTower
-from trainer.models.vit import Dtype, ImageTower
+from trainer.models.vit import ImageTower
 from trainer.recipe import Recipe
 
 BOS_ID = 1  # OpenVision's [bos] (BERT's [unused0])
@@ -28,9 +28,15 @@ class Clip(nn.Module):
     sigmoid: bool = False
 
     @nn.compact
-    def __call__(self, images: jnp.ndarray, texts: jnp.ndarray, captions: jnp.ndarray | None = None) -> dict[str, Any]:
-        """images (B, H, W, 3), texts (B, L) alt-text ids, captions (B, T) re-caption ids (decoder targets)."""
-        image_emb, image_tokens = self.image(images)
+    def __call__(
+        self, images: jnp.ndarray, texts: jnp.ndarray, captions: jnp.ndarray | None = None, patch_keep: float = 1.0
+    ) -> dict[str, Any]:
+        """images (B, H, W, 3), texts (B, L) alt-text ids, captions (B, T) re-caption ids (decoder targets);
+        patch_keep < 1 drops image patches (needs a "dropout" rng). uint8 images are scaled to [-1, 1] here, so
+        data pipelines ship 1 byte per channel to the device."""
+        if images.dtype == jnp.uint8:
+            images = images.astype(jnp.float32) / 127.5 - 1.0
+        image_emb, image_tokens = self.image(images, patch_keep)
         text_emb, text_tokens = self.text(texts)
         init_scale = math.log(10.0) if self.sigmoid else math.log(self.temperature_init)
         out: dict[str, Any] = {
@@ -54,7 +60,7 @@ def normalize(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
 
 def build(recipe: Recipe) -> Clip:
     m = recipe.model
-    dtypes: dict[str, Dtype] = {"dtype": jnp.dtype(m.dtype), "param_dtype": jnp.dtype(m.param_dtype)}
+    dtypes: dict[str, Any] = {"dtype": jnp.dtype(m.dtype), "param_dtype": jnp.dtype(m.param_dtype), "remat": m.remat}
     embed_dim = m.embed_dim or variants.EMBED_DIM[m.image_variant]
     image = ImageTower(
         variants.IMAGE[m.image_variant], m.patch, embed_dim, pooling=m.pooling, posemb=m.posemb, **dtypes

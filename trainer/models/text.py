@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from trainer.models.variants import Size
-from trainer.models.vit import Attention, Block, Dtype, Mlp, layer_norm, logical
+from trainer.models.vit import Attention, Block, Dtype, Mlp, Remat, layer_norm, logical, stacked
 
 VOCAB_ROWS = 32_000
 
@@ -39,6 +39,7 @@ class TextTower(nn.Module):
 
     size: Size
     embed_dim: int
+    remat: Remat = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -48,8 +49,7 @@ class TextTower(nn.Module):
         width = self.size.width
         x = embed_tokens("embedding", tokens, width, **kw)
         x = x + positions(self, tokens.shape[1], width, self.param_dtype).astype(self.dtype)[None]
-        for i in range(self.size.depth):
-            x = Block(self.size, name=f"block{i}", **kw)(x)
+        x, _ = stacked(Block, self.size.depth, self.remat, 1)(self.size, name="blocks", **kw)(x, None)
         x = layer_norm("ln_final", **kw)(x)
         embedding = nn.Dense(
             self.embed_dim,
@@ -62,22 +62,25 @@ class TextTower(nn.Module):
 
 
 class DecoderBlock(nn.Module):
+    """Causal self-attention, cross-attention to the context, MLP; pre-LN. Returns (x, None): a scan body."""
+
     size: Size
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, context: jnp.ndarray, causal: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, context: jnp.ndarray, causal: jnp.ndarray) -> tuple[jnp.ndarray, None]:
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         x = x + Attention(self.size.heads, name="self_attn", **kw)(layer_norm("ln1", **kw)(x), mask=causal)
         x = x + Attention(self.size.heads, name="cross_attn", **kw)(layer_norm("ln2", **kw)(x), context=context)
-        return x + Mlp(self.size.mlp, name="mlp", **kw)(layer_norm("ln3", **kw)(x))
+        return x + Mlp(self.size.mlp, name="mlp", **kw)(layer_norm("ln3", **kw)(x)), None
 
 
 class CaptionDecoder(nn.Module):
     """(caption inputs (B, T), image tokens (B, N, Wi), alt-text tokens (B, L, Wt) or None) -> logits (B, T, V)."""
 
     size: Size
+    remat: Remat = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -99,8 +102,8 @@ class CaptionDecoder(nn.Module):
         x = embed_tokens("embedding", inputs, width, **kw)
         x = x + positions(self, inputs.shape[1], width, self.param_dtype).astype(self.dtype)[None]
         causal = nn.make_causal_mask(inputs)
-        for i in range(self.size.depth):
-            x = DecoderBlock(self.size, name=f"block{i}", **kw)(x, context, causal)
+        blocks = stacked(DecoderBlock, self.size.depth, self.remat, 2)(self.size, name="blocks", **kw)
+        x, _ = blocks(x, context, causal)
         x = layer_norm("ln_final", **kw)(x)
         return nn.Dense(VOCAB_ROWS, kernel_init=logical(nn.initializers.zeros, "embed", "vocab"), name="logits", **kw)(
             x

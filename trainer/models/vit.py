@@ -1,7 +1,9 @@
 """OpenVision's image tower: a pre-LN ViT with a bias-free conv patchify, fixed 2-D sin-cos positions (learned as an
-option), mean-pooled patch tokens (a class token as an option), a final LayerNorm and a bias-free head.
+option), mean-pooled patch tokens (a class token or a MAP head as options), a final LayerNorm and a bias-free head.
 
-Parameters carry logical axis names (embed, mlp, heads, kv); trainer/sharding.py maps them to mesh axes.
+Blocks are one `nn.scan` (parameters stacked on a leading "layers" axis): XLA compiles one block instead of `depth`,
+which is what keeps compile times short for the big towers (and on CPU). Parameters carry logical axis names
+(layers, embed, mlp, heads, kv); trainer/sharding.py maps them to mesh axes.
 """
 
 from __future__ import annotations
@@ -9,12 +11,20 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from trainer.models.variants import Size
 
 Dtype = Any
+Remat = Literal["none", "block", "dots"]
+
+# What the backward pass may keep from the forward pass of a block; the rest is recomputed.
+REMAT_POLICIES = {
+    "block": jax.checkpoint_policies.nothing_saveable,  # least memory: only the block inputs are kept
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,  # keep matmul outputs, redo the cheap parts
+}
 
 
 def logical(init: Any, *axes: str | None) -> Any:
@@ -103,17 +113,56 @@ def layer_norm(name: str, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+    """Pre-LN transformer block: x + attn(LN(x)), then x + mlp(LN(x)). Returns (x, None): a scan body."""
 
     size: Size
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None = None) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None) -> tuple[jnp.ndarray, None]:
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         x = x + Attention(self.size.heads, name="attn", **kw)(layer_norm("ln1", **kw)(x), mask=mask)
-        return x + Mlp(self.size.mlp, name="mlp", **kw)(layer_norm("ln2", **kw)(x))
+        return x + Mlp(self.size.mlp, name="mlp", **kw)(layer_norm("ln2", **kw)(x)), None
+
+
+def stacked(block: Any, depth: int, remat: Remat, broadcast_args: int) -> Any:
+    """`depth` copies of a scan-body block as one module; its extra call arguments are the same for every layer."""
+    if remat != "none":
+        block = nn.remat(block, policy=REMAT_POLICIES[remat], prevent_cse=False)  # prevent_cse is moot under scan
+    return nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast,) * broadcast_args,
+        length=depth,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+
+
+class MapHead(nn.Module):
+    """Multihead attention pooling: a learned probe attends to the tokens, then an MLP (as SigLIP's towers)."""
+
+    size: Size
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        probe = self.param("probe", logical(nn.initializers.xavier_uniform(), None, None, "embed"), (1, 1, x.shape[-1]))
+        probe = jnp.broadcast_to(probe.astype(self.dtype), (x.shape[0], 1, x.shape[-1]))
+        x = Attention(self.size.heads, name="attn", **kw)(probe, context=x)
+        x = x + Mlp(self.size.mlp, name="mlp", **kw)(layer_norm("ln", **kw)(x))
+        return x[:, 0]
+
+
+def drop_patches(rng: jax.Array, x: jnp.ndarray, keep: float) -> jnp.ndarray:
+    """CLIPA-style patch dropout: a random `keep` fraction of each image's tokens (at least one), in random order."""
+    b, n, _ = x.shape
+    kept = max(1, round(n * keep))
+    order = jnp.argsort(jax.random.uniform(rng, (b, n)), axis=1)[:, :kept]
+    return jnp.take_along_axis(x, order[:, :, None], axis=1)
 
 
 class ImageTower(nn.Module):
@@ -122,13 +171,15 @@ class ImageTower(nn.Module):
     size: Size
     patch: int
     embed_dim: int
-    pooling: Literal["mean", "cls"] = "mean"
+    pooling: Literal["mean", "cls", "map"] = "mean"
     posemb: Literal["sincos2d", "learned"] = "sincos2d"
+    remat: Remat = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, images: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    def __call__(self, images: jnp.ndarray, patch_keep: float = 1.0) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """`patch_keep` < 1 drops patches at random (training only; needs a "dropout" rng)."""
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         width = self.size.width
         x = nn.Conv(
@@ -150,13 +201,17 @@ class ImageTower(nn.Module):
                 "pos_embedding", logical(nn.initializers.normal(0.02), None, "embed"), (h * w, width), self.param_dtype
             )
             x = x + pos.astype(self.dtype)[None]
+        if patch_keep < 1:
+            x = drop_patches(self.make_rng("dropout"), x, patch_keep)
         if self.pooling == "cls":
             cls = self.param("cls", logical(nn.initializers.zeros, "embed"), (width,), self.param_dtype)
             x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, width)), x], axis=1)
-        for i in range(self.size.depth):
-            x = Block(self.size, name=f"block{i}", **kw)(x)
+        x, _ = stacked(Block, self.size.depth, self.remat, 1)(self.size, name="blocks", **kw)(x, None)
         x = layer_norm("ln_final", **kw)(x)
-        pooled = x[:, 0] if self.pooling == "cls" else x.mean(axis=1)
+        if self.pooling == "map":
+            pooled = MapHead(self.size, name="map_head", **kw)(x)
+        else:
+            pooled = x[:, 0] if self.pooling == "cls" else x.mean(axis=1)
         embedding = nn.Dense(
             self.embed_dim,
             use_bias=False,
@@ -165,3 +220,12 @@ class ImageTower(nn.Module):
             **kw,
         )(pooled)
         return embedding, x
+
+
+def resize_positions(pos: jnp.ndarray, grid: int) -> jnp.ndarray:
+    """Learned (h*w, width) positions of a square grid, interpolated to grid x grid for a new resolution."""
+    side = round(pos.shape[0] ** 0.5)
+    if side * side != pos.shape[0]:
+        raise ValueError(f"{pos.shape[0]} learned positions are not a square grid")
+    square = pos.reshape(side, side, pos.shape[1])
+    return jax.image.resize(square, (grid, grid, pos.shape[1]), "bilinear").reshape(grid * grid, pos.shape[1])

@@ -1,0 +1,256 @@
+"""`python -m trainer` end to end on CPU: both stages of a tiny recipe, metrics, and the resume drills (kill -9,
+SIGTERM, a stage boundary, another device count). Each run is a real subprocess with real orbax checkpoints; runs
+share a persistent XLA cache, so only the first run of each configuration compiles."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trainer.metrics import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "recipes" / "tiny.toml"
+# 12 steps at 16 px, then 6 at 32 px; batch 16; a checkpoint every 4 steps; every step logged.
+FAST = [
+    "stages.0.samples=192",
+    "stages.0.global_batch=16",
+    "stages.0.warmup_steps=2",
+    "stages.1.samples=96",
+    "stages.1.global_batch=16",
+    "stages.1.warmup_steps=1",
+    "log.every_steps=1",
+    "checkpoint.every_steps=4",
+    "text.context_length=8",
+    "text.caption_length=8",
+]
+STEPS = 18
+
+
+@pytest.fixture(scope="session")
+def xla_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("xla-cache")
+
+
+class Trainer:
+    """Starts `python -m trainer` runs and stops every one of them at the end of the test."""
+
+    def __init__(self, cache: Path):
+        self.cache = cache
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, workdir: Path, *overrides: str, devices: int = 1, recipe: Path = TINY, base=FAST, extra=()):
+        env = {
+            **os.environ,
+            "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        }
+        args = [sys.executable, "-m", "trainer", str(recipe), "--workdir", str(workdir), "--compile-cache"]
+        args += [str(self.cache), *extra]
+        for item in [*base, *overrides]:
+            args += ["--set", item]
+        proc = subprocess.Popen(
+            args,
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def run(self, workdir: Path, *overrides: str, **kw) -> str:
+        proc = self.start(workdir, *overrides, **kw)
+        out, _ = proc.communicate(timeout=280)
+        assert proc.returncode == 0, out[-3000:]
+        return out
+
+    def stop_all(self):
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.fixture
+def trainer(xla_cache):
+    t = Trainer(xla_cache)
+    yield t
+    t.stop_all()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, xla_cache):
+    """One uninterrupted run: the per-step records every drill must reproduce."""
+    workdir = tmp_path_factory.mktemp("reference")
+    t = Trainer(xla_cache)
+    try:
+        out = t.run(workdir)
+    finally:
+        t.stop_all()
+    return workdir, out, read_jsonl(workdir / "metrics.jsonl")
+
+
+def wait_for_step(workdir: Path, proc: subprocess.Popen, step: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    path = workdir / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        if path.exists() and any(r["step"] >= step for r in read_jsonl(path)):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def losses(records) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records}
+
+
+def test_an_uninterrupted_run_trains_both_stages_and_logs(reference):
+    workdir, out, records = reference
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert [r["stage"] for r in records] == ["pretrain16"] * 12 + ["ft32"] * 6
+    assert records[11]["stage_step"] == 12 and records[12]["stage_step"] == 1
+    assert records[11]["loss"] < records[0]["loss"]  # it learns
+    for key in ("contrastive", "caption", "temperature", "grad_norm", "lr"):
+        assert all(np.isfinite(r[key]) for r in records), key
+    assert records[0]["lr"] == 0.0 and records[2]["lr"] == pytest.approx(1e-3)  # warmup of 2 steps to the peak
+    timed = records[5]
+    assert timed["img_per_s"] > 0 and timed["eta_s"] > 0 and "mfu" not in timed  # CPUs have no peak: no MFU
+    assert "stage pretrain16: done (12 steps)" in out and "stage ft32: done (6 steps)" in out
+    # checkpoints: the latest 2 of each stage (keep = 2), the stage's final one among them
+    assert sorted(int(p.name) for p in (workdir / "pretrain16" / "checkpoints").iterdir()) == [8, 12]
+    assert sorted(int(p.name) for p in (workdir / "ft32" / "checkpoints").iterdir()) == [4, 6]
+    # TensorBoard reads the same numbers
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(workdir / "tensorboard"))
+    events.Reload()
+    tb = {e.step: e.value for e in events.Scalars("loss")}
+    assert sorted(tb) == list(range(1, STEPS + 1))
+    assert tb[7] == pytest.approx(records[6]["loss"], rel=1e-6)
+
+
+def test_started_again_when_done_it_trains_nothing(reference, trainer, tmp_path):
+    workdir, _, records = reference
+    out = trainer.run(workdir)
+    assert "done: every stage" in out and "resuming" not in out
+    assert len(read_jsonl(workdir / "metrics.jsonl")) == len(records)
+
+
+def test_kill_9_then_resume_continues_exactly(reference, trainer, tmp_path):
+    proc = trainer.start(tmp_path)
+    wait_for_step(tmp_path, proc, 6)  # past the checkpoint at step 4
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    out = trainer.run(tmp_path)
+    assert "resuming at step" in out
+    got, want = losses(read_jsonl(tmp_path / "metrics.jsonl")), losses(reference[2])
+    assert sorted(got) == sorted(want)
+    for step in want:  # the same batches in the same order from the same state: the same losses
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-6), step
+
+
+def test_sigterm_saves_a_checkpoint_before_exiting(reference, trainer, tmp_path):
+    proc = trainer.start(tmp_path)
+    wait_for_step(tmp_path, proc, 2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    last = read_jsonl(tmp_path / "metrics.jsonl")[-1]
+    assert f"preempted: saved stage pretrain16 step {last['stage_step']}/12" in out
+    saved = sorted(int(p.name) for p in (tmp_path / "pretrain16" / "checkpoints").iterdir())
+    assert saved[-1] == last["stage_step"]  # saved right at the step it stopped, not at the last interval
+    meta = json.loads((tmp_path / "pretrain16" / "checkpoints" / str(saved[-1]) / "meta" / "metadata").read_text())
+    assert meta["data"] == {"batch": last["stage_step"]}  # with the data position
+    out = trainer.run(tmp_path)
+    assert f"resuming at step {last['stage_step']}/12" in out
+    got, want = losses(read_jsonl(tmp_path / "metrics.jsonl")), losses(reference[2])
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-6)
+
+
+def test_a_finished_stage_hands_its_params_to_the_next(reference, trainer, tmp_path):
+    """Stage 0 trained by a one-stage recipe; the two-stage recipe then starts stage 1 from its final params."""
+    one_stage = tmp_path / "one_stage.toml"
+    text = TINY.read_text()
+    one_stage.write_text(text[: text.index("[[stages]]", text.index("[[stages]]") + 1)])
+    workdir = tmp_path / "run"
+    trainer.run(workdir, recipe=one_stage, base=[o for o in FAST if not o.startswith("stages.1")])
+    out = trainer.run(workdir)
+    assert "stage pretrain16" not in out and "stage ft32: 6 steps" in out
+    got, want = losses(read_jsonl(workdir / "metrics.jsonl")), losses(reference[2])
+    assert got == pytest.approx(want, rel=1e-6, abs=1e-6)
+
+
+def test_restore_onto_another_device_count(reference, trainer, tmp_path):
+    """Preempted on 4 devices (data 2 x fsdp 2), resumed on 2 (fsdp 2): the sharded state restores onto the new mesh."""
+    proc = trainer.start(tmp_path, "mesh.fsdp=2", devices=4)
+    wait_for_step(tmp_path, proc, 5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "preempted" in out, out[-3000:]
+    out = trainer.run(tmp_path, "mesh.fsdp=2", devices=2)
+    assert "resuming at step" in out
+    got, want = losses(read_jsonl(tmp_path / "metrics.jsonl")), losses(reference[2])
+    assert sorted(got) == sorted(want)
+    # the same mathematics over other device counts: equal up to the order of float sums
+    assert got == pytest.approx(want, rel=2e-4)
+
+
+def test_recipe_errors_are_one_line_before_any_training(trainer, tmp_path):
+    proc = trainer.start(tmp_path, "stages.1.resolution=20")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert out.strip() == (
+        'Error: stages[1].resolution = 20 is not divisible by the patch size 8 of model.image = "Ti/8"'
+    )
+    proc = trainer.start(tmp_path, devices=5)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert out.strip().splitlines()[-1] == (
+        "Error: stages[0].global_batch = 16 (/ grad_accum 1 = 16) is not divisible by 5 devices"
+    )
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_together_and_stop_together_on_preemption(reference, trainer, tmp_path):
+    """2 processes x 4 CPU devices through jax.distributed (gloo collectives), as two hosts of a pod: the same
+    losses as one device; SIGTERM to both (a preempted pod) -> both save at one agreed step and exit cleanly."""
+    coordinator = f"127.0.0.1:{free_port()}"
+    procs = [
+        trainer.start(
+            tmp_path,
+            devices=4,
+            extra=["--coordinator", coordinator, "--num-processes", "2", "--process-id", str(i)],
+        )
+        for i in range(2)
+    ]
+    wait_for_step(tmp_path, procs[0], 3)
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    outs = [proc.communicate(timeout=120)[0] for proc in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    records = read_jsonl(tmp_path / "metrics.jsonl")  # host 0 writes the metrics
+    last = records[-1]["stage_step"]
+    assert f"preempted: saved stage pretrain16 step {last}/12" in outs[0]
+    saved = sorted(int(p.name) for p in (tmp_path / "pretrain16" / "checkpoints").iterdir())
+    assert saved[-1] == last
+    want = losses(reference[2])
+    assert losses(records) == pytest.approx({s: want[s] for s in range(1, last + 1)}, rel=2e-4)

@@ -1,0 +1,74 @@
+"""Checkpoints of one stage, with orbax: `<workdir>/<stage>/checkpoints/<step>/{params,train,meta}`.
+
+- `params`: the model parameters (what the next stage starts from); `train`: step, optimizer state and RNG; `meta`
+  (JSON): the stage, the step and the data position, so a resumed run takes exactly the next batch.
+- Saves are asynchronous (the step loop goes on while the arrays are written); `keep` latest per stage. A stage's
+  final checkpoint is the latest of its own directory, so it is never deleted by the later stages' saves.
+- Restores take the target shardings: a checkpoint written on one mesh restores onto another (other device count).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from trainer.step import TrainState
+
+ITEMS = ("params", "train", "meta")
+
+logging.getLogger("absl").setLevel(logging.WARNING)  # orbax reports every save at INFO
+
+
+def abstract(tree: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs carrying the shardings to restore onto."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+class StageCheckpoints:
+    def __init__(self, stage_dir: Path, keep: int):
+        self.directory = stage_dir / "checkpoints"
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def latest(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, state: TrainState, meta: dict[str, Any]) -> None:
+        """Start writing `state` at its step; returns once the arrays are copied off the devices."""
+        train = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params),
+            train=ocp.args.StandardSave(train),
+            meta=ocp.args.JsonSave(meta),
+        )
+        self.manager.save(int(meta["step"]), args=args, force=True)
+
+    def restore(self, step: int, target: TrainState) -> tuple[TrainState, dict[str, Any]]:
+        """The full state at `step`, laid out like `target` (abstract arrays with shardings), and its meta."""
+        train = {"step": target.step, "opt_state": target.opt_state, "rng": target.rng}
+        args = ocp.args.Composite(
+            params=ocp.args.StandardRestore(target.params),
+            train=ocp.args.StandardRestore(train),
+            meta=ocp.args.JsonRestore(),
+        )
+        got = self.manager.restore(step, args=args)
+        state = TrainState(
+            step=got.train["step"], params=got.params, opt_state=got.train["opt_state"], rng=got.train["rng"]
+        )
+        return state, got.meta
+
+    def restore_params(self, step: int, target: Any) -> Any:
+        return self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))).params
+
+    def meta(self, step: int) -> dict[str, Any]:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()

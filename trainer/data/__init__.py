@@ -1,0 +1,45 @@
+"""Training data: each host reads its own share of every global batch, resumably.
+
+The loop only knows this interface. `open_stage(...)` returns an iterator of `(batch, position)`: `batch` is this
+host's slice of the next global batch (numpy: images uint8 (b, H, W, 3), texts int32 (b, L) alt-text ids, captions
+int32 (b, T) re-caption ids, 0 = padding), `position` is a JSON-able dict that, passed back to `open_stage`, restarts
+the stream right after that batch. Positions travel with the batches (not read off the iterator) because a source may
+prefetch ahead: the loop checkpoints the position of the last batch it trained on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from trainer.recipe import Recipe
+
+Batch = dict[str, np.ndarray]
+Position = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Host:
+    """Which share of the global batch this process reads."""
+
+    index: int = 0
+    count: int = 1
+
+    def share(self, global_batch: int) -> slice:
+        size = global_batch // self.count
+        return slice(self.index * size, (self.index + 1) * size)
+
+
+def open_stage(
+    recipe: Recipe, stage_index: int, host: Host, position: Position | None = None
+) -> Iterator[tuple[Batch, Position]]:
+    """The stage's batches for this host, from the start or right after `position`."""
+    source = recipe.data.source
+    if source == "synthetic":
+        from trainer.data import synthetic
+
+        return synthetic.batches(recipe, stage_index, host, position)
+    raise NotImplementedError(f'data.source = {source!r} is not implemented yet; use "synthetic"')

@@ -1,0 +1,259 @@
+"""The training loop: every stage of the recipe in order, resumable. The only module that knows the order of things.
+
+Where a run starts (`find_start`), in this order of precedence:
+1. the latest checkpoint of the last stage that has one: mid-stage, it restores everything (params, optimizer,
+   step, RNG, data position) and takes exactly the next batch; at the stage's end, the next stage starts from it;
+2. otherwise stage 0 from a fresh initialisation.
+Each stage starts from the previous stage's final params with a fresh optimizer, schedule and step 0.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from trainer import data, optimizer, sharding
+from trainer.checkpoint import StageCheckpoints, abstract
+from trainer.hardware import peak_flops
+from trainer.metrics import MetricsLog
+from trainer.models import flops
+from trainer.models.clip import Clip, build
+from trainer.models.vit import resize_positions
+from trainer.preemption import Preemption
+from trainer.recipe import Recipe, Stage, check_devices
+from trainer.report import Report
+from trainer.step import init_state, train_step
+
+
+@dataclass(frozen=True)
+class Start:
+    stage: int  # the stage to run now (== len(stages) when all are done)
+    resume_step: int | None  # a checkpoint of that stage to resume from
+    init_from: int | None  # else the final step of the previous stage to take params from
+
+
+@dataclass
+class Outcome:
+    finished: bool  # every stage done
+    preempted: bool
+    stage: str
+    step: int  # within the stage
+
+
+def find_start(recipe: Recipe, workdir: Path) -> Start:
+    stages = recipe.stages
+    for index in reversed(range(len(stages))):
+        latest = checkpoints(recipe, workdir, index).latest()
+        if latest is None:
+            continue
+        if latest < recipe.stage_steps(stages[index]):
+            return Start(index, latest, None)
+        return Start(index + 1, None, latest)  # stage done: the next starts from its final params
+    return Start(0, None, None)
+
+
+def checkpoints(recipe: Recipe, workdir: Path, index: int) -> StageCheckpoints:
+    return StageCheckpoints(workdir / recipe.stages[index].name, recipe.checkpoint.keep)
+
+
+def run(recipe: Recipe, workdir: Path) -> Outcome:
+    """Train what is left of the recipe in `workdir`."""
+    check_devices(recipe, jax.device_count(), jax.process_count())
+    mesh = sharding.make_mesh(recipe.mesh)
+    sharding.check_model_fits(recipe, mesh.devices.shape)
+    workdir.mkdir(parents=True, exist_ok=True)
+    host = data.Host(jax.process_index(), jax.process_count())
+    start = find_start(recipe, workdir)
+    if host.index == 0:
+        (workdir / "recipe.json").write_text(json.dumps(asdict(recipe), indent=1) + "\n")
+    model = build(recipe)
+    preemption = Preemption()
+    first_global = global_step(recipe, start.stage, start.resume_step or 0)
+    metrics = MetricsLog(workdir, enabled=host.index == 0, start_step=first_global)
+    report = Report(enabled=host.index == 0)
+    params = None
+    if start.init_from is not None and start.stage < len(recipe.stages):
+        previous = start.stage - 1
+        target = abstract_params(model, recipe, recipe.stages[previous], mesh)
+        params = checkpoints(recipe, workdir, previous).restore_params(start.init_from, target)
+    outcome = Outcome(finished=True, preempted=False, stage="", step=0)
+    try:
+        for index in range(start.stage, len(recipe.stages)):
+            resume = start.resume_step if index == start.stage else None
+            outcome, params = run_stage(
+                recipe, index, model, mesh, host, workdir, params, resume, preemption, metrics, report
+            )
+            if outcome.preempted:
+                break
+    finally:
+        metrics.close()
+        report.close()
+    return outcome
+
+
+def run_stage(
+    recipe: Recipe,
+    index: int,
+    model: Clip,
+    mesh: jax.sharding.Mesh,
+    host: data.Host,
+    workdir: Path,
+    params: Any,
+    resume_step: int | None,
+    preemption: Preemption,
+    metrics: MetricsLog,
+    report: Report,
+) -> tuple[Outcome, Any]:
+    stage = recipe.stages[index]
+    steps = recipe.stage_steps(stage)
+    tx = optimizer.make(recipe, stage)
+    boxed_state = jax.eval_shape(lambda: init_state(boxed_params(model, recipe, stage), tx, recipe.data.seed))
+    state_shardings = sharding.logical_shardings(boxed_state, mesh)
+    ckpt = checkpoints(recipe, workdir, index)
+    position = None
+    if resume_step is not None:
+        state, meta = ckpt.restore(resume_step, abstract(nn.unbox(boxed_state), state_shardings))
+        position = meta["data"]
+        report.say(f"stage {stage.name}: resuming at step {resume_step}/{steps}")
+    else:
+        if params is None:
+            params = jax.jit(
+                lambda: nn.unbox(init_variables(model, recipe, stage))["params"], out_shardings=state_shardings.params
+            )()
+        params = fit_positions(recipe, stage, params)
+        state = jax.jit(partial(init_state, tx=tx, seed=recipe.data.seed), out_shardings=state_shardings)(params)
+        report.say(f"stage {stage.name}: {steps} steps at {stage.resolution} px, batch {stage.global_batch}")
+
+    batch_shardings = sharding.batch_sharding(mesh)
+    step_fn = jax.jit(
+        partial(train_step, model, recipe, stage, tx),
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, None),
+        donate_argnums=0,
+    )
+    schedule = optimizer.schedule(stage, steps)
+    batches = data.open_stage(recipe, index, host, position)
+    flops_per_step = flops.train_per_sample(recipe, stage) * stage.global_batch
+    speed = Speed(recipe, index, flops_per_step)
+    every_ckpt = stage.checkpoint_every or recipe.checkpoint.every_steps
+    report.start_stage(stage, steps, int(state.step))
+    window: dict[str, Any] | None = None  # metrics summed on the device since the last log
+    window_steps = timed_steps = 0
+    step = int(state.step)
+    while step < steps:
+        host_batch, position = next(batches)
+        batch = {k: jax.make_array_from_process_local_data(batch_shardings, v) for k, v in host_batch.items()}
+        state, step_metrics = step_fn(state, batch)
+        step += 1
+        window = step_metrics if window is None else jax.tree.map(jnp.add, window, step_metrics)
+        window_steps += 1
+        if speed.started is None:  # the first step compiles: time from the end of it
+            jax.block_until_ready(state.step)
+            speed.restart()
+        else:
+            timed_steps += 1
+        preempted = preemption.reached(global_step(recipe, index, step))
+        if step % recipe.log.every_steps == 0 or step == steps or preempted:
+            values = {k: float(v) / window_steps for k, v in jax.device_get(window).items()}
+            record = {"stage": stage.name, "stage_step": step, **values, "lr": float(schedule(step - 1))}
+            if timed_steps:
+                record.update(speed.measure(timed_steps, steps - step))
+            metrics.write(global_step(recipe, index, step), record)
+            report.log(record)
+            window, window_steps, timed_steps = None, 0, 0
+        report.advance(step)
+        if step % every_ckpt == 0 or step == steps or preempted:
+            ckpt.save(state, {"stage": index, "stage_name": stage.name, "step": step, "data": position})
+        if preempted:
+            ckpt.wait()
+            report.say(f"preempted: saved stage {stage.name} step {step}/{steps}; run the same command to resume")
+            return Outcome(finished=False, preempted=True, stage=stage.name, step=step), None
+    ckpt.wait()
+    ckpt.close()
+    report.say(f"stage {stage.name}: done ({steps} steps)")
+    return Outcome(finished=index == len(recipe.stages) - 1, preempted=False, stage=stage.name, step=step), state.params
+
+
+def global_step(recipe: Recipe, index: int, step: int) -> int:
+    """Steps over all stages: stage `index`'s step `step`."""
+    return sum(recipe.stage_steps(s) for s in recipe.stages[:index]) + step
+
+
+def example_batch(recipe: Recipe, stage: Stage, size: int = 1) -> dict[str, jax.ShapeDtypeStruct]:
+    r = stage.resolution
+    batch = {
+        "images": jax.ShapeDtypeStruct((size, r, r, 3), jnp.uint8),
+        "texts": jax.ShapeDtypeStruct((size, recipe.text.context_length), jnp.int32),
+    }
+    if recipe.model.decoder:
+        batch["captions"] = jax.ShapeDtypeStruct((size, recipe.text.caption_length), jnp.int32)
+    return batch
+
+
+def init_variables(model: Clip, recipe: Recipe, stage: Stage) -> Any:
+    batch = {k: jnp.zeros(v.shape, v.dtype) for k, v in example_batch(recipe, stage).items()}
+    return model.init(jax.random.key(recipe.data.seed), batch["images"], batch["texts"], batch.get("captions"))
+
+
+def boxed_params(model: Clip, recipe: Recipe, stage: Stage) -> Any:
+    return init_variables(model, recipe, stage)["params"]
+
+
+def abstract_params(model: Clip, recipe: Recipe, stage: Stage, mesh: jax.sharding.Mesh) -> Any:
+    boxed = jax.eval_shape(lambda: boxed_params(model, recipe, stage))
+    return abstract(nn.unbox(boxed), sharding.logical_shardings(boxed, mesh))
+
+
+def fit_positions(recipe: Recipe, stage: Stage, params: Any) -> Any:
+    """Learned image positions follow the resolution: interpolated when a stage changes it."""
+    if recipe.model.posemb != "learned":
+        return params
+    grid = stage.resolution // recipe.model.patch
+    pos = params["image"]["pos_embedding"]
+    if pos.shape[0] == grid * grid:
+        return params
+    image = {**params["image"], "pos_embedding": jax.jit(partial(resize_positions, grid=grid))(pos)}
+    return {**params, "image": image}
+
+
+class Speed:
+    """Throughput, MFU and the time left, from the wall time of the steps since the last measurement."""
+
+    def __init__(self, recipe: Recipe, index: int, flops_per_step: float):
+        self.recipe, self.index = recipe, index
+        self.flops_per_step = flops_per_step
+        self.chips = jax.device_count()
+        self.peak = peak_flops(jax.devices()[0].device_kind)
+        self.started: float | None = None
+        later = recipe.stages[index + 1 :]
+        self.later_flops = sum(
+            flops.train_per_sample(recipe, s) * s.global_batch * recipe.stage_steps(s) for s in later
+        )
+
+    def restart(self) -> None:
+        self.started = time.perf_counter()
+
+    def measure(self, steps: int, steps_left: int) -> dict[str, float]:
+        now = time.perf_counter()
+        seconds = (now - (self.started or now)) / max(steps, 1)
+        self.started = now
+        batch = self.recipe.stages[self.index].global_batch
+        flops_per_s = self.flops_per_step / seconds if seconds > 0 else 0.0
+        left = steps_left * seconds + (self.later_flops / flops_per_s if flops_per_s else 0.0)
+        out = {
+            "step_time_s": seconds,
+            "img_per_s": batch / seconds if seconds else 0.0,
+            "img_per_s_per_chip": batch / seconds / self.chips if seconds else 0.0,
+            "eta_s": left,
+        }
+        if self.peak:
+            out["mfu"] = flops_per_s / (self.peak * self.chips)
+        return out

@@ -1,0 +1,46 @@
+"""Model FLOPs per training sample, counted from the shapes (matmuls and attention; norms, softmax and the loss are
+noise). MFU divides these by the chips' peak: recomputation (remat) is not counted, as is the convention."""
+
+from __future__ import annotations
+
+from trainer.models import variants
+from trainer.models.text import VOCAB_ROWS
+from trainer.models.variants import Size
+from trainer.recipe import Recipe, Stage
+
+
+def _blocks(size: Size, tokens: int) -> int:
+    """Forward FLOPs of the transformer blocks over `tokens` tokens: QKV+out, MLP, QK^T and AV."""
+    w = size.width
+    per_layer = 2 * tokens * (4 * w * w + 2 * w * size.mlp) + 4 * tokens * tokens * w
+    return size.depth * per_layer
+
+
+def image_tokens(recipe: Recipe, stage: Stage) -> int:
+    patches = (stage.resolution // recipe.model.patch) ** 2
+    return max(1, round(patches * stage.patch_keep)) + (recipe.model.pooling == "cls")
+
+
+def forward_per_sample(recipe: Recipe, stage: Stage) -> int:
+    m, t = recipe.model, recipe.text
+    image, text = variants.IMAGE[m.image_variant], variants.TEXT[m.text]
+    embed = m.embed_dim or variants.EMBED_DIM[m.image_variant]
+    n = image_tokens(recipe, stage)
+    flops = 2 * n * 3 * m.patch**2 * image.width + _blocks(image, n) + 2 * image.width * embed
+    if m.pooling == "map":  # one probe token attending to n tokens, then its MLP
+        flops += 2 * n * 2 * image.width**2 + 2 * 4 * image.width**2 + 4 * n * image.width
+        flops += 2 * 2 * image.width * image.mlp
+    flops += _blocks(text, t.context_length) + 2 * text.width * embed
+    if m.decoder:
+        dec, steps, context = variants.TEXT[m.decoder], t.caption_length, n + t.context_length
+        w = dec.width
+        flops += 2 * (n * image.width + t.context_length * text.width) * w  # context projections
+        flops += _blocks(dec, steps)  # causal self-attention and MLP (the mask is not skipped: counted in full)
+        cross = 2 * steps * 2 * w * w + 2 * context * 2 * w * w + 4 * steps * context * w
+        flops += dec.depth * cross + 2 * steps * w * VOCAB_ROWS
+    return flops
+
+
+def train_per_sample(recipe: Recipe, stage: Stage) -> int:
+    """Forward + backward (2x forward)."""
+    return 3 * forward_per_sample(recipe, stage)

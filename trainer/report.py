@@ -1,0 +1,70 @@
+"""What host 0 shows a person: a rich progress bar per stage when stdout is a terminal (tmux included), otherwise
+one plain line per logged step (log files, `tpuctl logs`). Other hosts stay quiet."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from trainer.recipe import Stage
+
+SHOWN = ("loss", "contrastive", "caption", "temperature", "lr", "img_per_s", "mfu")
+
+
+def describe(record: dict[str, Any]) -> str:
+    parts = [f"{record['stage']} {record['stage_step']}"]
+    for key in SHOWN:
+        if key in record:
+            value = record[key]
+            parts.append(f"{key} {value:.3g}" if key != "mfu" else f"mfu {100 * value:.1f}%")
+    if "eta_s" in record:
+        parts.append(f"eta {format_seconds(record['eta_s'])}")
+    return "  ".join(parts)
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class Report:
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.console = Console(file=sys.stdout, soft_wrap=True)  # log lines stay whole in files
+        self.progress: Progress | None = None
+        self.task: Any = None
+        if enabled and self.console.is_terminal:
+            self.progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[last]}"),
+                console=self.console,
+            )
+            self.progress.start()
+
+    def say(self, line: str) -> None:
+        if self.enabled:
+            self.console.print(line, markup=False, highlight=False)
+
+    def start_stage(self, stage: Stage, steps: int, done: int) -> None:
+        if self.progress is not None:
+            self.task = self.progress.add_task(stage.name, total=steps, completed=done, last="")
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, last=f"loss {record['loss']:.3g}")
+        self.say(describe(record))
+
+    def advance(self, step: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
