@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from trainer.errors import UserError
 from trainer.recipe import RecipeError, load
 
 
@@ -24,7 +25,7 @@ def start_distributed(coordinator: str | None, num_processes: int | None, proces
 
     if coordinator:
         if num_processes is None or process_id is None:
-            raise click.UsageError("--coordinator needs --num-processes and --process-id")
+            raise UserError("--coordinator needs --num-processes and --process-id")
         jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
     elif glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
         jax.distributed.initialize()
@@ -57,7 +58,7 @@ def main(
     try:
         recipe = load(recipe_path, overrides)  # before jax starts: a typo costs a second, not a minute
     except RecipeError as e:
-        raise click.ClickException(str(e)) from None
+        raise UserError(str(e)) from None
     import jax
 
     if compile_cache:
@@ -68,11 +69,10 @@ def main(
     try:
         outcome = loop.run(recipe, Path(workdir))
     except RecipeError as e:  # what depends on the devices: batch or mesh vs. the device count
-        raise click.ClickException(str(e)) from None
+        raise UserError(str(e)) from None
     if outcome.finished:
         click.echo(f"done: every stage of {recipe_path} is trained; checkpoints in {workdir}")
 
 
 if __name__ == "__main__":
-    click.ClickException.exit_code = 2  # a recipe or setup error: the user's to fix
     sys.exit(main())

@@ -16,21 +16,20 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from trainer import data, optimizer, sharding
-from trainer.checkpoint import StageCheckpoints, abstract
+from trainer.checkpoint import StageCheckpoints
 from trainer.hardware import peak_flops
 from trainer.metrics import MetricsLog
 from trainer.models import flops
 from trainer.models.clip import Clip, build
 from trainer.models.vit import resize_positions
 from trainer.preemption import Preemption
+from trainer.program import abstract_params, compile_stage
 from trainer.recipe import Recipe, Stage, check_devices
 from trainer.report import Report
-from trainer.step import init_state, train_step
 
 
 @dataclass(frozen=True)
@@ -114,31 +113,16 @@ def run_stage(
 ) -> tuple[Outcome, Any]:
     stage = recipe.stages[index]
     steps = recipe.stage_steps(stage)
-    tx = optimizer.make(recipe, stage)
-    boxed_state = jax.eval_shape(lambda: init_state(boxed_params(model, recipe, stage), tx, recipe.data.seed))
-    state_shardings = sharding.logical_shardings(boxed_state, mesh)
+    program = compile_stage(model, recipe, stage, mesh)
     ckpt = checkpoints(recipe, workdir, index)
     position = None
     if resume_step is not None:
-        state, meta = ckpt.restore(resume_step, abstract(nn.unbox(boxed_state), state_shardings))
+        state, meta = ckpt.restore(resume_step, program.abstract_state)
         position = meta["data"]
         report.say(f"stage {stage.name}: resuming at step {resume_step}/{steps}")
     else:
-        if params is None:
-            params = jax.jit(
-                lambda: nn.unbox(init_variables(model, recipe, stage))["params"], out_shardings=state_shardings.params
-            )()
-        params = fit_positions(recipe, stage, params)
-        state = jax.jit(partial(init_state, tx=tx, seed=recipe.data.seed), out_shardings=state_shardings)(params)
+        state = program.init_state(None if params is None else fit_positions(recipe, stage, params))
         report.say(f"stage {stage.name}: {steps} steps at {stage.resolution} px, batch {stage.global_batch}")
-
-    batch_shardings = sharding.batch_sharding(mesh)
-    step_fn = jax.jit(
-        partial(train_step, model, recipe, stage, tx),
-        in_shardings=(state_shardings, batch_shardings),
-        out_shardings=(state_shardings, None),
-        donate_argnums=0,
-    )
     schedule = optimizer.schedule(stage, steps)
     batches = data.open_stage(recipe, index, host, position)
     flops_per_step = flops.train_per_sample(recipe, stage) * stage.global_batch
@@ -150,8 +134,7 @@ def run_stage(
     step = int(state.step)
     while step < steps:
         host_batch, position = next(batches)
-        batch = {k: jax.make_array_from_process_local_data(batch_shardings, v) for k, v in host_batch.items()}
-        state, step_metrics = step_fn(state, batch)
+        state, step_metrics = program.step(state, program.global_batch(host_batch))
         step += 1
         window = step_metrics if window is None else jax.tree.map(jnp.add, window, step_metrics)
         window_steps += 1
@@ -185,31 +168,6 @@ def run_stage(
 def global_step(recipe: Recipe, index: int, step: int) -> int:
     """Steps over all stages: stage `index`'s step `step`."""
     return sum(recipe.stage_steps(s) for s in recipe.stages[:index]) + step
-
-
-def example_batch(recipe: Recipe, stage: Stage, size: int = 1) -> dict[str, jax.ShapeDtypeStruct]:
-    r = stage.resolution
-    batch = {
-        "images": jax.ShapeDtypeStruct((size, r, r, 3), jnp.uint8),
-        "texts": jax.ShapeDtypeStruct((size, recipe.text.context_length), jnp.int32),
-    }
-    if recipe.model.decoder:
-        batch["captions"] = jax.ShapeDtypeStruct((size, recipe.text.caption_length), jnp.int32)
-    return batch
-
-
-def init_variables(model: Clip, recipe: Recipe, stage: Stage) -> Any:
-    batch = {k: jnp.zeros(v.shape, v.dtype) for k, v in example_batch(recipe, stage).items()}
-    return model.init(jax.random.key(recipe.data.seed), batch["images"], batch["texts"], batch.get("captions"))
-
-
-def boxed_params(model: Clip, recipe: Recipe, stage: Stage) -> Any:
-    return init_variables(model, recipe, stage)["params"]
-
-
-def abstract_params(model: Clip, recipe: Recipe, stage: Stage, mesh: jax.sharding.Mesh) -> Any:
-    boxed = jax.eval_shape(lambda: boxed_params(model, recipe, stage))
-    return abstract(nn.unbox(boxed), sharding.logical_shardings(boxed, mesh))
 
 
 def fit_positions(recipe: Recipe, stage: Stage, params: Any) -> Any:

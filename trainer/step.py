@@ -99,5 +99,5 @@ def train_step(
         loss, terms = losses_.mean(), jax.tree.map(jnp.mean, terms)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **terms}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **terms}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng), metrics

@@ -28,7 +28,7 @@ def forward_per_sample(recipe: Recipe, stage: Stage) -> int:
     n = image_tokens(recipe, stage)
     flops = 2 * n * 3 * m.patch**2 * image.width + _blocks(image, n) + 2 * image.width * embed
     if m.pooling == "map":  # one probe token attending to n tokens, then its MLP
-        flops += 2 * n * 2 * image.width**2 + 2 * 4 * image.width**2 + 4 * n * image.width
+        flops += 2 * n * 2 * image.width**2 + 2 * 2 * image.width**2 + 4 * n * image.width
         flops += 2 * 2 * image.width * image.mlp
     flops += _blocks(text, t.context_length) + 2 * text.width * embed
     if m.decoder:

@@ -1,0 +1,54 @@
+"""`python -m trainer.bench`: times the real training step and reports consistent figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+
+def bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "trainer.bench", *args], env=ENV, capture_output=True, text=True, timeout=240
+    )
+
+
+def test_bench_reports_step_time_throughput_and_flops():
+    r = bench("--model", "Ti/16", "--text", "Ti", "--res", "32", "--batch", "8", "--steps", "2", "--warmup", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    for row in ("step time (median)", "images/s per chip", "model TFLOP/s per chip", "MFU"):
+        assert row in r.stdout
+    r = bench(
+        "--model",
+        "Ti/16",
+        "--text",
+        "Ti",
+        "--res",
+        "32",
+        "--batch",
+        "8",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+        "--dtype",
+        "float32",
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout)
+    assert got["model"] == "Ti/16" and got["res"] == 32 and got["batch"] == 8 and got["devices"] == "1 x cpu"
+    assert got["img_per_s"] == pytest.approx(8 / got["step_s"])
+    assert got["mfu"] is None  # a CPU has no known peak
+    assert got["tflops_per_chip"] > 0 and got["loss"] == got["loss"]  # finite, not NaN
+
+
+def test_bench_rejects_bad_settings_in_one_line():
+    r = bench("--model", "B/15")
+    assert r.returncode == 2 and r.stderr.strip().startswith('Error: model.image = "B/15" is not VARIANT/PATCH')
+    assert "Traceback" not in r.stderr
