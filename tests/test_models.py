@@ -125,3 +125,22 @@ def test_normalize_has_finite_gradients_at_zero():
     grad = jax.grad(lambda x: normalize(x).sum())(jnp.zeros((2, 4)))
     assert np.isfinite(np.asarray(grad)).all()
     np.testing.assert_allclose(np.linalg.norm(normalize(jnp.ones((3, 4))), axis=-1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("variant", "published"),
+    [
+        ("B", 63_428_096),  # OpenAI CLIP ViT-B text transformer (open_clip: 63.43 M)
+        ("L", 123_650_304),  # OpenAI CLIP ViT-L/14 text transformer (open_clip: 123.65 M)
+    ],
+)
+def test_text_tower_sizes_match_the_published_clip_text_towers(variant, published):
+    """CLIP's text towers have a 49,408-row BPE table and 77 positions; ours 32,000 rows (BERT) and 80 positions.
+    Everything else (blocks, final LN, bias-free projection to the embedding) must be the same size exactly."""
+    from trainer.models.text import VOCAB_ROWS, TextTower
+    from trainer.models.variants import TEXT
+
+    size = TEXT[variant]
+    w = size.width
+    ours = param_count(TextTower(size, w), jnp.zeros((1, 80), jnp.int32))
+    assert ours == published + (VOCAB_ROWS - 49_408) * w + (80 - 77) * w
