@@ -32,9 +32,9 @@ def format_seconds(seconds: float) -> str:
 
 
 class Report:
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, console: Console | None = None):
         self.enabled = enabled
-        self.console = Console(file=sys.stdout, soft_wrap=True)  # log lines stay whole in files
+        self.console = console or Console(file=sys.stdout, soft_wrap=True)  # log lines stay whole in files
         self.progress: Progress | None = None
         self.task: Any = None
         if enabled and self.console.is_terminal:
