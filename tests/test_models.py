@@ -71,7 +71,7 @@ def tiny_clip(*overrides):
     from trainer import recipe
     from trainer.models.clip import build
 
-    r = recipe.load(Path(__file__).resolve().parents[1] / "recipes" / "tiny.toml", list(overrides))
+    r = recipe.load(Path(__file__).resolve().parent / "tiny_synthetic.toml", list(overrides))
     return r, build(r)
 
 

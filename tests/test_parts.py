@@ -25,7 +25,7 @@ from trainer.models.variants import IMAGE, Size
 from trainer.models.vit import REMAT_POLICIES, ImageTower, MapHead, drop_patches, resize_positions
 from trainer.step import init_state, loss_terms, micro_batches, train_step
 
-TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.toml"
+TINY = Path(__file__).resolve().parent / "tiny_synthetic.toml"
 SMALL = Size(32, 2, 64, 2)  # a 2-layer tower: compiles in a blink
 
 

@@ -89,7 +89,7 @@ def test_overrides_reach_any_key():
         (["stages.0.global_batch=many"], 'stages[0].global_batch = "many" must be an integer'),
         (["model.pooling=max"], 'model.pooling = "max" is not one of "mean", "cls"'),
         (["model.image=B/15"], 'model.image = "B/15" is not VARIANT/PATCH'),
-        (["model.text=XL"], 'model.text = "XL" is not one of Ti, S, B, L, So400m, H'),
+        (["model.text=XL"], 'model.text = "XL" is not one of Mu, Ti, S, B, L, So400m, H'),
         (["stages.0.epochs=10"], "stages[0] needs exactly one of samples or epochs"),
         (["stages.0.grad_accum=3"], "stages[0].global_batch = 32768 is not divisible by stages[0].grad_accum = 3"),
         (["stages.2.name=ft224"], 'stages[2].name = "ft224" is used by an earlier stage'),
@@ -128,13 +128,13 @@ def test_file_level_mistakes(tmp_path):
 
 
 def test_batches_must_split_over_the_devices_and_hosts():
-    r = recipe.load(RECIPES / "tiny.toml")
+    r = recipe.load(RECIPES.parent / "tests" / "tiny_synthetic.toml")
     recipe.check_devices(r, device_count=8, process_count=2)
     with pytest.raises(
         RecipeError, match=r"^stages\[0\]\.global_batch = 64 \(/ grad_accum 1 = 64\) is not divisible by 6 devices$"
     ):
         recipe.check_devices(r, device_count=6)
-    r = recipe.load(RECIPES / "tiny.toml", ["stages.1.grad_accum=4"])
+    r = recipe.load(RECIPES.parent / "tests" / "tiny_synthetic.toml", ["stages.1.grad_accum=4"])
     with pytest.raises(
         RecipeError, match=r"^stages\[1\]\.global_batch = 64 \(/ grad_accum 4 = 16\) is not divisible by 32"
     ):

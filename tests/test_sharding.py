@@ -62,7 +62,7 @@ SCRIPT = textwrap.dedent(
 
 def test_parameters_and_batches_are_laid_out_by_the_rules():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    tiny = os.path.join(os.path.dirname(__file__), "..", "recipes", "tiny.toml")
+    tiny = os.path.join(os.path.dirname(__file__), "tiny_synthetic.toml")
     r = subprocess.run([sys.executable, "-c", SCRIPT, tiny], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
@@ -81,7 +81,7 @@ def test_the_model_must_split_evenly_over_the_mesh():
     from trainer import recipe
     from trainer.sharding import check_model_fits
 
-    tiny = recipe.load(Path(__file__).resolve().parents[1] / "recipes" / "tiny.toml")
+    tiny = recipe.load(Path(__file__).resolve().parent / "tiny_synthetic.toml")
     check_model_fits(tiny, (8, 1, 1))
     check_model_fits(tiny, (1, 4, 1))  # widths 192 over 4
     with pytest.raises(RecipeError, match=r'^mesh.tensor = 2 does not divide the 3 heads of model.image = "Ti/8"$'):

@@ -15,7 +15,7 @@ import pytest
 
 from trainer import optimizer, recipe
 
-TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny.toml"
+TINY = Path(__file__).resolve().parent / "tiny_synthetic.toml"
 
 
 def test_schedule_warms_up_linearly_then_decays_to_zero():

@@ -18,7 +18,7 @@ import pytest
 from trainer.metrics import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "recipes" / "tiny.toml"
+TINY = ROOT / "tests" / "tiny_synthetic.toml"
 # 12 steps at 16 px, then 6 at 32 px; batch 16; a checkpoint every 4 steps; every step logged.
 FAST = [
     "stages.0.samples=192",

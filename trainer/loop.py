@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from trainer import data, optimizer, sharding
+from trainer import data, evals, optimizer, sharding
 from trainer.checkpoint import StageCheckpoints
 from trainer.hardware import peak_flops
 from trainer.metrics import MetricsLog
@@ -144,11 +144,18 @@ def run_stage(
         else:
             timed_steps += 1
         preempted = preemption.reached(global_step(recipe, index, step))
-        if step % recipe.log.every_steps == 0 or step == steps or preempted:
+        evaluate = bool(recipe.evals) and (step == steps or bool(stage.eval_every and step % stage.eval_every == 0))
+        if step % recipe.log.every_steps == 0 or step == steps or preempted or evaluate:
             values = {k: float(v) / window_steps for k, v in jax.device_get(window).items()}
             record = {"stage": stage.name, "stage_step": step, **values, "lr": float(schedule(step - 1))}
             if timed_steps:
                 record.update(speed.measure(timed_steps, steps - step))
+            record.update({f"data_{k}": v for k, v in position.items() if k in ("epoch", "bad")})
+            if evaluate:
+                results = evals.run_all(recipe, model, state.params, mesh, stage.resolution)
+                report.table(f"evals: stage {stage.name} step {step}", results)
+                record.update(results)
+                speed.restart()  # the eval's time is not the step's
             metrics.write(global_step(recipe, index, step), record)
             report.log(record)
             window, window_steps, timed_steps = None, 0, 0

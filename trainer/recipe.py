@@ -22,9 +22,9 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-IMAGE_VARIANTS = ("Ti", "S", "B", "L", "So400m", "H")  # sizes: trainer/models (the variant table)
-TEXT_VARIANTS = ("Ti", "S", "B", "L", "So400m", "H")
-PATCH_SIZES = (8, 14, 16)
+IMAGE_VARIANTS = ("Mu", "Ti", "S", "B", "L", "So400m", "H")  # sizes: trainer/models (the variant table)
+TEXT_VARIANTS = ("Mu", "Ti", "S", "B", "L", "So400m", "H")
+PATCH_SIZES = (4, 7, 8, 14, 16, 32)
 
 
 class RecipeError(ValueError):
@@ -55,14 +55,15 @@ class Model:
 @dataclass(frozen=True)
 class Text:
     tokenizer: Literal["bert_wordpiece", "clip_bpe"] = "bert_wordpiece"
-    vocab: str = ""  # vocab file; "" = the one shipped with the trainer
+    vocab: str = ""  # WordPiece vocab file (OpenVision: bert-base-uncased vocab.txt); synthetic data needs none
+    vocab_rows: int = 32_000  # rows of the token tables (at least the vocab's size)
     context_length: int = 80  # encoder tokens (pooled at the last position)
     caption_length: int = 128  # decoder target tokens
 
 
 @dataclass(frozen=True)
 class Data:
-    source: Literal["synthetic", "tfrecord", "webdataset", "fashion_mnist"] = "synthetic"
+    source: Literal["synthetic", "tfrecord", "webdataset"] = "synthetic"
     train: str = ""  # files or gs:// glob of the training shards
     caption_key: str = "txt"  # alt-text
     recaption_key: str = "llava_caption"  # the re-caption the decoder predicts ("" = use the alt-text)
@@ -281,6 +282,7 @@ def validate(r: Recipe) -> None:
         [
             ("model.embed_dim", m.embed_dim, 0),
             ("text.context_length", r.text.context_length, 1),
+            ("text.vocab_rows", r.text.vocab_rows, 3),
             ("text.caption_length", r.text.caption_length, 1),
             ("data.shuffle_buffer", r.data.shuffle_buffer, 1),
             ("data.epoch_size", r.data.epoch_size, 1),
@@ -295,7 +297,7 @@ def validate(r: Recipe) -> None:
     ):
         if not 0 <= value <= 1:
             raise RecipeError(f"{key} = {value} must be between 0 and 1")
-    if r.data.source != "synthetic" and not r.data.train and r.data.source != "fashion_mnist":
+    if r.data.source != "synthetic" and not r.data.train:
         raise RecipeError(f'data.train is empty: data.source = "{r.data.source}" needs the training files')
     for name in ("data", "fsdp", "tensor"):
         size = getattr(r.mesh, name)

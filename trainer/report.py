@@ -25,6 +25,12 @@ def describe(record: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+def _number(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.0f}" if value == int(value) and value > 1 else f"{value:.4f}"
+
+
 def format_seconds(seconds: float) -> str:
     seconds = int(seconds)
     hours, rest = divmod(seconds, 3600)
@@ -51,6 +57,25 @@ class Report:
     def say(self, line: str) -> None:
         if self.enabled:
             self.console.print(line, markup=False, highlight=False)
+
+    def table(self, title: str, results: dict[str, float]) -> None:
+        """Evaluation results: one row per eval, one column per metric."""
+        if not self.enabled or not results:
+            return
+        from rich.table import Table
+
+        rows: dict[str, dict[str, float]] = {}
+        for key, value in results.items():
+            name, _, metric = key.rpartition("/")
+            rows.setdefault(name, {})[metric] = value
+        metrics = list(dict.fromkeys(m for r in rows.values() for m in r))
+        table = Table(title=title)
+        table.add_column("eval")
+        for metric in metrics:
+            table.add_column(metric, justify="right")
+        for name, values in rows.items():
+            table.add_row(name, *(_number(values.get(m)) for m in metrics))
+        self.console.print(table)
 
     def start_stage(self, stage: Stage, steps: int, done: int) -> None:
         if self.progress is not None:

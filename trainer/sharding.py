@@ -14,7 +14,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from trainer.models import variants
-from trainer.models.text import VOCAB_ROWS
 from trainer.recipe import Mesh as MeshConfig
 from trainer.recipe import Recipe, RecipeError
 
@@ -66,8 +65,8 @@ def check_model_fits(recipe: Recipe, shape: tuple[int, int, int]) -> None:
         ):
             if count % ways:
                 raise RecipeError(f"mesh.{axis} = {ways} does not divide the {count} {what} of {key} = {name}")
-    if VOCAB_ROWS % tensor:
-        raise RecipeError(f"mesh.tensor = {tensor} does not divide the {VOCAB_ROWS} vocabulary rows")
+    if recipe.text.vocab_rows % tensor:
+        raise RecipeError(f"mesh.tensor = {tensor} does not divide text.vocab_rows = {recipe.text.vocab_rows}")
 
 
 def make_mesh(config: MeshConfig, devices: list[Any] | None = None) -> Mesh:

@@ -42,4 +42,8 @@ def open_stage(
         from trainer.data import synthetic
 
         return synthetic.batches(recipe, stage_index, host, position)
-    raise NotImplementedError(f'data.source = {source!r} is not implemented yet; use "synthetic"')
+    if source == "tfrecord":
+        from trainer.data import tfdata
+
+        return tfdata.batches(recipe, stage_index, host, position)
+    raise NotImplementedError(f"data.source = {source!r} is not implemented yet; use tfrecord or synthetic")

@@ -32,11 +32,8 @@ class Clip(nn.Module):
         self, images: jnp.ndarray, texts: jnp.ndarray, captions: jnp.ndarray | None = None, patch_keep: float = 1.0
     ) -> dict[str, Any]:
         """images (B, H, W, 3), texts (B, L) alt-text ids, captions (B, T) re-caption ids (decoder targets);
-        patch_keep < 1 drops image patches (needs a "dropout" rng). uint8 images are scaled to [-1, 1] here, so
-        data pipelines ship 1 byte per channel to the device."""
-        if images.dtype == jnp.uint8:
-            images = images.astype(jnp.float32) / 127.5 - 1.0
-        image_emb, image_tokens = self.image(images, patch_keep)
+        patch_keep < 1 drops image patches (needs a "dropout" rng); uint8 images are scaled to [-1, 1]."""
+        image_emb, image_tokens = self.image(to_model_range(images), patch_keep)
         text_emb, text_tokens = self.text(texts)
         init_scale = math.log(10.0) if self.sigmoid else math.log(self.temperature_init)
         out: dict[str, Any] = {
@@ -50,6 +47,19 @@ class Clip(nn.Module):
             inputs = jnp.concatenate([jnp.full_like(captions[:, :1], BOS_ID), captions[:, :-1]], axis=1)
             out["caption_logits"] = self.decoder(inputs, image_tokens, text_tokens)
         return out
+
+    def encode_image(self, images: jnp.ndarray) -> jnp.ndarray:
+        """L2-normalised image embeddings (evaluation)."""
+        return normalize(self.image(to_model_range(images))[0])
+
+    def encode_text(self, texts: jnp.ndarray) -> jnp.ndarray:
+        """L2-normalised text embeddings (evaluation)."""
+        return normalize(self.text(texts)[0])
+
+
+def to_model_range(images: jnp.ndarray) -> jnp.ndarray:
+    """uint8 pixels -> [-1, 1]; data pipelines ship 1 byte per channel to the device."""
+    return images.astype(jnp.float32) / 127.5 - 1.0 if images.dtype == jnp.uint8 else images
 
 
 def normalize(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
@@ -65,8 +75,9 @@ def build(recipe: Recipe) -> Clip:
     image = ImageTower(
         variants.IMAGE[m.image_variant], m.patch, embed_dim, pooling=m.pooling, posemb=m.posemb, **dtypes
     )
-    text = TextTower(variants.TEXT[m.text], embed_dim, **dtypes)
-    decoder = CaptionDecoder(variants.TEXT[m.decoder], **dtypes) if m.decoder else None
+    rows = recipe.text.vocab_rows
+    text = TextTower(variants.TEXT[m.text], embed_dim, vocab_rows=rows, **dtypes)
+    decoder = CaptionDecoder(variants.TEXT[m.decoder], vocab_rows=rows, **dtypes) if m.decoder else None
     return Clip(
         image=image,
         text=text,

@@ -4,7 +4,6 @@ noise). MFU divides these by the chips' peak: recomputation (remat) is not count
 from __future__ import annotations
 
 from trainer.models import variants
-from trainer.models.text import VOCAB_ROWS
 from trainer.models.variants import Size
 from trainer.recipe import Recipe, Stage
 
@@ -37,7 +36,7 @@ def forward_per_sample(recipe: Recipe, stage: Stage) -> int:
         flops += 2 * (n * image.width + t.context_length * text.width) * w  # context projections
         flops += _blocks(dec, steps)  # causal self-attention and MLP (the mask is not skipped: counted in full)
         cross = 2 * steps * 2 * w * w + 2 * context * 2 * w * w + 4 * steps * context * w
-        flops += dec.depth * cross + 2 * steps * w * VOCAB_ROWS
+        flops += dec.depth * cross + 2 * steps * w * t.vocab_rows
     return flops
 
 

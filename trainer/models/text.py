@@ -13,12 +13,14 @@ import jax.numpy as jnp
 from trainer.models.variants import Size
 from trainer.models.vit import Attention, Block, Dtype, Mlp, Remat, layer_norm, logical, stacked
 
-VOCAB_ROWS = 32_000
+VOCAB_ROWS = 32_000  # OpenVision's table (BERT's 30,522 word pieces, padded); text.vocab_rows sets it
 
 
-def embed_tokens(name: str, tokens: jnp.ndarray, width: int, dtype: Dtype, param_dtype: Dtype) -> jnp.ndarray:
+def embed_tokens(
+    name: str, tokens: jnp.ndarray, width: int, rows: int, dtype: Dtype, param_dtype: Dtype
+) -> jnp.ndarray:
     table = nn.Embed(
-        VOCAB_ROWS,
+        rows,
         width,
         dtype=dtype,
         param_dtype=param_dtype,
@@ -39,6 +41,7 @@ class TextTower(nn.Module):
 
     size: Size
     embed_dim: int
+    vocab_rows: int = VOCAB_ROWS
     remat: Remat = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -47,7 +50,7 @@ class TextTower(nn.Module):
     def __call__(self, tokens: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         width = self.size.width
-        x = embed_tokens("embedding", tokens, width, **kw)
+        x = embed_tokens("embedding", tokens, width, self.vocab_rows, **kw)
         x = x + positions(self, tokens.shape[1], width, self.param_dtype).astype(self.dtype)[None]
         x, _ = stacked(Block, self.size.depth, self.remat, 1)(self.size, name="blocks", **kw)(x, None)
         x = layer_norm("ln_final", **kw)(x)
@@ -80,6 +83,7 @@ class CaptionDecoder(nn.Module):
     """(caption inputs (B, T), image tokens (B, N, Wi), alt-text tokens (B, L, Wt) or None) -> logits (B, T, V)."""
 
     size: Size
+    vocab_rows: int = VOCAB_ROWS
     remat: Remat = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -99,12 +103,12 @@ class CaptionDecoder(nn.Module):
         context = project("image_proj", image_tokens)
         if text_tokens is not None:
             context = jnp.concatenate([context, project("text_proj", text_tokens)], axis=1)
-        x = embed_tokens("embedding", inputs, width, **kw)
+        x = embed_tokens("embedding", inputs, width, self.vocab_rows, **kw)
         x = x + positions(self, inputs.shape[1], width, self.param_dtype).astype(self.dtype)[None]
         causal = nn.make_causal_mask(inputs)
         blocks = stacked(DecoderBlock, self.size.depth, self.remat, 2)(self.size, name="blocks", **kw)
         x, _ = blocks(x, context, causal)
         x = layer_norm("ln_final", **kw)(x)
-        return nn.Dense(VOCAB_ROWS, kernel_init=logical(nn.initializers.zeros, "embed", "vocab"), name="logits", **kw)(
-            x
-        )
+        return nn.Dense(
+            self.vocab_rows, kernel_init=logical(nn.initializers.zeros, "embed", "vocab"), name="logits", **kw
+        )(x)

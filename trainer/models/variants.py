@@ -15,6 +15,7 @@ class Size:
 
 # Image towers (ViT): width / depth / MLP / heads.
 IMAGE = {
+    "Mu": Size(96, 3, 384, 3),  # not OpenVision's: a CPU-sized tower for the demo and tests
     "Ti": Size(192, 12, 768, 3),
     "S": Size(384, 12, 1536, 6),
     "B": Size(768, 12, 3072, 12),
@@ -26,6 +27,7 @@ IMAGE = {
 # Text encoders and caption decoders share one table of shapes per variant (OpenVision's decoder variants;
 # the CLIP text towers B/L/H have the same widths).
 TEXT = {
+    "Mu": Size(96, 2, 384, 3),
     "Ti": Size(192, 12, 768, 3),
     "S": Size(384, 12, 1536, 6),
     "B": Size(512, 12, 2048, 8),
@@ -35,4 +37,4 @@ TEXT = {
 }
 
 # Width of the shared image-text embedding, by image variant.
-EMBED_DIM = {"Ti": 192, "S": 384, "B": 512, "L": 768, "So400m": 1152, "H": 1024}
+EMBED_DIM = {"Mu": 96, "Ti": 192, "S": 384, "B": 512, "L": 768, "So400m": 1152, "H": 1024}

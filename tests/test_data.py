@@ -1,0 +1,193 @@
+"""The tf.data input pipeline on real image files: formats, bad samples, order, host split, exact resume; the
+WordPiece tokenizer; the prepare tools; zero-shot scoring on hand-checkable cases."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from trainer import data, recipe
+from trainer.data import examples
+from trainer.data.prepare import read_idx
+from trainer.data.tfdata import BadDataError
+
+VOCAB = ["[PAD]", "[bos]", "[eos]", "[UNK]", "a", "photo", "of", "cat", "##s", "dog", "red", "blue", "."]
+
+
+def image_bytes(kind: str, seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (20 + seed % 7, 24, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format={"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}[kind])
+    return out.getvalue()
+
+
+def write_shards(directory: Path, *, corrupt: int = 0, empty: int = 0, truncate: bool = False) -> int:
+    """4 shards x 25 samples (JPEG/PNG/WebP), the first `corrupt` images garbage and `empty` captions blank."""
+    writer = examples.ShardWriter(directory, "train", 4)
+    for i in range(100):
+        img = b"not an image at all" if i < corrupt else image_bytes(("jpeg", "png", "webp")[i % 3], i)
+        caption = "" if corrupt <= i < corrupt + empty else f"a photo of {('red', 'blue')[i % 2]} cats ."
+        writer.write(examples.encode(img, {"txt": caption, "llava_caption": f"a dog {i}"}, key=f"s{i}"))
+    writer.close()
+    if truncate:
+        shard = sorted(directory.glob("train-*.tfrecord"))[-1]
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    return 100
+
+
+@pytest.fixture
+def shards(tmp_path):
+    (tmp_path / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    return tmp_path
+
+
+def tiny_recipe(directory: Path, *overrides: str, train: str = "train-*.tfrecord") -> recipe.Recipe:
+    root = Path(__file__).resolve().parents[1]
+    return recipe.load(
+        root / "recipes" / "tiny.toml",
+        [
+            f"data.train={directory}/{train}",
+            f"text.vocab={directory}/vocab.txt",
+            "text.context_length=8",
+            "text.caption_length=6",
+            "data.shuffle_buffer=30",
+            "stages.0.global_batch=8",
+            *overrides,
+        ],
+    )
+
+
+def take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def test_batches_have_the_stage_shapes_and_tokens(shards):
+    write_shards(shards)
+    r = tiny_recipe(shards)
+    ((batch, position),) = take(data.open_stage(r, 0, data.Host()), 1)
+    assert batch["images"].shape == (8, 21, 21, 3) and batch["images"].dtype == np.uint8
+    assert batch["texts"].shape == (8, 8) and batch["captions"].shape == (8, 6)
+    # "a photo of red|blue cats ." -> a photo of red|blue cat ##s . [eos], truncated to 8 with [eos] last
+    expected = {(4, 5, 6, 10, 7, 8, 12, 2), (4, 5, 6, 11, 7, 8, 12, 2)}
+    assert {tuple(row) for row in batch["texts"]} <= expected
+    assert batch["captions"].tolist() == [[4, 9, 3, 2, 0, 0]] * 8  # "a dog <n>": <n> is [UNK], then [eos], padding
+    assert position == {"epoch": 0, "consumed": 8, "seen": position["seen"], "bad": 0}
+
+
+def test_order_is_seeded_and_resume_is_exact(shards):
+    write_shards(shards)
+    r = tiny_recipe(shards)
+    first = take(data.open_stage(r, 0, data.Host()), 20)  # 160 samples: past the end of the 100-sample epoch
+    again = take(data.open_stage(r, 0, data.Host()), 20)
+    for (a, pa), (b, pb) in zip(first, again, strict=True):
+        assert pa == pb and all(np.array_equal(a[k], b[k]) for k in a)
+    assert first[12][1]["epoch"] == 1  # 12 full batches of epoch 0, then epoch 1 (the 4 leftover rows dropped)
+    for cut in (3, 12):  # mid-epoch and at the epoch boundary
+        resumed = take(data.open_stage(r, 0, data.Host(), first[cut - 1][1]), 5)
+        for (a, pa), (b, pb) in zip(first[cut : cut + 5], resumed, strict=True):
+            assert pa == pb and all(np.array_equal(a[k], b[k]) for k in a)
+    other_seed = take(data.open_stage(tiny_recipe(shards, "data.seed=1"), 0, data.Host()), 1)
+    assert not np.array_equal(other_seed[0][0]["images"], first[0][0]["images"])
+
+
+def test_hosts_read_disjoint_shares(shards):
+    write_shards(shards)
+    r = tiny_recipe(shards, "data.crop_min_area=1.0")
+    keys = []
+    for index in range(2):
+        batches = take(data.open_stage(r, 0, data.Host(index, 2)), 12)  # 12 x 4 rows: all 50 of its 2 shards
+        assert all(b["images"].shape[0] == 4 for b, _ in batches)
+        keys.append({b["images"][i].tobytes() for b, _ in batches for i in range(4)})
+    assert len(keys[0]) == len(keys[1]) == 48 and not keys[0] & keys[1]
+
+
+def test_bad_samples_are_skipped_and_counted(shards):
+    write_shards(shards, corrupt=3, empty=2, truncate=True)
+    from trainer.data.tfsetup import tf
+
+    truncated = sorted(str(p) for p in shards.glob("train-*.tfrecord"))[-1]
+    lost = 25 - sum(1 for _ in tf.data.TFRecordDataset(truncated).ignore_errors())
+    assert 1 <= lost <= 24
+    r = tiny_recipe(shards, "data.max_bad_fraction=0.5")
+    stream = data.open_stage(r, 0, data.Host())
+    batches = [next(stream)]
+    while batches[-1][1]["epoch"] == 0:
+        batches.append(next(stream))
+    for batch, _ in batches:
+        assert batch["images"].shape[0] == 8 and (batch["texts"][:, 0] == 4).all()  # only good rows
+    # epoch 0 = 100 records, of which 3 undecodable, 2 with empty captions and `lost` never read from the truncated
+    # shard; its 100 - 5 - lost good rows fill whole batches, the rest is dropped with the epoch
+    assert len(batches) - 1 == (100 - 5 - lost) // 8
+    _, position = batches[-1]
+    assert position["seen"] == 100 + position["consumed"]
+    assert 5 + lost <= position["bad"] <= 5 + lost + 5  # + the bad ones of epoch 1 consumed so far
+
+
+def test_too_many_bad_samples_stop_with_the_shard_named(shards):
+    write_shards(shards, corrupt=40)
+    r = tiny_recipe(shards, "data.max_bad_fraction=0.1")
+    with pytest.raises(BadDataError, match=r"more than data.max_bad_fraction = 0.1; the latest in .*train-0000\d-of"):
+        take(data.open_stage(r, 0, data.Host()), 12)
+
+
+def test_recipe_mistakes_about_data_are_one_line(shards):
+    write_shards(shards)
+    with pytest.raises(recipe.RecipeError, match=r'data.train = ".*/nothing-\*" matches no files'):
+        next(data.open_stage(tiny_recipe(shards, train="nothing-*"), 0, data.Host()))
+    with pytest.raises(recipe.RecipeError, match=r"text\.vocab_rows = 4 is less than the 13 entries"):
+        next(data.open_stage(tiny_recipe(shards, "text.vocab_rows=4"), 0, data.Host()))
+
+
+def test_prepare_folder_from_tsv_and_jsonl(tmp_path):
+    from click.testing import CliRunner
+
+    from trainer.data.prepare import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(5):
+        (images / f"{i}.png").write_bytes(image_bytes("png", i))
+    (tmp_path / "c.tsv").write_text("".join(f"{i}.png\tcaption {i}\trecaption {i}\n" for i in range(6)))
+    out = CliRunner().invoke(main, ["folder", str(images), str(tmp_path / "c.tsv"), str(tmp_path / "tsv")])
+    assert out.exit_code == 0, out.output
+    assert "train: 5 samples" in out.output and "(1 missing files)" in out.output
+    assert sum(json.loads((tmp_path / "tsv" / "index.json").read_text()).values()) == 5
+    lines = [json.dumps({"file": f"{i}.png", "caption": f"c {i}", "label": i}) for i in range(5)]
+    (tmp_path / "c.jsonl").write_text("\n".join(lines))
+    out = CliRunner().invoke(
+        main, ["folder", str(images), str(tmp_path / "c.jsonl"), str(tmp_path / "j"), "--prefix", "val"]
+    )
+    assert out.exit_code == 0, out.output
+    from trainer.data.tfsetup import tf
+
+    parsed = [
+        examples.parse(r, ("txt",), with_label=True)
+        for r in tf.data.TFRecordDataset(sorted(str(p) for p in (tmp_path / "j").glob("val-*.tfrecord")))
+    ]
+    assert sorted(int(p["label"]) for p in parsed) == [0, 1, 2, 3, 4]
+    (tmp_path / "bad.tsv").write_text("0.png\n")
+    out = CliRunner().invoke(main, ["folder", str(images), str(tmp_path / "bad.tsv"), str(tmp_path / "x")])
+    assert out.exit_code == 2 and "bad.tsv:1: expected file<TAB>caption" in out.output
+
+
+def test_idx_reader(tmp_path):
+    header = bytes([0, 0, 8, 3]) + (2).to_bytes(4, "big") + (2).to_bytes(4, "big") + (3).to_bytes(4, "big")
+    (tmp_path / "x.idx").write_bytes(header + bytes(range(12)))
+    assert read_idx(tmp_path / "x.idx").tolist() == [[[0, 1, 2], [3, 4, 5]], [[6, 7, 8], [9, 10, 11]]]
+
+
+def test_zero_shot_hits_on_a_hand_checkable_case():
+    from trainer.evals.zeroshot import hits
+
+    classes = np.eye(6, dtype=np.float32)  # class c = axis c
+    images = np.array(
+        [[1, 0, 0, 0, 0, 0], [0.1, 0.9, 0, 0, 0, 0], [0, 0.2, 0.1, 0.9, 0.3, 0.4], [0, 0, 0, 0, 0, 1]], np.float32
+    )
+    labels = np.array([0, 0, 2, -1])  # right; second-best (top-5 only); 5th of 6 (top-5 only); padding
+    top1, top5, seen = np.asarray(hits(images, classes, labels))
+    assert (top1, top5, seen) == (1, 3, 3)

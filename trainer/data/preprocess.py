@@ -1,0 +1,60 @@
+"""Image preprocessing in the tf.data graph: uint8 in, uint8 out (the model scales to [-1, 1] on the device).
+
+Training: random-resized crop (area [crop_min_area, 1], aspect 3/4-4/3, as OpenVision), optional colour jitter
+(brightness, contrast, saturation, hue; with p 0.8) and grayscale (p 0.2), no flip. Evaluation: resize the shorter
+side, centre crop. Randomness is stateless, seeded per sample: the same sample gets the same crop on a resumed run.
+"""
+
+from __future__ import annotations
+
+from trainer.data.tfsetup import tf
+
+
+def decode(image_bytes: tf.Tensor) -> tf.Tensor:
+    """JPEG, PNG, WebP, GIF (first frame) or BMP -> (H, W, 3) uint8; raises on anything undecodable."""
+    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def train_image(image: tf.Tensor, resolution: int, seed: tf.Tensor, min_area: float, jitter: float) -> tf.Tensor:
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image),
+        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        seed=seed,
+        area_range=(min_area, 1.0),
+        aspect_ratio_range=(3 / 4, 4 / 3),
+        min_object_covered=0.0,
+        use_image_if_no_bounding_boxes=True,
+    )
+    image = tf.slice(image, begin, size)
+    image = tf.image.resize(image, (resolution, resolution), method="bilinear", antialias=True)
+    if jitter > 0:
+        image = colour_jitter(image / 255.0, tf.random.experimental.stateless_split(seed, 1)[0], jitter) * 255.0
+    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
+def colour_jitter(image: tf.Tensor, seed: tf.Tensor, strength: float) -> tf.Tensor:
+    """SimCLR-style: with p 0.8 brightness/contrast/saturation/hue jitter, then with p 0.2 grayscale; [0, 1] floats."""
+    seeds = tf.random.experimental.stateless_split(seed, 6)
+    s = strength
+
+    def jittered() -> tf.Tensor:
+        x = tf.image.stateless_random_brightness(image, 0.8 * s, seeds[0])
+        x = tf.image.stateless_random_contrast(x, 1 - 0.8 * s, 1 + 0.8 * s, seeds[1])
+        x = tf.image.stateless_random_saturation(x, 1 - 0.8 * s, 1 + 0.8 * s, seeds[2])
+        return tf.clip_by_value(tf.image.stateless_random_hue(x, min(0.2 * s, 0.5), seeds[3]), 0.0, 1.0)
+
+    coin = tf.random.stateless_uniform([2], seeds[4])
+    image = tf.cond(coin[0] < 0.8, jittered, lambda: image)
+    return tf.cond(coin[1] < 0.2, lambda: tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(image)), lambda: image)
+
+
+def eval_image(image: tf.Tensor, resolution: int) -> tf.Tensor:
+    """Shorter side to `resolution`, then the centre square."""
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = resolution / tf.reduce_min(shape)
+    size = tf.cast(tf.math.ceil(shape * scale), tf.int32)
+    image = tf.image.resize(image, size, method="bilinear", antialias=True)
+    image = tf.image.resize_with_crop_or_pad(image, resolution, resolution)
+    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)

@@ -1,0 +1,119 @@
+"""Zero-shot classification: each class's text embedding is the normalised mean over the prompt templates (as CLIP);
+an image's prediction is the class nearest its embedding. Reports top-1 and top-5 accuracy over the whole eval set.
+
+The eval set: TFRecord shards with `image` and int64 `label` (python -m trainer.data.prepare writes them).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from trainer import sharding
+from trainer.data import Host
+from trainer.data.tfdata import list_files, tokenizer_for
+from trainer.data.tfsetup import tf
+from trainer.models.clip import Clip
+from trainer.recipe import Eval, Recipe, RecipeError
+
+SHIPPED = Path(__file__).parent / "data"
+
+
+def read_lines(path: str, default: str, key: str) -> list[str]:
+    file = Path(path) if path else SHIPPED / default
+    if not file.is_file():
+        raise RecipeError(f'{key} = "{path}" does not exist')
+    return [line.strip() for line in file.read_text().splitlines() if line.strip()]
+
+
+def class_embeddings(
+    recipe: Recipe, spec: Eval, key: str, model: Clip, params: Any, mesh: jax.sharding.Mesh
+) -> jnp.ndarray:
+    classnames = read_lines(spec.classnames, "imagenet_classnames.txt", f"{key}.classnames")
+    templates = read_lines(spec.templates, "clip_templates.txt", f"{key}.templates")
+    tokenize = tokenizer_for(recipe)
+    prompts = [t.format(c) if "{}" in t else f"{t} {c}" for c in classnames for t in templates]
+    ids = np.stack([tokenize(tf.constant(p), recipe.text.context_length).numpy() for p in prompts])
+    encode = jax.jit(partial(model.apply, method=Clip.encode_text))
+    text_emb = in_chunks(lambda x: encode({"params": params}, x), ids, mesh)
+    per_class = text_emb.reshape(len(classnames), len(templates), -1).mean(axis=1)
+    return per_class / jnp.linalg.norm(per_class, axis=-1, keepdims=True)
+
+
+def in_chunks(fn: Any, rows: np.ndarray, mesh: jax.sharding.Mesh, chunk: int = 1024) -> jnp.ndarray:
+    """fn over `rows` (the same on every host) in device-divisible chunks; the padding rows are cut off again."""
+    devices = mesh.devices.size
+    chunk = -(-chunk // devices) * devices
+    out = []
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        padded = np.concatenate([part, np.zeros((chunk - len(part), *part.shape[1:]), part.dtype)])
+        out.append(jax.device_get(fn(jax.device_put(padded, sharding.batch_sharding(mesh))))[: len(part)])
+    return jnp.asarray(np.concatenate(out))
+
+
+def labelled_images(files: list[str], resolution: int, batch: int) -> tuple[tf.data.Dataset, int]:
+    from trainer.data import examples, preprocess
+
+    def row(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        ex = examples.parse(serialized, (), with_label=True)
+        return preprocess.eval_image(preprocess.decode(ex[examples.IMAGE]), resolution), ex[examples.LABEL]
+
+    records = tf.data.TFRecordDataset(files)
+    count = int(records.reduce(0, lambda n, _: n + 1).numpy()) if files else 0
+    data = records.map(row, num_parallel_calls=tf.data.AUTOTUNE).batch(batch).prefetch(tf.data.AUTOTUNE)
+    return data, count
+
+
+def evaluate(
+    recipe: Recipe, spec: Eval, model: Clip, params: Any, mesh: jax.sharding.Mesh, resolution: int
+) -> dict[str, float]:
+    index = recipe.evals.index(spec)
+    key = f"evals[{index}]"
+    host = Host(jax.process_index(), jax.process_count())
+    if spec.batch % mesh.devices.size:
+        raise RecipeError(f"{key}.batch = {spec.batch} is not divisible by {mesh.devices.size} devices")
+    classes = class_embeddings(recipe, spec, key, model, params, mesh)
+    files = list_files(spec.path, f"{key}.path")[host.index :: host.count]
+    local = spec.batch // host.count
+    images, count = labelled_images(files, resolution, local)
+    steps = -(-count // local)
+    if host.count > 1:  # every host runs the same number of (padded) batches
+        from jax.experimental import multihost_utils
+
+        steps = int(np.max(multihost_utils.process_allgather(np.array([steps]))))
+    score = jax.jit(partial(_score, model))
+    batch_sharding = sharding.batch_sharding(mesh)
+    totals = np.zeros(3)
+    stream = images.as_numpy_iterator()
+    for _ in range(steps):
+        pixels, labels = next(stream, (np.zeros((0, resolution, resolution, 3), np.uint8), np.zeros((0,), np.int64)))
+        pad = local - len(labels)
+        rows = {
+            "images": np.concatenate([pixels, np.zeros((pad, resolution, resolution, 3), np.uint8)]),
+            "labels": np.concatenate([labels, np.full((pad,), -1)]).astype(np.int32),
+        }
+        arrays = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in rows.items()}
+        totals += np.asarray(jax.device_get(score(params, classes, arrays["images"], arrays["labels"])))
+    top1, top5, seen = totals
+    return {"top1": top1 / max(seen, 1), "top5": top5 / max(seen, 1), "samples": seen}
+
+
+def _score(model: Clip, params: Any, classes: jnp.ndarray, images: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
+    image_emb: jnp.ndarray = model.apply({"params": params}, images, method=Clip.encode_image)  # type: ignore[assignment]
+    return hits(image_emb, classes, labels)
+
+
+def hits(image_emb: jnp.ndarray, classes: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
+    """(top-1 hits, top-5 hits, samples) of a batch: the nearest classes by cosine; label -1 marks padding."""
+    logits = image_emb @ classes.T
+    top = jax.lax.top_k(logits, min(5, classes.shape[0]))[1]
+    valid = labels >= 0
+    hit1 = (top[:, 0] == labels) & valid
+    hit5 = jnp.any(top == labels[:, None], axis=1) & valid
+    return jnp.stack([hit1.sum(), hit5.sum(), valid.sum()]).astype(jnp.float32)
