@@ -48,18 +48,16 @@ def shards(tmp_path):
 
 def tiny_recipe(directory: Path, *overrides: str, train: str = "train-*.tfrecord") -> recipe.Recipe:
     root = Path(__file__).resolve().parents[1]
-    return recipe.load(
-        root / "recipes" / "tiny.toml",
-        [
-            f"data.train={directory}/{train}",
-            f"text.vocab={directory}/vocab.txt",
-            "text.context_length=8",
-            "text.caption_length=6",
-            "data.shuffle_buffer=30",
-            "stages.0.global_batch=8",
-            *overrides,
-        ],
-    )
+    settings = {
+        "data.train": f"{directory}/{train}",
+        "text.vocab": f"{directory}/vocab.txt",
+        "text.context_length": "8",
+        "text.caption_length": "6",
+        "data.shuffle_buffer": "30",
+        "stages.0.global_batch": "8",
+    }
+    settings.update(item.split("=", 1) for item in overrides)
+    return recipe.load(root / "recipes" / "tiny.toml", [f"{k}={v}" for k, v in settings.items()])
 
 
 def take(iterator, n):
@@ -191,3 +189,72 @@ def test_zero_shot_hits_on_a_hand_checkable_case():
     labels = np.array([0, 0, 2, -1])  # right; second-best (top-5 only); 5th of 6 (top-5 only); padding
     top1, top5, seen = np.asarray(hits(images, classes, labels))
     assert (top1, top5, seen) == (1, 3, 3)
+
+
+def write_tars(directory: Path) -> None:
+    """2 tars x 10 samples as img2dataset writes them; sample 3's image is garbage; the second tar is cut short."""
+    import tarfile
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for t in range(2):
+        path = directory / f"{t:05d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for i in range(10):
+                key = f"{t:05d}{i:04d}"
+                members = {
+                    f"{key}.jpg": b"garbage" if (t, i) == (0, 3) else image_bytes("jpeg", 10 * t + i),
+                    f"{key}.txt": f"a photo of {('red', 'blue')[i % 2]} cats .".encode(),
+                    f"{key}.json": json.dumps({"key": key, "llava_caption": "a dog"}).encode(),
+                }
+                for name, payload in members.items():
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+        if t == 1:
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_webdataset_tars_are_read_directly_and_resume_exactly(shards):
+    write_tars(shards / "wds")
+    r = tiny_recipe(shards, "data.source=webdataset", "stages.0.global_batch=4", train="wds/*.tar")
+    first = take(data.open_stage(r, 0, data.Host()), 6)
+    assert all(b["images"].shape == (4, 21, 21, 3) for b, _ in first)
+    assert {tuple(row[:4]) for b, _ in first for row in b["texts"]} <= {(4, 5, 6, 10), (4, 5, 6, 11)}
+    assert all(b["captions"][0].tolist() == [4, 9, 2, 0, 0, 0] for b, _ in first)  # the re-caption from the JSON
+    epoch0 = [p for _, p in first if p["epoch"] == 0]
+    assert epoch0[-1]["bad"] == 1  # the garbage image; the cut tar just ends (no index to count against)
+    resumed = take(data.open_stage(r, 0, data.Host(), first[2][1]), 3)
+    for (a, pa), (b, pb) in zip(first[3:6], resumed, strict=True):
+        assert pa == pb and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_prepare_webdataset_to_tfrecord(tmp_path):
+    from click.testing import CliRunner
+
+    from trainer.data.prepare import main
+
+    write_tars(tmp_path / "wds")
+    out = CliRunner().invoke(main, ["webdataset", f"{tmp_path}/wds/*.tar", str(tmp_path / "tf"), "--shards", "2"])
+    assert out.exit_code == 0, out.output
+    count = int(out.output.split("train: ")[1].split()[0])
+    assert 10 < count < 20 and "from 2 tars" in out.output  # all of the first tar, part of the cut one
+    assert sum(json.loads((tmp_path / "tf" / "index.json").read_text()).values()) == count
+
+
+def test_recall_at_k_on_a_hand_checkable_case():
+    from trainer.evals.retrieval import recall_at_k
+
+    # 3 images, 4 captions: captions 0, 1 belong to image 0; caption 2 to image 1; caption 3 to image 2
+    owner = np.array([0, 0, 1, 2])
+    sim = np.array(
+        [
+            [0.1, 0.9, 0.2, 0.0],  # image 0: best caption 1 (its own) -> i2t hit at 1
+            [0.8, 0.1, 0.7, 0.0],  # image 1: best caption 0 (not its own), then 2 (its own) -> hit at 2
+            [0.0, 0.0, 0.1, 0.05],  # image 2: caption 2, then 3 (its own) -> hit at 2
+        ]
+    )
+    got = recall_at_k(sim, owner, ks=(1, 2))
+    assert got["i2t_r@1"] == pytest.approx(1 / 3) and got["i2t_r@2"] == 1.0
+    # t2i: caption 0 -> image 1 first (miss@1), image 0 second; caption 1 -> image 0; caption 2 -> image 1 (0.7 > 0.2)
+    # ; caption 3 -> image 2 (0.05 > 0.0)
+    assert got["t2i_r@1"] == pytest.approx(3 / 4) and got["t2i_r@2"] == 1.0

@@ -172,7 +172,7 @@ def test_sigterm_saves_a_checkpoint_before_exiting(reference, trainer, tmp_path)
     saved = sorted(int(p.name) for p in (tmp_path / "pretrain16" / "checkpoints").iterdir())
     assert saved[-1] == last["stage_step"]  # saved right at the step it stopped, not at the last interval
     meta = json.loads((tmp_path / "pretrain16" / "checkpoints" / str(saved[-1]) / "meta" / "metadata").read_text())
-    assert meta["data"] == {"batch": last["stage_step"]}  # with the data position
+    assert meta["data"] == [{"batch": last["stage_step"]}]  # with the data position of every host
     out = trainer.run(tmp_path)
     assert f"resuming at step {last['stage_step']}/12" in out
     got, want = losses(read_jsonl(tmp_path / "metrics.jsonl")), losses(reference[2])
@@ -252,5 +252,7 @@ def test_two_processes_train_together_and_stop_together_on_preemption(reference,
     assert f"preempted: saved stage pretrain16 step {last}/12" in outs[0]
     saved = sorted(int(p.name) for p in (tmp_path / "pretrain16" / "checkpoints").iterdir())
     assert saved[-1] == last
+    meta = json.loads((tmp_path / "pretrain16" / "checkpoints" / str(last) / "meta" / "metadata").read_text())
+    assert meta["data"] == [{"batch": last}] * 2  # both hosts' data positions
     want = losses(reference[2])
     assert losses(records) == pytest.approx({s: want[s] for s in range(1, last + 1)}, rel=2e-4)

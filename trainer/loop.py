@@ -118,7 +118,7 @@ def run_stage(
     position = None
     if resume_step is not None:
         state, meta = ckpt.restore(resume_step, program.abstract_state)
-        position = meta["data"]
+        position = data.my_position(meta["data"], host, report.say)
         report.say(f"stage {stage.name}: resuming at step {resume_step}/{steps}")
     else:
         state = program.init_state(None if params is None else fit_positions(recipe, stage, params))
@@ -161,7 +161,8 @@ def run_stage(
             window, window_steps, timed_steps = None, 0, 0
         report.advance(step)
         if step % every_ckpt == 0 or step == steps or preempted:
-            ckpt.save(state, {"stage": index, "stage_name": stage.name, "step": step, "data": position})
+            positions = data.gather_positions(position, host)  # every host's: each resumes its own stream
+            ckpt.save(state, {"stage": index, "stage_name": stage.name, "step": step, "data": positions})
         if preempted:
             ckpt.wait()
             report.say(f"preempted: saved stage {stage.name} step {step}/{steps}; run the same command to resume")

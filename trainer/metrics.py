@@ -18,14 +18,16 @@ from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
 
 class MetricsLog:
-    def __init__(self, workdir: Path, enabled: bool, start_step: int):
+    def __init__(self, workdir: Path, enabled: bool, start_step: int | None):
+        """start_step: where a (resumed) training run starts; None for a writer that only adds (evaluations)."""
         self.enabled = enabled
         if not enabled:
             return
         self.jsonl = (workdir / "metrics.jsonl").open("a", buffering=1)
         self.events = EventFileWriter(str(workdir / "tensorboard"))
-        restart = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
-        self.events.add_event(event_pb2.Event(wall_time=time.time(), step=start_step, session_log=restart))
+        if start_step is not None:
+            restart = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+            self.events.add_event(event_pb2.Event(wall_time=time.time(), step=start_step, session_log=restart))
 
     def write(self, step: int, record: dict[str, Any]) -> None:
         """One logged step: numbers go to both; strings (the stage name) only to the JSONL."""
@@ -47,11 +49,11 @@ class MetricsLog:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The log as records, keeping for each step the last one written (a resumed run rewrites the steps after its
-    checkpoint)."""
+    """The log as one record per step: later lines update earlier ones (a resumed run rewrites the steps after its
+    checkpoint; `python -m trainer.eval` adds results to a step)."""
     by_step: dict[int, dict[str, Any]] = {}
     for line in path.read_text().splitlines():
         if line.strip():
             record = json.loads(line)
-            by_step[record["step"]] = record
+            by_step.setdefault(record["step"], {}).update(record)
     return [by_step[s] for s in sorted(by_step)]

@@ -59,22 +59,17 @@ class Report:
             self.console.print(line, markup=False, highlight=False)
 
     def table(self, title: str, results: dict[str, float]) -> None:
-        """Evaluation results: one row per eval, one column per metric."""
+        """Evaluation results, a row per metric (narrow enough for any terminal or log file)."""
         if not self.enabled or not results:
             return
         from rich.table import Table
 
-        rows: dict[str, dict[str, float]] = {}
+        table = Table(title=title)
+        for column, justify in (("eval", "left"), ("metric", "left"), ("value", "right")):
+            table.add_column(column, justify=justify, no_wrap=True)  # type: ignore[arg-type]
         for key, value in results.items():
             name, _, metric = key.rpartition("/")
-            rows.setdefault(name, {})[metric] = value
-        metrics = list(dict.fromkeys(m for r in rows.values() for m in r))
-        table = Table(title=title)
-        table.add_column("eval")
-        for metric in metrics:
-            table.add_column(metric, justify="right")
-        for name, values in rows.items():
-            table.add_row(name, *(_number(values.get(m)) for m in metrics))
+            table.add_row(name, metric, _number(value))
         self.console.print(table)
 
     def start_stage(self, stage: Stage, steps: int, done: int) -> None:

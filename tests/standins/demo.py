@@ -1,5 +1,5 @@
 """The local demo: a 4-worker stand-in pod on this machine (real sshd workers, a local Cloud TPU API) and the
-real tpuctl driving it: list, sync, exec, check, kill, clean-logs. Run by `bash .ci/demo` (needs root).
+real tpuctl driving it: list, sync, exec, check, kill, clean-logs. Run by `bash .ci/demo-fleet` (needs root).
 
 It prints each command before running it, exactly as a user would type it against a real pod.
 """

@@ -9,7 +9,8 @@ prefetch ahead: the loop checkpoints the position of the last batch it trained o
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,8 +43,32 @@ def open_stage(
         from trainer.data import synthetic
 
         return synthetic.batches(recipe, stage_index, host, position)
-    if source == "tfrecord":
+    if source in ("tfrecord", "webdataset"):
         from trainer.data import tfdata
 
         return tfdata.batches(recipe, stage_index, host, position)
     raise NotImplementedError(f"data.source = {source!r} is not implemented yet; use tfrecord or synthetic")
+
+
+def gather_positions(position: Position, host: Host) -> list[Position]:
+    """Every host's position, in host order, on every host (a collective: all hosts call it together)."""
+    if host.count == 1:
+        return [position]
+    from jax.experimental import multihost_utils
+
+    raw = json.dumps(position).encode()
+    sizes = multihost_utils.process_allgather(np.array([len(raw)]))
+    padded = np.frombuffer(raw.ljust(int(np.max(sizes))), np.uint8)
+    gathered = multihost_utils.process_allgather(padded)
+    return [json.loads(bytes(row).decode()) for row in np.asarray(gathered).reshape(host.count, -1)]
+
+
+def my_position(saved: list[Position], host: Host, say: Callable[[str], None]) -> Position | None:
+    """This host's saved position. Saved by another number of hosts, the streams cannot be mapped (each host reads
+    its own files) unless they are all the same (the synthetic source): then the stage's data starts over."""
+    if len(saved) == host.count:
+        return saved[host.index]
+    if all(p == saved[0] for p in saved):
+        return saved[0]
+    say(f"data positions of {len(saved)} hosts cannot be mapped onto {host.count}: the stage's data starts over")
+    return None

@@ -116,6 +116,29 @@ def vocab(shards: str, out: str, size: int, caption_key: tuple[str, ...]) -> Non
     click.echo(f"vocab: {build_vocab(texts, size, Path(out))} word pieces -> {out}")
 
 
+@main.command("webdataset")
+@click.argument("tars")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--shards", default=4, show_default=True)
+@click.option("--prefix", default="train", show_default=True, help="Shard file prefix (train, val, ...).")
+@click.option("--recaption-key", default="llava_caption", show_default=True, help="JSON field of the re-caption.")
+def webdataset_to_tfrecord(tars: str, out: str, shards: int, prefix: str, recaption_key: str) -> None:
+    """webdataset tars (comma-separated paths or globs, as img2dataset writes them) -> OUT/PREFIX-*.tfrecord."""
+    from trainer.data import examples, webdataset
+    from trainer.data.tfdata import list_files
+    from trainer.recipe import RecipeError
+
+    try:
+        files = list_files(tars, "TARS")
+    except RecipeError as e:
+        raise UserError(str(e)) from None
+    writer = examples.ShardWriter(Path(out), prefix, shards)
+    for tar in files:
+        for key, parts in webdataset.samples(tar):
+            writer.write(webdataset.to_example(key, parts, "txt", recaption_key))
+    click.echo(f"{prefix}: {writer.close()} samples from {len(files)} tars -> {out}/{prefix}-*.tfrecord")
+
+
 @main.command("folder")
 @click.argument("images", type=click.Path(exists=True, file_okay=False))
 @click.argument("captions", type=click.Path(exists=True, dir_okay=False))

@@ -1,4 +1,4 @@
-"""The training input pipeline over TFRecord shards (tf.data), resumable at the exact sample.
+"""The training input pipeline over TFRecord or webdataset shards (tf.data), resumable at the exact sample.
 
 Per host and epoch: this host's files (every `count`-th of the sorted list) in a seeded order, read interleaved,
 a seeded shuffle buffer of serialized records, then each record numbered (its ordinal in the host's epoch stream),
@@ -150,6 +150,17 @@ class Rows:
         return len(rows["ok"]), list(rows["file"][~rows["ok"]])
 
 
+def shard_records(recipe: Recipe, file: tf.Tensor) -> tf.data.Dataset:
+    """One shard's serialized examples; a damaged shard ends early (counted by the index, where there is one)."""
+    if recipe.data.source == "webdataset":
+        from trainer.data import webdataset
+
+        args = (file, recipe.data.caption_key, recipe.data.recaption_key)
+        spec = tf.TensorSpec((), tf.string)
+        return tf.data.Dataset.from_generator(webdataset.records, args=args, output_signature=spec)
+    return tf.data.TFRecordDataset(file).ignore_errors()
+
+
 def epoch_stream(
     recipe: Recipe, resolution: int, tokenizer: WordPiece, files: list[str], epoch: int, skip: int
 ) -> tf.data.Dataset:
@@ -159,7 +170,7 @@ def epoch_stream(
     order = np.random.default_rng([seed, epoch]).permutation(len(files))
     names = tf.data.Dataset.from_tensor_slices([files[i] for i in order])
     records = names.interleave(
-        lambda f: tf.data.TFRecordDataset(f).ignore_errors().map(lambda r: (f, r)),
+        lambda f: shard_records(recipe, f).map(lambda r: (f, r)),
         cycle_length=min(16, len(files)),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,

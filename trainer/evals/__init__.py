@@ -16,13 +16,11 @@ from trainer.recipe import Recipe
 
 
 def run_all(recipe: Recipe, model: Clip, params: Any, mesh: jax.sharding.Mesh, resolution: int) -> dict[str, float]:
-    from trainer.evals import zeroshot
+    from trainer.evals import retrieval, zeroshot
 
     results: dict[str, float] = {}
     for spec in recipe.evals:
-        if spec.kind == "zeroshot":
-            found = zeroshot.evaluate(recipe, spec, model, params, mesh, resolution)
-        else:
-            raise NotImplementedError(f"evals kind {spec.kind!r} is not implemented yet")
+        evaluate = zeroshot.evaluate if spec.kind == "zeroshot" else retrieval.evaluate
+        found = evaluate(recipe, spec, model, params, mesh, resolution)
         results.update({f"{spec.name}/{k}": v for k, v in found.items()})
     return results

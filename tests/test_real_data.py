@@ -1,0 +1,110 @@
+"""The trainer on real image files end to end: TFRecord shards -> two stages -> zero-shot and retrieval evals in the
+loop, then `python -m trainer.eval` on the checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from trainer.data import examples
+from trainer.metrics import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB = ["[PAD]", "[bos]", "[eos]", "[UNK]", "a", "photo", "of", "red", "blue", "cats", "."]
+
+
+def png(colour: int, seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 60, (28, 28, 3), dtype=np.uint8)
+    pixels[..., 0 if colour == 0 else 2] += 180
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def make_data(d: Path) -> Path:
+    (d / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    names = ("red cats", "blue cats")
+    for split, count in (("train", 96), ("test", 20)):
+        writer = examples.ShardWriter(d, split, 2)
+        for i in range(count):
+            label = i % 2
+            texts = {"txt": f"a photo of {names[label]} ."}
+            writer.write(examples.encode(png(label, i + (1000 if split == "test" else 0)), texts, label, f"{split}{i}"))
+        writer.close()
+    (d / "classnames.txt").write_text("\n".join(names) + "\n")
+    (d / "templates.txt").write_text("a photo of {} .\n")
+    images = d / "images"
+    images.mkdir()
+    entries = []
+    for i in range(6):
+        (images / f"{i}.png").write_bytes(png(i % 2, 5000 + i))
+        sentences = [{"raw": f"a photo of {names[i % 2]} ."}, {"raw": f"{names[i % 2]} ."}]
+        entries.append({"filepath": "images", "filename": f"{i}.png", "split": "test", "sentences": sentences})
+    entries.append({"filepath": "images", "filename": "0.png", "split": "train", "sentences": [{"raw": "x"}]})
+    (d / "karpathy.json").write_text(json.dumps({"images": entries}))
+    recipe = d / "recipe.toml"
+    recipe.write_text(
+        (ROOT / "recipes" / "tiny.toml").read_text()
+        + f'\n[[evals]]\nkind = "retrieval"\nname = "toy_retrieval"\npath = "{d}/karpathy.json"\nbatch = 8\n'
+    )
+    return recipe
+
+
+def run(module: str, recipe: Path, d: Path, *extra: str) -> subprocess.CompletedProcess:
+    overrides = [
+        f"data.train={d}/train-*.tfrecord",
+        f"text.vocab={d}/vocab.txt",
+        "data.shuffle_buffer=50",
+        "stages.0.samples=64",
+        "stages.0.global_batch=16",
+        "stages.0.warmup_steps=1",
+        "stages.1.samples=32",
+        "stages.1.global_batch=16",
+        "stages.1.warmup_steps=1",
+        "log.every_steps=1",
+        f"evals.0.path={d}/test-*.tfrecord",
+        f"evals.0.classnames={d}/classnames.txt",
+        f"evals.0.templates={d}/templates.txt",
+        "evals.0.batch=8",
+    ]
+    args = [sys.executable, "-m", module, str(recipe), "--workdir", str(d / "run")]
+    for item in overrides:
+        args += ["--set", item]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    if module == "trainer":
+        args += ["--compile-cache", str(d / "xla")]
+    return subprocess.run([*args, *extra], env=env, cwd=ROOT, capture_output=True, text=True, timeout=280)
+
+
+def test_train_on_shards_with_evals_then_evaluate_a_checkpoint(tmp_path):
+    recipe = make_data(tmp_path)
+    r = run("trainer", recipe, tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [rec["stage_step"] for rec in records] == [1, 2, 3, 4, 1, 2]
+    ends = [records[3], records[5]]  # each stage's end carries the evals
+    for rec in ends:
+        assert rec["fashion_mnist/samples"] == 20 and 0 <= rec["fashion_mnist/top1"] <= 1
+        assert rec["fashion_mnist/top5"] == 1.0  # 2 classes: always among the top 5
+        assert rec["toy_retrieval/images"] == 6
+        assert 0 <= rec["toy_retrieval/i2t_r@1"] <= rec["toy_retrieval/i2t_r@5"] <= rec["toy_retrieval/i2t_r@10"] == 1
+        assert rec["data_bad"] == 0
+    assert "fashion_mnist" in r.stdout and "toy_retrieval" in r.stdout and "i2t_r@1" in r.stdout  # the tables
+
+    r = run("trainer.eval", recipe, tmp_path, "--stage", "pretrain21", "--checkpoint", "4")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "evals: stage pretrain21 step 4" in r.stdout
+    again = read_jsonl(tmp_path / "run" / "metrics.jsonl")[3]
+    assert again["fashion_mnist/top1"] == records[3]["fashion_mnist/top1"]  # the same params give the same numbers
+    assert again["loss"] == records[3]["loss"]  # added to the step's record, not replacing it
+
+    r = run("trainer.eval", recipe, tmp_path, "--stage", "nope")
+    assert r.returncode == 2 and "--stage nope: the recipe's stages are pretrain21, ft28" in r.stderr

@@ -1,0 +1,72 @@
+"""python -m trainer.eval RECIPE --workdir DIR [--stage NAME] [--checkpoint STEP]
+
+Runs the recipe's [[evals]] on a checkpoint (default: the latest of the last stage that has one), at that stage's
+resolution; prints a table and adds the results to the workdir's metrics (JSONL and TensorBoard) at the checkpoint's
+global step.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from trainer.errors import UserError
+from trainer.recipe import RecipeError, load
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
+@click.option("--workdir", required=True, type=click.Path(file_okay=False), help="The training run's workdir.")
+@click.option("--stage", "stage_name", default="", help="The stage whose checkpoint to evaluate (default: the last).")
+@click.option("--checkpoint", "step", type=int, default=None, help="Its step (default: its latest).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
+def main(recipe_path: str, workdir: str, stage_name: str, step: int | None, overrides: tuple[str, ...]) -> None:
+    """Evaluate a checkpoint of RECIPE's run in WORKDIR."""
+    try:
+        recipe = load(recipe_path, overrides)
+    except RecipeError as e:
+        raise UserError(str(e)) from None
+    if not recipe.evals:
+        raise UserError(f"{recipe_path} has no [[evals]]")
+    names = [s.name for s in recipe.stages]
+    if stage_name and stage_name not in names:
+        raise UserError(f"--stage {stage_name}: the recipe's stages are {', '.join(names)}")
+    import jax
+
+    from trainer import evals, loop, sharding
+    from trainer.metrics import MetricsLog
+    from trainer.models.clip import build
+    from trainer.program import abstract_params
+    from trainer.report import Report
+
+    run_dir = Path(workdir)
+    index, found = None, None
+    for i in reversed(range(len(names))):
+        if stage_name and names[i] != stage_name:
+            continue
+        ckpt = loop.checkpoints(recipe, run_dir, i)
+        found = step if step is not None else ckpt.latest()
+        if found is not None:
+            index = i
+            break
+    if index is None or found is None:
+        raise UserError(f"no checkpoint in {workdir}" + (f" for stage {stage_name}" if stage_name else ""))
+    stage = recipe.stages[index]
+    try:
+        mesh = sharding.make_mesh(recipe.mesh)
+        model = build(recipe)
+        params = ckpt.restore_params(found, abstract_params(model, recipe, stage, mesh))
+    except FileNotFoundError:
+        raise UserError(f"stage {stage.name} has no checkpoint {found} in {workdir}") from None
+    results = evals.run_all(recipe, model, params, mesh, stage.resolution)
+    host0 = jax.process_index() == 0
+    Report(enabled=host0).table(f"evals: stage {stage.name} step {found}", results)
+    metrics = MetricsLog(run_dir, enabled=host0, start_step=None)
+    metrics.write(loop.global_step(recipe, index, found), {"stage": stage.name, "stage_step": found, **results})
+    metrics.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
