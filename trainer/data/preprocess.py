@@ -17,9 +17,9 @@ def decode(image_bytes: tf.Tensor) -> tf.Tensor:
     return image
 
 
-def train_image(image: tf.Tensor, resolution: int, seed: tf.Tensor, min_area: float, jitter: float) -> tf.Tensor:
+def crop_window(shape: tf.Tensor, seed: tf.Tensor, min_area: float) -> tuple[tf.Tensor, tf.Tensor]:
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(image),
+        shape,
         bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
         seed=seed,
         area_range=(min_area, 1.0),
@@ -27,8 +27,26 @@ def train_image(image: tf.Tensor, resolution: int, seed: tf.Tensor, min_area: fl
         min_object_covered=0.0,
         use_image_if_no_bounding_boxes=True,
     )
-    image = tf.slice(image, begin, size)
-    image = tf.image.resize(image, (resolution, resolution), method="bilinear", antialias=True)
+    return begin, size
+
+
+def train_image(image_bytes: tf.Tensor, resolution: int, seed: tf.Tensor, min_area: float, jitter: float) -> tf.Tensor:
+    """Encoded image -> the training crop. A JPEG decodes only its crop window (the most of the work saved)."""
+
+    def jpeg() -> tf.Tensor:
+        begin, size = crop_window(tf.image.extract_jpeg_shape(image_bytes), seed, min_area)
+        window = tf.stack([begin[0], begin[1], size[0], size[1]])
+        return tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
+
+    def other() -> tf.Tensor:
+        image = decode(image_bytes)
+        begin, size = crop_window(tf.shape(image), seed, min_area)
+        return tf.slice(image, begin, size)
+
+    image = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
+    image.set_shape([None, None, 3])
+    # no antialiasing: a random crop is resized by at most a few times, where plain bilinear is what crops get
+    image = tf.image.resize(image, (resolution, resolution), method="bilinear")
     if jitter > 0:
         image = colour_jitter(image / 255.0, tf.random.experimental.stateless_split(seed, 1)[0], jitter) * 255.0
     return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)

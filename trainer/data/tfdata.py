@@ -180,8 +180,8 @@ def epoch_stream(
     caption_keys = (d.caption_key, d.recaption_key) if d.recaption_key else (d.caption_key,)
     blank = {
         "images": tf.zeros((resolution, resolution, 3), tf.uint8),
-        "texts": tf.zeros((t.context_length,), tf.int32),
-        "captions": tf.zeros((t.caption_length,), tf.int32),
+        "texts": tf.constant(""),
+        "captions": tf.constant(""),
     }
 
     def row(ordinal: tf.Tensor, file: tf.Tensor, serialized: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -191,12 +191,11 @@ def epoch_stream(
         target = tf.where(tf.strings.length(target) > 0, target, alt)  # no re-caption: the decoder learns the alt-text
         tf.debugging.assert_greater(tf.strings.length(alt), 0, "empty caption")
         sample_seed = tf.stack([tf.constant(seed, tf.int64) * 7919 + epoch, ordinal])
-        image = preprocess.decode(ex[examples.IMAGE])
-        image = preprocess.train_image(image, resolution, sample_seed, d.crop_min_area, d.color_jitter)
+        image = preprocess.train_image(ex[examples.IMAGE], resolution, sample_seed, d.crop_min_area, d.color_jitter)
         return {
             "images": image,
-            "texts": tokenizer(alt, t.context_length),
-            "captions": tokenizer(target, t.caption_length),
+            "texts": alt,  # tokenized per batch below: one vectorized call instead of one per sample
+            "captions": target,
             "ok": tf.constant(True),
             "ordinal": ordinal,
             "file": file,
@@ -208,5 +207,9 @@ def epoch_stream(
         good = tf.data.Dataset.from_tensors((ordinal, file, serialized)).map(row).ignore_errors()
         return good.concatenate(tf.data.Dataset.from_tensors(marker)).take(1)
 
+    def tokenize(chunk: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        texts = tokenizer.batch(chunk["texts"], t.context_length)
+        return {**chunk, "texts": texts, "captions": tokenizer.batch(chunk["captions"], t.caption_length)}
+
     rows = records.interleave(one, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return rows.batch(256).prefetch(tf.data.AUTOTUNE)
+    return rows.batch(256).map(tokenize, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

@@ -28,9 +28,14 @@ class WordPiece:
 
     def __call__(self, text: tf.Tensor, length: int) -> tf.Tensor:
         """(,) string -> (length,) int32: the word pieces, [eos], then padding."""
-        pieces = self.tokenizer.tokenize(tf.expand_dims(text, 0)).merge_dims(-2, -1)[0]
-        ids = tf.concat([pieces[: length - 1], [EOS_ID]], axis=0)
-        return tf.pad(ids, [[0, length - tf.shape(ids)[0]]])
+        return self.batch(tf.expand_dims(text, 0), length)[0]
+
+    def batch(self, texts: tf.Tensor, length: int) -> tf.Tensor:
+        """(B,) strings -> (B, length) int32, each: its word pieces (at most length - 1), [eos], then padding."""
+        pieces = self.tokenizer.tokenize(texts).merge_dims(-2, -1)[:, : length - 1]
+        eos = tf.fill([tf.shape(texts)[0], 1], EOS_ID)
+        ids = tf.concat([pieces, tf.RaggedTensor.from_tensor(eos)], axis=1)
+        return ids.to_tensor(default_value=PAD_ID, shape=[None, length])
 
 
 def build_vocab(texts: tf.data.Dataset, size: int, out: Path) -> int:
