@@ -51,12 +51,9 @@ def measure(options: dict[str, Any]) -> dict[str, Any]:
     from trainer.models import flops
     from trainer.models.clip import build
     from trainer.program import compile_stage
-    from trainer.recipe import check_devices
 
     recipe = from_dict(bench_recipe(options))
-    check_devices(recipe, jax.device_count(), jax.process_count())
-    mesh = sharding.make_mesh(recipe.mesh)
-    sharding.check_model_fits(recipe, mesh.devices.shape)
+    mesh = sharding.checked_mesh(recipe)
     stage = recipe.stages[0]
     program = compile_stage(build(recipe), recipe, stage, mesh)
     state = program.init_state()

@@ -55,11 +55,13 @@ def main(recipe_path: str, workdir: str, stage_name: str, step: int | None, over
         raise UserError(f"no checkpoint in {workdir}" + (f" for stage {stage_name}" if stage_name else ""))
     stage = recipe.stages[index]
     try:
-        mesh = sharding.make_mesh(recipe.mesh)
+        mesh = sharding.checked_mesh(recipe)
         model = build(recipe)
         params = ckpt.restore_params(found, abstract_params(model, recipe, stage, mesh))
     except FileNotFoundError:
         raise UserError(f"stage {stage.name} has no checkpoint {found} in {workdir}") from None
+    except RecipeError as e:  # what depends on the devices
+        raise UserError(str(e)) from None
     results = evals.run_all(recipe, model, params, mesh, stage.resolution)
     host0 = jax.process_index() == 0
     Report(enabled=host0).table(f"evals: stage {stage.name} step {found}", results)

@@ -28,7 +28,7 @@ from trainer.models.clip import Clip, build
 from trainer.models.vit import resize_positions
 from trainer.preemption import Preemption
 from trainer.program import abstract_params, compile_stage
-from trainer.recipe import Recipe, Stage, check_devices
+from trainer.recipe import Recipe, Stage
 from trainer.report import Report
 
 
@@ -50,7 +50,9 @@ class Outcome:
 def find_start(recipe: Recipe, workdir: Path) -> Start:
     stages = recipe.stages
     for index in reversed(range(len(stages))):
-        latest = checkpoints(recipe, workdir, index).latest()
+        ckpt = checkpoints(recipe, workdir, index)
+        latest = ckpt.latest()
+        ckpt.close()  # run_stage opens its own manager
         if latest is None:
             continue
         if latest < recipe.stage_steps(stages[index]):
@@ -65,9 +67,7 @@ def checkpoints(recipe: Recipe, workdir: Path, index: int) -> StageCheckpoints:
 
 def run(recipe: Recipe, workdir: Path) -> Outcome:
     """Train what is left of the recipe in `workdir`."""
-    check_devices(recipe, jax.device_count(), jax.process_count())
-    mesh = sharding.make_mesh(recipe.mesh)
-    sharding.check_model_fits(recipe, mesh.devices.shape)
+    mesh = sharding.checked_mesh(recipe)
     workdir.mkdir(parents=True, exist_ok=True)
     host = data.Host(jax.process_index(), jax.process_count())
     start = find_start(recipe, workdir)

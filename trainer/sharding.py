@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from trainer.models import variants
 from trainer.recipe import Mesh as MeshConfig
-from trainer.recipe import Recipe, RecipeError
+from trainer.recipe import Recipe, RecipeError, check_devices
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -67,6 +67,15 @@ def check_model_fits(recipe: Recipe, shape: tuple[int, int, int]) -> None:
                 raise RecipeError(f"mesh.{axis} = {ways} does not divide the {count} {what} of {key} = {name}")
     if recipe.text.vocab_rows % tensor:
         raise RecipeError(f"mesh.tensor = {tensor} does not divide text.vocab_rows = {recipe.text.vocab_rows}")
+
+
+def checked_mesh(recipe: Recipe) -> Mesh:
+    """The recipe's mesh over the devices JAX sees, after every check that needs them (batches split evenly over
+    devices and hosts, the model's axes over the mesh): one line naming the key otherwise."""
+    check_devices(recipe, jax.device_count(), jax.process_count())
+    mesh = make_mesh(recipe.mesh)
+    check_model_fits(recipe, mesh.devices.shape)
+    return mesh
 
 
 def make_mesh(config: MeshConfig, devices: list[Any] | None = None) -> Mesh:

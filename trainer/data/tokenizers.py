@@ -26,10 +26,6 @@ class WordPiece:
             self.size = sum(1 for line in fh if line.strip())
         self.tokenizer = tf_text.BertTokenizer(vocab_file, lower_case=True, token_out_type=tf.int32)
 
-    def __call__(self, text: tf.Tensor, length: int) -> tf.Tensor:
-        """(,) string -> (length,) int32: the word pieces, [eos], then padding."""
-        return self.batch(tf.expand_dims(text, 0), length)[0]
-
     def batch(self, texts: tf.Tensor, length: int) -> tf.Tensor:
         """(B,) strings -> (B, length) int32, each: its word pieces (at most length - 1), [eos], then padding."""
         pieces = self.tokenizer.tokenize(texts).merge_dims(-2, -1)[:, : length - 1]

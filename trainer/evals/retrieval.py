@@ -6,7 +6,6 @@ text->image: a caption is a hit when its image is among the K images nearest to 
 from __future__ import annotations
 
 import json
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import numpy as np
 from trainer.data import preprocess
 from trainer.data.tfdata import tokenizer_for
 from trainer.data.tfsetup import tf
-from trainer.evals.zeroshot import in_chunks
+from trainer.evals.zeroshot import encoders, in_chunks
 from trainer.models.clip import Clip
 from trainer.recipe import Eval, Recipe, RecipeError
 
@@ -64,14 +63,13 @@ def evaluate(
     key = f"evals[{recipe.evals.index(spec)}]"
     files, captions, owner = read_karpathy(spec.path, key)
     tokenize = tokenizer_for(recipe)
-    ids = np.stack([tokenize(tf.constant(c), recipe.text.context_length).numpy() for c in captions])
+    ids = tokenize.batch(tf.constant(captions), recipe.text.context_length).numpy()
 
     def load(path: tf.Tensor) -> tf.Tensor:
         return preprocess.eval_image(preprocess.decode(tf.io.read_file(path)), resolution)
 
     pixels = np.concatenate(list(tf.data.Dataset.from_tensor_slices(files).map(load).batch(256).as_numpy_iterator()))
-    encode_text = jax.jit(partial(model.apply, method=Clip.encode_text))
-    encode_image = jax.jit(partial(model.apply, method=Clip.encode_image))
+    encode_text, encode_image = encoders(model)
     text_emb = np.asarray(in_chunks(lambda x: encode_text({"params": params}, x), ids, mesh, spec.batch))
     image_emb = np.asarray(in_chunks(lambda x: encode_image({"params": params}, x), pixels, mesh, spec.batch))
     return {**recall_at_k(image_emb @ text_emb.T, owner), "images": float(len(files))}

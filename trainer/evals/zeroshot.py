@@ -6,7 +6,8 @@ The eval set: TFRecord shards with `image` and int64 `label` (python -m trainer.
 
 from __future__ import annotations
 
-from functools import partial
+from collections.abc import Callable
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +39,24 @@ def class_embeddings(
     templates = read_lines(spec.templates, "clip_templates.txt", f"{key}.templates")
     tokenize = tokenizer_for(recipe)
     prompts = [t.format(c) if "{}" in t else f"{t} {c}" for c in classnames for t in templates]
-    ids = np.stack([tokenize(tf.constant(p), recipe.text.context_length).numpy() for p in prompts])
-    encode = jax.jit(partial(model.apply, method=Clip.encode_text))
-    text_emb = in_chunks(lambda x: encode({"params": params}, x), ids, mesh)
+    ids = tokenize.batch(tf.constant(prompts), recipe.text.context_length).numpy()
+    encode_text, _ = encoders(model)
+    text_emb = in_chunks(lambda x: encode_text({"params": params}, x), ids, mesh)
     per_class = text_emb.reshape(len(classnames), len(templates), -1).mean(axis=1)
     return per_class / jnp.linalg.norm(per_class, axis=-1, keepdims=True)
+
+
+@cache
+def encoders(model: Clip) -> tuple[Callable[..., jnp.ndarray], Callable[..., jnp.ndarray]]:
+    """Jitted (text, image) encoders of a model, made once: evals every N steps reuse the compiled programs."""
+    return jax.jit(partial(model.apply, method=Clip.encode_text)), jax.jit(
+        partial(model.apply, method=Clip.encode_image)
+    )
+
+
+@cache
+def scorer(model: Clip) -> Callable[..., jnp.ndarray]:
+    return jax.jit(partial(_score, model))
 
 
 def in_chunks(fn: Any, rows: np.ndarray, mesh: jax.sharding.Mesh, chunk: int = 1024) -> jnp.ndarray:
@@ -65,7 +79,11 @@ def labelled_images(files: list[str], resolution: int, batch: int) -> tuple[tf.d
         return preprocess.eval_image(preprocess.decode(ex[examples.IMAGE]), resolution), ex[examples.LABEL]
 
     records = tf.data.TFRecordDataset(files)
-    count = int(records.reduce(0, lambda n, _: n + 1).numpy()) if files else 0
+    known = examples.read_index(files)  # the shards' index spares a counting pass over the whole set
+    if all(f in known for f in files):
+        count = sum(known[f] for f in files)
+    else:
+        count = int(records.reduce(0, lambda n, _: n + 1).numpy())
     data = records.map(row, num_parallel_calls=tf.data.AUTOTUNE).batch(batch).prefetch(tf.data.AUTOTUNE)
     return data, count
 
@@ -87,7 +105,7 @@ def evaluate(
         from jax.experimental import multihost_utils
 
         steps = int(np.max(multihost_utils.process_allgather(np.array([steps]))))
-    score = jax.jit(partial(_score, model))
+    score = scorer(model)
     batch_sharding = sharding.batch_sharding(mesh)
     totals = np.zeros(3)
     stream = images.as_numpy_iterator()
@@ -105,8 +123,7 @@ def evaluate(
 
 
 def _score(model: Clip, params: Any, classes: jnp.ndarray, images: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
-    image_emb: jnp.ndarray = model.apply({"params": params}, images, method=Clip.encode_image)  # type: ignore[assignment]
-    return hits(image_emb, classes, labels)
+    return hits(encoders(model)[1]({"params": params}, images), classes, labels)
 
 
 def hits(image_emb: jnp.ndarray, classes: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
