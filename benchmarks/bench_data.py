@@ -2,12 +2,15 @@
 
 The same JPEG files (generated, photo-sized) are read three ways, at 224 px:
   plain     TFRecord -> parse -> decode -> resize 224 -> batch (tf.data, parallel map): the floor to beat
-  trainer   TFRecord shards through trainer.data (seeded shuffle, ordinals, bad-sample markers, random-resized crop,
-            WordPiece of both captions, host-side batching): what the training loop receives
+  trainer   TFRecord shards through trainer.data (seeded shuffle, ordinals, bad-sample accounting, random-resized
+            crop, colour-jitter draws, WordPiece of both captions): what the training loop receives
   trainer   webdataset tars of the same samples through the same pipeline
-Reported: images/s, images/s per core (the machine's cores; every pipeline uses all of them), and trainer / plain.
+This VM's speed drifts by tens of percent between minutes, so the three are measured in alternating rounds (each
+round builds each pipeline afresh, warms it up, times it and drops it, so no other pipeline's threads run meanwhile)
+and each ratio is the median of the per-round ratios. Reported: images/s (wall), images per CPU-second of this
+process (all its threads: the "per core" figure), and trainer / plain for both.
 
-    .venv/bin/python benchmarks/bench_data.py --images 2000 --markdown benchmarks/RESULTS.md
+    .venv/bin/python benchmarks/bench_data.py --rounds 6 --markdown benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
@@ -15,12 +18,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import gc
 import io
 import os
 import platform
+import resource
+import statistics
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -60,42 +67,50 @@ def make_files(d: Path, count: int) -> None:
     writer.close()
 
 
-def plain(d: Path, count: int, batch: int) -> float:
+def plain(d: Path, batch: int) -> Iterator:
     def row(serialized: tf.Tensor) -> tf.Tensor:
         image = tf.io.decode_image(examples.parse(serialized, ())["image"], channels=3, expand_animations=False)
         return tf.cast(tf.image.resize(image, (224, 224)), tf.uint8)
 
     files = sorted(str(p) for p in d.glob("train-*.tfrecord"))
     ds = tf.data.TFRecordDataset(files).repeat().map(row, num_parallel_calls=tf.data.AUTOTUNE).batch(batch)
-    return timed(iter(ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()), count // batch, batch)
+    return iter(ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator())
 
 
-def trainer_pipeline(d: Path, count: int, batch: int, source: str) -> float:
+def trainer_pipeline(d: Path, batch: int, source: str, jitter: float) -> Iterator:
     train = f"{d}/train-*.tfrecord" if source == "tfrecord" else f"{d}/*.tar"
     r = recipe.from_dict(
         {
             "model": {"image": "B/16"},
             "text": {"vocab": f"{d}/vocab.txt", "context_length": 80, "caption_length": 128},
-            "data": {"source": source, "train": train, "shuffle_buffer": 1000, "color_jitter": 0.4},
-            "stages": [{"name": "s", "resolution": 224, "global_batch": batch, "samples": count, "peak_lr": 1e-3}],
+            "data": {"source": source, "train": train, "shuffle_buffer": 1000, "color_jitter": jitter},
+            "stages": [{"name": "s", "resolution": 224, "global_batch": batch, "samples": 10**9, "peak_lr": 1e-3}],
         }
     )
-    stream = (b for b, _ in data.open_stage(r, 0, data.Host()))
-    return timed(stream, count // batch, batch)
+    return (b for b, _ in data.open_stage(r, 0, data.Host()))
 
 
-def timed(batches, steps: int, batch: int) -> float:
-    for _ in range(3):  # warm up: threads, autotuning, the shuffle buffer
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(batches: Iterator, steps: int, batch: int) -> tuple[float, float]:
+    """(images/s, images per CPU-second) over `steps` batches, after 6 that start its threads, tune its parallelism and
+    fill the shuffle buffer."""
+    for _ in range(6):
         next(batches)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), cpu_seconds()
     for _ in range(steps):
         next(batches)
-    return steps * batch / (time.perf_counter() - start)
+    images = steps * batch
+    return images / (time.perf_counter() - wall), images / (cpu_seconds() - cpu)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=2000, help="images timed per pipeline")
+    parser.add_argument("--rounds", type=int, default=6, help="alternating measurement rounds")
+    parser.add_argument("--steps", type=int, default=16, help="timed batches per pipeline and round")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--markdown", help="append the results to this file")
     args = parser.parse_args()
@@ -103,22 +118,36 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         make_files(d, 1000)
-        rows = [("plain tf.data decode + resize (TFRecord)", plain(d, args.images, args.batch))]
-        rows.append(("trainer pipeline, TFRecord", trainer_pipeline(d, args.images, args.batch, "tfrecord")))
-        rows.append(("trainer pipeline, webdataset tar", trainer_pipeline(d, args.images, args.batch, "webdataset")))
-    base = rows[0][1]
+        pipelines: dict[str, Callable[[], Iterator]] = {
+            "plain tf.data decode + resize (TFRecord)": lambda: plain(d, args.batch),
+            "trainer pipeline, TFRecord": lambda: trainer_pipeline(d, args.batch, "tfrecord", 0.4),
+            "trainer pipeline, webdataset tar": lambda: trainer_pipeline(d, args.batch, "webdataset", 0.4),
+        }
+        rounds: dict[str, list[tuple[float, float]]] = {name: [] for name in pipelines}
+        for _ in range(args.rounds):
+            for name, make in pipelines.items():
+                batches = make()  # a fresh pipeline per round: no other one's threads run meanwhile
+                rounds[name].append(timed(batches, args.steps, args.batch))
+                del batches
+                gc.collect()
+    base = rounds["plain tf.data decode + resize (TFRecord)"]
     lines = [
         f"## {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')} — input pipeline, "
         f"{cores} × {platform.processor() or platform.machine()}, Python {platform.python_version()}",
         "",
-        f"Command: `.venv/bin/python benchmarks/bench_data.py --images {args.images} --batch {args.batch}`"
-        " (1,000 generated 400x300 JPEGs, ~40 KB, read repeatedly; 224 px; batch per host as given)",
+        f"Command: `.venv/bin/python benchmarks/bench_data.py --rounds {args.rounds} --steps {args.steps}"
+        f" --batch {args.batch}` (1,000 generated 400x300 JPEGs, ~40 KB, read repeatedly; 224 px; colour jitter 0.4;"
+        f" {args.rounds} alternating rounds of {args.steps} batches; medians)",
         "",
-        "| pipeline | images/s | images/s per core | vs plain |",
-        "|:--|--:|--:|--:|",
+        "| pipeline | images/s | vs plain | images per CPU-second | vs plain |",
+        "|:--|--:|--:|--:|--:|",
     ]
-    for name, rate in rows:
-        lines.append(f"| {name} | {rate:.0f} | {rate / cores:.0f} | {rate / base:.2f}× |")
+    for name, measured in rounds.items():
+        wall = statistics.median(m[0] for m in measured)
+        cpu = statistics.median(m[1] for m in measured)
+        wall_ratio = statistics.median(m[0] / b[0] for m, b in zip(measured, base, strict=True))
+        cpu_ratio = statistics.median(m[1] / b[1] for m, b in zip(measured, base, strict=True))
+        lines.append(f"| {name} | {wall:.0f} | {wall_ratio:.2f}× | {cpu:.0f} | {cpu_ratio:.2f}× |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.markdown:

@@ -137,7 +137,7 @@ def test_recipe_mistakes_about_data_are_one_line(shards):
     write_shards(shards)
     with pytest.raises(recipe.RecipeError, match=r'data.train = ".*/nothing-\*" matches no files'):
         next(data.open_stage(tiny_recipe(shards, train="nothing-*"), 0, data.Host()))
-    with pytest.raises(recipe.RecipeError, match=r"text\.vocab_rows = 4 is less than the 13 entries"):
+    with pytest.raises(recipe.RecipeError, match=r"text\.vocab_rows = 4 is less than the 13 ids of bert_wordpiece"):
         next(data.open_stage(tiny_recipe(shards, "text.vocab_rows=4"), 0, data.Host()))
 
 
@@ -258,3 +258,79 @@ def test_recall_at_k_on_a_hand_checkable_case():
     # t2i: caption 0 -> image 1 first (miss@1), image 0 second; caption 1 -> image 0; caption 2 -> image 1 (0.7 > 0.2)
     # ; caption 3 -> image 2 (0.05 > 0.0)
     assert got["t2i_r@1"] == pytest.approx(3 / 4) and got["t2i_r@2"] == 1.0
+
+
+def test_prepare_tuxpaint_holds_stamps_out_for_retrieval(tmp_path):
+    from click.testing import CliRunner
+
+    from trainer.data.prepare import main
+    from trainer.data.tfsetup import tf
+    from trainer.evals.retrieval import read_karpathy
+
+    stamps = tmp_path / "stamps"
+    for i in range(12):  # Tux Paint's layout: category folders of NAME.png (RGBA) + NAME.txt (English first)
+        folder = stamps / ("animals" if i % 2 else "food")
+        folder.mkdir(parents=True, exist_ok=True)
+        rgba = np.zeros((10, 12, 4), np.uint8)
+        rgba[2:8, 3:9] = (200, 30, 30, 255)  # an opaque red square; the rest transparent
+        Image.fromarray(rgba, "RGBA").save(folder / f"s{i}.png")
+        (folder / f"s{i}.txt").write_text(f"A red thing number {i}.\nfr.utf8=Une chose rouge {i}.\n")
+    (stamps / "food" / "uncaptioned.png").write_bytes((stamps / "food" / "s0.png").read_bytes())
+    out = CliRunner().invoke(main, ["tuxpaint", str(stamps), str(tmp_path / "tux"), "--heldout", "4"])
+    assert out.exit_code == 0, out.output
+    assert "train: 8 samples" in out.output and "held out: 4 images" in out.output
+    images, captions, owner = read_karpathy(str(tmp_path / "tux" / "karpathy.json"), "evals.0")
+    assert len(images) == 4 and owner.tolist() == [0, 1, 2, 3]
+    assert all(c.startswith("A red thing number ") for c in captions)  # the English line only
+    held = {int(c.split()[-1].rstrip(".")) for c in captions}
+    trained = {
+        int(examples.parse(r, ("txt",))["txt"].numpy().decode().split()[-1].rstrip("."))
+        for r in tf.data.TFRecordDataset(sorted(str(p) for p in (tmp_path / "tux").glob("train-*.tfrecord")))
+    }
+    assert not held & trained and held | trained == set(range(12))
+    pixels = np.asarray(Image.open(images[0]).convert("RGB"), np.int16)
+    assert abs(pixels[0, 0] - 255).max() <= 3 and abs(pixels[5, 5] - (200, 30, 30)).max() <= 12  # over white
+    too_many = CliRunner().invoke(main, ["tuxpaint", str(stamps), str(tmp_path / "x"), "--heldout", "12"])
+    assert too_many.exit_code == 2 and "has 12 captioned PNG stamps, not more than --heldout 12" in too_many.output
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    import gzip
+
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def test_prepare_fashion_mnist_from_idx_files(tmp_path):
+    from click.testing import CliRunner
+
+    from trainer.data.prepare import FASHION_CLASSES, FASHION_VERSION, main
+    from trainer.data.tfsetup import tf
+
+    src = tmp_path / "idx"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for images, labels, count in (("train-images", "train-labels", 30), ("t10k-images", "t10k-labels", 12)):
+        write_idx(src / f"{images}-idx3-ubyte.gz", rng.integers(0, 256, (count, 28, 28)))
+        write_idx(src / f"{labels}-idx1-ubyte.gz", np.arange(count) % 10)
+    out = CliRunner().invoke(main, ["fashion-mnist", str(src), str(tmp_path / "fm"), "--vocab-size", "80"])
+    assert out.exit_code == 0, out.output
+    fm = tmp_path / "fm"
+    assert json.loads((fm / "index.json").read_text()).keys() >= {"train-00000-of-00008.tfrecord"}
+    train = [
+        examples.parse(r, ("txt", "llava_caption"))
+        for r in tf.data.TFRecordDataset(sorted(map(str, fm.glob("train-*"))))
+    ]
+    test = [
+        examples.parse(r, (), with_label=True) for r in tf.data.TFRecordDataset(sorted(map(str, fm.glob("test-*"))))
+    ]
+    assert len(train) == 30 and sorted(int(t["label"]) for t in test) == sorted(np.arange(12) % 10)
+    for ex in train:  # every caption names the class of its image
+        assert sum(name in ex["txt"].numpy().decode() for name in FASHION_CLASSES) >= 1
+        assert ex["llava_caption"].numpy().decode().startswith("a grayscale product photo of a ")
+    assert (fm / "classnames.txt").read_text().split("\n")[:2] == ["t-shirt", "trouser"]
+    assert "{}" in (fm / "templates.txt").read_text() and (fm / "vocab.txt").read_text().startswith("[PAD]\n[bos]\n")
+    assert json.loads((fm / "prepared.json").read_text()) == {"fashion-mnist": FASHION_VERSION}
+    assert f'"fashion-mnist": {FASHION_VERSION}' in (Path(__file__).parents[1] / ".ci" / "demo").read_text()
+    missing = CliRunner().invoke(main, ["fashion-mnist", str(tmp_path / "nothing"), str(tmp_path / "x")])
+    assert missing.exit_code == 2 and "apt install dataset-fashion-mnist" in missing.output

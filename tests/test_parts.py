@@ -291,6 +291,7 @@ def clip_flops(r: recipe.Recipe, batch: int) -> tuple[float, int]:
         ["model.pooling='cls'", "stages.0.patch_keep=0.5"],
         ["model.pooling='map'"],
         ["model.decoder='Ti'", "text.caption_length=8"],
+        ["model.decoder='Ti'", "text.caption_length=8", "model.decoder_context='image'"],
     ],
 )
 def test_analytic_forward_flops_match_xla(monkeypatch, overrides):
@@ -308,6 +309,25 @@ def test_analytic_map_head_flops_match_xla(monkeypatch):
     mean_xla, mean_analytic = clip_flops(tiny("stages.0.resolution=32", "model.pooling='mean'"), batch=4)
     # XLA's extra elementwise work in the head (LN, softmax over 16 keys, GELU) is under 1 % of its matmuls
     assert (map_xla - mean_xla) / (map_analytic - mean_analytic) == pytest.approx(1.0, abs=0.02)
+
+
+def test_decoder_context_image_leaves_the_alt_text_out(monkeypatch):
+    shallow(monkeypatch)
+    images = images_of(0, (2, 32, 32, 3))
+    texts = jnp.asarray(np.random.default_rng(0).integers(3, 100, (2, 8)), jnp.int32)
+    captions = jnp.ones((2, 8), jnp.int32)
+    for context, alt_text_matters in (("image+text", True), ("image", False)):
+        r = tiny(
+            "stages.0.resolution=32",
+            "model.decoder='Ti'",
+            "text.caption_length=8",
+            f"model.decoder_context='{context}'",
+        )
+        model = build(r)
+        params = random_params(model, images, texts, captions)
+        logits = [model.apply(params, images, t, captions)["caption_logits"] for t in (texts, texts[::-1])]
+        assert bool(jnp.abs(logits[0] - logits[1]).max() > 1e-4) == alt_text_matters, context
+        assert ("text_proj" in params["params"]["decoder"]) == alt_text_matters
 
 
 # --- synthetic data --------------------------------------------------------------------------------------------

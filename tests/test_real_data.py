@@ -51,8 +51,9 @@ def make_data(d: Path) -> Path:
     entries.append({"filepath": "images", "filename": "0.png", "split": "train", "sentences": [{"raw": "x"}]})
     (d / "karpathy.json").write_text(json.dumps({"images": entries}))
     recipe = d / "recipe.toml"
-    recipe.write_text(
+    recipe.write_text(  # the demo's recipe, a second stage at a higher resolution, and a retrieval eval
         (ROOT / "recipes" / "tiny.toml").read_text()
+        + '\n[[stages]]\nname = "ft28"\nresolution = 28\nglobal_batch = 16\nsamples = 32\npeak_lr = 1e-4\n'
         + f'\n[[evals]]\nkind = "retrieval"\nname = "toy_retrieval"\npath = "{d}/karpathy.json"\nbatch = 8\n'
     )
     return recipe
@@ -63,11 +64,10 @@ def run(module: str, recipe: Path, d: Path, *extra: str) -> subprocess.Completed
         f"data.train={d}/train-*.tfrecord",
         f"text.vocab={d}/vocab.txt",
         "data.shuffle_buffer=50",
+        "data.color_jitter=0.4",  # the real pipeline's draws, applied on the device
         "stages.0.samples=64",
         "stages.0.global_batch=16",
         "stages.0.warmup_steps=1",
-        "stages.1.samples=32",
-        "stages.1.global_batch=16",
         "stages.1.warmup_steps=1",
         "log.every_steps=1",
         f"evals.0.path={d}/test-*.tfrecord",
@@ -99,12 +99,12 @@ def test_train_on_shards_with_evals_then_evaluate_a_checkpoint(tmp_path):
         assert rec["data_bad"] == 0
     assert "fashion_mnist" in r.stdout and "toy_retrieval" in r.stdout and "i2t_r@1" in r.stdout  # the tables
 
-    r = run("trainer.eval", recipe, tmp_path, "--stage", "pretrain21", "--checkpoint", "4")
+    r = run("trainer.eval", recipe, tmp_path, "--stage", "fmnist21", "--checkpoint", "4")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "evals: stage pretrain21 step 4" in r.stdout
+    assert "evals: stage fmnist21 step 4" in r.stdout
     again = read_jsonl(tmp_path / "run" / "metrics.jsonl")[3]
     assert again["fashion_mnist/top1"] == records[3]["fashion_mnist/top1"]  # the same params give the same numbers
     assert again["loss"] == records[3]["loss"]  # added to the step's record, not replacing it
 
     r = run("trainer.eval", recipe, tmp_path, "--stage", "nope")
-    assert r.returncode == 2 and "--stage nope: the recipe's stages are pretrain21, ft28" in r.stderr
+    assert r.returncode == 2 and "--stage nope: the recipe's stages are fmnist21, ft28" in r.stderr

@@ -45,6 +45,7 @@ def bench_recipe(options: dict[str, Any]) -> dict[str, Any]:
 
 def measure(options: dict[str, Any]) -> dict[str, Any]:
     import jax
+    import numpy as np
 
     from trainer import data, sharding
     from trainer.hardware import peak_flops
@@ -58,7 +59,11 @@ def measure(options: dict[str, Any]) -> dict[str, Any]:
     program = compile_stage(build(recipe), recipe, stage, mesh)
     state = program.init_state()
     host = data.Host(jax.process_index(), jax.process_count())
-    batch = program.global_batch(next(data.open_stage(recipe, 0, host))[0])
+    host_batch = next(data.open_stage(recipe, 0, host))[0]
+    if recipe.data.color_jitter > 0:  # the step as real data drives it: colour jitter on the device
+        draws = np.random.default_rng(0).random((len(host_batch["images"]), data.JITTER_DRAWS), np.float32)
+        host_batch = {**host_batch, "colour": draws}
+    batch = program.global_batch(host_batch)
     compile_start = time.perf_counter()
     for _ in range(options["warmup"]):  # the first compiles
         state, metrics = program.step(state, batch)

@@ -36,6 +36,9 @@ class Model:
     image: str = "B/16"  # VARIANT/PATCH, e.g. "L/14"
     text: str = "B"  # text tower variant
     decoder: str = ""  # caption decoder variant ("" = none); OpenVision trains with one
+    # what the decoder cross-attends to: the image's tokens and the alt-text's (OpenVision), or the image's alone
+    # (CapPa-style: where the alt-text already names what the caption says, only then must the image tell it)
+    decoder_context: Literal["image+text", "image"] = "image+text"
     pooling: Literal["mean", "cls", "map"] = "mean"
     posemb: Literal["sincos2d", "learned"] = "sincos2d"
     embed_dim: int = 0  # output width; 0 = the variant's (Ti 192, S 384, B 512, L 768, So400m 1152, H 1024)
@@ -70,7 +73,7 @@ class Data:
     shuffle_buffer: int = 250_000
     seed: int = 0
     epoch_size: int = 1_281_167  # samples per "epoch" when a stage counts epochs (ImageNet-1k's train split)
-    color_jitter: float = 0.4  # strength; 0 = off (applied with p 0.8, grayscale with p 0.2, as OpenVision)
+    color_jitter: float = 0.4  # strength; 0 = off (p 0.8, grayscale p 0.2, as OpenVision; applied on the device)
     crop_min_area: float = 0.4  # random-resized-crop area range [crop_min_area, 1]
     max_bad_fraction: float = 0.01  # stop with an error naming the shard past this fraction of bad samples
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from trainer import losses
+from trainer import augment, losses
 from trainer.models.clip import Clip
 from trainer.recipe import Recipe, Stage
 
@@ -40,10 +40,14 @@ def loss_terms(
     patch_keep: float = 1.0,
     rng: jax.Array | None = None,
 ) -> tuple[jnp.ndarray, dict]:
-    """The weighted total and each term; batch: images, texts (alt-text ids), captions (re-caption ids)."""
+    """The weighted total and each term; batch: images, texts (alt-text ids), captions (re-caption ids), and
+    colour (each sample's jitter draws) when the recipe jitters colours."""
+    images = batch["images"]
+    if "colour" in batch:
+        images = augment.colour_jitter(images, batch["colour"], recipe.data.color_jitter) / 127.5 - 1.0
     out: dict[str, Any] = model.apply(  # type: ignore[assignment]
         {"params": params},
-        batch["images"],
+        images,
         batch["texts"],
         batch.get("captions"),
         patch_keep,

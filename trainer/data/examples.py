@@ -31,11 +31,8 @@ def encode(image: bytes, captions: dict[str, str], label: int | None = None, key
 
 
 def parse(serialized: tf.Tensor, caption_keys: tuple[str, ...], with_label: bool = False) -> dict[str, tf.Tensor]:
-    """In-graph: the image bytes, each caption ("" when missing), the label (-1 when missing) and the key."""
-    spec: dict[str, Any] = {
-        IMAGE: tf.io.FixedLenFeature([], tf.string, default_value=""),
-        KEY: tf.io.FixedLenFeature([], tf.string, default_value=""),
-    }
+    """In-graph: the image bytes, each caption ("" when missing) and the label (-1 when missing)."""
+    spec: dict[str, Any] = {IMAGE: tf.io.FixedLenFeature([], tf.string, default_value="")}
     for name in caption_keys:
         spec[name] = tf.io.FixedLenFeature([], tf.string, default_value="")
     if with_label:

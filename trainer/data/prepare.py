@@ -5,6 +5,8 @@ fashion-mnist SRC OUT   Fashion-MNIST IDX files -> train shards (captions from t
 folder IMAGES CAPTIONS OUT
                         an image folder + a captions file (TSV `file<TAB>caption[<TAB>recaption]` or JSONL with
                         `file`, `caption`, optional `recaption`, `label`) -> shards
+tuxpaint [SRC] OUT      Tux Paint's stamps (Debian: tuxpaint-stamps-default; PNG + English caption each) -> train
+                        shards, and a held-out set as images + a Karpathy-split JSON for the retrieval eval
 vocab SHARDS --out F    a WordPiece vocab learned from the shards' captions
 """
 
@@ -32,13 +34,15 @@ FASHION_CAPTIONS = (
     "catalogue item: {}",
     "a small picture of a {}.",
 )
-FASHION_RECAPTION = "a grayscale, low resolution product photo of a {}, centred on a plain black background."
+FASHION_RECAPTION = "a grayscale product photo of a {}."
 FASHION_TEMPLATES = ("a photo of a {}.", "a black and white photo of a {}.", "a low resolution photo of the {}.", "{}")
 FASHION_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 FASHION_HOME = "/usr/share/datasets/fashion-mnist"  # Debian: apt install dataset-fashion-mnist
+FASHION_VERSION = 2  # of what fashion-mnist writes (OUT/prepared.json); .ci/demo re-prepares any other version
+TUXPAINT_HOME = "/usr/share/tuxpaint/stamps"  # Debian: apt install tuxpaint-stamps-default
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -85,6 +89,7 @@ def fashion_mnist(src: str, out: str, shards: int, vocab_size: int) -> None:
             writer.write(examples.encode(png, texts, label=int(label), key=f"{split}-{i}"))
             captions += [caption] if split == "train" else []
         click.echo(f"{split}: {writer.close()} samples -> {out_dir}/{split}-*.tfrecord")
+    (out_dir / "prepared.json").write_text(json.dumps({"fashion-mnist": FASHION_VERSION}) + "\n")
     (out_dir / "classnames.txt").write_text("\n".join(FASHION_CLASSES) + "\n")
     (out_dir / "templates.txt").write_text("\n".join(FASHION_TEMPLATES) + "\n")
     if vocab_size:
@@ -165,6 +170,56 @@ def folder(images: str, captions: str, out: str, shards: int, prefix: str) -> No
     click.echo(
         f"{prefix}: {total} samples -> {out}/{prefix}-*.tfrecord" + (f" ({skipped} missing files)" if skipped else "")
     )
+
+
+@main.command("tuxpaint")
+@click.argument("src", type=click.Path(file_okay=False), default=TUXPAINT_HOME)
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--heldout", default=150, show_default=True, help="Stamps held out of training, for retrieval.")
+@click.option("--shards", default=4, show_default=True)
+@click.option("--vocab-size", default=2000, show_default=True, help="WordPiece vocabulary size (0 = no vocab).")
+def tuxpaint(src: str, out: str, heldout: int, shards: int, vocab_size: int) -> None:
+    """Tux Paint stamps in SRC (NAME.png + NAME.txt, whose first line is the English caption) -> OUT/train-* shards,
+    OUT/heldout/*.jpg + OUT/karpathy.json (split "test"), OUT/vocab.txt. Transparent pixels become white; the held-out
+    stamps are a seeded random choice."""
+    from trainer.data import examples
+    from trainer.data.tfsetup import tf
+    from trainer.data.tokenizers import build_vocab
+
+    stamps = []
+    for png in sorted(Path(src).rglob("*.png")):
+        text = png.with_suffix(".txt")
+        caption = text.read_text(errors="replace").splitlines()[0].strip() if text.is_file() else ""
+        if caption:
+            stamps.append((png, caption))
+    if len(stamps) <= heldout:
+        raise UserError(
+            f"{src} has {len(stamps)} captioned PNG stamps, not more than --heldout {heldout}: on Debian/Ubuntu"
+            f" `apt install tuxpaint-stamps-default` puts them in {TUXPAINT_HOME}"
+        )
+    order = np.random.default_rng(0).permutation(len(stamps))
+    out_dir = Path(out)
+    (out_dir / "heldout").mkdir(parents=True, exist_ok=True)
+    writer = examples.ShardWriter(out_dir, "train", shards)
+    entries, captions = [], []
+    for rank, i in enumerate(order):
+        png, caption = stamps[i]
+        rgba = tf.cast(tf.io.decode_png(png.read_bytes(), channels=4), tf.float32)
+        rgb = rgba[..., :3] * rgba[..., 3:] / 255.0 + 255.0 * (1 - rgba[..., 3:] / 255.0)  # over white
+        jpeg = tf.io.encode_jpeg(tf.cast(tf.round(rgb), tf.uint8), quality=95).numpy()
+        name = f"{png.parent.name}-{png.stem}.jpg"
+        if rank < heldout:
+            (out_dir / "heldout" / name).write_bytes(jpeg)
+            entries.append({"filepath": "heldout", "filename": name, "split": "test", "sentences": [{"raw": caption}]})
+        else:
+            writer.write(examples.encode(jpeg, {"txt": caption}, key=name))
+            captions.append(caption)
+    (out_dir / "karpathy.json").write_text(json.dumps({"images": entries}, indent=1) + "\n")
+    click.echo(f"train: {writer.close()} samples -> {out_dir}/train-*.tfrecord")
+    click.echo(f"held out: {len(entries)} images -> {out_dir}/heldout/, {out_dir}/karpathy.json")
+    if vocab_size:
+        size = build_vocab(tf.data.Dataset.from_tensor_slices(captions), vocab_size, out_dir / "vocab.txt")
+        click.echo(f"vocab: {size} word pieces -> {out_dir}/vocab.txt")
 
 
 def read_captions(path: Path) -> list[dict]:

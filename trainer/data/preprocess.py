@@ -1,12 +1,14 @@
 """Image preprocessing in the tf.data graph: uint8 in, uint8 out (the model scales to [-1, 1] on the device).
 
-Training: random-resized crop (area [crop_min_area, 1], aspect 3/4-4/3, as OpenVision), optional colour jitter
-(brightness, contrast, saturation, hue; with p 0.8) and grayscale (p 0.2), no flip. Evaluation: resize the shorter
-side, centre crop. Randomness is stateless, seeded per sample: the same sample gets the same crop on a resumed run.
+Training: random-resized crop (area [crop_min_area, 1], aspect 3/4-4/3, as OpenVision), no flip; the
+sample's colour-jitter draws (the device applies them: trainer/augment.py).
+Evaluation: resize the shorter side, centre crop. Randomness is stateless, seeded per sample: the same sample gets the
+same crop on a resumed run.
 """
 
 from __future__ import annotations
 
+from trainer.data import JITTER_DRAWS
 from trainer.data.tfsetup import tf
 
 
@@ -30,13 +32,14 @@ def crop_window(shape: tf.Tensor, seed: tf.Tensor, min_area: float) -> tuple[tf.
     return begin, size
 
 
-def train_image(image_bytes: tf.Tensor, resolution: int, seed: tf.Tensor, min_area: float, jitter: float) -> tf.Tensor:
-    """Encoded image -> the training crop. A JPEG decodes only its crop window (the most of the work saved)."""
+def train_image(image_bytes: tf.Tensor, resolution: int, seed: tf.Tensor, min_area: float) -> tf.Tensor:
+    """Encoded image -> the training crop. A JPEG decodes only its crop window, with the fast integer IDCT (as
+    TF-slim's Inception training input: its error is below what the crop's resize and the jitter change)."""
 
     def jpeg() -> tf.Tensor:
         begin, size = crop_window(tf.image.extract_jpeg_shape(image_bytes), seed, min_area)
         window = tf.stack([begin[0], begin[1], size[0], size[1]])
-        return tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3)
+        return tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3, dct_method="INTEGER_FAST")
 
     def other() -> tf.Tensor:
         image = decode(image_bytes)
@@ -47,25 +50,12 @@ def train_image(image_bytes: tf.Tensor, resolution: int, seed: tf.Tensor, min_ar
     image.set_shape([None, None, 3])
     # no antialiasing: a random crop is resized by at most a few times, where plain bilinear is what crops get
     image = tf.image.resize(image, (resolution, resolution), method="bilinear")
-    if jitter > 0:
-        image = colour_jitter(image / 255.0, tf.random.experimental.stateless_split(seed, 1)[0], jitter) * 255.0
-    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+    return tf.dtypes.saturate_cast(image + 0.5, tf.uint8)  # rounded (bilinear stays within [0, 255])
 
 
-def colour_jitter(image: tf.Tensor, seed: tf.Tensor, strength: float) -> tf.Tensor:
-    """SimCLR-style: with p 0.8 brightness/contrast/saturation/hue jitter, then with p 0.2 grayscale; [0, 1] floats."""
-    seeds = tf.random.experimental.stateless_split(seed, 6)
-    s = strength
-
-    def jittered() -> tf.Tensor:
-        x = tf.image.stateless_random_brightness(image, 0.8 * s, seeds[0])
-        x = tf.image.stateless_random_contrast(x, 1 - 0.8 * s, 1 + 0.8 * s, seeds[1])
-        x = tf.image.stateless_random_saturation(x, 1 - 0.8 * s, 1 + 0.8 * s, seeds[2])
-        return tf.clip_by_value(tf.image.stateless_random_hue(x, min(0.2 * s, 0.5), seeds[3]), 0.0, 1.0)
-
-    coin = tf.random.stateless_uniform([2], seeds[4])
-    image = tf.cond(coin[0] < 0.8, jittered, lambda: image)
-    return tf.cond(coin[1] < 0.2, lambda: tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(image)), lambda: image)
+def colour_draws(seed: tf.Tensor) -> tf.Tensor:
+    """The sample's colour-jitter randomness (trainer.augment applies it on the device)."""
+    return tf.random.stateless_uniform([JITTER_DRAWS], tf.random.experimental.stateless_split(seed, 1)[0])
 
 
 def eval_image(image: tf.Tensor, resolution: int) -> tf.Tensor:

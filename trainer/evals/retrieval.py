@@ -13,8 +13,8 @@ import jax
 import numpy as np
 
 from trainer.data import preprocess
-from trainer.data.tfdata import tokenizer_for
 from trainer.data.tfsetup import tf
+from trainer.data.tokenizers import from_recipe
 from trainer.evals.zeroshot import encoders, in_chunks
 from trainer.models.clip import Clip
 from trainer.recipe import Eval, Recipe, RecipeError
@@ -62,7 +62,7 @@ def evaluate(
 ) -> dict[str, float]:
     key = f"evals[{recipe.evals.index(spec)}]"
     files, captions, owner = read_karpathy(spec.path, key)
-    tokenize = tokenizer_for(recipe)
+    tokenize = from_recipe(recipe)
     ids = tokenize.batch(tf.constant(captions), recipe.text.context_length).numpy()
 
     def load(path: tf.Tensor) -> tf.Tensor:

@@ -17,8 +17,9 @@ import numpy as np
 
 from trainer import sharding
 from trainer.data import Host
-from trainer.data.tfdata import list_files, tokenizer_for
+from trainer.data.tfdata import list_files
 from trainer.data.tfsetup import tf
+from trainer.data.tokenizers import from_recipe
 from trainer.models.clip import Clip
 from trainer.recipe import Eval, Recipe, RecipeError
 
@@ -37,7 +38,7 @@ def class_embeddings(
 ) -> jnp.ndarray:
     classnames = read_lines(spec.classnames, "imagenet_classnames.txt", f"{key}.classnames")
     templates = read_lines(spec.templates, "clip_templates.txt", f"{key}.templates")
-    tokenize = tokenizer_for(recipe)
+    tokenize = from_recipe(recipe)
     prompts = [t.format(c) if "{}" in t else f"{t} {c}" for c in classnames for t in templates]
     ids = tokenize.batch(tf.constant(prompts), recipe.text.context_length).numpy()
     encode_text, _ = encoders(model)

@@ -26,6 +26,7 @@ class Clip(nn.Module):
     decoder: CaptionDecoder | None
     temperature_init: float
     sigmoid: bool = False
+    decoder_sees_text: bool = True
 
     @nn.compact
     def __call__(
@@ -45,7 +46,8 @@ class Clip(nn.Module):
             out["bias"] = self.param("bias", nn.initializers.constant(-10.0), (), jnp.float32)
         if self.decoder is not None and captions is not None:
             inputs = jnp.concatenate([jnp.full_like(captions[:, :1], BOS_ID), captions[:, :-1]], axis=1)
-            out["caption_logits"] = self.decoder(inputs, image_tokens, text_tokens)
+            context = text_tokens if self.decoder_sees_text else None
+            out["caption_logits"] = self.decoder(inputs, image_tokens, context)
         return out
 
     def encode_image(self, images: jnp.ndarray) -> jnp.ndarray:
@@ -84,4 +86,5 @@ def build(recipe: Recipe) -> Clip:
         decoder=decoder,
         temperature_init=recipe.loss.temperature_init,
         sigmoid=recipe.loss.contrastive == "sigmoid",
+        decoder_sees_text=m.decoder_context == "image+text",
     )

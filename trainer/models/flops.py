@@ -31,9 +31,10 @@ def forward_per_sample(recipe: Recipe, stage: Stage) -> int:
         flops += 2 * 2 * image.width * image.mlp
     flops += _blocks(text, t.context_length) + 2 * text.width * embed
     if m.decoder:
-        dec, steps, context = variants.TEXT[m.decoder], t.caption_length, n + t.context_length
+        text_context = t.context_length if m.decoder_context == "image+text" else 0
+        dec, steps, context = variants.TEXT[m.decoder], t.caption_length, n + text_context
         w = dec.width
-        flops += 2 * (n * image.width + t.context_length * text.width) * w  # context projections
+        flops += 2 * (n * image.width + text_context * text.width) * w  # context projections
         flops += _blocks(dec, steps)  # causal self-attention and MLP (the mask is not skipped: counted in full)
         cross = 2 * steps * 2 * w * w + 2 * context * 2 * w * w + 4 * steps * context * w
         flops += dec.depth * cross + 2 * steps * w * t.vocab_rows

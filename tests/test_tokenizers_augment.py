@@ -1,0 +1,89 @@
+"""Tokenizer ids against known values (CLIP's published BPE ids; a WordPiece vocab written here) and the device-side
+colour jitter's maps on hand-checkable cases."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from trainer import augment, recipe
+from trainer.data import tokenizers
+from trainer.data.tfsetup import tf
+
+SOT, EOT = 49406, 49407
+
+
+@pytest.fixture(scope="module")
+def clip_bpe():
+    return tokenizers.ClipBpe()
+
+
+def test_clip_bpe_gives_clips_ids(clip_bpe):
+    # the ids of CLIP's own tokenizer for these (its README's example, and a caption)
+    texts = tf.constant(["a diagram", "a dog", "a photo of a cat", "A  Photo of a CAT.", "123"])
+    ids = clip_bpe.batch(texts, 8).numpy().tolist()
+    assert ids == [
+        [SOT, 320, 22697, EOT, 0, 0, 0, 0],
+        [SOT, 320, 1929, EOT, 0, 0, 0, 0],
+        [SOT, 320, 1125, 539, 320, 2368, EOT, 0],
+        [SOT, 320, 1125, 539, 320, 2368, 269, EOT],  # lower-cased, whitespace collapsed, "." a token
+        [SOT, 272, 273, 274, EOT, 0, 0, 0],  # digits one by one, as CLIP's split
+    ]
+    assert clip_bpe.size == 49408
+
+
+def test_clip_bpe_truncates_keeping_the_end_token_in_the_graph(clip_bpe):
+    ds = tf.data.Dataset.from_tensor_slices(["a photo of a cat on the grass"] * 4).batch(2)
+    rows = [b for b in ds.map(lambda t: clip_bpe.batch(t, 5)).as_numpy_iterator()]
+    assert [r.tolist() for r in rows] == [[[SOT, 320, 1125, 539, EOT]] * 2] * 2
+
+
+def test_wordpiece_ids_and_recipe_choice(tmp_path):
+    vocab = ["[PAD]", "[bos]", "[eos]", "[UNK]", "a", "photo", "of", "cat", "##s", "café", "cafe"]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    wp = tokenizers.WordPiece(str(tmp_path / "vocab.txt"))
+    ids = wp.batch(tf.constant(["A photo of cats", "Café dogs", ""]), 6).numpy().tolist()
+    assert ids == [[4, 5, 6, 7, 8, 2], [10, 3, 2, 0, 0, 0], [2, 0, 0, 0, 0, 0]]  # accents stripped, [UNK], [eos]
+    assert isinstance(tokenizers.from_recipe(text_recipe(tokenizer="clip_bpe", vocab_rows=49408)), tokenizers.ClipBpe)
+    with pytest.raises(recipe.RecipeError, match=r"text\.vocab_rows = 32000 is less than the 49408 ids of clip_bpe"):
+        tokenizers.from_recipe(text_recipe(tokenizer="clip_bpe"))
+    with pytest.raises(recipe.RecipeError, match=r'text\.vocab = "nope\.txt" does not exist'):
+        tokenizers.from_recipe(text_recipe(vocab="nope.txt"))
+
+
+def text_recipe(**text):
+    stage = {"name": "s", "resolution": 28, "global_batch": 8, "samples": 8, "peak_lr": 1e-3}
+    return recipe.from_dict({"model": {"image": "Mu/7"}, "text": text, "stages": [stage]})
+
+
+def draws(*rows):
+    return jnp.array(rows, jnp.float32)
+
+
+NEUTRAL = (0.5, 0.5, 0.5, 0.5)  # brightness +0, contrast x1, saturation x1, hue 0
+
+
+def test_colour_jitter_off_and_neutral_draws_are_the_identity():
+    images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 5, 5, 3)), jnp.uint8)
+    skipped = draws((0.0, 0.0, 1.0, 0.9, 0.95, 0.5), (1.0, 1.0, 0.0, 0.1, 0.81, 0.99))  # jitter? no (p 0.8), grey? no
+    np.testing.assert_allclose(augment.colour_jitter(images, skipped, 0.4), images.astype(np.float32), atol=1e-4)
+    neutral = draws((*NEUTRAL, 0.1, 0.5), (*NEUTRAL, 0.7, 0.9))
+    np.testing.assert_allclose(augment.colour_jitter(images, neutral, 0.4), images.astype(np.float32), atol=1e-3)
+
+
+def test_colour_jitter_brightness_grey_and_hue():
+    rng = np.random.default_rng(1)
+    images = jnp.asarray(rng.integers(40, 200, (1, 6, 6, 3)), jnp.uint8)
+    x = np.asarray(images, np.float32)
+    brighter = augment.colour_jitter(images, draws((1.0, 0.5, 0.5, 0.5, 0.0, 0.9)), 0.1)
+    np.testing.assert_allclose(brighter, np.clip(x + 0.8 * 0.1 * 255, 0, 255), atol=1e-3)  # + 0.8 s, in pixels
+    grey = np.asarray(augment.colour_jitter(images, draws((0.5, 0.5, 0.5, 0.5, 0.9, 0.1)), 0.4))
+    np.testing.assert_allclose(grey[..., 0], x @ augment.LUMA, atol=1e-3)
+    assert np.allclose(grey[..., 0], grey[..., 1]) and np.allclose(grey[..., 1], grey[..., 2])
+    hue = np.asarray(augment.colour_jitter(images, draws((0.5, 0.5, 0.5, 1.0, 0.0, 0.9)), 0.4))
+    np.testing.assert_allclose(hue @ augment.LUMA, x @ augment.LUMA, atol=1e-2)  # a chroma rotation keeps luma
+    assert np.abs(hue - x).max() > 5  # ... and changes the colours
+    contrast = np.asarray(augment.colour_jitter(images, draws((0.5, 0.0, 0.5, 0.5, 0.0, 0.9)), 0.5))
+    mean_grey = (x @ augment.LUMA).mean()
+    np.testing.assert_allclose(contrast, (x - mean_grey) * 0.6 + mean_grey, atol=1e-3)  # x (1 - 0.8 * 0.5)
