@@ -15,7 +15,7 @@ import optax
 from flax import struct
 
 from trainer import augment, losses
-from trainer.models.clip import Clip
+from trainer.models.clip import Clip, pixels_to_model_range
 from trainer.recipe import Recipe, Stage
 
 
@@ -44,7 +44,7 @@ def loss_terms(
     colour (each sample's jitter draws) when the recipe jitters colours."""
     images = batch["images"]
     if "colour" in batch:
-        images = augment.colour_jitter(images, batch["colour"], recipe.data.color_jitter) / 127.5 - 1.0
+        images = pixels_to_model_range(augment.colour_jitter(images, batch["colour"], recipe.data.color_jitter))
     out: dict[str, Any] = model.apply(  # type: ignore[assignment]
         {"params": params},
         images,

@@ -177,11 +177,16 @@ def folder(images: str, captions: str, out: str, shards: int, prefix: str) -> No
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--heldout", default=150, show_default=True, help="Stamps held out of training, for retrieval.")
 @click.option("--shards", default=4, show_default=True)
-@click.option("--vocab-size", default=2000, show_default=True, help="WordPiece vocabulary size (0 = no vocab).")
+@click.option(
+    "--vocab-size",
+    default=0,
+    show_default=True,
+    help="Also learn a WordPiece vocab of this size (0: none; recipes/tuxpaint.toml uses CLIP's BPE).",
+)
 def tuxpaint(src: str, out: str, heldout: int, shards: int, vocab_size: int) -> None:
     """Tux Paint stamps in SRC (NAME.png + NAME.txt, whose first line is the English caption) -> OUT/train-* shards,
-    OUT/heldout/*.jpg + OUT/karpathy.json (split "test"), OUT/vocab.txt. Transparent pixels become white; the held-out
-    stamps are a seeded random choice."""
+    OUT/heldout/*.jpg + OUT/karpathy.json (split "test"), optionally OUT/vocab.txt. Transparent pixels become white;
+    the held-out stamps are a seeded random choice."""
     from trainer.data import examples
     from trainer.data.tfsetup import tf
     from trainer.data.tokenizers import build_vocab

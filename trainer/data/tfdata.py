@@ -105,8 +105,8 @@ def tally(recipe: Recipe, state: dict[str, Any], bad: int, host: Host, shard: st
 def gap_shard(recipe: Recipe, files: list[str], epoch: int, begin: int, ordinals: np.ndarray) -> str:
     """The shard of the last record in [begin, ordinals[-1]] that did not come out (found by reading the epoch's
     record stream again, without decoding: only on the way to an error)."""
-    missing = sorted(set(range(begin, int(ordinals[-1]) + 1)) - set(ordinals.tolist()))
-    for _, (file, _) in record_stream(recipe, files, epoch).skip(missing[-1]).take(1).as_numpy_iterator():
+    last_missing = max(set(range(begin, int(ordinals[-1]) + 1)) - set(ordinals.tolist()))
+    for _, (file, _) in record_stream(recipe, files, epoch).skip(last_missing).take(1).as_numpy_iterator():
         return files[int(file)]
     return files[-1]
 

@@ -60,8 +60,13 @@ class Clip(nn.Module):
 
 
 def to_model_range(images: jnp.ndarray) -> jnp.ndarray:
-    """uint8 pixels -> [-1, 1]; data pipelines ship 1 byte per channel to the device."""
-    return images.astype(jnp.float32) / 127.5 - 1.0 if images.dtype == jnp.uint8 else images
+    """uint8 pixels -> [-1, 1]; data pipelines ship 1 byte per channel to the device. Other dtypes pass through."""
+    return pixels_to_model_range(images) if images.dtype == jnp.uint8 else images
+
+
+def pixels_to_model_range(pixels: jnp.ndarray) -> jnp.ndarray:
+    """Pixel values in [0, 255] (uint8 or float) -> float32 in [-1, 1]."""
+    return pixels.astype(jnp.float32) / 127.5 - 1.0
 
 
 def normalize(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
