@@ -1,7 +1,7 @@
 """Input pipeline throughput: the trainer's full training preprocessing vs plain tf.data decode + resize.
 
-The same JPEG files (generated, photo-sized) are read three ways, at 224 px:
-  plain     TFRecord -> parse -> decode -> resize 224 -> batch (tf.data, parallel map): the floor to beat
+The same JPEG files (generated, photo-sized) are read three ways, at 224 px (or --resolution):
+  plain     TFRecord -> parse -> decode -> resize -> batch (tf.data, parallel map): the floor to beat
   trainer   TFRecord shards through trainer.data (seeded shuffle, ordinals, bad-sample accounting, random-resized
             crop, colour-jitter draws, WordPiece of both captions): what the training loop receives
   trainer   webdataset tars of the same samples through the same pipeline
@@ -40,24 +40,24 @@ from trainer.data.tfsetup import tf
 VOCAB = ["[PAD]", "[bos]", "[eos]", "[UNK]", "a", "photo", "of", "the", "cat", "dog", "on", "grass", "."]
 
 
-def photo(rng: np.random.Generator) -> bytes:
-    """A 400x300 JPEG with smooth structure and noise (compresses like a photo, ~30-60 KB)."""
+def photo(rng: np.random.Generator, width: int = 400, height: int = 300) -> bytes:
+    """A JPEG with smooth structure and noise (compresses like a photo: ~40 KB at 400x300)."""
     coarse = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-    image = Image.fromarray(coarse).resize((400, 300), Image.BICUBIC)
-    pixels = np.asarray(image).astype(np.int16) + rng.integers(-20, 21, (300, 400, 3))
+    image = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
+    pixels = np.asarray(image).astype(np.int16) + rng.integers(-20, 21, (height, width, 3))
     out = io.BytesIO()
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(out, format="JPEG", quality=90)
     return out.getvalue()
 
 
-def make_files(d: Path, count: int) -> None:
+def make_files(d: Path, count: int, width: int = 400, height: int = 300) -> None:
     rng = np.random.default_rng(0)
     (d / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
     writer = examples.ShardWriter(d, "train", 8)
     with contextlib.ExitStack() as stack:
         tars = [stack.enter_context(tarfile.open(d / f"{i:05d}.tar", "w")) for i in range(8)]
         for i in range(count):
-            jpeg = photo(rng)
+            jpeg = photo(rng, width, height)
             caption = "a photo of the cat on the grass ."
             writer.write(examples.encode(jpeg, {"txt": caption, "llava_caption": "a dog on the grass ."}, key=str(i)))
             for name, payload in ((f"{i:08d}.jpg", jpeg), (f"{i:08d}.txt", caption.encode())):
@@ -67,24 +67,26 @@ def make_files(d: Path, count: int) -> None:
     writer.close()
 
 
-def plain(d: Path, batch: int) -> Iterator:
+def plain(d: Path, batch: int, resolution: int) -> Iterator:
     def row(serialized: tf.Tensor) -> tf.Tensor:
         image = tf.io.decode_image(examples.parse(serialized, ())["image"], channels=3, expand_animations=False)
-        return tf.cast(tf.image.resize(image, (224, 224)), tf.uint8)
+        return tf.cast(tf.image.resize(image, (resolution, resolution)), tf.uint8)
 
     files = sorted(str(p) for p in d.glob("train-*.tfrecord"))
     ds = tf.data.TFRecordDataset(files).repeat().map(row, num_parallel_calls=tf.data.AUTOTUNE).batch(batch)
     return iter(ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator())
 
 
-def trainer_pipeline(d: Path, batch: int, source: str, jitter: float) -> Iterator:
+def trainer_pipeline(d: Path, batch: int, source: str, jitter: float, resolution: int = 224) -> Iterator:
     train = f"{d}/train-*.tfrecord" if source == "tfrecord" else f"{d}/*.tar"
     r = recipe.from_dict(
         {
             "model": {"image": "B/16"},
             "text": {"vocab": f"{d}/vocab.txt", "context_length": 80, "caption_length": 128},
             "data": {"source": source, "train": train, "shuffle_buffer": 1000, "color_jitter": jitter},
-            "stages": [{"name": "s", "resolution": 224, "global_batch": batch, "samples": 10**9, "peak_lr": 1e-3}],
+            "stages": [
+                {"name": "s", "resolution": resolution, "global_batch": batch, "samples": 10**9, "peak_lr": 1e-3}
+            ],
         }
     )
     return (b for b, _ in data.open_stage(r, 0, data.Host()))
@@ -112,16 +114,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="alternating measurement rounds")
     parser.add_argument("--steps", type=int, default=16, help="timed batches per pipeline and round")
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--size", default="400x300", help="the generated JPEGs' WIDTHxHEIGHT")
+    parser.add_argument("--resolution", type=int, default=224, help="output size (OpenVision's stages: 84-336)")
     parser.add_argument("--markdown", help="append the results to this file")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        make_files(d, 1000)
+        width, height = (int(n) for n in args.size.split("x"))
+        make_files(d, 1000, width, height)
+        kb = sum(p.stat().st_size for p in d.glob("*.tar")) / 1000 / 1024
+        b, res = args.batch, args.resolution
         pipelines: dict[str, Callable[[], Iterator]] = {
-            "plain tf.data decode + resize (TFRecord)": lambda: plain(d, args.batch),
-            "trainer pipeline, TFRecord": lambda: trainer_pipeline(d, args.batch, "tfrecord", 0.4),
-            "trainer pipeline, webdataset tar": lambda: trainer_pipeline(d, args.batch, "webdataset", 0.4),
+            "plain tf.data decode + resize (TFRecord)": lambda: plain(d, b, res),
+            "trainer pipeline, TFRecord": lambda: trainer_pipeline(d, b, "tfrecord", 0.4, res),
+            "trainer pipeline, webdataset tar": lambda: trainer_pipeline(d, b, "webdataset", 0.4, res),
         }
         rounds: dict[str, list[tuple[float, float]]] = {name: [] for name in pipelines}
         for _ in range(args.rounds):
@@ -136,7 +143,9 @@ def main() -> None:
         f"{cores} × {platform.processor() or platform.machine()}, Python {platform.python_version()}",
         "",
         f"Command: `.venv/bin/python benchmarks/bench_data.py --rounds {args.rounds} --steps {args.steps}"
-        f" --batch {args.batch}` (1,000 generated 400x300 JPEGs, ~40 KB, read repeatedly; 224 px; colour jitter 0.4;"
+        f" --batch {args.batch} --resolution {args.resolution} --size {args.size}` (1,000 generated {args.size}"
+        f" JPEGs, ~{kb:.0f} KB, read"
+        f" repeatedly; {args.resolution} px; colour jitter 0.4;"
         f" {args.rounds} alternating rounds of {args.steps} batches; medians)",
         "",
         "| pipeline | images/s | vs plain | images per CPU-second | vs plain |",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -84,13 +85,45 @@ def test_order_is_seeded_and_resume_is_exact(shards):
     again = take(data.open_stage(r, 0, data.Host()), 20)
     for (a, pa), (b, pb) in zip(first, again, strict=True):
         assert pa == pb and all(np.array_equal(a[k], b[k]) for k in a)
-    assert first[12][1]["epoch"] == 1  # 12 full batches of epoch 0, then epoch 1 (the 4 leftover rows dropped)
-    for cut in (3, 12):  # mid-epoch and at the epoch boundary
+    assert [p["epoch"] for _, p in first[11:13]] == [0, 1]  # batch 12 holds epoch 0's last 4 rows and epoch 1's first
+    for cut in (3, 12, 13):  # mid-epoch, before the batch that spans the epochs' boundary, after it
         resumed = take(data.open_stage(r, 0, data.Host(), first[cut - 1][1]), 5)
         for (a, pa), (b, pb) in zip(first[cut : cut + 5], resumed, strict=True):
             assert pa == pb and all(np.array_equal(a[k], b[k]) for k in a)
     other_seed = take(data.open_stage(tiny_recipe(shards, "data.seed=1"), 0, data.Host()), 1)
     assert not np.array_equal(other_seed[0][0]["images"], first[0][0]["images"])
+
+
+def test_epochs_follow_each_other_without_losing_rows(shards):
+    write_shards(shards)
+    r = tiny_recipe(shards, "data.crop_min_area=1.0")  # whole images: a sample's rows are equal in every epoch
+    two_epochs = take(data.open_stage(r, 0, data.Host()), 25)  # 25 x 8 = 200 rows = 2 x 100 samples
+    seen = [b["images"][i].tobytes() for b, _ in two_epochs for i in range(8)]
+    assert len(set(seen[:100])) == 100 and sorted(seen[:100]) == sorted(seen[100:])  # each sample once per epoch
+    assert seen[:100] != seen[100:]  # in another order
+    assert two_epochs[-1][1] == {"epoch": 1, "consumed": 100, "seen": 200, "bad": 0}
+
+
+def test_unusable_shards_are_refused_up_front(shards):
+    write_shards(shards)
+    with pytest.raises(
+        BadDataError,
+        match=r"first 32 of .*train-00000-of-00004.tfrecord: the caption under "
+        r'data.caption_key = "alt" is empty \(keys: \[.image., .key., .llava_caption., .txt.\]\)',
+    ):
+        take(data.open_stage(tiny_recipe(shards, "data.caption_key=alt"), 0, data.Host()), 1)
+    write_shards(shards, corrupt=100)
+    with pytest.raises(BadDataError, match=r"train-00000-of-00004.tfrecord: the image does not decode"):
+        take(data.open_stage(tiny_recipe(shards), 0, data.Host()), 1)
+    (shards / "wds").mkdir()
+    with tarfile.open(shards / "wds" / "00000.tar", "w") as tar:  # images without their .txt alt-text
+        for i in range(3):
+            info = tarfile.TarInfo(f"{i:04d}.jpg")
+            info.size = len(payload := image_bytes("jpeg", i))
+            tar.addfile(info, io.BytesIO(payload))
+    wds = tiny_recipe(shards, "data.source=webdataset", train="wds/*.tar")
+    with pytest.raises(BadDataError, match=r"first 32 of .*00000.tar: the samples' .txt members .* are empty"):
+        take(data.open_stage(wds, 0, data.Host()), 1)
 
 
 def test_hosts_read_disjoint_shares(shards):
@@ -119,8 +152,8 @@ def test_bad_samples_are_skipped_and_counted(shards):
     for batch, _ in batches:
         assert batch["images"].shape[0] == 8 and (batch["texts"][:, 0] == 4).all()  # only good rows
     # epoch 0 = 100 records, of which 3 undecodable, 2 with empty captions and `lost` never read from the truncated
-    # shard; its 100 - 5 - lost good rows fill whole batches, the rest is dropped with the epoch
-    assert len(batches) - 1 == (100 - 5 - lost) // 8
+    # shard: its 100 - 5 - lost good rows, then the first batch that reaches into epoch 1
+    assert len(batches) == (100 - 5 - lost) // 8 + 1
     _, position = batches[-1]
     assert position["seen"] == 100 + position["consumed"]
     assert 5 + lost <= position["bad"] <= 5 + lost + 5  # + the bad ones of epoch 1 consumed so far
@@ -193,7 +226,6 @@ def test_zero_shot_hits_on_a_hand_checkable_case():
 
 def write_tars(directory: Path) -> None:
     """2 tars x 10 samples as img2dataset writes them; sample 3's image is garbage; the second tar is cut short."""
-    import tarfile
 
     directory.mkdir(parents=True, exist_ok=True)
     for t in range(2):

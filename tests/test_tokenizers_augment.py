@@ -87,3 +87,28 @@ def test_colour_jitter_brightness_grey_and_hue():
     contrast = np.asarray(augment.colour_jitter(images, draws((0.5, 0.0, 0.5, 0.5, 0.0, 0.9)), 0.5))
     mean_grey = (x @ augment.LUMA).mean()
     np.testing.assert_allclose(contrast, (x - mean_grey) * 0.6 + mean_grey, atol=1e-3)  # x (1 - 0.8 * 0.5)
+
+
+@pytest.mark.parametrize("resolution", [224, 112, 84, 40])  # JPEG decoded at 1/2, 1/4, 1/8 and 1/8 scale
+def test_jpeg_crops_decoded_at_a_smaller_scale_match_the_full_decode(resolution):
+    import io
+
+    from PIL import Image
+
+    from trainer.data import preprocess
+
+    coarse = np.random.default_rng(0).integers(0, 256, (12, 16, 3), dtype=np.uint8)
+    pixels = np.asarray(Image.fromarray(coarse).resize((960, 720), Image.BICUBIC))  # smooth, with structure
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG", quality=95)
+    full = tf.io.decode_jpeg(out.getvalue(), channels=3)
+    for sample in range(4):
+        seed = tf.constant([3, sample], tf.int64)
+        got = preprocess.train_image(tf.constant(out.getvalue()), resolution, seed, 0.4).numpy().astype(np.float32)
+        begin, size = preprocess.crop_window(tf.shape(full), seed, 0.4)  # the same window, from the full decode
+        ratio = max(r for r in (1, 2, 4, 8) if int(tf.reduce_min(size[:2])) // resolution >= r)
+        assert ratio >= 2  # the scaled decode is what is checked
+        (top, left), (height, width) = begin[:2] // ratio * ratio, size[:2] // ratio * ratio  # snapped to its pixels
+        window = full[top : top + height, left : left + width]
+        want = tf.image.resize(window, (resolution, resolution), antialias=True).numpy()
+        assert np.abs(got - want).mean() < 3.0, (resolution, sample)  # a window off by one output pixel: ~8

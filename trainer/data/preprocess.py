@@ -8,6 +8,8 @@ same crop on a resumed run.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from trainer.data import JITTER_DRAWS
 from trainer.data.tfsetup import tf
 
@@ -34,12 +36,22 @@ def crop_window(shape: tf.Tensor, seed: tf.Tensor, min_area: float) -> tuple[tf.
 
 def train_image(image_bytes: tf.Tensor, resolution: int, seed: tf.Tensor, min_area: float) -> tf.Tensor:
     """Encoded image -> the training crop. A JPEG decodes only its crop window, with the fast integer IDCT (as
-    TF-slim's Inception training input: its error is below what the crop's resize and the jitter change)."""
+    TF-slim's Inception training input: its error is below what the crop's resize and the jitter change), and at
+    1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) when the window stays at least `resolution` on its shorter side:
+    the low-resolution stages then skip most of the inverse DCT and resize from a smaller image."""
 
     def jpeg() -> tf.Tensor:
         begin, size = crop_window(tf.image.extract_jpeg_shape(image_bytes), seed, min_area)
-        window = tf.stack([begin[0], begin[1], size[0], size[1]])
-        return tf.image.decode_and_crop_jpeg(image_bytes, window, channels=3, dct_method="INTEGER_FAST")
+        fits = tf.reduce_min(size[:2]) // resolution  # how many times over the window covers the output
+        scale = tf.reduce_sum(tf.cast(fits >= tf.constant([2, 4, 8]), tf.int32))  # 0..3: 1/1, 1/2, 1/4, 1/8
+
+        def scaled(ratio: int) -> Callable[[], tf.Tensor]:
+            window = tf.stack([begin[0], begin[1], size[0], size[1]]) // ratio  # in the scaled image's pixels
+            return lambda: tf.image.decode_and_crop_jpeg(
+                image_bytes, window, channels=3, ratio=ratio, dct_method="INTEGER_FAST"
+            )
+
+        return tf.switch_case(scale, [scaled(r) for r in (1, 2, 4, 8)])
 
     def other() -> tf.Tensor:
         image = decode(image_bytes)
@@ -48,7 +60,8 @@ def train_image(image_bytes: tf.Tensor, resolution: int, seed: tf.Tensor, min_ar
 
     image = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
     image.set_shape([None, None, 3])
-    # no antialiasing: a random crop is resized by at most a few times, where plain bilinear is what crops get
+    # no antialiasing: a random crop is resized by less than 2x (bigger ones were scaled in the DCT), where plain
+    # bilinear is what crops get
     image = tf.image.resize(image, (resolution, resolution), method="bilinear")
     return tf.dtypes.saturate_cast(image + 0.5, tf.uint8)  # rounded (bilinear stays within [0, 255])
 

@@ -1,16 +1,17 @@
 """The training input pipeline over TFRecord or webdataset shards (tf.data), resumable at the exact sample.
 
 Per host and epoch: this host's files (every `count`-th of the sorted list) in a seeded order, read interleaved,
-a seeded shuffle buffer of serialized records, then each record numbered (its ordinal in the host's epoch stream),
-parsed, decoded, cropped in parallel and in order, batched, and each batch's captions tokenized in one call. The
-position is (epoch, ordinals consumed): a resumed run rebuilds the same stream and skips the consumed records before
-anything is decoded.
+a seeded shuffle buffer of serialized records, then each record numbered (its ordinal in the host's epoch stream).
+The epochs follow each other in one dataset, so decoding never stops at an epoch's end; the records are parsed,
+decoded, cropped in parallel and in order, batched (a batch may span two epochs), and each batch's captions tokenized
+in one call. The position is (epoch, ordinals consumed): a resumed run rebuilds the same stream and skips the
+consumed records before anything is decoded.
 
 A bad sample (undecodable image, empty caption) fails its map call and is dropped there, but not silently: the
 ordinals that do not come out are the bad ones, counted per host (the shard is looked up only for the error message,
 by reading the record stream again without decoding it). A truncated shard ends early; with the shard set's index
 (record counts) the missing records are counted at the end of the epoch. Past `data.max_bad_fraction` the run stops
-with an error naming the shard.
+with an error naming the shard; a host whose first shard starts with nothing usable stops before streaming.
 """
 
 from __future__ import annotations
@@ -58,34 +59,46 @@ def batches(
     size = stage.global_batch // host.count
     # seen / bad: records (and bad ones) of this host's stream up to the position, so a resumed run counts alike
     state = dict(position or {"epoch": 0, "consumed": 0, "seen": 0, "bad": 0})
-    while True:
-        epoch, start = int(state["epoch"]), int(state["consumed"])
-        good_per_file = np.zeros(len(mine), np.int64)
-        stream = epoch_stream(recipe, stage.resolution, tokenizer, mine, epoch, start, size)
-        end = start  # ordinals [start, end) of this epoch have come out of the stream, good or bad
-        for chunk in stream.as_numpy_iterator():
-            ordinals = chunk["ordinal"]
-            good_per_file += np.bincount(chunk["file"], minlength=len(mine))
+    epoch, end = int(state["epoch"]), int(state["consumed"])  # ordinals [0, end) of `epoch` have come out
+    whole = end == 0  # this epoch is read from its start (its per-shard counts are complete)
+    good_per_file = np.zeros(len(mine), np.int64)
+    preflight(recipe, stage.resolution, mine[0])
+    stream = endless_stream(recipe, stage.resolution, tokenizer, mine, epoch, end, size)
+    for chunk in stream.as_numpy_iterator():
+        # a batch may span the end of one epoch and the start of the next: account for each part in turn
+        for part in np.split(np.arange(size), np.flatnonzero(np.diff(chunk["epoch"])) + 1):
+            while int(chunk["epoch"][part[0]]) > epoch:  # the stream has moved on: what `epoch` never gave is bad
+                finish_epoch(recipe, state, host, mine, expected, good_per_file, end, whole)
+                epoch, end, whole = epoch + 1, 0, True
+                good_per_file[:] = 0
+            ordinals = chunk["ordinal"][part]
+            good_per_file += np.bincount(chunk["file"][part], minlength=len(mine))
             begin, end = end, int(ordinals[-1]) + 1
             state["seen"] += end - begin
-            if len(ordinals) == size:
-                state["consumed"] = end
             gap = partial(gap_shard, recipe, mine, epoch, begin, ordinals)
             tally(recipe, state, end - begin - len(ordinals), host, gap)
-            if len(ordinals) < size:
-                # the epoch's last rows, short of a batch: dropped with their epoch (counted as seen). No `break`:
-                # the iterator is run to its end, since deleting one that has not ended stalled for 8-56 s here.
-                continue
-            yield {k: v for k, v in chunk.items() if k not in ("ordinal", "file")}, dict(state)
-        if start == 0 and (expected >= 0).all():
-            # the whole epoch was read: records the index promises that never came out (a truncated shard's, or bad
-            # ones after the last good row) are bad too
-            missing = int(expected.sum()) - end
-            short = [f for f, n, good in zip(mine, expected, good_per_file, strict=True) if good < n] or mine
-            state["seen"] += missing
-            tally(recipe, state, missing, host, short[-1])
-        state["epoch"] = epoch + 1
-        state["consumed"] = 0
+        state["epoch"], state["consumed"] = epoch, end
+        yield {k: v for k, v in chunk.items() if k not in ("epoch", "ordinal", "file")}, dict(state)
+
+
+def finish_epoch(
+    recipe: Recipe,
+    state: dict[str, Any],
+    host: Host,
+    files: list[str],
+    expected: np.ndarray,
+    good_per_file: np.ndarray,
+    end: int,
+    whole: bool,
+) -> None:
+    """At an epoch's end: records the index promises that never came out (a truncated shard's, or bad ones after
+    the last good row) are bad too. Without an index for every shard nothing more can be known."""
+    if not (expected >= 0).all():
+        return
+    missing = int(expected.sum()) - end
+    state["seen"] += missing
+    short = [f for f, n, good in zip(files, expected, good_per_file, strict=True) if good < n] if whole else []
+    tally(recipe, state, missing, host, (short or files)[-1])
 
 
 def tally(recipe: Recipe, state: dict[str, Any], bad: int, host: Host, shard: str | Callable[[], str]) -> None:
@@ -112,23 +125,36 @@ def gap_shard(recipe: Recipe, files: list[str], epoch: int, begin: int, ordinals
 
 
 def shard_records(recipe: Recipe, file: tf.Tensor) -> tf.data.Dataset:
-    """One shard's serialized examples; a damaged shard ends early (counted by the index, where there is one)."""
+    """One shard's records: serialized examples, or a tar's (image, alt-text, re-caption) bytes; a damaged shard ends
+    early (counted by the index, where there is one)."""
     if recipe.data.source == "webdataset":
         from trainer.data import webdataset
 
-        args = (file, recipe.data.caption_key, recipe.data.recaption_key)
-        spec = tf.TensorSpec((), tf.string)
-        return tf.data.Dataset.from_generator(webdataset.records, args=args, output_signature=spec)
+        spec = (tf.TensorSpec([None], tf.string),) * 3
+        chunks = tf.data.Dataset.from_generator(
+            webdataset.chunks, args=(file, recipe.data.recaption_key), output_signature=spec
+        )
+        return chunks.unbatch()
     return tf.data.TFRecordDataset(file).ignore_errors()
 
 
-def record_stream(recipe: Recipe, files: list[str], epoch: int) -> tf.data.Dataset:
+def record_fields(recipe: Recipe, record: tf.Tensor | tuple[tf.Tensor, ...]) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(image bytes, alt-text, re-caption: "" when missing) of a record of either source."""
+    d = recipe.data
+    if isinstance(record, tuple):
+        return record
+    ex = examples.parse(record, (d.caption_key, d.recaption_key) if d.recaption_key else (d.caption_key,))
+    return ex[examples.IMAGE], ex[d.caption_key], ex[d.recaption_key] if d.recaption_key else ex[d.caption_key]
+
+
+def record_stream(recipe: Recipe, files: list[str], epoch: int | tf.Tensor) -> tf.data.Dataset:
     """(ordinal, (file index, serialized example)) of every record of this host's epoch, in the epoch's order."""
     seed = recipe.data.seed
-    order = np.random.default_rng([seed, epoch]).permutation(len(files))
-    names = tf.data.Dataset.from_tensor_slices((order.astype(np.int32), [files[i] for i in order]))
+    epoch = tf.cast(epoch, tf.int64)
+    order = tf.argsort(tf.random.stateless_uniform([len(files)], tf.stack([tf.constant(seed, tf.int64), epoch])))
+    names = tf.data.Dataset.from_tensor_slices((order, tf.gather(tf.constant(files), order)))
     records = names.interleave(
-        lambda i, f: shard_records(recipe, f).map(lambda r: (i, r)),
+        lambda i, f: shard_records(recipe, f).map(lambda *r: (i, r if len(r) > 1 else r[0])),
         cycle_length=min(16, len(files)),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
@@ -137,33 +163,63 @@ def record_stream(recipe: Recipe, files: list[str], epoch: int) -> tf.data.Datas
     return shuffled.enumerate()
 
 
-def epoch_stream(
+def sample_row(
+    recipe: Recipe, resolution: int, epoch: tf.Tensor, ordinal: tf.Tensor, pair: tuple[tf.Tensor, tf.Tensor]
+) -> dict[str, tf.Tensor]:
+    """One record -> the training row (image crop, both captions untokenized, colour draws); raises on a bad one."""
+    d = recipe.data
+    file, record = pair
+    image_bytes, alt, target = record_fields(recipe, record)
+    alt, target = tf.strings.strip(alt), tf.strings.strip(target)
+    target = tf.where(tf.strings.length(target) > 0, target, alt)  # no re-caption: the decoder learns the alt-text
+    tf.debugging.assert_greater(tf.strings.length(alt), 0, "empty caption")
+    sample_seed = tf.stack([tf.constant(d.seed, tf.int64) * 7919 + epoch, ordinal])
+    image = preprocess.train_image(image_bytes, resolution, sample_seed, d.crop_min_area)
+    row = {"images": image, "texts": alt, "captions": target, "epoch": epoch, "ordinal": ordinal, "file": file}
+    if d.color_jitter > 0:
+        row["colour"] = preprocess.colour_draws(sample_seed)
+    return row
+
+
+def preflight(recipe: Recipe, resolution: int, shard: str, probe: int = 32) -> None:
+    """Reads the first records of the host's first shard: if none of them is usable (a wrong data.caption_key or
+    data.source, an empty shard), one clear error now, instead of a stream that never yields a batch."""
+    reason = "it holds no records"
+    for record in shard_records(recipe, tf.constant(shard)).take(probe):
+        try:
+            sample_row(recipe, resolution, tf.constant(0, tf.int64), tf.constant(0, tf.int64), (0, record))
+            return
+        except tf.errors.InvalidArgumentError as error:
+            if "empty caption" not in error.message:
+                reason = f"the image does not decode ({str(error.message).splitlines()[0]})"
+            elif isinstance(record, tuple):
+                reason = "the samples' .txt members (the alt-text) are empty or missing"
+            else:
+                keys = sorted(tf.train.Example.FromString(record.numpy()).features.feature)
+                reason = f'the caption under data.caption_key = "{recipe.data.caption_key}" is empty (keys: {keys})'
+    raise BadDataError(f"data: no usable sample among the first {probe} of {shard}: {reason}")
+
+
+def endless_stream(
     recipe: Recipe, resolution: int, tokenizer: Tokenizer, files: list[str], epoch: int, skip: int, size: int
 ) -> tf.data.Dataset:
-    """The good rows of this host's epoch after the first `skip` records, in batches of `size` (the last may be
-    short), each row with its ordinal and file index."""
-    d, t = recipe.data, recipe.text
-    caption_keys = (d.caption_key, d.recaption_key) if d.recaption_key else (d.caption_key,)
+    """The good rows of this host's epochs from `epoch` on, after that epoch's first `skip` records, in batches of
+    `size`, each row with its epoch, ordinal and file index. One dataset for all epochs: the decoding keeps going
+    across an epoch's end (a pipeline per epoch drained and refilled there; on small datasets that was a third of
+    the time), and a batch may hold the end of one epoch and the start of the next."""
+    t = recipe.text
+    row = partial(sample_row, recipe, resolution)
 
-    def row(ordinal: tf.Tensor, pair: tuple[tf.Tensor, tf.Tensor]) -> dict[str, tf.Tensor]:
-        file, serialized = pair
-        ex = examples.parse(serialized, caption_keys)
-        alt = tf.strings.strip(ex[d.caption_key])
-        target = tf.strings.strip(ex[d.recaption_key]) if d.recaption_key else alt
-        target = tf.where(tf.strings.length(target) > 0, target, alt)  # no re-caption: the decoder learns the alt-text
-        tf.debugging.assert_greater(tf.strings.length(alt), 0, "empty caption")
-        sample_seed = tf.stack([tf.constant(d.seed, tf.int64) * 7919 + epoch, ordinal])
-        image = preprocess.train_image(ex[examples.IMAGE], resolution, sample_seed, d.crop_min_area)
-        row = {"images": image, "texts": alt, "captions": target, "ordinal": ordinal, "file": file}
-        if d.color_jitter > 0:
-            row["colour"] = preprocess.colour_draws(sample_seed)
-        return row
+    def epoch_records(e: tf.Tensor) -> tf.data.Dataset:
+        records = record_stream(recipe, files, e).skip(tf.where(e == epoch, tf.constant(skip, tf.int64), 0))
+        return records.map(lambda ordinal, pair: (e, ordinal, pair))
 
     def tokenize(chunk: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         texts = tokenizer.batch(chunk["texts"], t.context_length)
         return {**chunk, "texts": texts, "captions": tokenizer.batch(chunk["captions"], t.caption_length)}
 
-    records = record_stream(recipe, files, epoch).skip(skip)
+    records = tf.data.Dataset.range(epoch, 2**62).flat_map(epoch_records)
     # a row whose decoding fails (bad image, empty caption) is dropped here; its ordinal's absence tells
     rows = records.map(row, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
-    return rows.batch(size).map(tokenize, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+    batched = rows.batch(size, drop_remainder=True)
+    return batched.map(tokenize, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)

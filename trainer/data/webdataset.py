@@ -2,7 +2,8 @@
 `KEY.json` (metadata; may hold a re-caption and a label), grouped by KEY in file order.
 
 tf.data has no tar reader, so a Python generator walks each tar (only bytes are moved there; decoding stays in the
-tf.data graph) and hands on each sample as the same serialized tf.train.Example a TFRecord shard holds.
+tf.data graph) and hands on the samples' (image, alt-text, re-caption) bytes in chunks: one generator call per chunk,
+not per sample, keeps the Python side's share small.
 """
 
 from __future__ import annotations
@@ -42,21 +43,38 @@ def samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
 
 
 def to_example(key: str, parts: dict[str, bytes], caption_key: str, recaption_key: str) -> bytes:
+    image, alt, recaption = fields(parts, recaption_key)
+    captions = {caption_key: alt.decode("utf-8", "replace")}
+    if recaption:
+        captions[recaption_key] = recaption.decode()
+    label = metadata(parts).get("label")
+    return examples.encode(image, captions, label=label if isinstance(label, int) else None, key=key)
+
+
+def metadata(parts: dict[str, bytes]) -> dict:
+    """The sample's JSON object ({} when missing or unreadable)."""
+    try:
+        meta = json.loads(parts.get("json", b"{}"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def fields(parts: dict[str, bytes], recaption_key: str) -> tuple[bytes, bytes, bytes]:
+    """(image, alt-text, re-caption) of one sample; a missing part is empty (the pipeline counts the sample bad)."""
     image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), b"")
-    meta = {}
-    if "json" in parts:
-        try:
-            meta = json.loads(parts["json"])
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            meta = {}
-    captions = {caption_key: parts.get("txt", b"").decode("utf-8", "replace")}
-    if recaption_key and isinstance(meta.get(recaption_key), str):
-        captions[recaption_key] = meta[recaption_key]
-    label = meta.get("label") if isinstance(meta.get("label"), int) else None
-    return examples.encode(image, captions, label=label, key=key)
+    recaption = metadata(parts).get(recaption_key) if recaption_key else None
+    return image, parts.get("txt", b""), recaption.encode() if isinstance(recaption, str) else b""
 
 
-def records(path: bytes, caption_key: bytes, recaption_key: bytes) -> Iterator[bytes]:
-    """Serialized examples of one tar (a tf.data.Dataset.from_generator body: its arguments arrive as bytes)."""
-    for key, parts in samples(path.decode()):
-        yield to_example(key, parts, caption_key.decode(), recaption_key.decode())
+def chunks(path: bytes, recaption_key: bytes, size: int = 64) -> Iterator[tuple[list[bytes], ...]]:
+    """One tar's samples as (images, alt-texts, re-captions) lists of up to `size` (a tf.data.Dataset.from_generator
+    body: its arguments arrive as bytes)."""
+    rows: list[tuple[bytes, bytes, bytes]] = []
+    for _, parts in samples(path.decode()):
+        rows.append(fields(parts, recaption_key.decode()))
+        if len(rows) == size:
+            yield tuple(list(column) for column in zip(*rows, strict=True))
+            rows = []
+    if rows:
+        yield tuple(list(column) for column in zip(*rows, strict=True))
