@@ -144,11 +144,12 @@ def record_fields(recipe: Recipe, record: tf.Tensor | tuple[tf.Tensor, ...]) -> 
     if isinstance(record, tuple):
         return record
     ex = examples.parse(record, (d.caption_key, d.recaption_key) if d.recaption_key else (d.caption_key,))
-    return ex[examples.IMAGE], ex[d.caption_key], ex[d.recaption_key] if d.recaption_key else ex[d.caption_key]
+    return ex[examples.IMAGE], ex[d.caption_key], ex[d.recaption_key] if d.recaption_key else tf.constant("")
 
 
 def record_stream(recipe: Recipe, files: list[str], epoch: int | tf.Tensor) -> tf.data.Dataset:
-    """(ordinal, (file index, serialized example)) of every record of this host's epoch, in the epoch's order."""
+    """(ordinal, (file index, record)) of every record of this host's epoch, in the epoch's order (a record as
+    shard_records gives it)."""
     seed = recipe.data.seed
     epoch = tf.cast(epoch, tf.int64)
     order = tf.argsort(tf.random.stateless_uniform([len(files)], tf.stack([tf.constant(seed, tf.int64), epoch])))

@@ -8,6 +8,7 @@ not per sample, keeps the Python side's share small.
 
 from __future__ import annotations
 
+import itertools
 import json
 import tarfile
 from collections.abc import Iterator
@@ -70,11 +71,6 @@ def fields(parts: dict[str, bytes], recaption_key: str) -> tuple[bytes, bytes, b
 def chunks(path: bytes, recaption_key: bytes, size: int = 64) -> Iterator[tuple[list[bytes], ...]]:
     """One tar's samples as (images, alt-texts, re-captions) lists of up to `size` (a tf.data.Dataset.from_generator
     body: its arguments arrive as bytes)."""
-    rows: list[tuple[bytes, bytes, bytes]] = []
-    for _, parts in samples(path.decode()):
-        rows.append(fields(parts, recaption_key.decode()))
-        if len(rows) == size:
-            yield tuple(list(column) for column in zip(*rows, strict=True))
-            rows = []
-    if rows:
-        yield tuple(list(column) for column in zip(*rows, strict=True))
+    rows = (fields(parts, recaption_key.decode()) for _, parts in samples(path.decode()))
+    while chunk := list(itertools.islice(rows, size)):
+        yield tuple(list(column) for column in zip(*chunk, strict=True))
