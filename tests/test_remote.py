@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -85,3 +87,67 @@ def test_chip_script_arguments_travel_as_json():
     args = json.loads(words[3])
     assert args["device_globs"] == ["/dev/it's*"] and args["dry_run"] is True
     assert args["lockfile_globs"] == list(remote.LOCKFILE_GLOBS)
+
+
+def test_a_run_reaches_the_trainer_with_every_word_and_variable_intact(tmp_path):
+    """scripts/runs.py start, through a real shell and a real tmux: the 'trainer' here prints what it received."""
+    cwd = tmp_path / "project dir"
+    cwd.mkdir()
+    printer = "import json, os, sys; print(json.dumps([sys.argv[1:], os.environ['WEIRD'], os.getcwd()]))"
+    argv = [sys.executable, "-c", printer, "trainer", *NASTY]
+    run_dir = tmp_path / "run 'dir'"
+    env = {**os.environ, "TMUX_TMPDIR": str(tmp_path)}
+    env.pop("TMUX", None)
+    args = {
+        "name": "n",
+        "session": "tpuctl-n",
+        "run_dir": str(run_dir),
+        "cwd": str(cwd),
+        "argv": argv,
+        "env": {"WEIRD": "it's $HOME `id`"},
+        "device_globs": [],
+    }
+    try:
+        r = sh(remote.run_command("start", sys.executable, **args), env=env)
+        assert r.returncode == 0, r.stdout + r.stderr
+        for _ in range(100):
+            if (run_dir / "exit").exists():
+                break
+            time.sleep(0.05)
+        assert (run_dir / "exit").read_text().strip() == "0"
+        words, weird, where = json.loads((run_dir / "log").read_text().splitlines()[-1])
+        assert words == ["trainer", *NASTY] and weird == "it's $HOME `id`" and where == str(cwd)
+        status = json.loads(sh(remote.run_command("status", sys.executable, session="tpuctl-n", run_dir=str(run_dir),
+                                                  workdir=str(tmp_path)), env=env).stdout)  # fmt: skip
+        assert status["state"] == "stopped" and status["exit_code"] == 0  # exit 0 without "done: every stage"
+        tail = sh(remote.tail_command(str(run_dir), 1, follow=True), env=env, timeout=10)  # ends: the trainer has
+        assert tail.stdout == (run_dir / "log").read_text().splitlines()[-1] + "\n"
+    finally:
+        subprocess.run(["tmux", "kill-server"], env=env, capture_output=True)
+
+
+def test_run_names_become_distinct_safe_slugs_and_resume_commands_quote_them():
+    from tpuctl.cli_runs import resume_command
+    from tpuctl.registry import RunRecord, slug
+
+    assert slug("b16") == "b16"
+    assert slug("my run") != slug("my_run") and slug("my run").startswith("my-run-")
+    assert slug("a.b:c") != slug("a-b-c") and all(c.isalnum() or c in "-_" for c in slug("x'; rm -rf /"))
+    record = RunRecord(name="it's", recipe="my recipes/r.toml", workdir="/w", target="tpu", cwd="~/t", tpu="pod",
+                       overrides=["a.b=c d"], env={"K": "v w"})  # fmt: skip
+    words = shlex.split(resume_command(record))
+    assert words == ["tpuctl", "run", "my recipes/r.toml", "--name", "it's", "--tpu", "pod", "--set", "a.b=c d",
+                     "--env", "K=v w"]  # fmt: skip
+
+
+def test_the_trainer_environment_wires_workers_unless_told_otherwise():
+    env = remote.trainer_env({"XLA_FLAGS": "--x"}, "10.0.0.2:8476", 4, 3)
+    assert env == {
+        "PYTHONUNBUFFERED": "1",
+        "TRAINER_COORDINATOR": "10.0.0.2:8476",
+        "TRAINER_NUM_PROCESSES": "4",
+        "TRAINER_PROCESS_ID": "3",
+        "XLA_FLAGS": "--x",
+    }
+    assert "TRAINER_COORDINATOR" not in remote.trainer_env({}, None, 1, 0)
+    assert remote.trainer_env({"TRAINER_PROCESS_ID": "7"}, "h:1", 2, 1)["TRAINER_PROCESS_ID"] == "7"  # the user's wins

@@ -289,10 +289,7 @@ def sync(
                 f" ({settings.remote_dir})."
             )
         return
-    with syncing.Mirror(settings, src, delete=delete, excludes=exclude, full=full) as mirror:
-        workers = _node(settings).workers  # looked up while the delta is computed (and applied where it can be)
-        with _SyncProgress(len(workers), enabled=not as_json) as progress:
-            results = mirror.sync(workers, on_progress=progress)
+    results = _sync_to_workers(settings, src, delete=delete, excludes=exclude, full=full, progress=not as_json)
     if as_json:
         render.print_json([render.sync_json(r) for r in results])
     else:
@@ -303,6 +300,17 @@ def sync(
                 f"Synced {src} to {settings.remote_dir} on {render.count(len(results), 'worker')}. Next: tpuctl prepare"
             )
     raise SystemExit(EXIT_OK if all(r.ok for r in results) else EXIT_FAILED)
+
+
+def _sync_to_workers(
+    settings: Settings, src: Path, *, delete: bool, excludes: tuple[str, ...], full: bool, progress: bool
+) -> list[Any]:
+    from tpuctl import sync as syncing
+
+    with syncing.Mirror(settings, src, delete=delete, excludes=excludes, full=full) as mirror:
+        workers = _node(settings).workers  # looked up while the delta is computed (and applied where it can be)
+        with _SyncProgress(len(workers), enabled=progress) as shown:
+            return mirror.sync(workers, on_progress=shown)
 
 
 class _SyncProgress:
@@ -436,6 +444,16 @@ def clean_logs(dry_run: bool, as_json: bool, **flags: Any) -> None:
     raise SystemExit(EXIT_FAILED if any(r.error for r in reports) else EXIT_OK)
 
 
+@cli.command()
+@click.pass_context
+def menu(ctx: click.Context) -> None:
+    """Interactive menu (replaces tpu_command.sh): pick the TPU, then list, ssh, sync, prepare, check, kill, clean
+    logs, run, status, logs and stop until you exit. Needs a terminal; scripts use the subcommands."""
+    from tpuctl import menu as menus
+
+    menus.loop(ctx.find_root().obj["profile"])
+
+
 def _confirm_by_name(name: str, action: str) -> None:
     if not sys.stdin.isatty():
         raise TpuctlError(f"refusing to {action} TPU {name!r} without confirmation", "add --yes (or use --dry-run)")
@@ -472,3 +490,8 @@ def main() -> None:
             raise
         click.echo(f"tpuctl: internal error: {type(e).__name__}: {e} (rerun with -v for the traceback)", err=True)
         raise SystemExit(EXIT_FAILED) from None
+
+
+# The training-run commands (run, status, logs, stop, attach, runs) live in their own module; importing it registers
+# them on `cli`.
+from tpuctl import cli_runs  # noqa: E402, F401

@@ -69,6 +69,13 @@ class Settings:
     python: str = _setting("python3", "str", "Python on the workers used to create the virtualenv.")
     extras: str = _setting("train", "str", "Extras of the project that `prepare` installs on the workers.")
     pip_args: str = _setting("", "str", "Extra arguments for pip on the workers, e.g. an index URL.")
+    target: str = _setting("tpu", "str", "Where `run` trains: 'tpu' (the TPU's workers) or 'local' (this machine).")
+    workdir_root: str = _setting(
+        "~/tpuctl-runs",
+        "str",
+        "Where runs keep checkpoints by default (WORKDIR_ROOT/RUN); several workers need storage they all see.",
+    )
+    coordinator_port: int = _setting(8476, "int", "Port of worker 0's jax.distributed coordinator (non-TPU hosts).")
     # Where each value came from, for `tpuctl config show`.
     sources: dict[str, str] = field(default_factory=dict, compare=False, metadata={"kind": "internal"})
 
@@ -143,6 +150,8 @@ def _validate(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
         ("connect_timeout", lambda v: v > 0, "more than 0 seconds"),
         ("command_timeout", lambda v: v > 0, "more than 0 seconds"),
         ("api_timeout", lambda v: v > 0, "more than 0 seconds"),
+        ("target", lambda v: v in ("tpu", "local"), "'tpu' or 'local'"),
+        ("coordinator_port", lambda v: 1 <= v <= 65535, "a port between 1 and 65535"),
     ]
     for name, ok, want in checks:
         if not ok(values[name]):

@@ -14,7 +14,11 @@ from tpuctl import remote
 
 if TYPE_CHECKING:
     from tpuctl.config import Settings
-    from tpuctl.fleet import Fleet, WorkerResult
+    from tpuctl.fleet import Fleet as SshFleet
+    from tpuctl.fleet import WorkerResult
+    from tpuctl.local import LocalFleet
+
+    Fleet = SshFleet | LocalFleet  # the workers of a pod, or this machine as one
 
 # Bounds for the chip scripts: they scan /proc, so seconds; kill adds the TERM grace and the KILL wait.
 CHIPS_TIMEOUT_S = 60.0
@@ -35,7 +39,7 @@ class WorkerReport:
         return list(self.data.get("holders", []))
 
 
-def _report(r: WorkerResult) -> WorkerReport:
+def report(r: WorkerResult) -> WorkerReport:
     report = WorkerReport(index=r.worker.index, ip=r.host)
     if r.error is not None:
         report.error = r.error
@@ -55,7 +59,7 @@ def _report(r: WorkerResult) -> WorkerReport:
 
 def _chips(settings: Settings, fleet: Fleet, action: str, timeout: float, **options: Any) -> list[WorkerReport]:
     command = remote.chips_command(action, settings.device_globs, **options)
-    return [_report(r) for r in fleet.run(command, timeout=timeout)]
+    return [report(r) for r in fleet.run(command, timeout=timeout)]
 
 
 def check(settings: Settings, fleet: Fleet) -> list[WorkerReport]:
@@ -74,7 +78,7 @@ def prepare(settings: Settings, fleet: Fleet) -> list[WorkerReport]:
     command = remote.prepare_command(
         settings.remote_dir, settings.python, settings.extras, settings.pip_args, settings.device_globs
     )
-    return [_report(r) for r in fleet.run(command)]
+    return [report(r) for r in fleet.run(command)]
 
 
 def check_exit_code(reports: list[WorkerReport]) -> int:

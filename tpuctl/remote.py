@@ -106,3 +106,66 @@ def apply_sync_batch(remote_dir: str, rsync_args: Sequence[str], old_stamp: str,
 def write_sync_stamp(remote_dir: str, stamp: str) -> str:
     d = shlex.quote(rsync_path(remote_dir))
     return f"printf '%s\\n' {shlex.quote(stamp)} > {d}/{shlex.quote(SYNC_STAMP)}"
+
+
+# --- training runs (scripts/runs.py) -------------------------------------------------------------------------
+
+# Each run keeps its pid, exit status and log here on every worker (under the login user's home).
+RUNS_DIR = "~/.tpuctl/runs"
+# JAX's coordinator port on Cloud TPU; worker 0 listens on it when tpuctl wires the processes together itself.
+COORDINATOR_PORT = 8476
+
+
+def session_name(slug: str) -> str:
+    return SESSION_PREFIX + slug
+
+
+def run_dir(slug: str) -> str:
+    return f"{RUNS_DIR}/{slug}"
+
+
+def trainer_argv(python: str, recipe: str, workdir: str, overrides: Sequence[str]) -> list[str]:
+    """`python -m trainer RECIPE --workdir DIR --set K=V ...`, as words (the worker script quotes them)."""
+    argv = [python, "-m", "trainer", recipe, "--workdir", workdir]
+    for item in overrides:
+        argv += ["--set", item]
+    return argv
+
+
+def trainer_env(user_env: dict[str, str], coordinator: str | None, count: int, index: int) -> dict[str, str]:
+    """The trainer's environment on worker `index` of `count`: unbuffered output (the log follows the run), the
+    jax.distributed wiring when there are several workers (dropped on TPU VMs, where JAX finds them itself), and
+    what the user asked for, which wins."""
+    env = {"PYTHONUNBUFFERED": "1"}
+    if coordinator is not None and count > 1:
+        env |= {
+            "TRAINER_COORDINATOR": coordinator,
+            "TRAINER_NUM_PROCESSES": str(count),
+            "TRAINER_PROCESS_ID": str(index),
+        }
+    return env | user_env
+
+
+def run_command(action: str, python: str = "python3", **args: Any) -> str:
+    """start / status / stop of one run on a worker; see scripts/runs.py for the JSON it prints."""
+    return shlex.join(python_script("runs", {"action": action, **args}, python=python))
+
+
+def shell_path(path: str) -> str:
+    """A path for a remote shell: quoted, with a leading ~/ left for the shell to expand."""
+    if path.startswith("~/"):
+        return "~/" + shlex.quote(path[2:])
+    return shlex.quote(path)
+
+
+def tail_command(run_dir: str, lines: int, follow: bool) -> str:
+    """The last `lines` lines of a run's log; with `follow`, what is appended too, until the trainer has ended (its
+    pid file names it; GNU tail's --pid reads once more after the process is gone, so no last line is lost)."""
+    log, pid = shell_path(f"{run_dir}/log"), shell_path(f"{run_dir}/pid")
+    if not follow:
+        return f"tail -n {int(lines)} {log}"
+    return f'tail -n {int(lines)} -F --pid="$(cat {pid} 2>/dev/null || echo 1)" {log}'
+
+
+def attach_command(session: str) -> str:
+    return shlex.join(["tmux", "attach-session", "-t", "=" + session])

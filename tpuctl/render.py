@@ -240,3 +240,85 @@ def sync_json(r: SyncResult) -> dict[str, Any]:
 def failures(items: Iterable[tuple[int, str, str]]) -> list[str]:
     """Lines naming each failed worker and why, printed last so they are what the user sees."""
     return [f"{worker_name(i)} ({host}): {why}" for i, host, why in items]
+
+
+RUN_STATE_STYLES = {"running": "green", "done": "green", "stopped": "green", "starting": "yellow", "ok": "green"}
+
+
+def run_state(state: str) -> Text:
+    from rich.text import Text
+
+    return Text(state, style=RUN_STATE_STYLES.get(state, "red"))
+
+
+def launch_table(reports: Sequence[WorkerReport]) -> Table:
+    rows = [
+        (
+            worker_name(r.index),
+            r.ip,
+            run_state("failed" if r.error else "started"),
+            r.data.get("session", ""),
+            r.data.get("pid") or "-",
+            r.data.get("log", ""),
+        )
+        for r in reports
+    ]
+    return table(None, ["worker", "host", "status", "tmux session", "pid", "log"], rows)
+
+
+def _number(value: Any, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}g}"
+
+
+def status_table(reports: Sequence[WorkerReport]) -> Table:
+    rows = []
+    for r in reports:
+        progress = r.data.get("progress") or {}
+        state = r.state if r.error is None else "unknown"
+        if state == "failed" and r.data.get("exit_code") is not None:
+            state = f"failed (exit {r.data['exit_code']})"
+        rows.append(
+            (
+                worker_name(r.index),
+                r.ip,
+                run_state(state),
+                "alive" if r.data.get("session") else "-",
+                f"{progress['stage']} {progress['step']}" if progress else "-",
+                _number(progress.get("loss")),
+                _number(progress.get("img_per_s"), 5),
+                r.data.get("checkpoint") or "-",
+                (r.error or r.data.get("last_line") or "")[:100],
+            )
+        )
+    columns = ["worker", "host", "state", "tmux", "stage step", "loss", "img/s", "checkpoint", "last line"]
+    return table(None, columns, rows)
+
+
+def stop_table(reports: Sequence[WorkerReport]) -> Table:
+    rows = [
+        (
+            worker_name(r.index),
+            r.ip,
+            run_state("unknown" if r.error else r.state),
+            r.data.get("pid") or "-",
+            "-" if r.data.get("exit_code") is None else r.data["exit_code"],
+        )
+        for r in reports
+    ]
+    return table(None, ["worker", "host", "trainer", "pid", "exit"], rows)
+
+
+def runs_table(records: Sequence[Any]) -> Table:
+    import time
+
+    rows = [
+        (
+            r.name,
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(r.started)),
+            "this machine" if r.target == "local" else f"{r.tpu} ({len(r.workers)} workers)",
+            r.recipe,
+            r.workdir,
+        )
+        for r in records
+    ]
+    return table(None, ["run", "started", "where", "recipe", "workdir"], rows)

@@ -157,6 +157,7 @@ class Mirror:
             [*argv, f"{self.src}/", f"{self.tree}/"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         self._stack.callback(self._stop_rsync)
+        self._batch_lock = threading.Lock()
         self._early: dict[str, float] = {}  # host -> seconds, for hosts the early apply brought up to date
         self._early_thread = None
         last_hosts = self.hosts_file.read_text().split() if intact and self.hosts_file.exists() else []
@@ -176,7 +177,12 @@ class Mirror:
         self._rsync.communicate()
 
     def _batch(self) -> tuple[str, bytes, int]:
-        """Wait for the delta, once: (the new stamp, the batch, files in it)."""
+        """Wait for the delta, once: (the new stamp, the batch, files in it). The early apply's thread and sync()
+        both ask; the lock makes the second wait for the first (two communicate() calls on one pipe fail)."""
+        with self._batch_lock:
+            return self._batch_once()
+
+    def _batch_once(self) -> tuple[str, bytes, int]:
         if not hasattr(self, "_batch_result"):
             out, err = self._rsync.communicate()
             if self._rsync.returncode != 0:

@@ -18,17 +18,25 @@ from trainer.errors import UserError
 from trainer.recipe import RecipeError, load
 
 
-def start_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
+def start_distributed(
+    coordinator: str | None, num_processes: int | None, process_id: int | None, heartbeat_timeout: int
+) -> None:
     """Join the other hosts: explicitly (host:port of process 0), or on a Cloud TPU VM through JAX's own detection
-    (worker list from the TPU metadata). Anywhere else, one process."""
+    (worker list from the TPU metadata). Anywhere else, one process. A host silent for `heartbeat_timeout` seconds
+    counts as dead and the others stop with an error (they would otherwise wait in a collective for ever)."""
     import jax
 
     if coordinator:
         if num_processes is None or process_id is None:
             raise UserError("--coordinator needs --num-processes and --process-id")
-        jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+        jax.distributed.initialize(
+            coordinator,
+            num_processes=num_processes,
+            process_id=process_id,
+            heartbeat_timeout_seconds=heartbeat_timeout,
+        )
     elif glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,6 +46,14 @@ def start_distributed(coordinator: str | None, num_processes: int | None, proces
 @click.option("--coordinator", envvar="TRAINER_COORDINATOR", help="host:port of process 0 (multi-process, no TPU).")
 @click.option("--num-processes", envvar="TRAINER_NUM_PROCESSES", type=int, help="With --coordinator.")
 @click.option("--process-id", envvar="TRAINER_PROCESS_ID", type=int, help="With --coordinator.")
+@click.option(
+    "--heartbeat-timeout",
+    envvar="TRAINER_HEARTBEAT_TIMEOUT",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Seconds without a heartbeat after which a host counts as dead and the others stop.",
+)
 @click.option(
     "--compile-cache",
     envvar="TRAINER_COMPILE_CACHE",
@@ -52,6 +68,7 @@ def main(
     coordinator: str | None,
     num_processes: int | None,
     process_id: int | None,
+    heartbeat_timeout: int,
     compile_cache: str,
 ) -> None:
     """Train the CLIP model of RECIPE, every stage, resuming from WORKDIR's checkpoints."""
@@ -63,11 +80,11 @@ def main(
 
     if compile_cache:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(compile_cache))
-    start_distributed(coordinator, num_processes, process_id)
+    start_distributed(coordinator, num_processes, process_id, heartbeat_timeout)
     from trainer import loop
 
     try:
-        outcome = loop.run(recipe, Path(workdir))
+        outcome = loop.run(recipe, Path(workdir).expanduser())
     except RecipeError as e:  # what depends on the devices: batch or mesh vs. the device count
         raise UserError(str(e)) from None
     if outcome.finished:

@@ -44,13 +44,20 @@ class Pod:
             "TPUCTL_KNOWN_HOSTS": str(self.known_hosts),
             "TPUCTL_CONNECT_TIMEOUT": "5",
             "TPUCTL_API_TIMEOUT": "10",
+            "XDG_STATE_HOME": str(self.home / ".local" / "state"),  # the run registry
         }
 
     def tpuctl(
-        self, *args: str, env: dict[str, str] | None = None, timeout: float = 60, input: str | None = None
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        timeout: float = 60,
+        input: str | None = None,
+        cwd: Path | None = None,
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [TPUCTL, *args],
+            cwd=cwd,
             env={**self.env, **(env or {})},
             capture_output=True,
             text=True,

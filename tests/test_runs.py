@@ -1,0 +1,284 @@
+"""tpuctl run / status / logs / stop on real stand-ins: two sshd workers whose trainers (real `python -m trainer`
+processes in tmux) join through jax.distributed, checkpoint with orbax into a directory both see, and resume.
+
+What stands in for what:
+- the workdir and the XLA cache: a directory under /var/tmp, which every worker sees at the same path (a gs://
+  bucket on a pod); the workers' own /root and /tmp are private, as on separate VMs;
+- PyPI: `tpuctl prepare` runs for real (venv, `pip install -e PROJECT[train]`, offline), with the trainer's
+  dependencies already present, as on a VM image that ships them: the test links this machine's site-packages into
+  each worker's venv before preparing (the workers cannot download 1.5 GB of wheels here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from standins.pod import TPUCTL
+from test_chips import alive
+from test_train import FAST
+
+from trainer.metrics import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = "tests/tiny_run.toml"  # the tests' tiny recipe, its first stage alone (written into the checkout below)
+# CPU-sized towers (3 and 2 layers of width 96), no decoder: two trainers share this machine's two cores, and each
+# compiles its step (~20 s) before the XLA cache has it
+SMALL = ["model.image=Mu/8", "model.text=Mu", "model.decoder="]
+STEPS = 30  # of batch 16, in the stop-and-resume drill: long enough for the stop to land mid-stage
+
+
+def sets(samples: int = 192) -> list[str]:
+    """--set arguments: the trainer tests' quick settings, the small towers, `samples` in the one stage."""
+    items = [i for i in [*FAST, *SMALL] if not i.startswith(("stages.1", "stages.0.samples"))]
+    return [word for item in [*items, f"stages.0.samples={samples}"] for word in ("--set", item)]
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A clean checkout: the files git tracks, as they are in this working tree (no .venv, no data/)."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    dest = tmp_path / "project"
+    for name in filter(None, files.decode().split("\0")):
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    one_stage = (dest / "tests" / "tiny_synthetic.toml").read_text().split("[[stages]]")[:2]
+    (dest / RECIPE).write_text("[[stages]]".join(one_stage))
+    return dest
+
+
+@pytest.fixture
+def shared():
+    """A directory every worker sees at the same path (their /tmp is their own)."""
+    path = Path(tempfile.mkdtemp(prefix="tpuctl-shared-", dir="/var/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def prepared(pod, project):
+    """Sync the project to both workers and `tpuctl prepare` it (offline, dependencies preinstalled: see above)."""
+    worker_python = subprocess.run(
+        ["/usr/bin/python3", "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True
+    ).stdout.strip()
+    if worker_python != str(sys.version_info[:2]):
+        pytest.skip(f"the workers' python3 is {worker_python}, this venv's {sys.version_info[:2]}: wheels differ")
+    assert pod.tpuctl("sync", str(project)).returncode == 0
+    site = next(p for p in sys.path if p.endswith("site-packages"))
+    link = (
+        "/usr/bin/python3 -m venv tpuctl/.venv && tpuctl/.venv/bin/python -c "
+        f'\'import site, sys; open(site.getsitepackages()[0] + "/image.pth", "w").write(sys.argv[1])\' {site}'
+    )
+    assert pod.tpuctl("exec", "--", link).returncode == 0
+    r = pod.tpuctl("prepare", "--pip-args", "--no-index --no-build-isolation", timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def env_args(shared, heartbeat=30):
+    return [
+        "--env",
+        f"TRAINER_COMPILE_CACHE={shared / 'xla'}",
+        "--env",
+        "JAX_PLATFORMS=cpu",
+        "--env",
+        f"TRAINER_HEARTBEAT_TIMEOUT={heartbeat}",
+    ]
+
+
+def status(pod, name=None):
+    r = pod.tpuctl("status", *([name] if name else []), "--json")
+    return r.returncode, json.loads(r.stdout)["workers"]
+
+
+def attached_screen(pod, name: str, scratch: Path, want: str) -> str:
+    """`tpuctl attach NAME` in a terminal (a tmux pane of a server of the test's own): the screen once `want` shows."""
+    env = {k: v for k, v in pod.env.items() if k != "TMUX"} | {"TMUX_TMPDIR": str(scratch)}
+    command = shlex.join([pod.tpuctl_path, "attach", name])
+    tmux = ["tmux", "-L", "terminal"]
+    try:
+        subprocess.run([*tmux, "new-session", "-d", "-x", "150", "-y", "40", command], env=env, check=True)
+        deadline, screen = time.monotonic() + 180, ""  # the first run compiles its step first
+        while want not in screen and time.monotonic() < deadline:
+            time.sleep(0.2)
+            screen = subprocess.run([*tmux, "capture-pane", "-p"], env=env, capture_output=True, text=True).stdout
+        assert want in screen, screen
+        return screen
+    finally:
+        subprocess.run([*tmux, "kill-server"], env=env, capture_output=True)
+
+
+def wait_for_step(path: Path, step: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and any(r["step"] >= step for r in read_jsonl(path)):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no step {step} in {path} within {timeout} s")
+
+
+def losses(path: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_jsonl(path)}
+
+
+def test_two_workers_train_stop_and_resume_to_the_uninterrupted_result(pod, project, shared):
+    prepared(pod, project)
+    common = [RECIPE, "--no-sync", *env_args(shared), *sets(16 * STEPS)]
+    # the uninterrupted run: watched in its tmux pane, then its log followed until the trainers end
+    r = pod.tpuctl("run", *common, "--name", "reference", "--workdir", str(shared / "ref"), cwd=project)
+    assert r.returncode == 0, r.stderr
+    attached_screen(pod, "reference", shared, "  loss ")  # the trainer's log lines, in its tmux pane on worker 0
+    r = pod.tpuctl("logs", "reference", "--follow", timeout=300)
+    assert r.returncode == 0 and r.stdout.rstrip().endswith("checkpoints in " + str(shared / "ref")), r.stdout
+    code, workers = status(pod, "reference")
+    assert code == 0 and [w["state"] for w in workers] == ["done", "done"]
+
+    # a run with a name the remote shell must not split, stopped mid-stage
+    name = 'it\'s a "run"'
+    workdir = shared / "work dir"
+    r = pod.tpuctl("run", *common, "--name", name, "--workdir", str(workdir), cwd=project, timeout=120)
+    assert r.returncode == 0, r.stderr
+    wait_for_step(workdir / "metrics.jsonl", 3)
+    code, workers = status(pod, name)
+    assert code == 0 and [w["state"] for w in workers] == ["running", "running"], workers
+    assert workers[0]["progress"]["stage"] == "pretrain16" and workers[0]["progress"]["step"] >= 3
+    assert all(w["session"] for w in workers)
+    again = pod.tpuctl("run", *common, "--name", name, cwd=project, timeout=120)  # while it runs: refused, untouched
+    assert again.returncode == 2 and f"w1 ({pod.fleet.workers[1].ip}): run {name!r} is already running" in again.stderr
+    assert [w["state"] for w in status(pod, name)[1]] == ["running", "running"]
+    r = pod.tpuctl("stop", name, "--grace", "120", "--json", timeout=200)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert [w["state"] for w in json.loads(r.stdout)["workers"]] == ["stopped", "stopped"]
+    code, workers = status(pod, name)
+    assert [w["state"] for w in workers] == ["stopped", "stopped"] and not any(w["session"] for w in workers)
+    saved = workers[0]["checkpoint"]
+    stopped_at = int(saved.split("/")[1])
+    assert saved.startswith("pretrain16/") and 3 <= stopped_at < STEPS
+    logs = pod.tpuctl("logs", name, "--workers", "all", "-n", "3")
+    assert f"[w0] preempted: saved stage pretrain16 step {stopped_at}/{STEPS}" in logs.stdout, logs.stdout
+
+    # the same name again: the recorded workdir, resumed from that checkpoint, to the reference's losses
+    r = pod.tpuctl("run", *common, "--name", name, "--follow", cwd=project, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert f"resuming at step {stopped_at}/{STEPS}" in r.stdout
+    assert losses(workdir / "metrics.jsonl") == pytest.approx(losses(shared / "ref" / "metrics.jsonl"), rel=1e-5)
+    code, workers = status(pod, name)
+    assert code == 0 and [w["state"] for w in workers] == ["done", "done"]
+
+
+def test_a_dead_worker_stops_the_others_and_status_names_it(pod, project, shared):
+    prepared(pod, project)
+    many = sets(samples=100_000)  # would run for long
+    r = pod.tpuctl(
+        "run", RECIPE, "--no-sync", *env_args(shared, heartbeat=10), *many, "--workdir", str(shared / "w"), cwd=project
+    )
+    assert r.returncode == 0, r.stderr
+    wait_for_step(shared / "w" / "metrics.jsonl", 2)
+    pod.fleet.workers[1].crash()  # the VM is gone: its sshd, tmux and trainer
+    died = time.monotonic()
+    while time.monotonic() - died < 120:
+        code, workers = status(pod)
+        if workers[0]["state"] != "running":
+            break
+        time.sleep(1)
+    assert workers[0]["state"] == "failed", workers[0]  # no silent hang
+    assert workers[0]["exit_code"] not in (0, None)
+    assert workers[1]["state"] == "unknown" and "refused" in workers[1]["error"]
+    assert code == 2
+    table = pod.tpuctl("status")
+    assert "w1" in table.stderr and "refused" in table.stderr and "failed (exit" in table.stdout
+
+
+def test_busy_chips_are_refused_and_force_kills_the_holder(pod, project):
+    globs = "/tmp/dev/accel*"
+    for w in pod.fleet.workers:
+        (w.path("/tmp/dev")).mkdir()
+        (w.path("/tmp/dev/accel0")).write_bytes(b"")
+    holder = pod.fleet.workers[1].spawn(["python3", "-c", "import time; f = open('/tmp/dev/accel0'); time.sleep(600)"])
+    time.sleep(0.5)
+    env = {"TPUCTL_DEVICE_GLOBS": globs}
+    r = pod.tpuctl("run", RECIPE, *sets(), "--workdir", "/tmp/w", env=env, cwd=project, timeout=120)
+    assert r.returncode == 2 and f"the chips of w1 ({pod.fleet.workers[1].ip}) are busy" in r.stderr, r.stderr
+    assert "--force" in r.stderr and str(holder) in r.stdout
+    assert "no run was started" in pod.tpuctl("status").stderr  # nothing was recorded
+    # --force kills the holder first; here the start then stops at the missing venv, named on each worker
+    r = pod.tpuctl("run", RECIPE, *sets(), "--workdir", "/tmp/w", "--force", env=env, cwd=project, timeout=120)
+    assert not alive(holder), r.stdout + r.stderr
+    assert r.returncode == 2 and "tpuctl/.venv/bin/python does not exist: run `tpuctl prepare` first" in r.stderr
+    # the dry run says what would run where, and starts nothing
+    r = pod.tpuctl("run", RECIPE, "--dry-run", "--json", env=env, cwd=project)
+    plan = json.loads(r.stdout)
+    assert [w["env"]["TRAINER_PROCESS_ID"] for w in plan["workers"]] == ["0", "1"]
+    assert plan["workers"][1]["env"]["TRAINER_COORDINATOR"] == f"{pod.fleet.workers[0].ip}:8476"
+    assert plan["workers"][0]["argv"][1:4] == ["-m", "trainer", RECIPE]
+
+
+def test_recipe_mistakes_are_one_line_before_anything_starts(pod, project):
+    r = pod.tpuctl("run", "recipes/nope.toml", cwd=project)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "recipes/nope.toml' does not exist" in r.stderr
+    r = pod.tpuctl("run", RECIPE, "--set", "stages.0.resolution=15", cwd=project)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "stages[0].resolution = 15" in r.stderr
+    outside = project.parent / "elsewhere.toml"
+    shutil.copy(project / RECIPE, outside)
+    r = pod.tpuctl("run", str(outside), cwd=project)
+    assert r.returncode == 2 and "outside the project" in r.stderr
+    r = pod.tpuctl("run", RECIPE, "--env", "1BAD=x", cwd=project)
+    assert r.returncode == 2 and "--env '1BAD=x' is not NAME=VALUE" in r.stderr
+
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture
+def local_env(tmp_path):
+    """This machine as the target, with its own home (run records, run dirs, XLA cache) and its own tmux server,
+    which the test stops at the end (with any trainer still in it)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "XDG_STATE_HOME": str(home / ".local" / "state"),
+        "TMUX_TMPDIR": str(tmp_path),
+        "JAX_PLATFORMS": "cpu",
+    }
+    env.pop("TMUX", None)
+    yield env
+    subprocess.run(["tmux", "kill-server"], env=env, capture_output=True, check=False)
+
+
+def tpuctl_here(env, *args, cwd, timeout=60):
+    return subprocess.run([TPUCTL, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_the_local_target_trains_the_tiny_recipe_from_a_clean_checkout(project, local_env, tmp_path):
+    assert (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists(), "install Debian's dataset-fashion-mnist"
+    prepare = [sys.executable, "-m", "trainer.data.prepare", "fashion-mnist", str(FASHION_MNIST), "data/fashion-mnist"]
+    subprocess.run(prepare, cwd=project, check=True, capture_output=True, timeout=300)
+    recipe = project / "my recipes" / "tiny's run.toml"  # a path the remote shell must not split
+    recipe.parent.mkdir()
+    shutil.copy(project / "recipes" / "tiny.toml", recipe)
+    workdir = tmp_path / "work dir"
+    quick = ["--set", "stages.0.samples=6400", "--set", "stages.0.warmup_steps=10", "--set", "log.every_steps=10"]
+    r = tpuctl_here(
+        local_env, "run", str(recipe), "--local", "--name", "tiny 'demo'", "--workdir", str(workdir), *quick, "-f",
+        cwd=project, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "done: every stage of my recipes/tiny's run.toml is trained" in r.stdout
+    top1 = read_jsonl(workdir / "metrics.jsonl")[-1]["fashion_mnist/top1"]
+    assert top1 > 0.5  # 50 steps on the real images, evaluated on the real 10,000-image test split
+    r = tpuctl_here(local_env, "status", "--json", cwd=tmp_path)
+    (worker,) = json.loads(r.stdout)["workers"]
+    assert r.returncode == 0 and worker["state"] == "done" and worker["checkpoint"] == "fmnist21/50"
+    assert worker["progress"]["stage"] == "fmnist21" and worker["progress"]["step"] == 50
+    assert worker["progress"]["loss"] == pytest.approx(read_jsonl(workdir / "metrics.jsonl")[-1]["loss"], rel=1e-3)
+    r = tpuctl_here(local_env, "logs", "tiny 'demo'", "-n", "1", cwd=tmp_path)
+    assert r.stdout.startswith("done: every stage")

@@ -1,0 +1,355 @@
+"""tpuctl's training-run commands: run, status, logs, stop, attach, runs. Thin like the rest of the CLI: they parse,
+call tpuctl.launch / tpuctl.registry, and print. Registered on the `tpuctl` group by tpuctl.cli.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from tpuctl import render
+from tpuctl.cli import _err, _fleet, _out, _say_failures, _settings, _sync_to_workers, cli, parse_workers
+from tpuctl.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, TpuctlError
+from tpuctl.options import dry_run_option, fleet_options, json_option, setting_options
+
+if TYPE_CHECKING:
+    from tpuctl.config import Settings
+    from tpuctl.launch import Target
+    from tpuctl.ops import WorkerReport
+    from tpuctl.registry import RunRecord
+
+# Default seconds `stop` waits for the trainers to checkpoint and exit before killing them.
+STOP_GRACE_S = 180.0
+# `logs --follow` runs until Ctrl-C; this only bounds a forgotten one.
+FOLLOW_TIMEOUT_S = 7 * 24 * 3600.0
+
+local_option = click.option("--local", is_flag=True, help="Train on this machine instead of a TPU (target 'local').")
+run_name_argument = click.argument("run", required=False)
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--name", help="Run name (default: the recipe's file name); the same name again resumes the run.")
+@click.option("--workdir", help="Checkpoints and metrics (default: WORKDIR_ROOT/NAME, or the run's earlier one).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
+@click.option("--env", "env_items", multiple=True, metavar="NAME=VALUE", help="Trainer environment (repeatable).")
+@click.option("--no-sync", is_flag=True, help="Do not sync this directory to the workers first.")
+@click.option("--force", is_flag=True, help="Kill whatever holds the chips first, instead of refusing.")
+@click.option("--follow", "-f", is_flag=True, help="Then print worker 0's log until the trainers end.")
+@local_option
+@fleet_options("remote_dir", "command_timeout")
+@setting_options("target", "workdir_root", "coordinator_port")
+@dry_run_option
+@json_option
+def run(
+    recipe: Path,
+    name: str | None,
+    workdir: str | None,
+    overrides: tuple[str, ...],
+    env_items: tuple[str, ...],
+    no_sync: bool,
+    force: bool,
+    follow: bool,
+    local: bool,
+    dry_run: bool,
+    as_json: bool,
+    **flags: Any,
+) -> None:
+    """Start the trainer with RECIPE in tmux on every worker (or on this machine with --local).
+
+    Syncs this directory first (unless --no-sync), refuses if the chips are busy (unless --force), wires the workers
+    together for jax.distributed, and records the run so status/logs/stop/attach know it. Running the same name again
+    resumes from its workdir's checkpoint.
+
+    \b
+    Examples:
+      tpuctl run recipes/b16.toml --tpu my-pod --workdir gs://my-bucket/b16
+      tpuctl run recipes/tiny.toml --local
+      tpuctl run recipes/b16.toml --dry-run
+    """
+    from tpuctl import launch, registry
+
+    settings = _settings(flags)
+    project = Path.cwd()
+    recipe_path = launch.recipe_in_project(recipe, project)
+    launch.validate_recipe(project / recipe_path, list(overrides))
+    env = launch.parse_env(env_items)
+    name = name or Path(recipe_path).stem
+    previous = registry.find(name)
+    local = local or settings.target == "local"
+    target = launch.local_target(settings, project) if local else launch.pod_target(settings, _fleet(settings))
+    if workdir is None:
+        workdir = previous.workdir if previous else f"{settings.workdir_root}/{registry.slug(name)}"
+    if local:
+        workdir = os.path.abspath(os.path.expanduser(workdir))
+    record = registry.RunRecord(
+        name=name,
+        recipe=recipe_path,
+        workdir=workdir,
+        target=target.kind,
+        cwd=target.cwd,
+        workers=target.hosts,
+        project=None if local else settings.project,
+        zone=None if local else settings.zone,
+        tpu=None if local else settings.tpu,
+        overrides=list(overrides),
+        env=env,
+    )
+    if dry_run:
+        _show_plan(settings, target, record, sync=not (local or no_sync), as_json=as_json)
+        return
+    if not (local or no_sync):
+        results = _sync_to_workers(settings, project, delete=False, excludes=(), full=False, progress=not as_json)
+        failed = [r for r in results if not r.ok]
+        if failed:
+            _say_failures((r.worker.index, r.host, r.error) for r in failed)
+            raise TpuctlError(f"sync failed on {render.count(len(failed), 'worker')}; nothing was started")
+    _make_chips_free(settings, target, force)
+    reports = launch.start(settings, target, record)
+    failed_reports = [r for r in reports if r.error]
+    if failed_reports:
+        started = [i for i, r in enumerate(reports) if not r.error]
+        if started:  # a half-started pod would wait for the missing workers until the heartbeat times out
+            launch.stop(settings, target.subset(started), record, grace=5.0)
+        _say_failures((r.index, r.ip, r.error) for r in failed_reports)
+        raise TpuctlError(
+            f"run {name!r} was not started: it failed on {len(failed_reports)} of {len(reports)} workers (see above)"
+        )
+    registry.save(record)
+    if as_json:
+        render.print_json({"run": record.to_json(), "workers": [render.report_json(r) for r in reports]})
+        return
+    _out().print(render.launch_table(reports))
+    quoted = _quoted_name(name)
+    _err().print(
+        f"Started run {name!r} on {render.count(len(reports), 'worker')} (workdir {workdir}). "
+        f"Next: tpuctl status {quoted} · tpuctl logs {quoted} -f · tpuctl stop {quoted}"
+    )
+    if follow:
+        _print_logs(settings, target.subset([0]), record, lines=1000, follow=True, prefixed=False)
+        final = launch.status(settings, target, record)
+        _out().print(render.status_table(final))
+        raise SystemExit(status_exit_code(final))
+
+
+def _quoted_name(name: str) -> str:
+    import shlex
+
+    return shlex.quote(name)
+
+
+def resume_command(record: RunRecord) -> str:
+    """The `tpuctl run` that continues `record` (same name, hence workdir; same overrides and environment)."""
+    import shlex
+
+    words = ["tpuctl", "run", record.recipe, "--name", record.name]
+    words += ["--local"] if record.target == "local" else ["--tpu", record.tpu or ""]
+    for item in record.overrides:
+        words += ["--set", item]
+    for key, value in record.env.items():
+        words += ["--env", f"{key}={value}"]
+    return shlex.join(words)
+
+
+def _show_plan(settings: Settings, target: Target, record: RunRecord, sync: bool, as_json: bool) -> None:
+    from tpuctl import launch
+
+    plans = [launch.worker_plan(settings, target, record, w) for w in target.fleet.workers]
+    if as_json:
+        workers = [
+            {"worker": w.index, "host": h, "command": launch.describe_plan(p), **p}
+            for w, h, p in zip(target.fleet.workers, target.hosts, plans, strict=True)
+        ]
+        render.print_json({"run": record.to_json(), "sync": sync, "workers": workers})
+        return
+    steps = ["sync this directory to " + record.cwd] if sync else []
+    steps += ["check the chips", f"start tmux session {plans[0]['session']} running"]
+    _err().print(render.plain(f"Would {', '.join(steps)}, on {render.count(len(plans), 'worker')}:"))
+    for w, host, plan in zip(target.fleet.workers, target.hosts, plans, strict=True):
+        click.echo(f"[{render.worker_name(w.index)} {host}] {launch.describe_plan(plan)}")
+
+
+def _make_chips_free(settings: Settings, target: Target, force: bool) -> None:
+    """Refuse to start on chips someone holds (or that cannot be checked), unless --force, which kills them first."""
+    from tpuctl import launch, ops
+
+    if target.kind == "local" and not launch.local_chips_in_use(settings):
+        return  # no TPU here: nothing to share
+    reports = ops.check(settings, target.fleet)
+    taken = [r for r in reports if r.state != "free"]
+    if not taken:
+        return
+    if not force:
+        _out().print(render.check_table(reports))
+        first = taken[0]
+        raise TpuctlError(
+            f"the chips of {render.worker_name(first.index)} ({first.ip}) are {first.state}",
+            "stop that job (tpuctl stop / tpuctl kill) or pass --force to kill it first",
+        )
+    _err().print(f"--force: killing what holds the chips on {render.count(len(taken), 'worker')}")
+    ops.kill(settings, target.fleet, grace=10.0)
+
+
+def _recorded_target(record: RunRecord, flags: dict[str, Any]) -> tuple[Settings, Target]:
+    """The settings and target of a recorded run: its TPU unless flags name another, or this machine."""
+    from tpuctl import launch
+
+    if record.target == "local":
+        settings = _settings(flags)
+        return settings, launch.local_target(settings, Path(record.cwd))
+    for key in ("project", "zone", "tpu"):
+        if flags.get(key) is None:
+            flags[key] = getattr(record, key)
+    if flags.get("remote_dir") is None:
+        flags["remote_dir"] = record.cwd
+    settings = _settings(flags)
+    return settings, launch.pod_target(settings, _fleet(settings))
+
+
+@cli.command()
+@run_name_argument
+@fleet_options()
+@json_option
+def status(run: str | None, as_json: bool, **flags: Any) -> None:
+    """Per worker: trainer running or how it ended, tmux session, last step/loss/img/s, last checkpoint.
+
+    RUN defaults to the latest run started from this machine. Exit 0 all running or done, 1 any failed or dead,
+    2 any worker unknown (unreachable).
+
+    Example: tpuctl status b16 --json
+    """
+    from tpuctl import launch, registry
+
+    record = registry.load(run)
+    settings, target = _recorded_target(record, flags)
+    reports = launch.status(settings, target, record)
+    if as_json:
+        workers = [render.report_json(r) | {"state": r.state if r.error is None else "unknown"} for r in reports]
+        render.print_json({"run": record.to_json(), "workers": workers})
+    else:
+        _err().print(render.plain(f"run {record.name!r}: {record.recipe}, workdir {record.workdir}"))
+        _out().print(render.status_table(reports))
+        _say_failures((r.index, r.ip, r.error) for r in reports)
+    raise SystemExit(status_exit_code(reports))
+
+
+def status_exit_code(reports: list[WorkerReport]) -> int:
+    if any(r.error for r in reports):
+        return EXIT_USAGE
+    return EXIT_FAILED if any(r.state in ("failed", "dead", "absent") for r in reports) else EXIT_OK
+
+
+@cli.command()
+@run_name_argument
+@click.option("--workers", "--worker", "-w", default="0", show_default=True, help="Whose log: all, 3, 0,3,5 or 0-3.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing what the trainers write (Ctrl-C ends).")
+@click.option("--lines", "-n", type=click.IntRange(min=0), default=50, show_default=True, help="Lines of history.")
+@fleet_options()
+def logs(run: str | None, workers: str, follow: bool, lines: int, **flags: Any) -> None:
+    """Show (or --follow) the trainer's log of RUN on worker 0, or on several workers with [wN] prefixes.
+
+    \b
+    Examples:
+      tpuctl logs -f
+      tpuctl logs b16 --workers all -n 5
+    """
+    from tpuctl import registry
+
+    record = registry.load(run)
+    settings, target = _recorded_target(record, flags)
+    chosen = parse_workers(workers, len(target.fleet.workers))
+    ok = _print_logs(settings, target.subset(chosen), record, lines, follow, prefixed=len(chosen) > 1)
+    raise SystemExit(EXIT_OK if ok else EXIT_FAILED)
+
+
+def _print_logs(
+    settings: Settings, target: Target, record: RunRecord, lines: int, follow: bool, prefixed: bool
+) -> bool:
+    """Print the workers' logs (following them until their trainers end); False if some log could not be read."""
+    from tpuctl import launch, remote
+
+    lock = threading.Lock()
+
+    def show(worker: Any, stream: str, line: str) -> None:
+        out = sys.stdout if stream == "stdout" else sys.stderr
+        with lock:
+            out.write(f"[{render.worker_name(worker.index)}] {line}\n" if prefixed else line + "\n")
+            out.flush()
+
+    timeout = FOLLOW_TIMEOUT_S if follow else settings.command_timeout
+    command = remote.tail_command(launch.run_dir(target, record), lines, follow)
+    results = target.fleet.run(command, timeout=timeout, on_line=show)
+    _say_failures((r.worker.index, r.host, r.error or (r.stderr.strip() or None)) for r in results if not r.ok)
+    return all(r.ok for r in results)
+
+
+@cli.command()
+@run_name_argument
+@click.option("--grace", type=float, default=STOP_GRACE_S, show_default=True, help="Seconds to checkpoint and exit.")
+@fleet_options()
+@json_option
+def stop(run: str | None, grace: float, as_json: bool, **flags: Any) -> None:
+    """SIGTERM the trainers of RUN so they checkpoint and exit; kill what is left after --grace seconds.
+
+    `tpuctl run` with the same name afterwards resumes from the checkpoint.
+
+    Example: tpuctl stop b16 --grace 300
+    """
+    from tpuctl import launch, registry
+
+    record = registry.load(run)
+    settings, target = _recorded_target(record, flags)
+    reports = launch.stop(settings, target, record, grace)
+    if as_json:
+        render.print_json({"run": record.to_json(), "workers": [render.report_json(r) for r in reports]})
+    else:
+        _out().print(render.stop_table(reports))
+        _say_failures((r.index, r.ip, r.error) for r in reports)
+        if not any(r.error for r in reports):
+            _err().print(render.plain(f"Stopped. Resume with: {resume_command(record)}"))
+    failed = any(r.error or r.state == "killed" for r in reports)
+    raise SystemExit(EXIT_FAILED if failed else EXIT_OK)
+
+
+@cli.command()
+@run_name_argument
+@click.option("--worker", "-w", type=int, default=0, show_default=True, help="Worker index.")
+@fleet_options()
+def attach(run: str | None, worker: int, **flags: Any) -> None:
+    """Attach to RUN's tmux session on one worker (detach with Ctrl-b d; the run goes on)."""
+    from tpuctl import registry, remote
+
+    record = registry.load(run)
+    settings, target = _recorded_target(record, flags)
+    index = parse_workers(str(worker), len(target.fleet.workers))[0]
+    command = remote.attach_command(remote.session_name(record.slug))
+    if not sys.stdin.isatty():
+        raise TpuctlError("attach needs a terminal", "use `tpuctl logs --follow` from scripts")
+    if target.kind == "local":
+        argv = ["bash", "-c", command]
+    else:
+        from tpuctl.ssh import ssh_command
+
+        argv = [*ssh_command(settings, target.hosts[index], interactive=True), command]
+    sys.stdout.flush()
+    os.execvp(argv[0], argv)
+
+
+@cli.command("runs")
+@json_option
+def runs_(as_json: bool) -> None:
+    """The runs started from this machine, latest first."""
+    from tpuctl import registry
+
+    records = registry.all_runs()
+    if as_json:
+        render.print_json([r.to_json() for r in records])
+    elif not records:
+        _err().print("No runs yet. Start one with: tpuctl run RECIPE")
+    else:
+        _out().print(render.runs_table(records))

@@ -1,0 +1,159 @@
+"""Training runs on a target (a pod's workers, or this machine): start the trainer in tmux on every worker, read
+their status, stop them. Each is one command from tpuctl.remote per worker, answered in JSON (scripts/runs.py).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tpuctl import remote
+from tpuctl.errors import TpuctlError
+from tpuctl.ops import WorkerReport, report
+
+if TYPE_CHECKING:
+    from tpuctl.cloud import Worker
+    from tpuctl.config import Settings
+    from tpuctl.fleet import Fleet
+    from tpuctl.local import LocalFleet
+    from tpuctl.registry import RunRecord
+
+# Seconds a worker gets to start its tmux session (the script waits for the trainer's pid file).
+START_TIMEOUT_S = 60.0
+STATUS_TIMEOUT_S = 30.0
+VENV_PYTHON = ".venv/bin/python"
+
+
+@dataclass
+class Target:
+    """Where a run goes: the workers (or this machine), the project directory there and its Python."""
+
+    kind: str  # "tpu" | "local"
+    fleet: Fleet | LocalFleet
+    cwd: str
+    python: str
+
+    @property
+    def hosts(self) -> list[str]:
+        return self.fleet.hosts
+
+    def subset(self, positions: list[int]) -> Target:
+        """The same target on some of its workers (positions in fleet.workers)."""
+        if self.kind == "local":
+            return self
+        from tpuctl.fleet import Fleet
+
+        fleet = Fleet(self.fleet.settings, [self.fleet.workers[i] for i in positions])
+        return Target(self.kind, fleet, self.cwd, self.python)
+
+
+def local_target(settings: Settings, project: Path) -> Target:
+    from tpuctl.local import LocalFleet
+
+    venv = project / VENV_PYTHON
+    return Target("local", LocalFleet(settings), str(project), str(venv) if venv.exists() else sys.executable)
+
+
+def pod_target(settings: Settings, fleet: Fleet) -> Target:
+    return Target("tpu", fleet, settings.remote_dir, VENV_PYTHON)
+
+
+def recipe_in_project(recipe: Path, project: Path) -> str:
+    """RECIPE as a path relative to the project (what the workers have), checked to exist and to be inside it."""
+    if not recipe.is_file():
+        raise TpuctlError(f"recipe {str(recipe)!r} does not exist", "pass a TOML file, e.g. recipes/tiny.toml")
+    try:
+        return recipe.resolve().relative_to(project.resolve()).as_posix()
+    except ValueError:
+        raise TpuctlError(
+            f"recipe {str(recipe)!r} is outside the project {str(project)!r}", "put it under the project's recipes/"
+        ) from None
+
+
+def validate_recipe(path: Path, overrides: list[str]) -> None:
+    """The trainer's own recipe check (standard library only), here, before anything starts on any worker."""
+    from trainer.recipe import RecipeError, load
+
+    try:
+        load(path, overrides)
+    except RecipeError as e:
+        raise TpuctlError(f"{path}: {e}") from None
+    except OSError as e:
+        raise TpuctlError(f"cannot read recipe {path}: {e.strerror}") from None
+
+
+def parse_env(items: tuple[str, ...]) -> dict[str, str]:
+    env = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.replace("_", "a").isalnum() or key[0].isdigit():
+            raise TpuctlError(f"--env {item!r} is not NAME=VALUE", "e.g. --env XLA_FLAGS=--xla_dump_to=/tmp/dump")
+        env[key] = value
+    return env
+
+
+def coordinator(settings: Settings, target: Target) -> str | None:
+    """Worker 0's address as the other workers reach it (its internal IP), when there are other workers."""
+    workers = target.fleet.workers
+    return f"{workers[0].internal_ip}:{settings.coordinator_port}" if len(workers) > 1 else None
+
+
+def worker_plan(settings: Settings, target: Target, record: RunRecord, worker: Worker) -> dict[str, Any]:
+    """What worker `worker` runs: the trainer's words and environment, in which directory and tmux session."""
+    count = len(target.fleet.workers)
+    return {
+        "name": record.name,
+        "session": remote.session_name(record.slug),
+        "run_dir": run_dir(target, record),
+        "cwd": record.cwd,
+        "argv": remote.trainer_argv(target.python, record.recipe, record.workdir, record.overrides),
+        "env": remote.trainer_env(record.env, coordinator(settings, target), count, worker.index),
+        "device_globs": list(settings.device_globs),
+    }
+
+
+def run_dir(target: Target, record: RunRecord) -> str:
+    path = remote.run_dir(record.slug)
+    return os.path.expanduser(path) if target.kind == "local" else path
+
+
+def describe_plan(plan: dict[str, Any]) -> str:
+    """The command line a worker's tmux session runs (what --dry-run prints)."""
+    env = [f"{k}={v}" for k, v in sorted(plan["env"].items())]
+    return f"cd {remote.shell_path(plan['cwd'])} && {shlex.join(['env', *env, *plan['argv']])}"
+
+
+def start(settings: Settings, target: Target, record: RunRecord) -> list[WorkerReport]:
+    def command(worker: Worker) -> str:
+        return remote.run_command("start", settings.python, **worker_plan(settings, target, record, worker))
+
+    return [report(r) for r in target.fleet.run(command, timeout=START_TIMEOUT_S)]
+
+
+def status(settings: Settings, target: Target, record: RunRecord) -> list[WorkerReport]:
+    command = remote.run_command(
+        "status",
+        settings.python,
+        session=remote.session_name(record.slug),
+        run_dir=run_dir(target, record),
+        workdir=record.workdir,
+    )
+    return [report(r) for r in target.fleet.run(command, timeout=STATUS_TIMEOUT_S)]
+
+
+def stop(settings: Settings, target: Target, record: RunRecord, grace: float) -> list[WorkerReport]:
+    """SIGTERM every worker's trainer at once (so they agree on a step to checkpoint), kill what outlives `grace`."""
+    command = remote.run_command(
+        "stop", settings.python, session=remote.session_name(record.slug), run_dir=run_dir(target, record), grace=grace
+    )
+    return [report(r) for r in target.fleet.run(command, timeout=grace + STATUS_TIMEOUT_S)]
+
+
+def local_chips_in_use(settings: Settings) -> bool:
+    """Whether this machine has TPU device files at all (else there is nothing for a local run to wait for)."""
+    return any(glob.glob(g) for g in settings.device_globs)
