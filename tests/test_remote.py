@@ -151,3 +151,27 @@ def test_the_trainer_environment_wires_workers_unless_told_otherwise():
     }
     assert "TRAINER_COORDINATOR" not in remote.trainer_env({}, None, 1, 0)
     assert remote.trainer_env({"TRAINER_PROCESS_ID": "7"}, "h:1", 2, 1)["TRAINER_PROCESS_ID"] == "7"  # the user's wins
+
+
+def test_stop_kills_a_trainer_that_outlives_its_grace(tmp_path):
+    """scripts/runs.py stop: SIGTERM first; a trainer still alive after the grace period is SIGKILLed."""
+    stubborn = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)"
+    )
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "TMUX_TMPDIR": str(tmp_path)}
+    env.pop("TMUX", None)
+    where = {"session": "tpuctl-s", "run_dir": str(run_dir)}
+    start = {**where, "name": "s", "cwd": str(tmp_path), "env": {}, "device_globs": []}
+    try:
+        r = sh(remote.run_command("start", sys.executable, argv=[sys.executable, "-c", stubborn, "trainer"], **start),
+               env=env)  # fmt: skip
+        assert r.returncode == 0 and json.loads(r.stdout)["pid"], r.stdout + r.stderr
+        status = json.loads(sh(remote.run_command("status", sys.executable, workdir="/none", **where), env=env).stdout)
+        assert status["state"] == "running" and status["session"]
+        stop = json.loads(sh(remote.run_command("stop", sys.executable, grace=0.5, **where), env=env).stdout)
+        assert stop["state"] == "killed" and stop["exit_code"] == 137  # the pane's shell saw it die of SIGKILL
+        status = json.loads(sh(remote.run_command("status", sys.executable, workdir="/none", **where), env=env).stdout)
+        assert status["state"] == "failed" and not status["session"] and status["pid"] is None
+    finally:
+        subprocess.run(["tmux", "kill-server"], env=env, capture_output=True)

@@ -72,7 +72,9 @@ def prepared(pod, project):
     if worker_python != str(sys.version_info[:2]):
         pytest.skip(f"the workers' python3 is {worker_python}, this venv's {sys.version_info[:2]}: wheels differ")
     assert pod.tpuctl("sync", str(project)).returncode == 0
-    site = next(p for p in sys.path if p.endswith("site-packages"))
+    # this process's view of its site-packages, which may lie under /tmp or /root (private on the workers): the
+    # workers share this machine's process ids, so /proc/<our pid>/root is our file system, /tmp included
+    site = f"/proc/{os.getpid()}/root" + next(p for p in sys.path if p.endswith("site-packages"))
     link = (
         "/usr/bin/python3 -m venv tpuctl/.venv && tpuctl/.venv/bin/python -c "
         f'\'import site, sys; open(site.getsitepackages()[0] + "/image.pth", "w").write(sys.argv[1])\' {site}'

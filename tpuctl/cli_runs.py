@@ -305,6 +305,11 @@ def stop(run: str | None, grace: float, as_json: bool, **flags: Any) -> None:
     record = registry.load(run)
     settings, target = _recorded_target(record, flags)
     reports = launch.stop(settings, target, record, grace)
+    killed = [i for i, r in enumerate(reports) if r.state == "killed"]
+    if killed and target.kind == "tpu":  # a trainer that outlived the grace: free its worker's chips as `kill` does
+        from tpuctl import ops
+
+        ops.kill(settings, target.subset(killed).fleet, grace=10.0)
     if as_json:
         render.print_json({"run": record.to_json(), "workers": [render.report_json(r) for r in reports]})
     else:
@@ -327,7 +332,9 @@ def attach(run: str | None, worker: int, **flags: Any) -> None:
     record = registry.load(run)
     settings, target = _recorded_target(record, flags)
     index = parse_workers(str(worker), len(target.fleet.workers))[0]
-    command = remote.attach_command(remote.session_name(record.slug))
+    # inside a local tmux already, switch this client to the run's session (tmux refuses to nest an attach)
+    nested = target.kind == "local" and bool(os.environ.get("TMUX"))
+    command = remote.attach_command(remote.session_name(record.slug), switch=nested)
     if not sys.stdin.isatty():
         raise TpuctlError("attach needs a terminal", "use `tpuctl logs --follow` from scripts")
     if target.kind == "local":

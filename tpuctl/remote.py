@@ -167,5 +167,6 @@ def tail_command(run_dir: str, lines: int, follow: bool) -> str:
     return f'tail -n {int(lines)} -F --pid="$(cat {pid} 2>/dev/null || echo 1)" {log}'
 
 
-def attach_command(session: str) -> str:
-    return shlex.join(["tmux", "attach-session", "-t", "=" + session])
+def attach_command(session: str, switch: bool = False) -> str:
+    """Attach a terminal to a run's tmux session; `switch` moves a client already inside tmux there instead."""
+    return shlex.join(["tmux", "switch-client" if switch else "attach-session", "-t", "=" + session])
