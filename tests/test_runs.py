@@ -151,6 +151,7 @@ def test_two_workers_train_stop_and_resume_to_the_uninterrupted_result(pod, proj
     code, workers = status(pod, name)
     assert code == 0 and [w["state"] for w in workers] == ["running", "running"], workers
     assert workers[0]["progress"]["stage"] == "pretrain16" and workers[0]["progress"]["step"] >= 3
+    assert workers[1]["progress"]["step"] >= 2  # every host logs its steps: a lagging worker would show
     assert all(w["session"] for w in workers)
     again = pod.tpuctl("run", *common, "--name", name, cwd=project, timeout=120)  # while it runs: refused, untouched
     assert again.returncode == 2 and f"w1 ({pod.fleet.workers[1].ip}): run {name!r} is already running" in again.stderr

@@ -77,7 +77,7 @@ def run(recipe: Recipe, workdir: Path) -> Outcome:
     preemption = Preemption()
     first_global = global_step(recipe, start.stage, start.resume_step or 0)
     metrics = MetricsLog(workdir, enabled=host.index == 0, start_step=first_global)
-    report = Report(enabled=host.index == 0)
+    report = Report(enabled=True)  # every host logs (its own file on a pod): `tpuctl status` reads each one's step
     params = None
     if start.init_from is not None and start.stage < len(recipe.stages):
         previous = start.stage - 1

@@ -1,5 +1,6 @@
-"""What host 0 shows a person: a rich progress bar per stage when stdout is a terminal (tmux included), otherwise
-one plain line per logged step (log files, `tpuctl logs`). Other hosts stay quiet."""
+"""What a host shows a person: a rich progress bar per stage when stdout is a terminal, otherwise one plain line per
+logged step (log files, `tpuctl logs`, `tpuctl status`). Every host reports (the values are global); on a pod each
+writes its own log, so a worker that lags or stops shows in its own."""
 
 from __future__ import annotations
 

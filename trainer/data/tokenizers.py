@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-import tensorflow_text as tf_text
 
-from trainer.data.tfsetup import tf
+from trainer.data.tfsetup import tf, tf_text
 from trainer.recipe import Recipe, RecipeError
 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
