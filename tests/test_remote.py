@@ -122,6 +122,14 @@ def test_a_run_reaches_the_trainer_with_every_word_and_variable_intact(tmp_path)
         assert status["state"] == "stopped" and status["exit_code"] == 0  # exit 0 without "done: every stage"
         tail = sh(remote.tail_command(str(run_dir), 1, follow=True), env=env, timeout=10)  # ends: the trainer has
         assert tail.stdout == (run_dir / "log").read_text().splitlines()[-1] + "\n"
+        first = (run_dir / "log").read_text()
+        assert sh(remote.run_command("start", sys.executable, **args), env=env).returncode == 0  # the same run again
+        for _ in range(100):
+            if (run_dir / "exit").exists():
+                break
+            time.sleep(0.05)
+        assert (run_dir / "log.1").read_text() == first  # the earlier start's log, kept apart
+        assert (run_dir / "log").read_text().count("==> tpuctl run n started") == 1
     finally:
         subprocess.run(["tmux", "kill-server"], env=env, capture_output=True)
 

@@ -24,6 +24,9 @@ class MetricsLog:
         if not enabled:
             return
         self.jsonl = (workdir / "metrics.jsonl").open("a", buffering=1)
+        # tensorboard's writer imports TensorFlow where it is installed: through tfsetup, it comes configured and quiet
+        import trainer.data.tfsetup  # noqa: F401
+
         self.events = EventFileWriter(str(workdir / "tensorboard"))
         if start_step is not None:
             restart = event_pb2.SessionLog(status=event_pb2.SessionLog.START)

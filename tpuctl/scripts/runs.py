@@ -21,6 +21,7 @@ import time
 LOG_LINE = re.compile(r"^(?P<stage>\S+) (?P<step>\d+)  loss (?P<loss>\S+)\s")
 IMG_PER_S = re.compile(r"\bimg_per_s (\S+)")
 TAIL_BYTES = 64 * 1024
+KEEP_LOGS = 9  # logs of earlier starts of a run kept next to its current one (log.1 the latest)
 
 
 def fail(message, code=3):
@@ -91,14 +92,15 @@ def start(args):
     for name in ("pid", "exit"):
         if os.path.exists(paths[name]):
             os.remove(paths[name])
+    rotate(paths["log"])  # this start gets a log of its own: `logs` and `run --follow` show it alone
     trainer = ["env", *(f"{k}={v}" for k, v in sorted(env.items())), *args["argv"]]
     # The pane: the trainer writes its pid (exec keeps it), its output goes to the log too, its status to `exit`.
     pane = (
         f"cd {shlex.quote(cwd)} && {{ "
         f'sh -c \'echo $$ > "$0" && exec "$@"\' {shlex.quote(paths["pid"])} {shlex.join(trainer)} 2>&1; '
-        f"echo $? > {shlex.quote(paths['exit'])}; }} | tee -a {shlex.quote(paths['log'])}"
+        f"echo $? > {shlex.quote(paths['exit'])}; }} | tee -a {shlex.quote(paths['log'])}"  # after the header
     )
-    with open(paths["log"], "a") as f:
+    with open(paths["log"], "w") as f:
         when = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         f.write(f"==> tpuctl run {args['name']} started {when}: {shlex.join(trainer)}\n")
     result = tmux("new-session", "-d", "-s", args["session"], "-x", "200", "-y", "50", pane)
@@ -108,6 +110,14 @@ def start(args):
     while time.monotonic() < deadline and read(paths["pid"]) is None and read(paths["exit"]) is None:
         time.sleep(0.05)
     return {"session": args["session"], "pid": int(read(paths["pid"]) or 0) or None, "log": paths["log"]}
+
+
+def rotate(log, keep=KEEP_LOGS):
+    """log -> log.1 -> log.2 ... (the earlier starts of a run, the newest first); the oldest beyond `keep` goes."""
+    for n in range(keep, 0, -1):
+        older = f"{log}.{n - 1}" if n > 1 else log
+        if os.path.exists(older):
+            os.replace(older, f"{log}.{n}")
 
 
 def last_progress(log_path):
