@@ -20,9 +20,9 @@ from trainer import recipe
 from trainer.data import Host, open_stage
 from trainer.data.synthetic import EOS_ID, FIRST_WORD_ID
 from trainer.models import flops, variants
-from trainer.models.clip import build
+from trainer.models.clip import attention_for, build
 from trainer.models.variants import IMAGE, Size
-from trainer.models.vit import REMAT_POLICIES, ImageTower, MapHead, drop_patches, resize_positions
+from trainer.models.vit import REMAT_POLICIES, ImageTower, Layers, MapHead, drop_patches, resize_positions
 from trainer.step import init_state, loss_terms, micro_batches, train_step
 
 TINY = Path(__file__).resolve().parent / "tiny_synthetic.toml"
@@ -127,7 +127,7 @@ def policies_in(jaxpr) -> list:
     return found
 
 
-def test_remat_changes_memory_not_results():
+def test_remat_and_unrolled_layers_change_memory_and_code_not_results():
     images = images_of(0, (2, 16, 16, 3))
     plain = ImageTower(SMALL, 8, 16)
     params = random_params(plain, images)
@@ -138,16 +138,21 @@ def test_remat_changes_memory_not_results():
 
     value, grads = jax.jit(jax.value_and_grad(partial(loss, plain)))(params)
     assert policies_in(jax.make_jaxpr(partial(loss, plain))(params).jaxpr) == []
-    for remat in ("block", "dots"):
-        rematted = ImageTower(SMALL, 8, 16, remat=remat)
-        shapes = jax.eval_shape(lambda t=rematted: nn.unbox(t.init(jax.random.key(0), images)))
+    for layers in (Layers(remat="block"), Layers(remat="dots"), Layers(scan=False)):
+        other = ImageTower(SMALL, 8, 16, layers=layers)
+        shapes = jax.eval_shape(lambda t=other: nn.unbox(t.init(jax.random.key(0), images)))
         assert jax.tree.structure(shapes) == jax.tree.structure(params)  # checkpoints load either way
-        remat_value, remat_grads = jax.jit(jax.value_and_grad(partial(loss, rematted)))(params)
-        np.testing.assert_allclose(remat_value, value, rtol=1e-5)
-        for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(grads), strict=True):
+        for a, b in zip(jax.tree.leaves(shapes), jax.tree.leaves(params), strict=True):
+            assert a.shape == b.shape
+        other_value, other_grads = jax.jit(jax.value_and_grad(partial(loss, other)))(params)
+        np.testing.assert_allclose(other_value, value, rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(other_grads), jax.tree.leaves(grads), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-        # and the blocks really are rematerialised, with the recipe's policy
-        assert policies_in(jax.make_jaxpr(partial(loss, rematted))(params).jaxpr) == [REMAT_POLICIES[remat]]
+        jaxpr = jax.make_jaxpr(partial(loss, other))(params).jaxpr
+        # the blocks really are rematerialised with the recipe's policy, or really unrolled
+        assert policies_in(jaxpr) == ([REMAT_POLICIES[layers.remat]] if layers.remat != "none" else [])
+        lowered = jax.jit(partial(loss, other)).lower(params).as_text()
+        assert ("stablehlo.while" in lowered) == layers.scan  # unrolled: straight-line code, one copy per layer
 
 
 # --- scanned blocks --------------------------------------------------------------------------------------------
@@ -262,12 +267,9 @@ def xla_flops(fn, *args) -> float:
     return float(cost["flops"])
 
 
-def shallow(monkeypatch: pytest.MonkeyPatch) -> None:
-    """XLA's cost analysis counts the body of a loop once, not times its trip count: for the scanned blocks it
-    reports the FLOPs of one layer whatever the depth (on this jax 0.10 CPU build, 12 layers count as 1). With
-    one-layer towers its count is the whole model's, so that is what the analytic count is compared against."""
-    for table in (variants.IMAGE, variants.TEXT):
-        monkeypatch.setitem(table, "Ti", Size(192, 1, 768, 3))
+# XLA's cost analysis counts the body of a loop once, not times its trip count: compared with the scanned blocks it
+# would see one layer whatever the depth. So the towers are built unrolled (model.scan_layers = false): same model.
+UNROLLED = ("stages.0.resolution=32", "model.scan_layers=false")
 
 
 def clip_flops(r: recipe.Recipe, batch: int) -> tuple[float, int]:
@@ -294,32 +296,29 @@ def clip_flops(r: recipe.Recipe, batch: int) -> tuple[float, int]:
         ["model.decoder='Ti'", "text.caption_length=8", "model.decoder_context='image'"],
     ],
 )
-def test_analytic_forward_flops_match_xla(monkeypatch, overrides):
-    shallow(monkeypatch)
-    measured, analytic = clip_flops(tiny("stages.0.resolution=32", *overrides), batch=4)
+def test_analytic_forward_flops_match_xla(overrides):
+    measured, analytic = clip_flops(tiny(*UNROLLED, *overrides), batch=4)
     # XLA also counts the elementwise work (norms, GELU, softmax, the dropout's sort) the analytic count leaves out:
     # 0.5-4 % here, more where patch dropout has halved the matmuls
     assert 0.99 < measured / analytic < 1.06, (measured, analytic)
 
 
-def test_analytic_map_head_flops_match_xla(monkeypatch):
+def test_analytic_map_head_flops_match_xla():
     """The MAP head's own FLOPs (map minus mean pooling): small next to the blocks, so compared on their own."""
-    shallow(monkeypatch)
-    map_xla, map_analytic = clip_flops(tiny("stages.0.resolution=32", "model.pooling='map'"), batch=4)
-    mean_xla, mean_analytic = clip_flops(tiny("stages.0.resolution=32", "model.pooling='mean'"), batch=4)
+    map_xla, map_analytic = clip_flops(tiny(*UNROLLED, "model.pooling='map'"), batch=4)
+    mean_xla, mean_analytic = clip_flops(tiny(*UNROLLED, "model.pooling='mean'"), batch=4)
     # XLA's extra elementwise work in the head (LN, softmax over 16 keys, GELU) is under 1 % of its matmuls
     assert (map_xla - mean_xla) / (map_analytic - mean_analytic) == pytest.approx(1.0, abs=0.02)
 
 
-def test_decoder_context_image_leaves_the_alt_text_out(monkeypatch):
-    shallow(monkeypatch)
+def test_decoder_context_image_leaves_the_alt_text_out():
     images = images_of(0, (2, 32, 32, 3))
     texts = jnp.asarray(np.random.default_rng(0).integers(3, 100, (2, 8)), jnp.int32)
     captions = jnp.ones((2, 8), jnp.int32)
     for context, alt_text_matters in (("image+text", True), ("image", False)):
         r = tiny(
             "stages.0.resolution=32",
-            "model.decoder='Ti'",
+            "model.decoder='Mu'",
             "text.caption_length=8",
             f"model.decoder_context='{context}'",
         )
@@ -359,3 +358,19 @@ def test_synthetic_batches_are_the_same_for_any_host_count_and_resume_exactly():
             (eos,) = np.flatnonzero(row == EOS_ID)  # exactly one [eos] ...
             assert eos >= 1 and (row[:eos] >= FIRST_WORD_ID).all()  # ... after the words ...
             assert (row[eos + 1 :] == 0).all()  # ... then padding
+
+
+# --- attention kernel choice -----------------------------------------------------------------------------------
+
+
+def test_auto_attention_takes_cudnn_only_on_gpus_in_half_precision_with_head_sizes_it_supports():
+    b16 = [IMAGE["B"], variants.TEXT["B"]]  # 64-wide heads
+    assert attention_for("auto", "bfloat16", b16, "gpu") == "cudnn"
+    assert attention_for("auto", "float32", b16, "gpu") == "xla"  # cuDNN's flash kernel is half precision only
+    assert attention_for("auto", "bfloat16", b16, "tpu") == "xla"
+    assert attention_for("auto", "bfloat16", b16, "cpu") == "xla"
+    assert attention_for("auto", "bfloat16", [Size(96, 1, 384, 3)], "gpu") == "cudnn"  # 32-wide heads
+    assert attention_for("auto", "bfloat16", [Size(96, 1, 384, 3), Size(300, 1, 1200, 1)], "gpu") == "xla"
+    assert attention_for("xla", "bfloat16", b16, "gpu") == "xla"
+    with pytest.raises(recipe.RecipeError, match="needs a GPU"):
+        attention_for("cudnn", "bfloat16", b16, "cpu")

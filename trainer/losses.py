@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 def logits(image_emb: jnp.ndarray, text_emb: jnp.ndarray, log_scale: jnp.ndarray, max_scale: float) -> jnp.ndarray:
@@ -33,6 +34,5 @@ def sigmoid_contrastive(sim: jnp.ndarray, bias: jnp.ndarray) -> jnp.ndarray:
 def caption_cross_entropy(logits: jnp.ndarray, targets: jnp.ndarray, pad_id: int = 0) -> jnp.ndarray:
     """Mean next-token cross-entropy over the non-padding targets. logits (B, T, V), targets (B, T)."""
     mask = (targets != pad_id).astype(jnp.float32)
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)  # log-sum-exp form
     return (nll * mask).sum() / jnp.maximum(mask.sum(), 1.0)

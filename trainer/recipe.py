@@ -45,6 +45,9 @@ class Model:
     dtype: Literal["bfloat16", "float32"] = "bfloat16"  # compute
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     remat: Literal["none", "block", "dots"] = "none"  # backward pass recomputes all of a block, or all but matmuls
+    # "auto": cuDNN's fused attention on GPUs in bf16/fp16 where its shapes allow, XLA's elsewhere (CPU, TPU, fp32)
+    attention: Literal["auto", "xla", "cudnn"] = "auto"
+    scan_layers: bool = True  # false: the layer loop unrolled (longer compiles; the same parameters)
 
     @property
     def image_variant(self) -> str:

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 
 from trainer.models import variants
 from trainer.models.text import CaptionDecoder, TextTower
-from trainer.models.vit import ImageTower
-from trainer.recipe import Recipe
+from trainer.models.vit import ImageTower, Implementation, Layers
+from trainer.recipe import Recipe, RecipeError
 
 BOS_ID = 1  # OpenVision's [bos] (BERT's [unused0])
 
@@ -75,16 +75,27 @@ def normalize(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
     return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
+def attention_for(choice: str, dtype: str, sizes: list[variants.Size], backend: str) -> Implementation:
+    """The recipe's attention choice made concrete: "auto" takes cuDNN's fused kernel where it is known to apply
+    (a GPU, half precision, head sizes it supports: multiples of 8 up to 128), XLA's everywhere else."""
+    if choice == "cudnn" and backend != "gpu":
+        raise RecipeError(f"model.attention = 'cudnn' needs a GPU, and this run's devices are {backend}: use 'auto'")
+    if choice != "auto":
+        return "cudnn" if choice == "cudnn" else "xla"
+    heads_fit = all(s.width // s.heads % 8 == 0 and s.width // s.heads <= 128 for s in sizes)
+    return "cudnn" if backend == "gpu" and dtype in ("bfloat16", "float16") and heads_fit else "xla"
+
+
 def build(recipe: Recipe) -> Clip:
     m = recipe.model
-    dtypes: dict[str, Any] = {"dtype": jnp.dtype(m.dtype), "param_dtype": jnp.dtype(m.param_dtype), "remat": m.remat}
+    sizes = [variants.IMAGE[m.image_variant], variants.TEXT[m.text]] + ([variants.TEXT[m.decoder]] if m.decoder else [])
+    layers = Layers(m.remat, attention_for(m.attention, m.dtype, sizes, jax.default_backend()), m.scan_layers)
+    dtypes: dict[str, Any] = {"dtype": jnp.dtype(m.dtype), "param_dtype": jnp.dtype(m.param_dtype), "layers": layers}
     embed_dim = m.embed_dim or variants.EMBED_DIM[m.image_variant]
-    image = ImageTower(
-        variants.IMAGE[m.image_variant], m.patch, embed_dim, pooling=m.pooling, posemb=m.posemb, **dtypes
-    )
+    image = ImageTower(sizes[0], m.patch, embed_dim, pooling=m.pooling, posemb=m.posemb, **dtypes)
     rows = recipe.text.vocab_rows
-    text = TextTower(variants.TEXT[m.text], embed_dim, vocab_rows=rows, **dtypes)
-    decoder = CaptionDecoder(variants.TEXT[m.decoder], vocab_rows=rows, **dtypes) if m.decoder else None
+    text = TextTower(sizes[1], embed_dim, vocab_rows=rows, **dtypes)
+    decoder = CaptionDecoder(sizes[2], vocab_rows=rows, **dtypes) if m.decoder else None
     return Clip(
         image=image,
         text=text,

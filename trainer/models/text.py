@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from trainer.models.variants import Size
-from trainer.models.vit import Attention, Block, Dtype, Mlp, Remat, layer_norm, logical, stacked
+from trainer.models.vit import Attention, Block, Dtype, Implementation, Layers, Mlp, layer_norm, logical, stacked
 
 VOCAB_ROWS = 32_000  # OpenVision's table (BERT's 30,522 word pieces, padded); text.vocab_rows sets it
 
@@ -42,7 +42,7 @@ class TextTower(nn.Module):
     size: Size
     embed_dim: int
     vocab_rows: int = VOCAB_ROWS
-    remat: Remat = "none"
+    layers: Layers = Layers()
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -52,7 +52,8 @@ class TextTower(nn.Module):
         width = self.size.width
         x = embed_tokens("embedding", tokens, width, self.vocab_rows, **kw)
         x = x + positions(self, tokens.shape[1], width, self.param_dtype).astype(self.dtype)[None]
-        x, _ = stacked(Block, self.size.depth, self.remat, 1)(self.size, name="blocks", **kw)(x, None)
+        blocks = stacked(Block, self.size.depth, self.layers, 0)(self.size, self.layers.attention, name="blocks", **kw)
+        x, _ = blocks(x)
         x = layer_norm("ln_final", **kw)(x)
         embedding = nn.Dense(
             self.embed_dim,
@@ -68,14 +69,16 @@ class DecoderBlock(nn.Module):
     """Causal self-attention, cross-attention to the context, MLP; pre-LN. Returns (x, None): a scan body."""
 
     size: Size
+    attention: Implementation = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, context: jnp.ndarray, causal: jnp.ndarray) -> tuple[jnp.ndarray, None]:
+    def __call__(self, x: jnp.ndarray, context: jnp.ndarray) -> tuple[jnp.ndarray, None]:
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
-        x = x + Attention(self.size.heads, name="self_attn", **kw)(layer_norm("ln1", **kw)(x), mask=causal)
-        x = x + Attention(self.size.heads, name="cross_attn", **kw)(layer_norm("ln2", **kw)(x), context=context)
+        attn = {"implementation": self.attention, **kw}
+        x = x + Attention(self.size.heads, causal=True, name="self_attn", **attn)(layer_norm("ln1", **kw)(x))
+        x = x + Attention(self.size.heads, name="cross_attn", **attn)(layer_norm("ln2", **kw)(x), context=context)
         return x + Mlp(self.size.mlp, name="mlp", **kw)(layer_norm("ln3", **kw)(x)), None
 
 
@@ -84,7 +87,7 @@ class CaptionDecoder(nn.Module):
 
     size: Size
     vocab_rows: int = VOCAB_ROWS
-    remat: Remat = "none"
+    layers: Layers = Layers()
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -105,9 +108,10 @@ class CaptionDecoder(nn.Module):
             context = jnp.concatenate([context, project("text_proj", text_tokens)], axis=1)
         x = embed_tokens("embedding", inputs, width, self.vocab_rows, **kw)
         x = x + positions(self, inputs.shape[1], width, self.param_dtype).astype(self.dtype)[None]
-        causal = nn.make_causal_mask(inputs)
-        blocks = stacked(DecoderBlock, self.size.depth, self.remat, 2)(self.size, name="blocks", **kw)
-        x, _ = blocks(x, context, causal)
+        blocks = stacked(DecoderBlock, self.size.depth, self.layers, 1)(
+            self.size, self.layers.attention, name="blocks", **kw
+        )
+        x, _ = blocks(x, context)
         x = layer_norm("ln_final", **kw)(x)
         return nn.Dense(
             self.vocab_rows, kernel_init=logical(nn.initializers.zeros, "embed", "vocab"), name="logits", **kw

@@ -8,6 +8,7 @@ which is what keeps compile times short for the big towers (and on CPU). Paramet
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal
 
 import flax.linen as nn
@@ -19,6 +20,7 @@ from trainer.models.variants import Size
 
 Dtype = Any
 Remat = Literal["none", "block", "dots"]
+Implementation = Literal["xla", "cudnn"]
 
 # What the backward pass may keep from the forward pass of a block; the rest is recomputed.
 REMAT_POLICIES = {
@@ -43,12 +45,20 @@ def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) 
 
 
 class Attention(nn.Module):
+    """Multi-head attention; softmax statistics in float32 whatever the compute dtype (jax.nn.dot_product_attention).
+
+    `implementation` "cudnn" is cuDNN's fused flash attention (GPUs, bf16/fp16; never materialises the T x S weights);
+    "xla" is XLA's own, on every backend. `build` picks one per backend (trainer/models/clip.py: attention_for).
+    """
+
     heads: int
+    causal: bool = False
+    implementation: Implementation = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, context: jnp.ndarray | None = None, mask: jnp.ndarray | None = None):
+    def __call__(self, x: jnp.ndarray, context: jnp.ndarray | None = None):
         width = x.shape[-1]
         head_dim = width // self.heads
         context = x if context is None else context
@@ -64,7 +74,7 @@ class Attention(nn.Module):
             )(inputs)
 
         q, k, v = project("query", x), project("key", context), project("value", context)
-        out = nn.dot_product_attention(q, k, v, mask=mask, dtype=self.dtype)
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal, implementation=self.implementation)
         return nn.DenseGeneral(
             width,
             axis=(-2, -1),
@@ -112,30 +122,43 @@ def layer_norm(name: str, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Layers:
+    """How a tower's blocks are built and run (not what they compute): the same parameters either way."""
+
+    remat: Remat = "none"
+    attention: Implementation = "xla"
+    # False unrolls the scan into straight-line code: longer compiles, and XLA's cost analysis counts every layer
+    # (it counts a loop body once)
+    scan: bool = True
+
+
 class Block(nn.Module):
     """Pre-LN transformer block: x + attn(LN(x)), then x + mlp(LN(x)). Returns (x, None): a scan body."""
 
     size: Size
+    attention: Implementation = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None) -> tuple[jnp.ndarray, None]:
+    def __call__(self, x: jnp.ndarray) -> tuple[jnp.ndarray, None]:
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
-        x = x + Attention(self.size.heads, name="attn", **kw)(layer_norm("ln1", **kw)(x), mask=mask)
+        x = x + Attention(self.size.heads, implementation=self.attention, name="attn", **kw)(layer_norm("ln1", **kw)(x))
         return x + Mlp(self.size.mlp, name="mlp", **kw)(layer_norm("ln2", **kw)(x)), None
 
 
-def stacked(block: Any, depth: int, remat: Remat, broadcast_args: int) -> Any:
+def stacked(block: Any, depth: int, layers: Layers, broadcast_args: int) -> Any:
     """`depth` copies of a scan-body block as one module; its extra call arguments are the same for every layer."""
-    if remat != "none":
-        block = nn.remat(block, policy=REMAT_POLICIES[remat], prevent_cse=False)  # prevent_cse is moot under scan
+    if layers.remat != "none":
+        block = nn.remat(block, policy=REMAT_POLICIES[layers.remat], prevent_cse=False)  # moot under scan
     return nn.scan(
         block,
         variable_axes={"params": 0},
         split_rngs={"params": True},
         in_axes=(nn.broadcast,) * broadcast_args,
         length=depth,
+        unroll=1 if layers.scan else depth,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
 
@@ -144,6 +167,7 @@ class MapHead(nn.Module):
     """Multihead attention pooling: a learned probe attends to the tokens, then an MLP (as SigLIP's towers)."""
 
     size: Size
+    attention: Implementation = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -152,7 +176,7 @@ class MapHead(nn.Module):
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         probe = self.param("probe", logical(nn.initializers.xavier_uniform(), None, None, "embed"), (1, 1, x.shape[-1]))
         probe = jnp.broadcast_to(probe.astype(self.dtype), (x.shape[0], 1, x.shape[-1]))
-        x = Attention(self.size.heads, name="attn", **kw)(probe, context=x)
+        x = Attention(self.size.heads, implementation=self.attention, name="attn", **kw)(probe, context=x)
         x = x + Mlp(self.size.mlp, name="mlp", **kw)(layer_norm("ln", **kw)(x))
         return x[:, 0]
 
@@ -173,7 +197,7 @@ class ImageTower(nn.Module):
     embed_dim: int
     pooling: Literal["mean", "cls", "map"] = "mean"
     posemb: Literal["sincos2d", "learned"] = "sincos2d"
-    remat: Remat = "none"
+    layers: Layers = Layers()
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -206,10 +230,11 @@ class ImageTower(nn.Module):
         if self.pooling == "cls":
             cls = self.param("cls", logical(nn.initializers.zeros, "embed"), (width,), self.param_dtype)
             x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, width)), x], axis=1)
-        x, _ = stacked(Block, self.size.depth, self.remat, 1)(self.size, name="blocks", **kw)(x, None)
+        blocks = stacked(Block, self.size.depth, self.layers, 0)(self.size, self.layers.attention, name="blocks", **kw)
+        x, _ = blocks(x)
         x = layer_norm("ln_final", **kw)(x)
         if self.pooling == "map":
-            pooled = MapHead(self.size, name="map_head", **kw)(x)
+            pooled = MapHead(self.size, self.layers.attention, name="map_head", **kw)(x)
         else:
             pooled = x[:, 0] if self.pooling == "cls" else x.mean(axis=1)
         embedding = nn.Dense(
