@@ -8,15 +8,18 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from standins.pod import Pod
+from standins.pod import RUN_RECIPE, Pod
 from standins.pod import make_pod as stand_in_pod
 from standins.sshfleet import SshFleet, start_fleet
 from standins.tpu_api import FakeTpuApi
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # Set for the whole session. A client built without explicit credentials makes google-auth probe the GCE
 # metadata server (a link-local address off this machine): these keep any probe on a closed local port instead.
@@ -76,8 +79,8 @@ def make_fleet() -> Iterator[Callable[..., SshFleet]]:
     """make_fleet(n) starts an n-worker sshd fleet; all are closed at teardown, also after a failure."""
     with contextlib.ExitStack() as closing:  # closes every fleet even if closing one of them raises
 
-        def make(n: int, base_dir: Path | None = None) -> SshFleet:
-            fleet = start_fleet(n, base_dir)
+        def make(n: int, base_dir: Path | None = None, like: SshFleet | None = None) -> SshFleet:
+            fleet = start_fleet(n, base_dir, like)
             closing.callback(fleet.close)
             return fleet
 
@@ -112,3 +115,26 @@ def pod(make_pod: Callable[[int], Pod]) -> Pod:
 @pytest.fixture
 def pod4(make_pod: Callable[[int], Pod]) -> Pod:
     return make_pod(4)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A clean checkout: the files git tracks, as they are in this working tree (no .venv, no data/), plus
+    RUN_RECIPE, the tests' tiny recipe with its first stage alone."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    dest = tmp_path / "project"
+    for name in filter(None, files.decode().split("\0")):
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    one_stage = (dest / "tests" / "tiny_synthetic.toml").read_text().split("[[stages]]")[:2]
+    (dest / RUN_RECIPE).write_text("[[stages]]".join(one_stage))
+    return dest
+
+
+@pytest.fixture
+def shared() -> Iterator[Path]:
+    """A directory every stand-in worker sees at the same path (their /tmp is their own), as a bucket mount would be."""
+    path = Path(tempfile.mkdtemp(prefix="tpuctl-shared-", dir="/var/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -17,19 +17,18 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from standins.pod import TPUCTL
+from standins.pod import RUN_RECIPE, TPUCTL
 from test_chips import alive
 from test_train import FAST
 
 from trainer.metrics import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = "tests/tiny_run.toml"  # the tests' tiny recipe, its first stage alone (written into the checkout below)
+RECIPE = RUN_RECIPE  # the tests' tiny recipe, its first stage alone (the `project` fixture writes it)
 # CPU-sized towers (3 and 2 layers of width 96), no decoder: two trainers share this machine's two cores, and each
 # compiles its step (~20 s) before the XLA cache has it
 SMALL = ["model.image=Mu/8", "model.text=Mu", "model.decoder="]
@@ -40,28 +39,6 @@ def sets(samples: int = 192) -> list[str]:
     """--set arguments: the trainer tests' quick settings, the small towers, `samples` in the one stage."""
     items = [i for i in [*FAST, *SMALL] if not i.startswith(("stages.1", "stages.0.samples"))]
     return [word for item in [*items, f"stages.0.samples={samples}"] for word in ("--set", item)]
-
-
-@pytest.fixture
-def project(tmp_path):
-    """A clean checkout: the files git tracks, as they are in this working tree (no .venv, no data/)."""
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
-    dest = tmp_path / "project"
-    for name in filter(None, files.decode().split("\0")):
-        if (ROOT / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, dest / name)
-    one_stage = (dest / "tests" / "tiny_synthetic.toml").read_text().split("[[stages]]")[:2]
-    (dest / RECIPE).write_text("[[stages]]".join(one_stage))
-    return dest
-
-
-@pytest.fixture
-def shared():
-    """A directory every worker sees at the same path (their /tmp is their own)."""
-    path = Path(tempfile.mkdtemp(prefix="tpuctl-shared-", dir="/var/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def prepared(pod, project):

@@ -492,6 +492,6 @@ def main() -> None:
         raise SystemExit(EXIT_FAILED) from None
 
 
-# The training-run commands (run, status, logs, stop, attach, runs) live in their own module; importing it registers
-# them on `cli`.
-from tpuctl import cli_runs  # noqa: E402, F401
+# The training-run commands (run, status, logs, stop, attach, runs) and the TPU lifecycle ones (create, delete,
+# describe) live in their own modules; importing them registers them on `cli`.
+from tpuctl import cli_lifecycle, cli_runs  # noqa: E402, F401

@@ -178,7 +178,7 @@ def _make_chips_free(settings: Settings, target: Target, force: bool) -> None:
     """Refuse to start on chips someone holds (or that cannot be checked), unless --force, which kills them first."""
     from tpuctl import launch, ops
 
-    if target.kind == "local" and not launch.local_chips_in_use(settings):
+    if target.kind == "local" and not launch.has_local_chips(settings):
         return  # no TPU here: nothing to share
     reports = ops.check(settings, target.fleet)
     taken = [r for r in reports if r.state != "free"]

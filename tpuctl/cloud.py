@@ -5,6 +5,7 @@ The client library is imported lazily: it costs ~0.3 s, and `tpuctl --help` must
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -41,10 +42,16 @@ class Node:
     accelerator_type: str
     runtime_version: str
     workers: tuple[Worker, ...]
-    spot: bool = False
+    spot: bool = False  # spot or preemptible: may be taken back at any time
+    reserved: bool = False
+    health_description: str = ""
+    queued_resource: str = ""  # the queued resource that made it, if one did
+    create_time: str = ""
+    network: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "labels": dict(self.labels)}
 
 
 def node_from_proto(node: Any) -> Node:
@@ -53,6 +60,7 @@ def node_from_proto(node: Any) -> Node:
         for i, ep in enumerate(node.network_endpoints)
     )
     health = node.health.name if node.health else ""
+    created = node.create_time.isoformat() if node.create_time else ""  # proto-plus: a datetime or None
     return Node(
         name=node.name.rsplit("/", 1)[-1],
         state=node.state.name,
@@ -61,7 +69,95 @@ def node_from_proto(node: Any) -> Node:
         runtime_version=node.runtime_version,
         workers=workers,
         spot=bool(node.scheduling_config.spot or node.scheduling_config.preemptible),
+        reserved=bool(node.scheduling_config.reserved),
+        health_description=node.health_description,
+        queued_resource=node.queued_resource.rsplit("/", 1)[-1],
+        create_time=created,
+        network=node.network_config.network,
+        labels=tuple(sorted(node.labels.items())),
     )
+
+
+@dataclass(frozen=True)
+class NodeRequest:
+    """What `tpuctl create` asks the API for."""
+
+    name: str
+    accelerator_type: str
+    runtime_version: str
+    spot: bool = False
+    reserved: bool = False
+    network: str | None = None
+    subnetwork: str | None = None
+    labels: tuple[tuple[str, str], ...] = (("created-by", "tpuctl"),)
+    queued: bool = False  # through a queued resource: waits in the queue for capacity instead of failing
+    valid_until_s: int | None = None  # queued only: give up waiting after this long
+
+
+def node_proto(request: NodeRequest) -> Any:
+    from google.cloud import tpu_v2
+
+    node = tpu_v2.Node(
+        accelerator_type=request.accelerator_type,
+        runtime_version=request.runtime_version,
+        labels=dict(request.labels),
+        network_config=tpu_v2.NetworkConfig(
+            network=request.network or "", subnetwork=request.subnetwork or "", enable_external_ips=True
+        ),
+    )
+    if not request.queued:  # a queued resource says spot/reserved itself
+        node.scheduling_config = tpu_v2.SchedulingConfig(spot=request.spot, reserved=request.reserved)
+    return node
+
+
+def queued_proto(request: NodeRequest, parent: str) -> Any:
+    from google.cloud import tpu_v2
+    from google.protobuf import duration_pb2
+
+    QR = tpu_v2.QueuedResource
+    spec = QR.Tpu.NodeSpec(parent=parent, node_id=request.name, node=node_proto(request))
+    resource = QR(tpu=QR.Tpu(node_spec=[spec]))
+    if request.spot:
+        resource.spot = QR.Spot()
+    elif request.reserved:
+        resource.guaranteed = QR.Guaranteed()
+    if request.valid_until_s:
+        duration = duration_pb2.Duration(seconds=request.valid_until_s)
+        resource.queueing_policy = QR.QueueingPolicy(valid_until_duration=duration)
+    return resource
+
+
+def request_json(request: NodeRequest, parent: str) -> dict[str, Any]:
+    """The HTTP request `create` sends (what --dry-run prints): method, path and the JSON body."""
+    import json
+
+    from google.cloud import tpu_v2
+
+    if request.queued:
+        body = tpu_v2.QueuedResource.to_json(
+            queued_proto(request, parent), use_integers_for_enums=False, always_print_fields_with_no_presence=False
+        )
+        path = f"/v2/{parent}/queuedResources?queuedResourceId={request.name}"
+    else:
+        body = tpu_v2.Node.to_json(
+            node_proto(request), use_integers_for_enums=False, always_print_fields_with_no_presence=False
+        )
+        path = f"/v2/{parent}/nodes?nodeId={request.name}"
+    return {"method": "POST", "path": path, "body": json.loads(body)}
+
+
+def api_message(message: str) -> str:
+    """The API's own words: the REST transport prefixes them with the request ("POST https://...?...: ")."""
+    return re.sub(r"^(GET|POST|DELETE|PATCH|PUT) \S+: ", "", message or "")
+
+
+def is_capacity_error(e: Exception) -> bool:
+    """No capacity or quota right now (an HTTP 429/503 answer, or an operation that ended RESOURCE_EXHAUSTED,
+    UNAVAILABLE or ABORTED): worth asking again later."""
+    from google.api_core import exceptions
+
+    capacity = (exceptions.TooManyRequests, exceptions.ResourceExhausted, exceptions.ServiceUnavailable)
+    return isinstance(e, (*capacity, exceptions.Aborted))
 
 
 def _credentials(endpoint: str) -> Any:
@@ -86,6 +182,7 @@ class TpuApi:
     def __init__(self, settings: Settings):
         settings.require("project", "zone")
         self.project, self.zone, self.endpoint = settings.project, settings.zone, settings.api_endpoint
+        from google.api_core import exceptions
         from google.api_core.client_options import ClientOptions
         from google.api_core.retry import Retry, if_transient_error
         from google.cloud import tpu_v2
@@ -93,6 +190,11 @@ class TpuApi:
         # Transient failures are retried with backoff, all within api_timeout; each attempt gets what is left.
         self._timeout = settings.api_timeout
         self._retry = Retry(predicate=if_transient_error, initial=0.25, maximum=4.0, timeout=settings.api_timeout)
+        # A creation refused for quota (429) is not retried inside the call: lifecycle.create retries it visibly,
+        # with a backoff measured in minutes, not seconds.
+        self._create_retry = self._retry.with_predicate(
+            lambda e: if_transient_error(e) and not isinstance(e, exceptions.TooManyRequests)
+        )
         self._client = tpu_v2.TpuClient(
             credentials=_credentials(self.endpoint),
             transport="rest",
@@ -126,10 +228,79 @@ class TpuApi:
         except Exception as e:
             raise self._error(f"looking up TPU {name!r}", e) from None
 
+    # -- lifecycle: long-running operations ------------------------------------------------------------------
+
+    def create(self, request: NodeRequest) -> Any:
+        """Ask for the node (or its queued resource); returns the long-running operation. Raises CloudError, whose
+        `retryable` says whether capacity or quota was the reason."""
+        try:
+            call: dict[str, Any] = {"retry": self._create_retry, "timeout": self._timeout}
+            if request.queued:
+                return self._client.create_queued_resource(
+                    parent=self.parent,
+                    queued_resource_id=request.name,
+                    queued_resource=queued_proto(request, self.parent),
+                    **call,
+                )
+            return self._client.create_node(parent=self.parent, node_id=request.name, node=node_proto(request), **call)
+        except Exception as e:
+            raise self._error(f"creating TPU {request.name!r}", e) from None
+
+    def delete(self, node: Node) -> Any:
+        """Delete the node; one made by a queued resource goes with its queued resource (force)."""
+        try:
+            if node.queued_resource:
+                return self.delete_queued(node.queued_resource)
+            return self._client.delete_node(name=f"{self.parent}/nodes/{node.name}", **self._call)
+        except Exception as e:
+            raise self._error(f"deleting TPU {node.name!r}", e) from None
+
+    def delete_queued(self, name: str) -> Any:
+        try:
+            return self._client.delete_queued_resource(
+                request={"name": f"{self.parent}/queuedResources/{name}", "force": True}, **self._call
+            )
+        except Exception as e:
+            raise self._error(f"deleting queued resource {name!r}", e) from None
+
+    def queued_state(self, name: str) -> str:
+        """The queued resource's state (ACCEPTED, PROVISIONING, ACTIVE, FAILED, SUSPENDED, ...); "" if none."""
+        from google.api_core import exceptions
+
+        try:
+            resource = self._client.get_queued_resource(name=f"{self.parent}/queuedResources/{name}", **self._call)
+        except exceptions.NotFound:
+            return ""
+        except Exception as e:
+            raise self._error(f"looking up queued resource {name!r}", e) from None
+        return str(resource.state.state.name)
+
+    def find_node(self, name: str) -> Node | None:
+        """The node, or None when there is none of that name (get_node raises instead)."""
+        from google.api_core import exceptions
+
+        try:
+            return node_from_proto(self._client.get_node(name=f"{self.parent}/nodes/{name}", **self._call))
+        except exceptions.NotFound:
+            return None
+        except Exception as e:
+            raise self._error(f"looking up TPU {name!r}", e) from None
+
+    def operation_error(self, operation: Any, doing: str) -> CloudError | None:
+        """A finished operation's failure as a CloudError (None when it succeeded)."""
+        error = operation.exception() if operation.done() else None
+        if error is None:
+            return None
+        converted = self._error(doing, error)
+        return converted if isinstance(converted, CloudError) else CloudError(f"{doing}: {error}")
+
     def _error(self, doing: str, e: Exception) -> Exception:
         """The one-line CloudError for a failed call; anything unexpected is returned as it is."""
         from google.api_core import exceptions
         from google.auth import exceptions as auth_exceptions
+
+        if isinstance(e, exceptions.GoogleAPICallError):
+            e.message = api_message(e.message)
 
         where = f"project {self.project}, zone {self.zone}"
         if isinstance(e, exceptions.NotFound):
@@ -140,6 +311,14 @@ class TpuApi:
                 f"{doing}: permission denied in {where} ({e.message})",
                 "check the project, and that your account may use TPUs there (roles/tpu.viewer)",
             )
+        if isinstance(e, exceptions.GoogleAPICallError) and is_capacity_error(e):
+            error = CloudError(f"{doing}: no capacity or quota now ({e.message})", "tpuctl retries with backoff")
+            error.retryable = True
+            return error
+        if isinstance(e, exceptions.InvalidArgument | exceptions.BadRequest):
+            return CloudError(f"{doing}: the Cloud TPU API refused the request: {e.message}")
+        if isinstance(e, exceptions.Conflict | exceptions.AlreadyExists):
+            return CloudError(f"{doing}: it already exists ({e.message})", "pick another name, or `tpuctl delete` it")
         if isinstance(e, exceptions.GoogleAPICallError):
             return CloudError(f"{doing}: the Cloud TPU API answered {e.code}: {e.message}")
         if isinstance(e, auth_exceptions.GoogleAuthError):

@@ -61,11 +61,18 @@ class Settings:
     replace_host_keys: bool = _setting(False, "bool", "Accept workers whose host key changed (recreated VMs).")
     device_globs: list[str] = _setting(["/dev/accel*", "/dev/vfio/[0-9]*"], "list", "TPU device paths (globs).")
     api_timeout: float = _setting(30.0, "float", "Seconds a Cloud TPU API call may take, retries included.")
+    api_poll: float = _setting(5.0, "float", "Seconds between looks at a TPU being created or deleted.")
     api_endpoint: str = _setting(
         "https://tpu.googleapis.com",
         "str",
         "Cloud TPU API endpoint; http:// means an emulator (no credentials).",
     )
+    accelerator_type: str | None = _setting(None, "str", "Accelerator type `create` asks for, e.g. v4-32.", "--type")
+    runtime_version: str = _setting(
+        "tpu-ubuntu2204-base", "str", "TPU VM software version `create` asks for.", "--runtime"
+    )
+    network: str | None = _setting(None, "str", "VPC network of new TPUs (default: the project's).", "--network")
+    subnetwork: str | None = _setting(None, "str", "Subnetwork of new TPUs.", "--subnet")
     python: str = _setting("python3", "str", "Python on the workers used to create the virtualenv.")
     extras: str = _setting("train", "str", "Extras of the project that `prepare` installs on the workers.")
     pip_args: str = _setting("", "str", "Extra arguments for pip on the workers, e.g. an index URL.")
@@ -165,12 +172,7 @@ def config_file_path(env: Mapping[str, str]) -> Path:
     return Path(os.path.expanduser(env.get(env_name("config"), DEFAULT_CONFIG_PATH)))
 
 
-def load_profile(path: Path, wanted: str | None) -> tuple[str | None, dict[str, Any]]:
-    """Return (profile name, its raw settings) from the config file; ({}, None) when there is none to use."""
-    if not path.exists():
-        if wanted:
-            raise ConfigError(f"profile {wanted!r} asked for, but {path} does not exist", "create it or drop --profile")
-        return None, {}
+def _read_config(path: Path) -> dict[str, Any]:
     try:
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
@@ -178,6 +180,21 @@ def load_profile(path: Path, wanted: str | None) -> tuple[str | None, dict[str, 
     unknown = set(data) - {"default_profile", "profiles"}
     if unknown:
         raise ConfigError(f"unknown key {sorted(unknown)[0]!r} in {path}", "use default_profile or [profiles.NAME]")
+    return data
+
+
+def profile_names(path: Path) -> list[str]:
+    """The config file's profiles, sorted ([] when there is no file)."""
+    return sorted(_read_config(path).get("profiles", {})) if path.exists() else []
+
+
+def load_profile(path: Path, wanted: str | None) -> tuple[str | None, dict[str, Any]]:
+    """Return (profile name, its raw settings) from the config file; ({}, None) when there is none to use."""
+    if not path.exists():
+        if wanted:
+            raise ConfigError(f"profile {wanted!r} asked for, but {path} does not exist", "create it or drop --profile")
+        return None, {}
+    data = _read_config(path)
     profiles = data.get("profiles", {})
     name = wanted or data.get("default_profile") or ("default" if "default" in profiles else None)
     if name is None:

@@ -34,6 +34,8 @@ class ConfigError(TpuctlError):
 class CloudError(TpuctlError):
     """The Cloud TPU API refused or failed a call."""
 
+    retryable = False  # no capacity or quota right now: asking again later may work
+
 
 class HostKeyChangedError(TpuctlError):
     """A worker presented a host key different from the one tpuctl recorded."""

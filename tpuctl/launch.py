@@ -154,6 +154,6 @@ def stop(settings: Settings, target: Target, record: RunRecord, grace: float) ->
     return [report(r) for r in target.fleet.run(command, timeout=grace + STATUS_TIMEOUT_S)]
 
 
-def local_chips_in_use(settings: Settings) -> bool:
+def has_local_chips(settings: Settings) -> bool:
     """Whether this machine has TPU device files at all (else there is nothing for a local run to wait for)."""
     return any(glob.glob(g) for g in settings.device_globs)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tpuctl import config
-from tpuctl.errors import TpuctlError
+from tpuctl.errors import ConfigError, TpuctlError
 
 if TYPE_CHECKING:
     from tpuctl.config import Settings
@@ -70,16 +70,9 @@ def pick_tpu(settings: Settings) -> str:
 
 
 def _profiles() -> list[str]:
-    path = config.config_file_path(os.environ)
-    if not path.exists():
-        return []
     try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-    try:
-        return sorted(tomllib.loads(path.read_text()).get("profiles", {}))
-    except (OSError, ValueError):
+        return config.profile_names(config.config_file_path(os.environ))
+    except ConfigError:
         return []  # `tpuctl` itself will say what is wrong with the file
 
 

@@ -104,6 +104,26 @@ def nodes_table(nodes: Sequence[Node], internal: bool) -> Table:
     return table(None, ["name", "state", "health", "type", "workers", "ips"], rows)
 
 
+def describe_table(node: Node, queued_state: str) -> Table:
+    """One TPU, a field per line (`tpuctl describe`)."""
+    kind = "spot" if node.spot else ("reserved" if node.reserved else "on-demand")
+    rows = [
+        ("name", node.name),
+        ("state", node.state),
+        ("health", node.health or "-"),
+        ("health description", node.health_description or "-"),
+        ("accelerator", node.accelerator_type),
+        ("runtime", node.runtime_version),
+        ("capacity", kind),
+        ("queued resource", f"{node.queued_resource} ({queued_state or 'gone'})" if node.queued_resource else "-"),
+        ("created", node.create_time or "-"),
+        ("network", node.network or "-"),
+        ("labels", ", ".join(f"{k}={v}" for k, v in node.labels) or "-"),
+    ]
+    rows += [(f"worker {w.index}", f"{w.internal_ip} (external {w.external_ip or 'none'})") for w in node.workers]
+    return table(None, ["field", "value"], rows)
+
+
 def results_table(results: Sequence[WorkerResult]) -> Table:
     rows = [
         (

@@ -14,6 +14,7 @@ from standins.tpu_api import FakeTpuApi
 
 TPUCTL = str(Path(sys.executable).parent / "tpuctl")
 PROJECT, ZONE, NODE = "proj", "zone-a", "pod"
+RUN_RECIPE = "tests/tiny_run.toml"  # tiny_synthetic.toml's first stage alone, written into a checkout by `project`
 
 
 @dataclass

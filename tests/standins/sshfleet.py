@@ -347,11 +347,13 @@ class SshFleet:
         self.close()
 
 
-def start_fleet(n: int, base_dir: Path | None = None) -> SshFleet:
+def start_fleet(n: int, base_dir: Path | None = None, like: SshFleet | None = None) -> SshFleet:
     """Start n sshd workers and wait until every one shows its SSH banner.
 
     The fleet lives in a fresh `tpuctl-fleet-*` dir made in base_dir (default /var/tmp), which must be
-    outside /tmp: each worker mounts its own dir over /tmp, which would hide files kept there.
+    outside /tmp: each worker mounts its own dir over /tmp, which would hide files kept there. `like`: new
+    VMs of the same project, as a recreated TPU's: they accept the same client key (the project's SSH keys)
+    and listen on the same port, at addresses and with host keys of their own.
     """
     if not 1 <= n <= 252:
         raise ValueError(f"a fleet has 1..252 workers (one loopback /24), not {n}")
@@ -360,25 +362,29 @@ def start_fleet(n: int, base_dir: Path | None = None) -> SshFleet:
         raise ValueError(f"fleet base_dir must be outside /tmp, got {parent}")
     fleet = SshFleet(Path(tempfile.mkdtemp(prefix="tpuctl-fleet-", dir=parent)))
     try:
-        _populate(fleet, n)
+        _populate(fleet, n, like)
     except BaseException:
         fleet.close()
         raise
     return fleet
 
 
-def _populate(fleet: SshFleet, n: int) -> None:
+def _populate(fleet: SshFleet, n: int, like: SshFleet | None = None) -> None:
     fleet_id = secrets.token_hex(2)
     # A random 127.A.B.0/24 per fleet, so that fleets (also in parallel test processes) do not collide.
     prefix = f"127.{1 + secrets.randbelow(250)}.{1 + secrets.randbelow(250)}"
     ips = [f"{prefix}.{i + 2}" for i in range(n)]
-    fleet.port = _free_port(ips[0])
+    fleet.port = like.port if like else _free_port(ips[0])
     authorized_keys = fleet.root / "authorized_keys"
     for i, ip in enumerate(ips):
         wdir = fleet.root / f"w{i}"
         wdir.mkdir()
         fleet.workers.append(StandinWorker(i, f"w{i}-{fleet_id}", ip, fleet.port, wdir, authorized_keys))
-    _keygen([fleet.key_path, *(w.host_key for w in fleet.workers)])
+    if like:
+        for suffix in ("", ".pub"):
+            shutil.copyfile(f"{like.key_path}{suffix}", f"{fleet.key_path}{suffix}")
+        fleet.key_path.chmod(0o600)
+    _keygen([*([] if like else [fleet.key_path]), *(w.host_key for w in fleet.workers)])
     shutil.copyfile(fleet.key_path.with_name(fleet.key_path.name + ".pub"), authorized_keys)
     # Launch every sshd first and only then wait: the starts overlap, so 32 workers take well under 1 s.
     for w in fleet.workers:

@@ -1,4 +1,5 @@
-"""A local HTTP server speaking the Cloud TPU v2 REST API (list/get of nodes), for the real client to talk to.
+"""A local HTTP server speaking the Cloud TPU v2 REST API, for the real client to talk to: nodes (list, get, create
+and delete as long-running operations), queued resources, operations.
 
     with FakeTpuApi() as api:
         api.add_fleet_node("p", "us-central2-b", "pod", fleet)
@@ -7,18 +8,24 @@
 
 Node bodies are camelCase JSON as the v2 API returns them. Errors carry Google's JSON error body, which the
 REST client turns into google.api_core.exceptions by HTTP status: 404 -> NotFound, 403 -> Forbidden (not its
-subclass PermissionDenied, which only the gRPC transport raises).
+subclass PermissionDenied, which only the gRPC transport raises), 429 -> TooManyRequests (quota), 409 -> Conflict.
+
+Creation takes `create_delay_s` (CREATING, then READY) and asks `on_create(project, zone, name, node)` for the new
+node's workers, so a test can start fresh stand-in workers for it; `fail_creates` makes the next creations fail, at
+once (an ApiError: quota) or in their operation (an OperationError: no capacity), as the real API does.
 """
 
 from __future__ import annotations
 
 import datetime
 import enum
+import itertools
 import json
+import re
 import threading
 import time
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
@@ -30,12 +37,17 @@ ENDPOINT_PORT = 8470
 DEFAULT_PAGE_SIZE = 1000
 
 NodeKey = tuple[str, str, str]  # (project, zone, name)
+# Accelerator types the fake accepts: the v2 API's families with their chip/core counts (powers of two from 8).
+ACCELERATOR_TYPE = re.compile(r"^(v2|v3|v4|v5p|v5litepod|v6e)-(\d+)$")
+TYPE_URL = "type.googleapis.com/google.cloud.tpu.v2."
+WorkersFor = Callable[[str, str, str, dict[str, Any]], list[tuple[str, str | None]]]
 
 
 class RecordedRequest(NamedTuple):
     method: str
     path: str  # percent-decoded, without the query
     query: dict[str, list[str]]
+    body: Any = None  # the JSON sent, if any
 
 
 class _Worker(Protocol):
@@ -59,8 +71,11 @@ class ApiError(Exception):
         HTTPStatus.BAD_REQUEST: "INVALID_ARGUMENT",
         HTTPStatus.FORBIDDEN: "PERMISSION_DENIED",
         HTTPStatus.NOT_FOUND: "NOT_FOUND",
+        HTTPStatus.CONFLICT: "ALREADY_EXISTS",
+        HTTPStatus.TOO_MANY_REQUESTS: "RESOURCE_EXHAUSTED",
         HTTPStatus.INTERNAL_SERVER_ERROR: "INTERNAL",
         HTTPStatus.NOT_IMPLEMENTED: "UNIMPLEMENTED",
+        HTTPStatus.SERVICE_UNAVAILABLE: "UNAVAILABLE",
     }
 
     def __init__(self, status: HTTPStatus, message: str) -> None:
@@ -73,15 +88,31 @@ class ApiError(Exception):
         return {"error": {"code": int(self.status), "message": self.message, "status": status}}
 
 
+class OperationError(NamedTuple):
+    """A creation that is accepted, then fails in its long-running operation (google.rpc.Status code + message)."""
+
+    code: int  # 8 RESOURCE_EXHAUSTED (no capacity), 9 FAILED_PRECONDITION, ...
+    message: str
+
+
 class FakeTpuApi:
     """Nodes keyed by (project, zone, name), served at `endpoint` while started."""
 
     def __init__(self) -> None:
         self.nodes: dict[NodeKey, dict[str, Any]] = {}
+        self.queued: dict[NodeKey, dict[str, Any]] = {}  # queued resources, by (project, zone, id)
+        self.operations: dict[str, dict[str, Any]] = {}  # by full name
         self.denied_projects: set[str] = set()
         self.delay_s = 0.0  # seconds every answer waits, to stand in for a slow API across the internet
+        self.create_delay_s = 0.2  # CREATING -> READY
+        self.delete_delay_s = 0.1  # DELETING -> gone
+        self.fail_creates: list[ApiError | OperationError] = []  # the next creations' failures, in order
+        self.on_create: WorkersFor | None = None  # the new node's workers; default: made-up 10.0.0.x addresses
+        self.on_delete: Callable[[str, str, str], None] | None = None  # a deleted node's workers go away
         self.requests: list[RecordedRequest] = []
         self._lock = threading.Lock()
+        self._op_ids = itertools.count(1)
+        self._timers: list[threading.Timer] = []
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -100,6 +131,8 @@ class FakeTpuApi:
         return self
 
     def close(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
         if self._server is None:
             return
         self._server.shutdown()
@@ -173,27 +206,49 @@ class FakeTpuApi:
         with self._lock:
             del self.nodes[(project, zone, name)]
 
+    def set_queued_state(self, project: str, zone: str, name: str, state: str) -> None:
+        with self._lock:
+            self.queued[(project, zone, name)]["state"] = {"state": state}
+
+    def creations(self) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.method == "POST" and r.path.endswith(("/nodes", "/queuedResources"))]
+
     # -- routes (run in the server's threads) ------------------------------------------------------------
 
-    def _route(self, method: str, path: str, query: dict[str, list[str]]) -> dict[str, Any]:
+    def _route(
+        self, method: str, path: str, query: dict[str, list[str]], body: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        body = body or {}
         parts = path.strip("/").split("/")
         if len(parts) < 3 or parts[:2] != ["v2", "projects"]:
             raise ApiError(HTTPStatus.NOT_FOUND, f"unknown path {path}")
         if parts[2] in self.denied_projects:
             message = f"Permission denied on resource project {parts[2]} (or it may not exist)."
             raise ApiError(HTTPStatus.FORBIDDEN, message)
-        if method != "GET":
-            raise ApiError(HTTPStatus.NOT_IMPLEMENTED, f"{method} {path} is not implemented by FakeTpuApi")
-        match parts[2:]:
-            case [project, "locations"]:
+        match method, parts[2:]:
+            case "GET", [project, "locations"]:
                 return self._list_locations(project)
-            case [project, "locations", zone]:
+            case "GET", [project, "locations", zone]:
                 return _location_json(project, zone)
-            case [project, "locations", zone, "nodes"]:
+            case "GET", [project, "locations", zone, "nodes"]:
                 return self._list_nodes(project, zone, query)
-            case [project, "locations", zone, "nodes", name]:
+            case "GET", [project, "locations", zone, "nodes", name]:
                 return self._get_node(project, zone, name)
-        raise ApiError(HTTPStatus.NOT_FOUND, f"unknown path {path}")
+            case "POST", [project, "locations", zone, "nodes"]:
+                return self._create_node(project, zone, _one(query, "nodeId"), body)
+            case "DELETE", [project, "locations", zone, "nodes", name]:
+                return self._delete_node(project, zone, name)
+            case "GET", [project, "locations", zone, "operations", _]:
+                return self._get_operation(path.removeprefix("/v2/"))
+            case "POST", [project, "locations", zone, "queuedResources"]:
+                return self._create_queued(project, zone, _one(query, "queuedResourceId"), body)
+            case "GET", [project, "locations", zone, "queuedResources", name]:
+                return self._get_queued(project, zone, name)
+            case "DELETE", [project, "locations", zone, "queuedResources", name]:
+                return self._delete_queued(project, zone, name, query.get("force", ["false"])[0] == "true")
+        if method in ("GET", "POST", "DELETE"):
+            raise ApiError(HTTPStatus.NOT_FOUND, f"unknown path {path}")
+        raise ApiError(HTTPStatus.NOT_IMPLEMENTED, f"{method} {path} is not implemented by FakeTpuApi")
 
     def _list_locations(self, project: str) -> dict[str, Any]:
         with self._lock:
@@ -223,6 +278,171 @@ class FakeTpuApi:
         if start + size < len(matching):
             body["nextPageToken"] = str(start + size)
         return body
+
+    # -- long-running operations -------------------------------------------------------------------------
+
+    def _operation(self, project: str, zone: str, verb: str, target: str) -> dict[str, Any]:
+        name = f"projects/{project}/locations/{zone}/operations/operation-{next(self._op_ids)}"
+        op = {
+            "name": name,
+            "metadata": {
+                "@type": TYPE_URL + "OperationMetadata",
+                "createTime": _now_rfc3339(),
+                "target": target,
+                "verb": verb,
+                "apiVersion": "v2",
+            },
+            "done": False,
+        }
+        self.operations[name] = op
+        return op
+
+    def _later(self, seconds: float, fn: Callable[[], None]) -> None:
+        timer = threading.Timer(seconds, fn)
+        timer.daemon = True
+        self._timers.append(timer)
+        timer.start()
+
+    def _get_operation(self, name: str) -> dict[str, Any]:
+        with self._lock:
+            op = self.operations.get(name)
+            if op is None:
+                raise ApiError(HTTPStatus.NOT_FOUND, f"Operation '{name}' was not found")
+            return _snapshot(op)
+
+    def _create_node(self, project: str, zone: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        accelerator = body.get("acceleratorType") or body.get("acceleratorConfig", {}).get("type", "")
+        match = ACCELERATOR_TYPE.match(str(accelerator))
+        if not match or int(match[2]) < 1 or int(match[2]) & (int(match[2]) - 1):
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"Invalid accelerator type: {accelerator!r} is not supported")
+        if not body.get("runtimeVersion"):
+            raise ApiError(HTTPStatus.BAD_REQUEST, "runtimeVersion is required")
+        with self._lock:
+            if (project, zone, name) in self.nodes:
+                raise ApiError(HTTPStatus.CONFLICT, f"Node '{name}' already exists")
+            failure = self.fail_creates.pop(0) if self.fail_creates else None
+            if isinstance(failure, ApiError):
+                raise failure
+            target = f"projects/{project}/locations/{zone}/nodes/{name}"
+            op = self._operation(project, zone, "create", target)
+            if isinstance(failure, OperationError):
+                op.update(done=True, error={"code": failure.code, "message": failure.message})
+                return _snapshot(op)
+        node = self.add_node(
+            project,
+            zone,
+            name,
+            [],
+            accelerator_type=accelerator,
+            state="CREATING",
+            health="",
+            runtime_version=body["runtimeVersion"],
+            labels=body.get("labels"),
+        )
+        with self._lock:
+            node["schedulingConfig"] = body.get("schedulingConfig", {})
+            node["networkConfig"] = {**node["networkConfig"], **body.get("networkConfig", {})}
+            snapshot = _snapshot(node)
+
+        def ready() -> None:
+            workers = self.on_create(project, zone, name, snapshot) if self.on_create else _made_up_workers(accelerator)
+            with self._lock:
+                node.update(
+                    state="READY",
+                    health="HEALTHY",
+                    networkEndpoints=[_endpoint_json(internal, external) for internal, external in workers],
+                )
+                op.update(done=True, response={"@type": TYPE_URL + "Node", **_snapshot(node)})
+
+        self._later(self.create_delay_s, ready)
+        return _snapshot(op)
+
+    def _delete_node(self, project: str, zone: str, name: str) -> dict[str, Any]:
+        with self._lock:
+            node = self.nodes.get((project, zone, name))
+            if node is None:
+                raise ApiError(HTTPStatus.NOT_FOUND, f"Resource '{project}/{zone}/{name}' was not found")
+            node["state"] = "DELETING"
+            op = self._operation(project, zone, "delete", node["name"])
+
+        def gone() -> None:
+            if self.on_delete:
+                self.on_delete(project, zone, name)
+            with self._lock:
+                self.nodes.pop((project, zone, name), None)
+                op.update(done=True, response={"@type": "type.googleapis.com/google.protobuf.Empty"})
+
+        self._later(self.delete_delay_s, gone)
+        return _snapshot(op)
+
+    # -- queued resources ----------------------------------------------------------------------------------
+
+    def _create_queued(self, project: str, zone: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        specs = body.get("tpu", {}).get("nodeSpec", [])
+        if len(specs) != 1:
+            raise ApiError(HTTPStatus.BAD_REQUEST, "exactly one tpu.nodeSpec is supported")
+        spec = specs[0]
+        with self._lock:
+            if (project, zone, name) in self.queued:
+                raise ApiError(HTTPStatus.CONFLICT, f"QueuedResource '{name}' already exists")
+            resource = {
+                **body,
+                "name": f"projects/{project}/locations/{zone}/queuedResources/{name}",
+                "createTime": _now_rfc3339(),
+                "state": {"state": "ACCEPTED"},
+            }
+            self.queued[(project, zone, name)] = resource
+            op = self._operation(project, zone, "create", resource["name"])
+            op.update(done=True, response={"@type": TYPE_URL + "QueuedResource", **_snapshot(resource)})
+        node_op = self._create_node(project, zone, spec["nodeId"], spec.get("node", {}))
+        with self._lock:
+            resource["state"] = {"state": "PROVISIONING"}
+            if node_op.get("error"):
+                resource["state"] = {"state": "FAILED"}
+
+        def active() -> None:
+            with self._lock:
+                if resource["state"]["state"] == "PROVISIONING":
+                    resource["state"] = {"state": "ACTIVE"}
+
+        self._later(self.create_delay_s + 0.05, active)
+        return _snapshot(op)
+
+    def _get_queued(self, project: str, zone: str, name: str) -> dict[str, Any]:
+        with self._lock:
+            resource = self.queued.get((project, zone, name))
+            if resource is None:
+                raise ApiError(HTTPStatus.NOT_FOUND, f"QueuedResource '{name}' was not found")
+            return _snapshot(resource)
+
+    def _delete_queued(self, project: str, zone: str, name: str, force: bool) -> dict[str, Any]:
+        with self._lock:
+            resource = self.queued.get((project, zone, name))
+            if resource is None:
+                raise ApiError(HTTPStatus.NOT_FOUND, f"QueuedResource '{name}' was not found")
+            node_id = resource["tpu"]["nodeSpec"][0]["nodeId"]
+            if (project, zone, node_id) in self.nodes and not force:
+                raise ApiError(HTTPStatus.BAD_REQUEST, f"QueuedResource '{name}' has a node: delete it or force")
+            self.queued.pop((project, zone, name))
+            op = self._operation(project, zone, "delete", resource["name"])
+            op.update(done=True, response={"@type": "type.googleapis.com/google.protobuf.Empty"})
+        if force and (project, zone, node_id) in self.nodes:
+            self._delete_node(project, zone, node_id)
+        return _snapshot(op)
+
+
+def _one(query: dict[str, list[str]], key: str) -> str:
+    values = query.get(key) or [""]
+    if not values[0]:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"{key} is required")
+    return values[0]
+
+
+def _made_up_workers(accelerator: str) -> list[tuple[str, str | None]]:
+    """One worker per 4 chips (v4/v5p: per 8 cores), as a real slice has; addresses nobody answers on."""
+    size = int(accelerator.rsplit("-", 1)[1])
+    per_host = 8 if accelerator.startswith(("v2", "v3", "v4", "v5p")) else 4
+    return [(f"10.0.0.{i + 2}", None) for i in range(max(1, size // per_host))]
 
 
 def _now_rfc3339() -> str:
@@ -277,11 +497,11 @@ def _handler_for(api: FakeTpuApi) -> type[BaseHTTPRequestHandler]:
         def _serve(self) -> None:
             url = urlsplit(self.path)
             path, query = unquote(url.path), parse_qs(url.query)
-            api.requests.append(RecordedRequest(self.command, path, query))
-            self._drain_body()
+            sent = self._read_body()
+            api.requests.append(RecordedRequest(self.command, path, query, sent or None))
             time.sleep(api.delay_s)
             try:
-                status, body = HTTPStatus.OK, api._route(self.command, path, query)
+                status, body = HTTPStatus.OK, api._route(self.command, path, query, sent)
                 if "enum-encoding=int" in query.get("$alt", [""])[0]:
                     body = _enums_as_ints(body)
             except ApiError as e:
@@ -291,10 +511,14 @@ def _handler_for(api: FakeTpuApi) -> type[BaseHTTPRequestHandler]:
                 status, body = error.status, error.body()
             self._reply(status, body)
 
-        def _drain_body(self) -> None:
+        def _read_body(self) -> dict[str, Any]:
             length = int(self.headers.get("Content-Length") or 0)
-            if length:
-                self.rfile.read(length)
+            raw = self.rfile.read(length) if length else b""
+            try:
+                body = json.loads(raw) if raw.strip() else {}
+            except ValueError:
+                return {}
+            return body if isinstance(body, dict) else {}
 
         def _reply(self, status: HTTPStatus, body: dict[str, Any]) -> None:
             data = json.dumps(body).encode()

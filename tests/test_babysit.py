@@ -1,0 +1,181 @@
+"""tpuctl babysit: the preemption drill on real stand-ins.
+
+The local Cloud TPU API makes "VMs" when asked to create a TPU: a fresh pair of sshd workers (new addresses, new host
+keys, the project's SSH key accepted, a Python image that already holds the trainer's dependencies, as
+test_runs.prepared arranges). The test then plays the cloud: it flips the TPU to PREEMPTED and kills its workers
+mid-training. babysit must delete and recreate the TPU, sync, prepare, relaunch, and the run must end where an
+uninterrupted run ends. On the way, babysit itself is killed and started again, and carries on from its state file.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from standins.pod import PROJECT, TPUCTL, ZONE
+from test_runs import RECIPE, env_args, losses, sets, wait_for_step
+from test_train import free_port
+
+from tpuctl.registry import slug
+from trainer.metrics import read_jsonl
+
+STEPS = 80  # of batch 16: long enough for a kill of babysit and a preemption to land mid-run
+NODE = "drill"
+
+
+def image(fleet) -> None:
+    """The VMs' image: ~/tpuctl/.venv seeing this machine's site-packages, pip included (see test_runs.prepared)."""
+    pids = [w.spawn(["/usr/bin/python3", "-m", "venv", "--without-pip", "/root/tpuctl/.venv"]) for w in fleet.workers]
+    for pid in pids:
+        os.waitpid(pid, 0)  # our child (spawn started it): reaped here, it cannot linger as a zombie
+    site = f"/proc/{os.getpid()}/root" + next(p for p in sys.path if p.endswith("site-packages"))
+    for w in fleet.workers:
+        (packages,) = glob.glob(str(w.path("/root/tpuctl/.venv/lib/python3*/site-packages")))
+        Path(packages, "image.pth").write_text(site)
+
+
+def reference_losses(checkout: Path, scratch: Path) -> dict[int, float]:
+    """The uninterrupted run, as the pod runs it (two processes joined by jax.distributed), on this machine."""
+    workdir = scratch / "reference"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TRAINER_COMPILE_CACHE": str(scratch / "xla")}
+    command = [sys.executable, "-m", "trainer", RECIPE, "--workdir", str(workdir), *sets(16 * STEPS)]
+    command += ["--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2", "--process-id"]
+    procs = [
+        subprocess.Popen([*command, str(i)], cwd=checkout, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        for i in range(2)
+    ]
+    errors = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors[0][-2000:]
+    return losses(workdir / "metrics.jsonl")
+
+
+def babysit_env(tpu_api, home: Path) -> dict[str, str]:
+    """tpuctl's environment: its own home (state, cache), the local API, a key of its own (the drill uses the VMs')."""
+    home.mkdir(parents=True, exist_ok=True)
+    key = home / "key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    return {
+        **os.environ,
+        "HOME": str(home),
+        "XDG_STATE_HOME": str(home / "state"),
+        "XDG_CACHE_HOME": str(home / "cache"),
+        "TPUCTL_API_ENDPOINT": tpu_api.endpoint,
+        "TPUCTL_PROJECT": PROJECT,
+        "TPUCTL_ZONE": ZONE,
+        "TPUCTL_API_POLL": "0.05",
+        "TPUCTL_SSH_KEY": str(key),
+        "TPUCTL_CONNECT_TIMEOUT": "2",
+    }
+
+
+@pytest.mark.timeout(900)  # two TPU creations, two prepares, a reference run: minutes on two cores
+def test_preemption_drill(tpu_api, make_fleet, project, shared, tmp_path):
+    if sys.version_info[:2] != (3, 11) or not os.path.exists("/usr/bin/python3"):
+        pytest.skip("the stand-in VMs' image is /usr/bin/python3 with this venv's packages: both must be 3.11")
+    first = make_fleet(2)  # the first VMs; later ones accept the same key on the same port
+    vms = []
+
+    def on_create(project_id, zone, name, node):
+        fleet = first if not vms else make_fleet(2, like=first)
+        image(fleet)
+        vms.append(fleet)
+        return [(w.ip, w.ip) for w in fleet.workers]
+
+    tpu_api.on_create = on_create
+    tpu_api.create_delay_s = 0.5
+    home = tmp_path / "home"
+    env = babysit_env(tpu_api, home) | {
+        "TPUCTL_TPU": NODE,
+        "TPUCTL_SSH_USER": first.user,
+        "TPUCTL_SSH_KEY": str(first.key_path),
+        "TPUCTL_SSH_PORT": str(first.port),
+        "TPUCTL_KNOWN_HOSTS": str(home / "known_hosts"),
+        "TPUCTL_PIP_ARGS": "--no-index --no-build-isolation",
+    }
+    workdir = shared / "w"
+    babysit = [TPUCTL, "babysit", RECIPE, "--name", "drill run", "--type", "v4-16", "--workdir", str(workdir)]
+    babysit += ["--poll", "1", "--backoff", "1", "--max-restarts", "3", *env_args(shared, heartbeat=10)]
+    babysit += sets(16 * STEPS)
+
+    def start(log: Path) -> subprocess.Popen:
+        with open(log, "w") as out:
+            return subprocess.Popen(babysit, cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    sitter = start(tmp_path / "babysit-1.log")
+    try:
+        # babysit creates the missing TPU, prepares it and launches the run; then it is killed and started again
+        wait_for_step(workdir / "metrics.jsonl", 3, timeout=400)
+        sitter.send_signal(signal.SIGKILL)
+        sitter.wait(timeout=30)
+        sitter = start(tmp_path / "babysit-2.log")
+        deadline = time.monotonic() + 60
+        while "adopted" not in (tmp_path / "babysit-2.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "adopted: run 'drill run' is training on 2 workers" in (tmp_path / "babysit-2.log").read_text()
+
+        # the cloud takes the TPU back mid-run: PREEMPTED, and its VMs are gone
+        wait_for_step(workdir / "metrics.jsonl", 12, timeout=300)
+        tpu_api.set_state(PROJECT, ZONE, NODE, "PREEMPTED")
+        for w in vms[0].workers:
+            w.crash()
+        preempted = time.time()
+        last_step = max(r["step"] for r in read_jsonl(workdir / "metrics.jsonl"))
+        assert sitter.wait(timeout=600) == 0, (tmp_path / "babysit-2.log").read_text()[-4000:]
+    finally:
+        if sitter.poll() is None:
+            sitter.kill()
+            sitter.wait()
+    log = (tmp_path / "babysit-2.log").read_text()
+    state = json.loads((home / "state" / "tpuctl" / "babysit" / f"{slug('drill run')}.json").read_text())
+    events = [e["what"] for e in state["events"]]
+    # the whole story, across both babysit processes, in the state file
+    assert events[:5] == ["creating", "created", "launched", "resumed", "adopted"], events
+    recovery = ["preempted", "waiting", "deleting", "deleted", "creating", "created", "launched", "done"]
+    assert events[5:] == recovery, events
+    assert state["restarts"] == 1 and state["created_tpu"] and state["finished"]
+    node = tpu_api.nodes[(PROJECT, ZONE, NODE)]
+    assert len(vms) == 2 and node["state"] == "READY"
+    assert [e["ipAddress"] for e in node["networkEndpoints"]] == [w.ip for w in vms[1].workers]  # the new VMs
+    # the timeline table, and a run that ended where the uninterrupted one ends
+    assert "run 'drill run' on TPU 'drill': 1 restarts" in log and "every stage trained" in log
+    got = losses(workdir / "metrics.jsonl")
+    assert set(got) == set(range(1, STEPS + 1))
+    assert got == pytest.approx(reference_losses(project, shared), rel=1e-5)
+    # what the preemption cost: the steps trained again (at most one checkpoint interval: 4 here) and the time
+    trainer_log = vms[1].workers[0].path(f"/root/.tpuctl/runs/{slug('drill run')}/log").read_text()
+    resumed_at = int(re.search(r"resuming at step (\d+)/", trainer_log)[1])
+    lost = last_step - resumed_at
+    assert 0 <= lost <= 4, (last_step, resumed_at)
+    relaunched = [e["at"] for e in state["events"] if e["what"] == "launched"][-1]
+    took = relaunched - preempted
+    print(f"DRILL: preempted at step {last_step}, resumed at {resumed_at}, relaunched after {took:.0f} s")
+
+
+def test_a_dead_tpu_babysit_did_not_create_is_left_alone_unless_recreate(tpu_api, project, tmp_path):
+    tpu_api.add_node(PROJECT, ZONE, "theirs", [("127.0.0.1", None)], state="PREEMPTED")
+    command = [TPUCTL, "babysit", RECIPE, "--tpu", "theirs", "--type", "v4-8", "--poll", "0.1"]
+    r = subprocess.run(command, cwd=project, env=babysit_env(tpu_api, tmp_path), capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    assert "TPU 'theirs' is PREEMPTED; babysit did not create it, so it will not delete it" in r.stderr
+    assert "--recreate" in r.stderr
+    assert tpu_api.nodes[(PROJECT, ZONE, "theirs")]["state"] == "PREEMPTED"  # untouched
+    assert not any(req.method == "DELETE" for req in tpu_api.requests)
+
+
+def test_babysit_gives_up_after_max_restarts_and_says_how_to_go_on(tpu_api, project, tmp_path):
+    tpu_api.on_create = lambda *_: [("127.0.0.1", "127.0.0.1")]  # VMs whose sshd never answers (refused at once)
+    env = babysit_env(tpu_api, tmp_path) | {"TPUCTL_SSH_PORT": str(free_port())}
+    command = [TPUCTL, "babysit", RECIPE, "--tpu", "new", "--type", "v4-8", "--poll", "0.1", "--backoff", "0.1"]
+    r = subprocess.run([*command, "--max-restarts", "1"], cwd=project, env=env, capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    assert "is not finished after 1 restarts (last: launch-failed)" in r.stderr.splitlines()[-1]
+    assert r.stdout.count("launch-failed") == 2 and "gave-up" in r.stdout  # the timeline
+    assert "sync failed on w0" in r.stdout

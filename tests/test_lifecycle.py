@@ -1,0 +1,172 @@
+"""tpuctl create / delete / describe against the local Cloud TPU API (the real google-cloud-tpu client over REST):
+long-running operations, queued resources, capacity and quota refusals retried with backoff, mistakes in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Callable
+from http import HTTPStatus
+from pathlib import Path
+
+import pytest
+from standins.pod import PROJECT, TPUCTL, ZONE
+from standins.tpu_api import ApiError, FakeTpuApi, OperationError
+
+Tpuctl = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture
+def tpuctl(tpu_api: FakeTpuApi, tmp_path: Path) -> Tpuctl:
+    env = {
+        **os.environ,
+        "HOME": str(tmp_path),
+        "TPUCTL_API_ENDPOINT": tpu_api.endpoint,
+        "TPUCTL_PROJECT": PROJECT,
+        "TPUCTL_ZONE": ZONE,
+        "TPUCTL_API_TIMEOUT": "10",
+        "TPUCTL_API_POLL": "0.05",
+    }
+
+    def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [TPUCTL, *args], env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        )
+
+    return run
+
+
+def posts(api: FakeTpuApi) -> list:
+    return api.creations()
+
+
+def test_create_waits_until_ready_and_describe_shows_it(tpuctl: Tpuctl, tpu_api: FakeTpuApi):
+    tpu_api.create_delay_s = 0.5
+    r = tpuctl("create", "my-pod", "--type", "v4-32", "--spot", "--runtime", "tpu-ubuntu2204-base", "--json")
+    assert r.returncode == 0, r.stderr
+    node = json.loads(r.stdout)
+    assert node["name"] == "my-pod" and node["state"] == "READY" and node["accelerator_type"] == "v4-32"
+    assert node["spot"] is True and len(node["workers"]) == 4  # a v4-32 has 4 hosts
+    assert "my-pod: CREATING" in r.stderr and "my-pod: READY, 4 workers" in r.stderr  # the progress, as it went
+    (sent,) = posts(tpu_api)
+    assert sent.query["nodeId"] == ["my-pod"]
+    assert sent.body["acceleratorType"] == "v4-32" and sent.body["schedulingConfig"] == {"spot": True}
+    assert sent.body["labels"] == {"created-by": "tpuctl"}
+    # the operation was followed to its end through the operations endpoint
+    assert any("/operations/" in r.path for r in tpu_api.requests)
+    r = tpuctl("describe", "my-pod")
+    assert r.returncode == 0, r.stderr
+    for field in ("state", "READY", "accelerator", "v4-32", "capacity", "spot", "worker 3", "created-by=tpuctl"):
+        assert field in r.stdout
+
+
+def test_dry_run_prints_the_request_and_sends_nothing(tpuctl: Tpuctl, tpu_api: FakeTpuApi):
+    r = tpuctl("create", "my-pod", "--type", "v5litepod-16", "--reservation", "--network", "vpc-1", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert f"POST {tpu_api.endpoint}/v2/projects/{PROJECT}/locations/{ZONE}/nodes?nodeId=my-pod" in r.stdout
+    body = json.loads(r.stdout.split("\n", 1)[1])
+    assert body["acceleratorType"] == "v5litepod-16" and body["schedulingConfig"] == {"reserved": True}
+    assert body["networkConfig"]["network"] == "vpc-1"
+    r = tpuctl("create", "my-pod", "--type", "v4-8", "--queued", "--valid-until", "6h", "--dry-run", "--json")
+    sent = json.loads(r.stdout)
+    assert sent["path"].endswith("/queuedResources?queuedResourceId=my-pod")
+    assert sent["body"]["queueingPolicy"] == {"validUntilDuration": "21600s"}
+    assert sent["body"]["tpu"]["nodeSpec"][0]["nodeId"] == "my-pod"
+    assert posts(tpu_api) == []
+
+
+def test_no_capacity_and_no_quota_are_retried_with_backoff_until_it_works(tpuctl: Tpuctl, tpu_api: FakeTpuApi):
+    tpu_api.fail_creates = [
+        ApiError(HTTPStatus.TOO_MANY_REQUESTS, "Quota 'TPUV4sPerProjectPerZone' exceeded. Limit: 32"),
+        OperationError(8, 'There is no more capacity in the zone "zone-a"; try again later'),
+    ]
+    r = tpuctl("create", "my-pod", "--type", "v4-8", "--backoff", "0.2", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["state"] == "READY"
+    assert len(posts(tpu_api)) == 3  # quota refused at once, capacity refused in the operation, then created
+    lines = [line for line in r.stderr.splitlines() if "failed" in line]
+    assert "attempt 1/10" in lines[0] and "Quota 'TPUV4sPerProjectPerZone' exceeded" in lines[0]
+    assert "attempt 2/10" in lines[1] and "no more capacity" in lines[1]
+    waits = [float(line.rsplit("again in ", 1)[1].split()[0]) for line in lines]
+    assert len(waits) == 2
+
+
+def test_giving_up_after_the_attempts_says_what_to_try(tpuctl: Tpuctl, tpu_api: FakeTpuApi):
+    tpu_api.fail_creates = [OperationError(8, "There is no more capacity in the zone")] * 3
+    r = tpuctl("create", "my-pod", "--type", "v4-8", "--attempts", "3", "--backoff", "0")
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("tpuctl: error: creating TPU 'my-pod': no capacity or quota now")
+    assert "gave up after 3 attempts" in last and "--queued" in last
+    assert len(posts(tpu_api)) == 3 and ("proj", "zone-a", "my-pod") not in tpu_api.nodes
+
+
+def test_mistakes_are_one_line_and_not_retried(tpuctl: Tpuctl, tpu_api: FakeTpuApi):
+    r = tpuctl("create", "my-pod", "--type", "v9-99", "--backoff", "0")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == (
+        "tpuctl: error: creating TPU 'my-pod': the Cloud TPU API refused the request: "
+        "Invalid accelerator type: 'v9-99' is not supported"
+    )
+    assert len(posts(tpu_api)) == 1
+    tpu_api.add_node(PROJECT, ZONE, "taken", [("10.0.0.2", None)])
+    r = tpuctl("create", "taken", "--type", "v4-8")
+    assert r.returncode == 2 and "it already exists" in r.stderr and "tpuctl delete" in r.stderr
+    r = tpuctl("create", "my-pod")
+    assert r.returncode == 2 and "accelerator_type is not set" in r.stderr and "--type" in r.stderr
+    r = tpuctl("create", "my-pod", "--type", "v4-8", "--valid-until", "6h")
+    assert r.returncode == 2 and "--valid-until is for queued resources" in r.stderr
+    r = tpuctl("create", "my-pod", "--type", "v4-8", "--queued", "--valid-until", "soon")
+    assert r.returncode == 2 and "--valid-until 'soon' is not a duration" in r.stderr
+
+
+def test_queued_creation_then_delete_takes_the_queued_resource_with_it(tpuctl: Tpuctl, tpu_api: FakeTpuApi):
+    r = tpuctl("create", "qpod", "--type", "v4-16", "--queued", "--spot", "--valid-until", "2h", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["state"] == "READY"
+    queued = tpu_api.queued[(PROJECT, ZONE, "qpod")]
+    assert queued["spot"] == {} and queued["queueingPolicy"] == {"validUntilDuration": "7200s"}
+    tpu_api.nodes[(PROJECT, ZONE, "qpod")]["queuedResource"] = queued["name"]  # as the API links them
+    r = tpuctl("describe", "qpod", "--json")
+    assert json.loads(r.stdout)["queued_resource"] == "qpod"
+    assert json.loads(r.stdout)["queued_resource_state"] == "ACTIVE"
+    r = tpuctl("delete", "qpod", "--yes")
+    assert r.returncode == 0, r.stderr
+    assert "qpod: deleted" in r.stderr
+    assert (PROJECT, ZONE, "qpod") not in tpu_api.nodes and (PROJECT, ZONE, "qpod") not in tpu_api.queued
+
+
+def test_a_failed_queue_is_cleaned_up_and_queued_again(tpuctl: Tpuctl, tpu_api: FakeTpuApi):
+    tpu_api.fail_creates = [OperationError(8, "no capacity for spot v4-16")]
+    r = tpuctl("create", "qpod", "--type", "v4-16", "--queued", "--backoff", "0")
+    assert r.returncode == 0, r.stderr
+    assert "attempt 1/10 failed" in r.stderr
+    assert [p.path.rsplit("/", 1)[1] for p in posts(tpu_api)] == ["queuedResources", "queuedResources"]
+    assert tpu_api.nodes[(PROJECT, ZONE, "qpod")]["state"] == "READY"
+
+
+def test_delete_asks_for_the_name_unless_yes(tpuctl: Tpuctl, tpu_api: FakeTpuApi):
+    tpu_api.add_node(PROJECT, ZONE, "pod", [("10.0.0.2", None)])
+    r = tpuctl("delete", "pod")  # no terminal to ask on
+    assert r.returncode == 2 and "refusing to delete TPU 'pod' without confirmation" in r.stderr
+    assert (PROJECT, ZONE, "pod") in tpu_api.nodes
+    r = tpuctl("delete", "pod", "--dry-run")
+    assert r.returncode == 0 and "would delete TPU 'pod' (v4-32, READY)" in r.stdout
+    r = tpuctl("delete", "gone-pod", "--yes")
+    assert r.returncode == 2 and "TPU 'gone-pod' not found" in r.stderr and "TPUs there: pod" in r.stderr
+    r = tpuctl("delete", "pod", "--yes")
+    assert r.returncode == 0, r.stderr
+    assert (PROJECT, ZONE, "pod") not in tpu_api.nodes
+
+
+def test_backoff_grows_to_its_cap_with_jitter_below_each_step():
+    import random
+
+    from tpuctl.lifecycle import Backoff
+
+    delays = Backoff(initial=30, maximum=600, factor=2, jitter=0.5).delays(random.Random(0))
+    steps = [30, 60, 120, 240, 480, 600, 600]
+    got = [next(delays) for _ in steps]
+    assert all(step / 2 <= d <= step for d, step in zip(got, steps, strict=True)), got
+    assert len(set(got)) == len(got)  # jittered: clients that failed together do not retry together

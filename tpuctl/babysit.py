@@ -1,0 +1,303 @@
+"""Keep one training run alive until every stage is trained, through preemptions, lost workers and crashes.
+
+One round: make sure the TPU is READY (create it when it is missing; delete it and create it again when it is
+PREEMPTED, TERMINATED or unhealthy for longer than a grace, but only a TPU babysit created itself, or with
+`recreate`), sync the project, prepare the workers, free their chips, start the run (which resumes from the
+workdir's newest checkpoint), then watch the TPU and the run. The run's end decides: every stage trained -> done;
+a preempted or vanished TPU, a worker that stays unreachable, or a trainer that failed or died -> another round after
+a jittered exponential backoff, at most `max_restarts` of them.
+
+Everything that happens is an event in a state file ($XDG_STATE_HOME/tpuctl/babysit/<run>.json), written as it
+happens: babysit itself killed and started again reads it back (how many restarts, whether it created the TPU, the
+timeline) and, if the run is still training, goes back to watching it instead of starting it again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tpuctl import launch, lifecycle, ops, registry
+from tpuctl.errors import TpuctlError
+
+if TYPE_CHECKING:
+    from tpuctl.cloud import Node, NodeRequest, TpuApi
+    from tpuctl.config import Settings
+    from tpuctl.ops import WorkerReport
+    from tpuctl.registry import RunRecord
+
+Say = Callable[[str], None]
+UNHEALTHY = frozenset({"UNHEALTHY_TENSORFLOW", "UNHEALTHY_MAINTENANCE", "TIMEOUT", "UNHEALTHY"})
+LOST_AFTER = 3  # consecutive looks at which a worker of a READY TPU is unreachable before the round is over
+
+
+@dataclass
+class Event:
+    at: float
+    what: str  # created, deleted, launched, preempted, worker-lost, crashed, done, gave-up, ...
+    detail: str = ""
+
+
+@dataclass
+class State:
+    run: str
+    tpu: str
+    created_tpu: bool = False  # babysit made this TPU: it may delete it
+    restarts: int = 0
+    finished: bool = False
+    events: list[Event] = field(default_factory=list)
+
+    @staticmethod
+    def path(run: str) -> Path:
+        return registry.state_dir().parent / "babysit" / f"{registry.slug(run)}.json"
+
+    def save(self) -> None:
+        path = self.path(self.run)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
+        os.replace(tmp, path)  # never a half-written state, even if babysit is killed mid-write
+
+    @classmethod
+    def load(cls, run: str, tpu: str) -> State:
+        path = cls.path(run)
+        if not path.exists():
+            return cls(run=run, tpu=tpu)
+        try:
+            raw = json.loads(path.read_text())
+            state = cls(**{**raw, "events": [Event(**e) for e in raw.get("events", [])]})
+        except (OSError, ValueError, TypeError) as e:
+            raise TpuctlError(f"cannot read babysit's state {path}: {e}", "remove it to start afresh") from None
+        if state.tpu != tpu:
+            raise TpuctlError(
+                f"run {run!r} was babysat on TPU {state.tpu!r}, not {tpu!r}", f"use --tpu {state.tpu} or remove {path}"
+            )
+        return state
+
+
+@dataclass(frozen=True)
+class Options:
+    max_restarts: int = 10
+    recreate: bool = False  # may delete (and make again) a TPU babysit did not create
+    poll: float = 60.0  # seconds between looks at the TPU and the run
+    unhealthy_grace: float = 600.0  # seconds a READY TPU may stay unhealthy before it is made again
+    backoff: lifecycle.Backoff = field(default_factory=lambda: lifecycle.Backoff(initial=30.0, maximum=900.0))
+    create_attempts: int = 20
+
+
+class Babysitter:
+    def __init__(
+        self,
+        settings: Settings,
+        api: TpuApi,
+        project: Path,
+        record: RunRecord,
+        request: NodeRequest | None,
+        options: Options,
+        say: Say,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        assert settings.tpu is not None
+        self.settings, self.api, self.project, self.record = settings, api, project, record
+        self.request, self.options, self.say, self.sleep = request, options, say, sleep
+        self.state = State.load(record.name, settings.tpu)
+        self.fresh_workers = False  # the TPU was just made: its workers' host keys are new, and expected
+
+    # -- the loop -------------------------------------------------------------------------------------------
+
+    def run(self) -> State:
+        if self.state.finished:
+            self.note("done", "already finished earlier; nothing to do")
+            return self.state
+        if self.state.events:
+            self.note("resumed", f"babysit started again after {self.state.restarts} restarts")
+        delays = self.options.backoff.delays()
+        while True:
+            outcome, detail = self.round()
+            if outcome == "done":
+                self.state.finished = True
+                self.note("done", detail)
+                return self.state
+            self.note(outcome, detail)
+            if self.state.restarts >= self.options.max_restarts:
+                self.note("gave-up", f"{self.state.restarts} restarts, the most allowed (--max-restarts)")
+                raise TpuctlError(
+                    f"run {self.record.name!r} is not finished after {self.state.restarts} restarts (last: {outcome})",
+                    f"see the timeline above; `tpuctl babysit` again continues from {self.record.workdir}",
+                )
+            self.state.restarts += 1
+            delay = next(delays)
+            self.note("waiting", f"restart {self.state.restarts}/{self.options.max_restarts} in {delay:.0f} s")
+            self.sleep(delay)
+
+    def round(self) -> tuple[str, str]:
+        """One TPU, one launch (or one adoption of a run already training), watched to its end: (outcome, detail)."""
+        node = self.ready_tpu()
+        target = self.target(node)
+        if not self.adopt(target):
+            problem = self.start_run(target)
+            if problem:
+                return "launch-failed", problem
+        return self.watch(target)
+
+    # -- the TPU --------------------------------------------------------------------------------------------
+
+    def ready_tpu(self) -> Node:
+        name = self.state.tpu
+        unhealthy_since: float | None = None
+        while True:
+            node = self.api.find_node(name)
+            if node is None:
+                return self.create(f"TPU {name!r} does not exist")
+            if node.state in lifecycle.DEAD_STATES:
+                return self.recreate(node, f"TPU {name!r} is {node.state}")
+            if node.state == "READY" and node.health in UNHEALTHY:
+                unhealthy_since = unhealthy_since or time.monotonic()
+                if time.monotonic() - unhealthy_since > self.options.unhealthy_grace:
+                    return self.recreate(node, f"TPU {name!r} is {node.health}: {node.health_description}")
+            elif node.state == "READY" and node.workers:
+                return node
+            self.say(f"TPU {name!r} is {node.state}{f' ({node.health})' if node.health else ''}; waiting")
+            self.sleep(self.options.poll)
+
+    def create(self, why: str) -> Node:
+        if self.request is None:
+            raise TpuctlError(f"{why}, and babysit does not know what to create", "give --type (and --runtime)")
+        self.note("creating", why)
+        node = lifecycle.create(
+            self.api,
+            self.request,
+            attempts=self.options.create_attempts,
+            backoff=self.options.backoff,
+            poll=self.settings.api_poll,
+            say=self.say,
+            sleep=self.sleep,
+        )
+        assert node is not None
+        self.state.created_tpu = True
+        self.fresh_workers = True
+        self.note("created", f"{node.accelerator_type}, {len(node.workers)} workers")
+        return node
+
+    def recreate(self, node: Node, why: str) -> Node:
+        if not (self.state.created_tpu or self.options.recreate):
+            raise TpuctlError(
+                f"{why}; babysit did not create it, so it will not delete it",
+                "delete it yourself, or pass --recreate to let babysit do it",
+            )
+        self.note("deleting", why)
+        lifecycle.delete(self.api, node, poll=self.settings.api_poll, say=self.say, sleep=self.sleep)
+        self.note("deleted", node.name)
+        if self.request is None:  # make the same TPU again
+            from tpuctl.cloud import NodeRequest
+
+            self.request = NodeRequest(node.name, node.accelerator_type, node.runtime_version, spot=node.spot)
+        return self.create(why)
+
+    # -- the run --------------------------------------------------------------------------------------------
+
+    def target(self, node: Node) -> launch.Target:
+        from tpuctl.fleet import Fleet
+
+        settings = self.settings
+        if self.fresh_workers:  # VMs babysit just made: new host keys are expected, not an attack
+            settings = dataclasses.replace(settings, replace_host_keys=True)
+        return launch.pod_target(settings, Fleet(settings, node.workers))
+
+    def adopt(self, target: launch.Target) -> bool:
+        """A run already training on these workers (babysit was restarted): watch it rather than start it again."""
+        if self.fresh_workers:
+            return False
+        reports = launch.status(target.fleet.settings, target, self.record)
+        if reports and all(r.error is None and r.state == "running" for r in reports):
+            self.note("adopted", f"run {self.record.name!r} is training on {len(reports)} workers")
+            return True
+        return False
+
+    def start_run(self, target: launch.Target) -> str:
+        """Sync, prepare, free the chips, start; a problem as one line (then the round is over), else ""."""
+        from tpuctl import sync as syncing
+
+        settings = target.fleet.settings
+        record = dataclasses.replace(self.record, workers=target.hosts)
+        with syncing.Mirror(settings, self.project) as mirror:
+            failed = [r for r in mirror.sync(target.fleet.workers) if not r.ok]
+        if failed:
+            return f"sync failed on w{failed[0].worker.index}: {failed[0].error}"
+        problems = [r for r in ops.prepare(settings, target.fleet) if r.error]
+        if problems:
+            return f"prepare failed on w{problems[0].index}: {problems[0].error}"
+        launch.stop(settings, target, record, grace=30.0)  # what is left of an earlier round (saves if it can)
+        if any(r.state != "free" for r in ops.check(settings, target.fleet)):
+            ops.kill(settings, target.fleet, grace=10.0)
+        reports = launch.start(settings, target, record)
+        failed_start = [r for r in reports if r.error]
+        if failed_start:
+            launch.stop(settings, target, record, grace=5.0)
+            return f"start failed on w{failed_start[0].index}: {failed_start[0].error}"
+        registry.save(record)
+        self.record = record
+        self.fresh_workers = False
+        self.note("launched", f"on {len(reports)} workers ({', '.join(target.hosts)})")
+        return ""
+
+    def watch(self, target: launch.Target) -> tuple[str, str]:
+        settings = target.fleet.settings
+        unreachable = 0
+        while True:
+            self.sleep(self.options.poll)
+            node = self.api.find_node(self.state.tpu)
+            if node is None or node.state in lifecycle.DEAD_STATES:
+                return "preempted", f"TPU {self.state.tpu!r} is {node.state if node else 'gone'}"
+            reports = launch.status(settings, target, self.record)
+            outcome = judge(reports)
+            if outcome is None:
+                unreachable = 0
+                continue
+            what, detail = outcome
+            if what == "unreachable":
+                unreachable += 1
+                if unreachable < LOST_AFTER:
+                    continue
+                what = "worker-lost"
+            return what, detail
+
+    def note(self, what: str, detail: str = "") -> None:
+        self.state.events.append(Event(time.time(), what, detail))
+        self.state.save()
+        self.say(f"{what}: {detail}" if detail else what)
+
+
+def judge(reports: list[WorkerReport]) -> tuple[str, str] | None:
+    """How the run stands from its workers' status: None while it trains, else (outcome, detail)."""
+    lost = [r for r in reports if r.error]
+    if lost:
+        return "unreachable", f"w{lost[0].index} ({lost[0].ip}): {lost[0].error}"
+    states = [r.state for r in reports]
+    if states and all(s == "done" for s in states):
+        last = reports[0].data.get("checkpoint") or "-"
+        return "done", f"every stage trained (last checkpoint {last})"
+    bad = [r for r in reports if r.state in ("failed", "dead", "absent", "stopped")]
+    if bad:
+        r = bad[0]
+        how = f"exit {r.data.get('exit_code')}" if r.state == "failed" else r.state
+        return "crashed", f"w{r.index}: trainer {how}: {r.data.get('last_line', '')[-160:]}"
+    return None
+
+
+def timeline(state: State) -> list[tuple[str, str, str]]:
+    """(time, what, detail) rows, the time relative to the first event."""
+    if not state.events:
+        return []
+    start = state.events[0].at
+    return [(f"+{e.at - start:7.1f} s", e.what, e.detail) for e in state.events]
+
+
+def to_json(state: State) -> dict[str, Any]:
+    return dataclasses.asdict(state)

@@ -1,0 +1,306 @@
+"""tpuctl's TPU lifecycle commands: create, delete, describe, babysit. Thin like the rest of the CLI: they parse, call
+tpuctl.lifecycle / tpuctl.cloud, and print. Registered on the `tpuctl` group by tpuctl.cli.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from tpuctl import render
+from tpuctl.cli import _confirm_by_name, _err, _out, _settings, cli
+from tpuctl.errors import TpuctlError
+from tpuctl.options import dry_run_option, fleet_options, json_option, setting_options
+
+if TYPE_CHECKING:
+    from tpuctl.config import Settings
+
+DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, option: str) -> int:
+    """'90s', '30m', '6h', '2d' -> seconds."""
+    match = DURATION.match(text.strip())
+    if not match:
+        raise TpuctlError(f"{option} {text!r} is not a duration", "write it like 90s, 30m, 6h or 2d")
+    return round(float(match[1]) * SECONDS[match[2]])
+
+
+class Progress:
+    """Each lifecycle line printed to stderr as it happens (a log, so it survives a pipe), with a spinner below it
+    on a terminal."""
+
+    def __init__(self) -> None:
+        self.console = _err()
+        self.status = self.console.status("") if self.console.is_terminal else None
+
+    def __enter__(self) -> Progress:
+        if self.status:
+            self.status.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.status:
+            self.status.__exit__(*exc)
+
+    def __call__(self, line: str) -> None:
+        self.console.print(render.plain(line), soft_wrap=True)  # one line each, however long
+        if self.status:
+            self.status.update(render.plain(f"{line} ..."))
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--spot", is_flag=True, help="Spot capacity: cheaper, may be taken back at any time.")
+@click.option("--reservation", "reserved", is_flag=True, help="Use the project's reserved capacity.")
+@click.option("--queued", is_flag=True, help="Through a queued resource: wait in line for capacity.")
+@click.option("--valid-until", metavar="DURATION", help="With --queued: give up waiting after this (6h, 2d).")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until the TPU is READY.")
+@click.option("--attempts", default=10, show_default=True, help="Tries while the API has no capacity or quota.")
+@click.option("--backoff", default=30.0, show_default=True, help="Seconds before the second try; then x2, to 10 min.")
+@click.option("--ready-timeout", default=3600.0, show_default=True, help="Seconds to wait for READY per try.")
+@setting_options("project", "zone", "accelerator_type", "runtime_version", "network", "subnetwork")
+@dry_run_option
+@json_option
+def create(
+    name: str,
+    spot: bool,
+    reserved: bool,
+    queued: bool,
+    valid_until: str | None,
+    wait: bool,
+    attempts: int,
+    backoff: float,
+    ready_timeout: float,
+    dry_run: bool,
+    as_json: bool,
+    **flags: Any,
+) -> None:
+    """Create the TPU NAME (a node, or a queued resource with --queued) and wait until it is READY.
+
+    No capacity or quota is retried with jittered exponential backoff (--attempts); any other refusal (a bad
+    --type, a name in use) is one line.
+
+    \b
+    Examples:
+      tpuctl create my-pod --type v4-32 --spot
+      tpuctl create my-pod --type v5litepod-16 --queued --valid-until 6h
+      tpuctl create my-pod --type v4-32 --dry-run
+    """
+    from tpuctl import cloud, lifecycle
+
+    settings = _settings(flags)
+    settings.require("project", "zone", "accelerator_type")
+    if valid_until and not queued:
+        raise TpuctlError("--valid-until is for queued resources", "add --queued, or drop --valid-until")
+    if spot and reserved:
+        raise TpuctlError("--spot and --reservation exclude each other", "pick one")
+    if attempts < 1 or backoff < 0:
+        raise TpuctlError("--attempts must be at least 1 and --backoff not negative")
+    assert settings.accelerator_type is not None
+    request = cloud.NodeRequest(
+        name=name,
+        accelerator_type=settings.accelerator_type,
+        runtime_version=settings.runtime_version,
+        spot=spot,
+        reserved=reserved,
+        network=settings.network,
+        subnetwork=settings.subnetwork,
+        queued=queued,
+        valid_until_s=parse_duration(valid_until, "--valid-until") if valid_until else None,
+    )
+    parent = f"projects/{settings.project}/locations/{settings.zone}"
+    if dry_run:
+        sent = cloud.request_json(request, parent)
+        if as_json:
+            render.print_json(sent)
+        else:
+            _out().print(render.plain(f"{sent['method']} {settings.api_endpoint}{sent['path']}"))
+            render.print_json(sent["body"])
+        return
+    api = cloud.TpuApi(settings)
+    with Progress() as say:
+        node = lifecycle.create(
+            api,
+            request,
+            wait=wait,
+            attempts=attempts,
+            backoff=lifecycle.Backoff(initial=backoff),
+            timeout=ready_timeout,
+            poll=settings.api_poll,
+            say=say,
+        )
+    _show_node(api, node, as_json) if node else None
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until it is gone.")
+@setting_options("project", "zone")
+@dry_run_option
+def delete(name: str, yes: bool, wait: bool, dry_run: bool, **flags: Any) -> None:
+    """Delete the TPU NAME (with the queued resource that made it, if any). Asks you to type the name unless --yes.
+
+    Example: tpuctl delete my-pod --yes
+    """
+    from tpuctl import cloud, lifecycle
+
+    settings = _settings(flags)
+    api = cloud.TpuApi(settings)
+    node = api.get_node(name)  # one line naming the TPUs there when there is no such TPU
+    what = f"TPU {name!r} ({node.accelerator_type}, {node.state})"
+    if node.queued_resource:
+        what += f" and its queued resource {node.queued_resource!r}"
+    if dry_run:
+        _out().print(render.plain(f"would delete {what}"))
+        return
+    if not yes:
+        _confirm_by_name(name, "delete")
+    with Progress() as say:
+        lifecycle.delete(api, node, wait=wait, poll=settings.api_poll, say=say)
+
+
+@cli.command()
+@click.argument("name", required=False)
+@setting_options("project", "zone", "tpu")
+@json_option
+def describe(name: str | None, as_json: bool, **flags: Any) -> None:
+    """One TPU in full: state, health and why, accelerator, runtime, spot/queued, workers (NAME or --tpu).
+
+    Example: tpuctl describe my-pod --json
+    """
+    from tpuctl import cloud
+
+    settings = _settings(flags)
+    name = name or _tpu_name(settings)
+    api = cloud.TpuApi(settings)
+    _show_node(api, api.get_node(name), as_json)
+
+
+def _tpu_name(settings: Settings) -> str:
+    settings.require("tpu")
+    assert settings.tpu is not None
+    return settings.tpu
+
+
+def _show_node(api: Any, node: Any, as_json: bool) -> None:
+    queued_state = api.queued_state(node.queued_resource) if node.queued_resource else ""
+    if as_json:
+        render.print_json({**node.to_json(), "queued_resource_state": queued_state or None})
+    else:
+        _out().print(render.describe_table(node, queued_state))
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--name", help="Run name (default: the recipe's file name).")
+@click.option("--workdir", help="Checkpoints and metrics, a path every worker sees (default: WORKDIR_ROOT/NAME).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
+@click.option("--env", "env_items", multiple=True, metavar="NAME=VALUE", help="Trainer environment (repeatable).")
+@click.option("--spot", is_flag=True, help="When babysit creates the TPU: spot capacity.")
+@click.option("--max-restarts", default=10, show_default=True, help="Rounds after the first before giving up.")
+@click.option("--recreate", is_flag=True, help="May delete and remake a dead TPU it did not create itself.")
+@click.option("--poll", default=60.0, show_default=True, help="Seconds between looks at the TPU and the run.")
+@click.option(
+    "--backoff", default=30.0, show_default=True, help="Seconds before the first restart; then x2, to 15 min."
+)
+@click.option("--unhealthy-grace", default=600.0, show_default=True, help="Seconds a TPU may stay unhealthy.")
+@fleet_options("remote_dir", "command_timeout")
+@setting_options("accelerator_type", "runtime_version", "network", "subnetwork", "workdir_root", "coordinator_port")
+@setting_options("python", "extras", "pip_args")
+@json_option
+def babysit(
+    recipe: Path,
+    name: str | None,
+    workdir: str | None,
+    overrides: tuple[str, ...],
+    env_items: tuple[str, ...],
+    spot: bool,
+    max_restarts: int,
+    recreate: bool,
+    poll: float,
+    backoff: float,
+    unhealthy_grace: float,
+    as_json: bool,
+    **flags: Any,
+) -> None:
+    """Keep the run of RECIPE on TPU --tpu alive until every stage is trained.
+
+    Creates the TPU if it is missing (--type), deletes and recreates it when it is PREEMPTED, TERMINATED or unhealthy
+    (only one babysit created, unless --recreate), syncs, prepares and starts the run, which resumes from its
+    workdir's checkpoint; then watches the TPU and the run, and after a preemption, a lost worker or a crash starts
+    another round after a jittered exponential backoff. Ends when the trainer reports every stage done (exit 0) or
+    after --max-restarts (exit 2), printing the timeline. Its state file lets a restarted babysit carry on.
+
+    \b
+    Examples:
+      tpuctl babysit recipes/b16.toml --tpu my-pod --type v4-64 --spot --workdir /mnt/bucket/b16
+      tpuctl babysit recipes/b16.toml --tpu my-pod --recreate
+    """
+    from tpuctl import babysit as babysitting
+    from tpuctl import cloud, launch, lifecycle, registry
+
+    settings = _settings(flags)
+    settings.require("project", "zone", "tpu")
+    assert settings.tpu is not None
+    project = Path.cwd()
+    recipe_path = launch.recipe_in_project(recipe, project)
+    launch.validate_recipe(project / recipe_path, list(overrides))
+    name = name or Path(recipe_path).stem
+    previous = registry.find(name)
+    record = registry.RunRecord(
+        name=name,
+        recipe=recipe_path,
+        workdir=workdir or (previous.workdir if previous else f"{settings.workdir_root}/{registry.slug(name)}"),
+        target="tpu",
+        cwd=settings.remote_dir,
+        project=settings.project,
+        zone=settings.zone,
+        tpu=settings.tpu,
+        overrides=list(overrides),
+        env=launch.parse_env(env_items),
+    )
+    request = None
+    if settings.accelerator_type:
+        request = cloud.NodeRequest(
+            name=settings.tpu,
+            accelerator_type=settings.accelerator_type,
+            runtime_version=settings.runtime_version,
+            spot=spot,
+            network=settings.network,
+            subnetwork=settings.subnetwork,
+        )
+    options = babysitting.Options(
+        max_restarts=max_restarts,
+        recreate=recreate,
+        poll=poll,
+        unhealthy_grace=unhealthy_grace,
+        backoff=lifecycle.Backoff(initial=backoff, maximum=900.0),
+    )
+    sitter = babysitting.Babysitter(settings, cloud.TpuApi(settings), project, record, request, options, _say_at)
+    try:
+        state = sitter.run()
+    finally:
+        _show_timeline(sitter.state, as_json)
+    assert state.finished
+
+
+def _say_at(line: str) -> None:
+    import time
+
+    _err().print(render.plain(f"{time.strftime('%H:%M:%S')} {line}"), soft_wrap=True)
+
+
+def _show_timeline(state: Any, as_json: bool) -> None:
+    from tpuctl import babysit as babysitting
+
+    if as_json:
+        render.print_json(babysitting.to_json(state))
+        return
+    title = f"run {state.run!r} on TPU {state.tpu!r}: {state.restarts} restarts"
+    _out().print(render.table(title, ["when", "what", "detail"], babysitting.timeline(state)))

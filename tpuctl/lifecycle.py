@@ -1,0 +1,155 @@
+"""A TPU's life through the Cloud TPU API: create it (asking again, with jittered exponential backoff, while the API
+says there is no capacity or quota), wait until it is READY, delete it. `tpuctl create` / `delete` and babysit use
+these; what happens is told through `say` (one line per change), so the CLI can show it however it likes.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from tpuctl.errors import CloudError
+
+if TYPE_CHECKING:
+    from tpuctl.cloud import Node, NodeRequest, TpuApi
+
+Say = Callable[[str], None]
+# States a node does not come back from by itself: it must be deleted (and made again).
+DEAD_STATES = frozenset({"PREEMPTED", "TERMINATED"})
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Waits between attempts: initial, x factor each time, at most `maximum`; each one drawn uniformly from
+    [wait x (1 - jitter), wait] so that many clients retrying at once spread out."""
+
+    initial: float = 30.0
+    maximum: float = 600.0
+    factor: float = 2.0
+    jitter: float = 0.5
+
+    def delays(self, rng: random.Random | None = None) -> Iterator[float]:
+        rng = rng or random.Random()
+        wait = self.initial
+        while True:
+            yield wait * (1 - self.jitter * rng.random())
+            wait = min(wait * self.factor, self.maximum)
+
+
+def create(
+    api: TpuApi,
+    request: NodeRequest,
+    *,
+    wait: bool = True,
+    attempts: int = 10,
+    backoff: Backoff = Backoff(),
+    timeout: float = 3600.0,
+    poll: float = 5.0,
+    say: Say = lambda _: None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Node | None:
+    """Create the node (queued, if the request says so); with `wait`, return it once READY. Capacity and quota
+    refusals are retried up to `attempts` times, whether the API refuses at once or the operation fails later."""
+    delays = backoff.delays()
+    for attempt in range(1, attempts + 1):
+        try:
+            operation = api.create(request)
+            if not wait:
+                say(f"{request.name}: creation accepted ({operation.operation.name})")
+                return None
+            return wait_ready(api, request, operation, timeout=timeout, poll=poll, say=say, sleep=sleep)
+        except CloudError as e:
+            if not e.retryable or attempt == attempts:
+                if e.retryable:
+                    e.message = f"{e.message}; gave up after {attempts} attempts"
+                    e.hint = "try another zone, --spot, or --queued to wait in line for capacity"
+                raise
+            delay = next(delays)
+            shown = f"{delay:.1f}" if delay < 10 else f"{delay:.0f}"
+            say(f"{request.name}: attempt {attempt}/{attempts} failed: {e.message}; again in {shown} s")
+            sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def wait_ready(
+    api: TpuApi,
+    request: NodeRequest,
+    operation: Any,
+    *,
+    timeout: float,
+    poll: float,
+    say: Say,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Node:
+    """Poll until the node is READY with its workers; the operation's or the queue's failure raises CloudError."""
+    deadline = time.monotonic() + timeout
+    doing = f"creating TPU {request.name!r}"
+    last = ""
+    while True:
+        error = api.operation_error(operation, doing)
+        if error is not None:
+            _clean_up_failed(api, request, poll, sleep)
+            raise error
+        queue = api.queued_state(request.name) if request.queued else ""
+        if queue in ("FAILED", "SUSPENDED"):
+            _clean_up_failed(api, request, poll, sleep)
+            failed = CloudError(f"{doing}: its queued resource is {queue}", "see `tpuctl describe` for the reason")
+            failed.retryable = True  # the queue gave up on capacity: another attempt queues again
+            raise failed
+        node = api.find_node(request.name)
+        state = node.state if node else (f"queued: {queue}" if queue else "requested")
+        if node is not None and node.state == "READY" and node.workers:
+            say(f"{request.name}: READY, {len(node.workers)} workers")
+            return node
+        if node is not None and node.state in DEAD_STATES:
+            raise CloudError(f"{doing}: it became {node.state} before it was READY", "delete it and try again")
+        if state != last:
+            say(f"{request.name}: {state}")
+            last = state
+        if time.monotonic() > deadline:
+            raise CloudError(f"{doing}: not READY after {timeout:.0f} s (still {state})", "see `tpuctl describe`")
+        sleep(poll)
+
+
+def delete(
+    api: TpuApi,
+    node: Node,
+    *,
+    wait: bool = True,
+    timeout: float = 1800.0,
+    poll: float = 5.0,
+    say: Say = lambda _: None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Delete the node (with its queued resource, if one made it); with `wait`, return once it is gone."""
+    operation = api.delete(node)
+    say(f"{node.name}: deleting")
+    if not wait:
+        return
+    deadline = time.monotonic() + timeout
+    while api.find_node(node.name) is not None:
+        error = api.operation_error(operation, f"deleting TPU {node.name!r}")
+        if error is not None:
+            raise error
+        if time.monotonic() > deadline:
+            raise CloudError(f"deleting TPU {node.name!r}: still there after {timeout:.0f} s")
+        sleep(poll)
+    say(f"{node.name}: deleted")
+
+
+def _clean_up_failed(api: TpuApi, request: NodeRequest, poll: float, sleep: Callable[[float], None]) -> None:
+    """A failed creation must not leave a half-made node or a dead queued resource holding the name (and quota):
+    delete what is left and wait until it is gone, so that the next attempt can use the name."""
+    node = api.find_node(request.name)
+    if node is not None and node.state != "DELETING":
+        api.delete(node)
+    elif node is None and request.queued and api.queued_state(request.name):
+        api.delete_queued(request.name)
+    deadline = time.monotonic() + 600
+    while api.find_node(request.name) is not None or (request.queued and api.queued_state(request.name)):
+        if time.monotonic() > deadline:
+            raise CloudError(f"TPU {request.name!r}: a failed creation left it behind", f"tpuctl delete {request.name}")
+        sleep(poll)
