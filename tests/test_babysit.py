@@ -179,3 +179,22 @@ def test_babysit_gives_up_after_max_restarts_and_says_how_to_go_on(tpu_api, proj
     assert "is not finished after 1 restarts (last: launch-failed)" in r.stderr.splitlines()[-1]
     assert r.stdout.count("launch-failed") == 2 and "gave-up" in r.stdout  # the timeline
     assert "sync failed on w0" in r.stdout
+
+
+def test_an_unhealthy_tpu_is_remade_after_the_grace_with_recreate(tpu_api, project, tmp_path):
+    node = tpu_api.add_node(PROJECT, ZONE, "sick", [("127.0.0.1", "127.0.0.1")], accelerator_type="v4-16")
+    node.update(health="UNHEALTHY_MAINTENANCE", healthDescription="The TPU had a maintenance event.")
+    tpu_api.on_create = lambda *_: [("127.0.0.1", "127.0.0.1")]  # new VMs, whose sshd never answers
+    env = babysit_env(tpu_api, tmp_path) | {"TPUCTL_SSH_PORT": str(free_port())}
+    command = [TPUCTL, "babysit", RECIPE, "--tpu", "sick", "--recreate", "--unhealthy-grace", "0.5", "--poll", "0.1"]
+    r = subprocess.run(
+        [*command, "--max-restarts", "0", "--json"], cwd=project, env=env, capture_output=True, text=True
+    )
+    assert r.returncode == 2, r.stderr
+    events = [(e["what"], e["detail"]) for e in json.loads(r.stdout)["events"]]
+    why = "TPU 'sick' is UNHEALTHY_MAINTENANCE: The TPU had a maintenance event."
+    assert events[:4] == [("deleting", why), ("deleted", "sick"), ("creating", why), ("created", "v4-16, 1 workers")]
+    assert [what for what, _ in events[4:]] == ["launch-failed", "gave-up"]
+    remade = tpu_api.creations()
+    assert len(remade) == 1 and remade[0].body["acceleratorType"] == "v4-16"  # the same type again, as it was
+    assert "waiting" in r.stderr  # it waited out the grace before acting
