@@ -157,6 +157,10 @@ def test_preemption_drill(tpu_api, make_fleet, project, shared, tmp_path):
     relaunched = [e["at"] for e in state["events"] if e["what"] == "launched"][-1]
     took = relaunched - preempted
     print(f"DRILL: preempted at step {last_step}, resumed at {resumed_at}, relaunched after {took:.0f} s")
+    # babysit again on a finished run: nothing to do, nothing touched
+    again = subprocess.run(babysit, cwd=project, env=env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert "already finished earlier; to babysit run 'drill run' again, remove" in again.stderr and len(vms) == 2
 
 
 def test_a_dead_tpu_babysit_did_not_create_is_left_alone_unless_recreate(tpu_api, project, tmp_path):

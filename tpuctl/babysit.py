@@ -113,7 +113,8 @@ class Babysitter:
 
     def run(self) -> State:
         if self.state.finished:
-            self.note("done", "already finished earlier; nothing to do")
+            path = State.path(self.record.name)
+            self.note("done", f"already finished earlier; to babysit run {self.record.name!r} again, remove {path}")
             return self.state
         if self.state.events:
             self.note("resumed", f"babysit started again after {self.state.restarts} restarts")
