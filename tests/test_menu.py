@@ -53,6 +53,11 @@ def test_menu_picks_a_tpu_runs_check_and_shows_its_table(pod, tpu_api, make_flee
         wait_for_screen(
             tmux, "? Action (Use arrow keys)", timeout=10
         )  # back in the loop (the answered prompt reads "? Action check the chips")
+        tmux("send-keys", "-t", "menu", *["Down"] * 11, "Enter")  # ..., stop a run, *describe the TPU*
+        screen = wait_for_screen(tmux, "health description")
+        assert any("accelerator" in line and "v4-32" in line for line in screen.splitlines())
+        assert any(line.startswith("worker 1") and pod.fleet.workers[1].ip in line for line in screen.splitlines())
+        wait_for_screen(tmux, "? Action (Use arrow keys)", timeout=10)  # the loop again
         tmux("send-keys", "-t", "menu", "Up", "Enter")  # wraps around to the last choice: exit
         wait_for_screen(tmux, "menu exited with 0", timeout=10)
     finally:

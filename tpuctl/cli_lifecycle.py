@@ -138,19 +138,21 @@ def create(
 
 
 @cli.command()
-@click.argument("name")
+@click.argument("name", required=False)
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until it is gone.")
-@setting_options("project", "zone")
+@setting_options("project", "zone", "tpu")
 @dry_run_option
-def delete(name: str, yes: bool, wait: bool, dry_run: bool, **flags: Any) -> None:
-    """Delete the TPU NAME (with the queued resource that made it, if any). Asks you to type the name unless --yes.
+def delete(name: str | None, yes: bool, wait: bool, dry_run: bool, **flags: Any) -> None:
+    """Delete the TPU NAME or --tpu (with the queued resource that made it, if any). Asks you to type the name
+    unless --yes.
 
     Example: tpuctl delete my-pod --yes
     """
     from tpuctl import cloud, lifecycle
 
     settings = _settings(flags)
+    name = name or _tpu_name(settings)
     api = cloud.TpuApi(settings)
     node = api.get_node(name)  # one line naming the TPUs there when there is no such TPU
     what = f"TPU {name!r} ({node.accelerator_type}, {node.state})"

@@ -76,7 +76,7 @@ def _profiles() -> list[str]:
         return []  # `tpuctl` itself will say what is wrong with the file
 
 
-def pick_recipe() -> list[str] | None:
+def pick_recipe(command: str = "run") -> list[str] | None:
     import questionary
 
     recipes = sorted(str(p) for p in Path("recipes").glob("*.toml"))
@@ -84,7 +84,7 @@ def pick_recipe() -> list[str] | None:
     choice = ask(questionary.select("Recipe", choices=[*recipes, other]))
     if choice == other:
         choice = ask(questionary.path("Recipe file", validate=lambda p: Path(p).is_file() or "no such file"))
-    return ["run", choice]
+    return [command, choice]
 
 
 def pick_run() -> list[str]:
@@ -125,6 +125,9 @@ ACTIONS: dict[str, Callable[[], list[str] | None]] = {
     "status of a run": lambda: ["status", *pick_run()],
     "logs of a run": lambda: ["logs", *pick_run(), "-n", "50"],
     "stop a run": lambda: ["stop", *pick_run()] if confirm("Stop the run (it checkpoints first)?") else None,
+    "describe the TPU": lambda: ["describe"],
+    "babysit a recipe (until done)": lambda: pick_recipe("babysit"),
+    "delete the TPU": lambda: ["delete", "--yes"] if confirm("Delete this TPU (its VMs and their disks)?") else None,
 }
 
 
