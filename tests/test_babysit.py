@@ -178,8 +178,21 @@ def test_babysit_gives_up_after_max_restarts_and_says_how_to_go_on(tpu_api, proj
     tpu_api.on_create = lambda *_: [("127.0.0.1", "127.0.0.1")]  # VMs whose sshd never answers (refused at once)
     env = babysit_env(tpu_api, tmp_path) | {"TPUCTL_SSH_PORT": str(free_port())}
     command = [TPUCTL, "babysit", RECIPE, "--tpu", "new", "--type", "v4-8", "--poll", "0.1", "--backoff", "0.1"]
-    r = subprocess.run([*command, "--max-restarts", "1"], cwd=project, env=env, capture_output=True, text=True)
+    tpu_api.denied_projects.add(PROJECT)  # the API fails for a while: babysit keeps asking
+    with subprocess.Popen(
+        [*command, "--max-restarts", "1"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as sitter:
+        time.sleep(1.0)
+        tpu_api.denied_projects.clear()
+        stdout, stderr = sitter.communicate(timeout=120)
+    r = subprocess.CompletedProcess(sitter.args, sitter.returncode, stdout, stderr)
     assert r.returncode == 2, r.stderr
+    assert "the Cloud TPU API failed (looking up TPU 'new': permission denied" in r.stderr
     assert "is not finished after 1 restarts (last: launch-failed)" in r.stderr.splitlines()[-1]
     assert r.stdout.count("launch-failed") == 2 and "gave-up" in r.stdout  # the timeline
     assert "sync failed on w0" in r.stdout

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tpuctl import launch, lifecycle, ops, registry
-from tpuctl.errors import TpuctlError
+from tpuctl.errors import CloudError, TpuctlError
 
 if TYPE_CHECKING:
     from tpuctl.cloud import Node, NodeRequest, TpuApi
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 Say = Callable[[str], None]
 UNHEALTHY = frozenset({"UNHEALTHY_TENSORFLOW", "UNHEALTHY_MAINTENANCE", "TIMEOUT", "UNHEALTHY"})
 LOST_AFTER = 3  # consecutive looks at which a worker of a READY TPU is unreachable before the round is over
+API_PATIENCE = 30  # consecutive failed looks at the TPU before babysit gives up (30 polls: 30 min by default)
 
 
 @dataclass
@@ -153,7 +154,7 @@ class Babysitter:
         name = self.state.tpu
         unhealthy_since: float | None = None
         while True:
-            node = self.api.find_node(name)
+            node = self.look_up()
             if node is None:
                 return self.create(f"TPU {name!r} does not exist")
             if node.state in lifecycle.DEAD_STATES:
@@ -166,6 +167,19 @@ class Babysitter:
                 return node
             self.say(f"TPU {name!r} is {node.state}{f' ({node.health})' if node.health else ''}; waiting")
             self.sleep(self.options.poll)
+
+    def look_up(self) -> Node | None:
+        """The TPU as the API sees it. The API failing for a while (a network blip, a 5xx, even a permission hiccup)
+        must not end a run that may be training fine: babysit says so and asks again, up to API_PATIENCE times."""
+        for attempt in range(1, API_PATIENCE + 1):
+            try:
+                return self.api.find_node(self.state.tpu)
+            except CloudError as e:
+                if attempt == API_PATIENCE:
+                    raise
+                self.say(f"the Cloud TPU API failed ({e}); asking again in {self.options.poll:.0f} s")
+                self.sleep(self.options.poll)
+        raise AssertionError("unreachable")
 
     def create(self, why: str) -> Node:
         if self.request is None:
@@ -253,7 +267,7 @@ class Babysitter:
         unreachable = 0
         while True:
             self.sleep(self.options.poll)
-            node = self.api.find_node(self.state.tpu)
+            node = self.look_up()
             if node is None or node.state in lifecycle.DEAD_STATES:
                 return "preempted", f"TPU {self.state.tpu!r} is {node.state if node else 'gone'}"
             reports = launch.status(settings, target, self.record)
