@@ -215,3 +215,23 @@ def test_an_unhealthy_tpu_is_remade_after_the_grace_with_recreate(tpu_api, proje
     remade = tpu_api.creations()
     assert len(remade) == 1 and remade[0].body["acceleratorType"] == "v4-16"  # the same type again, as it was
     assert "waiting" in r.stderr  # it waited out the grace before acting
+
+
+def test_judge_reads_the_run_from_its_workers_status():
+    from tpuctl.babysit import judge
+    from tpuctl.ops import WorkerReport
+
+    def worker(i: int, state: str, **data) -> WorkerReport:
+        return WorkerReport(index=i, ip=f"10.0.0.{i}", state=state, data=data)
+
+    assert judge([worker(0, "running"), worker(1, "starting")]) is None  # still training
+    done = judge([worker(0, "done", checkpoint="ft224/800"), worker(1, "done")])
+    assert done == ("done", "every stage trained (last checkpoint ft224/800)")
+    half = judge([worker(0, "done"), worker(1, "running")])
+    assert half is None  # one host finished first: not done until every one is
+    crashed = judge([worker(0, "running"), worker(1, "failed", exit_code=1, last_line="RuntimeError: boom")])
+    assert crashed == ("crashed", "w1: trainer exit 1: RuntimeError: boom")
+    assert judge([worker(0, "dead")]) == ("crashed", "w0: trainer dead: ")
+    assert judge([worker(0, "stopped", last_line="preempted: saved")])[0] == "crashed"  # SIGTERM'd: resume it
+    lost = WorkerReport(index=1, ip="10.0.0.1", error="connection refused")
+    assert judge([worker(0, "running"), lost]) == ("unreachable", "w1 (10.0.0.1): connection refused")
