@@ -141,7 +141,6 @@ def test_exec_on_sixteen_workers(make_pod):
 
 def test_a_worker_that_dies_mid_command_is_named(pod):
     import subprocess
-    import time
 
     proc = subprocess.Popen(
         [pod.tpuctl_path, "exec", "--", "echo started; sleep 4; echo finished"],
@@ -150,9 +149,14 @@ def test_a_worker_that_dies_mid_command_is_named(pod):
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(1.5)
+    seen = []
+    for line in proc.stdout:  # streamed line by line: crash w1 once its command is surely running (not after a
+        seen.append(line)  # fixed sleep, which a slow moment of this VM can outlast)
+        if "[w1] started" in line:
+            break
     pod.fleet.workers[1].crash()
-    out, err = proc.communicate(timeout=30)
+    rest, err = proc.communicate(timeout=30)
+    out = "".join(seen) + rest
     assert proc.returncode == 255
     assert "[w0] finished" in out and "[w1] started" in out and "[w1] finished" not in out
     assert err.strip().splitlines()[-1].startswith("w1 (") and "connection lost" in err
