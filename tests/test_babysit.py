@@ -1,15 +1,14 @@
 """tpuctl babysit: the preemption drill on real stand-ins.
 
 The local Cloud TPU API makes "VMs" when asked to create a TPU: a fresh pair of sshd workers (new addresses, new host
-keys, the project's SSH key accepted, a Python image that already holds the trainer's dependencies, as
-test_runs.prepared arranges). The test then plays the cloud: it flips the TPU to PREEMPTED and kills its workers
-mid-training. babysit must delete and recreate the TPU, sync, prepare, relaunch, and the run must end where an
-uninterrupted run ends. On the way, babysit itself is killed and started again, and carries on from its state file.
+keys, the project's SSH key accepted, standins.image's Python image with the trainer's dependencies). The test then
+plays the cloud: it flips the TPU to PREEMPTED and kills its workers mid-training. babysit must delete and recreate
+the TPU, sync, prepare, relaunch, and the run must end where an uninterrupted run ends. On the way, babysit itself is
+killed and started again, and carries on from its state file.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from standins import image
 from standins.pod import PROJECT, TPUCTL, ZONE
 from test_runs import RECIPE, env_args, losses, sets, wait_for_step
 from test_train import free_port
@@ -29,17 +29,6 @@ from trainer.metrics import read_jsonl
 
 STEPS = 80  # of batch 16: long enough for a kill of babysit and a preemption to land mid-run
 NODE = "drill"
-
-
-def image(fleet) -> None:
-    """The VMs' image: ~/tpuctl/.venv seeing this machine's site-packages, pip included (see test_runs.prepared)."""
-    pids = [w.spawn(["/usr/bin/python3", "-m", "venv", "--without-pip", "/root/tpuctl/.venv"]) for w in fleet.workers]
-    for pid in pids:
-        os.waitpid(pid, 0)  # our child (spawn started it): reaped here, it cannot linger as a zombie
-    site = f"/proc/{os.getpid()}/root" + next(p for p in sys.path if p.endswith("site-packages"))
-    for w in fleet.workers:
-        (packages,) = glob.glob(str(w.path("/root/tpuctl/.venv/lib/python3*/site-packages")))
-        Path(packages, "image.pth").write_text(site)
 
 
 def reference_losses(checkout: Path, scratch: Path) -> dict[int, float]:
@@ -78,14 +67,13 @@ def babysit_env(tpu_api, home: Path) -> dict[str, str]:
 
 @pytest.mark.timeout(900)  # two TPU creations, two prepares, a reference run: minutes on two cores
 def test_preemption_drill(tpu_api, make_fleet, project, shared, tmp_path):
-    if sys.version_info[:2] != (3, 11) or not os.path.exists("/usr/bin/python3"):
-        pytest.skip("the stand-in VMs' image is /usr/bin/python3 with this venv's packages: both must be 3.11")
+    image.require_matching_python()
     first = make_fleet(2)  # the first VMs; later ones accept the same key on the same port
     vms = []
 
     def on_create(project_id, zone, name, node):
         fleet = first if not vms else make_fleet(2, like=first)
-        image(fleet)
+        image.install(fleet)
         vms.append(fleet)
         return [(w.ip, w.ip) for w in fleet.workers]
 

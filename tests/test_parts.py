@@ -260,13 +260,6 @@ def test_resize_positions():
 # --- analytic FLOPs --------------------------------------------------------------------------------------------
 
 
-def xla_flops(fn, *args) -> float:
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
-    if isinstance(cost, (list, tuple)):  # older jax: one dict per program
-        cost = cost[0]
-    return float(cost["flops"])
-
-
 # XLA's cost analysis counts the body of a loop once, not times its trip count: compared with the scanned blocks it
 # would see one layer whatever the depth. So the towers are built unrolled (model.scan_layers = false): same model.
 UNROLLED = ("stages.0.resolution=32", "model.scan_layers=false")
@@ -283,7 +276,8 @@ def clip_flops(r: recipe.Recipe, batch: int) -> tuple[float, int]:
     def forward(p, key):
         return model.apply(p, images, texts, captions, stage.patch_keep, rngs={"dropout": key})
 
-    return xla_flops(forward, params, jax.random.key(0)), flops.forward_per_sample(r, stage) * batch
+    measured = flops.xla_count(jax.jit(forward).lower(params, jax.random.key(0)))
+    return measured, flops.forward_per_sample(r, stage) * batch
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,8 @@ What stands in for what:
 - the workdir and the XLA cache: a directory under /var/tmp, which every worker sees at the same path (a gs://
   bucket on a pod); the workers' own /root and /tmp are private, as on separate VMs;
 - PyPI: `tpuctl prepare` runs for real (venv, `pip install -e PROJECT[train]`, offline), with the trainer's
-  dependencies already present, as on a VM image that ships them: the test links this machine's site-packages into
-  each worker's venv before preparing (the workers cannot download 1.5 GB of wheels here).
+  dependencies already present, as on a VM image that ships them (standins/image.py: each worker's venv sees this
+  machine's site-packages; the workers cannot download 1.5 GB of wheels here).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from standins import image
 from standins.pod import RUN_RECIPE, TPUCTL
 from test_chips import alive
 from test_train import FAST
@@ -42,21 +43,10 @@ def sets(samples: int = 192) -> list[str]:
 
 
 def prepared(pod, project):
-    """Sync the project to both workers and `tpuctl prepare` it (offline, dependencies preinstalled: see above)."""
-    worker_python = subprocess.run(
-        ["/usr/bin/python3", "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True
-    ).stdout.strip()
-    if worker_python != str(sys.version_info[:2]):
-        pytest.skip(f"the workers' python3 is {worker_python}, this venv's {sys.version_info[:2]}: wheels differ")
+    """Sync the project to both workers and `tpuctl prepare` it (offline, on the stand-in VMs' image)."""
+    image.require_matching_python()
+    image.install(pod.fleet)
     assert pod.tpuctl("sync", str(project)).returncode == 0
-    # this process's view of its site-packages, which may lie under /tmp or /root (private on the workers): the
-    # workers share this machine's process ids, so /proc/<our pid>/root is our file system, /tmp included
-    site = f"/proc/{os.getpid()}/root" + next(p for p in sys.path if p.endswith("site-packages"))
-    link = (
-        "/usr/bin/python3 -m venv tpuctl/.venv && tpuctl/.venv/bin/python -c "
-        f'\'import site, sys; open(site.getsitepackages()[0] + "/image.pth", "w").write(sys.argv[1])\' {site}'
-    )
-    assert pod.tpuctl("exec", "--", link).returncode == 0
     r = pod.tpuctl("prepare", "--pip-args", "--no-index --no-build-isolation", timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
 

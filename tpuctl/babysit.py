@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from tpuctl.registry import RunRecord
 
 Say = Callable[[str], None]
-UNHEALTHY = frozenset({"UNHEALTHY_TENSORFLOW", "UNHEALTHY_MAINTENANCE", "TIMEOUT", "UNHEALTHY"})
+UNHEALTHY = frozenset({"UNHEALTHY_TENSORFLOW", "UNHEALTHY_MAINTENANCE", "TIMEOUT"})  # Node.Health values
 LOST_AFTER = 3  # consecutive looks at which a worker of a READY TPU is unreachable before the round is over
 API_PATIENCE = 30  # consecutive failed looks at the TPU before babysit gives up (30 polls: 30 min by default)
 

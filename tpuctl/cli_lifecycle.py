@@ -134,7 +134,8 @@ def create(
             poll=settings.api_poll,
             say=say,
         )
-    _show_node(api, node, as_json) if node else None
+    if node is not None:  # --no-wait: there is no node to show yet
+        _show_node(api, node, as_json)
 
 
 @cli.command()
@@ -254,11 +255,10 @@ def babysit(
     recipe_path = launch.recipe_in_project(recipe, project)
     launch.validate_recipe(project / recipe_path, list(overrides))
     name = name or Path(recipe_path).stem
-    previous = registry.find(name)
     record = registry.RunRecord(
         name=name,
         recipe=recipe_path,
-        workdir=workdir or (previous.workdir if previous else f"{settings.workdir_root}/{registry.slug(name)}"),
+        workdir=registry.workdir_for(name, workdir, settings.workdir_root),
         target="tpu",
         cwd=settings.remote_dir,
         project=settings.project,

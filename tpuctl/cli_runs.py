@@ -80,11 +80,9 @@ def run(
     launch.validate_recipe(project / recipe_path, list(overrides))
     env = launch.parse_env(env_items)
     name = name or Path(recipe_path).stem
-    previous = registry.find(name)
     local = local or settings.target == "local"
     target = launch.local_target(settings, project) if local else launch.pod_target(settings, _fleet(settings))
-    if workdir is None:
-        workdir = previous.workdir if previous else f"{settings.workdir_root}/{registry.slug(name)}"
+    workdir = registry.workdir_for(name, workdir, settings.workdir_root)
     if local:
         workdir = os.path.abspath(os.path.expanduser(workdir))
     record = registry.RunRecord(

@@ -216,17 +216,14 @@ class TpuApi:
             raise self._error("listing TPUs", e) from None
 
     def get_node(self, name: str) -> Node:
-        from google.api_core import exceptions
-
-        try:
-            return node_from_proto(self._client.get_node(name=f"{self.parent}/nodes/{name}", **self._call))
-        except exceptions.NotFound:
+        """The node; its absence is a one-line error naming the TPUs that do exist."""
+        node = self.find_node(name)
+        if node is None:
             names = ", ".join(n.name for n in self.list_nodes()) or "none"
             raise CloudError(
                 f"TPU {name!r} not found in project {self.project}, zone {self.zone}", f"TPUs there: {names}"
-            ) from None
-        except Exception as e:
-            raise self._error(f"looking up TPU {name!r}", e) from None
+            )
+        return node
 
     # -- lifecycle: long-running operations ------------------------------------------------------------------
 
@@ -276,7 +273,7 @@ class TpuApi:
         return str(resource.state.state.name)
 
     def find_node(self, name: str) -> Node | None:
-        """The node, or None when there is none of that name (get_node raises instead)."""
+        """The node, or None when there is none of that name."""
         from google.api_core import exceptions
 
         try:

@@ -72,6 +72,14 @@ def find(name: str) -> RunRecord | None:
     return _read(path)
 
 
+def workdir_for(name: str, given: str | None, root: str) -> str:
+    """A run's workdir: the one given, else the one it had before (the same name resumes there), else ROOT/SLUG."""
+    if given:
+        return given
+    previous = find(name)
+    return previous.workdir if previous else f"{root}/{slug(name)}"
+
+
 def load(name: str | None) -> RunRecord:
     """The run called `name`, or the latest one started when `name` is None."""
     if name is not None:

@@ -116,6 +116,7 @@ def xla_step_flops(options: dict[str, Any], state: Any, batch: Any) -> float:
     again with the layers unrolled (same parameters, same arithmetic); remat's recomputation is counted in it."""
     import jax
 
+    from trainer.models import flops
     from trainer.models.clip import build
     from trainer.program import compile_stage
     from trainer.sharding import checked_mesh
@@ -123,10 +124,7 @@ def xla_step_flops(options: dict[str, Any], state: Any, batch: Any) -> float:
     recipe = from_dict(bench_recipe({**options, "scan_layers": False}))
     program = compile_stage(build(recipe), recipe, recipe.stages[0], checked_mesh(recipe))
     step: Any = program.step  # a jitted function: it lowers
-    cost = step.lower(state, batch).compile().cost_analysis()
-    if isinstance(cost, (list, tuple)):  # older jax: one dict per program
-        cost = cost[0]
-    return float(cost["flops"]) * jax.device_count()  # the analysis is of one device's program
+    return flops.xla_count(step.lower(state, batch)) * jax.device_count()  # the analysis is of one device's program
 
 
 ROWS = (

@@ -3,6 +3,8 @@ noise). MFU divides these by the chips' peak: recomputation (remat) is not count
 
 from __future__ import annotations
 
+from typing import Any
+
 from trainer.models import variants
 from trainer.models.variants import Size
 from trainer.recipe import Recipe, Stage
@@ -44,3 +46,12 @@ def forward_per_sample(recipe: Recipe, stage: Stage) -> int:
 def train_per_sample(recipe: Recipe, stage: Stage) -> int:
     """Forward + backward (2x forward)."""
     return 3 * forward_per_sample(recipe, stage)
+
+
+def xla_count(lowered: Any) -> float:
+    """XLA's own FLOP count of a lowered (jitted) function: the cost analysis of its compiled program, one device's.
+    It counts a loop body once, so compare it with the counts above on unrolled layers (model.scan_layers = false)."""
+    cost = lowered.compile().cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+        cost = cost[0]
+    return float(cost["flops"])
