@@ -81,7 +81,7 @@ def trainer_pipeline(d: Path, batch: int, source: str, jitter: float, resolution
     train = f"{d}/train-*.tfrecord" if source == "tfrecord" else f"{d}/*.tar"
     r = recipe.from_dict(
         {
-            "model": {"image": "B/16"},
+            "model": {"image": "B/16", "decoder": "B"},  # with a caption decoder: both captions are tokenized
             "text": {"vocab": f"{d}/vocab.txt", "context_length": 80, "caption_length": 128},
             "data": {"source": source, "train": train, "shuffle_buffer": 1000, "color_jitter": jitter},
             "stages": [

@@ -54,6 +54,7 @@ def tiny_recipe(directory: Path, *overrides: str, train: str = "train-*.tfrecord
         "text.vocab": f"{directory}/vocab.txt",
         "text.context_length": "8",
         "text.caption_length": "6",
+        "model.decoder": "Mu",  # the re-captions are read for a caption decoder only
         "data.shuffle_buffer": "30",
         "stages.0.global_batch": "8",
     }
@@ -76,6 +77,11 @@ def test_batches_have_the_stage_shapes_and_tokens(shards):
     assert {tuple(row) for row in batch["texts"]} <= expected
     assert batch["captions"].tolist() == [[4, 9, 3, 2, 0, 0]] * 8  # "a dog <n>": <n> is [UNK], then [eos], padding
     assert position == {"epoch": 0, "consumed": 8, "seen": position["seen"], "bad": 0}
+    # without a caption decoder the re-captions are neither parsed nor tokenized; the rest is the same batch
+    ((alone, _),) = take(data.open_stage(tiny_recipe(shards, "model.decoder="), 0, data.Host()), 1)
+    assert sorted(alone) == ["images", "texts"]
+    for key in alone:
+        np.testing.assert_array_equal(alone[key], batch[key])
 
 
 def test_order_is_seeded_and_resume_is_exact(shards):
@@ -366,3 +372,33 @@ def test_prepare_fashion_mnist_from_idx_files(tmp_path):
     assert f'"fashion-mnist": {FASHION_VERSION}' in (Path(__file__).parents[1] / ".ci" / "demo").read_text()
     missing = CliRunner().invoke(main, ["fashion-mnist", str(tmp_path / "nothing"), str(tmp_path / "x")])
     assert missing.exit_code == 2 and "apt install dataset-fashion-mnist" in missing.output
+
+
+def test_prefetched_batches_keep_order_raise_the_sources_error_and_stop_on_close():
+    from trainer.data.prefetch import Prefetched
+
+    def failing():
+        for i in range(3):
+            yield i, {"consumed": i}
+        raise BadDataError("data: 9 of 10 samples were bad")
+
+    batches = Prefetched(failing(), lambda b: b * 10)
+    assert [next(batches) for _ in range(3)] == [(0, {"consumed": 0}), (10, {"consumed": 1}), (20, {"consumed": 2})]
+    with pytest.raises(BadDataError, match="9 of 10"):  # in the loop's thread, after the good batches
+        next(batches)
+    batches.close()
+
+    with Prefetched(iter([(1, {}), (2, {})]), lambda b: b) as finite:
+        assert list(finite) == [(1, {}), (2, {})]
+        assert list(finite) == []  # stays ended
+
+    def endless():
+        i = 0
+        while True:
+            i += 1
+            yield i, {}
+
+    with Prefetched(endless(), lambda b: b, size=2) as ahead:
+        assert next(ahead) == (1, {})
+        thread = ahead._thread
+    assert not thread.is_alive()  # leaving the block stopped it, though the source never ends

@@ -144,3 +144,22 @@ def test_text_tower_sizes_match_the_published_clip_text_towers(variant, publishe
     w = size.width
     ours = param_count(TextTower(size, w), jnp.zeros((1, 80), jnp.int32))
     assert ours == published + (VOCAB_ROWS - 49_408) * w + (80 - 77) * w
+
+
+def test_text_depth_sets_the_text_towers_layers_and_the_flop_count_follows():
+    from trainer.models import flops
+    from trainer.models.variants import TEXT
+
+    texts = jnp.ones((1, 16), jnp.int32)
+    counts, per_sample = {}, {}
+    for depth in (0, 1):  # 0: the variant's (Mu: 2)
+        r, model = tiny_clip("model.text=Mu", f"model.text_depth={depth}", "model.decoder=")
+        counts[depth] = param_count(model.text, texts)
+        per_sample[depth] = flops.forward_per_sample(r, r.stages[0])
+    size = TEXT["Mu"]
+    assert size.depth == 2
+    layer = 4 * size.width**2 + 4 * size.width + 2 * size.width * size.mlp + size.mlp + size.width + 4 * size.width
+    assert counts[0] - counts[1] == layer  # attention (q, k, v, out + biases), MLP, two LayerNorms
+    # one text block at context 16: the QKV/out and MLP matmuls and the attention scores
+    block = 2 * 16 * (4 * size.width**2 + 2 * size.width * size.mlp) + 2 * 2 * 16 * 16 * size.width
+    assert per_sample[0] - per_sample[1] == block

@@ -81,7 +81,7 @@ def test_overrides_reach_any_key():
         (["stages.0.global_batch=256", "stages.0.global_batch=512"], "--set stages.0.global_batch is given twice"),
         (["stages.5.name=x"], "--set stages.5: there are 3 entries (0-2)"),
         (["model"], "--set 'model' is not key=value"),
-        (["model.imag=B/16"], "unknown key model.imag (known here: image, text, decoder,"),
+        (["model.imag=B/16"], "unknown key model.imag (known here: image, text, text_depth, decoder,"),
         (
             ["stages.1.resolution=150"],
             'stages[1].resolution = 150 is not divisible by the patch size 16 of model.image = "B/16"',
@@ -90,6 +90,7 @@ def test_overrides_reach_any_key():
         (["model.pooling=max"], 'model.pooling = "max" is not one of "mean", "cls"'),
         (["model.image=B/15"], 'model.image = "B/15" is not VARIANT/PATCH'),
         (["model.text=XL"], 'model.text = "XL" is not one of Mu, Ti, S, B, L, So400m, H'),
+        (["model.text_depth=-1"], "model.text_depth = -1 must be at least 0"),
         (["stages.0.epochs=10"], "stages[0] needs exactly one of samples or epochs"),
         (["stages.0.grad_accum=3"], "stages[0].global_batch = 32768 is not divisible by stages[0].grad_accum = 3"),
         (["stages.2.name=ft224"], 'stages[2].name = "ft224" is used by an earlier stage'),

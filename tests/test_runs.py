@@ -236,7 +236,8 @@ def test_the_local_target_trains_the_tiny_recipe_from_a_clean_checkout(project, 
     recipe.parent.mkdir()
     shutil.copy(project / "recipes" / "tiny.toml", recipe)
     workdir = tmp_path / "work dir"
-    quick = ["--set", "stages.0.samples=6400", "--set", "stages.0.warmup_steps=10", "--set", "log.every_steps=10"]
+    quick = ["--set", "stages.0.samples=6400", "--set", "stages.0.global_batch=128"]
+    quick += ["--set", "stages.0.warmup_steps=10", "--set", "log.every_steps=10"]
     r = tpuctl_here(
         local_env, "run", str(recipe), "--local", "--name", "tiny 'demo'", "--workdir", str(workdir), *quick, "-f",
         cwd=project, timeout=600,

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from trainer import data, evals, optimizer, sharding
 from trainer.checkpoint import StageCheckpoints
+from trainer.data.prefetch import Prefetched
 from trainer.hardware import peak_flops
 from trainer.metrics import MetricsLog
 from trainer.models import flops
@@ -124,49 +125,50 @@ def run_stage(
         state = program.init_state(None if params is None else fit_positions(recipe, stage, params))
         report.say(f"stage {stage.name}: {steps} steps at {stage.resolution} px, batch {stage.global_batch}")
     schedule = optimizer.schedule(stage, steps)
-    batches = data.open_stage(recipe, index, host, position)
+    batches = Prefetched(data.open_stage(recipe, index, host, position), program.global_batch)
     flops_per_step = flops.train_per_sample(recipe, stage) * stage.global_batch
     speed = Speed(recipe, index, flops_per_step)
     every_ckpt = stage.checkpoint_every or recipe.checkpoint.every_steps
     report.start_stage(stage, steps, int(state.step))
-    window: dict[str, Any] | None = None  # metrics summed on the device since the last log
-    window_steps = timed_steps = 0
-    step = int(state.step)
-    while step < steps:
-        host_batch, position = next(batches)
-        state, step_metrics = program.step(state, program.global_batch(host_batch))
-        step += 1
-        window = step_metrics if window is None else jax.tree.map(jnp.add, window, step_metrics)
-        window_steps += 1
-        if speed.started is None:  # the first step compiles: time from the end of it
-            jax.block_until_ready(state.step)
-            speed.restart()
-        else:
-            timed_steps += 1
-        preempted = preemption.reached(global_step(recipe, index, step))
-        evaluate = bool(recipe.evals) and (step == steps or bool(stage.eval_every and step % stage.eval_every == 0))
-        if step % recipe.log.every_steps == 0 or step == steps or preempted or evaluate:
-            values = {k: float(v) / window_steps for k, v in jax.device_get(window).items()}
-            record = {"stage": stage.name, "stage_step": step, **values, "lr": float(schedule(step - 1))}
-            if timed_steps:
-                record.update(speed.measure(timed_steps, steps - step))
-            record.update({f"data_{k}": v for k, v in position.items() if k in ("epoch", "bad")})
-            if evaluate:
-                results = evals.run_all(recipe, model, state.params, mesh, stage.resolution)
-                report.table(f"evals: stage {stage.name} step {step}", results)
-                record.update(results)
-                speed.restart()  # the eval's time is not the step's
-            metrics.write(global_step(recipe, index, step), record)
-            report.log(record)
-            window, window_steps, timed_steps = None, 0, 0
-        report.advance(step)
-        if step % every_ckpt == 0 or step == steps or preempted:
-            positions = data.gather_positions(position, host)  # every host's: each resumes its own stream
-            ckpt.save(state, {"stage": index, "stage_name": stage.name, "step": step, "data": positions})
-        if preempted:
-            ckpt.wait()
-            report.say(f"preempted: saved stage {stage.name} step {step}/{steps}; run the same command to resume")
-            return Outcome(finished=False, preempted=True, stage=stage.name, step=step), None
+    with batches:
+        window: dict[str, Any] | None = None  # metrics summed on the device since the last log
+        window_steps = timed_steps = 0
+        step = int(state.step)
+        while step < steps:
+            batch, position = next(batches)
+            state, step_metrics = program.step(state, batch)
+            step += 1
+            window = step_metrics if window is None else jax.tree.map(jnp.add, window, step_metrics)
+            window_steps += 1
+            if speed.started is None:  # the first step compiles: time from the end of it
+                jax.block_until_ready(state.step)
+                speed.restart()
+            else:
+                timed_steps += 1
+            preempted = preemption.reached(global_step(recipe, index, step))
+            evaluate = bool(recipe.evals) and (step == steps or bool(stage.eval_every and step % stage.eval_every == 0))
+            if step % recipe.log.every_steps == 0 or step == steps or preempted or evaluate:
+                values = {k: float(v) / window_steps for k, v in jax.device_get(window).items()}
+                record = {"stage": stage.name, "stage_step": step, **values, "lr": float(schedule(step - 1))}
+                if timed_steps:
+                    record.update(speed.measure(timed_steps, steps - step))
+                record.update({f"data_{k}": v for k, v in position.items() if k in ("epoch", "bad")})
+                if evaluate:
+                    results = evals.run_all(recipe, model, state.params, mesh, stage.resolution)
+                    report.table(f"evals: stage {stage.name} step {step}", results)
+                    record.update(results)
+                    speed.restart()  # the eval's time is not the step's
+                metrics.write(global_step(recipe, index, step), record)
+                report.log(record)
+                window, window_steps, timed_steps = None, 0, 0
+            report.advance(step)
+            if step % every_ckpt == 0 or step == steps or preempted:
+                positions = data.gather_positions(position, host)  # every host's: each resumes its own stream
+                ckpt.save(state, {"stage": index, "stage_name": stage.name, "step": step, "data": positions})
+            if preempted:
+                ckpt.wait()
+                report.say(f"preempted: saved stage {stage.name} step {step}/{steps}; run the same command to resume")
+                return Outcome(finished=False, preempted=True, stage=stage.name, step=step), None
     ckpt.wait()
     ckpt.close()
     report.say(f"stage {stage.name}: done ({steps} steps)")

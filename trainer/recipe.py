@@ -35,6 +35,7 @@ class RecipeError(ValueError):
 class Model:
     image: str = "B/16"  # VARIANT/PATCH, e.g. "L/14"
     text: str = "B"  # text tower variant
+    text_depth: int = 0  # text tower layers; 0 = the variant's (templated captions need fewer)
     decoder: str = ""  # caption decoder variant ("" = none); OpenVision trains with one
     # what the decoder cross-attends to: the image's tokens and the alt-text's (OpenVision), or the image's alone
     # (CapPa-style: where the alt-text already names what the caption says, only then must the image tell it)
@@ -287,6 +288,7 @@ def validate(r: Recipe) -> None:
     _positive(
         [
             ("model.embed_dim", m.embed_dim, 0),
+            ("model.text_depth", m.text_depth, 0),
             ("text.context_length", r.text.context_length, 1),
             ("text.vocab_rows", r.text.vocab_rows, 3),
             ("text.caption_length", r.text.caption_length, 1),

@@ -53,7 +53,7 @@ def check_model_fits(recipe: Recipe, shape: tuple[int, int, int]) -> None:
     m = recipe.model
     towers = [
         ("model.image", f'"{m.image}"', variants.IMAGE[m.image_variant]),
-        ("model.text", f'"{m.text}"', variants.TEXT[m.text]),
+        ("model.text", f'"{m.text}"', variants.text_tower(m)),
     ]
     if m.decoder:
         towers.append(("model.decoder", f'"{m.decoder}"', variants.TEXT[m.decoder]))

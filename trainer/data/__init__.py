@@ -2,10 +2,10 @@
 
 The loop only knows this interface. `open_stage(...)` returns an iterator of `(batch, position)`: `batch` is this
 host's slice of the next global batch (numpy: images uint8 (b, H, W, 3), texts int32 (b, L) alt-text ids, captions
-int32 (b, T) re-caption ids, 0 = padding; with colour jitter on, colour float32 (b, JITTER_DRAWS)), `position` is a
-JSON-able dict that, passed back to `open_stage`, restarts the stream right after that batch. Positions travel with
-the batches (not read off the iterator) because a source may prefetch ahead: the loop checkpoints the position of the
-last batch it trained on.
+int32 (b, T) re-caption ids (from shards: for a model with a caption decoder only), 0 = padding; with colour jitter
+on, colour float32 (b, JITTER_DRAWS)), `position` is a JSON-able dict that, passed back to `open_stage`, restarts
+the stream right after that batch. Positions travel with the batches (not read off the iterator) because a source may
+prefetch ahead: the loop checkpoints the position of the last batch it trained on.
 """
 
 from __future__ import annotations

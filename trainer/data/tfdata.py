@@ -139,12 +139,19 @@ def shard_records(recipe: Recipe, file: tf.Tensor) -> tf.data.Dataset:
 
 
 def record_fields(recipe: Recipe, record: tf.Tensor | tuple[tf.Tensor, ...]) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """(image bytes, alt-text, re-caption: "" when missing) of a record of either source."""
+    """(image bytes, alt-text, re-caption: "" when missing or when no caption decoder reads it) of a record of either
+    source."""
     d = recipe.data
     if isinstance(record, tuple):
         return record
-    ex = examples.parse(record, (d.caption_key, d.recaption_key) if d.recaption_key else (d.caption_key,))
-    return ex[examples.IMAGE], ex[d.caption_key], ex[d.recaption_key] if d.recaption_key else tf.constant("")
+    recaption = d.recaption_key if wants_captions(recipe) else ""
+    ex = examples.parse(record, (d.caption_key, recaption) if recaption else (d.caption_key,))
+    return ex[examples.IMAGE], ex[d.caption_key], ex[recaption] if recaption else tf.constant("")
+
+
+def wants_captions(recipe: Recipe) -> bool:
+    """Only a caption decoder reads the re-captions: without one they are neither parsed nor tokenized."""
+    return bool(recipe.model.decoder)
 
 
 def record_stream(recipe: Recipe, files: list[str], epoch: int | tf.Tensor) -> tf.data.Dataset:
@@ -167,16 +174,18 @@ def record_stream(recipe: Recipe, files: list[str], epoch: int | tf.Tensor) -> t
 def sample_row(
     recipe: Recipe, resolution: int, epoch: tf.Tensor, ordinal: tf.Tensor, pair: tuple[tf.Tensor, tf.Tensor]
 ) -> dict[str, tf.Tensor]:
-    """One record -> the training row (image crop, both captions untokenized, colour draws); raises on a bad one."""
+    """One record -> the training row (image crop, the captions untokenized, colour draws); raises on a bad one."""
     d = recipe.data
     file, record = pair
     image_bytes, alt, target = record_fields(recipe, record)
-    alt, target = tf.strings.strip(alt), tf.strings.strip(target)
-    target = tf.where(tf.strings.length(target) > 0, target, alt)  # no re-caption: the decoder learns the alt-text
+    alt = tf.strings.strip(alt)
     tf.debugging.assert_greater(tf.strings.length(alt), 0, "empty caption")
     sample_seed = tf.stack([tf.constant(d.seed, tf.int64) * 7919 + epoch, ordinal])
     image = preprocess.train_image(image_bytes, resolution, sample_seed, d.crop_min_area)
-    row = {"images": image, "texts": alt, "captions": target, "epoch": epoch, "ordinal": ordinal, "file": file}
+    row = {"images": image, "texts": alt, "epoch": epoch, "ordinal": ordinal, "file": file}
+    if wants_captions(recipe):
+        target = tf.strings.strip(target)
+        row["captions"] = tf.where(tf.strings.length(target) > 0, target, alt)  # none: the decoder learns the alt-text
     if d.color_jitter > 0:
         row["colour"] = preprocess.colour_draws(sample_seed)
     return row
@@ -216,8 +225,10 @@ def endless_stream(
         return records.map(lambda ordinal, pair: (e, ordinal, pair))
 
     def tokenize(chunk: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        texts = tokenizer.batch(chunk["texts"], t.context_length)
-        return {**chunk, "texts": texts, "captions": tokenizer.batch(chunk["captions"], t.caption_length)}
+        tokens = {"texts": tokenizer.batch(chunk["texts"], t.context_length)}
+        if "captions" in chunk:
+            tokens["captions"] = tokenizer.batch(chunk["captions"], t.caption_length)
+        return {**chunk, **tokens}
 
     records = tf.data.Dataset.range(epoch, 2**62).flat_map(epoch_records)
     # a row whose decoding fails (bad image, empty caption) is dropped here; its ordinal's absence tells

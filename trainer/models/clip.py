@@ -88,7 +88,8 @@ def attention_for(choice: str, dtype: str, sizes: list[variants.Size], backend: 
 
 def build(recipe: Recipe) -> Clip:
     m = recipe.model
-    sizes = [variants.IMAGE[m.image_variant], variants.TEXT[m.text]] + ([variants.TEXT[m.decoder]] if m.decoder else [])
+    sizes = [variants.IMAGE[m.image_variant], variants.text_tower(m)]
+    sizes += [variants.TEXT[m.decoder]] if m.decoder else []
     layers = Layers(m.remat, attention_for(m.attention, m.dtype, sizes, jax.default_backend()), m.scan_layers)
     dtypes: dict[str, Any] = {"dtype": jnp.dtype(m.dtype), "param_dtype": jnp.dtype(m.param_dtype), "layers": layers}
     embed_dim = m.embed_dim or variants.EMBED_DIM[m.image_variant]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -38,3 +39,9 @@ TEXT = {
 
 # Width of the shared image-text embedding, by image variant.
 EMBED_DIM = {"Mu": 96, "Ti": 192, "S": 384, "B": 512, "L": 768, "So400m": 1152, "H": 1024}
+
+
+def text_tower(model: Any) -> Size:
+    """The text tower's shape: the variant's, with `model.text_depth` layers where the recipe sets it."""
+    size = TEXT[model.text]
+    return replace(size, depth=model.text_depth) if model.text_depth else size
