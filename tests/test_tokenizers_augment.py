@@ -112,3 +112,28 @@ def test_jpeg_crops_decoded_at_a_smaller_scale_match_the_full_decode(resolution)
         window = full[top : top + height, left : left + width]
         want = tf.image.resize(window, (resolution, resolution), antialias=True).numpy()
         assert np.abs(got - want).mean() < 3.0, (resolution, sample)  # a window off by one output pixel: ~8
+
+
+def test_training_and_evaluation_resize_alike():
+    # a model is evaluated on the interpolation it was trained on: a full-frame training crop of a square image is the
+    # evaluation image, pixel for pixel; plain bilinear up to a 2x shrink, antialiased past it
+    import io
+
+    from PIL import Image
+
+    from trainer.data import preprocess
+
+    pixels = np.random.default_rng(1).integers(0, 256, (28, 28, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    png = tf.constant(out.getvalue())
+    trained = preprocess.train_image(png, 21, tf.constant([5, 6], tf.int64), 1.0).numpy()
+    evaluated = preprocess.eval_image(preprocess.decode(png), 21).numpy()
+    np.testing.assert_array_equal(trained, evaluated)
+    plain = tf.image.resize(pixels, (21, 21)).numpy()
+    np.testing.assert_array_equal(evaluated, (plain + 0.5).astype(np.uint8))
+    smoothed = tf.image.resize(pixels, (21, 21), antialias=True).numpy()
+    assert np.abs(evaluated - smoothed).mean() > 5  # the two filters differ on noise: the check above means something
+    shrunk = preprocess.eval_image(preprocess.decode(png), 12).numpy()  # 28 -> 12: past 2x
+    tent = tf.image.resize(pixels, (12, 12), antialias=True).numpy()
+    np.testing.assert_array_equal(shrunk, (tent + 0.5).astype(np.uint8))
