@@ -327,7 +327,7 @@ def test_decoder_context_image_leaves_the_alt_text_out():
 
 
 def test_synthetic_batches_are_the_same_for_any_host_count_and_resume_exactly():
-    r = tiny("stages.0.global_batch=8", "stages.1.global_batch=8", "text.caption_length=12")
+    r = tiny("model.decoder=Ti", "stages.0.global_batch=8", "stages.1.global_batch=8", "text.caption_length=12")
     one = open_stage(r, 0, Host())
     first, _ = next(one)
     second, position = next(one)
@@ -352,6 +352,9 @@ def test_synthetic_batches_are_the_same_for_any_host_count_and_resume_exactly():
             (eos,) = np.flatnonzero(row == EOS_ID)  # exactly one [eos] ...
             assert eos >= 1 and (row[:eos] >= FIRST_WORD_ID).all()  # ... after the words ...
             assert (row[eos + 1 :] == 0).all()  # ... then padding
+    without = next(open_stage(tiny("stages.0.global_batch=8"), 0, Host()))[0]
+    assert sorted(without) == ["images", "texts"]  # re-captions only for a caption decoder, as from shards
+    np.testing.assert_array_equal(without["texts"], first["texts"])
 
 
 # --- attention kernel choice -----------------------------------------------------------------------------------

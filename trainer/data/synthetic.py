@@ -1,7 +1,8 @@
 """A deterministic synthetic dataset that can be learned: for tests, benchmarks and the first minutes of a new setup.
 
 Sample g of the stream belongs to one of `CONCEPTS` concepts; its image is the concept's colour pattern (plus a
-brightness shift), its alt-text and re-caption are the concept's fixed token sequences. Everything is a function of
+brightness shift), its alt-text and re-caption are the concept's fixed token sequences (the re-caption only for a
+model with a caption decoder, as from shards). Everything is a function of
 (seed, stage, global sample index), so a global batch is the same whatever the number of hosts, and the position is
 just the number of batches taken. No colour jitter: a concept IS its colours.
 """
@@ -36,7 +37,10 @@ def batches(
         shift = rng.integers(-24, 25, stage.global_batch)[mine]
         images = np.clip(patterns[concept].astype(np.int16) + shift[:, None, None, None], 0, 255).astype(np.uint8)
         index += 1
-        yield {"images": images, "texts": texts[concept], "captions": captions[concept]}, {"batch": index}
+        batch = {"images": images, "texts": texts[concept]}
+        if recipe.model.decoder:
+            batch["captions"] = captions[concept]
+        yield batch, {"batch": index}
 
 
 def concept_images(seed: int, resolution: int) -> np.ndarray:

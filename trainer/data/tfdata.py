@@ -131,9 +131,8 @@ def shard_records(recipe: Recipe, file: tf.Tensor) -> tf.data.Dataset:
         from trainer.data import webdataset
 
         spec = (tf.TensorSpec([None], tf.string),) * 3
-        chunks = tf.data.Dataset.from_generator(
-            webdataset.chunks, args=(file, recipe.data.recaption_key), output_signature=spec
-        )
+        recaption = recipe.data.recaption_key if wants_captions(recipe) else ""  # "": its JSON is not even parsed
+        chunks = tf.data.Dataset.from_generator(webdataset.chunks, args=(file, recaption), output_signature=spec)
         return chunks.unbatch()
     return tf.data.TFRecordDataset(file).ignore_errors()
 
