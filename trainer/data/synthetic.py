@@ -2,9 +2,9 @@
 
 Sample g of the stream belongs to one of `CONCEPTS` concepts; its image is the concept's colour pattern (plus a
 brightness shift), its alt-text and re-caption are the concept's fixed token sequences (the re-caption only for a
-model with a caption decoder, as from shards). Everything is a function of
-(seed, stage, global sample index), so a global batch is the same whatever the number of hosts, and the position is
-just the number of batches taken. No colour jitter: a concept IS its colours.
+model with a caption decoder, as from shards). Everything is a function of (seed, stage, global sample index), so a
+global batch is the same whatever the number of hosts, and the position is just the number of batches taken. No
+colour jitter: a concept IS its colours.
 """
 
 from __future__ import annotations
