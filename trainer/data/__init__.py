@@ -36,6 +36,11 @@ class Host:
         return slice(self.index * size, (self.index + 1) * size)
 
 
+def wants_captions(recipe: Recipe) -> bool:
+    """Only a caption decoder reads the re-captions: without one, no source reads, parses or yields them."""
+    return bool(recipe.model.decoder)
+
+
 def open_stage(
     recipe: Recipe, stage_index: int, host: Host, position: Position | None = None
 ) -> Iterator[tuple[Batch, Position]]:

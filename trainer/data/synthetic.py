@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from trainer.data import Batch, Host, Position
+from trainer.data import Batch, Host, Position, wants_captions
 from trainer.recipe import Recipe
 
 CONCEPTS = 100
@@ -28,7 +28,7 @@ def batches(
     seed = recipe.data.seed
     patterns = concept_images(seed, stage.resolution)
     texts = concept_tokens(seed + 1, recipe.text.context_length, words=(3, 8))
-    captions = concept_tokens(seed + 2, recipe.text.caption_length, words=(6, 14))
+    captions = concept_tokens(seed + 2, recipe.text.caption_length, words=(6, 14)) if wants_captions(recipe) else None
     mine = host.share(stage.global_batch)
     index = 0 if position is None else int(position["batch"])
     while True:
@@ -38,7 +38,7 @@ def batches(
         images = np.clip(patterns[concept].astype(np.int16) + shift[:, None, None, None], 0, 255).astype(np.uint8)
         index += 1
         batch = {"images": images, "texts": texts[concept]}
-        if recipe.model.decoder:
+        if captions is not None:
             batch["captions"] = captions[concept]
         yield batch, {"batch": index}
 

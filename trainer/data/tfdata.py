@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from trainer.data import Batch, Host, Position, examples, preprocess
+from trainer.data import Batch, Host, Position, examples, preprocess, wants_captions
 from trainer.data.tfsetup import tf
 from trainer.data.tokenizers import Tokenizer, from_recipe
 from trainer.recipe import Recipe, RecipeError
@@ -131,8 +131,8 @@ def shard_records(recipe: Recipe, file: tf.Tensor) -> tf.data.Dataset:
         from trainer.data import webdataset
 
         spec = (tf.TensorSpec([None], tf.string),) * 3
-        recaption = recipe.data.recaption_key if wants_captions(recipe) else ""  # "": its JSON is not even parsed
-        chunks = tf.data.Dataset.from_generator(webdataset.chunks, args=(file, recaption), output_signature=spec)
+        args = (file, recaption_key(recipe))  # "": a tar's JSON is not even parsed
+        chunks = tf.data.Dataset.from_generator(webdataset.chunks, args=args, output_signature=spec)
         return chunks.unbatch()
     return tf.data.TFRecordDataset(file).ignore_errors()
 
@@ -143,14 +143,14 @@ def record_fields(recipe: Recipe, record: tf.Tensor | tuple[tf.Tensor, ...]) -> 
     d = recipe.data
     if isinstance(record, tuple):
         return record
-    recaption = d.recaption_key if wants_captions(recipe) else ""
+    recaption = recaption_key(recipe)
     ex = examples.parse(record, (d.caption_key, recaption) if recaption else (d.caption_key,))
     return ex[examples.IMAGE], ex[d.caption_key], ex[recaption] if recaption else tf.constant("")
 
 
-def wants_captions(recipe: Recipe) -> bool:
-    """Only a caption decoder reads the re-captions: without one they are neither parsed nor tokenized."""
-    return bool(recipe.model.decoder)
+def recaption_key(recipe: Recipe) -> str:
+    """The re-caption field to read from a record: "" (none) without a caption decoder."""
+    return recipe.data.recaption_key if wants_captions(recipe) else ""
 
 
 def record_stream(recipe: Recipe, files: list[str], epoch: int | tf.Tensor) -> tf.data.Dataset:
