@@ -6,12 +6,18 @@ tests/ has no __init__.py on purpose: pytest then puts tests/ on sys.path, so `s
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+# torch's x86_64 build pulls in triton (through open_clip -> torch._dynamo), whose compiled extension crashes the
+# process (SIGSEGV) when it loads after TensorFlow's libraries; loaded before them, both work. Tests import both.
+if importlib.util.find_spec("triton") is not None:
+    import triton  # noqa: F401
 
 import pytest
 from standins.pod import RUN_RECIPE, Pod

@@ -285,6 +285,8 @@ def clip_flops(r: recipe.Recipe, batch: int) -> tuple[float, int]:
     [
         ["model.pooling='mean'"],
         ["model.pooling='cls'", "stages.0.patch_keep=0.5"],
+        # open_clip's ViT-L-14-CLIPA as imported: a class token beside average pooling, CLIP's text tower
+        ["model.class_token=true", "model.ln_pre=true", "model.norm_after_pool=true", "model.text_causal=true"],
         ["model.pooling='map'"],
         ["model.decoder='Ti'", "text.caption_length=8"],
         ["model.decoder='Ti'", "text.caption_length=8", "model.decoder_context='image'"],

@@ -15,7 +15,7 @@ SHIPPED = sorted(p.stem for p in RECIPES.glob("*.toml"))
 
 
 def test_the_expected_recipes_ship():
-    assert SHIPPED == ["b16", "h14", "l14", "s16", "so400m", "ti16", "tiny", "tuxpaint"]
+    assert SHIPPED == ["b16", "finetune_b16", "h14", "l14", "s16", "so400m", "ti16", "tiny", "tuxpaint"]
 
 
 @pytest.mark.parametrize("name", SHIPPED)

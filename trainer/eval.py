@@ -1,8 +1,10 @@
 """python -m trainer.eval RECIPE --workdir DIR [--stage NAME] [--checkpoint STEP]
+python -m trainer.eval RECIPE --checkpoint CONVERTED_DIR [--stage NAME]
 
 Runs the recipe's [[evals]] on a checkpoint (default: the latest of the last stage that has one), at that stage's
 resolution; prints a table and adds the results to the workdir's metrics (JSONL and TensorBoard) at the checkpoint's
-global step.
+global step. A converted directory (`python -m trainer.convert import`) is evaluated at the stage's resolution (the
+last stage's unless --stage names one); its results are printed only.
 """
 
 from __future__ import annotations
@@ -13,23 +15,25 @@ from pathlib import Path
 import click
 
 from trainer.errors import UserError
-from trainer.recipe import RecipeError, load
+from trainer.recipe import Recipe, RecipeError, load
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
-@click.option("--workdir", required=True, type=click.Path(file_okay=False), help="The training run's workdir.")
+@click.option("--workdir", type=click.Path(file_okay=False), help="The training run's workdir.")
 @click.option("--stage", "stage_name", default="", help="The stage whose checkpoint to evaluate (default: the last).")
-@click.option("--checkpoint", "step", type=int, default=None, help="Its step (default: its latest).")
+@click.option("--checkpoint", default=None, help="Its step (default: its latest), or a converted directory.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
-def main(recipe_path: str, workdir: str, stage_name: str, step: int | None, overrides: tuple[str, ...]) -> None:
-    """Evaluate a checkpoint of RECIPE's run in WORKDIR."""
-    try:
-        recipe = load(recipe_path, overrides)
-    except RecipeError as e:
-        raise UserError(str(e)) from None
-    if not recipe.evals:
-        raise UserError(f"{recipe_path} has no [[evals]]")
+def main(
+    recipe_path: str, workdir: str | None, stage_name: str, checkpoint: str | None, overrides: tuple[str, ...]
+) -> None:
+    """Evaluate a checkpoint of RECIPE's run in WORKDIR, or a converted checkpoint."""
+    step = int(checkpoint) if checkpoint is not None and checkpoint.isdigit() else None
+    if checkpoint is not None and step is None:
+        return evaluate_converted(recipe_path, Path(checkpoint), stage_name, overrides)
+    if workdir is None:
+        raise UserError("--workdir is needed to evaluate a run's checkpoint (or pass --checkpoint CONVERTED_DIR)")
+    recipe = load_with_evals(recipe_path, overrides)
     names = [s.name for s in recipe.stages]
     if stage_name and stage_name not in names:
         raise UserError(f"--stage {stage_name}: the recipe's stages are {', '.join(names)}")
@@ -68,6 +72,40 @@ def main(recipe_path: str, workdir: str, stage_name: str, step: int | None, over
     metrics = MetricsLog(run_dir, enabled=host0, start_step=None)
     metrics.write(loop.global_step(recipe, index, found), {"stage": stage.name, "stage_step": found, **results})
     metrics.close()
+
+
+def load_with_evals(recipe_path: str, overrides: tuple[str, ...]) -> Recipe:
+    try:
+        recipe = load(recipe_path, overrides)
+    except RecipeError as e:
+        raise UserError(str(e)) from None
+    if not recipe.evals:
+        raise UserError(f"{recipe_path} has no [[evals]]")
+    return recipe
+
+
+def evaluate_converted(recipe_path: str, directory: Path, stage_name: str, overrides: tuple[str, ...]) -> None:
+    if not directory.is_dir():
+        raise UserError(f"--checkpoint {directory}: neither a step number nor a directory")
+    recipe = load_with_evals(recipe_path, overrides)
+    stages = [s for s in recipe.stages if s.name == stage_name or not stage_name]
+    if not stages:
+        raise UserError(f"--stage {stage_name}: the recipe's stages are {', '.join(s.name for s in recipe.stages)}")
+    import jax
+
+    from trainer import evals, loop, pretrained, sharding
+    from trainer.models.clip import build
+    from trainer.report import Report
+
+    stage = stages[-1]
+    try:
+        mesh = sharding.checked_mesh(recipe)
+    except RecipeError as e:
+        raise UserError(str(e)) from None
+    model = build(recipe)
+    params = loop.fit_positions(recipe, stage, pretrained.restore(directory, recipe, stage, model, mesh))
+    results = evals.run_all(recipe, model, params, mesh, stage.resolution)
+    Report(enabled=jax.process_index() == 0).table(f"evals: {directory} at {stage.resolution} px", results)
 
 
 if __name__ == "__main__":

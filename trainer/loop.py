@@ -4,7 +4,8 @@ Where a run starts (`find_start`), in this order of precedence:
 1. the latest checkpoint of the last stage that has one: mid-stage, it restores everything (params, optimizer,
    step, RNG, data position) and takes exactly the next batch; at the stage's end, the next stage starts from it;
 2. otherwise stage 0 from a fresh initialisation.
-Each stage starts from the previous stage's final params with a fresh optimizer, schedule and step 0.
+Each stage starts from the previous stage's final params with a fresh optimizer, schedule and step 0; a stage with
+`init_from` starts from that converted checkpoint instead (trainer/pretrained.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from trainer import data, evals, optimizer, sharding
+from trainer import data, evals, optimizer, pretrained, sharding
 from trainer.checkpoint import StageCheckpoints
 from trainer.data.prefetch import Prefetched
 from trainer.hardware import peak_flops
@@ -80,7 +81,7 @@ def run(recipe: Recipe, workdir: Path) -> Outcome:
     metrics = MetricsLog(workdir, enabled=host.index == 0, start_step=first_global)
     report = Report(enabled=True)  # every host logs (its own file on a pod): `tpuctl status` reads each one's step
     params = None
-    if start.init_from is not None and start.stage < len(recipe.stages):
+    if start.init_from is not None and start.stage < len(recipe.stages) and not recipe.stages[start.stage].init_from:
         previous = start.stage - 1
         target = abstract_params(model, recipe, recipe.stages[previous], mesh)
         params = checkpoints(recipe, workdir, previous).restore_params(start.init_from, target)
@@ -122,6 +123,9 @@ def run_stage(
         position = data.my_position(meta["data"], host, report.say)
         report.say(f"stage {stage.name}: resuming at step {resume_step}/{steps}")
     else:
+        if stage.init_from:
+            params = pretrained.restore(Path(stage.init_from), recipe, stage, model, mesh)
+            report.say(f"stage {stage.name}: parameters from {stage.init_from}")
         state = program.init_state(None if params is None else fit_positions(recipe, stage, params))
         report.say(f"stage {stage.name}: {steps} steps at {stage.resolution} px, batch {stage.global_batch}")
     schedule = optimizer.schedule(stage, steps)

@@ -42,6 +42,15 @@ class Model:
     decoder_context: Literal["image+text", "image"] = "image+text"
     pooling: Literal["mean", "cls", "map"] = "mean"
     posemb: Literal["sincos2d", "learned"] = "sincos2d"
+    # open_clip's (OpenAI's) choices where OpenVision's differ; `python -m trainer.convert import` writes them out
+    class_token: bool = False  # a class token in the image sequence whatever the pooling (open_clip's ViTs have one)
+    ln_pre: bool = False  # a LayerNorm before the image tower's blocks
+    norm_after_pool: bool = False  # the image tower's final LayerNorm after pooling, not before (CLIPA)
+    activation: Literal["gelu_tanh", "gelu", "quick_gelu"] = "gelu_tanh"  # MLPs; "gelu" = erf, torch's default
+    norm_eps: float = 1e-6  # LayerNorm epsilon (torch's: 1e-5)
+    pixel_norm: Literal["inception", "openai"] = "inception"  # [-1, 1], or CLIP's per-channel mean and std
+    text_causal: bool = False  # causal attention in the text tower (OpenAI's CLIP)
+    text_pooling: Literal["last", "argmax"] = "last"  # argmax: at the end-of-text token, CLIP BPE's highest id
     embed_dim: int = 0  # output width; 0 = the variant's (Ti 192, S 384, B 512, L 768, So400m 1152, H 1024)
     dtype: Literal["bfloat16", "float32"] = "bfloat16"  # compute
     param_dtype: Literal["float32", "bfloat16"] = "float32"
@@ -80,6 +89,9 @@ class Data:
     color_jitter: float = 0.4  # strength; 0 = off (p 0.8, grayscale p 0.2, as OpenVision; applied on the device)
     crop_min_area: float = 0.4  # random-resized-crop area range [crop_min_area, 1]
     max_bad_fraction: float = 0.01  # stop with an error naming the shard past this fraction of bad samples
+    # evaluation's resize: ours (as training's), or open_clip's eval transform exactly (PIL's bicubic, torchvision's
+    # sizes and crop), for models trained with it
+    eval_resize: Literal["bilinear", "pil_bicubic"] = "bilinear"
 
 
 @dataclass(frozen=True)
@@ -131,6 +143,7 @@ class Stage:
     checkpoint_every: int = 0  # steps; 0 = checkpoint.every_steps
     grad_accum: int = 1  # micro-batches per step
     patch_keep: float = 1.0  # CLIPA-style patch dropout: fraction of patches kept (1 = none dropped)
+    init_from: str = ""  # start from the params `python -m trainer.convert import` wrote here, not the previous stage's
 
 
 @dataclass(frozen=True)
@@ -299,6 +312,13 @@ def validate(r: Recipe) -> None:
             ("log.every_steps", r.log.every_steps, 1),
         ]
     )
+    if not 0 < m.norm_eps < 1:
+        raise RecipeError(f"model.norm_eps = {m.norm_eps} must be in (0, 1)")
+    if m.text_pooling == "argmax" and r.text.tokenizer != "clip_bpe":
+        raise RecipeError(
+            f'model.text_pooling = "argmax" pools at the highest token id, CLIP BPE\'s end of text: text.tokenizer is'
+            f' "{r.text.tokenizer}", set it to "clip_bpe" or use "last"'
+        )
     for key, value in (
         ("data.crop_min_area", r.data.crop_min_area),
         ("data.max_bad_fraction", r.data.max_bad_fraction),

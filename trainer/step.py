@@ -44,7 +44,8 @@ def loss_terms(
     colour (each sample's jitter draws) when the recipe jitters colours."""
     images = batch["images"]
     if "colour" in batch:
-        images = pixels_to_model_range(augment.colour_jitter(images, batch["colour"], recipe.data.color_jitter))
+        jittered = augment.colour_jitter(images, batch["colour"], recipe.data.color_jitter)
+        images = pixels_to_model_range(jittered, recipe.model.pixel_norm)
     out: dict[str, Any] = model.apply(  # type: ignore[assignment]
         {"params": params},
         images,

@@ -25,6 +25,18 @@ def decode(image_bytes: tf.Tensor) -> tf.Tensor:
     return image
 
 
+def decode_accurately(image_bytes: tf.Tensor) -> tf.Tensor:
+    """As `decode`, but a JPEG with libjpeg's accurate integer IDCT, not TF's default fast one: evaluation's decode,
+    the same pixels as PIL's (and so open_clip's), where the fast IDCT is off by up to 18 levels."""
+    image = tf.cond(
+        tf.io.is_jpeg(image_bytes),
+        lambda: tf.io.decode_jpeg(image_bytes, channels=3, dct_method="INTEGER_ACCURATE"),
+        lambda: tf.io.decode_image(image_bytes, channels=3, expand_animations=False),
+    )
+    image.set_shape([None, None, 3])
+    return image
+
+
 def crop_window(shape: tf.Tensor, seed: tf.Tensor, min_area: float) -> tuple[tf.Tensor, tf.Tensor]:
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
         shape,
@@ -90,10 +102,67 @@ def colour_draws(seed: tf.Tensor) -> tf.Tensor:
     return tf.random.stateless_uniform([JITTER_DRAWS], tf.random.experimental.stateless_split(seed, 1)[0])
 
 
-def eval_image(image: tf.Tensor, resolution: int) -> tf.Tensor:
-    """Shorter side to `resolution`, then the centre square."""
+def eval_image(image: tf.Tensor, resolution: int, method: str = "bilinear") -> tf.Tensor:
+    """Shorter side to `resolution`, then the centre square; `method` "pil_bicubic" is open_clip's eval transform."""
+    if method == "pil_bicubic":
+        return open_clip_eval_image(image, resolution)
     shape = tf.cast(tf.shape(image)[:2], tf.float32)
     scale = resolution / tf.reduce_min(shape)
     size = tf.cast(tf.math.ceil(shape * scale), tf.int32)
     image = tf.image.resize_with_crop_or_pad(resize(image, size), resolution, resolution)
     return to_uint8(image)
+
+
+# PIL's resampling arithmetic, which open_clip's eval transform (torchvision's Resize on a PIL image) runs: each axis
+# a separate pass, weights quantised to 22 fractional bits, every pass rounded and clipped to uint8.
+PIL_PRECISION_BITS = 22
+
+
+def pil_bicubic_weights(in_size: tf.Tensor, out_size: tf.Tensor) -> tf.Tensor:
+    """(out_size, in_size) float64 matrix of PIL's integer bicubic weights (a = -0.5; widened by the shrink, so it
+    antialiases), for one axis, as Pillow's precompute_coeffs and normalize_coeffs_8bpc make them."""
+    in_f, out_f = tf.cast(in_size, tf.float64), tf.cast(out_size, tf.float64)
+    scale = in_f / out_f
+    filter_scale = tf.maximum(scale, 1.0)
+    support = 2.0 * filter_scale
+    center = (tf.range(out_f, dtype=tf.float64) + 0.5) * scale
+    xmin = tf.maximum(tf.floor(center - support + 0.5), 0.0)  # C's (int) cast; negative values are clamped anyway
+    xmax = tf.minimum(tf.floor(center + support + 0.5), in_f)
+    x = tf.range(in_f, dtype=tf.float64)[None, :]
+    t = tf.abs((x - center[:, None] + 0.5) * (1.0 / filter_scale))  # as Pillow: times the reciprocal
+    a = -0.5
+    w = tf.where(
+        t < 1.0,
+        ((a + 2.0) * t - (a + 3.0)) * t * t + 1.0,
+        tf.where(t < 2.0, (((t - 5.0) * t + 8.0) * t - 4.0) * a, 0.0),
+    )
+    w = tf.where((x >= xmin[:, None]) & (x < xmax[:, None]), w, 0.0)
+    total = tf.reduce_sum(w, axis=1, keepdims=True)
+    w = tf.math.divide_no_nan(w, total) * float(1 << PIL_PRECISION_BITS)
+    return tf.where(w < 0, tf.math.ceil(w - 0.5), tf.floor(w + 0.5))  # C's (int)(w -/+ 0.5): truncation
+
+
+def pil_resize_pass(image: tf.Tensor, weights: tf.Tensor, axis: int) -> tf.Tensor:
+    """One axis of PIL's resize of uint8 `image` (H, W, 3): exact integer sums (in float64: below 2^53), rounded."""
+    pixels = tf.cast(image, tf.float64)
+    summed = tf.einsum("hwc,ow->hoc", pixels, weights) if axis == 1 else tf.einsum("hwc,oh->owc", pixels, weights)
+    rounded = tf.floor((summed + float(1 << (PIL_PRECISION_BITS - 1))) / float(1 << PIL_PRECISION_BITS))
+    return tf.cast(tf.clip_by_value(rounded, 0.0, 255.0), tf.uint8)
+
+
+def open_clip_eval_image(image: tf.Tensor, resolution: int) -> tf.Tensor:
+    """torchvision's Resize(resolution, BICUBIC) on a PIL image, then CenterCrop(resolution): the shorter side to
+    `resolution`, the longer to int(resolution * long / short), PIL's bicubic (horizontal pass first), then the crop
+    offset round((size - resolution) / 2), rounding halves to even as Python does."""
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    short, long = tf.minimum(h, w), tf.maximum(h, w)
+    new_long = tf.cast(tf.floor(resolution * tf.cast(long, tf.float64) / tf.cast(short, tf.float64)), tf.int32)
+    new_h = tf.where(h <= w, resolution, new_long)
+    new_w = tf.where(h <= w, new_long, resolution)
+    image = pil_resize_pass(image, pil_bicubic_weights(w, new_w), axis=1)
+    image = pil_resize_pass(image, pil_bicubic_weights(h, new_h), axis=0)
+    top = tf.cast(tf.round(tf.cast(new_h - resolution, tf.float64) / 2.0), tf.int32)  # tf.round: halves to even
+    left = tf.cast(tf.round(tf.cast(new_w - resolution, tf.float64) / 2.0), tf.int32)
+    image = image[top : top + resolution, left : left + resolution]
+    image.set_shape([resolution, resolution, 3])
+    return image

@@ -66,7 +66,9 @@ def evaluate(
     ids = tokenize.batch(tf.constant(captions), recipe.text.context_length).numpy()
 
     def load(path: tf.Tensor) -> tf.Tensor:
-        return preprocess.eval_image(preprocess.decode(tf.io.read_file(path)), resolution)
+        return preprocess.eval_image(
+            preprocess.decode_accurately(tf.io.read_file(path)), resolution, recipe.data.eval_resize
+        )
 
     pixels = np.concatenate(list(tf.data.Dataset.from_tensor_slices(files).map(load).batch(256).as_numpy_iterator()))
     encode_text, encode_image = encoders(model)

@@ -72,12 +72,15 @@ def in_chunks(fn: Any, rows: np.ndarray, mesh: jax.sharding.Mesh, chunk: int = 1
     return jnp.asarray(np.concatenate(out))
 
 
-def labelled_images(files: list[str], resolution: int, batch: int) -> tuple[tf.data.Dataset, int]:
+def labelled_images(
+    files: list[str], resolution: int, batch: int, method: str = "bilinear"
+) -> tuple[tf.data.Dataset, int]:
     from trainer.data import examples, preprocess
 
     def row(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         ex = examples.parse(serialized, (), with_label=True)
-        return preprocess.eval_image(preprocess.decode(ex[examples.IMAGE]), resolution), ex[examples.LABEL]
+        image = preprocess.eval_image(preprocess.decode_accurately(ex[examples.IMAGE]), resolution, method)
+        return image, ex[examples.LABEL]
 
     records = tf.data.TFRecordDataset(files)
     known = examples.read_index(files)  # the shards' index spares a counting pass over the whole set
@@ -100,7 +103,7 @@ def evaluate(
     classes = class_embeddings(recipe, spec, key, model, params, mesh)
     files = list_files(spec.path, f"{key}.path")[host.index :: host.count]
     local = spec.batch // host.count
-    images, count = labelled_images(files, resolution, local)
+    images, count = labelled_images(files, resolution, local, recipe.data.eval_resize)
     steps = -(-count // local)
     if host.count > 1:  # every host runs the same number of (padded) batches
         from jax.experimental import multihost_utils

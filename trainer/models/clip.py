@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from trainer.models import variants
 from trainer.models.text import CaptionDecoder, TextTower
-from trainer.models.vit import ImageTower, Implementation, Layers
+from trainer.models.vit import Arch, ImageTower, Implementation, Layers
 from trainer.recipe import Recipe, RecipeError
 
 BOS_ID = 1  # OpenVision's [bos] (BERT's [unused0])
@@ -27,6 +27,7 @@ class Clip(nn.Module):
     temperature_init: float
     sigmoid: bool = False
     decoder_sees_text: bool = True
+    pixel_norm: str = "inception"
 
     @nn.compact
     def __call__(
@@ -34,7 +35,7 @@ class Clip(nn.Module):
     ) -> dict[str, Any]:
         """images (B, H, W, 3), texts (B, L) alt-text ids, captions (B, T) re-caption ids (decoder targets);
         patch_keep < 1 drops image patches (needs a "dropout" rng); uint8 images are scaled to [-1, 1]."""
-        image_emb, image_tokens = self.image(to_model_range(images), patch_keep)
+        image_emb, image_tokens = self.image(to_model_range(images, self.pixel_norm), patch_keep)
         text_emb, text_tokens = self.text(texts)
         init_scale = math.log(10.0) if self.sigmoid else math.log(self.temperature_init)
         out: dict[str, Any] = {
@@ -52,21 +53,32 @@ class Clip(nn.Module):
 
     def encode_image(self, images: jnp.ndarray) -> jnp.ndarray:
         """L2-normalised image embeddings (evaluation)."""
-        return normalize(self.image(to_model_range(images))[0])
+        return normalize(self.image(to_model_range(images, self.pixel_norm))[0])
 
     def encode_text(self, texts: jnp.ndarray) -> jnp.ndarray:
         """L2-normalised text embeddings (evaluation)."""
         return normalize(self.text(texts)[0])
 
 
-def to_model_range(images: jnp.ndarray) -> jnp.ndarray:
-    """uint8 pixels -> [-1, 1]; data pipelines ship 1 byte per channel to the device. Other dtypes pass through."""
-    return pixels_to_model_range(images) if images.dtype == jnp.uint8 else images
+# CLIP's per-channel statistics (open_clip's OPENAI_DATASET_MEAN / _STD)
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def pixels_to_model_range(pixels: jnp.ndarray) -> jnp.ndarray:
-    """Pixel values in [0, 255] (uint8 or float) -> float32 in [-1, 1]."""
-    return pixels.astype(jnp.float32) / 127.5 - 1.0
+def to_model_range(images: jnp.ndarray, pixel_norm: str = "inception") -> jnp.ndarray:
+    """uint8 pixels -> the model's input range; data pipelines ship 1 byte per channel to the device. Other dtypes
+    pass through."""
+    return pixels_to_model_range(images, pixel_norm) if images.dtype == jnp.uint8 else images
+
+
+def pixels_to_model_range(pixels: jnp.ndarray, pixel_norm: str = "inception") -> jnp.ndarray:
+    """Pixel values in [0, 255] (uint8 or float) -> float32: [-1, 1] ("inception"), or standardised with CLIP's
+    mean and std ("openai"), computed as torchvision's ToTensor + Normalize do, so imported models see the same
+    numbers."""
+    x = pixels.astype(jnp.float32)
+    if pixel_norm == "openai":
+        return (x / 255.0 - jnp.asarray(OPENAI_MEAN, jnp.float32)) / jnp.asarray(OPENAI_STD, jnp.float32)
+    return x / 127.5 - 1.0
 
 
 def normalize(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
@@ -93,9 +105,21 @@ def build(recipe: Recipe) -> Clip:
     layers = Layers(m.remat, attention_for(m.attention, m.dtype, sizes, jax.default_backend()), m.scan_layers)
     dtypes: dict[str, Any] = {"dtype": jnp.dtype(m.dtype), "param_dtype": jnp.dtype(m.param_dtype), "layers": layers}
     embed_dim = m.embed_dim or variants.EMBED_DIM[m.image_variant]
-    image = ImageTower(sizes[0], m.patch, embed_dim, pooling=m.pooling, posemb=m.posemb, **dtypes)
+    arch = Arch(m.activation, m.norm_eps)
+    image = ImageTower(
+        sizes[0],
+        m.patch,
+        embed_dim,
+        pooling=m.pooling,
+        posemb=m.posemb,
+        class_token=m.class_token,
+        ln_pre=m.ln_pre,
+        norm_after_pool=m.norm_after_pool,
+        arch=arch,
+        **dtypes,
+    )
     rows = recipe.text.vocab_rows
-    text = TextTower(sizes[1], embed_dim, vocab_rows=rows, **dtypes)
+    text = TextTower(sizes[1], embed_dim, rows, m.text_causal, m.text_pooling, arch, **dtypes)
     decoder = CaptionDecoder(sizes[2], vocab_rows=rows, **dtypes) if m.decoder else None
     return Clip(
         image=image,
@@ -104,4 +128,5 @@ def build(recipe: Recipe) -> Clip:
         temperature_init=recipe.loss.temperature_init,
         sigmoid=recipe.loss.contrastive == "sigmoid",
         decoder_sees_text=m.decoder_context == "image+text",
+        pixel_norm=m.pixel_norm,
     )

@@ -19,7 +19,7 @@ def _blocks(size: Size, tokens: int) -> int:
 
 def image_tokens(recipe: Recipe, stage: Stage) -> int:
     patches = (stage.resolution // recipe.model.patch) ** 2
-    return max(1, round(patches * stage.patch_keep)) + (recipe.model.pooling == "cls")
+    return max(1, round(patches * stage.patch_keep)) + (recipe.model.pooling == "cls" or recipe.model.class_token)
 
 
 def forward_per_sample(recipe: Recipe, stage: Stage) -> int:

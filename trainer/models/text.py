@@ -7,11 +7,13 @@ alt-text's tokens), next-token logits over the vocabulary.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import flax.linen as nn
 import jax.numpy as jnp
 
 from trainer.models.variants import Size
-from trainer.models.vit import Attention, Block, Dtype, Implementation, Layers, Mlp, layer_norm, logical, stacked
+from trainer.models.vit import Arch, Attention, Block, Dtype, Implementation, Layers, Mlp, layer_norm, logical, stacked
 
 VOCAB_ROWS = 32_000  # OpenVision's table (BERT's 30,522 word pieces, padded); text.vocab_rows sets it
 
@@ -37,11 +39,18 @@ def positions(module: nn.Module, length: int, width: int, param_dtype: Dtype) ->
 
 
 class TextTower(nn.Module):
-    """tokens (B, L) -> (embedding (B, embed_dim), tokens (B, L, width))."""
+    """tokens (B, L) -> (embedding (B, embed_dim), tokens (B, L, width)).
+
+    OpenVision's (and CLIPA's): bidirectional attention, pooled at the last position. OpenAI's CLIP (open_clip's
+    default): causal attention, pooled at the end-of-text token, the highest id in each row of CLIP's BPE.
+    """
 
     size: Size
     embed_dim: int
     vocab_rows: int = VOCAB_ROWS
+    causal: bool = False
+    pooling: Literal["last", "argmax"] = "last"
+    arch: Arch = Arch()
     layers: Layers = Layers()
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -52,16 +61,22 @@ class TextTower(nn.Module):
         width = self.size.width
         x = embed_tokens("embedding", tokens, width, self.vocab_rows, **kw)
         x = x + positions(self, tokens.shape[1], width, self.param_dtype).astype(self.dtype)[None]
-        blocks = stacked(Block, self.size.depth, self.layers, 0)(self.size, self.layers.attention, name="blocks", **kw)
+        blocks = stacked(Block, self.size.depth, self.layers, 0)(
+            self.size, self.layers.attention, self.arch, self.causal, name="blocks", **kw
+        )
         x, _ = blocks(x)
-        x = layer_norm("ln_final", **kw)(x)
+        x = layer_norm("ln_final", eps=self.arch.norm_eps, **kw)(x)
+        if self.pooling == "argmax":
+            pooled = jnp.take_along_axis(x, jnp.argmax(tokens, axis=1)[:, None, None], axis=1)[:, 0]
+        else:
+            pooled = x[:, -1]
         embedding = nn.Dense(
             self.embed_dim,
             use_bias=False,
             kernel_init=logical(nn.initializers.lecun_normal(), "embed", None),
             name="head",
             **kw,
-        )(x[:, -1])
+        )(pooled)
         return embedding, x
 
 

@@ -9,6 +9,8 @@ which is what keeps compile times short for the big towers (and on CPU). Paramet
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from functools import partial
 from typing import Any, Literal
 
 import flax.linen as nn
@@ -21,6 +23,7 @@ from trainer.models.variants import Size
 Dtype = Any
 Remat = Literal["none", "block", "dots"]
 Implementation = Literal["xla", "cudnn"]
+Activation = Literal["gelu_tanh", "gelu", "quick_gelu"]
 
 # What the backward pass may keep from the forward pass of a block; the rest is recomputed.
 REMAT_POLICIES = {
@@ -86,8 +89,25 @@ class Attention(nn.Module):
         )(out)
 
 
+ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
+    "gelu_tanh": partial(nn.gelu, approximate=True),  # big_vision's (and so OpenVision's)
+    "gelu": partial(nn.gelu, approximate=False),  # torch's nn.GELU: open_clip's default
+    "quick_gelu": lambda x: x * nn.sigmoid(1.702 * x),  # OpenAI CLIP's
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    """What a tower's blocks compute beyond their shape: the choices that differ between OpenVision's towers and
+    open_clip's (OpenAI's) ones, so that imported weights compute what they computed there."""
+
+    activation: Activation = "gelu_tanh"
+    norm_eps: float = 1e-6  # flax's LayerNorm default; torch's (open_clip's) is 1e-5
+
+
 class Mlp(nn.Module):
     mlp: int
+    activation: Activation = "gelu_tanh"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -102,7 +122,7 @@ class Mlp(nn.Module):
             name="fc1",
             **dense,
         )(x)
-        x = nn.gelu(x)
+        x = ACTIVATIONS[self.activation](x)
         return nn.Dense(
             width,
             kernel_init=logical(nn.initializers.xavier_uniform(), "mlp", "embed"),
@@ -112,8 +132,9 @@ class Mlp(nn.Module):
         )(x)
 
 
-def layer_norm(name: str, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
+def layer_norm(name: str, dtype: Dtype, param_dtype: Dtype, eps: float = 1e-6) -> nn.LayerNorm:
     return nn.LayerNorm(
+        epsilon=eps,
         dtype=dtype,
         param_dtype=param_dtype,
         scale_init=logical(nn.initializers.ones, "embed"),
@@ -138,14 +159,19 @@ class Block(nn.Module):
 
     size: Size
     attention: Implementation = "xla"
+    arch: Arch = Arch()
+    causal: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> tuple[jnp.ndarray, None]:
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
-        x = x + Attention(self.size.heads, implementation=self.attention, name="attn", **kw)(layer_norm("ln1", **kw)(x))
-        return x + Mlp(self.size.mlp, name="mlp", **kw)(layer_norm("ln2", **kw)(x)), None
+        eps = self.arch.norm_eps
+        attn = Attention(self.size.heads, self.causal, self.attention, name="attn", **kw)
+        x = x + attn(layer_norm("ln1", eps=eps, **kw)(x))
+        mlp = Mlp(self.size.mlp, self.arch.activation, name="mlp", **kw)
+        return x + mlp(layer_norm("ln2", eps=eps, **kw)(x)), None
 
 
 def stacked(block: Any, depth: int, layers: Layers, broadcast_args: int) -> Any:
@@ -168,6 +194,7 @@ class MapHead(nn.Module):
 
     size: Size
     attention: Implementation = "xla"
+    arch: Arch = Arch()
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -177,7 +204,8 @@ class MapHead(nn.Module):
         probe = self.param("probe", logical(nn.initializers.xavier_uniform(), None, None, "embed"), (1, 1, x.shape[-1]))
         probe = jnp.broadcast_to(probe.astype(self.dtype), (x.shape[0], 1, x.shape[-1]))
         x = Attention(self.size.heads, implementation=self.attention, name="attn", **kw)(probe, context=x)
-        x = x + Mlp(self.size.mlp, name="mlp", **kw)(layer_norm("ln", **kw)(x))
+        mlp = Mlp(self.size.mlp, self.arch.activation, name="mlp", **kw)
+        x = x + mlp(layer_norm("ln", eps=self.arch.norm_eps, **kw)(x))
         return x[:, 0]
 
 
@@ -190,13 +218,22 @@ def drop_patches(rng: jax.Array, x: jnp.ndarray, keep: float) -> jnp.ndarray:
 
 
 class ImageTower(nn.Module):
-    """images (B, H, W, 3) -> (embedding (B, embed_dim), patch tokens (B, N, width))."""
+    """images (B, H, W, 3) -> (embedding (B, embed_dim), patch tokens (B, N, width)).
+
+    The options other than OpenVision's defaults are open_clip's ViT: a class token that every pooling can carry
+    (open_clip's "avg" pools the patch tokens but attends with one), a LayerNorm before the blocks, and the final
+    LayerNorm after pooling rather than before (CLIPA).
+    """
 
     size: Size
     patch: int
     embed_dim: int
     pooling: Literal["mean", "cls", "map"] = "mean"
     posemb: Literal["sincos2d", "learned"] = "sincos2d"
+    class_token: bool = False  # implied by pooling "cls"
+    ln_pre: bool = False
+    norm_after_pool: bool = False
+    arch: Arch = Arch()
     layers: Layers = Layers()
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -205,6 +242,7 @@ class ImageTower(nn.Module):
     def __call__(self, images: jnp.ndarray, patch_keep: float = 1.0) -> tuple[jnp.ndarray, jnp.ndarray]:
         """`patch_keep` < 1 drops patches at random (training only; needs a "dropout" rng)."""
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        eps = self.arch.norm_eps
         width = self.size.width
         x = nn.Conv(
             width,
@@ -227,16 +265,27 @@ class ImageTower(nn.Module):
             x = x + pos.astype(self.dtype)[None]
         if patch_keep < 1:
             x = drop_patches(self.make_rng("dropout"), x, patch_keep)
-        if self.pooling == "cls":
+        has_cls = self.class_token or self.pooling == "cls"
+        if has_cls:  # no position of its own: open_clip's is folded into it on import (trainer/openclip.py)
             cls = self.param("cls", logical(nn.initializers.zeros, "embed"), (width,), self.param_dtype)
             x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, width)), x], axis=1)
-        blocks = stacked(Block, self.size.depth, self.layers, 0)(self.size, self.layers.attention, name="blocks", **kw)
+        if self.ln_pre:
+            x = layer_norm("ln_pre", eps=eps, **kw)(x)
+        blocks = stacked(Block, self.size.depth, self.layers, 0)(
+            self.size, self.layers.attention, self.arch, name="blocks", **kw
+        )
         x, _ = blocks(x)
-        x = layer_norm("ln_final", **kw)(x)
+        final_norm = layer_norm("ln_final", eps=eps, **kw)
+        if not self.norm_after_pool:
+            x = final_norm(x)
         if self.pooling == "map":
-            pooled = MapHead(self.size, self.layers.attention, name="map_head", **kw)(x)
+            pooled = MapHead(self.size, self.layers.attention, self.arch, name="map_head", **kw)(x)
+        elif self.pooling == "cls":
+            pooled = x[:, 0]
         else:
-            pooled = x[:, 0] if self.pooling == "cls" else x.mean(axis=1)
+            pooled = x[:, int(has_cls) :].mean(axis=1)
+        if self.norm_after_pool:
+            pooled = final_norm(pooled)
         embedding = nn.Dense(
             self.embed_dim,
             use_bias=False,

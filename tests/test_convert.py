@@ -1,0 +1,344 @@
+"""open_clip import and export against the real open_clip (torch, on the CPU): embeddings of imported random-weight
+models equal open_clip's, exports load back into open_clip, the eval preprocessing equals open_clip's, imported
+checkpoints start a stage and are evaluated, and every mismatch is one line."""
+
+from __future__ import annotations
+
+import importlib.resources
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import open_clip
+import orbax.checkpoint as ocp
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from safetensors.numpy import load_file
+from safetensors.torch import save_file
+from sklearn.datasets import images as sample_images
+from test_real_data import make_data, run
+
+from trainer import convert, pretrained
+from trainer.data import preprocess
+from trainer.data.tfsetup import tf
+from trainer.models.clip import build, pixels_to_model_range
+from trainer.models.vit import resize_positions
+
+OPENAI_MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+OPENAI_STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+
+# A CPU-sized open_clip model of our tiny recipe's shapes (Mu/7 image tower, a one-layer Mu text tower), CLIPA-style
+# (OpenVision's choices: bidirectional text pooled last, BERT's WordPiece, tanh GELU, LayerNorm eps 1e-6, [-1, 1]).
+TINY_CONFIG = {
+    "embed_dim": 96,
+    "vision_cfg": {
+        "image_size": 14,
+        "layers": 3,
+        "width": 96,
+        "head_width": 32,
+        "patch_size": 7,
+        "no_ln_pre": True,
+        "pool_type": "avg",
+        "final_ln_after_pool": True,
+        "act_kwargs": {"approximate": "tanh"},
+        "norm_kwargs": {"eps": 1e-6},
+    },
+    "text_cfg": {
+        "context_length": 12,
+        "vocab_size": 128,
+        "hf_tokenizer_name": "bert-base-uncased",
+        "width": 96,
+        "heads": 3,
+        "layers": 1,
+        "pool_type": "last",
+        "no_causal_mask": True,
+        "act_kwargs": {"approximate": "tanh"},
+        "norm_kwargs": {"eps": 1e-6},
+    },
+}
+TINY_PREPROCESS = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+
+
+def random_open_clip(directory: Path, name: str | None = None, config: dict | None = None, preprocess=None) -> Path:
+    """A random-weight open_clip model saved as the hub lays it out (open_clip_config.json + safetensors), with its
+    zero-initialised tensors (biases, LayerNorms) randomised too so that a mix-up of any two shows."""
+    torch.manual_seed(0)
+    if name:
+        model, config = open_clip.create_model(name), open_clip.get_model_config(name)
+    else:
+        assert config is not None
+        model = open_clip.CLIP(**config)
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if key.endswith("bias") or "ln" in key or key == "logit_scale":
+                p.add_(0.05 * torch.randn_like(p))
+    directory.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / "open_clip_model.safetensors")
+    hub = {"model_cfg": config, "preprocess_cfg": preprocess or {}}
+    (directory / "open_clip_config.json").write_text(json.dumps(hub))
+    return directory / "open_clip_model.safetensors"
+
+
+def convert_cli(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(convert.main, list(args))
+    return result.exit_code, result.output
+
+
+def inputs(settings: dict, count: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(1)
+    r, length, rows = settings["resolution"], settings["text"]["context_length"], settings["text"]["vocab_rows"]
+    pixels = rng.integers(0, 256, (count, r, r, 3), dtype=np.uint8)
+    tokens = rng.integers(1, rows - 1, (count, length)).astype(np.int32)
+    for i in range(count):  # a BPE row: [sot] words [eot] padding; the end-of-text token is the highest id
+        end = 2 + 3 * i % (length - 3)
+        tokens[i, end], tokens[i, end + 1 :] = rows - 1, 0
+    return pixels, tokens
+
+
+def open_clip_embeddings(model, pixels: np.ndarray, tokens: np.ndarray, openai: bool) -> tuple[np.ndarray, ...]:
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255)
+    x = (x - OPENAI_MEAN) / OPENAI_STD if openai else (x - 0.5) / 0.5  # ToTensor + Normalize, as open_clip's
+    with torch.no_grad():
+        image = model.encode_image(x, normalize=True).numpy()
+        text = model.encode_text(torch.from_numpy(tokens).long(), normalize=True).numpy()
+    return image, text
+
+
+def our_embeddings(directory: Path, pixels: np.ndarray, tokens: np.ndarray, **model_keys) -> tuple[np.ndarray, ...]:
+    settings = pretrained.read_settings(directory)
+    settings["model"].update(dtype="float32", **model_keys)
+    model = build(pretrained.recipe_from_settings(settings))
+    params = pretrained.restore_numpy(directory)
+    image = model.apply({"params": params}, jnp.asarray(pixels), method=model.encode_image)
+    text = model.apply({"params": params}, jnp.asarray(tokens), method=model.encode_text)
+    return np.asarray(image), np.asarray(text)
+
+
+def relative_error(ours: np.ndarray, theirs: np.ndarray) -> float:
+    return float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs))
+
+
+# OpenAI's choices at the tiny recipe's shapes: QuickGELU, ln_pre, class-token pooling, causal text pooled at the
+# end-of-text token, CLIP's mean and std, torch's LayerNorm epsilon
+QUICKGELU_TINY = {
+    "embed_dim": 96,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 14, "layers": 3, "width": 96, "head_width": 32, "patch_size": 7},
+    "text_cfg": {"context_length": 12, "vocab_size": 128, "width": 96, "heads": 3, "layers": 2},
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "ours", "pooling"),
+    [
+        ("ViT-B-16", "B/16", "cls"),  # open_clip's pool_type "tok"
+        ("ViT-L-14-CLIPA", "L/14", "mean"),  # "avg" (with final_ln_after_pool, no ln_pre, CLIPA's text tower)
+        ("quickgelu-tiny", "Mu/7", "cls"),
+    ],
+)
+def test_imported_models_compute_what_open_clip_computes_and_export_back_exactly(tmp_path, name, ours, pooling):
+    if name == "quickgelu-tiny":
+        src = random_open_clip(tmp_path / "hub", config=QUICKGELU_TINY)
+    else:
+        src = random_open_clip(tmp_path / "hub", name)
+    code, out = convert_cli("import", str(src), "--model", ours, "--out", str(tmp_path / "ours"))
+    assert code == 0, out
+    settings = pretrained.read_settings(tmp_path / "ours")
+    assert settings["model"]["pooling"] == pooling
+    reference = open_clip.create_model(f"local-dir:{tmp_path / 'hub'}").eval()
+    pixels, tokens = inputs(settings)
+    openai = settings["model"]["pixel_norm"] == "openai"
+    theirs = open_clip_embeddings(reference, pixels, tokens, openai)
+    mine = our_embeddings(tmp_path / "ours", pixels, tokens)
+    assert relative_error(mine[0], theirs[0]) <= 1e-4
+    assert relative_error(mine[1], theirs[1]) <= 1e-4
+    # the bound tells architectures apart: the same weights with another GELU are off by more
+    other = "gelu_tanh" if settings["model"]["activation"] != "gelu_tanh" else "gelu"
+    wrong = our_embeddings(tmp_path / "ours", pixels, tokens, activation=other)
+    assert relative_error(wrong[0], theirs[0]) > 1e-4 and relative_error(wrong[1], theirs[1]) > 1e-4
+
+    code, out = convert_cli(
+        "export", str(tmp_path / "ours"), "--out", str(tmp_path / "back" / "open_clip_model.safetensors")
+    )
+    assert code == 0, out
+    again = open_clip.create_model(f"local-dir:{tmp_path / 'back'}").eval()
+    back = open_clip_embeddings(again, pixels, tokens, openai)
+    np.testing.assert_array_equal(back[0], theirs[0])  # the same open_clip model, bit for bit
+    np.testing.assert_array_equal(back[1], theirs[1])
+
+
+def test_pickled_state_dicts_import_as_safetensors_do(tmp_path):
+    src = random_open_clip(tmp_path / "hub", config=TINY_CONFIG, preprocess=TINY_PREPROCESS)
+    state = {k: torch.from_numpy(v) for k, v in load_file(src).items()}
+    torch.save(
+        {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "hub" / "epoch_3.pt"
+    )
+    for source, out in ((src, "a"), (tmp_path / "hub" / "epoch_3.pt", "b")):
+        code, text = convert_cli("import", str(source), "--model", "Mu/7", "--out", str(tmp_path / out))
+        assert code == 0, text
+    a, b = pretrained.restore_numpy(tmp_path / "a"), pretrained.restore_numpy(tmp_path / "b")
+    np.testing.assert_array_equal(
+        a["image"]["blocks"]["attn"]["key"]["kernel"], b["image"]["blocks"]["attn"]["key"]["kernel"]
+    )
+    assert pretrained.read_settings(tmp_path / "a") == pretrained.read_settings(tmp_path / "b")
+
+
+def sample_photo(name: str) -> bytes:
+    return (importlib.resources.files(sample_images) / name).read_bytes()  # real photos that scikit-learn ships
+
+
+@pytest.mark.parametrize("resolution", [224, 336])
+def test_eval_preprocessing_equals_open_clips_on_real_photos(resolution):
+    transform = open_clip.image_transform(resolution, is_train=False)
+    portrait = io.BytesIO()
+    Image.open(io.BytesIO(sample_photo("china.jpg"))).transpose(Image.Transpose.ROTATE_90).save(portrait, "PNG")
+    for encoded in (sample_photo("china.jpg"), sample_photo("flower.jpg"), portrait.getvalue()):
+        theirs = transform(Image.open(io.BytesIO(encoded))).numpy().transpose(1, 2, 0)
+        decoded = preprocess.decode_accurately(tf.constant(encoded))
+        pixels = preprocess.eval_image(decoded, resolution, "pil_bicubic").numpy()
+        ours = np.asarray(pixels_to_model_range(pixels, "openai"))
+        assert ours.shape == theirs.shape
+        assert np.abs(ours - theirs).max() <= 1e-5
+        # the default (bilinear, as our training) is another resize: the comparison can tell them apart
+        bilinear = np.asarray(pixels_to_model_range(preprocess.eval_image(decoded, resolution).numpy(), "openai"))
+        assert np.abs(bilinear - theirs).max() > 1e-2
+
+
+def one_line_error(code: int, out: str) -> str:
+    assert code == 2, out
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), out
+    return lines[0]
+
+
+def test_mismatches_and_unsupported_architectures_are_one_line(tmp_path):
+    src = random_open_clip(tmp_path / "hub", config=TINY_CONFIG, preprocess=TINY_PREPROCESS)
+    out = str(tmp_path / "ours")
+
+    line = one_line_error(*convert_cli("import", str(src), "--model", "Mu/14", "--out", out))
+    assert '--model Mu/14: the config describes "Mu/7"' in line
+
+    state = load_file(src)
+    state["visual.proj"] = state["visual.proj"][:, :64].copy()
+    bad = tmp_path / "bad" / "open_clip_model.safetensors"
+    bad.parent.mkdir()
+    from safetensors.numpy import save_file as save_numpy
+
+    save_numpy(state, bad)
+    (bad.parent / "open_clip_config.json").write_text((tmp_path / "hub" / "open_clip_config.json").read_text())
+    line = one_line_error(*convert_cli("import", str(bad), "--model", "Mu/7", "--out", out))
+    assert "visual.proj" in line and "(96, 64)" in line and "(96, 96)" in line
+
+    state = load_file(src)
+    state["visual.attn_pool.query"] = np.zeros((4, 96), np.float32)
+    save_numpy(state, bad)
+    line = one_line_error(*convert_cli("import", str(bad), "--model", "Mu/7", "--out", out))
+    assert "visual.attn_pool.query" in line and "refusing" in line
+
+    coca = {**TINY_CONFIG, "vision_cfg": {**TINY_CONFIG["vision_cfg"], "attentional_pool": True}}
+    (bad.parent / "open_clip_config.json").write_text(json.dumps(coca))
+    line = one_line_error(*convert_cli("import", str(bad), "--model", "Mu/7", "--out", out))
+    assert "vision_cfg.attentional_pool = True: this architecture is not supported" in line
+
+    (bad.parent / "open_clip_config.json").unlink()
+    line = one_line_error(*convert_cli("import", str(bad), "--model", "Mu/7", "--out", out))
+    assert "no model config" in line and "--config" in line
+    assert not Path(out).exists()  # nothing half-written
+
+    line = one_line_error(*convert_cli("export", str(tmp_path), "--out", str(tmp_path / "x.safetensors")))
+    assert "neither a run's workdir" in line
+
+
+def recipe_keys(directory: Path) -> list[str]:
+    """--set items that make a recipe build the model a converted directory holds (its model.toml)."""
+    settings = pretrained.read_settings(directory)
+    return [
+        f"{table}.{k}={pretrained.toml_value(v)}" for table in ("model", "text") for k, v in settings[table].items()
+    ]
+
+
+def test_a_stage_starts_from_an_import_at_a_new_resolution_and_the_run_exports_to_open_clip(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    recipe = make_data(data)  # the demo's recipe (21 px, then 28 px) on real PNG shards, zero-shot and retrieval
+    src = random_open_clip(tmp_path / "hub", config=TINY_CONFIG, preprocess=TINY_PREPROCESS)
+    imported = tmp_path / "imported"
+    assert convert_cli("import", str(src), "--model", "Mu/7", "--out", str(imported))[0] == 0
+    sets = [*recipe_keys(imported), f"stages.0.init_from={imported}", "stages.0.peak_lr=1e-12"]
+    args = [x for item in sets for x in ("--set", item)]
+
+    r = run("trainer", recipe, data, *args)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"stage fmnist21: parameters from {imported}" in r.stdout + r.stderr
+    first = ocp.StandardCheckpointer().restore(data / "run" / "fmnist21" / "checkpoints" / "4" / "params")
+    start = pretrained.restore_numpy(imported)
+    # a learning rate of 1e-12 leaves the imported values; the 2x2 learned positions are interpolated to 3x3
+    np.testing.assert_allclose(
+        first["text"]["embedding"]["embedding"], start["text"]["embedding"]["embedding"], atol=1e-6
+    )
+    assert first["image"]["pos_embedding"].shape == (9, 96)
+    expected = np.asarray(resize_positions(jnp.asarray(start["image"]["pos_embedding"]), 3))
+    np.testing.assert_allclose(first["image"]["pos_embedding"], expected, atol=1e-6)
+
+    r = run("trainer.eval", recipe, data, "--checkpoint", str(imported), *args)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"evals: {imported} at 28 px" in r.stdout and "fashion_mnist" in r.stdout
+
+    wrong = [a.replace('model.activation="gelu_tanh"', 'model.activation="gelu"') for a in args]
+    assert wrong != args
+    r = run("trainer.eval", recipe, data, "--checkpoint", str(imported), *wrong)
+    assert r.returncode == 2 and 'model.activation = "gelu" in the recipe' in r.stderr and "gelu_tanh" in r.stderr
+
+    out = tmp_path / "export" / "open_clip_model.safetensors"
+    assert convert_cli("export", str(data / "run"), "--out", str(out))[0] == 0
+    exported = open_clip.create_model(f"local-dir:{out.parent}").eval()
+    final = ocp.StandardCheckpointer().restore(data / "run" / "ft28" / "checkpoints" / "2" / "params")
+    settings = pretrained.read_settings(imported)
+    settings["resolution"] = 28
+    settings["model"]["dtype"] = "float32"
+    model = build(pretrained.recipe_from_settings(settings))
+    pixels, tokens = inputs(settings)
+    theirs = open_clip_embeddings(exported, pixels, tokens, openai=False)
+    image = np.asarray(model.apply({"params": final}, jnp.asarray(pixels), method=model.encode_image))
+    text = np.asarray(model.apply({"params": final}, jnp.asarray(tokens), method=model.encode_text))
+    assert relative_error(image, theirs[0]) <= 1e-4 and relative_error(text, theirs[1]) <= 1e-4
+
+
+def test_export_refuses_what_open_clip_cannot_compute(tmp_path):
+    settings = {"resolution": 14, "model": {"image": "Mu/7", "text": "Mu"}, "text": {}, "loss": {}}
+    recipe = pretrained.recipe_from_settings(settings)  # OpenVision's default: mean pooling, no class token
+    from trainer.openclip import FormatError, config_from_recipe
+
+    with pytest.raises(FormatError, match=r"model\.class_token = true to export"):
+        config_from_recipe(recipe, 14)
+
+
+def test_convert_never_needs_torch_for_safetensors(tmp_path):
+    src = random_open_clip(tmp_path / "hub", config=TINY_CONFIG, preprocess=TINY_PREPROCESS)
+    code = "import sys; sys.modules['torch'] = None; from trainer.convert import main; main()"
+    args = [sys.executable, "-c", code, "import", str(src), "--model", "Mu/7", "--out", str(tmp_path / "o")]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_clip_bpe_ids_are_open_clips():
+    """The tokenizer an OpenAI-style import names gives the ids its text tower was trained on."""
+    from trainer.data.tokenizers import ClipBpe
+
+    captions = [
+        "a photo of a cat.",
+        "Two dogs playing in the snow, 2 frisbees!",
+        "  A   LOT of   spaces\tand CAPS ",
+        "it's the kids' toys; they'll've re-used them (mostly) 100%",
+        "a " * 100,  # truncated: the end-of-text token stays last
+    ]
+    ours = ClipBpe().encode(captions, 77)
+    theirs = open_clip.tokenize(captions, context_length=77).numpy()
+    np.testing.assert_array_equal(ours, theirs)

@@ -1,0 +1,150 @@
+"""python -m trainer.convert import SRC --model B/16 --out DIR [--config JSON]
+python -m trainer.convert export SRC --out FILE.safetensors
+
+import: an open_clip checkpoint (a state dict in .safetensors, .bin or .pt, and its model config: --config, else
+open_clip_config.json or SRC's name with .json beside it) -> a converted directory (trainer/pretrained.py) that a
+stage starts from (`init_from = "DIR"`) or `python -m trainer.eval RECIPE --checkpoint DIR` evaluates.
+
+export: a run's workdir (its last stage's latest checkpoint) or a converted directory -> FILE.safetensors with
+open_clip_config.json beside it; name the file open_clip_model.safetensors and
+`open_clip.create_model_and_transforms("local-dir:DIR")` loads the pair. The caption decoder is not part of it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from trainer.errors import UserError
+
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Convert checkpoints between open_clip's format and ours."""
+
+
+def read_state(src: Path) -> dict[str, Any]:
+    """A state dict as NumPy arrays; torch only for the pickled formats."""
+    if src.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        return load_file(src)
+    if src.suffix not in TORCH_SUFFIXES:
+        raise UserError(f"{src}: not a .safetensors, .bin or .pt state dict")
+    try:
+        import torch
+    except ModuleNotFoundError:
+        raise UserError(
+            f"{src}: reading {src.suffix} files needs torch (pip install torch), or pass .safetensors"
+        ) from None
+    state = torch.load(src, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # open_clip's training checkpoints
+        state = state["state_dict"]
+    return {k: v.float().numpy() for k, v in state.items() if hasattr(v, "numpy")}
+
+
+def find_config(src: Path, config: Path | None) -> dict[str, Any]:
+    candidates = [config] if config else [src.parent / "open_clip_config.json", src.with_suffix(".json")]
+    for path in candidates:
+        if path is not None and path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}: not JSON ({e})") from None
+    raise UserError(
+        f"no model config for {src}: pass --config (open_clip's model_configs/<name>.json, or the hub's"
+        " open_clip_config.json)"
+    )
+
+
+@main.command("import")
+@click.argument("src", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--model", required=True, help='Our name for the image tower, VARIANT/PATCH (e.g. "B/16").')
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Directory to write.")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="open_clip model config.")
+def import_(src: Path, model: str, out: Path, config: Path | None) -> None:
+    """Import an open_clip checkpoint SRC."""
+    from trainer import openclip, pretrained
+
+    settings = openclip.settings_from_config(find_config(src, config), model)
+    params = openclip.params_from_state(read_state(src), settings, str(src))
+    pretrained.write(out, params, settings)
+    count = sum(v.size for v in _leaves(params))
+    click.echo(f"{src} -> {out}: {model}, {count / 1e6:.1f}M parameters at {settings['resolution']} px")
+    click.echo(f"its recipe keys: {out / 'model.toml'}")
+
+
+def _leaves(tree: Any) -> list[Any]:
+    return [x for v in tree.values() for x in _leaves(v)] if isinstance(tree, dict) else [tree]
+
+
+@main.command("export")
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="FILE.safetensors")
+def export(src: Path, out: Path) -> None:
+    """Export a workdir's (or a converted directory's) params as open_clip's SRC."""
+    from safetensors.numpy import save_file
+
+    from trainer import openclip
+
+    if out.suffix != ".safetensors":
+        raise UserError(f"--out {out}: name a .safetensors file")
+    recipe, resolution, params, where = load_params(src)
+    state = openclip.state_from_params(params, recipe, resolution)
+    config = openclip.config_from_recipe(recipe, resolution)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, out)
+    preprocess = config.pop("preprocess_cfg")
+    config_path = out.parent / "open_clip_config.json"
+    config_path.write_text(json.dumps({"model_cfg": config, "preprocess_cfg": preprocess}, indent=1) + "\n")
+    note = " (the caption decoder is not part of open_clip's CLIP)" if recipe.model.decoder else ""
+    click.echo(f"{where} -> {out} + {config_path.name}: {len(state)} tensors{note}")
+
+
+def load_params(src: Path) -> tuple[Any, int, Any, str]:
+    """(recipe, resolution, params as NumPy, what was read) from a workdir or a converted directory."""
+    from trainer import pretrained
+
+    if (src / "model.toml").is_file():
+        settings = pretrained.read_settings(src)
+        return (
+            pretrained.recipe_from_settings(settings),
+            int(settings["resolution"]),
+            pretrained.restore_numpy(src),
+            str(src),
+        )
+    if not (src / "recipe.json").is_file():
+        raise UserError(f"{src} is neither a run's workdir (recipe.json) nor a converted directory (model.toml)")
+    from trainer import loop
+    from trainer.recipe import RecipeError, from_dict
+
+    try:
+        recipe = from_dict(json.loads((src / "recipe.json").read_text()))
+    except RecipeError as e:
+        raise UserError(f"{src / 'recipe.json'}: {e}") from None
+    for index in reversed(range(len(recipe.stages))):
+        ckpt = loop.checkpoints(recipe, src, index)
+        step = ckpt.latest()
+        if step is not None:
+            params = ckpt.manager.restore(step, args=_numpy_params()).params
+            ckpt.close()
+            stage = recipe.stages[index]
+            return recipe, stage.resolution, params, f"{src} stage {stage.name} step {step}"
+        ckpt.close()
+    raise UserError(f"{src} has no checkpoint yet")
+
+
+def _numpy_params() -> Any:
+    import orbax.checkpoint as ocp
+
+    return ocp.args.Composite(params=ocp.args.StandardRestore())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

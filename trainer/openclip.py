@@ -1,0 +1,388 @@
+"""open_clip's checkpoint format <-> ours: its model config <-> recipe keys, its state dict <-> our params tree.
+
+NumPy arrays both ways (no torch): `trainer.convert` reads and writes the files. An architecture open_clip can build but
+we cannot compute exactly is refused by name before any tensor is read; every tensor's shape is checked against the
+one the model needs, and a tensor left over is an error too: nothing is ever half-loaded.
+
+The one change of layout beyond transposes: open_clip adds a position to its class token; ours has none, so that
+position is folded into the class token on import (exact: the sum is what open_clip computes first anyway) and
+exported as zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from trainer.errors import UserError
+from trainer.models import variants
+from trainer.models.clip import OPENAI_MEAN, OPENAI_STD
+from trainer.models.vit import posemb_sincos_2d
+from trainer.recipe import Recipe
+
+INCEPTION = (0.5, 0.5, 0.5)
+CLIP_BPE_VOCAB = 49408
+
+# Options open_clip has and we don't compute: refused where set to anything but these defaults.
+UNSUPPORTED_BLOCKS = {  # open_clip's "custom" attention blocks, in either tower
+    "ls_init_value": None,
+    "block_type": None,
+    "qk_norm": False,
+    "scaled_cosine_attn": False,
+    "scale_heads": False,
+    "scale_attn_inner": False,
+    "scale_attn": False,
+    "scale_fc": False,
+}
+UNSUPPORTED_VISION = {**UNSUPPORTED_BLOCKS, "attentional_pool": False, "timm_model_name": None}
+UNSUPPORTED_TEXT = {
+    **UNSUPPORTED_BLOCKS,
+    "hf_model_name": None,
+    "embed_cls": False,
+    "proj_bias": False,
+    "final_ln_after_pool": False,
+}
+
+
+class FormatError(UserError):
+    """A checkpoint we cannot convert, as one line naming the tensor or config key."""
+
+
+# --- config <-> recipe keys -----------------------------------------------------------------------------------
+
+
+def find_variant(table: dict[str, variants.Size], size: variants.Size, what: str) -> str:
+    for name, known in table.items():
+        if known == size:
+            return name
+    raise FormatError(
+        f"{what} (width {size.width}, depth {size.depth}, mlp {size.mlp}, heads {size.heads}) is none of our variants"
+        f" ({', '.join(table)}): trainer/models/variants.py lists their shapes"
+    )
+
+
+def _refuse_unsupported(cfg: dict[str, Any], unsupported: dict[str, Any], where: str) -> None:
+    for key, default in unsupported.items():
+        if cfg.get(key, default) not in (default, "default"):
+            raise FormatError(f"{where}.{key} = {cfg[key]!r}: this architecture is not supported (only {default!r})")
+
+
+def settings_from_config(config: dict[str, Any], model: str) -> dict[str, Any]:
+    """An open_clip model config (model_configs/<name>.json, or the hub's open_clip_config.json) -> the recipe
+    tables that build the same model: {"model": ..., "text": ..., "loss": ..., "resolution": int}."""
+    cfg = config.get("model_cfg", config)  # the hub's file nests it
+    preprocess = config.get("preprocess_cfg", cfg.get("preprocess_cfg", {}))
+    vision, text = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
+    if cfg.get("custom_text") and text.get("hf_model_name"):
+        raise FormatError(
+            f"text_cfg.hf_model_name = {text['hf_model_name']!r}: Hugging Face text towers are unsupported"
+        )
+    _refuse_unsupported(vision, UNSUPPORTED_VISION, "vision_cfg")
+    _refuse_unsupported(text, UNSUPPORTED_TEXT, "text_cfg")
+    for key in ("layers", "image_size", "patch_size"):
+        if not isinstance(vision.get(key, 0), int):
+            raise FormatError(f"vision_cfg.{key} = {vision[key]!r}: only square ViTs (one integer) are supported")
+    width = vision.get("width", 768)
+    patch = vision.get("patch_size", 16)
+    image_size = variants.Size(
+        width,
+        vision.get("layers", 12),
+        round(width * vision.get("mlp_ratio", 4.0)),
+        width // vision.get("head_width", 64),
+    )
+    image_variant = find_variant(variants.IMAGE, image_size, "the image tower")
+    if f"{image_variant}/{patch}" != model:
+        raise FormatError(f'--model {model}: the config describes "{image_variant}/{patch}"; pass that')
+    text_width = text.get("width", 512)
+    text_size = variants.Size(
+        text_width,
+        text.get("layers", 12),
+        round(text_width * text.get("mlp_ratio", 4.0)),
+        text.get("heads", 8),
+    )
+    # a text tower of a variant's shape with fewer (or more) layers is that variant with model.text_depth set
+    text_variant = find_variant(
+        {k: dataclasses.replace(v, depth=text_size.depth) for k, v in variants.TEXT.items()},
+        text_size,
+        "the text tower",
+    )
+    text_depth = 0 if variants.TEXT[text_variant].depth == text_size.depth else text_size.depth
+    pool = vision.get("pool_type", "tok")
+    if pool not in ("tok", "avg"):
+        raise FormatError(f"vision_cfg.pool_type = {pool!r}: only 'tok' and 'avg' are supported")
+    text_pool = text.get("pool_type", "argmax")
+    if text_pool not in ("argmax", "last"):
+        raise FormatError(f"text_cfg.pool_type = {text_pool!r}: only 'argmax' and 'last' are supported")
+    vocab = text.get("vocab_size", CLIP_BPE_VOCAB)
+    tokenizer = text.get("hf_tokenizer_name")
+    if tokenizer in (None, ""):
+        tokenizer_key = "clip_bpe"
+    elif "bert-base-uncased" in tokenizer:
+        tokenizer_key = "bert_wordpiece"
+    else:
+        raise FormatError(
+            f"text_cfg.hf_tokenizer_name = {tokenizer!r}: only CLIP's BPE or BERT's WordPiece is supported"
+        )
+    activation = "quick_gelu" if cfg.get("quick_gelu") else "gelu"
+    eps = 1e-5
+    for where, tower in (("vision_cfg", vision), ("text_cfg", text)):
+        act = tower.get("act_kwargs") or {}
+        if act.get("approximate") == "tanh" and activation == "gelu":
+            activation = "gelu_tanh"
+        elif set(act) - {"approximate"} or act.get("approximate", "none") not in ("none", "tanh"):
+            raise FormatError(f"{where}.act_kwargs = {act!r}: not supported")
+        eps = (tower.get("norm_kwargs") or {}).get("eps", eps)
+    mean, std = tuple(preprocess.get("mean", OPENAI_MEAN)), tuple(preprocess.get("std", OPENAI_STD))
+    if (mean, std) == (OPENAI_MEAN, OPENAI_STD):
+        pixel_norm = "openai"
+    elif (mean, std) == (INCEPTION, INCEPTION):
+        pixel_norm = "inception"
+    else:
+        raise FormatError(f"preprocess_cfg mean {mean} / std {std}: only CLIP's and (0.5, 0.5, 0.5) are supported")
+    return {
+        "model": {
+            "image": model,
+            "text": text_variant,
+            "text_depth": text_depth,
+            "pooling": "cls" if pool == "tok" else "mean",
+            "posemb": "learned",
+            "class_token": True,
+            "ln_pre": not vision.get("no_ln_pre", False),
+            "norm_after_pool": bool(vision.get("final_ln_after_pool", False)),
+            "activation": activation,
+            "norm_eps": float(eps),
+            "pixel_norm": pixel_norm,
+            "text_causal": not text.get("no_causal_mask", False),
+            "text_pooling": text_pool,
+            "embed_dim": cfg.get("embed_dim", 512),
+        },
+        "text": {"tokenizer": tokenizer_key, "vocab_rows": vocab, "context_length": text.get("context_length", 77)},
+        "loss": {"contrastive": "sigmoid" if "init_logit_bias" in cfg else "softmax"},
+        "resolution": vision.get("image_size", 224),
+    }
+
+
+def config_from_recipe(recipe: Recipe, resolution: int) -> dict[str, Any]:
+    """Our model -> open_clip's model config (with its preprocess_cfg), refusing what open_clip cannot build."""
+    m = recipe.model
+    if m.pooling == "map":
+        raise FormatError('model.pooling = "map": open_clip\'s attentional pooler is another design; not exported')
+    if not (m.class_token or m.pooling == "cls"):
+        raise FormatError(
+            'model.pooling = "mean" without model.class_token: open_clip\'s ViT always attends with a class token,'
+            " so it cannot compute this model; train with model.class_token = true to export"
+        )
+    image, text = variants.IMAGE[m.image_variant], variants.text_tower(m)
+    tower_kwargs: dict[str, Any] = {}
+    if m.activation == "gelu_tanh":
+        tower_kwargs["act_kwargs"] = {"approximate": "tanh"}
+    if m.norm_eps != 1e-5:
+        tower_kwargs["norm_kwargs"] = {"eps": m.norm_eps}
+    vision_cfg = {
+        "image_size": resolution,
+        "layers": image.depth,
+        "width": image.width,
+        "head_width": image.width // image.heads,
+        "mlp_ratio": image.mlp / image.width,
+        "patch_size": m.patch,
+        "no_ln_pre": not m.ln_pre,
+        "pool_type": "tok" if m.pooling == "cls" else "avg",
+        "final_ln_after_pool": m.norm_after_pool,
+        **tower_kwargs,
+    }
+    text_cfg: dict[str, Any] = {
+        "context_length": recipe.text.context_length,
+        "vocab_size": recipe.text.vocab_rows,
+        "width": text.width,
+        "heads": text.heads,
+        "layers": text.depth,
+        "mlp_ratio": text.mlp / text.width,
+        "no_causal_mask": not m.text_causal,
+        "pool_type": m.text_pooling,
+        **tower_kwargs,
+    }
+    if recipe.text.tokenizer == "bert_wordpiece":
+        text_cfg.update(hf_tokenizer_name="bert-base-uncased", tokenizer_kwargs={"strip_sep_token": True})
+    config: dict[str, Any] = {
+        "embed_dim": m.embed_dim or variants.EMBED_DIM[m.image_variant],
+        "quick_gelu": m.activation == "quick_gelu",
+        "vision_cfg": vision_cfg,
+        "text_cfg": text_cfg,
+    }
+    if recipe.loss.contrastive == "sigmoid":
+        config["init_logit_bias"] = -10.0
+    stats = (OPENAI_MEAN, OPENAI_STD) if m.pixel_norm == "openai" else (INCEPTION, INCEPTION)
+    interpolation = "bicubic" if recipe.data.eval_resize == "pil_bicubic" else "bilinear"
+    config["preprocess_cfg"] = {"mean": list(stats[0]), "std": list(stats[1]), "interpolation": interpolation}
+    return config
+
+
+# --- state dict <-> params ------------------------------------------------------------------------------------
+
+
+class StateReader:
+    """Takes tensors out of a state dict by name, checking each shape; what is left at the end is an error."""
+
+    def __init__(self, state: dict[str, np.ndarray], source: str):
+        self.state, self.source = dict(state), source
+
+    def take(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name not in self.state:
+            raise FormatError(f"{self.source} has no tensor {name} (shape {shape}), which this architecture needs")
+        value = np.asarray(self.state.pop(name), np.float32)
+        if value.shape != shape:
+            raise FormatError(f"{name}: {self.source} has shape {value.shape}, the model needs {shape}")
+        return value
+
+    def finish(self) -> None:
+        left = sorted(self.state)
+        if left:
+            more = f" (and {len(left) - 1} more)" if len(left) > 1 else ""
+            raise FormatError(f"{self.source} has {left[0]}{more}, which this architecture does not use: refusing it")
+
+
+def _blocks_from_state(read: StateReader, prefix: str, size: variants.Size) -> dict[str, Any]:
+    w, h, m = size.width, size.heads, size.mlp
+    d = w // h
+    layers: list[dict[str, Any]] = []
+    for i in range(size.depth):
+        p = f"{prefix}.resblocks.{i}"
+        qkv_w = read.take(f"{p}.attn.in_proj_weight", (3 * w, w))
+        qkv_b = read.take(f"{p}.attn.in_proj_bias", (3 * w,))
+        attn = {
+            name: {
+                "kernel": qkv_w[j * w : (j + 1) * w].T.reshape(w, h, d),
+                "bias": qkv_b[j * w : (j + 1) * w].reshape(h, d),
+            }
+            for j, name in enumerate(("query", "key", "value"))
+        }
+        attn["out"] = {
+            "kernel": read.take(f"{p}.attn.out_proj.weight", (w, w)).T.reshape(h, d, w),
+            "bias": read.take(f"{p}.attn.out_proj.bias", (w,)),
+        }
+        layers.append(
+            {
+                "ln1": {"scale": read.take(f"{p}.ln_1.weight", (w,)), "bias": read.take(f"{p}.ln_1.bias", (w,))},
+                "attn": attn,
+                "ln2": {"scale": read.take(f"{p}.ln_2.weight", (w,)), "bias": read.take(f"{p}.ln_2.bias", (w,))},
+                "mlp": {
+                    "fc1": {
+                        "kernel": read.take(f"{p}.mlp.c_fc.weight", (m, w)).T,
+                        "bias": read.take(f"{p}.mlp.c_fc.bias", (m,)),
+                    },
+                    "fc2": {
+                        "kernel": read.take(f"{p}.mlp.c_proj.weight", (w, m)).T,
+                        "bias": read.take(f"{p}.mlp.c_proj.bias", (w,)),
+                    },
+                },
+            }
+        )
+    return _stack(layers)
+
+
+def _stack(layers: list[Any]) -> Any:
+    """Per-layer trees -> one tree with a leading layers axis (our scanned blocks' layout)."""
+    first = layers[0]
+    if isinstance(first, dict):
+        return {k: _stack([layer[k] for layer in layers]) for k in first}
+    return np.stack(layers)
+
+
+def _norm(read: StateReader, name: str, width: int) -> dict[str, np.ndarray]:
+    return {"scale": read.take(f"{name}.weight", (width,)), "bias": read.take(f"{name}.bias", (width,))}
+
+
+def params_from_state(state: dict[str, np.ndarray], settings: dict[str, Any], source: str) -> dict[str, Any]:
+    """open_clip's state dict -> our params tree, for the model `settings` (settings_from_config's) describes."""
+    read = StateReader({k.removeprefix("module."): v for k, v in state.items()}, source)
+    m = settings["model"]
+    variant, patch = m["image"].split("/")
+    image, text = variants.IMAGE[variant], variants.TEXT[m["text"]]
+    text = dataclasses.replace(text, depth=m.get("text_depth") or text.depth)
+    grid = settings["resolution"] // int(patch)
+    wi, wt, embed = image.width, text.width, m["embed_dim"]
+    pos = read.take("visual.positional_embedding", (grid * grid + 1, wi))
+    image_params: dict[str, Any] = {
+        "patchify": {"kernel": read.take("visual.conv1.weight", (wi, 3, int(patch), int(patch))).transpose(2, 3, 1, 0)},
+        "pos_embedding": pos[1:],
+        "cls": read.take("visual.class_embedding", (wi,)) + pos[0],
+        "blocks": _blocks_from_state(read, "visual.transformer", image),
+        "ln_final": _norm(read, "visual.ln_post", wi),
+        "head": {"kernel": read.take("visual.proj", (wi, embed))},
+    }
+    if m["ln_pre"]:
+        image_params["ln_pre"] = _norm(read, "visual.ln_pre", wi)
+    rows, length = settings["text"]["vocab_rows"], settings["text"]["context_length"]
+    text_params = {
+        "embedding": {"embedding": read.take("token_embedding.weight", (rows, wt))},
+        "pos_embedding": read.take("positional_embedding", (length, wt)),
+        "blocks": _blocks_from_state(read, "transformer", text),
+        "ln_final": _norm(read, "ln_final", wt),
+        "head": {"kernel": read.take("text_projection", (wt, embed))},
+    }
+    params: dict[str, Any] = {"image": image_params, "text": text_params}
+    params["log_scale"] = read.take("logit_scale", ())
+    if settings["loss"]["contrastive"] == "sigmoid":
+        params["bias"] = read.take("logit_bias", ())
+    read.state.pop("attn_mask", None)  # a buffer some versions saved: the causal mask, rebuilt from the config
+    read.finish()
+    return params
+
+
+def _blocks_to_state(blocks: dict[str, Any], prefix: str, size: variants.Size, out: dict[str, np.ndarray]) -> None:
+    w = size.width
+    for i in range(size.depth):
+        p = f"{prefix}.resblocks.{i}"
+        layer = _layer(blocks, i)
+        attn = layer["attn"]
+        out[f"{p}.ln_1.weight"], out[f"{p}.ln_1.bias"] = layer["ln1"]["scale"], layer["ln1"]["bias"]
+        out[f"{p}.attn.in_proj_weight"] = np.concatenate(
+            [attn[n]["kernel"].reshape(w, w).T for n in ("query", "key", "value")]
+        )
+        out[f"{p}.attn.in_proj_bias"] = np.concatenate([attn[n]["bias"].reshape(w) for n in ("query", "key", "value")])
+        out[f"{p}.attn.out_proj.weight"] = attn["out"]["kernel"].reshape(w, w).T
+        out[f"{p}.attn.out_proj.bias"] = attn["out"]["bias"]
+        out[f"{p}.ln_2.weight"], out[f"{p}.ln_2.bias"] = layer["ln2"]["scale"], layer["ln2"]["bias"]
+        mlp = layer["mlp"]
+        out[f"{p}.mlp.c_fc.weight"], out[f"{p}.mlp.c_fc.bias"] = mlp["fc1"]["kernel"].T, mlp["fc1"]["bias"]
+        out[f"{p}.mlp.c_proj.weight"], out[f"{p}.mlp.c_proj.bias"] = mlp["fc2"]["kernel"].T, mlp["fc2"]["bias"]
+
+
+def _layer(tree: Any, i: int) -> Any:
+    return {k: _layer(v, i) for k, v in tree.items()} if isinstance(tree, dict) else np.asarray(tree[i])
+
+
+def state_from_params(params: dict[str, Any], recipe: Recipe, resolution: int) -> dict[str, np.ndarray]:
+    """Our params tree -> open_clip's state dict (float32, contiguous), for config_from_recipe's config."""
+    config_from_recipe(recipe, resolution)  # refuses what open_clip cannot build, before any tensor is written
+    m = recipe.model
+    image, text = variants.IMAGE[m.image_variant], variants.text_tower(m)
+    p = _float32(params)
+    out: dict[str, np.ndarray] = {}
+    vi = p["image"]
+    grid = resolution // m.patch
+    patches = vi["pos_embedding"] if m.posemb == "learned" else posemb_sincos_2d(grid, grid, image.width)
+    out["visual.positional_embedding"] = np.concatenate([np.zeros((1, image.width), np.float32), patches])
+    out["visual.class_embedding"] = vi["cls"]
+    out["visual.conv1.weight"] = vi["patchify"]["kernel"].transpose(3, 2, 0, 1)
+    if m.ln_pre:
+        out["visual.ln_pre.weight"], out["visual.ln_pre.bias"] = vi["ln_pre"]["scale"], vi["ln_pre"]["bias"]
+    _blocks_to_state(vi["blocks"], "visual.transformer", image, out)
+    out["visual.ln_post.weight"], out["visual.ln_post.bias"] = vi["ln_final"]["scale"], vi["ln_final"]["bias"]
+    out["visual.proj"] = vi["head"]["kernel"]
+    vt = p["text"]
+    out["token_embedding.weight"] = vt["embedding"]["embedding"]
+    out["positional_embedding"] = vt["pos_embedding"]
+    _blocks_to_state(vt["blocks"], "transformer", text, out)
+    out["ln_final.weight"], out["ln_final.bias"] = vt["ln_final"]["scale"], vt["ln_final"]["bias"]
+    out["text_projection"] = vt["head"]["kernel"]
+    out["logit_scale"] = p["log_scale"]
+    if "bias" in p:
+        out["logit_bias"] = p["bias"]
+    return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
+
+
+def _float32(tree: Any) -> Any:
+    return {k: _float32(v) for k, v in tree.items()} if isinstance(tree, dict) else np.asarray(tree, np.float32)
