@@ -342,3 +342,21 @@ def test_clip_bpe_ids_are_open_clips():
     ours = ClipBpe().encode(captions, 77)
     theirs = open_clip.tokenize(captions, context_length=77).numpy()
     np.testing.assert_array_equal(ours, theirs)
+
+
+def test_a_recipe_with_a_caption_decoder_starts_it_fresh_beside_the_imported_towers(tmp_path):
+    from trainer import sharding
+    from trainer.recipe import from_dict
+
+    src = random_open_clip(tmp_path / "hub", config=TINY_CONFIG, preprocess=TINY_PREPROCESS)
+    imported = tmp_path / "imported"
+    assert convert_cli("import", str(src), "--model", "Mu/7", "--out", str(imported))[0] == 0
+    settings = pretrained.read_settings(imported)
+    stage = {"name": "ft", "resolution": 14, "global_batch": 2, "peak_lr": 1e-4, "samples": 2}
+    model_keys = {**settings["model"], "decoder": "Mu", "decoder_context": "image"}
+    recipe = from_dict({"model": model_keys, "text": {**settings["text"], "caption_length": 6}, "stages": [stage]})
+    params = pretrained.restore(imported, recipe, recipe.stages[0], build(recipe), sharding.checked_mesh(recipe))
+    start = pretrained.restore_numpy(imported)
+    np.testing.assert_array_equal(np.asarray(params["image"]["head"]["kernel"]), start["image"]["head"]["kernel"])
+    decoder = np.asarray(params["decoder"]["embedding"]["embedding"])
+    assert decoder.shape == (128, 96) and 0 < decoder.std() < 0.1  # initialised as a fresh run's (normal, 0.02)

@@ -64,6 +64,10 @@ class StageCheckpoints:
     def restore_params(self, step: int, target: Any) -> Any:
         return self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))).params
 
+    def params_as_saved(self, step: int) -> Any:
+        """The params at `step` as this host's arrays, without a target layout (export)."""
+        return self.manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore())).params
+
     def meta(self, step: int) -> dict[str, Any]:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 

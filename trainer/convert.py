@@ -129,21 +129,16 @@ def load_params(src: Path) -> tuple[Any, int, Any, str]:
     except RecipeError as e:
         raise UserError(f"{src / 'recipe.json'}: {e}") from None
     for index in reversed(range(len(recipe.stages))):
+        stage = recipe.stages[index]
+        if not (src / stage.name / "checkpoints").is_dir():  # (opening a manager would create it)
+            continue
         ckpt = loop.checkpoints(recipe, src, index)
         step = ckpt.latest()
-        if step is not None:
-            params = ckpt.manager.restore(step, args=_numpy_params()).params
-            ckpt.close()
-            stage = recipe.stages[index]
-            return recipe, stage.resolution, params, f"{src} stage {stage.name} step {step}"
+        params = ckpt.params_as_saved(step) if step is not None else None
         ckpt.close()
+        if step is not None:
+            return recipe, stage.resolution, params, f"{src} stage {stage.name} step {step}"
     raise UserError(f"{src} has no checkpoint yet")
-
-
-def _numpy_params() -> Any:
-    import orbax.checkpoint as ocp
-
-    return ocp.args.Composite(params=ocp.args.StandardRestore())
 
 
 if __name__ == "__main__":

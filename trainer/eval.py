@@ -30,7 +30,7 @@ def main(
     """Evaluate a checkpoint of RECIPE's run in WORKDIR, or a converted checkpoint."""
     step = int(checkpoint) if checkpoint is not None and checkpoint.isdigit() else None
     if checkpoint is not None and step is None:
-        return evaluate_converted(recipe_path, Path(checkpoint), stage_name, overrides)
+        return evaluate_converted(recipe_path, checkpoint, stage_name, overrides)
     if workdir is None:
         raise UserError("--workdir is needed to evaluate a run's checkpoint (or pass --checkpoint CONVERTED_DIR)")
     recipe = load_with_evals(recipe_path, overrides)
@@ -84,8 +84,9 @@ def load_with_evals(recipe_path: str, overrides: tuple[str, ...]) -> Recipe:
     return recipe
 
 
-def evaluate_converted(recipe_path: str, directory: Path, stage_name: str, overrides: tuple[str, ...]) -> None:
-    if not directory.is_dir():
+def evaluate_converted(recipe_path: str, directory: str, stage_name: str, overrides: tuple[str, ...]) -> None:
+    """A converted checkpoint (local or gs://) at the stage's resolution; the table only (it belongs to no run)."""
+    if "://" not in directory and not Path(directory).is_dir():
         raise UserError(f"--checkpoint {directory}: neither a step number nor a directory")
     recipe = load_with_evals(recipe_path, overrides)
     stages = [s for s in recipe.stages if s.name == stage_name or not stage_name]

@@ -124,7 +124,7 @@ def run_stage(
         report.say(f"stage {stage.name}: resuming at step {resume_step}/{steps}")
     else:
         if stage.init_from:
-            params = pretrained.restore(Path(stage.init_from), recipe, stage, model, mesh)
+            params = pretrained.restore(stage.init_from, recipe, stage, model, mesh)
             report.say(f"stage {stage.name}: parameters from {stage.init_from}")
         state = program.init_state(None if params is None else fit_positions(recipe, stage, params))
         report.say(f"stage {stage.name}: {steps} steps at {stage.resolution} px, batch {stage.global_batch}")

@@ -3,21 +3,24 @@
     DIR/params/     the params tree (orbax), at the image size it was trained at
     DIR/model.toml  the recipe tables that build that model ([model], [text], [loss]) and its resolution
 
-A stage starts from it with `init_from = "DIR"`; `python -m trainer.eval RECIPE --checkpoint DIR` evaluates it. The
-recipe must build the same model: every architecture key of model.toml is compared first, then every tensor's shape,
-and a difference is one line naming it. Learned positions follow the stage's resolution (interpolated).
+A stage starts from it with `init_from = "DIR"`; `python -m trainer.eval RECIPE --checkpoint DIR` evaluates it. DIR
+may be local or gs:// (every host of a pod reads it). The recipe must build the same model: every architecture key
+of model.toml is compared first, then every tensor's shape, and a difference is one line naming it. Learned positions
+follow the stage's resolution (interpolated); a caption decoder the recipe adds starts freshly initialised.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from trainer.errors import UserError
 from trainer.models import variants
@@ -33,14 +36,26 @@ EFFECTIVE: dict[str, Callable[[Model], int]] = {
 }
 
 
-def write(directory: Path, params: Any, settings: dict[str, Any]) -> None:
+Location = str | os.PathLike[str]
+
+
+def at(location: Location) -> epath.Path:
+    """A local path (made absolute, as orbax needs) or a gs:// one."""
+    text = os.fspath(location)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
+def write(location: Location, params: Any, settings: dict[str, Any]) -> None:
     """Save `params` (a tree of arrays) and the settings that build their model (openclip.settings_from_config's)."""
+    directory = at(location)
     directory.mkdir(parents=True, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save((directory / "params").absolute(), params, force=True)
+    checkpointer.save(directory / "params", params, force=True)
     checkpointer.wait_until_finished()
     lines = [f"# written by python -m trainer.convert; copy these tables into a recipe that starts from {directory}"]
     lines.append(f"resolution = {settings['resolution']}")
+    if settings["text"].get("tokenizer") == "bert_wordpiece":
+        lines.append("# text.vocab: BERT's bert-base-uncased vocab.txt (not shipped: the recipe names the file)")
     for table in ("model", "text", "loss"):
         lines.append(f"\n[{table}]")
         lines += [f"{key} = {toml_value(value)}" for key, value in settings[table].items()]
@@ -53,7 +68,8 @@ def toml_value(value: Any) -> str:
     return json.dumps(value)  # strings (ASCII), integers and floats read back the same in TOML
 
 
-def read_settings(directory: Path) -> dict[str, Any]:
+def read_settings(location: Location) -> dict[str, Any]:
+    directory = at(location)
     path = directory / "model.toml"
     if not path.is_file() or not (directory / "params").is_dir():
         raise UserError(
@@ -73,7 +89,7 @@ def recipe_from_settings(settings: dict[str, Any]) -> Recipe:
     )
 
 
-def check_recipe(recipe: Recipe, settings: dict[str, Any], directory: Path) -> None:
+def check_recipe(recipe: Recipe, settings: dict[str, Any], directory: Location) -> None:
     """The recipe builds the model the directory holds: one line naming the first key that differs."""
     for table, cls, ours in (("model", Model, recipe.model), ("text", Text, recipe.text)):
         for f in dataclasses.fields(cls):
@@ -100,30 +116,39 @@ def flat_shapes(tree: Any, prefix: str = "") -> dict[str, tuple[int, ...]]:
     return {prefix.rstrip("/"): tuple(tree.shape)}
 
 
-def restore(directory: Path, recipe: Recipe, stage: Stage, model: Any, mesh: jax.sharding.Mesh) -> Any:
+def restore(location: Location, recipe: Recipe, stage: Stage, model: Any, mesh: jax.sharding.Mesh) -> Any:
     """The directory's params, laid out on `mesh` for `recipe`'s model, at the checkpoint's own resolution (the
-    caller fits learned positions to the stage's: loop.fit_positions)."""
-    from trainer.program import abstract_params
+    caller fits learned positions to the stage's: loop.fit_positions). A caption decoder the directory lacks (open_clip
+    has none) is initialised as a fresh run's would be."""
+    from trainer.program import abstract_params, init_variables
 
+    directory = at(location)
     settings = read_settings(directory)
-    check_recipe(recipe, settings, directory)
+    check_recipe(recipe, settings, location)
     native = dataclasses.replace(stage, resolution=int(settings["resolution"]))
     target = abstract_params(model, recipe, native, mesh)
     checkpointer = ocp.StandardCheckpointer()
-    path = (directory / "params").absolute()
-    saved = flat_shapes(checkpointer.metadata(path).item_metadata.tree)
-    wanted = flat_shapes(target)
+    saved = flat_shapes(checkpointer.metadata(directory / "params").item_metadata.tree)
+    fresh_decoder = "decoder" in target and not any(name.startswith("decoder/") for name in saved)
+    wanted = flat_shapes({k: v for k, v in target.items() if not (fresh_decoder and k == "decoder")})
     for name, shape in wanted.items():
         if name not in saved:
-            raise UserError(f"{directory} has no tensor {name} ({shape}), which the recipe's model needs")
+            raise UserError(f"{location} has no tensor {name} ({shape}), which the recipe's model needs")
         if saved[name] != shape:
-            raise UserError(f"{name}: {directory} has shape {saved[name]}, the recipe's model needs {shape}")
+            raise UserError(f"{name}: {location} has shape {saved[name]}, the recipe's model needs {shape}")
     extra = sorted(set(saved) - set(wanted))
     if extra:
-        raise UserError(f"{directory} has {extra[0]}, which the recipe's model does not use: check its model keys")
-    return checkpointer.restore(path, target)
+        raise UserError(f"{location} has {extra[0]}, which the recipe's model does not use: check its model keys")
+    params = checkpointer.restore(
+        directory / "params", {k: v for k, v in target.items() if k != "decoder" or not fresh_decoder}
+    )
+    if fresh_decoder:
+        shardings = jax.tree.map(lambda x: x.sharding, target["decoder"])
+        init = lambda: nn.unbox(init_variables(model, recipe, native))["params"]["decoder"]  # noqa: E731
+        params["decoder"] = jax.jit(init, out_shardings=shardings)()
+    return params
 
 
-def restore_numpy(directory: Path) -> Any:
+def restore_numpy(location: Location) -> Any:
     """The params as NumPy arrays on this host (export)."""
-    return ocp.StandardCheckpointer().restore((directory / "params").absolute())
+    return ocp.StandardCheckpointer().restore(at(location) / "params")
