@@ -247,6 +247,11 @@ def test_mismatches_and_unsupported_architectures_are_one_line(tmp_path):
     line = one_line_error(*convert_cli("import", str(bad), "--model", "Mu/7", "--out", out))
     assert "vision_cfg.attentional_pool = True: this architecture is not supported" in line
 
+    mixed = {**TINY_CONFIG, "text_cfg": {k: v for k, v in TINY_CONFIG["text_cfg"].items() if k != "act_kwargs"}}
+    (bad.parent / "open_clip_config.json").write_text(json.dumps(mixed))
+    line = one_line_error(*convert_cli("import", str(bad), "--model", "Mu/7", "--out", out))
+    assert "text_cfg's activation and LayerNorm eps ('gelu', 1e-06) differ from vision_cfg's" in line
+
     (bad.parent / "open_clip_config.json").unlink()
     line = one_line_error(*convert_cli("import", str(bad), "--model", "Mu/7", "--out", out))
     assert "no model config" in line and "--config" in line

@@ -112,6 +112,18 @@ def wait_for_step(workdir: Path, proc: subprocess.Popen, step: int, timeout: flo
     raise AssertionError(f"no step {step} within {timeout} s")
 
 
+def wait_for_checkpoint(workdir: Path, proc: subprocess.Popen, stage: str, step: int, timeout: float = 120) -> None:
+    """Until the async save of `step` has committed: orbax renames its temporary directory to the step's at the end
+    (a kill before that leaves no checkpoint, and the run rightly starts over)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        if (workdir / stage / "checkpoints" / str(step)).is_dir():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no committed checkpoint {stage}/{step} within {timeout} s")
+
+
 def losses(records) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records}
 
@@ -150,7 +162,8 @@ def test_started_again_when_done_it_trains_nothing(reference, trainer, tmp_path)
 
 def test_kill_9_then_resume_continues_exactly(reference, trainer, tmp_path):
     proc = trainer.start(tmp_path)
-    wait_for_step(tmp_path, proc, 6)  # past the checkpoint at step 4
+    wait_for_step(tmp_path, proc, 6)  # past the checkpoint at step 4 ...
+    wait_for_checkpoint(tmp_path, proc, "pretrain16", 4)  # ... and its save committed (it is written asynchronously)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     out = trainer.run(tmp_path)

@@ -125,15 +125,14 @@ def settings_from_config(config: dict[str, Any], model: str) -> dict[str, Any]:
         raise FormatError(
             f"text_cfg.hf_tokenizer_name = {tokenizer!r}: only CLIP's BPE or BERT's WordPiece is supported"
         )
-    activation = "quick_gelu" if cfg.get("quick_gelu") else "gelu"
-    eps = 1e-5
-    for where, tower in (("vision_cfg", vision), ("text_cfg", text)):
-        act = tower.get("act_kwargs") or {}
-        if act.get("approximate") == "tanh" and activation == "gelu":
-            activation = "gelu_tanh"
-        elif set(act) - {"approximate"} or act.get("approximate", "none") not in ("none", "tanh"):
-            raise FormatError(f"{where}.act_kwargs = {act!r}: not supported")
-        eps = (tower.get("norm_kwargs") or {}).get("eps", eps)
+    (activation, eps), text_arch = (
+        _tower_arch(cfg, tower, where) for where, tower in (("vision_cfg", vision), ("text_cfg", text))
+    )
+    if text_arch != (activation, eps):
+        raise FormatError(
+            f"text_cfg's activation and LayerNorm eps {text_arch} differ from vision_cfg's {(activation, eps)}:"
+            " our towers share them"
+        )
     mean, std = tuple(preprocess.get("mean", OPENAI_MEAN)), tuple(preprocess.get("std", OPENAI_STD))
     if (mean, std) == (OPENAI_MEAN, OPENAI_STD):
         pixel_norm = "openai"
@@ -152,7 +151,7 @@ def settings_from_config(config: dict[str, Any], model: str) -> dict[str, Any]:
             "ln_pre": not vision.get("no_ln_pre", False),
             "norm_after_pool": bool(vision.get("final_ln_after_pool", False)),
             "activation": activation,
-            "norm_eps": float(eps),
+            "norm_eps": eps,
             "pixel_norm": pixel_norm,
             "text_causal": not text.get("no_causal_mask", False),
             "text_pooling": text_pool,
@@ -162,6 +161,17 @@ def settings_from_config(config: dict[str, Any], model: str) -> dict[str, Any]:
         "loss": {"contrastive": "sigmoid" if "init_logit_bias" in cfg else "softmax"},
         "resolution": vision.get("image_size", 224),
     }
+
+
+def _tower_arch(cfg: dict[str, Any], tower: dict[str, Any], where: str) -> tuple[str, float]:
+    """(activation, LayerNorm eps) of one tower's config: open_clip's nn.GELU or QuickGELU, with act_kwargs."""
+    act = tower.get("act_kwargs") or {}
+    if set(act) - {"approximate"} or act.get("approximate", "none") not in ("none", "tanh"):
+        raise FormatError(f"{where}.act_kwargs = {act!r}: only {{'approximate': 'tanh'}} is supported")
+    eps = float((tower.get("norm_kwargs") or {}).get("eps", 1e-5))
+    if cfg.get("quick_gelu"):
+        return "quick_gelu", eps  # QuickGELU takes no act_kwargs
+    return ("gelu_tanh" if act.get("approximate") == "tanh" else "gelu"), eps
 
 
 def config_from_recipe(recipe: Recipe, resolution: int) -> dict[str, Any]:
