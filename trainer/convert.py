@@ -96,8 +96,8 @@ def export(src: Path, out: Path) -> None:
     if out.suffix != ".safetensors":
         raise UserError(f"--out {out}: name a .safetensors file")
     recipe, resolution, params, where = load_params(src)
+    config = openclip.config_from_recipe(recipe, resolution)  # first: it refuses what open_clip cannot build
     state = openclip.state_from_params(params, recipe, resolution)
-    config = openclip.config_from_recipe(recipe, resolution)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, out)
     preprocess = config.pop("preprocess_cfg")

@@ -28,15 +28,20 @@ def main(
     recipe_path: str, workdir: str | None, stage_name: str, checkpoint: str | None, overrides: tuple[str, ...]
 ) -> None:
     """Evaluate a checkpoint of RECIPE's run in WORKDIR, or a converted checkpoint."""
-    step = int(checkpoint) if checkpoint is not None and checkpoint.isdigit() else None
-    if checkpoint is not None and step is None:
-        return evaluate_converted(recipe_path, checkpoint, stage_name, overrides)
-    if workdir is None:
-        raise UserError("--workdir is needed to evaluate a run's checkpoint (or pass --checkpoint CONVERTED_DIR)")
-    recipe = load_with_evals(recipe_path, overrides)
+    try:
+        recipe = load(recipe_path, overrides)
+    except RecipeError as e:
+        raise UserError(str(e)) from None
+    if not recipe.evals:
+        raise UserError(f"{recipe_path} has no [[evals]]")
     names = [s.name for s in recipe.stages]
     if stage_name and stage_name not in names:
         raise UserError(f"--stage {stage_name}: the recipe's stages are {', '.join(names)}")
+    step = int(checkpoint) if checkpoint is not None and checkpoint.isdigit() else None
+    if checkpoint is not None and step is None:
+        return evaluate_converted(recipe, checkpoint, names.index(stage_name) if stage_name else -1)
+    if workdir is None:
+        raise UserError("--workdir is needed to evaluate a run's checkpoint (or pass --checkpoint CONVERTED_DIR)")
     import jax
 
     from trainer import evals, loop, sharding
@@ -74,34 +79,20 @@ def main(
     metrics.close()
 
 
-def load_with_evals(recipe_path: str, overrides: tuple[str, ...]) -> Recipe:
-    try:
-        recipe = load(recipe_path, overrides)
-    except RecipeError as e:
-        raise UserError(str(e)) from None
-    if not recipe.evals:
-        raise UserError(f"{recipe_path} has no [[evals]]")
-    return recipe
-
-
-def evaluate_converted(recipe_path: str, directory: str, stage_name: str, overrides: tuple[str, ...]) -> None:
-    """A converted checkpoint (local or gs://) at the stage's resolution; the table only (it belongs to no run)."""
+def evaluate_converted(recipe: Recipe, directory: str, index: int) -> None:
+    """A converted checkpoint (local or gs://) at stage `index`'s resolution; the table only (it is no run's)."""
     if "://" not in directory and not Path(directory).is_dir():
         raise UserError(f"--checkpoint {directory}: neither a step number nor a directory")
-    recipe = load_with_evals(recipe_path, overrides)
-    stages = [s for s in recipe.stages if s.name == stage_name or not stage_name]
-    if not stages:
-        raise UserError(f"--stage {stage_name}: the recipe's stages are {', '.join(s.name for s in recipe.stages)}")
     import jax
 
     from trainer import evals, loop, pretrained, sharding
     from trainer.models.clip import build
     from trainer.report import Report
 
-    stage = stages[-1]
+    stage = recipe.stages[index]
     try:
         mesh = sharding.checked_mesh(recipe)
-    except RecipeError as e:
+    except RecipeError as e:  # what depends on the devices
         raise UserError(str(e)) from None
     model = build(recipe)
     params = loop.fit_positions(recipe, stage, pretrained.restore(directory, recipe, stage, model, mesh))

@@ -365,8 +365,8 @@ def _layer(tree: Any, i: int) -> Any:
 
 
 def state_from_params(params: dict[str, Any], recipe: Recipe, resolution: int) -> dict[str, np.ndarray]:
-    """Our params tree -> open_clip's state dict (float32, contiguous), for config_from_recipe's config."""
-    config_from_recipe(recipe, resolution)  # refuses what open_clip cannot build, before any tensor is written
+    """Our params tree -> open_clip's state dict (float32, contiguous), for the config config_from_recipe made (and
+    so checked: it refuses what open_clip cannot build)."""
     m = recipe.model
     image, text = variants.IMAGE[m.image_variant], variants.text_tower(m)
     p = _float32(params)

@@ -28,6 +28,8 @@ from trainer.recipe import Model, Recipe, Stage, Text, tomllib
 
 # what only changes how the model runs (precision, memory, kernels), never what its parameters mean
 RUNTIME_KEYS = {"dtype", "param_dtype", "remat", "attention", "scan_layers"}
+# what a converted checkpoint does not hold (a caption decoder, and the text the decoder reads) or need not fix
+NOT_CHECKED = RUNTIME_KEYS | {"vocab", "caption_length", "decoder", "decoder_context"}
 
 # keys whose 0 stands for the variant's value
 EFFECTIVE: dict[str, Callable[[Model], int]] = {
@@ -93,7 +95,7 @@ def check_recipe(recipe: Recipe, settings: dict[str, Any], directory: Location) 
     """The recipe builds the model the directory holds: one line naming the first key that differs."""
     for table, cls, ours in (("model", Model, recipe.model), ("text", Text, recipe.text)):
         for f in dataclasses.fields(cls):
-            if f.name in RUNTIME_KEYS or f.name in ("vocab", "caption_length", "decoder", "decoder_context"):
+            if f.name in NOT_CHECKED:
                 continue
             theirs = settings.get(table, {}).get(f.name, f.default)
             if f.name in EFFECTIVE:  # 0 means the variant's: compare what it means
@@ -130,7 +132,8 @@ def restore(location: Location, recipe: Recipe, stage: Stage, model: Any, mesh: 
     checkpointer = ocp.StandardCheckpointer()
     saved = flat_shapes(checkpointer.metadata(directory / "params").item_metadata.tree)
     fresh_decoder = "decoder" in target and not any(name.startswith("decoder/") for name in saved)
-    wanted = flat_shapes({k: v for k, v in target.items() if not (fresh_decoder and k == "decoder")})
+    kept = {k: v for k, v in target.items() if not (fresh_decoder and k == "decoder")}
+    wanted = flat_shapes(kept)
     for name, shape in wanted.items():
         if name not in saved:
             raise UserError(f"{location} has no tensor {name} ({shape}), which the recipe's model needs")
@@ -139,9 +142,7 @@ def restore(location: Location, recipe: Recipe, stage: Stage, model: Any, mesh: 
     extra = sorted(set(saved) - set(wanted))
     if extra:
         raise UserError(f"{location} has {extra[0]}, which the recipe's model does not use: check its model keys")
-    params = checkpointer.restore(
-        directory / "params", {k: v for k, v in target.items() if k != "decoder" or not fresh_decoder}
-    )
+    params = checkpointer.restore(directory / "params", kept)
     if fresh_decoder:
         shardings = jax.tree.map(lambda x: x.sharding, target["decoder"])
         init = lambda: nn.unbox(init_variables(model, recipe, native))["params"]["decoder"]  # noqa: E731

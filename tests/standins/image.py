@@ -23,14 +23,21 @@ WORKER_PYTHON = "/usr/bin/python3"  # what a worker's sshd session finds first (
 def require_matching_python() -> None:
     """Skip where the image cannot be made: compiled wheels load only into the Python minor version they were built
     for, and the workers' python is not this venv's (the stand-ins cannot reach another interpreter: a pyenv one
-    links its libpython from /root, which is private to each worker)."""
+    links its libpython from /root, which is private to each worker). `.ci/setup` makes the venv from the workers'
+    python, so under CI (CI set) this is a failure, not a skip: there it would mean the setup broke."""
     if not os.path.exists(WORKER_PYTHON):
-        pytest.skip(f"no {WORKER_PYTHON} for the stand-in workers")
+        unusable(f"no {WORKER_PYTHON} for the stand-in workers")
     version = subprocess.run(
         [WORKER_PYTHON, "-c", "import sys; print(tuple(sys.version_info[:2]))"], capture_output=True, text=True
     ).stdout.strip()
     if version != str(tuple(sys.version_info[:2])):
-        pytest.skip(f"the workers' {WORKER_PYTHON} is {version}, this venv's {sys.version_info[:2]}: wheels differ")
+        unusable(f"the workers' {WORKER_PYTHON} is {version}, this venv's {sys.version_info[:2]}: wheels differ")
+
+
+def unusable(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (.ci/setup makes the venv from it)")
+    pytest.skip(reason)
 
 
 def install(fleet: Any) -> None:

@@ -28,11 +28,8 @@ def decode(image_bytes: tf.Tensor) -> tf.Tensor:
 def decode_accurately(image_bytes: tf.Tensor) -> tf.Tensor:
     """As `decode`, but a JPEG with libjpeg's accurate integer IDCT, not TF's default fast one: evaluation's decode,
     the same pixels as PIL's (and so open_clip's), where the fast IDCT is off by up to 18 levels."""
-    image = tf.cond(
-        tf.io.is_jpeg(image_bytes),
-        lambda: tf.io.decode_jpeg(image_bytes, channels=3, dct_method="INTEGER_ACCURATE"),
-        lambda: tf.io.decode_image(image_bytes, channels=3, expand_animations=False),
-    )
+    accurate = lambda: tf.io.decode_jpeg(image_bytes, channels=3, dct_method="INTEGER_ACCURATE")  # noqa: E731
+    image = tf.cond(tf.io.is_jpeg(image_bytes), accurate, lambda: decode(image_bytes))
     image.set_shape([None, None, 3])
     return image
 

@@ -34,7 +34,7 @@ class Clip(nn.Module):
         self, images: jnp.ndarray, texts: jnp.ndarray, captions: jnp.ndarray | None = None, patch_keep: float = 1.0
     ) -> dict[str, Any]:
         """images (B, H, W, 3), texts (B, L) alt-text ids, captions (B, T) re-caption ids (decoder targets);
-        patch_keep < 1 drops image patches (needs a "dropout" rng); uint8 images are scaled to [-1, 1]."""
+        patch_keep < 1 drops image patches (needs a "dropout" rng); uint8 images are normalised (`pixel_norm`)."""
         image_emb, image_tokens = self.image(to_model_range(images, self.pixel_norm), patch_keep)
         text_emb, text_tokens = self.text(texts)
         init_scale = math.log(10.0) if self.sigmoid else math.log(self.temperature_init)
