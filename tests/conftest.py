@@ -20,9 +20,10 @@ if importlib.util.find_spec("triton") is not None:
     import triton  # noqa: F401
 
 import pytest
+from standins.gcs import GcsEmulator
 from standins.pod import RUN_RECIPE, Pod
 from standins.pod import make_pod as stand_in_pod
-from standins.sshfleet import SshFleet, start_fleet
+from standins.sshfleet import Network, SshFleet, start_fleet
 from standins.tpu_api import FakeTpuApi
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +74,33 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         shutil.rmtree(_session_dir, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def gcs() -> Iterator[GcsEmulator]:
+    """A GCS emulator for the session, with bucket "bucket"; this process's clients point at it while it runs (the
+    trainer subprocesses get `gcs.env`; those reading shards through TensorFlow run under `gcs.namespaced`)."""
+    emulator = GcsEmulator(("bucket",))
+    saved = {name: os.environ.get(name) for name in emulator.env}
+    os.environ.update(emulator.env)
+    try:
+        yield emulator
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        emulator.close()
+
+
+@pytest.fixture
+def bucket(gcs: GcsEmulator, request: pytest.FixtureRequest) -> str:
+    """A fresh gs:// prefix of the emulator's bucket for one test."""
+    import re
+    import secrets
+
+    return f"gs://bucket/{re.sub(r'[^A-Za-z0-9_-]+', '-', request.node.name)[:48]}-{secrets.token_hex(3)}"
+
+
 @pytest.fixture
 def tpu_api() -> Iterator[FakeTpuApi]:
     """A started local Cloud TPU v2 API; point the client at `tpu_api.endpoint`."""
@@ -85,8 +113,10 @@ def make_fleet() -> Iterator[Callable[..., SshFleet]]:
     """make_fleet(n) starts an n-worker sshd fleet; all are closed at teardown, also after a failure."""
     with contextlib.ExitStack() as closing:  # closes every fleet even if closing one of them raises
 
-        def make(n: int, base_dir: Path | None = None, like: SshFleet | None = None) -> SshFleet:
-            fleet = start_fleet(n, base_dir, like)
+        def make(
+            n: int, base_dir: Path | None = None, like: SshFleet | None = None, network: Network | None = None
+        ) -> SshFleet:
+            fleet = start_fleet(n, base_dir, like, network)
             closing.callback(fleet.close)
             return fleet
 
@@ -104,22 +134,28 @@ def fleet4(make_fleet: Callable[..., SshFleet]) -> SshFleet:
 
 
 @pytest.fixture
-def make_pod(make_fleet: Callable[..., SshFleet], tpu_api: FakeTpuApi, tmp_path: Path) -> Callable[[int], Pod]:
+def make_pod(make_fleet: Callable[..., SshFleet], tpu_api: FakeTpuApi, tmp_path: Path) -> Callable[..., Pod]:
     """make_pod(n): an n-worker stand-in pod (sshd fleet + node "pod" in the local API) and a tpuctl runner."""
 
-    def make(n: int) -> Pod:
-        return stand_in_pod(make_fleet(n), tpu_api, tmp_path / f"home{n}")
+    def make(n: int, network: Network | None = None) -> Pod:
+        return stand_in_pod(make_fleet(n, network=network), tpu_api, tmp_path / f"home{n}")
 
     return make
 
 
 @pytest.fixture
-def pod(make_pod: Callable[[int], Pod]) -> Pod:
+def pod(make_pod: Callable[..., Pod]) -> Pod:
     return make_pod(2)
 
 
 @pytest.fixture
-def pod4(make_pod: Callable[[int], Pod]) -> Pod:
+def bucket_pod(make_pod: Callable[..., Pod], gcs: GcsEmulator) -> Pod:
+    """A 2-worker stand-in pod whose VMs reach the GCS emulator (as TPU VMs reach Cloud Storage)."""
+    return make_pod(2, network=gcs.network())
+
+
+@pytest.fixture
+def pod4(make_pod: Callable[..., Pod]) -> Pod:
     return make_pod(4)
 
 

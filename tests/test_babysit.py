@@ -21,11 +21,10 @@ from pathlib import Path
 import pytest
 from standins import image
 from standins.pod import PROJECT, TPUCTL, ZONE
-from test_runs import RECIPE, env_args, losses, sets, wait_for_step
+from test_runs import RECIPE, env_args, losses, sets
 from test_train import free_port
 
 from tpuctl.registry import slug
-from trainer.metrics import read_jsonl
 
 STEPS = 80  # of batch 16: long enough for a kill of babysit and a preemption to land mid-run
 NODE = "drill"
@@ -65,10 +64,25 @@ def babysit_env(tpu_api, home: Path) -> dict[str, str]:
     }
 
 
+def logged_step(vm_fleet) -> int:
+    """The last step worker 0's trainer logged (its run log on that VM), 0 before any."""
+    log = vm_fleet.workers[0].path(f"/root/.tpuctl/runs/{slug('drill run')}/log")
+    steps = re.findall(r"^pretrain16 (\d+)  loss ", log.read_text() if log.exists() else "", re.MULTILINE)
+    return int(steps[-1]) if steps else 0
+
+
+def wait_for_logged_step(vms: list, step: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not (vms and logged_step(vms[-1]) >= step):
+        assert time.monotonic() < deadline, f"no step {step} logged within {timeout} s"
+        time.sleep(0.2)
+
+
 @pytest.mark.timeout(900)  # two TPU creations, two prepares, a reference run: minutes on two cores
-def test_preemption_drill(tpu_api, make_fleet, project, shared, tmp_path):
+def test_preemption_drill(tpu_api, make_fleet, project, shared, tmp_path, gcs, bucket):
+    """The workdir is a bucket: the recreated VMs (fresh disks) resume from what the first ones checkpointed there."""
     image.require_matching_python()
-    first = make_fleet(2)  # the first VMs; later ones accept the same key on the same port
+    first = make_fleet(2, network=gcs.network())  # the first VMs; later ones: the same key, port and network
     vms = []
 
     def on_create(project_id, zone, name, node):
@@ -88,8 +102,8 @@ def test_preemption_drill(tpu_api, make_fleet, project, shared, tmp_path):
         "TPUCTL_KNOWN_HOSTS": str(home / "known_hosts"),
         "TPUCTL_PIP_ARGS": "--no-index --no-build-isolation",
     }
-    workdir = shared / "w"
-    babysit = [TPUCTL, "babysit", RECIPE, "--name", "drill run", "--type", "v4-16", "--workdir", str(workdir)]
+    workdir = f"{bucket}/w"
+    babysit = [TPUCTL, "babysit", RECIPE, "--name", "drill run", "--type", "v4-16", "--workdir", workdir]
     babysit += ["--poll", "1", "--backoff", "1", "--max-restarts", "3", *env_args(shared, heartbeat=10)]
     babysit += sets(16 * STEPS)
 
@@ -100,7 +114,7 @@ def test_preemption_drill(tpu_api, make_fleet, project, shared, tmp_path):
     sitter = start(tmp_path / "babysit-1.log")
     try:
         # babysit creates the missing TPU, prepares it and launches the run; then it is killed and started again
-        wait_for_step(workdir / "metrics.jsonl", 3, timeout=400)
+        wait_for_logged_step(vms, 3, timeout=400)
         sitter.send_signal(signal.SIGKILL)
         sitter.wait(timeout=30)
         sitter = start(tmp_path / "babysit-2.log")
@@ -110,12 +124,12 @@ def test_preemption_drill(tpu_api, make_fleet, project, shared, tmp_path):
         assert "adopted: run 'drill run' is training on 2 workers" in (tmp_path / "babysit-2.log").read_text()
 
         # the cloud takes the TPU back mid-run: PREEMPTED, and its VMs are gone
-        wait_for_step(workdir / "metrics.jsonl", 12, timeout=300)
+        wait_for_logged_step(vms, 12, timeout=300)
         tpu_api.set_state(PROJECT, ZONE, NODE, "PREEMPTED")
         for w in vms[0].workers:
             w.crash()
         preempted = time.time()
-        last_step = max(r["step"] for r in read_jsonl(workdir / "metrics.jsonl"))
+        last_step = logged_step(vms[0])
         assert sitter.wait(timeout=600) == 0, (tmp_path / "babysit-2.log").read_text()[-4000:]
     finally:
         if sitter.poll() is None:
@@ -134,7 +148,7 @@ def test_preemption_drill(tpu_api, make_fleet, project, shared, tmp_path):
     assert [e["ipAddress"] for e in node["networkEndpoints"]] == [w.ip for w in vms[1].workers]  # the new VMs
     # the timeline table, and a run that ended where the uninterrupted one ends
     assert "run 'drill run' on TPU 'drill': 1 restarts" in log and "every stage trained" in log
-    got = losses(workdir / "metrics.jsonl")
+    got = losses(f"{workdir}/metrics.jsonl")
     assert set(got) == set(range(1, STEPS + 1))
     assert got == pytest.approx(reference_losses(project, shared), rel=1e-5)
     # what the preemption cost: the steps trained again (at most one checkpoint interval: 4 here) and the time

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ from standins.pod import TPUCTL
 
 from tpuctl import config
 from tpuctl.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -104,6 +107,33 @@ def test_missing_setting_says_every_way_to_set_it(env):
     assert str(e.value) == (
         "project is not set (set it with --project, TPUCTL_PROJECT, 'project = ...' in a profile of "
         "~/.config/tpuctl/config.toml or `gcloud config set core/project ...`)"
+    )
+
+
+def test_jax_version_defaults_to_the_jax_installed_here(env):
+    s = config.resolve(env=env)
+    assert (s.jax_version, s.sources["jax_version"]) == (metadata.version("jax"), "default")
+    write_profiles(env, '[profiles.default]\njax_version = "0.4.35"\napt_packages = ["libgl1", "ffmpeg"]\n')
+    s = config.resolve(env=env)
+    assert (s.jax_version, s.apt_packages) == ("0.4.35", ["libgl1", "ffmpeg"])
+    s = config.resolve({"jax_version": "0.5.0rc1"}, env={**env, "TPUCTL_APT_PACKAGES": "tmux, rsync"})
+    assert (s.jax_version, s.apt_packages) == ("0.5.0rc1", ["tmux", "rsync"])
+    assert s.sources["apt_packages"] == "env TPUCTL_APT_PACKAGES"
+    # where jax is not installed there is no default: read without importing anything but the standard library
+    code = (
+        f"import sys; sys.path.insert(0, {str(ROOT)!r}); from tpuctl import config; print(config.local_jax_version())"
+    )
+    r = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout == "None\n"
+
+
+@pytest.mark.parametrize("bad", ["latest", ">=0.4.30", "0.4.35; rm -rf /", "jax==0.4.35"])
+def test_a_jax_version_that_is_not_a_release_is_one_line(env, bad):
+    r = run({**env, "TPUCTL_JAX_VERSION": bad}, "config", "show")
+    assert r.returncode == 2
+    assert r.stderr == (
+        f"tpuctl: error: jax_version = {bad!r} (from env TPUCTL_JAX_VERSION) is not a JAX release"
+        " (give one version, e.g. 0.4.35, without == or >=)\n"
     )
 
 

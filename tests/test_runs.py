@@ -2,8 +2,9 @@
 processes in tmux) join through jax.distributed, checkpoint with orbax into a directory both see, and resume.
 
 What stands in for what:
-- the workdir and the XLA cache: a directory under /var/tmp, which every worker sees at the same path (a gs://
-  bucket on a pod); the workers' own /root and /tmp are private, as on separate VMs;
+- the workdir: a gs:// path in a GCS emulator the workers reach (standins/gcs.py), or a directory under /var/tmp
+  that every worker sees at the same path (a bucket mount); the XLA cache is there too; the workers' own /root and
+  /tmp are private, as on separate VMs;
 - PyPI: `tpuctl prepare` runs for real (venv, `pip install -e PROJECT[train]`, offline), with the trainer's
   dependencies already present, as on a VM image that ships them (standins/image.py: each worker's venv sees this
   machine's site-packages; the workers cannot download 1.5 GB of wheels here).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -26,6 +28,8 @@ from standins.pod import RUN_RECIPE, TPUCTL
 from test_chips import alive
 from test_train import FAST
 
+from tpuctl.registry import slug
+from trainer import storage
 from trainer.metrics import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +37,7 @@ RECIPE = RUN_RECIPE  # the tests' tiny recipe, its first stage alone (the `proje
 # CPU-sized towers (3 and 2 layers of width 96), no decoder: two trainers share this machine's two cores, and each
 # compiles its step (~20 s) before the XLA cache has it
 SMALL = ["model.image=Mu/8", "model.text=Mu", "model.decoder="]
-STEPS = 30  # of batch 16, in the stop-and-resume drill: long enough for the stop to land mid-stage
+STEPS = 60  # of batch 16, in the stop-and-resume drill: long enough for the stop to land mid-stage
 
 
 def sets(samples: int = 192) -> list[str]:
@@ -93,11 +97,28 @@ def wait_for_step(path: Path, step: int, timeout: float = 240) -> None:
     raise AssertionError(f"no step {step} in {path} within {timeout} s")
 
 
-def losses(path: Path) -> dict[int, float]:
+def losses(path: Path | str) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_jsonl(path)}
 
 
-def test_two_workers_train_stop_and_resume_to_the_uninterrupted_result(pod, project, shared):
+def wait_for_logged_step(pod, name: str, step: int, timeout: float = 240) -> None:
+    """Until worker 0's trainer has logged `step` (its run log, read on the VM: a bucket's metrics.jsonl lags)."""
+    log = pod.fleet.workers[0].path(f"/root/.tpuctl/runs/{slug(name)}/log")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        logged = re.findall(r"^pretrain16 (\d+)  loss ", log.read_text() if log.exists() else "", re.MULTILINE)
+        if logged and int(logged[-1]) >= step:
+            return
+        time.sleep(0.2)
+    tail = log.read_text()[-3000:] if log.exists() else "(no log)"
+    raise AssertionError(f"run {name!r} did not log step {step} within {timeout} s; its log ends:\n{tail}")
+
+
+@pytest.mark.timeout(600)  # two runs of two trainers each, on two cores
+def test_two_workers_train_stop_and_resume_to_the_uninterrupted_result(bucket_pod, project, shared, bucket):
+    """The reference run writes to a directory both workers see; the stopped and resumed one to a bucket, which both
+    hosts checkpoint into (one checkpoint, each host writing its shards) and resume from."""
+    pod = bucket_pod
     prepared(pod, project)
     common = [RECIPE, "--no-sync", *env_args(shared), *sets(16 * STEPS)]
     # the uninterrupted run: watched in its tmux pane, then its log followed until the trainers end
@@ -109,12 +130,12 @@ def test_two_workers_train_stop_and_resume_to_the_uninterrupted_result(pod, proj
     code, workers = status(pod, "reference")
     assert code == 0 and [w["state"] for w in workers] == ["done", "done"]
 
-    # a run with a name the remote shell must not split, stopped mid-stage
+    # a run with a name the remote shell must not split, in a bucket, stopped mid-stage
     name = 'it\'s a "run"'
-    workdir = shared / "work dir"
-    r = pod.tpuctl("run", *common, "--name", name, "--workdir", str(workdir), cwd=project, timeout=120)
+    workdir = f"{bucket}/work dir"
+    r = pod.tpuctl("run", *common, "--name", name, "--workdir", workdir, cwd=project, timeout=120)
     assert r.returncode == 0, r.stderr
-    wait_for_step(workdir / "metrics.jsonl", 3)
+    wait_for_logged_step(pod, name, 3)
     code, workers = status(pod, name)
     assert code == 0 and [w["state"] for w in workers] == ["running", "running"], workers
     assert workers[0]["progress"]["stage"] == "pretrain16" and workers[0]["progress"]["step"] >= 3
@@ -128,8 +149,10 @@ def test_two_workers_train_stop_and_resume_to_the_uninterrupted_result(pod, proj
     assert [w["state"] for w in json.loads(r.stdout)["workers"]] == ["stopped", "stopped"]
     code, workers = status(pod, name)
     assert [w["state"] for w in workers] == ["stopped", "stopped"] and not any(w["session"] for w in workers)
-    saved = workers[0]["checkpoint"]
+    saved = workers[0]["checkpoint"]  # read from the bucket by worker 0's venv (python -m trainer.workdir)
+    assert workers[1]["checkpoint"] == saved
     stopped_at = int(saved.split("/")[1])
+    assert storage.at(f"{workdir}/pretrain16/checkpoints/{stopped_at}/commit_success.txt").exists()
     assert saved.startswith("pretrain16/") and 3 <= stopped_at < STEPS
     logs = pod.tpuctl("logs", name, "--workers", "all", "-n", "3")
     assert f"[w0] preempted: saved stage pretrain16 step {stopped_at}/{STEPS}" in logs.stdout, logs.stdout
@@ -138,7 +161,7 @@ def test_two_workers_train_stop_and_resume_to_the_uninterrupted_result(pod, proj
     r = pod.tpuctl("run", *common, "--name", name, "--follow", cwd=project, timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert f"resuming at step {stopped_at}/{STEPS}" in r.stdout
-    assert losses(workdir / "metrics.jsonl") == pytest.approx(losses(shared / "ref" / "metrics.jsonl"), rel=1e-5)
+    assert losses(f"{workdir}/metrics.jsonl") == pytest.approx(losses(shared / "ref" / "metrics.jsonl"), rel=1e-5)
     code, workers = status(pod, name)
     assert code == 0 and [w["state"] for w in workers] == ["done", "done"]
 

@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from trainer import storage
 from trainer.metrics import read_jsonl
+from trainer.workdir import committed_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "tiny_synthetic.toml"
@@ -103,7 +105,7 @@ def reference(tmp_path_factory, xla_cache):
 
 def wait_for_step(workdir: Path, proc: subprocess.Popen, step: int, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
-    path = workdir / "metrics.jsonl"
+    path = Path(workdir) / "metrics.jsonl"
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         if path.exists() and any(r["step"] >= step for r in read_jsonl(path)):
@@ -112,13 +114,16 @@ def wait_for_step(workdir: Path, proc: subprocess.Popen, step: int, timeout: flo
     raise AssertionError(f"no step {step} within {timeout} s")
 
 
-def wait_for_checkpoint(workdir: Path, proc: subprocess.Popen, stage: str, step: int, timeout: float = 120) -> None:
-    """Until the async save of `step` has committed: orbax renames its temporary directory to the step's at the end
-    (a kill before that leaves no checkpoint, and the run rightly starts over)."""
+def wait_for_checkpoint(
+    workdir: Path | str, proc: subprocess.Popen, stage: str, step: int, timeout: float = 120
+) -> None:
+    """Until the async save of `step` has committed (locally orbax renames its temporary directory to the step's at
+    the end, in a bucket it writes commit_success.txt; a kill before that leaves no checkpoint, and the run rightly
+    starts over)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.stdout.read()[-3000:]
-        if (workdir / stage / "checkpoints" / str(step)).is_dir():
+        if step in committed_steps(storage.at(str(workdir)) / stage):
             return
         time.sleep(0.05)
     raise AssertionError(f"no committed checkpoint {stage}/{step} within {timeout} s")
@@ -172,6 +177,24 @@ def test_kill_9_then_resume_continues_exactly(reference, trainer, tmp_path):
     assert sorted(got) == sorted(want)
     for step in want:  # the same batches in the same order from the same state: the same losses
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-6), step
+
+
+def test_a_bucket_workdir_killed_and_resumed_continues_exactly(reference, trainer, bucket):
+    """The same drill with the workdir in a bucket (the GCS emulator): checkpoints, metrics and the resume all go
+    through gs://."""
+    workdir = f"{bucket}/run"
+    proc = trainer.start(workdir)
+    wait_for_checkpoint(workdir, proc, "pretrain16", 4)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    out = trainer.run(workdir)
+    assert "resuming at step" in out
+    got, want = losses(read_jsonl(f"{workdir}/metrics.jsonl")), losses(reference[2])
+    assert sorted(got) == sorted(want)
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-6), step
+    assert committed_steps(storage.at(workdir) / "ft32") == [4, 6]
+    assert len(storage.glob(f"{workdir}/tensorboard/events.out.tfevents.*")) == 2  # one per start
 
 
 def test_sigterm_saves_a_checkpoint_before_exiting(reference, trainer, tmp_path):

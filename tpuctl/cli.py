@@ -349,23 +349,26 @@ class _SyncProgress:
 
 @cli.command()
 @fleet_options("remote_dir", "command_timeout")
-@setting_options("python", "extras", "pip_args")
+@setting_options("python", "extras", "pip_args", "jax_version", "apt_packages")
 @dry_run_option
 @json_option
 def prepare(dry_run: bool, as_json: bool, **flags: Any) -> None:
-    """Create REMOTE_DIR/.venv on every worker with the project and its extras (idempotent).
+    """Create REMOTE_DIR/.venv on every worker with the project and its extras, jax pinned (idempotent).
 
-    Example: tpuctl sync . && tpuctl prepare --extras train
+    Every worker gets jax==JAX_VERSION (jax[tpu] where it has TPU devices), so a pod never mixes releases; the
+    APT_PACKAGES (comma-separated) are installed first with apt-get, as root or through sudo -n.
+
+    Example: tpuctl sync . && tpuctl prepare --jax-version 0.4.35 --apt-packages libgl1,ffmpeg
     """
-    from tpuctl import ops, remote
+    from tpuctl import ops
 
     settings = _settings(flags)
+    command = ops.prepare_command(settings)  # a missing pin is one line before any worker is asked
     fleet = _fleet(settings)
     if dry_run:
-        command = remote.prepare_command(
-            settings.remote_dir, settings.python, settings.extras, settings.pip_args, settings.device_globs
-        )
-        _err().print(f"Would run on {render.count(len(fleet.hosts), 'worker')} ({', '.join(fleet.hosts)}):")
+        plan = render.prepare_plan(settings.extras, settings.jax_version or "", settings.apt_packages)
+        _err().print(render.plain(f"Would install {plan}"))
+        _err().print(f"on {render.count(len(fleet.hosts), 'worker')} ({', '.join(fleet.hosts)}), by running:")
         click.echo(command)
         return
     reports = ops.prepare(settings, fleet)

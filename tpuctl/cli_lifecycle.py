@@ -215,7 +215,7 @@ def _show_node(api: Any, node: Any, as_json: bool) -> None:
 @click.option("--unhealthy-grace", default=600.0, show_default=True, help="Seconds a TPU may stay unhealthy.")
 @fleet_options("remote_dir", "command_timeout")
 @setting_options("accelerator_type", "runtime_version", "network", "subnetwork", "workdir_root", "coordinator_port")
-@setting_options("python", "extras", "pip_args")
+@setting_options("python", "extras", "pip_args", "jax_version", "apt_packages")
 @json_option
 def babysit(
     recipe: Path,
@@ -246,11 +246,12 @@ def babysit(
       tpuctl babysit recipes/b16.toml --tpu my-pod --recreate
     """
     from tpuctl import babysit as babysitting
-    from tpuctl import cloud, launch, lifecycle, registry
+    from tpuctl import cloud, launch, lifecycle, ops, registry
 
     settings = _settings(flags)
     settings.require("project", "zone", "tpu")
     assert settings.tpu is not None
+    ops.prepare_command(settings)  # no jax pin: one line now, not in a round after a TPU was made
     project = Path.cwd()
     recipe_path = launch.recipe_in_project(recipe, project)
     launch.validate_recipe(project / recipe_path, list(overrides))

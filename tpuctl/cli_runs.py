@@ -83,7 +83,7 @@ def run(
     local = local or settings.target == "local"
     target = launch.local_target(settings, project) if local else launch.pod_target(settings, _fleet(settings))
     workdir = registry.workdir_for(name, workdir, settings.workdir_root)
-    if local:
+    if local and "://" not in workdir:
         workdir = os.path.abspath(os.path.expanduser(workdir))
     record = registry.RunRecord(
         name=name,
@@ -233,6 +233,8 @@ def status(run: str | None, as_json: bool, **flags: Any) -> None:
         _err().print(render.plain(f"run {record.name!r}: {record.recipe}, workdir {record.workdir}"))
         _out().print(render.status_table(reports))
         _say_failures((r.index, r.ip, r.error) for r in reports)
+        for note in render.status_notes(reports):
+            _err().print(render.plain(note))
     raise SystemExit(status_exit_code(reports))
 
 
@@ -314,7 +316,9 @@ def stop(run: str | None, grace: float, as_json: bool, **flags: Any) -> None:
         _out().print(render.stop_table(reports))
         _say_failures((r.index, r.ip, r.error) for r in reports)
         if not any(r.error for r in reports):
-            _err().print(render.plain(f"Stopped. Resume with: {resume_command(record)}"))
+            (first,) = launch.status(settings, target.subset([0]), record)  # the checkpoint it will resume from
+            saved = first.data.get("checkpoint") or "none yet"
+            _err().print(render.plain(f"Stopped at checkpoint {saved}. Resume with: {resume_command(record)}"))
     failed = any(r.error or r.state == "killed" for r in reports)
     raise SystemExit(EXIT_FAILED if failed else EXIT_OK)
 

@@ -10,6 +10,7 @@ import configparser
 import dataclasses
 import getpass
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,11 +34,36 @@ def _local_user() -> str:
         return "root"
 
 
+def local_jax_version() -> str | None:
+    """The jax release installed where tpuctl runs: what `pip install -e '.[train]'` resolved the train extra to.
+
+    Read from the installed distribution's metadata; jax itself is never imported. None when jax is not installed.
+    """
+    from importlib import metadata  # ~30 ms to import; the fleet commands' paramiko imports it anyway
+
+    try:
+        return metadata.version("jax")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+# A release as pip takes it after `jax==` (PEP 440, canonical spellings): "0.4.35", "0.5.0rc1", "0.4.36.dev20241201".
+JAX_VERSION_RE = re.compile(r"[0-9]+(\.[0-9]+)*((a|b|rc)[0-9]+)?(\.post[0-9]+)?(\.dev[0-9]+)?(\+[a-z0-9.]+)?")
+# Debian policy 5.6.1/5.6.7: lowercase letters, digits, + - and .; at least two characters; starting with a letter
+# or digit (so no name can pass for an apt-get option).
+DEBIAN_PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
+
+
 def _setting(default: Any, kind: str, help: str, flag: str | None = None, gcloud: str | None = None) -> Any:
-    """A settings field. kind: str|int|float|bool|list|path. gcloud: 'section/key' in gcloud's config files."""
+    """A settings field. kind: str|int|float|bool|list|path. gcloud: 'section/key' in gcloud's config files.
+
+    A callable default is called when the setting is resolved (not at import), for defaults read from this machine.
+    """
     meta = {"kind": kind, "help": help, "flag": flag, "gcloud": gcloud}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
+    if callable(default):
+        return field(default_factory=default, metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -76,6 +102,19 @@ class Settings:
     python: str = _setting("python3", "str", "Python on the workers used to create the virtualenv.")
     extras: str = _setting("train", "str", "Extras of the project that `prepare` installs on the workers.")
     pip_args: str = _setting("", "str", "Extra arguments for pip on the workers, e.g. an index URL.")
+    jax_version: str | None = _setting(
+        local_jax_version,
+        "str",
+        "JAX release `prepare` pins on every worker (jax[tpu]==V on TPU hosts, jax==V everywhere); default: the jax"
+        " installed where tpuctl runs, i.e. what the train extra resolved to here.",
+        "--jax-version",
+    )
+    apt_packages: list[str] = _setting(
+        [],
+        "list",
+        "Debian packages `prepare` installs on every worker first (apt-get install -y, as root or via sudo -n).",
+        "--apt-packages",
+    )
     target: str = _setting("tpu", "str", "Where `run` trains: 'tpu' (the TPU's workers) or 'local' (this machine).")
     workdir_root: str = _setting(
         "~/tpuctl-runs",
@@ -163,6 +202,18 @@ def _validate(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
     for name, ok, want in checks:
         if not ok(values[name]):
             raise ConfigError(f"{name} = {values[name]!r} (from {sources[name]}) must be {want}")
+    version = values["jax_version"]
+    if version is not None and not JAX_VERSION_RE.fullmatch(version):
+        raise ConfigError(
+            f"jax_version = {version!r} (from {sources['jax_version']}) is not a JAX release",
+            "give one version, e.g. 0.4.35, without == or >=",
+        )
+    for package in values["apt_packages"]:
+        if not DEBIAN_PACKAGE_RE.fullmatch(package):
+            raise ConfigError(
+                f"apt_packages has {package!r} (from {sources['apt_packages']}), not a Debian package name",
+                "lowercase letters, digits, '+', '-' and '.', at least 2 characters, starting with a letter or digit",
+            )
 
 
 # --- the layers -------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ their status, stop them. Each is one command from tpuctl.remote per worker, answ
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shlex
 import sys
@@ -26,7 +27,13 @@ if TYPE_CHECKING:
 # Seconds a worker gets to start its tmux session (the script waits for the trainer's pid file).
 START_TIMEOUT_S = 60.0
 STATUS_TIMEOUT_S = 30.0
+BUCKET_PROBE_S = 30.0  # scripts/runs.py's limit on asking a gs:// workdir for its newest checkpoint
 VENV_PYTHON = ".venv/bin/python"
+# Forwarded from this machine's environment to every trainer when set, and never shown: their values travel on the
+# SSH channel's stdin (not a command line), are not written to the run's log or the run registry, and --dry-run
+# shows NAME=****. On the worker the pane's shell reads them from a file only the user can read, then deletes it.
+SECRET_ENV = ("WANDB_API_KEY",)
+MASK = "****"
 
 
 @dataclass
@@ -113,8 +120,14 @@ def worker_plan(settings: Settings, target: Target, record: RunRecord, worker: W
         "cwd": record.cwd,
         "argv": remote.trainer_argv(target.python, record.recipe, record.workdir, record.overrides),
         "env": remote.trainer_env(record.env, coordinator(settings, target), count, worker.index),
+        "secret_env": sorted(secret_env()),  # names only: start() sends the values on stdin
         "device_globs": list(settings.device_globs),
     }
+
+
+def secret_env() -> dict[str, str]:
+    """The SECRET_ENV variables set here, read at launch (never stored with the run, so each start reads them anew)."""
+    return {name: os.environ[name] for name in SECRET_ENV if os.environ.get(name)}
 
 
 def run_dir(target: Target, record: RunRecord) -> str:
@@ -123,27 +136,46 @@ def run_dir(target: Target, record: RunRecord) -> str:
 
 
 def describe_plan(plan: dict[str, Any]) -> str:
-    """The command line a worker's tmux session runs (what --dry-run prints)."""
-    env = [f"{k}={v}" for k, v in sorted(plan["env"].items())]
+    """The command line a worker's tmux session runs (what --dry-run prints), secrets masked."""
+    shown = plan["env"] | dict.fromkeys(plan["secret_env"], MASK)
+    env = [f"{k}={MASK if k in SECRET_ENV else v}" for k, v in sorted(shown.items())]
     return f"cd {remote.shell_path(plan['cwd'])} && {shlex.join(['env', *env, *plan['argv']])}"
 
 
 def start(settings: Settings, target: Target, record: RunRecord) -> list[WorkerReport]:
-    def command(worker: Worker) -> str:
-        return remote.run_command("start", settings.python, **worker_plan(settings, target, record, worker))
+    """Start the run on every worker; the secrets (SECRET_ENV) go on stdin, the same to each."""
+    secrets = secret_env()
 
-    return [report(r) for r in target.fleet.run(command, timeout=START_TIMEOUT_S)]
+    def command(worker: Worker) -> str:
+        plan = worker_plan(settings, target, record, worker) | {"secret_env": sorted(secrets)}
+        return remote.run_command("start", settings.python, **plan)
+
+    stdin = json.dumps(secrets).encode() if secrets else None
+    return [report(r) for r in target.fleet.run(command, timeout=START_TIMEOUT_S, stdin=stdin)]
 
 
 def status(settings: Settings, target: Target, record: RunRecord) -> list[WorkerReport]:
-    command = remote.run_command(
-        "status",
-        settings.python,
-        session=remote.session_name(record.slug),
-        run_dir=run_dir(target, record),
-        workdir=record.workdir,
-    )
-    return [report(r) for r in target.fleet.run(command, timeout=STATUS_TIMEOUT_S)]
+    """Each worker's view of the run; the newest checkpoint of a bucket workdir is asked once, by the first worker
+    (through the trainer's venv: tpuctl itself reads no bucket)."""
+    first = target.fleet.workers[0].index
+
+    def command(worker: Worker) -> str:
+        return remote.run_command(
+            "status",
+            settings.python,
+            session=remote.session_name(record.slug),
+            run_dir=run_dir(target, record),
+            workdir=record.workdir,
+            probe=worker.index == first,
+            trainer_python=target.python,
+            cwd=record.cwd,
+        )
+
+    reports = [report(r) for r in target.fleet.run(command, timeout=STATUS_TIMEOUT_S + BUCKET_PROBE_S)]
+    if "://" in record.workdir:  # one bucket: every worker's row shows what the first one read
+        for r in reports[1:]:
+            r.data["checkpoint"] = r.data.get("checkpoint") or reports[0].data.get("checkpoint")
+    return reports
 
 
 def stop(settings: Settings, target: Target, record: RunRecord, grace: float) -> list[WorkerReport]:

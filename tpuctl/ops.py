@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tpuctl import remote
+from tpuctl.config import how_to_set
+from tpuctl.errors import ConfigError
 
 if TYPE_CHECKING:
     from tpuctl.config import Settings
@@ -74,11 +76,26 @@ def clean_logs(settings: Settings, fleet: Fleet, *, dry_run: bool = False) -> li
     return _chips(settings, fleet, "clean", CHIPS_TIMEOUT_S, dry_run=dry_run)
 
 
-def prepare(settings: Settings, fleet: Fleet) -> list[WorkerReport]:
-    command = remote.prepare_command(
-        settings.remote_dir, settings.python, settings.extras, settings.pip_args, settings.device_globs
+def prepare_command(settings: Settings) -> str:
+    """What `prepare` runs on every worker (and `--dry-run` shows); a ConfigError when there is no jax pin."""
+    if not settings.jax_version:
+        raise ConfigError(
+            "jax_version is not set, and jax is not installed here to take the version from",
+            f"{how_to_set('jax_version')}, or install the train extra here: pip install -e '.[train]'",
+        )
+    return remote.prepare_command(
+        settings.remote_dir,
+        settings.python,
+        settings.extras,
+        settings.pip_args,
+        settings.device_globs,
+        jax_version=settings.jax_version,
+        apt_packages=settings.apt_packages,
     )
-    return [report(r) for r in fleet.run(command)]
+
+
+def prepare(settings: Settings, fleet: Fleet) -> list[WorkerReport]:
+    return [report(r) for r in fleet.run(prepare_command(settings))]
 
 
 def check_exit_code(reports: list[WorkerReport]) -> int:

@@ -9,7 +9,8 @@ import click
 
 from tpuctl.config import env_name, setting_fields
 
-_CLICK_TYPES: dict[str, Any] = {"str": str, "path": str, "int": int, "float": float}
+# A list setting's flag takes one comma-separated string, as its env variable does.
+_CLICK_TYPES: dict[str, Any] = {"str": str, "path": str, "int": int, "float": float, "list": str}
 # Settings every fleet command takes; the others live in profiles/env (and a few get flags below).
 FLEET_SETTINGS = ("project", "zone", "tpu", "ssh_user", "ssh_key", "ssh_port", "concurrency")
 BOOL_FLAGS = {

@@ -75,6 +75,8 @@ def find(name: str) -> RunRecord | None:
 def workdir_for(name: str, given: str | None, root: str) -> str:
     """A run's workdir: the one given, else the one it had before (the same name resumes there), else ROOT/SLUG."""
     if given:
+        if re.match(r"^[a-z][a-z0-9+.-]*:/(?!/)", given):  # gs:/b/x: a shell or a path join ate a slash
+            raise TpuctlError(f"--workdir {given} is not a bucket URL", "write it with two slashes: gs://BUCKET/PATH")
         return given
     previous = find(name)
     return previous.workdir if previous else f"{root}/{slug(name)}"

@@ -69,12 +69,57 @@ def chips_command(action: str, device_globs: Sequence[str], **options: Any) -> s
     return privileged(python_script("chips", args))
 
 
-def prepare_command(remote_dir: str, python: str, extras: str, pip_args: str, device_globs: Sequence[str]) -> str:
+# Where libtpu builds for older jax releases live (newer ones are on PyPI too): pip looks here on TPU hosts.
+LIBTPU_FIND_LINKS = "https://storage.googleapis.com/jax-releases/libtpu_releases.html"
+# Seconds apt-get waits for dpkg's lock: a TPU VM that just booted runs unattended-upgrades, which holds it a while.
+APT_LOCK_WAIT_S = 300
+
+
+def apt_argv(action: str, packages: Sequence[str] = ()) -> list[str]:
+    """apt-get update / install, non-interactive (`env` sets the frontend past sudo's env_reset).
+
+    install uses --no-upgrade: a package the worker already has stays at its version, so workers made from one
+    image keep matching versions; only missing ones are installed.
+    """
+    argv = ["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "-o", f"DPkg::Lock::Timeout={APT_LOCK_WAIT_S}"]
+    if action == "update":
+        return [*argv, "update"]
+    if action == "install":
+        return [*argv, "install", "-y", "--no-upgrade", *packages]
+    raise ValueError(action)
+
+
+def prepare_command(
+    remote_dir: str,
+    python: str,
+    extras: str,
+    pip_args: str,
+    device_globs: Sequence[str],
+    *,
+    jax_version: str,
+    apt_packages: Sequence[str] = (),
+) -> str:
+    """Make REMOTE_DIR/.venv on a worker; see scripts/prepare.py for what it runs and the JSON it prints.
+
+    One pip resolution per host: the project with its extras, `jax[tpu]==V` (and libtpu's find-links) where TPU
+    devices exist, and `jax==V` as a constraint everywhere, so whatever pulls jax in gets exactly V and no two
+    workers of a pod can resolve different releases.
+    """
     args = {
         "remote_dir": remote_dir,
         "extras": extras,
         "pip_args": shlex.split(pip_args),
         "device_globs": list(device_globs),
+        "jax_version": jax_version,
+        "requirements": {"tpu": [f"jax[tpu]=={jax_version}"], "other": []},
+        "tpu_pip_args": ["--find-links", LIBTPU_FIND_LINKS],
+        "constraints": [f"jax=={jax_version}"],
+        "apt": {
+            "packages": list(apt_packages),
+            "update": apt_argv("update"),
+            "install": apt_argv("install", apt_packages),
+            "sudo": ["sudo", "-n"],  # prefixed when the login user is not root (passwordless sudo on TPU VMs)
+        },
     }
     return shlex.join(python_script("prepare", args, python=python))
 

@@ -230,6 +230,19 @@ def clean_table(reports: Sequence[WorkerReport]) -> Table:
     return table(None, ["worker", "host", "removed", "would free" if dry_run else "freed"], rows)
 
 
+def prepare_plan(extras: str, jax_version: str, apt_packages: Sequence[str]) -> str:
+    """What `prepare` installs, in words (its --dry-run)."""
+    project = f"the project[{extras}]" if extras else "the project"
+    words = f"{project} with jax=={jax_version} (jax[tpu]=={jax_version} on hosts with TPU devices)"
+    return f"apt packages {' '.join(apt_packages)}, then {words}" if apt_packages else words
+
+
+def _apt_cell(apt: dict[str, Any] | None) -> str:
+    if not apt:
+        return ""
+    return f"installed {len(apt['missing'])}" if apt["missing"] else "present"
+
+
 def prepare_table(reports: Sequence[WorkerReport]) -> Table:
     rows = [
         (
@@ -237,11 +250,13 @@ def prepare_table(reports: Sequence[WorkerReport]) -> Table:
             r.ip,
             status_style("failed" if r.error else "ok"),
             "" if r.error else "installed" if r.data.get("changed") else "unchanged",
+            r.data.get("jax") or "",
+            _apt_cell(r.data.get("apt")),
             f"{r.data.get('seconds', 0):.1f}s",
         )
         for r in reports
     ]
-    return table(None, ["worker", "host", "status", "venv", "time"], rows)
+    return table(None, ["worker", "host", "status", "venv", "jax", "apt", "time"], rows)
 
 
 def sync_json(r: SyncResult) -> dict[str, Any]:
@@ -312,6 +327,19 @@ def status_table(reports: Sequence[WorkerReport]) -> Table:
         )
     columns = ["worker", "host", "state", "tmux", "stage step", "loss", "img/s", "checkpoint", "last line"]
     return table(None, columns, rows)
+
+
+def status_notes(reports: Sequence[WorkerReport]) -> list[str]:
+    """What the status table cannot hold: the latest eval's error (it is global: the first worker that saw it) and
+    why a bucket workdir's checkpoint could not be read."""
+    notes = []
+    failed_eval = next((r.data["eval_error"] for r in reports if r.data.get("eval_error")), None)
+    if failed_eval:
+        notes.append(f"latest eval failed: {failed_eval} (training goes on; see tpuctl logs)")
+    unread = next((r.data["checkpoint_error"] for r in reports if r.data.get("checkpoint_error")), None)
+    if unread:
+        notes.append(f"checkpoint unknown: {unread}")
+    return notes
 
 
 def stop_table(reports: Sequence[WorkerReport]) -> Table:

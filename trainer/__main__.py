@@ -10,7 +10,6 @@ from __future__ import annotations
 import glob
 import os
 import sys
-from pathlib import Path
 
 import click
 
@@ -41,7 +40,7 @@ def start_distributed(
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
-@click.option("--workdir", required=True, type=click.Path(file_okay=False), help="Checkpoints, metrics, TensorBoard.")
+@click.option("--workdir", required=True, help="Checkpoints, metrics, TensorBoard: a local path or gs://BUCKET/PATH.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
 @click.option("--coordinator", envvar="TRAINER_COORDINATOR", help="host:port of process 0 (multi-process, no TPU).")
 @click.option("--num-processes", envvar="TRAINER_NUM_PROCESSES", type=int, help="With --coordinator.")
@@ -76,6 +75,10 @@ def main(
         recipe = load(recipe_path, overrides)  # before jax starts: a typo costs a second, not a minute
     except RecipeError as e:
         raise UserError(str(e)) from None
+    from trainer import preflight, storage
+
+    run_dir = storage.at(workdir)
+    evaluators = preflight.check(recipe, run_dir)  # every path the recipe names, before compiling anything
     import jax
 
     if compile_cache:
@@ -84,7 +87,7 @@ def main(
     from trainer import loop
 
     try:
-        outcome = loop.run(recipe, Path(workdir).expanduser())
+        outcome = loop.run(recipe, run_dir, evaluators)
     except RecipeError as e:  # what depends on the devices: batch or mesh vs. the device count
         raise UserError(str(e)) from None
     if outcome.finished:

@@ -1,4 +1,5 @@
-"""Checkpoints of one stage, with orbax: `<workdir>/<stage>/checkpoints/<step>/{params,train,meta}`.
+"""Checkpoints of one stage, with orbax: `<workdir>/<stage>/checkpoints/<step>/{params,train,meta}`; the workdir
+may be local or gs:// (orbax writes the arrays through tensorstore, its metadata through epath).
 
 - `params`: the model parameters (what the next stage starts from); `train`: step, optimizer state and RNG; `meta`
   (JSON): the stage, the step and the data position, so a resumed run takes exactly the next batch.
@@ -10,12 +11,13 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
+from trainer import storage  # noqa: F401  (before orbax touches a gs:// path: which client epath uses)
 from trainer.step import TrainState
 
 ITEMS = ("params", "train", "meta")
@@ -29,7 +31,7 @@ def abstract(tree: Any, shardings: Any) -> Any:
 
 
 class StageCheckpoints:
-    def __init__(self, stage_dir: Path, keep: int):
+    def __init__(self, stage_dir: epath.Path, keep: int):
         self.directory = stage_dir / "checkpoints"
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)

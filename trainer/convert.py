@@ -8,17 +8,21 @@ stage starts from (`init_from = "DIR"`) or `python -m trainer.eval RECIPE --chec
 export: a run's workdir (its last stage's latest checkpoint) or a converted directory -> FILE.safetensors with
 open_clip_config.json beside it; name the file open_clip_model.safetensors and
 `open_clip.create_model_and_transforms("local-dir:DIR")` loads the pair. The caption decoder is not part of it.
+
+Every source and output may be a local path or a gs:// one.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
+from etils import epath
 
+from trainer import storage
 from trainer.errors import UserError
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
@@ -29,12 +33,14 @@ def main() -> None:
     """Convert checkpoints between open_clip's format and ours."""
 
 
-def read_state(src: Path) -> dict[str, Any]:
+def read_state(src: epath.Path) -> dict[str, Any]:
     """A state dict as NumPy arrays; torch only for the pickled formats."""
+    if not src.is_file():
+        raise UserError(f"{src} does not exist")
     if src.suffix == ".safetensors":
-        from safetensors.numpy import load_file
+        from safetensors.numpy import load
 
-        return load_file(src)
+        return load(src.read_bytes())
     if src.suffix not in TORCH_SUFFIXES:
         raise UserError(f"{src}: not a .safetensors, .bin or .pt state dict")
     try:
@@ -43,13 +49,15 @@ def read_state(src: Path) -> dict[str, Any]:
         raise UserError(
             f"{src}: reading {src.suffix} files needs torch (pip install torch), or pass .safetensors"
         ) from None
-    state = torch.load(src, map_location="cpu", weights_only=True)
+    state = torch.load(io.BytesIO(src.read_bytes()), map_location="cpu", weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # open_clip's training checkpoints
         state = state["state_dict"]
     return {k: v.float().numpy() for k, v in state.items() if hasattr(v, "numpy")}
 
 
-def find_config(src: Path, config: Path | None) -> dict[str, Any]:
+def find_config(src: epath.Path, config: epath.Path | None) -> dict[str, Any]:
+    if config is not None and not config.is_file():
+        raise UserError(f"--config {config} does not exist")
     candidates = [config] if config else [src.parent / "open_clip_config.json", src.with_suffix(".json")]
     for path in candidates:
         if path is not None and path.is_file():
@@ -64,12 +72,12 @@ def find_config(src: Path, config: Path | None) -> dict[str, Any]:
 
 
 @main.command("import")
-@click.argument("src", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("src", type=storage.at)
 @click.option("--model", required=True, help='Our name for the image tower, VARIANT/PATCH (e.g. "B/16").')
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Directory to write.")
-@click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="open_clip model config.")
-def import_(src: Path, model: str, out: Path, config: Path | None) -> None:
-    """Import an open_clip checkpoint SRC."""
+@click.option("--out", required=True, type=storage.at, help="Directory to write (local or gs://).")
+@click.option("--config", type=storage.at, help="open_clip model config.")
+def import_(src: epath.Path, model: str, out: epath.Path, config: epath.Path | None) -> None:
+    """Import an open_clip checkpoint SRC (local or gs://)."""
     from trainer import openclip, pretrained
 
     settings = openclip.settings_from_config(find_config(src, config), model)
@@ -85,21 +93,23 @@ def _leaves(tree: Any) -> list[Any]:
 
 
 @main.command("export")
-@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="FILE.safetensors")
-def export(src: Path, out: Path) -> None:
+@click.argument("src", type=storage.at)
+@click.option("--out", required=True, type=storage.at, help="FILE.safetensors (local or gs://)")
+def export(src: epath.Path, out: epath.Path) -> None:
     """Export a workdir's (or a converted directory's) params as open_clip's SRC."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     from trainer import openclip
 
     if out.suffix != ".safetensors":
         raise UserError(f"--out {out}: name a .safetensors file")
+    if not src.is_dir():
+        raise UserError(f"{src} does not exist: name a run's workdir or a converted directory")
     recipe, resolution, params, where = load_params(src)
     config = openclip.config_from_recipe(recipe, resolution)  # first: it refuses what open_clip cannot build
     state = openclip.state_from_params(params, recipe, resolution)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, out)
+    out.write_bytes(save(state))
     preprocess = config.pop("preprocess_cfg")
     config_path = out.parent / "open_clip_config.json"
     config_path.write_text(json.dumps({"model_cfg": config, "preprocess_cfg": preprocess}, indent=1) + "\n")
@@ -107,7 +117,7 @@ def export(src: Path, out: Path) -> None:
     click.echo(f"{where} -> {out} + {config_path.name}: {len(state)} tensors{note}")
 
 
-def load_params(src: Path) -> tuple[Any, int, Any, str]:
+def load_params(src: epath.Path) -> tuple[Any, int, Any, str]:
     """(recipe, resolution, params as NumPy, what was read) from a workdir or a converted directory."""
     from trainer import pretrained
 

@@ -10,7 +10,7 @@ last stage's unless --stage names one); its results are printed only.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
+from typing import Any
 
 import click
 
@@ -20,7 +20,7 @@ from trainer.recipe import Recipe, RecipeError, load
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
-@click.option("--workdir", type=click.Path(file_okay=False), help="The training run's workdir.")
+@click.option("--workdir", help="The training run's workdir (local or gs://).")
 @click.option("--stage", "stage_name", default="", help="The stage whose checkpoint to evaluate (default: the last).")
 @click.option("--checkpoint", default=None, help="Its step (default: its latest), or a converted directory.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
@@ -34,23 +34,24 @@ def main(
         raise UserError(str(e)) from None
     if not recipe.evals:
         raise UserError(f"{recipe_path} has no [[evals]]")
+    evaluators = build_evaluators(recipe)
     names = [s.name for s in recipe.stages]
     if stage_name and stage_name not in names:
         raise UserError(f"--stage {stage_name}: the recipe's stages are {', '.join(names)}")
     step = int(checkpoint) if checkpoint is not None and checkpoint.isdigit() else None
     if checkpoint is not None and step is None:
-        return evaluate_converted(recipe, checkpoint, names.index(stage_name) if stage_name else -1)
+        return evaluate_converted(recipe, evaluators, checkpoint, names.index(stage_name) if stage_name else -1)
     if workdir is None:
         raise UserError("--workdir is needed to evaluate a run's checkpoint (or pass --checkpoint CONVERTED_DIR)")
     import jax
 
-    from trainer import evals, loop, sharding
+    from trainer import evals, loop, sharding, storage
     from trainer.metrics import MetricsLog
     from trainer.models.clip import build
     from trainer.program import abstract_params
     from trainer.report import Report
 
-    run_dir = Path(workdir)
+    run_dir = storage.at(workdir)
     index, found = None, None
     for i in reversed(range(len(names))):
         if stage_name and names[i] != stage_name:
@@ -71,7 +72,7 @@ def main(
         raise UserError(f"stage {stage.name} has no checkpoint {found} in {workdir}") from None
     except RecipeError as e:  # what depends on the devices
         raise UserError(str(e)) from None
-    results = evals.run_all(recipe, model, params, mesh, stage.resolution)
+    results = evals.run_all(evaluators, model, params, mesh, stage.resolution)
     host0 = jax.process_index() == 0
     Report(enabled=host0).table(f"evals: stage {stage.name} step {found}", results)
     metrics = MetricsLog(run_dir, enabled=host0, start_step=None)
@@ -79,9 +80,22 @@ def main(
     metrics.close()
 
 
-def evaluate_converted(recipe: Recipe, directory: str, index: int) -> None:
+def build_evaluators(recipe: Recipe) -> list[Any]:
+    """The recipe's evaluators with their inputs read once (a missing one is one line naming its key)."""
+    from trainer import evals
+    from trainer.data.tokenizers import from_recipe
+
+    try:
+        return evals.build(recipe, from_recipe(recipe))
+    except RecipeError as e:
+        raise UserError(str(e)) from None
+
+
+def evaluate_converted(recipe: Recipe, evaluators: list[Any], directory: str, index: int) -> None:
     """A converted checkpoint (local or gs://) at stage `index`'s resolution; the table only (it is no run's)."""
-    if "://" not in directory and not Path(directory).is_dir():
+    from trainer import storage
+
+    if not storage.at(directory).is_dir():
         raise UserError(f"--checkpoint {directory}: neither a step number nor a directory")
     import jax
 
@@ -96,7 +110,7 @@ def evaluate_converted(recipe: Recipe, directory: str, index: int) -> None:
         raise UserError(str(e)) from None
     model = build(recipe)
     params = loop.fit_positions(recipe, stage, pretrained.restore(directory, recipe, stage, model, mesh))
-    results = evals.run_all(recipe, model, params, mesh, stage.resolution)
+    results = evals.run_all(evaluators, model, params, mesh, stage.resolution)
     Report(enabled=jax.process_index() == 0).table(f"evals: {directory} at {stage.resolution} px", results)
 
 

@@ -6,6 +6,10 @@ Where a run starts (`find_start`), in this order of precedence:
 2. otherwise stage 0 from a fresh initialisation.
 Each stage starts from the previous stage's final params with a fresh optimizer, schedule and step 0; a stage with
 `init_from` starts from that converted checkpoint instead (trainer/pretrained.py).
+
+At a step that evaluates, the checkpoint is saved and committed first, then the evals run: an eval that fails (a
+bucket hiccup, a damaged image) is reported in the log and the metrics (`eval_error`) and training goes on, so
+nothing trained is ever lost to an eval.
 """
 
 from __future__ import annotations
@@ -14,11 +18,11 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 
 from trainer import data, evals, optimizer, pretrained, sharding
 from trainer.checkpoint import StageCheckpoints
@@ -32,6 +36,9 @@ from trainer.preemption import Preemption
 from trainer.program import abstract_params, compile_stage
 from trainer.recipe import Recipe, Stage
 from trainer.report import Report
+from trainer.wandb_log import WandbRun
+
+EVAL_FAILED = "eval failed"  # how a log line reporting a failed eval starts (tpuctl status shows the latest)
 
 
 @dataclass(frozen=True)
@@ -49,7 +56,7 @@ class Outcome:
     step: int  # within the stage
 
 
-def find_start(recipe: Recipe, workdir: Path) -> Start:
+def find_start(recipe: Recipe, workdir: epath.Path) -> Start:
     stages = recipe.stages
     for index in reversed(range(len(stages))):
         ckpt = checkpoints(recipe, workdir, index)
@@ -63,12 +70,13 @@ def find_start(recipe: Recipe, workdir: Path) -> Start:
     return Start(0, None, None)
 
 
-def checkpoints(recipe: Recipe, workdir: Path, index: int) -> StageCheckpoints:
+def checkpoints(recipe: Recipe, workdir: epath.Path, index: int) -> StageCheckpoints:
     return StageCheckpoints(workdir / recipe.stages[index].name, recipe.checkpoint.keep)
 
 
-def run(recipe: Recipe, workdir: Path) -> Outcome:
-    """Train what is left of the recipe in `workdir`."""
+def run(recipe: Recipe, workdir: epath.Path, evaluators: list[evals.Evaluator]) -> Outcome:
+    """Train what is left of the recipe in `workdir` (local or gs://), evaluating with `evaluators` (built once, by
+    trainer.preflight)."""
     mesh = sharding.checked_mesh(recipe)
     workdir.mkdir(parents=True, exist_ok=True)
     host = data.Host(jax.process_index(), jax.process_count())
@@ -78,7 +86,8 @@ def run(recipe: Recipe, workdir: Path) -> Outcome:
     model = build(recipe)
     preemption = Preemption()
     first_global = global_step(recipe, start.stage, start.resume_step or 0)
-    metrics = MetricsLog(workdir, enabled=host.index == 0, start_step=first_global)
+    wandb = WandbRun(recipe, workdir, host0=host.index == 0)  # the same W&B run again when resumed
+    metrics = MetricsLog(workdir, enabled=host.index == 0, start_step=first_global, wandb=wandb)
     report = Report(enabled=True)  # every host logs (its own file on a pod): `tpuctl status` reads each one's step
     params = None
     if start.init_from is not None and start.stage < len(recipe.stages) and not recipe.stages[start.stage].init_from:
@@ -86,16 +95,18 @@ def run(recipe: Recipe, workdir: Path) -> Outcome:
         target = abstract_params(model, recipe, recipe.stages[previous], mesh)
         params = checkpoints(recipe, workdir, previous).restore_params(start.init_from, target)
     outcome = Outcome(finished=True, preempted=False, stage="", step=0)
+    failed = True  # until the loop ends normally: W&B marks the run failed otherwise
     try:
         for index in range(start.stage, len(recipe.stages)):
             resume = start.resume_step if index == start.stage else None
             outcome, params = run_stage(
-                recipe, index, model, mesh, host, workdir, params, resume, preemption, metrics, report
+                recipe, index, model, mesh, host, workdir, params, resume, preemption, metrics, report, evaluators
             )
             if outcome.preempted:
                 break
+        failed = False
     finally:
-        metrics.close()
+        metrics.close(exit_code=1 if failed else 0)
         report.close()
     return outcome
 
@@ -106,12 +117,13 @@ def run_stage(
     model: Clip,
     mesh: jax.sharding.Mesh,
     host: data.Host,
-    workdir: Path,
+    workdir: epath.Path,
     params: Any,
     resume_step: int | None,
     preemption: Preemption,
     metrics: MetricsLog,
     report: Report,
+    evaluators: list[evals.Evaluator],
 ) -> tuple[Outcome, Any]:
     stage = recipe.stages[index]
     steps = recipe.stage_steps(stage)
@@ -150,25 +162,30 @@ def run_stage(
             else:
                 timed_steps += 1
             preempted = preemption.reached(global_step(recipe, index, step))
-            evaluate = bool(recipe.evals) and (step == steps or bool(stage.eval_every and step % stage.eval_every == 0))
+            # a preempted host has seconds to save: the evals wait for the resumed run
+            evaluate = bool(evaluators) and not preempted and (step == steps or due(step, stage.eval_every))
+            record = None
             if step % recipe.log.every_steps == 0 or step == steps or preempted or evaluate:
                 values = {k: float(v) / window_steps for k, v in jax.device_get(window).items()}
                 record = {"stage": stage.name, "stage_step": step, **values, "lr": float(schedule(step - 1))}
                 if timed_steps:
                     record.update(speed.measure(timed_steps, steps - step))
                 record.update({f"data_{k}": v for k, v in position.items() if k in ("epoch", "bad")})
+                window, window_steps, timed_steps = None, 0, 0
+            report.advance(step)
+            if step % every_ckpt == 0 or step == steps or preempted or evaluate:
+                positions = data.gather_positions(position, host)  # every host's: each resumes its own stream
+                ckpt.save(state, {"stage": index, "stage_name": stage.name, "step": step, "data": positions})
+            if record is not None:
                 if evaluate:
-                    results = evals.run_all(recipe, model, state.params, mesh, stage.resolution)
-                    report.table(f"evals: stage {stage.name} step {step}", results)
+                    ckpt.wait()  # committed before the evals run: nothing trained is lost to an eval
+                    results = run_evals(evaluators, model, state.params, mesh, stage, step, report)
                     record.update(results)
+                    numbers = {k: v for k, v in results.items() if k != "eval_error"}
+                    metrics.table(f"evals/{stage.name}", global_step(recipe, index, step), numbers)
                     speed.restart()  # the eval's time is not the step's
                 metrics.write(global_step(recipe, index, step), record)
                 report.log(record)
-                window, window_steps, timed_steps = None, 0, 0
-            report.advance(step)
-            if step % every_ckpt == 0 or step == steps or preempted:
-                positions = data.gather_positions(position, host)  # every host's: each resumes its own stream
-                ckpt.save(state, {"stage": index, "stage_name": stage.name, "step": step, "data": positions})
             if preempted:
                 ckpt.wait()
                 report.say(f"preempted: saved stage {stage.name} step {step}/{steps}; run the same command to resume")
@@ -177,6 +194,25 @@ def run_stage(
     ckpt.close()
     report.say(f"stage {stage.name}: done ({steps} steps)")
     return Outcome(finished=index == len(recipe.stages) - 1, preempted=False, stage=stage.name, step=step), state.params
+
+
+def due(step: int, every: int) -> bool:
+    """Whether a cadence of `every` steps (0 = never) falls on `step`."""
+    return bool(every) and step % every == 0
+
+
+def run_evals(
+    evaluators: list[evals.Evaluator], model: Clip, params: Any, mesh: Any, stage: Stage, step: int, report: Report
+) -> dict[str, Any]:
+    """The evals' results for the metrics, plus `eval_error` where some failed: reported, never fatal to training."""
+    errors: dict[str, str] = {}
+    results: dict[str, Any] = evals.run_all(evaluators, model, params, mesh, stage.resolution, errors)
+    report.table(f"evals: stage {stage.name} step {step}", results)
+    for name, error in errors.items():
+        report.say(f"{EVAL_FAILED}: {name} at stage {stage.name} step {step}: {error}")
+    if errors:
+        results["eval_error"] = "; ".join(f"{name}: {error}" for name, error in errors.items())
+    return results
 
 
 def global_step(recipe: Recipe, index: int, step: int) -> int:

@@ -20,8 +20,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
-from etils import epath
 
+from trainer import storage
 from trainer.errors import UserError
 from trainer.models import variants
 from trainer.recipe import Model, Recipe, Stage, Text, tomllib
@@ -41,15 +41,9 @@ EFFECTIVE: dict[str, Callable[[Model], int]] = {
 Location = str | os.PathLike[str]
 
 
-def at(location: Location) -> epath.Path:
-    """A local path (made absolute, as orbax needs) or a gs:// one."""
-    text = os.fspath(location)
-    return epath.Path(text if "://" in text else os.path.abspath(text))
-
-
 def write(location: Location, params: Any, settings: dict[str, Any]) -> None:
     """Save `params` (a tree of arrays) and the settings that build their model (openclip.settings_from_config's)."""
-    directory = at(location)
+    directory = storage.at(location)
     directory.mkdir(parents=True, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(directory / "params", params, force=True)
@@ -71,7 +65,7 @@ def toml_value(value: Any) -> str:
 
 
 def read_settings(location: Location) -> dict[str, Any]:
-    directory = at(location)
+    directory = storage.at(location)
     path = directory / "model.toml"
     if not path.is_file() or not (directory / "params").is_dir():
         raise UserError(
@@ -124,7 +118,7 @@ def restore(location: Location, recipe: Recipe, stage: Stage, model: Any, mesh: 
     has none) is initialised as a fresh run's would be."""
     from trainer.program import abstract_params, init_variables
 
-    directory = at(location)
+    directory = storage.at(location)
     settings = read_settings(directory)
     check_recipe(recipe, settings, location)
     native = dataclasses.replace(stage, resolution=int(settings["resolution"]))
@@ -152,4 +146,4 @@ def restore(location: Location, recipe: Recipe, stage: Stage, model: Any, mesh: 
 
 def restore_numpy(location: Location) -> Any:
     """The params as NumPy arrays on this host (export)."""
-    return ocp.StandardCheckpointer().restore(at(location) / "params")
+    return ocp.StandardCheckpointer().restore(storage.at(location) / "params")

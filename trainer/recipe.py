@@ -128,6 +128,10 @@ class Checkpoint:
 @dataclass(frozen=True)
 class Log:
     every_steps: int = 50  # metrics (JSONL, TensorBoard, console) every this many steps; averaged over them
+    # Weights & Biases (the `wandb` extra), from host 0: the same scalars as TensorBoard plus each eval's table
+    wandb_project: str = ""  # "" = off
+    wandb_entity: str = ""  # "" = the API key's default entity
+    wandb_name: str = ""  # the run's display name; "" = the workdir's last path component
 
 
 @dataclass(frozen=True)
@@ -325,6 +329,7 @@ def validate(r: Recipe) -> None:
     ):
         if not 0 <= value <= 1:
             raise RecipeError(f"{key} = {value} must be between 0 and 1")
+    _validate_log(r.log)
     if r.data.source != "synthetic" and not r.data.train:
         raise RecipeError(f'data.train is empty: data.source = "{r.data.source}" needs the training files')
     for name in ("data", "fsdp", "tensor"):
@@ -341,6 +346,15 @@ def validate(r: Recipe) -> None:
         if s.name in names:
             raise RecipeError(f'stages[{i}].name = "{s.name}" is used by an earlier stage')
         names.add(s.name)
+
+
+def _validate_log(log: Log) -> None:
+    bad = [c for c in "/\\#?%:" if c in log.wandb_project]  # what W&B refuses in a project name
+    if bad:
+        raise RecipeError(f'log.wandb_project = "{log.wandb_project}" must not contain {" ".join(bad)}')
+    for key, value in (("log.wandb_entity", log.wandb_entity), ("log.wandb_name", log.wandb_name)):
+        if value and not log.wandb_project:
+            raise RecipeError(f'{key} = "{value}" is set but log.wandb_project is empty: W&B is off without a project')
 
 
 def _validate_stage(r: Recipe, s: Stage, key: str) -> None:

@@ -25,6 +25,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
@@ -50,6 +51,15 @@ SESSION_ENV = {
 _OPEN_FLEETS: set[SshFleet] = set()
 
 
+@dataclass(frozen=True)
+class Network:
+    """What a worker's network offers beyond the fleet: more /etc/hosts lines and the environment its SSH sessions
+    get (a GCS stand-in's route and endpoints, as a TPU VM reaches the real one)."""
+
+    hosts: str = ""
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
 class SshFleetError(RuntimeError):
     """A worker's sshd did not start, or is not running when it must be."""
 
@@ -57,8 +67,18 @@ class SshFleetError(RuntimeError):
 class StandinWorker:
     """One sshd "TPU VM". Its files live under `dir` on this machine and persist across sshd restarts."""
 
-    def __init__(self, index: int, hostname: str, ip: str, port: int, dir: Path, authorized_keys: Path) -> None:
+    def __init__(
+        self,
+        index: int,
+        hostname: str,
+        ip: str,
+        port: int,
+        dir: Path,
+        authorized_keys: Path,
+        network: Network | None = None,
+    ) -> None:
         self.index = index
+        self.network = network or Network()
         self.hostname = hostname
         self.ip = ip
         self.port = port
@@ -129,7 +149,7 @@ class StandinWorker:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                env={**SESSION_ENV, **(env or {})},
+                env={**SESSION_ENV, **self.network.env, **(env or {})},
                 start_new_session=True,
             )
         self._spawned.append(proc)
@@ -192,7 +212,7 @@ class StandinWorker:
         self.tmp.mkdir()
         self.tmp.chmod(0o1777)  # like /tmp: tmux and others check its mode
         # The hostname must resolve on the worker (gloo, JAX coordinators and `hostname -i` need it).
-        self.hosts_file.write_text(f"127.0.0.1 localhost\n{self.ip} {self.hostname}\n")
+        self.hosts_file.write_text(f"127.0.0.1 localhost\n{self.ip} {self.hostname}\n{self.network.hosts}")
         self.sshd_config.write_text(self._sshd_config_text())
 
     def _sshd_config_text(self) -> str:
@@ -216,6 +236,12 @@ class StandinWorker:
                 "LogLevel ERROR",
                 "PrintMotd no",
                 "PrintLastLog no",
+                # one line: sshd takes only the first SetEnv
+                *(
+                    [" ".join(["SetEnv", *(f"{k}={v}" for k, v in self.network.env.items())])]
+                    if self.network.env
+                    else []
+                ),
                 "",
             ]
         )
@@ -309,6 +335,7 @@ class SshFleet:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.port = 0  # set by start_fleet
+        self.network = Network()
         self.key_path = root / "client_key"  # the client's private key; the public one is client_key.pub
         self.known_hosts = root / "known_hosts"  # not created: the client under test fills it
         self.workers: list[StandinWorker] = []
@@ -347,13 +374,15 @@ class SshFleet:
         self.close()
 
 
-def start_fleet(n: int, base_dir: Path | None = None, like: SshFleet | None = None) -> SshFleet:
+def start_fleet(
+    n: int, base_dir: Path | None = None, like: SshFleet | None = None, network: Network | None = None
+) -> SshFleet:
     """Start n sshd workers and wait until every one shows its SSH banner.
 
     The fleet lives in a fresh `tpuctl-fleet-*` dir made in base_dir (default /var/tmp), which must be
     outside /tmp: each worker mounts its own dir over /tmp, which would hide files kept there. `like`: new
     VMs of the same project, as a recreated TPU's: they accept the same client key (the project's SSH keys)
-    and listen on the same port, at addresses and with host keys of their own.
+    and listen on the same port, at addresses and with host keys of their own (and on the same `network`).
     """
     if not 1 <= n <= 252:
         raise ValueError(f"a fleet has 1..252 workers (one loopback /24), not {n}")
@@ -362,6 +391,7 @@ def start_fleet(n: int, base_dir: Path | None = None, like: SshFleet | None = No
         raise ValueError(f"fleet base_dir must be outside /tmp, got {parent}")
     fleet = SshFleet(Path(tempfile.mkdtemp(prefix="tpuctl-fleet-", dir=parent)))
     try:
+        fleet.network = network or (like.network if like else Network())
         _populate(fleet, n, like)
     except BaseException:
         fleet.close()
@@ -379,7 +409,8 @@ def _populate(fleet: SshFleet, n: int, like: SshFleet | None = None) -> None:
     for i, ip in enumerate(ips):
         wdir = fleet.root / f"w{i}"
         wdir.mkdir()
-        fleet.workers.append(StandinWorker(i, f"w{i}-{fleet_id}", ip, fleet.port, wdir, authorized_keys))
+        worker = StandinWorker(i, f"w{i}-{fleet_id}", ip, fleet.port, wdir, authorized_keys, fleet.network)
+        fleet.workers.append(worker)
     if like:
         for suffix in ("", ".pub"):
             shutil.copyfile(f"{like.key_path}{suffix}", f"{fleet.key_path}{suffix}")

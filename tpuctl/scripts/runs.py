@@ -6,6 +6,7 @@ in a file when the trainer ends (the session ends with it). The run directory ke
 tell "running", "exited N" and "gone without a trace" (killed with its shell) apart after the session is gone.
 """
 
+import contextlib
 import glob
 import json
 import os
@@ -20,6 +21,11 @@ import time
 # A trainer log line: "STAGE STEP  loss 3.07  contrastive 2.98 ... img_per_s 435  eta 0m00s" (trainer.report).
 LOG_LINE = re.compile(r"^(?P<stage>\S+) (?P<step>\d+)  loss (?P<loss>\S+)\s")
 IMG_PER_S = re.compile(r"\bimg_per_s (\S+)")
+# trainer.loop: "eval failed: NAME at stage S step N: ERROR" for a failed eval; a table titled "evals: stage S step N"
+# for one that ran
+EVAL_FAILED = "eval failed: "
+EVAL_TABLE = re.compile(r"\bevals: stage \S+ step \d+")
+BUCKET_PROBE_TIMEOUT_S = 30
 TAIL_BYTES = 64 * 1024
 KEEP_LOGS = 9  # logs of earlier starts of a run kept next to its current one (log.1 the latest)
 
@@ -84,32 +90,70 @@ def start(args):
         fail(f"{os.path.join(cwd, python)} does not exist: run `tpuctl prepare` first")
     if session_alive(args["session"]) or trainer_pid(run_dir):
         fail(f"run {args['name']!r} is already running on this worker: `tpuctl stop` it first, or pick another --name")
+    secrets = read_secrets(args.get("secret_env") or [])
     env = dict(args["env"])
     if any(glob.glob(g) for g in args["device_globs"]):  # a TPU VM: JAX finds the other workers itself
         env = {k: v for k, v in env.items() if not k.startswith("TRAINER_") or k == "TRAINER_COMPILE_CACHE"}
     os.makedirs(run_dir, exist_ok=True)
-    paths = {name: os.path.join(run_dir, name) for name in ("pid", "exit", "log")}
-    for name in ("pid", "exit"):
+    paths = {name: os.path.join(run_dir, name) for name in ("pid", "exit", "log", "secrets")}
+    for name in ("pid", "exit", "secrets"):
         if os.path.exists(paths[name]):
             os.remove(paths[name])
     rotate(paths["log"])  # this start gets a log of its own: `logs` and `run --follow` show it alone
     trainer = ["env", *(f"{k}={v}" for k, v in sorted(env.items())), *args["argv"]]
     # The pane: the trainer writes its pid (exec keeps it), its output goes to the log too, its status to `exit`.
+    # Secrets are not on any command line (`ps` shows those): the shell exports them from a file it then deletes.
+    launcher, words = 'echo $$ > "$0" && exec "$@"', [paths["pid"]]
+    if secrets:
+        write_secrets(paths["secrets"], secrets)
+        launcher, words = '. "$1" && rm -f "$1" && shift && ' + launcher, [*words, paths["secrets"]]
     pane = (
-        f"cd {shlex.quote(cwd)} && {{ "
-        f'sh -c \'echo $$ > "$0" && exec "$@"\' {shlex.quote(paths["pid"])} {shlex.join(trainer)} 2>&1; '
+        f"cd {shlex.quote(cwd)} && {{ sh -c {shlex.quote(launcher)} {shlex.join(words + trainer)} 2>&1; "
         f"echo $? > {shlex.quote(paths['exit'])}; }} | tee -a {shlex.quote(paths['log'])}"  # after the header
     )
+    shown = {**env, **{k: "****" for k in secrets}}  # the header names the secrets, masked
     with open(paths["log"], "w") as f:
         when = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        f.write(f"==> tpuctl run {args['name']} started {when}: {shlex.join(trainer)}\n")
+        header = ["env", *(f"{k}={v}" for k, v in sorted(shown.items())), *args["argv"]]
+        f.write(f"==> tpuctl run {args['name']} started {when}: {shlex.join(header)}\n")
     result = tmux("new-session", "-d", "-s", args["session"], "-x", "200", "-y", "50", pane)
     if result.returncode != 0:
+        remove(paths["secrets"])
         fail(f"tmux new-session failed: {result.stderr.strip()[-200:]}")
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and read(paths["pid"]) is None and read(paths["exit"]) is None:
         time.sleep(0.05)
+    if read(paths["pid"]) is not None or read(paths["exit"]) is not None:
+        remove(paths["secrets"])  # the pane is past it (and deleted it itself unless it failed there)
     return {"session": args["session"], "pid": int(read(paths["pid"]) or 0) or None, "log": paths["log"]}
+
+
+def read_secrets(names):
+    """The values of the secret variables `names`, sent on stdin as one JSON object (never on a command line)."""
+    if not names:
+        return {}
+    try:
+        values = json.loads(sys.stdin.read() or "{}")
+    except ValueError:
+        values = {}
+    if not isinstance(values, dict) or sorted(values) != sorted(names):
+        fail(f"the values of {', '.join(names)} did not arrive on stdin")
+    bad = [k for k, v in values.items() if not re.match(r"[A-Za-z_][A-Za-z0-9_]*$", k) or not isinstance(v, str)]
+    if bad:
+        fail(f"secret {bad[0]!r}: not an environment variable name, or its value is not a string")
+    return values
+
+
+def write_secrets(path, secrets):
+    """`export NAME='value'` lines, in a file created readable by this user alone (for the pane's shell to source)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.writelines(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(secrets.items()))
+
+
+def remove(path):
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
 
 
 def rotate(log, keep=KEEP_LOGS):
@@ -144,10 +188,43 @@ def last_progress(log_path):
     return progress, last[-300:]
 
 
-def last_checkpoint(workdir):
-    """'STAGE/STEP' of the newest finished orbax checkpoint in a workdir this worker can see, else None."""
-    if "://" in workdir:
+def last_eval_error(log_path):
+    """The latest eval's error, if the latest eval in the log failed (else None)."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(max(0, os.path.getsize(log_path) - TAIL_BYTES))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
         return None
+    for line in reversed(lines):
+        if line.startswith(EVAL_FAILED):
+            return line[len(EVAL_FAILED) :][:300]
+        if EVAL_TABLE.search(line):
+            return None
+    return None
+
+
+def bucket_checkpoint(workdir, python, cwd):
+    """'STAGE/STEP' of the newest committed checkpoint in a gs:// workdir, asked of the trainer's own venv
+    (`python -m trainer.workdir`: epath and gcsfs, no jax); an error text when it cannot tell."""
+    python = python if os.path.isabs(python) else os.path.join(expand(cwd), python)
+    try:
+        done = subprocess.run(
+            [python, "-m", "trainer.workdir", workdir],
+            cwd=expand(cwd),
+            capture_output=True,
+            text=True,
+            timeout=BUCKET_PROBE_TIMEOUT_S,
+            check=False,
+        )
+        answer = json.loads(done.stdout.strip().splitlines()[-1])
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired) as e:
+        return None, f"cannot read {workdir}: {e}"
+    return answer.get("checkpoint"), answer.get("error")
+
+
+def last_checkpoint(workdir):
+    """'STAGE/STEP' of the newest finished orbax checkpoint in a local workdir this worker can see, else None."""
     found = glob.glob(os.path.join(expand(workdir), "*", "checkpoints", "*"))
     steps = [d for d in found if os.path.basename(d).isdigit()]
     if not steps:
@@ -169,6 +246,11 @@ def status(args):
     code = read(os.path.join(run_dir, "exit"))
     alive = session_alive(args["session"])
     progress, last = last_progress(os.path.join(run_dir, "log"))
+    checkpoint, checkpoint_error = None, None
+    if "://" not in args["workdir"]:
+        checkpoint = last_checkpoint(args["workdir"])
+    elif args.get("probe"):  # one worker asks the bucket for all (they share it)
+        checkpoint, checkpoint_error = bucket_checkpoint(args["workdir"], args["trainer_python"], args["cwd"])
     if pid is not None:
         state = "running"
     elif code is not None and code.lstrip("-").isdigit():
@@ -185,7 +267,9 @@ def status(args):
         "pid": pid,
         "exit_code": int(code) if code and code.lstrip("-").isdigit() else None,
         "progress": progress,
-        "checkpoint": last_checkpoint(args["workdir"]),
+        "checkpoint": checkpoint,
+        "checkpoint_error": checkpoint_error,
+        "eval_error": last_eval_error(os.path.join(run_dir, "log")),
         "last_line": last,
     }
 

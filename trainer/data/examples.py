@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from trainer import storage
 from trainer.data.tfsetup import tf
 
 IMAGE, LABEL, KEY = "image", "label", "key"
@@ -69,9 +70,8 @@ class ShardWriter:
 def read_index(files: list[str]) -> dict[str, int]:
     """Record counts of the shards whose directory has an index (by full path)."""
     counts: dict[str, int] = {}
-    for directory in sorted({str(Path(f).parent) for f in files}):
-        path = f"{directory}/{INDEX}"
-        if tf.io.gfile.exists(path):
-            with tf.io.gfile.GFile(path) as fh:
-                counts.update({f"{directory}/{name}": n for name, n in json.load(fh).items()})
+    for directory in sorted({f.rsplit("/", 1)[0] for f in files}):
+        path = storage.at(f"{directory}/{INDEX}")
+        if path.exists():
+            counts.update({f"{directory}/{name}": n for name, n in json.loads(path.read_text()).items()})
     return counts

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from trainer import storage
 from trainer.data import Batch, Host, Position, examples, preprocess, wants_captions
 from trainer.data.tfsetup import tf
 from trainer.data.tokenizers import Tokenizer, from_recipe
@@ -38,7 +39,10 @@ def list_files(patterns: str, key: str) -> list[str]:
     """Comma-separated paths or globs (local or gs://), sorted; an empty match is an error naming the key."""
     files: list[str] = []
     for pattern in [p.strip() for p in patterns.split(",") if p.strip()]:
-        matched = tf.io.gfile.glob(pattern)
+        try:
+            matched = storage.glob(pattern)
+        except Exception as error:  # an unreadable bucket: gcsfs's own errors as well as OSError
+            raise RecipeError(f'{key} = "{pattern}" cannot be listed: {storage.describe(error)}') from None
         if not matched:
             raise RecipeError(f'{key} = "{pattern}" matches no files')
         files += matched

@@ -19,6 +19,7 @@ from typing import Protocol
 
 import numpy as np
 
+from trainer import storage
 from trainer.data.tfsetup import tf, tf_text
 from trainer.recipe import Recipe, RecipeError
 
@@ -39,10 +40,7 @@ class Tokenizer(Protocol):
 
 class WordPiece:
     def __init__(self, vocab_file: str):
-        if not tf.io.gfile.exists(vocab_file):
-            raise FileNotFoundError(vocab_file)
-        with tf.io.gfile.GFile(vocab_file) as fh:
-            vocab = [line.rstrip("\n") for line in fh if line.strip()]
+        vocab = [line for line in read_file(vocab_file).decode("utf-8").split("\n") if line.strip()]
         self.size = len(vocab)
         self.tokenizer = tf_text.FastBertTokenizer(vocab, lower_case_nfd_strip_accents=True, token_out_type=tf.int32)
 
@@ -51,6 +49,14 @@ class WordPiece:
         eos = tf.fill([tf.shape(texts)[0], 1], EOS_ID)
         ids = tf.concat([pieces, tf.RaggedTensor.from_tensor(eos)], axis=1)
         return ids.to_tensor(default_value=PAD_ID, shape=[None, length])
+
+
+def read_file(location: str) -> bytes:
+    """A vocab or merges file, local or gs:// (a missing one raises FileNotFoundError)."""
+    path = storage.at(location)
+    if not path.is_file():
+        raise FileNotFoundError(location)
+    return path.read_bytes()
 
 
 def clip_byte_alphabet() -> list[str]:
@@ -66,12 +72,9 @@ class ClipBpe:
         import tokenizers
         from tokenizers import models, normalizers, pre_tokenizers
 
-        if not tf.io.gfile.exists(merges_file):
-            raise FileNotFoundError(merges_file)
-        with tf.io.gfile.GFile(merges_file, "rb") as fh:
-            raw = fh.read()
+        raw = read_file(merges_file)
         lines = (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode("utf-8").split("\n")
-        merges = [tuple(line.split()) for line in lines[1 : CLIP_MERGES + 1] if line.strip()]
+        merges = [(a, b) for a, b in (line.split() for line in lines[1 : CLIP_MERGES + 1] if line.strip())]
         chars = clip_byte_alphabet()
         words = [c + "</w>" for c in chars]  # a character that ends a word
         vocab = [*chars, *words, *("".join(m) for m in merges), "<start_of_text>", "<end_of_text>"]
@@ -124,6 +127,8 @@ def from_recipe(recipe: Recipe) -> Tokenizer:
             tokenizer = WordPiece(t.vocab)
     except FileNotFoundError:
         raise RecipeError(f'text.vocab = "{t.vocab}" does not exist') from None
+    except OSError as error:  # a bucket that cannot be read
+        raise RecipeError(f'text.vocab = "{t.vocab}" cannot be read: {storage.describe(error)}') from None
     if tokenizer.size > t.vocab_rows:
         raise RecipeError(
             f"text.vocab_rows = {t.vocab_rows} is less than the {tokenizer.size} ids of {t.tokenizer}"

@@ -20,12 +20,12 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 def samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {extension: bytes}) per sample; a truncated or corrupt tar ends the file's samples."""
-    from trainer.data.tfsetup import tf
+    from trainer import storage
 
     key: str | None = None
     parts: dict[str, bytes] = {}
     try:
-        with tf.io.gfile.GFile(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
+        with storage.at(path).open("rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue

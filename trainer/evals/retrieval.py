@@ -1,20 +1,22 @@
 """Image-text retrieval, COCO / Flickr30k style: the test split of a Karpathy-split JSON (images with several
 captions each). Image->text: an image is a hit at K when one of its captions is among the K texts nearest to it;
 text->image: a caption is a hit when its image is among the K images nearest to it. Recall@1/5/10 both ways.
+
+The JSON and the images it names may be local or on gs:// (image paths are relative to the JSON's directory).
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
+from trainer import storage
 from trainer.data import preprocess
 from trainer.data.tfsetup import tf
-from trainer.data.tokenizers import from_recipe
+from trainer.data.tokenizers import Tokenizer
 from trainer.evals.zeroshot import encoders, in_chunks
 from trainer.models.clip import Clip
 from trainer.recipe import Eval, Recipe, RecipeError
@@ -24,18 +26,20 @@ KS = (1, 5, 10)
 
 def read_karpathy(path: str, key: str, split: str = "test") -> tuple[list[str], list[str], np.ndarray]:
     """(image files, captions, image index of each caption) of one split."""
-    file = Path(path)
-    if not file.is_file():
-        raise RecipeError(f'{key}.path = "{path}" does not exist (a Karpathy-split JSON)')
     try:
-        entries = json.loads(file.read_text())["images"]
+        text = storage.read_text(path, f"{key}.path")
+    except storage.StorageError as error:
+        raise RecipeError(f"{error} (a Karpathy-split JSON)") from None
+    try:
+        entries = json.loads(text)["images"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise RecipeError(f'{key}.path = "{path}" is not a Karpathy-split JSON ({{"images": [...]}})') from None
+    folder = storage.at(path).parent
     images, captions, owner = [], [], []
     for entry in entries:
         if entry.get("split", split) != split:
             continue
-        images.append(str(file.parent / entry.get("filepath", "") / entry["filename"]))
+        images.append(str(folder / entry.get("filepath", "") / entry["filename"]))
         for sentence in entry["sentences"]:
             captions.append(sentence["raw"])
             owner.append(len(images) - 1)
@@ -57,21 +61,25 @@ def recall_at_k(sim: np.ndarray, owner: np.ndarray, ks: tuple[int, ...] = KS) ->
     return out
 
 
-def evaluate(
-    recipe: Recipe, spec: Eval, model: Clip, params: Any, mesh: jax.sharding.Mesh, resolution: int
-) -> dict[str, float]:
-    key = f"evals[{recipe.evals.index(spec)}]"
-    files, captions, owner = read_karpathy(spec.path, key)
-    tokenize = from_recipe(recipe)
-    ids = tokenize.batch(tf.constant(captions), recipe.text.context_length).numpy()
+class Retrieval:
+    """The split's images and tokenized captions, read once; `run` encodes both and scores Recall@K."""
 
-    def load(path: tf.Tensor) -> tf.Tensor:
-        return preprocess.eval_image(
-            preprocess.decode_accurately(tf.io.read_file(path)), resolution, recipe.data.eval_resize
-        )
+    def __init__(self, recipe: Recipe, spec: Eval, key: str, tokenizer: Tokenizer):
+        self.name, self.spec, self.eval_resize = spec.name, spec, recipe.data.eval_resize
+        self.files, captions, self.owner = read_karpathy(spec.path, key)
+        if not storage.at(self.files[0]).is_file():  # one look: a wrong folder layout fails now, not at step 1,000
+            raise RecipeError(f'{key}.path = "{spec.path}" names images that do not exist, e.g. {self.files[0]}')
+        self.ids = tokenizer.batch(tf.constant(captions), recipe.text.context_length).numpy()
 
-    pixels = np.concatenate(list(tf.data.Dataset.from_tensor_slices(files).map(load).batch(256).as_numpy_iterator()))
-    encode_text, encode_image = encoders(model)
-    text_emb = np.asarray(in_chunks(lambda x: encode_text({"params": params}, x), ids, mesh, spec.batch))
-    image_emb = np.asarray(in_chunks(lambda x: encode_image({"params": params}, x), pixels, mesh, spec.batch))
-    return {**recall_at_k(image_emb @ text_emb.T, owner), "images": float(len(files))}
+    def run(self, model: Clip, params: Any, mesh: jax.sharding.Mesh, resolution: int) -> dict[str, float]:
+        def load(path: tf.Tensor) -> tf.Tensor:
+            image = preprocess.decode_accurately(tf.io.read_file(path))
+            return preprocess.eval_image(image, resolution, self.eval_resize)
+
+        images = tf.data.Dataset.from_tensor_slices(self.files).map(load, num_parallel_calls=tf.data.AUTOTUNE)
+        pixels = np.concatenate(list(images.batch(256).as_numpy_iterator()))
+        encode_text, encode_image = encoders(model)
+        batch = self.spec.batch
+        text_emb = np.asarray(in_chunks(lambda x: encode_text({"params": params}, x), self.ids, mesh, batch))
+        image_emb = np.asarray(in_chunks(lambda x: encode_image({"params": params}, x), pixels, mesh, batch))
+        return {**recall_at_k(image_emb @ text_emb.T, self.owner), "images": float(len(self.files))}

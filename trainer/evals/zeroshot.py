@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trainer import sharding
+from trainer import sharding, storage
 from trainer.data import Host
 from trainer.data.tfdata import list_files
 from trainer.data.tfsetup import tf
-from trainer.data.tokenizers import from_recipe
+from trainer.data.tokenizers import Tokenizer
 from trainer.models.clip import Clip
 from trainer.recipe import Eval, Recipe, RecipeError
 
@@ -27,24 +27,18 @@ SHIPPED = Path(__file__).parent / "data"
 
 
 def read_lines(path: str, default: str, key: str) -> list[str]:
-    file = Path(path) if path else SHIPPED / default
-    if not file.is_file():
-        raise RecipeError(f'{key} = "{path}" does not exist')
-    return [line.strip() for line in file.read_text().splitlines() if line.strip()]
-
-
-def class_embeddings(
-    recipe: Recipe, spec: Eval, key: str, model: Clip, params: Any, mesh: jax.sharding.Mesh
-) -> jnp.ndarray:
-    classnames = read_lines(spec.classnames, "imagenet_classnames.txt", f"{key}.classnames")
-    templates = read_lines(spec.templates, "clip_templates.txt", f"{key}.templates")
-    tokenize = from_recipe(recipe)
-    prompts = [t.format(c) if "{}" in t else f"{t} {c}" for c in classnames for t in templates]
-    ids = tokenize.batch(tf.constant(prompts), recipe.text.context_length).numpy()
-    encode_text, _ = encoders(model)
-    text_emb = in_chunks(lambda x: encode_text({"params": params}, x), ids, mesh)
-    per_class = text_emb.reshape(len(classnames), len(templates), -1).mean(axis=1)
-    return per_class / jnp.linalg.norm(per_class, axis=-1, keepdims=True)
+    """The non-empty lines of a file (local or gs://), or of the shipped `default` when `path` is ""."""
+    if not path:
+        text = (SHIPPED / default).read_text()
+    else:
+        try:
+            text = storage.read_text(path, key)
+        except storage.StorageError as error:
+            raise RecipeError(str(error)) from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise RecipeError(f'{key} = "{path}" is empty')
+    return lines
 
 
 @cache
@@ -92,38 +86,54 @@ def labelled_images(
     return data, count
 
 
-def evaluate(
-    recipe: Recipe, spec: Eval, model: Clip, params: Any, mesh: jax.sharding.Mesh, resolution: int
-) -> dict[str, float]:
-    index = recipe.evals.index(spec)
-    key = f"evals[{index}]"
-    host = Host(jax.process_index(), jax.process_count())
-    if spec.batch % mesh.devices.size:
-        raise RecipeError(f"{key}.batch = {spec.batch} is not divisible by {mesh.devices.size} devices")
-    classes = class_embeddings(recipe, spec, key, model, params, mesh)
-    files = list_files(spec.path, f"{key}.path")[host.index :: host.count]
-    local = spec.batch // host.count
-    images, count = labelled_images(files, resolution, local, recipe.data.eval_resize)
-    steps = -(-count // local)
-    if host.count > 1:  # every host runs the same number of (padded) batches
-        from jax.experimental import multihost_utils
+class ZeroShot:
+    """The class names x templates tokenized and the eval file list, read once; `run` embeds the classes with the
+    current params and scores the eval set."""
 
-        steps = int(np.max(multihost_utils.process_allgather(np.array([steps]))))
-    score = scorer(model)
-    batch_sharding = sharding.batch_sharding(mesh)
-    totals = np.zeros(3)
-    stream = images.as_numpy_iterator()
-    for _ in range(steps):
-        pixels, labels = next(stream, (np.zeros((0, resolution, resolution, 3), np.uint8), np.zeros((0,), np.int64)))
-        pad = local - len(labels)
-        rows = {
-            "images": np.concatenate([pixels, np.zeros((pad, resolution, resolution, 3), np.uint8)]),
-            "labels": np.concatenate([labels, np.full((pad,), -1)]).astype(np.int32),
-        }
-        arrays = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in rows.items()}
-        totals += np.asarray(jax.device_get(score(params, classes, arrays["images"], arrays["labels"])))
-    top1, top5, seen = totals
-    return {"top1": top1 / max(seen, 1), "top5": top5 / max(seen, 1), "samples": seen}
+    def __init__(self, recipe: Recipe, spec: Eval, key: str, tokenizer: Tokenizer):
+        self.name, self.spec, self.key, self.eval_resize = spec.name, spec, key, recipe.data.eval_resize
+        classnames = read_lines(spec.classnames, "imagenet_classnames.txt", f"{key}.classnames")
+        templates = read_lines(spec.templates, "clip_templates.txt", f"{key}.templates")
+        self.classes, self.templates = len(classnames), len(templates)
+        prompts = [t.format(c) if "{}" in t else f"{t} {c}" for c in classnames for t in templates]
+        self.prompt_ids = tokenizer.batch(tf.constant(prompts), recipe.text.context_length).numpy()
+        self.files = list_files(spec.path, f"{key}.path")
+
+    def class_embeddings(self, model: Clip, params: Any, mesh: jax.sharding.Mesh) -> jnp.ndarray:
+        encode_text, _ = encoders(model)
+        text_emb = in_chunks(lambda x: encode_text({"params": params}, x), self.prompt_ids, mesh)
+        per_class = text_emb.reshape(self.classes, self.templates, -1).mean(axis=1)
+        return per_class / jnp.linalg.norm(per_class, axis=-1, keepdims=True)
+
+    def run(self, model: Clip, params: Any, mesh: jax.sharding.Mesh, resolution: int) -> dict[str, float]:
+        host = Host(jax.process_index(), jax.process_count())
+        batch = self.spec.batch
+        if batch % mesh.devices.size:
+            raise RecipeError(f"{self.key}.batch = {batch} is not divisible by {mesh.devices.size} devices")
+        classes = self.class_embeddings(model, params, mesh)
+        local = batch // host.count
+        images, count = labelled_images(self.files[host.index :: host.count], resolution, local, self.eval_resize)
+        steps = -(-count // local)
+        if host.count > 1:  # every host runs the same number of (padded) batches
+            from jax.experimental import multihost_utils
+
+            steps = int(np.max(multihost_utils.process_allgather(np.array([steps]))))
+        score = scorer(model)
+        batch_sharding = sharding.batch_sharding(mesh)
+        totals = np.zeros(3)
+        stream = images.as_numpy_iterator()
+        empty = (np.zeros((0, resolution, resolution, 3), np.uint8), np.zeros((0,), np.int64))
+        for _ in range(steps):
+            pixels, labels = next(stream, empty)
+            pad = local - len(labels)
+            rows = {
+                "images": np.concatenate([pixels, np.zeros((pad, resolution, resolution, 3), np.uint8)]),
+                "labels": np.concatenate([labels, np.full((pad,), -1)]).astype(np.int32),
+            }
+            arrays = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in rows.items()}
+            totals += np.asarray(jax.device_get(score(params, classes, arrays["images"], arrays["labels"])))
+        top1, top5, seen = totals
+        return {"top1": top1 / max(seen, 1), "top5": top5 / max(seen, 1), "samples": seen}
 
 
 def _score(model: Clip, params: Any, classes: jnp.ndarray, images: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:

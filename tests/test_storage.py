@@ -1,0 +1,53 @@
+"""trainer/storage.py against a real GCS emulator (fake-gcs-server) and the local disk: one path type for both."""
+
+from __future__ import annotations
+
+import pytest
+
+from trainer import storage
+
+
+def test_glob_read_and_write_on_a_bucket(bucket: str) -> None:
+    for name in ("a-0.tfrecord", "a-1.tfrecord", "b.txt", "sub/a-2.tfrecord"):
+        storage.at(f"{bucket}/{name}").write_text(name)
+    assert storage.glob(f"{bucket}/a-*.tfrecord") == [f"{bucket}/a-0.tfrecord", f"{bucket}/a-1.tfrecord"]
+    assert storage.glob(f"{bucket}/*/a-*.tfrecord") == [f"{bucket}/sub/a-2.tfrecord"]
+    assert storage.glob(f"{bucket}/b.txt") == [f"{bucket}/b.txt"]  # no wildcard: the file itself
+    assert storage.glob(f"{bucket}/nothing-*") == []
+    assert storage.read_text(f"{bucket}/b.txt", "x") == "b.txt"
+    with pytest.raises(storage.StorageError, match=r'^evals\[0\]\.classnames = "gs://.*/missing.txt" cannot be read'):
+        storage.read_text(f"{bucket}/missing.txt", "evals[0].classnames")
+
+
+def test_glob_is_the_same_locally(tmp_path) -> None:
+    for name in ("a-0.tfrecord", "a-1.tfrecord", "b.txt"):
+        (tmp_path / name).write_text(name)
+    assert storage.glob(f"{tmp_path}/a-*.tfrecord") == [f"{tmp_path}/a-0.tfrecord", f"{tmp_path}/a-1.tfrecord"]
+    assert storage.at("~/x") == storage.at(f"{storage.at('~')}/x")  # ~ expanded, absolute
+
+
+def test_check_writable_names_a_missing_bucket(gcs) -> None:
+    storage.check_writable(storage.at("gs://bucket/writable"), "--workdir")  # the emulator's bucket: fine
+    with pytest.raises(storage.StorageError, match=r"^--workdir = gs://no-such-bucket/run cannot be written"):
+        storage.check_writable(storage.at("gs://no-such-bucket/run"), "--workdir")
+
+
+def test_a_growing_file_on_a_bucket_is_uploaded_whole(bucket: str) -> None:
+    path = storage.at(f"{bucket}/metrics.jsonl")
+    log = storage.GrowingFile(path, append=True, upload_every=3600)
+    log.write(b"one\n")
+    log.flush(force=True)
+    assert path.read_bytes() == b"one\n"
+    log.write(b"two\n")
+    log.flush()  # not due yet: the object lags
+    assert path.read_bytes() == b"one\n"
+    log.close()  # close always uploads
+    assert path.read_bytes() == b"one\ntwo\n"
+    again = storage.GrowingFile(path, append=True)  # a resumed run appends to what the bucket holds
+    again.write(b"three\n")
+    again.close()
+    assert path.read_bytes() == b"one\ntwo\nthree\n"
+    fresh = storage.GrowingFile(path, append=False)
+    fresh.write(b"new\n")
+    fresh.close()
+    assert path.read_bytes() == b"new\n"

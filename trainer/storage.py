@@ -1,0 +1,126 @@
+"""Every path a user gives the trainer, local or `gs://`, as one type: etils `epath.Path` (what orbax uses too).
+
+Which client moves the bytes (the README's "Runs in a bucket" says why):
+- small files and orbax's own metadata: epath over fsspec (gcsfs) for `gs://`, not over TensorFlow's GCS file system
+  (`EPATH_USE_TF=false`, set here before any epath call). gcsfs takes the standard endpoint override
+  (`STORAGE_EMULATOR_HOST`), so the same code runs against a local GCS emulator in the tests;
+- checkpoint arrays: orbax -> tensorstore's own GCS driver;
+- the bulk reads (training and eval shards, retrieval images): tf.data's native GCS reader, inside the input graph.
+
+A bucket object cannot be appended to, so a file that grows (metrics.jsonl, a TensorBoard event file) is a
+`GrowingFile`: appended to on a local disk, rewritten whole on a bucket at most every `upload_every` seconds and at
+close — what TensorFlow's own GCS files do on flush.
+"""
+
+from __future__ import annotations
+
+import glob as local_glob
+import os
+import re
+import time
+from typing import IO
+
+os.environ.setdefault("EPATH_USE_TF", "false")  # read by epath at each call; a user may still choose TF's client
+
+from etils import epath
+
+Path = epath.Path
+WILDCARD = re.compile(r"[*?\[]")
+
+
+class StorageError(OSError):
+    """A path that cannot be read or written, as one line naming it."""
+
+
+def is_remote(location: str | os.PathLike[str]) -> bool:
+    return "://" in os.fspath(location)
+
+
+def at(location: str | os.PathLike[str]) -> epath.Path:
+    """A local path (with ~ expanded, made absolute: orbax needs that) or a bucket one, as given."""
+    text = os.fspath(location)
+    return epath.Path(text if is_remote(text) else os.path.abspath(os.path.expanduser(text)))
+
+
+def glob(pattern: str) -> list[str]:
+    """The files one glob matches (local or gs://), sorted; a pattern without wildcards matches itself if it is a
+    file."""
+    if not is_remote(pattern):
+        return sorted(p for p in local_glob.glob(os.path.expanduser(pattern)) if os.path.isfile(p))
+    scheme, rest = pattern.split("://", 1)
+    parts = rest.split("/")
+    first = next((i for i, part in enumerate(parts) if WILDCARD.search(part)), None)
+    if first is None:
+        return [pattern] if epath.Path(pattern).is_file() else []
+    base = epath.Path(f"{scheme}://" + "/".join(parts[:first]))
+    return sorted(str(p) for p in base.glob("/".join(parts[first:])))
+
+
+def describe(error: BaseException) -> str:
+    """An I/O error as a short phrase (gcsfs and the OS phrase theirs differently)."""
+    if isinstance(error, FileNotFoundError):
+        return "does not exist"
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text[:200]
+
+
+def check_writable(directory: epath.Path, what: str) -> None:
+    """Creates `directory` and writes then removes a small file there; a StorageError naming `what` otherwise."""
+    probe = directory / f".write-check-{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except Exception as error:  # gcsfs raises OSError subclasses, but also its HttpError and aiohttp's errors
+        raise StorageError(f"{what} = {directory} cannot be written: {describe(error)}") from None
+
+
+def read_text(location: str, what: str) -> str:
+    """A whole text file (local or gs://), or a StorageError naming `what` and the path."""
+    try:
+        return at(location).read_text()
+    except Exception as error:
+        raise StorageError(f'{what} = "{location}" cannot be read: {describe(error)}') from None
+
+
+class GrowingFile:
+    """A binary file that only grows. Local: appended to and flushed. Bucket: kept in memory (with what the object
+    held before, when appending) and uploaded whole when `flush` finds `upload_every` seconds passed, and at close."""
+
+    def __init__(self, path: epath.Path, append: bool, upload_every: float = 30.0):
+        self.path, self.upload_every = path, upload_every
+        self.local: IO[bytes] | None = None
+        self.content = bytearray()
+        self.uploaded = 0.0  # when the object was last written
+        self.dirty = False
+        self.closed = False
+        if not is_remote(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.local = open(os.fspath(path), "ab" if append else "wb")  # noqa: SIM115 (closed by close())
+        elif append and path.exists():
+            self.content += path.read_bytes()
+
+    def write(self, data: bytes) -> None:
+        if self.local is not None:
+            self.local.write(data)
+        else:
+            self.content += data
+            self.dirty = True
+
+    def flush(self, force: bool = False) -> None:
+        if self.local is not None:
+            self.local.flush()
+        elif self.dirty and (force or time.monotonic() - self.uploaded >= self.upload_every):
+            self.path.write_bytes(bytes(self.content))
+            self.uploaded, self.dirty = time.monotonic(), False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.local is not None:
+            self.local.close()
+        else:
+            self.flush(force=True)
