@@ -173,7 +173,8 @@ def run_stage(
                 record.update({f"data_{k}": v for k, v in position.items() if k in ("epoch", "bad")})
                 window, window_steps, timed_steps = None, 0, 0
             report.advance(step)
-            if step % every_ckpt == 0 or step == steps or preempted or evaluate:
+            saving = step % every_ckpt == 0 or step == steps or preempted or evaluate
+            if saving:
                 positions = data.gather_positions(position, host)  # every host's: each resumes its own stream
                 ckpt.save(state, {"stage": index, "stage_name": stage.name, "step": step, "data": positions})
             if record is not None:
@@ -186,6 +187,8 @@ def run_stage(
                     speed.restart()  # the eval's time is not the step's
                 metrics.write(global_step(recipe, index, step), record)
                 report.log(record)
+            if saving:  # the logs in a bucket reach every checkpoint: a resumed run re-logs only what it re-trains
+                metrics.sync()
             if preempted:
                 ckpt.wait()
                 report.say(f"preempted: saved stage {stage.name} step {step}/{steps}; run the same command to resume")

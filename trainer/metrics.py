@@ -47,7 +47,8 @@ class MetricsLog:
             return
         self.jsonl = storage.GrowingFile(workdir / "metrics.jsonl", append=True, upload_every=upload_every)
         name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
-        self.events = RecordWriter(storage.GrowingFile(workdir / "tensorboard" / name, False, upload_every))
+        self.events_file = storage.GrowingFile(workdir / "tensorboard" / name, False, upload_every)
+        self.events = RecordWriter(self.events_file)
         self.add_event(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
         if start_step is not None:
             restart = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
@@ -72,6 +73,13 @@ class MetricsLog:
         self.events.flush()
         if self.wandb is not None:
             self.wandb.log(step, record)
+
+    def sync(self) -> None:
+        """Both files written through to where they live now (a bucket's copies otherwise lag by `upload_every`)."""
+        if self.enabled:
+            self.jsonl.flush(force=True)
+            self.events.flush()
+            self.events_file.flush(force=True)
 
     def table(self, title: str, step: int, results: dict[str, float]) -> None:
         """An evaluation's results as a table, where one is kept (W&B; the JSONL and TensorBoard have the numbers)."""
