@@ -125,11 +125,15 @@ def test_every_path_of_a_good_recipe_passes_and_eval_inputs_load_once(tmp_path, 
         ),
         (
             "evals.0.classnames={eval_dir}/no-classes.txt",
-            'evals[0].classnames = "{eval_dir}/no-classes.txt" cannot be read: does not exist',
+            'evals[0].classnames = "{eval_dir}/no-classes.txt" does not exist',
         ),
         (
             "evals.0.templates={local}/none.txt",
-            'evals[0].templates = "{local}/none.txt" cannot be read: does not exist',
+            'evals[0].templates = "{local}/none.txt" does not exist',
+        ),
+        (
+            "evals.0.path=gs://no-such-bucket/val-*.tfrecord",
+            'evals[0].path = "gs://no-such-bucket/val-*.tfrecord" cannot be read: does not exist',
         ),
         ('text.vocab="{eval_dir}/no-vocab.txt"', 'text.vocab = "{eval_dir}/no-vocab.txt" does not exist'),
         ("text.vocab_rows=20", "text.vocab_rows = 20 is less than the 65 ids of bert_wordpiece ({eval_dir}/vocab.txt)"),
@@ -167,7 +171,7 @@ def test_the_trainer_stops_in_seconds_with_one_line_for_a_missing_eval_path(tmp_
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stdout == ""
     lines = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
-    assert lines == [f'Error: evals[0].classnames = "{bucket}/missing/classnames.txt" cannot be read: does not exist']
+    assert lines == [f'Error: evals[0].path = "{bucket}/missing/val-*.tfrecord" matches no files']
     print(f"missing eval path: exit 2 after {seconds:.1f} s")
     assert not storage.at(f"{bucket}/run/metrics.jsonl").exists()  # nothing started
 

@@ -1,11 +1,13 @@
 """Everything a recipe names, checked before the first step (and before compiling): a mistake is one line naming
 the key and the path within seconds, not an exception at the first eval an hour in.
 
+Two passes. First the paths alone, with nothing heavier than epath imported (a typo costs a second or two):
 - the workdir can be written (created, a file written and removed: a missing bucket, no permission);
-- every glob matches (data.train, each eval's files), every named file exists (text.vocab, class names, templates,
-  the retrieval JSON and its first image, each stage's init_from);
-- the tokenizer loads and fits text.vocab_rows;
-- every eval's inputs are loaded, which is what the loop then uses: `check` returns the evaluators, built once.
+- every glob matches (data.train, each zero-shot eval's shards), every named file exists (text.vocab, class names,
+  templates, the retrieval JSON), every init_from holds a converted checkpoint.
+Then what needs TensorFlow: the tokenizer loads and fits text.vocab_rows, and every eval's inputs are loaded (class
+names x templates tokenized, the retrieval JSON parsed and its first image found) — which is what the loop then
+uses: `check` returns the evaluators, built once.
 """
 
 from __future__ import annotations
@@ -20,17 +22,38 @@ from trainer.recipe import Recipe, RecipeError
 def check(recipe: Recipe, workdir: epath.Path) -> list:
     """The recipe's evaluators, inputs loaded; a UserError naming what is wrong otherwise."""
     try:
-        return _check(recipe, workdir)
+        check_paths(recipe, workdir)
+        return load_inputs(recipe)
     except (RecipeError, storage.StorageError) as error:
         raise UserError(str(error)) from None
 
 
-def _check(recipe: Recipe, workdir: epath.Path) -> list:
-    storage.check_writable(workdir, "--workdir")
+def named_paths(recipe: Recipe) -> list[tuple[str, str, str]]:
+    """(key, value, "glob" | "file") of every file or glob the recipe names."""
+    found = []
     if recipe.data.source != "synthetic":
-        from trainer.data.tfdata import list_files
+        found += [("data.train", p.strip(), "glob") for p in recipe.data.train.split(",") if p.strip()]
+    if recipe.text.vocab:
+        found.append(("text.vocab", recipe.text.vocab, "file"))
+    for index, spec in enumerate(recipe.evals):
+        key = f"evals[{index}]"
+        if spec.kind == "zeroshot":
+            found += [(f"{key}.path", p.strip(), "glob") for p in spec.path.split(",") if p.strip()]
+        else:
+            found.append((f"{key}.path", spec.path, "file"))
+        found += [(f"{key}.{name}", getattr(spec, name), "file") for name in ("classnames", "templates")]
+    return [(key, value, kind) for key, value, kind in found if value]
 
-        list_files(recipe.data.train, "data.train")
+
+def check_paths(recipe: Recipe, workdir: epath.Path) -> None:
+    storage.check_writable(workdir, "--workdir")
+    for key, value, kind in named_paths(recipe):
+        try:
+            ok = bool(storage.glob(value)) if kind == "glob" else storage.at(value).is_file()
+        except Exception as error:  # an unreadable bucket: gcsfs's own errors as well as OSError
+            raise RecipeError(f'{key} = "{value}" cannot be read: {storage.describe(error)}') from None
+        if not ok:
+            raise RecipeError(f'{key} = "{value}" ' + ("matches no files" if kind == "glob" else "does not exist"))
     for stage in recipe.stages:
         if stage.init_from:
             from trainer import pretrained
@@ -41,6 +64,9 @@ def _check(recipe: Recipe, workdir: epath.Path) -> list:
         from trainer import wandb_log
 
         wandb_log.check_available(recipe)
+
+
+def load_inputs(recipe: Recipe) -> list:
     if recipe.data.source == "synthetic" and not recipe.evals:
         return []
     from trainer import evals
