@@ -102,6 +102,31 @@ def bucket(gcs: GcsEmulator, request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
+def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """wandb offline and quiet, its files (config, cache) under the directory returned; WANDB_DIR is its host-a/."""
+    root = tmp_path / "wandb-local"
+    env = {
+        "WANDB_MODE": "offline",
+        "WANDB_DIR": str(root / "host-a"),
+        "WANDB_SILENT": "true",
+        "WANDB_CONFIG_DIR": str(root / "config"),
+        "WANDB_CACHE_DIR": str(root / "cache"),
+        "WANDB_DATA_DIR": str(root / "data"),
+        "WANDB_ERROR_REPORTING": "false",  # no Sentry
+        "WANDB_BASE_URL": "http://127.0.0.1:9",  # a closed local port, should anything try
+        "WANDB_X_DISABLE_STATS": "true",  # system metrics probe cloud metadata servers
+        "WANDB_X_DISABLE_MACHINE_INFO": "true",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    yield root
+    import wandb
+
+    wandb.teardown()  # the wandb-core service this test started
+
+
+@pytest.fixture
 def tpu_api() -> Iterator[FakeTpuApi]:
     """A started local Cloud TPU v2 API; point the client at `tpu_api.endpoint`."""
     with FakeTpuApi() as api:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from standins.gcs import GcsEmulator
+from standins.wandb_offline import offline_run
 
 from trainer import preflight, storage
 from trainer.errors import UserError
@@ -83,12 +84,13 @@ def zeroshot(name: str, where: str, vocab: str = "") -> str:
     )
 
 
-def trainer_run(gcs: GcsEmulator, recipe: Path, workdir: str, *overrides: str, timeout: float = 400):
+def trainer_run(gcs: GcsEmulator, recipe: Path, workdir: str, *overrides: str, timeout: float = 400, extra_env=None):
     """`python -m trainer` as a pod's host runs it: reaching the bucket through every client, TensorFlow's too."""
     args = [sys.executable, "-m", "trainer", str(recipe), "--workdir", workdir]
     for item in overrides:
         args += ["--set", item]
     env = {**os.environ, **gcs.env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env.update(extra_env or {})
     start = time.monotonic()
     done = subprocess.run(gcs.namespaced(args), env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     return done, time.monotonic() - start
@@ -179,14 +181,16 @@ def test_the_trainer_stops_in_seconds_with_one_line_for_a_missing_eval_path(tmp_
 # -- at run time ---------------------------------------------------------------------------------------------
 
 
-def test_evals_read_from_the_bucket_and_a_failing_one_leaves_training_intact(tmp_path, gcs, bucket, eval_dir):
+def test_evals_read_from_the_bucket_and_a_failing_one_leaves_training_intact(tmp_path, gcs, bucket, eval_dir, offline):
     """A gs:// workdir; eval "val" reads its shards through TensorFlow's GCS client, eval "broken" hits an image that
-    does not decode at every eval. Training finishes, every checkpoint is there, and the failure is reported."""
+    does not decode at every eval. Training finishes, every checkpoint is there, and the failure is reported. W&B
+    (offline) gets the same numbers and the eval tables."""
     eval_files(tmp_path / "broken", bad=True)
     evals = zeroshot("val", eval_dir) + zeroshot("broken", str(tmp_path / "broken"))
     recipe = one_stage_recipe(tmp_path, evals)
     workdir = f"{bucket}/run"
-    done, _ = trainer_run(gcs, recipe, workdir, *FAST, f'text.vocab="{eval_dir}/vocab.txt"', "text.vocab_rows=100")
+    sets = [*FAST, f'text.vocab="{eval_dir}/vocab.txt"', "text.vocab_rows=100", "log.wandb_project=bucket-tests"]
+    done, _ = trainer_run(gcs, recipe, workdir, *sets, extra_env={k: os.environ[k] for k in os.environ if "WANDB" in k})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "done: every stage" in done.stdout
     for step in (6, 12):
@@ -202,6 +206,11 @@ def test_evals_read_from_the_bucket_and_a_failing_one_leaves_training_intact(tmp
     assert storage.at(f"{workdir}/pretrain16/checkpoints/12/commit_success.txt").exists()
     events = storage.glob(f"{workdir}/tensorboard/events.out.tfevents.*")
     assert len(events) == 1 and storage.at(events[0]).read_bytes()[12:].find(b"val/top1") > 0
+    logged = offline_run(offline / "host-a", storage.at(f"{workdir}/wandb_id").read_text().strip()).history()
+    assert sorted(logged) == [3, 6, 9, 12]
+    for step in (6, 12):
+        assert logged[step]["val/top1"] == pytest.approx(records[step]["val/top1"])
+        assert "eval_error" not in logged[step] and logged[step]["evals/pretrain16"]["_type"] == "table-file"
 
 
 # -- what tpuctl reads back ----------------------------------------------------------------------------------

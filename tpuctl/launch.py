@@ -100,6 +100,11 @@ def parse_env(items: tuple[str, ...]) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not key.replace("_", "a").isalnum() or key[0].isdigit():
             raise TpuctlError(f"--env {item!r} is not NAME=VALUE", "e.g. --env XLA_FLAGS=--xla_dump_to=/tmp/dump")
+        if key in SECRET_ENV:  # a flag's value is recorded with the run and shown: a secret must not be
+            raise TpuctlError(
+                f"--env {key}=... would record the secret with the run and show it",
+                f"export {key} here instead: tpuctl forwards it to every worker without showing or storing it",
+            )
         env[key] = value
     return env
 
@@ -138,7 +143,7 @@ def run_dir(target: Target, record: RunRecord) -> str:
 def describe_plan(plan: dict[str, Any]) -> str:
     """The command line a worker's tmux session runs (what --dry-run prints), secrets masked."""
     shown = plan["env"] | dict.fromkeys(plan["secret_env"], MASK)
-    env = [f"{k}={MASK if k in SECRET_ENV else v}" for k, v in sorted(shown.items())]
+    env = [f"{k}={v}" for k, v in sorted(shown.items())]
     return f"cd {remote.shell_path(plan['cwd'])} && {shlex.join(['env', *env, *plan['argv']])}"
 
 
