@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from standins.gcs import GcsEmulator
 from standins.wandb_offline import offline_run
+from test_train import FAST as TRAIN_FAST
 
 from trainer import preflight, storage
 from trainer.errors import UserError
@@ -24,16 +25,12 @@ from trainer.recipe import load
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "tiny_synthetic.toml"
-# tiny_synthetic's first stage: 12 steps of 16 at 16 px, a checkpoint every 4 steps, evals at steps 6 and 12
+# tiny_synthetic's first stage as the trainer tests run it (12 steps of 16 at 16 px, a checkpoint every 4 steps),
+# with evals at steps 6 and 12 and a log every 3 steps
 FAST = [
-    "stages.0.samples=192",
-    "stages.0.global_batch=16",
-    "stages.0.warmup_steps=2",
+    *(s for s in TRAIN_FAST if not s.startswith(("stages.1", "log."))),
     "stages.0.eval_every=6",
     "log.every_steps=3",
-    "checkpoint.every_steps=4",
-    "text.context_length=8",
-    "text.caption_length=8",
 ]
 WORDS = ["photo", "of", "the", "shirt", "shoe", "bag"]  # with the letters a-z and their ##-pieces: 65 entries
 CLASSES = ["shirt", "shoe", "bag"]

@@ -164,14 +164,18 @@ def rotate(log, keep=KEEP_LOGS):
             os.replace(older, f"{log}.{n}")
 
 
-def last_progress(log_path):
-    """(stage, step, loss, img/s) of the last trainer log line, and the log's last line."""
+def tail_lines(log_path):
+    """The lines of the log's last TAIL_BYTES (none when it cannot be read)."""
     try:
         with open(log_path, "rb") as f:
             f.seek(max(0, os.path.getsize(log_path) - TAIL_BYTES))
-            lines = f.read().decode(errors="replace").splitlines()
+            return f.read().decode(errors="replace").splitlines()
     except OSError:
-        return {}, ""
+        return []
+
+
+def last_progress(lines):
+    """(stage, step, loss, img/s) of the last trainer log line, and the log's last line."""
     progress = {}
     for line in reversed(lines):
         m = LOG_LINE.match(line)
@@ -188,14 +192,8 @@ def last_progress(log_path):
     return progress, last[-300:]
 
 
-def last_eval_error(log_path):
+def last_eval_error(lines):
     """The latest eval's error, if the latest eval in the log failed (else None)."""
-    try:
-        with open(log_path, "rb") as f:
-            f.seek(max(0, os.path.getsize(log_path) - TAIL_BYTES))
-            lines = f.read().decode(errors="replace").splitlines()
-    except OSError:
-        return None
     for line in reversed(lines):
         if line.startswith(EVAL_FAILED):
             return line[len(EVAL_FAILED) :][:300]
@@ -245,7 +243,8 @@ def status(args):
     pid = trainer_pid(run_dir)
     code = read(os.path.join(run_dir, "exit"))
     alive = session_alive(args["session"])
-    progress, last = last_progress(os.path.join(run_dir, "log"))
+    lines = tail_lines(os.path.join(run_dir, "log"))
+    progress, last = last_progress(lines)
     checkpoint, checkpoint_error = None, None
     if "://" not in args["workdir"]:
         checkpoint = last_checkpoint(args["workdir"])
@@ -269,7 +268,7 @@ def status(args):
         "progress": progress,
         "checkpoint": checkpoint,
         "checkpoint_error": checkpoint_error,
-        "eval_error": last_eval_error(os.path.join(run_dir, "log")),
+        "eval_error": last_eval_error(lines),
         "last_line": last,
     }
 
