@@ -34,7 +34,9 @@ def main(
         raise UserError(str(e)) from None
     if not recipe.evals:
         raise UserError(f"{recipe_path} has no [[evals]]")
-    evaluators = build_evaluators(recipe)
+    from trainer import preflight
+
+    evaluators = preflight.inputs(recipe)  # inputs read once (a missing one is one line naming its key)
     names = [s.name for s in recipe.stages]
     if stage_name and stage_name not in names:
         raise UserError(f"--stage {stage_name}: the recipe's stages are {', '.join(names)}")
@@ -78,17 +80,6 @@ def main(
     metrics = MetricsLog(run_dir, enabled=host0, start_step=None)
     metrics.write(loop.global_step(recipe, index, found), {"stage": stage.name, "stage_step": found, **results})
     metrics.close()
-
-
-def build_evaluators(recipe: Recipe) -> list[Any]:
-    """The recipe's evaluators with their inputs read once (a missing one is one line naming its key)."""
-    from trainer import evals
-    from trainer.data.tokenizers import from_recipe
-
-    try:
-        return evals.build(recipe, from_recipe(recipe))
-    except RecipeError as e:
-        raise UserError(str(e)) from None
 
 
 def evaluate_converted(recipe: Recipe, evaluators: list[Any], directory: str, index: int) -> None:

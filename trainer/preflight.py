@@ -12,17 +12,30 @@ uses: `check` returns the evaluators, built once.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from etils import epath
 
 from trainer import storage
 from trainer.errors import UserError
 from trainer.recipe import Recipe, RecipeError
 
+if TYPE_CHECKING:
+    from trainer.evals import Evaluator
 
-def check(recipe: Recipe, workdir: epath.Path) -> list:
+
+def check(recipe: Recipe, workdir: epath.Path) -> list[Evaluator]:
     """The recipe's evaluators, inputs loaded; a UserError naming what is wrong otherwise."""
     try:
         check_paths(recipe, workdir)
+        return load_inputs(recipe)
+    except (RecipeError, storage.StorageError) as error:
+        raise UserError(str(error)) from None
+
+
+def inputs(recipe: Recipe) -> list[Evaluator]:
+    """The second pass alone (python -m trainer.eval: no workdir to write)."""
+    try:
         return load_inputs(recipe)
     except (RecipeError, storage.StorageError) as error:
         raise UserError(str(error)) from None
@@ -66,7 +79,7 @@ def check_paths(recipe: Recipe, workdir: epath.Path) -> None:
         wandb_log.check_available(recipe)
 
 
-def load_inputs(recipe: Recipe) -> list:
+def load_inputs(recipe: Recipe) -> list[Evaluator]:
     if recipe.data.source == "synthetic" and not recipe.evals:
         return []
     from trainer import evals

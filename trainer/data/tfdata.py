@@ -42,7 +42,7 @@ def list_files(patterns: str, key: str) -> list[str]:
         try:
             matched = storage.glob(pattern)
         except Exception as error:  # an unreadable bucket: gcsfs's own errors as well as OSError
-            raise RecipeError(f'{key} = "{pattern}" cannot be listed: {storage.describe(error)}') from None
+            raise RecipeError(f'{key} = "{pattern}" cannot be read: {storage.describe(error)}') from None
         if not matched:
             raise RecipeError(f'{key} = "{pattern}" matches no files')
         files += matched
