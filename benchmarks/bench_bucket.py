@@ -1,8 +1,9 @@
 """Runs in a bucket, measured against the GCS emulator the tests use (tests/standins/gcs.py: the real
 fake-gcs-server, on loopback):
 
-  a. a recipe whose eval path is missing: wall time from `python -m trainer` starting to its one-line error (exit 2),
-     with the whole command as a pod runs it (the bucket reached through every client, TensorFlow's too);
+  a. a recipe with a mistake: wall time from `python -m trainer` starting to its one-line error (exit 2), with the
+     whole command as a pod runs it (the bucket reached through every client, TensorFlow's too): a missing eval path
+     (found by preflight's first pass, paths alone) and a text.vocab_rows below the tokenizer's size (its second);
   b. one checkpoint of the CPU demo's recipe (recipes/tiny.toml: its train state, params + optimizer + step/RNG, and
      the meta JSON) saved by the trainer's StageCheckpoints to the emulator and to local disk, until committed.
 
@@ -30,14 +31,21 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from standins.gcs import GcsEmulator  # noqa: E402
 
+# label: (the eval's path, --set items). A mistake the first pass finds (paths alone), one the second (the tokenizer).
+CASES = {
+    "a missing eval path (gs://)": ("gs://bucket/nothing/val-*.tfrecord", ["text.vocab_rows=49408"]),
+    "text.vocab_rows below the tokenizer's": ("gs://bucket/evals/val-*", ["text.vocab_rows=1000"]),
+}
 
-def time_to_error(gcs: GcsEmulator, repeats: int) -> list[float]:
-    """The tests' synthetic-data recipe with one zero-shot eval whose shards are not there (CLIP's shipped BPE)."""
+
+def time_to_error(gcs: GcsEmulator, path: str, sets: list[str], repeats: int) -> list[float]:
+    """The tests' synthetic-data recipe with one zero-shot eval of `path` (CLIP's shipped BPE), `sets` applied."""
     recipe = Path(tempfile.mkdtemp()) / "recipe.toml"
-    evals = '\n[[evals]]\nkind = "zeroshot"\nname = "missing"\npath = "gs://bucket/nothing/val-*.tfrecord"\n'
+    evals = f'\n[[evals]]\nkind = "zeroshot"\nname = "val"\npath = "{path}"\n'
     recipe.write_text((ROOT / "tests" / "tiny_synthetic.toml").read_text() + evals)
     args = [sys.executable, "-m", "trainer", str(recipe), "--workdir", "gs://bucket/bench-error"]
-    args += ["--set", 'text.tokenizer="clip_bpe"', "--set", "text.vocab_rows=49408"]
+    for item in ['text.tokenizer="clip_bpe"', *sets]:
+        args += ["--set", item]
     env = {**os.environ, **gcs.env, "JAX_PLATFORMS": "cpu"}
     times = []
     for _ in range(repeats):
@@ -46,7 +54,7 @@ def time_to_error(gcs: GcsEmulator, repeats: int) -> list[float]:
         times.append(time.monotonic() - begin)
         errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
         assert done.returncode == 2 and len(errors) == 1, done.stderr[-2000:]
-    print(f"  the error: {errors[0]}")
+    print(f"  {errors[0]}")
     return times
 
 
@@ -89,8 +97,12 @@ def main() -> None:
     args = parser.parse_args()
     gcs = GcsEmulator(("bucket",))
     try:
-        print("a. missing eval path -> one-line error")
-        errors = time_to_error(gcs, args.repeats)
+        print("a. a mistake -> its one-line error")
+        os.environ.update(gcs.env)
+        from trainer import storage
+
+        storage.at("gs://bucket/evals/val-0.tfrecord").write_bytes(b"")  # the second case's eval path exists
+        errors = {case: time_to_error(gcs, path, sets, args.repeats) for case, (path, sets) in CASES.items()}
         print("b. checkpoint save, committed")
         saves = save_times(gcs, args.repeats)
     finally:
@@ -103,11 +115,14 @@ def main() -> None:
         f"Command: `.venv/bin/python benchmarks/bench_bucket.py --repeats {args.repeats}"
         + (f" --markdown {args.markdown}`" if args.markdown else "`"),
         "",
-        "### a. A recipe whose eval path is missing: start of `python -m trainer` to its one-line error (exit 2)",
+        "### a. A mistake in a recipe: start of `python -m trainer` to its one-line error (exit 2)",
         "",
-        "| runs | median s | min s | max s |",
-        "|--:|--:|--:|--:|",
-        f"| {len(errors)} | {statistics.median(errors):.1f} | {min(errors):.1f} | {max(errors):.1f} |",
+        "| mistake | runs | median s | min s | max s |",
+        "|:--|--:|--:|--:|--:|",
+        *(
+            f"| {case} | {len(t)} | {statistics.median(t):.1f} | {min(t):.1f} | {max(t):.1f} |"
+            for case, t in errors.items()
+        ),
         "",
         "### b. One checkpoint of recipes/tiny.toml's train state, saved until committed (StageCheckpoints)",
         "",
