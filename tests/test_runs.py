@@ -224,6 +224,11 @@ def test_recipe_mistakes_are_one_line_before_anything_starts(pod, project):
     assert r.returncode == 2 and "outside the project" in r.stderr
     r = pod.tpuctl("run", RECIPE, "--env", "1BAD=x", cwd=project)
     assert r.returncode == 2 and "--env '1BAD=x' is not NAME=VALUE" in r.stderr
+    r = pod.tpuctl("run", RECIPE, "--workdir", "gs:/bucket/b16", cwd=project)  # a slash eaten on the way
+    assert r.returncode == 2 and "--workdir gs:/bucket/b16 is not a bucket URL" in r.stderr and "gs://" in r.stderr
+    for local in ([], ["--local"]):  # a bucket workdir reaches the trainer as it is, also on this machine
+        r = pod.tpuctl("run", RECIPE, "--workdir", "gs://bucket/b16", *local, "--dry-run", "--json", cwd=project)
+        assert json.loads(r.stdout)["workers"][0]["argv"][3:6] == [RECIPE, "--workdir", "gs://bucket/b16"], r.stdout
 
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
