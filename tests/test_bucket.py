@@ -52,13 +52,14 @@ def png(seed: int) -> bytes:
     return out.getvalue()
 
 
-def eval_files(directory: Path, bad: bool = False) -> None:
-    """A labelled eval shard (bad: one image that does not decode), class names, templates, a WordPiece vocab."""
+def eval_files(directory: Path, bad: bool = False, shards: int = 1) -> None:
+    """Labelled eval shards (bad: image 5, in the second of two shards, does not decode), class names, templates, a
+    WordPiece vocab."""
     from trainer.data import examples
     from trainer.data.tokenizers import RESERVED
 
     directory.mkdir(parents=True, exist_ok=True)
-    writer = examples.ShardWriter(directory, "val", 1)
+    writer = examples.ShardWriter(directory, "val", shards)  # round-robin: the odd images go to the second of two
     for i in range(12):
         image = b"not an image" if bad and i == 5 else png(i)
         writer.write(examples.encode(image, {}, label=i % len(CLASSES), key=str(i)))
@@ -74,7 +75,7 @@ def upload(local: Path, remote: str) -> None:
         storage.at(f"{remote}/{path.name}").write_bytes(path.read_bytes())
 
 
-def zeroshot(name: str, where: str, vocab: str = "") -> str:
+def zeroshot(name: str, where: str) -> str:
     return (
         f'\n[[evals]]\nkind = "zeroshot"\nname = "{name}"\npath = "{where}/val-*.tfrecord"\n'
         f'classnames = "{where}/classnames.txt"\ntemplates = "{where}/templates.txt"\nbatch = 8\n'
@@ -208,6 +209,47 @@ def test_evals_read_from_the_bucket_and_a_failing_one_leaves_training_intact(tmp
     for step in (6, 12):
         assert logged[step]["val/top1"] == pytest.approx(records[step]["val/top1"])
         assert "eval_error" not in logged[step] and logged[step]["evals/pretrain16"]["_type"] == "table-file"
+
+
+def test_an_eval_that_fails_on_one_host_of_two_is_reported_by_both_and_training_goes_on(tmp_path):
+    """Two processes joined by jax.distributed (two hosts of a pod), each reading half of every eval's shards. Eval
+    "val" counts every image once across the hosts; in eval "broken" the shard host 1 reads has an image that does
+    not decode, host 0's has none. Both hosts run that eval's collectives to the end, both report it failed, and both
+    go on training to the end in step (a host leaving early would leave the other waiting in a collective)."""
+    from test_train import free_port
+
+    eval_files(tmp_path / "val", shards=2)
+    eval_files(tmp_path / "broken", bad=True, shards=2)
+    recipe = one_stage_recipe(
+        tmp_path, zeroshot("val", str(tmp_path / "val")) + zeroshot("broken", str(tmp_path / "broken"))
+    )
+    workdir = tmp_path / "run"
+    args = [sys.executable, "-m", "trainer", str(recipe), "--workdir", str(workdir)]
+    for item in [*FAST, f'text.vocab="{tmp_path}/val/vocab.txt"', "text.vocab_rows=100"]:
+        args += ["--set", item]
+    args += ["--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2", "--process-id"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    procs = [
+        subprocess.Popen(
+            [*args, str(i)], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for i in range(2)
+    ]
+    try:
+        outs = [p.communicate(timeout=400)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    for step in (6, 12):
+        assert f"eval failed: broken at stage pretrain16 step {step}: FailedElsewhere: it failed on host 1" in outs[0]
+        assert f"eval failed: broken at stage pretrain16 step {step}: InvalidArgumentError" in outs[1]
+    assert all("done: every stage" in out for out in outs)
+    records = {r["step"]: r for r in read_jsonl(workdir / "metrics.jsonl")}
+    assert records[12]["eval_error"].startswith("broken: FailedElsewhere") and "broken/top1" not in records[12]
+    assert records[12]["val/samples"] == 12.0  # 6 images on each host, each counted once
 
 
 # -- what tpuctl reads back ----------------------------------------------------------------------------------

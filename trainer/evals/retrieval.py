@@ -14,10 +14,10 @@ import jax
 import numpy as np
 
 from trainer import storage
-from trainer.data import preprocess
+from trainer.data import Host, preprocess
 from trainer.data.tfsetup import tf
 from trainer.data.tokenizers import Tokenizer
-from trainer.evals.zeroshot import encoders, in_chunks
+from trainer.evals.zeroshot import encoders, in_chunks, raise_if_any_host_failed
 from trainer.models.clip import Clip
 from trainer.recipe import Eval, Recipe, RecipeError
 
@@ -77,7 +77,12 @@ class Retrieval:
             return preprocess.eval_image(image, resolution, self.eval_resize)
 
         images = tf.data.Dataset.from_tensor_slices(self.files).map(load, num_parallel_calls=tf.data.AUTOTUNE)
-        pixels = np.concatenate(list(images.batch(256).as_numpy_iterator()))
+        failure: Exception | None = None
+        try:  # every host reads every image; one may fail where the others do not: all must know before computing
+            pixels = np.concatenate(list(images.batch(256).as_numpy_iterator()))
+        except Exception as error:
+            failure = error
+        raise_if_any_host_failed(failure, Host(jax.process_index(), jax.process_count()))
         encode_text, encode_image = encoders(model)
         batch = self.spec.batch
         text_emb = np.asarray(in_chunks(lambda x: encode_text({"params": params}, x), self.ids, mesh, batch))

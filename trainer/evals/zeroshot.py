@@ -55,14 +55,20 @@ def scorer(model: Clip) -> Callable[..., jnp.ndarray]:
 
 
 def in_chunks(fn: Any, rows: np.ndarray, mesh: jax.sharding.Mesh, chunk: int = 1024) -> jnp.ndarray:
-    """fn over `rows` (the same on every host) in device-divisible chunks; the padding rows are cut off again."""
+    """fn over `rows` (the same on every host) in device-divisible chunks, the whole result on every host; the
+    padding rows are cut off again."""
     devices = mesh.devices.size
     chunk = -(-chunk // devices) * devices
     out = []
     for start in range(0, len(rows), chunk):
         part = rows[start : start + chunk]
         padded = np.concatenate([part, np.zeros((chunk - len(part), *part.shape[1:]), part.dtype)])
-        out.append(jax.device_get(fn(jax.device_put(padded, sharding.batch_sharding(mesh))))[: len(part)])
+        result = fn(jax.device_put(padded, sharding.batch_sharding(mesh)))
+        if not result.is_fully_addressable:  # on a pod each host holds its rows only: gather them all (a collective)
+            from jax.experimental import multihost_utils
+
+            result = multihost_utils.process_allgather(result, tiled=True)
+        out.append(np.asarray(jax.device_get(result))[: len(part)])
     return jnp.asarray(np.concatenate(out))
 
 
@@ -112,7 +118,14 @@ class ZeroShot:
             raise RecipeError(f"{self.key}.batch = {batch} is not divisible by {mesh.devices.size} devices")
         classes = self.class_embeddings(model, params, mesh)
         local = batch // host.count
-        images, count = labelled_images(self.files[host.index :: host.count], resolution, local, self.eval_resize)
+        # this host's reads may fail (a bucket hiccup, a damaged image) while the others' do not: it then feeds
+        # padding, so every host runs the same collectives, and all of them report the failure at the end
+        failure: Exception | None = None
+        try:
+            images, count = labelled_images(self.files[host.index :: host.count], resolution, local, self.eval_resize)
+            stream = images.as_numpy_iterator()
+        except Exception as error:
+            failure, stream, count = error, iter(()), 0
         steps = -(-count // local)
         if host.count > 1:  # every host runs the same number of (padded) batches
             from jax.experimental import multihost_utils
@@ -121,10 +134,14 @@ class ZeroShot:
         score = scorer(model)
         batch_sharding = sharding.batch_sharding(mesh)
         totals = np.zeros(3)
-        stream = images.as_numpy_iterator()
         empty = (np.zeros((0, resolution, resolution, 3), np.uint8), np.zeros((0,), np.int64))
         for _ in range(steps):
-            pixels, labels = next(stream, empty)
+            pixels, labels = empty
+            if failure is None:
+                try:
+                    pixels, labels = next(stream, empty)
+                except Exception as error:
+                    failure = error
             pad = local - len(labels)
             rows = {
                 "images": np.concatenate([pixels, np.zeros((pad, resolution, resolution, 3), np.uint8)]),
@@ -132,8 +149,27 @@ class ZeroShot:
             }
             arrays = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in rows.items()}
             totals += np.asarray(jax.device_get(score(params, classes, arrays["images"], arrays["labels"])))
+        raise_if_any_host_failed(failure, host)
         top1, top5, seen = totals
         return {"top1": top1 / max(seen, 1), "top5": top5 / max(seen, 1), "samples": seen}
+
+
+class FailedElsewhere(RuntimeError):
+    """An eval this host ran to its end failed on another host: its result is not whole."""
+
+
+def raise_if_any_host_failed(failure: Exception | None, host: Host) -> None:
+    """Every host raises when any of them failed (a collective: all hosts call it together), so all of them report
+    the eval failed and go back to training in step."""
+    failed = [failure is not None]
+    if host.count > 1:
+        from jax.experimental import multihost_utils
+
+        failed = [bool(f) for f in np.asarray(multihost_utils.process_allgather(np.array([failure is not None])))]
+    if failure is not None:
+        raise failure
+    if any(failed):
+        raise FailedElsewhere(f"it failed on host {failed.index(True)} (that host's log says why)")
 
 
 def _score(model: Clip, params: Any, classes: jnp.ndarray, images: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
