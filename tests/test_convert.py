@@ -103,8 +103,15 @@ def inputs(settings: dict, count: int = 3) -> tuple[np.ndarray, np.ndarray]:
 
 
 def open_clip_embeddings(model, pixels: np.ndarray, tokens: np.ndarray, openai: bool) -> tuple[np.ndarray, ...]:
+    mean, std = (OPENAI_MEAN, OPENAI_STD) if openai else (0.5, 0.5)
+    return embeddings_with_stats(model, pixels, tokens, mean, std)
+
+
+def embeddings_with_stats(model, pixels: np.ndarray, tokens: np.ndarray, mean, std) -> tuple[np.ndarray, ...]:
+    """open_clip's image and text embeddings, its pixels standardised with `mean` and `std` (0-1 scale)."""
     x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255)
-    x = (x - OPENAI_MEAN) / OPENAI_STD if openai else (x - 0.5) / 0.5  # ToTensor + Normalize, as open_clip's
+    mean, std = (torch.as_tensor(v, dtype=torch.float32).reshape(-1, 1, 1) for v in (mean, std))
+    x = (x - mean) / std  # ToTensor + Normalize, as open_clip's
     with torch.no_grad():
         image = model.encode_image(x, normalize=True).numpy()
         text = model.encode_text(torch.from_numpy(tokens).long(), normalize=True).numpy()
@@ -135,17 +142,61 @@ QUICKGELU_TINY = {
 }
 
 
+# OpenVision's released open_clip config of ViT-Ti/16 at 160 px (its model_configs/openvision-vit-tiny-patch16-160
+# layout and values): exact GELU in the image tower and tanh GELU in the text tower, a class token beside mean pooling
+# with the LayerNorm after it, no ln_pre, bidirectional text pooled last, BERT's tokenizer, ImageNet's pixel stats
+OPENVISION_TI16_160 = {
+    "embed_dim": 192,
+    "vision_cfg": {
+        "image_size": 160,
+        "layers": 12,
+        "width": 192,
+        "patch_size": 16,
+        "no_ln_pre": True,
+        "pool_type": "avg",
+        "final_ln_after_pool": True,
+        "norm_kwargs": {"eps": 1e-06},
+        "head_width": 64,
+    },
+    "text_cfg": {
+        "context_length": 80,
+        "vocab_size": 32000,
+        "hf_tokenizer_name": "bert-base-uncased",
+        "tokenizer_kwargs": {"strip_sep_token": True},
+        "width": 192,
+        "heads": 3,
+        "layers": 12,
+        "pool_type": "last",
+        "no_causal_mask": True,
+        "act_kwargs": {"approximate": "tanh"},
+        "norm_kwargs": {"eps": 1e-06},
+    },
+}
+OPENVISION_PREPROCESS = {
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+    "interpolation": "bilinear",
+    "resize_mode": "squash",
+}
+CONFIGS = {
+    "quickgelu-tiny": (QUICKGELU_TINY, None),
+    "openvision-ti16-160": (OPENVISION_TI16_160, OPENVISION_PREPROCESS),
+}
+
+
 @pytest.mark.parametrize(
     ("name", "ours", "pooling"),
     [
         ("ViT-B-16", "B/16", "cls"),  # open_clip's pool_type "tok"
         ("ViT-L-14-CLIPA", "L/14", "mean"),  # "avg" (with final_ln_after_pool, no ln_pre, CLIPA's text tower)
         ("quickgelu-tiny", "Mu/7", "cls"),
+        ("openvision-ti16-160", "Ti/16", "mean"),  # a GELU of each kind, one per tower
     ],
 )
 def test_imported_models_compute_what_open_clip_computes_and_export_back_exactly(tmp_path, name, ours, pooling):
-    if name == "quickgelu-tiny":
-        src = random_open_clip(tmp_path / "hub", config=QUICKGELU_TINY)
+    if name in CONFIGS:
+        config, preprocess_cfg = CONFIGS[name]
+        src = random_open_clip(tmp_path / "hub", config=config, preprocess=preprocess_cfg)
     else:
         src = random_open_clip(tmp_path / "hub", name)
     code, out = convert_cli("import", str(src), "--model", ours, "--out", str(tmp_path / "ours"))
@@ -154,14 +205,18 @@ def test_imported_models_compute_what_open_clip_computes_and_export_back_exactly
     assert settings["model"]["pooling"] == pooling
     reference = open_clip.create_model(f"local-dir:{tmp_path / 'hub'}").eval()
     pixels, tokens = inputs(settings)
-    openai = settings["model"]["pixel_norm"] == "openai"
-    theirs = open_clip_embeddings(reference, pixels, tokens, openai)
+    stats = reference.visual.image_mean, reference.visual.image_std  # the hub config's preprocess_cfg
+    theirs = embeddings_with_stats(reference, pixels, tokens, *stats)
     mine = our_embeddings(tmp_path / "ours", pixels, tokens)
     assert relative_error(mine[0], theirs[0]) <= 1e-4
     assert relative_error(mine[1], theirs[1]) <= 1e-4
-    # the bound tells architectures apart: the same weights with another GELU are off by more
-    other = "gelu_tanh" if settings["model"]["activation"] != "gelu_tanh" else "gelu"
-    wrong = our_embeddings(tmp_path / "ours", pixels, tokens, activation=other)
+    # the bound tells architectures apart: the same weights with the other GELU in each tower are off by more
+    swap = {"gelu_tanh": "gelu", "gelu": "gelu_tanh", "quick_gelu": "gelu"}
+    image_act = settings["model"]["activation"]
+    text_act = settings["model"].get("text_activation") or image_act
+    wrong = our_embeddings(
+        tmp_path / "ours", pixels, tokens, activation=swap[image_act], text_activation=swap[text_act]
+    )
     assert relative_error(wrong[0], theirs[0]) > 1e-4 and relative_error(wrong[1], theirs[1]) > 1e-4
 
     code, out = convert_cli(
@@ -169,7 +224,7 @@ def test_imported_models_compute_what_open_clip_computes_and_export_back_exactly
     )
     assert code == 0, out
     again = open_clip.create_model(f"local-dir:{tmp_path / 'back'}").eval()
-    back = open_clip_embeddings(again, pixels, tokens, openai)
+    back = embeddings_with_stats(again, pixels, tokens, *stats)
     np.testing.assert_array_equal(back[0], theirs[0])  # the same open_clip model, bit for bit
     np.testing.assert_array_equal(back[1], theirs[1])
 
@@ -247,10 +302,10 @@ def test_mismatches_and_unsupported_architectures_are_one_line(tmp_path):
     line = one_line_error(*convert_cli("import", str(bad), "--model", "Mu/7", "--out", out))
     assert "vision_cfg.attentional_pool = True: this architecture is not supported" in line
 
-    mixed = {**TINY_CONFIG, "text_cfg": {k: v for k, v in TINY_CONFIG["text_cfg"].items() if k != "act_kwargs"}}
+    mixed = {**TINY_CONFIG, "text_cfg": {**TINY_CONFIG["text_cfg"], "norm_kwargs": {"eps": 1e-5}}}
     (bad.parent / "open_clip_config.json").write_text(json.dumps(mixed))
     line = one_line_error(*convert_cli("import", str(bad), "--model", "Mu/7", "--out", out))
-    assert "text_cfg's activation and LayerNorm eps ('gelu', 1e-06) differ from vision_cfg's" in line
+    assert "text_cfg's LayerNorm eps 1e-05 differs from vision_cfg's 1e-06: our towers share it" in line
 
     (bad.parent / "open_clip_config.json").unlink()
     line = one_line_error(*convert_cli("import", str(bad), "--model", "Mu/7", "--out", out))

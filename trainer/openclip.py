@@ -18,7 +18,7 @@ import numpy as np
 
 from trainer.errors import UserError
 from trainer.models import variants
-from trainer.models.clip import OPENAI_MEAN, OPENAI_STD
+from trainer.models.clip import OPENAI_MEAN, OPENAI_STD, PIXEL_STATS
 from trainer.models.vit import posemb_sincos_2d
 from trainer.recipe import Recipe
 
@@ -125,21 +125,17 @@ def settings_from_config(config: dict[str, Any], model: str) -> dict[str, Any]:
         raise FormatError(
             f"text_cfg.hf_tokenizer_name = {tokenizer!r}: only CLIP's BPE or BERT's WordPiece is supported"
         )
-    (activation, eps), text_arch = (
+    (activation, eps), (text_activation, text_eps) = (
         _tower_arch(cfg, tower, where) for where, tower in (("vision_cfg", vision), ("text_cfg", text))
     )
-    if text_arch != (activation, eps):
-        raise FormatError(
-            f"text_cfg's activation and LayerNorm eps {text_arch} differ from vision_cfg's {(activation, eps)}:"
-            " our towers share them"
-        )
+    if text_eps != eps:
+        raise FormatError(f"text_cfg's LayerNorm eps {text_eps} differs from vision_cfg's {eps}: our towers share it")
     mean, std = tuple(preprocess.get("mean", OPENAI_MEAN)), tuple(preprocess.get("std", OPENAI_STD))
-    if (mean, std) == (OPENAI_MEAN, OPENAI_STD):
-        pixel_norm = "openai"
-    elif (mean, std) == (INCEPTION, INCEPTION):
-        pixel_norm = "inception"
-    else:
-        raise FormatError(f"preprocess_cfg mean {mean} / std {std}: only CLIP's and (0.5, 0.5, 0.5) are supported")
+    pixel_norm = next((name for name, stats in PIXEL_STATS.items() if stats == (mean, std)), None)
+    if pixel_norm is None:
+        raise FormatError(
+            f"preprocess_cfg mean {mean} / std {std}: only CLIP's, ImageNet's and (0.5, 0.5, 0.5) are supported"
+        )
     return {
         "model": {
             "image": model,
@@ -151,6 +147,7 @@ def settings_from_config(config: dict[str, Any], model: str) -> dict[str, Any]:
             "ln_pre": not vision.get("no_ln_pre", False),
             "norm_after_pool": bool(vision.get("final_ln_after_pool", False)),
             "activation": activation,
+            "text_activation": "" if text_activation == activation else text_activation,
             "norm_eps": eps,
             "pixel_norm": pixel_norm,
             "text_causal": not text.get("no_causal_mask", False),
@@ -185,11 +182,16 @@ def config_from_recipe(recipe: Recipe, resolution: int) -> dict[str, Any]:
             " so it cannot compute this model; train with model.class_token = true to export"
         )
     image, text = variants.IMAGE[m.image_variant], variants.text_tower(m)
-    tower_kwargs: dict[str, Any] = {}
-    if m.activation == "gelu_tanh":
-        tower_kwargs["act_kwargs"] = {"approximate": "tanh"}
-    if m.norm_eps != 1e-5:
-        tower_kwargs["norm_kwargs"] = {"eps": m.norm_eps}
+    activations = (m.activation, m.text_activation or m.activation)
+    if "quick_gelu" in activations and activations != ("quick_gelu", "quick_gelu"):
+        raise FormatError(
+            f"model.activation / text_activation = {activations}: open_clip's quick_gelu is for both towers or none"
+        )
+
+    def tower_kwargs(activation: str) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"act_kwargs": {"approximate": "tanh"}} if activation == "gelu_tanh" else {}
+        return kwargs | ({"norm_kwargs": {"eps": m.norm_eps}} if m.norm_eps != 1e-5 else {})
+
     vision_cfg = {
         "image_size": resolution,
         "layers": image.depth,
@@ -200,7 +202,7 @@ def config_from_recipe(recipe: Recipe, resolution: int) -> dict[str, Any]:
         "no_ln_pre": not m.ln_pre,
         "pool_type": "tok" if m.pooling == "cls" else "avg",
         "final_ln_after_pool": m.norm_after_pool,
-        **tower_kwargs,
+        **tower_kwargs(activations[0]),
     }
     text_cfg: dict[str, Any] = {
         "context_length": recipe.text.context_length,
@@ -211,7 +213,7 @@ def config_from_recipe(recipe: Recipe, resolution: int) -> dict[str, Any]:
         "mlp_ratio": text.mlp / text.width,
         "no_causal_mask": not m.text_causal,
         "pool_type": m.text_pooling,
-        **tower_kwargs,
+        **tower_kwargs(activations[1]),
     }
     if recipe.text.tokenizer == "bert_wordpiece":
         text_cfg.update(hf_tokenizer_name="bert-base-uncased", tokenizer_kwargs={"strip_sep_token": True})
@@ -223,7 +225,7 @@ def config_from_recipe(recipe: Recipe, resolution: int) -> dict[str, Any]:
     }
     if recipe.loss.contrastive == "sigmoid":
         config["init_logit_bias"] = -10.0
-    stats = (OPENAI_MEAN, OPENAI_STD) if m.pixel_norm == "openai" else (INCEPTION, INCEPTION)
+    stats = PIXEL_STATS[m.pixel_norm]
     interpolation = "bicubic" if recipe.data.eval_resize == "pil_bicubic" else "bilinear"
     config["preprocess_cfg"] = {"mean": list(stats[0]), "std": list(stats[1]), "interpolation": interpolation}
     return config

@@ -31,10 +31,11 @@ RUNTIME_KEYS = {"dtype", "param_dtype", "remat", "attention", "scan_layers"}
 # what a converted checkpoint does not hold (a caption decoder, and the text the decoder reads) or need not fix
 NOT_CHECKED = RUNTIME_KEYS | {"vocab", "caption_length", "decoder", "decoder_context"}
 
-# keys whose 0 stands for the variant's value
-EFFECTIVE: dict[str, Callable[[Model], int]] = {
+# keys whose 0 (or "") stands for another value: compared by what they mean
+EFFECTIVE: dict[str, Callable[[Model], int | str]] = {
     "embed_dim": lambda m: m.embed_dim or variants.EMBED_DIM[m.image_variant],
     "text_depth": lambda m: variants.text_tower(m).depth,
+    "text_activation": lambda m: m.text_activation or m.activation,
 }
 
 

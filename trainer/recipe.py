@@ -47,8 +47,12 @@ class Model:
     ln_pre: bool = False  # a LayerNorm before the image tower's blocks
     norm_after_pool: bool = False  # the image tower's final LayerNorm after pooling, not before (CLIPA)
     activation: Literal["gelu_tanh", "gelu", "quick_gelu"] = "gelu_tanh"  # MLPs; "gelu" = erf, torch's default
+    # the text tower's MLPs, where they differ from the image tower's ("" = model.activation); OpenVision: exact GELU
+    # in the image tower, tanh GELU in the text tower
+    text_activation: Literal["", "gelu_tanh", "gelu", "quick_gelu"] = ""
     norm_eps: float = 1e-6  # LayerNorm epsilon (torch's: 1e-5)
-    pixel_norm: Literal["inception", "openai"] = "inception"  # [-1, 1], or CLIP's per-channel mean and std
+    # [-1, 1], or a per-channel mean and std: CLIP's ("openai") or ImageNet's ("imagenet": OpenVision's)
+    pixel_norm: Literal["inception", "openai", "imagenet"] = "inception"
     text_causal: bool = False  # causal attention in the text tower (OpenAI's CLIP)
     text_pooling: Literal["last", "argmax"] = "last"  # argmax: at the end-of-text token, CLIP BPE's highest id
     embed_dim: int = 0  # output width; 0 = the variant's (Ti 192, S 384, B 512, L 768, So400m 1152, H 1024)

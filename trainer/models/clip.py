@@ -63,6 +63,12 @@ class Clip(nn.Module):
 # CLIP's per-channel statistics (open_clip's OPENAI_DATASET_MEAN / _STD)
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+# model.pixel_norm -> (mean, std) of pixels in [0, 1], as torchvision's Normalize takes them
+PIXEL_STATS = {
+    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "openai": (OPENAI_MEAN, OPENAI_STD),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
 
 
 def to_model_range(images: jnp.ndarray, pixel_norm: str = "inception") -> jnp.ndarray:
@@ -72,13 +78,14 @@ def to_model_range(images: jnp.ndarray, pixel_norm: str = "inception") -> jnp.nd
 
 
 def pixels_to_model_range(pixels: jnp.ndarray, pixel_norm: str = "inception") -> jnp.ndarray:
-    """Pixel values in [0, 255] (uint8 or float) -> float32: [-1, 1] ("inception"), or standardised with CLIP's
-    mean and std ("openai"), computed as torchvision's ToTensor + Normalize do, so imported models see the same
+    """Pixel values in [0, 255] (uint8 or float) -> float32: [-1, 1] ("inception"), or standardised with CLIP's or
+    ImageNet's mean and std, computed as torchvision's ToTensor + Normalize do, so imported models see the same
     numbers."""
     x = pixels.astype(jnp.float32)
-    if pixel_norm == "openai":
-        return (x / 255.0 - jnp.asarray(OPENAI_MEAN, jnp.float32)) / jnp.asarray(OPENAI_STD, jnp.float32)
-    return x / 127.5 - 1.0
+    if pixel_norm == "inception":
+        return x / 127.5 - 1.0
+    mean, std = PIXEL_STATS[pixel_norm]
+    return (x / 255.0 - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
 def normalize(x: jnp.ndarray, eps: float = 1e-6) -> jnp.ndarray:
@@ -119,7 +126,8 @@ def build(recipe: Recipe) -> Clip:
         **dtypes,
     )
     rows = recipe.text.vocab_rows
-    text = TextTower(sizes[1], embed_dim, rows, m.text_causal, m.text_pooling, arch, **dtypes)
+    text_arch = Arch(m.text_activation or m.activation, m.norm_eps)
+    text = TextTower(sizes[1], embed_dim, rows, m.text_causal, m.text_pooling, text_arch, **dtypes)
     decoder = CaptionDecoder(sizes[2], vocab_rows=rows, **dtypes) if m.decoder else None
     return Clip(
         image=image,
