@@ -42,18 +42,15 @@ def inputs(recipe: Recipe) -> list[Evaluator]:
 
 
 def named_paths(recipe: Recipe) -> list[tuple[str, str, str]]:
-    """(key, value, "glob" | "file") of every file or glob the recipe names."""
+    """(key, value, "glob" | "file") of every file, or comma-separated globs, the recipe names."""
     found = []
     if recipe.data.source != "synthetic":
-        found += [("data.train", p.strip(), "glob") for p in recipe.data.train.split(",") if p.strip()]
+        found.append(("data.train", recipe.data.train, "glob"))
     if recipe.text.vocab:
         found.append(("text.vocab", recipe.text.vocab, "file"))
     for index, spec in enumerate(recipe.evals):
         key = f"evals[{index}]"
-        if spec.kind == "zeroshot":
-            found += [(f"{key}.path", p.strip(), "glob") for p in spec.path.split(",") if p.strip()]
-        else:
-            found.append((f"{key}.path", spec.path, "file"))
+        found.append((f"{key}.path", spec.path, "glob" if spec.kind == "zeroshot" else "file"))
         found += [(f"{key}.{name}", getattr(spec, name), "file") for name in ("classnames", "templates")]
     return [(key, value, kind) for key, value, kind in found if value]
 
@@ -61,12 +58,15 @@ def named_paths(recipe: Recipe) -> list[tuple[str, str, str]]:
 def check_paths(recipe: Recipe, workdir: epath.Path) -> None:
     storage.check_writable(workdir, "--workdir")
     for key, value, kind in named_paths(recipe):
+        if kind == "glob":
+            storage.list_files(value, key)
+            continue
         try:
-            ok = bool(storage.glob(value)) if kind == "glob" else storage.at(value).is_file()
+            exists = storage.at(value).is_file()
         except Exception as error:  # an unreadable bucket: gcsfs's own errors as well as OSError
             raise RecipeError(f'{key} = "{value}" cannot be read: {storage.describe(error)}') from None
-        if not ok:
-            raise RecipeError(f'{key} = "{value}" ' + ("matches no files" if kind == "glob" else "does not exist"))
+        if not exists:
+            raise RecipeError(f'{key} = "{value}" does not exist')
     for stage in recipe.stages:
         if stage.init_from:
             from trainer import pretrained

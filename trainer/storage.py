@@ -24,7 +24,8 @@ os.environ.setdefault("EPATH_USE_TF", "false")  # read by epath at each call; a 
 
 from etils import epath
 
-Path = epath.Path
+from trainer.recipe import RecipeError  # standard library only: this module stays light
+
 WILDCARD = re.compile(r"[*?\[]")
 
 
@@ -54,6 +55,21 @@ def glob(pattern: str) -> list[str]:
         return [pattern] if epath.Path(pattern).is_file() else []
     base = epath.Path(f"{scheme}://" + "/".join(parts[:first]))
     return sorted(str(p) for p in base.glob("/".join(parts[first:])))
+
+
+def list_files(patterns: str, key: str) -> list[str]:
+    """Comma-separated paths or globs (local or gs://), sorted; one that matches nothing, or that cannot be listed,
+    is a RecipeError naming `key`."""
+    files: list[str] = []
+    for pattern in [p.strip() for p in patterns.split(",") if p.strip()]:
+        try:
+            matched = glob(pattern)
+        except Exception as error:  # an unreadable bucket: gcsfs's own errors as well as OSError
+            raise RecipeError(f'{key} = "{pattern}" cannot be read: {describe(error)}') from None
+        if not matched:
+            raise RecipeError(f'{key} = "{pattern}" matches no files')
+        files += matched
+    return sorted(set(files))
 
 
 def describe(error: BaseException) -> str:

@@ -106,10 +106,10 @@ def fashion_mnist(src: str, out: str, shards: int, vocab_size: int) -> None:
 def vocab(shards: str, out: str, size: int, caption_key: tuple[str, ...]) -> None:
     """A WordPiece vocab learned from the captions in SHARDS (comma-separated paths or globs)."""
     from trainer.data import examples
-    from trainer.data.tfdata import list_files
     from trainer.data.tfsetup import tf
     from trainer.data.tokenizers import build_vocab
     from trainer.recipe import RecipeError
+    from trainer.storage import list_files
 
     try:
         files = list_files(shards, "SHARDS")
@@ -130,8 +130,8 @@ def vocab(shards: str, out: str, size: int, caption_key: tuple[str, ...]) -> Non
 def webdataset_to_tfrecord(tars: str, out: str, shards: int, prefix: str, recaption_key: str) -> None:
     """webdataset tars (comma-separated paths or globs, as img2dataset writes them) -> OUT/PREFIX-*.tfrecord."""
     from trainer.data import examples, webdataset
-    from trainer.data.tfdata import list_files
     from trainer.recipe import RecipeError
+    from trainer.storage import list_files
 
     try:
         files = list_files(tars, "TARS")

@@ -35,25 +35,11 @@ class BadDataError(RuntimeError):
     """Too many bad samples: one line naming the shard."""
 
 
-def list_files(patterns: str, key: str) -> list[str]:
-    """Comma-separated paths or globs (local or gs://), sorted; an empty match is an error naming the key."""
-    files: list[str] = []
-    for pattern in [p.strip() for p in patterns.split(",") if p.strip()]:
-        try:
-            matched = storage.glob(pattern)
-        except Exception as error:  # an unreadable bucket: gcsfs's own errors as well as OSError
-            raise RecipeError(f'{key} = "{pattern}" cannot be read: {storage.describe(error)}') from None
-        if not matched:
-            raise RecipeError(f'{key} = "{pattern}" matches no files')
-        files += matched
-    return sorted(set(files))
-
-
 def batches(
     recipe: Recipe, stage_index: int, host: Host, position: Position | None
 ) -> Iterator[tuple[Batch, Position]]:
     stage = recipe.stages[stage_index]
-    files = list_files(recipe.data.train, "data.train")
+    files = storage.list_files(recipe.data.train, "data.train")
     mine = files[host.index :: host.count]
     if not mine:
         raise RecipeError(f"data.train has {len(files)} files for {host.count} hosts: every host needs at least one")

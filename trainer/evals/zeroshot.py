@@ -17,7 +17,6 @@ import numpy as np
 
 from trainer import sharding, storage
 from trainer.data import Host
-from trainer.data.tfdata import list_files
 from trainer.data.tfsetup import tf
 from trainer.data.tokenizers import Tokenizer
 from trainer.models.clip import Clip
@@ -103,7 +102,7 @@ class ZeroShot:
         self.classes, self.templates = len(classnames), len(templates)
         prompts = [t.format(c) if "{}" in t else f"{t} {c}" for c in classnames for t in templates]
         self.prompt_ids = tokenizer.batch(tf.constant(prompts), recipe.text.context_length).numpy()
-        self.files = list_files(spec.path, f"{key}.path")
+        self.files = storage.list_files(spec.path, f"{key}.path")
 
     def class_embeddings(self, model: Clip, params: Any, mesh: jax.sharding.Mesh) -> jnp.ndarray:
         encode_text, _ = encoders(model)
