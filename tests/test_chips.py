@@ -52,7 +52,7 @@ def alive(pid):
 def test_check_finds_the_process_holding_a_device(pod4):
     globs = [devices(w) for w in pod4.fleet.workers].pop()
     holder = pod4.fleet.workers[2].spawn(["python3", "-c", HOLD_DEVICE, "/tmp/dev/accel1"])
-    assert wait_for(lambda: any("accel1" in os.readlink(f"/proc/{holder}/fd/{fd}") for fd in _fds(holder)))
+    assert wait_for(lambda: holds(holder, "accel1"))
     r = pod4.tpuctl("check", "--json", env={"TPUCTL_DEVICE_GLOBS": globs})
     assert r.returncode == 1, r.stderr
     data = json.loads(r.stdout)
@@ -71,6 +71,18 @@ def _fds(pid):
         return os.listdir(f"/proc/{pid}/fd")
     except OSError:
         return []
+
+
+def holds(pid, name: str) -> bool:
+    """Whether process `pid` has a file whose path contains `name` open. An fd listed may close before its link is
+    read (the interpreter is still starting): that one is skipped, not an error."""
+    for fd in _fds(pid):
+        try:
+            if name in os.readlink(f"/proc/{pid}/fd/{fd}"):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def test_a_lockfile_alone_is_not_busy_but_a_held_lock_is(pod):
@@ -187,7 +199,7 @@ def test_tables_show_worker_text_as_it_is(pod):
     globs = devices(w0)
     w0.path("/tmp/[bold]job.py").write_text(HOLD_DEVICE)
     holder = w0.spawn(["python3", "/tmp/[bold]job.py", "/tmp/dev/accel0"])
-    assert wait_for(lambda: any("accel0" in os.readlink(f"/proc/{holder}/fd/{fd}") for fd in _fds(holder)))
+    assert wait_for(lambda: holds(holder, "accel0"))
     r = pod.tpuctl("check", env={"TPUCTL_DEVICE_GLOBS": globs})
     assert r.returncode == 1
     assert f"{holder} root python3 /tmp/[bold]job.py /tmp/dev/accel0" in r.stdout
