@@ -4,7 +4,9 @@ checkpoints start a stage and are evaluated, and every mismatch is one line."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.resources
+import inspect
 import io
 import json
 import os
@@ -12,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 import open_clip
@@ -19,17 +23,23 @@ import orbax.checkpoint as ocp
 import pytest
 import torch
 from click.testing import CliRunner
+from etils import epath
 from PIL import Image
 from safetensors.numpy import load_file
 from safetensors.torch import save_file
 from sklearn.datasets import images as sample_images
 from test_real_data import make_data, run
 
-from trainer import convert, pretrained
+from trainer import convert, loop, openclip, pretrained
 from trainer.data import preprocess
 from trainer.data.tfsetup import tf
+from trainer.models import variants
 from trainer.models.clip import build, pixels_to_model_range
 from trainer.models.vit import resize_positions
+from trainer.program import init_variables
+from trainer.recipe import Recipe
+from trainer.recipe import load as load_recipe
+from trainer.step import TrainState
 
 OPENAI_MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
 OPENAI_STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
@@ -371,13 +381,131 @@ def test_a_stage_starts_from_an_import_at_a_new_resolution_and_the_run_exports_t
     assert relative_error(image, theirs[0]) <= 1e-4 and relative_error(text, theirs[1]) <= 1e-4
 
 
-def test_export_refuses_what_open_clip_cannot_compute(tmp_path):
-    settings = {"resolution": 14, "model": {"image": "Mu/7", "text": "Mu"}, "text": {}, "loss": {}}
-    recipe = pretrained.recipe_from_settings(settings)  # OpenVision's default: mean pooling, no class token
-    from trainer.openclip import FormatError, config_from_recipe
+# --- export of our recipes: OpenVision's released configs, every shipped recipe ---------------------------------
 
-    with pytest.raises(FormatError, match=r"model\.class_token = true to export"):
-        config_from_recipe(recipe, 14)
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RELEASED = Path(__file__).resolve().parent / "fixtures" / "openvision"  # OpenVision's model_configs, verbatim
+OPENVISION_RECIPES = {"tiny": "ti16", "small": "s16", "base": "b16", "large": "l14", "so400m": "so400m", "huge": "h14"}
+
+
+def shipped_recipe(name: str, *overrides: str) -> Recipe:
+    return load_recipe(RECIPES / f"{name}.toml", overrides)
+
+
+def open_clip_reads(hub: dict) -> dict[str, object]:
+    """Every key open_clip reads from a hub config (open_clip_config.json), flattened, with open_clip's own default
+    where the file leaves a key out: two configs that agree here build the same model and preprocessing."""
+    model_cfg = hub["model_cfg"]
+    top = inspect.signature(open_clip.CLIP.__init__).parameters
+    assert set(model_cfg) <= set(top), f"keys open_clip's CLIP does not take: {set(model_cfg) - set(top)}"
+    values: dict[str, object] = {
+        f"model_cfg.{k}": model_cfg.get(k, p.default)
+        for k, p in top.items()
+        if k not in ("self", "vision_cfg", "text_cfg")
+    }
+    for tower, cls in (("vision_cfg", open_clip.model.CLIPVisionCfg), ("text_cfg", open_clip.model.CLIPTextCfg)):
+        values |= {f"model_cfg.{tower}.{k}": v for k, v in dataclasses.asdict(cls(**model_cfg[tower])).items()}
+    preprocess = open_clip.transform.PreprocessCfg(**hub["preprocess_cfg"])
+    return values | {f"preprocess_cfg.{k}": v for k, v in dataclasses.asdict(preprocess).items()}
+
+
+@pytest.mark.parametrize("released", sorted(p.name for p in RELEASED.glob("*.json")))
+def test_openvision_recipes_export_openvisions_released_open_clip_configs(released):
+    """openvision-vit-{size}-patch{p}-{resolution}.json: the recipe of that size, exported at that resolution (our
+    stages' resolutions may differ from the released checkpoints': the export takes the stage's)."""
+    _, _, size, _, resolution = Path(released).stem.split("-")
+    theirs = json.loads((RELEASED / released).read_text())
+    ours = openclip.config_from_recipe(shipped_recipe(OPENVISION_RECIPES[size]), int(resolution))
+    mine, expected = open_clip_reads(ours), open_clip_reads(theirs)
+    assert set(mine) == set(expected)
+    differ = {k: (mine[k], v) for k, v in expected.items() if mine[k] != v}
+    assert not differ, f"(ours, released) per key: {differ}"
+    assert ours == theirs  # and the file itself: the same keys, none of open_clip's defaults spelled out
+
+
+# Every shipped recipe: exported (its towers cut to one layer here: the export maps each layer alike) and loaded by
+# open_clip, or refused in one line that says why.
+REFUSED = {
+    "tiny": "without model.class_token",
+    "tuxpaint": "without model.class_token",
+}
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in RECIPES.glob("*.toml")))
+def test_every_recipe_exports_a_state_open_clip_loads_or_says_why(monkeypatch, name):
+    for table in (variants.IMAGE, variants.TEXT):
+        for key, size in list(table.items()):
+            monkeypatch.setitem(table, key, dataclasses.replace(size, depth=1))
+    recipe = shipped_recipe(name)
+    if name in REFUSED:
+        with pytest.raises(openclip.FormatError, match=REFUSED[name]) as refusal:
+            openclip.config_from_recipe(recipe, recipe.stages[-1].resolution)
+        assert "\n" not in str(refusal.value)
+        return
+    stage = recipe.stages[-1]
+    abstract = nn.unbox(jax.eval_shape(lambda: init_variables(build(recipe), recipe, stage)["params"]))
+    params = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), abstract)
+    config = openclip.config_from_recipe(recipe, stage.resolution)
+    state = openclip.state_from_params(params, recipe, stage.resolution)
+    model = open_clip.CLIP(**config["model_cfg"])
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)  # every name and shape
+
+
+def workdir_with_checkpoint(workdir: Path, recipe: Recipe, params) -> None:
+    """A run's workdir as the trainer leaves it: recipe.json and a checkpoint of the last stage."""
+    workdir.mkdir(parents=True)
+    (workdir / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=1))
+    ckpt = loop.checkpoints(recipe, epath.Path(workdir), len(recipe.stages) - 1)
+    state = TrainState(
+        step=jnp.ones((), jnp.int32), params=params, opt_state=jnp.zeros(()), rng=jnp.zeros(2, jnp.uint32)
+    )
+    ckpt.save(state, {"step": 1})
+    ckpt.wait()
+    ckpt.close()
+
+
+def random_params(recipe: Recipe):
+    """The recipe's fresh params, every tensor (zero-initialised biases, LayerNorms, class token) randomised."""
+    params = nn.unbox(init_variables(build(recipe), recipe, recipe.stages[-1])["params"])
+    leaves, tree = jax.tree.flatten(params)
+    rng = np.random.default_rng(0)
+    return tree.unflatten([np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32) for x in leaves])
+
+
+def test_an_openvision_recipes_run_exports_to_open_clip_which_computes_what_we_do(tmp_path):
+    recipe = shipped_recipe("ti16", "stages.2.resolution=32", "model.dtype=float32")
+    params = random_params(recipe)
+    workdir_with_checkpoint(tmp_path / "run", recipe, params)
+    out = tmp_path / "export" / "open_clip_model.safetensors"
+    code, text = convert_cli("export", str(tmp_path / "run"), "--out", str(out))
+    assert code == 0, text
+    assert "stage ft384 step 1" in text and "the caption decoder is not part of open_clip's CLIP" in text
+    config = json.loads((out.parent / "open_clip_config.json").read_text())
+    released = json.loads((RELEASED / "openvision-vit-tiny-patch16-160.json").read_text())
+    released["model_cfg"]["vision_cfg"]["image_size"] = 32
+    assert config == released
+
+    exported = open_clip.create_model(f"local-dir:{out.parent}").eval()
+    settings = {"resolution": 32, "text": {"context_length": 80, "vocab_rows": 32000}}
+    pixels, tokens = inputs(settings)
+    theirs = embeddings_with_stats(exported, pixels, tokens, exported.visual.image_mean, exported.visual.image_std)
+    model = build(recipe)
+    image = np.asarray(model.apply({"params": params}, jnp.asarray(pixels), method=model.encode_image))
+    text_emb = np.asarray(model.apply({"params": params}, jnp.asarray(tokens), method=model.encode_text))
+    assert relative_error(image, theirs[0]) <= 1e-4 and relative_error(text_emb, theirs[1]) <= 1e-4
+    # the bound tells the image tower's exact GELU from the text tower's tanh one
+    wrong = build(dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, activation="gelu_tanh")))
+    image = np.asarray(wrong.apply({"params": params}, jnp.asarray(pixels), method=wrong.encode_image))
+    assert relative_error(image, theirs[0]) > 1e-4
+
+
+def test_a_run_open_clip_cannot_compute_is_refused_in_one_line(tmp_path):
+    recipe = shipped_recipe("tiny")  # OpenVision's default: mean pooling, no class token
+    workdir_with_checkpoint(tmp_path / "run", recipe, random_params(recipe))
+    out = tmp_path / "export" / "open_clip_model.safetensors"
+    line = one_line_error(*convert_cli("export", str(tmp_path / "run"), "--out", str(out)))
+    assert 'model.pooling = "mean" without model.class_token' in line and "model.class_token = true to export" in line
+    assert not out.parent.exists()  # refused before anything is written
 
 
 def test_convert_never_needs_torch_for_safetensors(tmp_path):

@@ -84,6 +84,27 @@ def test_batches_have_the_stage_shapes_and_tokens(shards):
         np.testing.assert_array_equal(alone[key], batch[key])
 
 
+def test_openvisions_rows_a_recaption_sentence_and_whole_decodes(shards):
+    writer = examples.ShardWriter(shards, "train", 2)
+    for i in range(20):
+        recaption = "A red cat. A blue dog!" if i % 2 else ""  # none: the alt-text is the second text
+        writer.write(examples.encode(image_bytes("jpeg", i), {"txt": "a photo", "llava_caption": recaption}))
+    writer.close()
+    (shards / "vocab.txt").write_text("\n".join([*VOCAB, "[CLS]"]) + "\n")
+    cls_id = len(VOCAB)
+    r = tiny_recipe(shards, "loss.contrast_recaption=true", "text.row=bos_eos_cls", "model.decoder=")
+    ((batch, _), (later, _)) = take(data.open_stage(r, 0, data.Host()), 2)
+    assert sorted(batch) == ["images", "recaption_texts", "texts"]  # no decoder: no whole re-captions
+    assert batch["texts"].tolist() == [[1, 4, 5, 2, 0, 0, 0, cls_id]] * 8  # [bos] a photo [eos] ... [CLS]
+    sentences = {(1, 4, 10, 7, 2, 0, 0, cls_id), (1, 4, 11, 9, 2, 0, 0, cls_id), (1, 4, 5, 2, 0, 0, 0, cls_id)}
+    drawn = {tuple(row) for b in (batch, later) for row in b["recaption_texts"]}
+    assert drawn == sentences  # either sentence of the re-caption, or the alt-text where there is none
+    # OpenVision's image input: whole decodes and always-antialiased resizes give other (still uint8) crops
+    exact = tiny_recipe(shards, "loss.contrast_recaption=true", "data.scaled_decode=false", "data.antialias=always")
+    ((whole, _),) = take(data.open_stage(exact, 0, data.Host()), 1)
+    assert whole["images"].shape == batch["images"].shape and not np.array_equal(whole["images"], batch["images"])
+
+
 def test_order_is_seeded_and_resume_is_exact(shards):
     write_shards(shards)
     r = tiny_recipe(shards)

@@ -6,6 +6,7 @@ learned positions for 1 + N tokens and the patchify bias. Taking those out must 
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -107,6 +108,34 @@ def test_clip_forward_from_the_tiny_recipe():
     assert float(p["params"]["bias"]) == -10.0 and float(p["params"]["log_scale"]) == pytest.approx(np.log(10.0))
 
 
+def test_contrast_recaption_averages_the_images_contrast_with_either_text():
+    r, model = tiny_clip("loss.contrast_recaption=true")
+    images = jax.random.uniform(jax.random.key(2), (4, 32, 32, 3), minval=-1, maxval=1)
+    texts = jnp.arange(64, dtype=jnp.int32).reshape(4, 16) + 3
+    second = texts[::-1] + 100
+    captions = jnp.array([[5, 6, 7, 2] + [0] * 12] * 4)
+    params = randomized(model.init(jax.random.key(0), images, texts, captions))
+    out = model.apply(params, images, texts, captions, 1.0, second)
+    alone = model.apply(params, images, second, captions)  # the second text through the tower on its own
+    np.testing.assert_allclose(out["second_text_emb"], alone["text_emb"], rtol=1e-5, atol=1e-6)
+    # the decoder reads the alt-text's tokens, not the second text's
+    alt_only = model.apply(params, images, texts, captions)["caption_logits"]
+    np.testing.assert_allclose(out["caption_logits"], alt_only, rtol=1e-5, atol=1e-6)
+    from trainer import losses
+    from trainer.step import loss_terms
+
+    batch = {"images": images, "texts": texts, "captions": captions, "recaption_texts": second}
+    total, terms = loss_terms(model, r, params["params"], batch)
+    scale = out["log_scale"]
+    alt = losses.softmax_contrastive(losses.logits(out["image_emb"], out["text_emb"], scale, 100.0))
+    recap = losses.softmax_contrastive(losses.logits(out["image_emb"], out["second_text_emb"], scale, 100.0))
+    assert float(terms["contrastive_alt"]) == pytest.approx(float(alt), rel=1e-5)
+    assert float(terms["contrastive_recaption"]) == pytest.approx(float(recap), rel=1e-5)
+    assert abs(float(alt) - float(recap)) > 1e-5  # two different terms (random embeddings: both near log 4)
+    assert float(terms["contrastive"]) == pytest.approx((float(alt) + float(recap)) / 2, rel=1e-5)
+    assert float(total) == pytest.approx(float(terms["contrastive"]) + 2 * float(terms["caption"]), rel=1e-5)
+
+
 def test_the_caption_decoder_is_causal():
     _, model = tiny_clip()
     images, texts = jnp.ones((1, 32, 32, 3)), jnp.ones((1, 16), jnp.int32)
@@ -117,6 +146,42 @@ def test_the_caption_decoder_is_causal():
     # position t predicts captions[t] from captions[:t]: changing captions[5] leaves positions 0-5 alone
     np.testing.assert_allclose(before[0, :6], after[0, :6], rtol=1e-5, atol=1e-6)
     assert not np.allclose(before[0, 6:], after[0, 6:])
+
+
+def test_openvisions_query_decoder_predicts_from_its_queries_causally():
+    from trainer.models.text import prefix_mask
+
+    assert prefix_mask(2, 3).astype(int).tolist() == [
+        [1, 1, 0, 0, 0],  # the context attends to itself only
+        [1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0],  # each query: the context and the queries up to itself
+        [1, 1, 1, 1, 0],
+        [1, 1, 1, 1, 1],
+    ]
+    r, model = tiny_clip("model.decoder_style=queries", "model.class_token=true", "model.norm_after_pool=true")
+    images = jax.random.uniform(jax.random.key(2), (2, 32, 32, 3), minval=-1, maxval=1)
+    texts, captions = jnp.arange(32, dtype=jnp.int32).reshape(2, 16) + 3, jnp.arange(3, 35).reshape(2, 16)
+    params = nn.unbox(randomized(model.init(jax.random.key(0), images, texts, captions)))
+    logits = model.apply(params, images, texts, captions)["caption_logits"]
+    assert logits.shape == (2, 16, 32_000)
+    # the captions' values are never read (only their length): every token is predicted from the queries at once
+    np.testing.assert_array_equal(logits, model.apply(params, images, texts, captions[::-1])["caption_logits"])
+    # the context: 16 patch tokens (no class token) and 15 alt-text tokens (not the pooled last one)
+    decoder = params["params"]["decoder"]
+    assert decoder["image_proj"]["kernel"].shape[0] == 192 and "queries" in decoder
+
+    def position(t, queries):
+        p = {**params["params"], "decoder": {**decoder, "queries": queries}}
+        return model.apply({"params": p}, images, texts, captions)["caption_logits"][:, t].sum()
+
+    grad = jax.grad(position, argnums=1)(5, decoder["queries"])
+    assert np.abs(grad[:6]).sum() > 0 and np.abs(grad[6:]).sum() == 0  # position 5 reads queries 0-5 only
+    image_tokens = model.apply(params, images, method=lambda m, x: m.image(x)[1])
+    text_tokens = model.apply(params, texts, method=lambda m, x: m.text(x)[1])
+    assert image_tokens.shape == (2, 16, 192) and text_tokens.shape == (2, 15, 192)
+    from trainer.models import flops
+
+    assert flops.forward_per_sample(r, r.stages[0]) > flops.forward_per_sample(tiny_clip()[0], r.stages[0])
 
 
 def test_normalize_has_finite_gradients_at_zero():

@@ -273,8 +273,10 @@ def clip_flops(r: recipe.Recipe, batch: int) -> tuple[float, int]:
     captions = jnp.zeros((batch, r.text.caption_length), jnp.int32) if r.model.decoder else None
     params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), images, texts, captions)))
 
+    second = texts if r.loss.contrast_recaption else None
+
     def forward(p, key):
-        return model.apply(p, images, texts, captions, stage.patch_keep, rngs={"dropout": key})
+        return model.apply(p, images, texts, captions, stage.patch_keep, second, rngs={"dropout": key})
 
     measured = flops.xla_count(jax.jit(forward).lower(params, jax.random.key(0)))
     return measured, flops.forward_per_sample(r, stage) * batch
@@ -290,6 +292,9 @@ def clip_flops(r: recipe.Recipe, batch: int) -> tuple[float, int]:
         ["model.pooling='map'"],
         ["model.decoder='Ti'", "text.caption_length=8"],
         ["model.decoder='Ti'", "text.caption_length=8", "model.decoder_context='image'"],
+        # OpenVision's: the query decoder over the patch and alt-text tokens; the text tower on two texts
+        ["model.decoder='Ti'", "text.caption_length=8", "model.decoder_style='queries'", "model.class_token=true"],
+        ["model.decoder='Ti'", "model.decoder_style='queries'", "loss.contrast_recaption=true"],
     ],
 )
 def test_analytic_forward_flops_match_xla(overrides):

@@ -16,7 +16,7 @@ from trainer.data import examples
 from trainer.metrics import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
-VOCAB = ["[PAD]", "[bos]", "[eos]", "[UNK]", "a", "photo", "of", "red", "blue", "cats", "."]
+VOCAB = ["[PAD]", "[bos]", "[eos]", "[UNK]", "a", "photo", "of", "red", "blue", "cats", ".", "[CLS]", "[SEP]"]
 
 
 def png(colour: int, seed: int) -> bytes:

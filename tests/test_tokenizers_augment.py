@@ -3,6 +3,8 @@ colour jitter's maps on hand-checkable cases."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -50,6 +52,90 @@ def test_wordpiece_ids_and_recipe_choice(tmp_path):
         tokenizers.from_recipe(text_recipe(tokenizer="clip_bpe"))
     with pytest.raises(recipe.RecipeError, match=r'text\.vocab = "nope\.txt" does not exist'):
         tokenizers.from_recipe(text_recipe(vocab="nope.txt"))
+
+
+def openvision_vocab(path):
+    """A vocab file of OpenVision's assets/bert_base_vocab_bos_eos.txt layout (BERT-base-uncased's, [unused0] and
+    [unused1] renamed [bos] and [eos]; that file cannot be downloaded here): [PAD], [bos], [eos], [unused2-98],
+    [UNK], [CLS], [SEP], [MASK], then word pieces."""
+    reserved = ["[PAD]", "[bos]", "[eos]", *(f"[unused{i}]" for i in range(2, 99)), "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = [*"abcdefghijklmnopqrstuvwxyz0123456789.,!?'-"]
+    words = ["photo", "of", "the", "cat", "dog", "on", "grass", "cafe", "red", "##ing", "sit", "un", "##der"]
+    vocab = [*reserved, *chars, *(f"##{c}" for c in chars), *words]
+    path.write_text("\n".join(vocab) + "\n")
+    return vocab
+
+
+def openvision_row(vocab_file: str, text: str, max_len: int) -> list[int]:
+    """OpenVision's encoder row, step by step as its src/transforms/bert_ops.py (my_bert_tokenize /
+    my_eval_bert_tokenize with add_bos and add_eos) computes it: tensorflow-text's BertTokenizer, [bos] and [eos]
+    around the pieces, padded or cut to max_len - 1 with the last slot forced to [eos] when cut, then [CLS]."""
+    import tensorflow_text
+
+    vocab = Path(vocab_file).read_text().split("\n")
+    cls_token, bos, eos = vocab.index("[CLS]"), vocab.index("[bos]"), vocab.index("[eos]")
+    tokenizer = tensorflow_text.BertTokenizer(vocab_file, token_out_type=tf.int32, lower_case=True)
+    ids = tokenizer.tokenize(tf.constant([text])).merge_dims(1, -1)
+    ids = tf.concat([tf.fill([1, 1], bos), ids, tf.fill([1, 1], eos)], axis=1)
+    padded, mask = tensorflow_text.pad_model_inputs(ids, max_len - 1)
+    if int(mask[0, -1]) == 1:
+        padded = tf.concat([padded[:, :-1], tf.fill([1, 1], eos)], axis=1)
+    return tf.concat([padded, tf.fill([1, 1], cls_token)], axis=1)[0].numpy().tolist()
+
+
+def test_wordpiece_bos_eos_cls_rows_equal_openvisions_preprocessing(tmp_path):
+    vocab = openvision_vocab(tmp_path / "vocab.txt")
+    cls_id, a, photo, cat = (vocab.index(t) for t in ("[CLS]", "a", "photo", "cat"))
+    texts = [
+        "A photo of the cat",
+        "Red dogs sitting UNDER the café!",  # case, accents, pieces, punctuation
+        "a cat " * 20,  # cut: [eos] stays in the last slot before [CLS]
+        "a cat on grass.",  # exactly fills max_len - 1 with [bos] and [eos]
+        "naïve 42 — ümlaut",  # unknown pieces, digits, a dash outside the vocab
+        "",
+    ]
+    wp = tokenizers.WordPiece(str(tmp_path / "vocab.txt"), row="bos_eos_cls")
+    ours = wp.batch(tf.constant(texts), 8).numpy().tolist()
+    assert ours == [openvision_row(str(tmp_path / "vocab.txt"), t, 8) for t in texts]
+    assert all(row[-1] == cls_id and row[0] == tokenizers.BOS_ID for row in ours)
+    assert ours[3][-2] == tokenizers.EOS_ID and 0 not in ours[3]  # the full row
+    # the decoder's targets keep the plain row: word pieces, [eos], padding
+    assert wp.captions(tf.constant(["a photo"]), 5).numpy().tolist() == [[a, photo, 2, 0, 0]]
+    r = text_recipe(vocab=str(tmp_path / "vocab.txt"), row="bos_eos_cls")
+    assert tokenizers.from_recipe(r).batch(tf.constant(["cat"]), 5).numpy().tolist() == [[1, cat, 2, 0, cls_id]]
+    with pytest.raises(recipe.RecipeError, match=r'text\.row = "bos_eos_cls" is a WordPiece layout'):
+        text_recipe(tokenizer="clip_bpe", vocab_rows=49408, row="bos_eos_cls")
+    (tmp_path / "plain.txt").write_text("[PAD]\n[bos]\n[eos]\n[UNK]\ncat\n")
+    with pytest.raises(
+        recipe.RecipeError, match=r'text\.row = "bos_eos_cls" needs \[CLS\]: text\.vocab = ".*plain\.txt"'
+    ):
+        tokenizers.from_recipe(text_recipe(vocab=str(tmp_path / "plain.txt"), row="bos_eos_cls"))
+
+
+def hugging_face_rows(vocab_file: str, texts: list[str], length: int, strip_sep: bool) -> list[list[int]]:
+    """open_clip's HFTokenizer for bert-base-uncased (its configs' `hf_tokenizer_name`), step by step: Hugging Face's
+    fast BERT tokenizer (the `tokenizers` pipeline transformers' BertTokenizerFast runs: BERT normaliser and
+    pre-tokenizer, WordPiece, [CLS] ... [SEP]), cut and padded to `length`, then with strip_sep_token [SEP] -> 0."""
+    from tokenizers import BertWordPieceTokenizer
+
+    hf = BertWordPieceTokenizer(vocab_file, lowercase=True, clean_text=True, handle_chinese_chars=True)
+    hf.enable_truncation(max_length=length)
+    hf.enable_padding(length=length, pad_id=0)
+    sep = hf.token_to_id("[SEP]")
+    rows = [encoding.ids for encoding in hf.encode_batch(texts)]
+    return [[0 if strip_sep and i == sep else i for i in row] for row in rows]
+
+
+def test_wordpiece_cls_rows_equal_open_clips_hugging_face_tokenizer(tmp_path):
+    vocab = openvision_vocab(tmp_path / "vocab.txt")
+    texts = ["A photo of the cat", "Red dogs sitting UNDER the café!", "a cat " * 20, "naïve 42 — ümlaut", ""]
+    for row, strip in (("cls_pad", True), ("cls_sep", False)):
+        ours = tokenizers.WordPiece(str(tmp_path / "vocab.txt"), row=row).batch(tf.constant(texts), 8).numpy()
+        assert ours.tolist() == hugging_face_rows(str(tmp_path / "vocab.txt"), texts, 8, strip)
+        assert (ours[:, 0] == vocab.index("[CLS]")).all()
+    (tmp_path / "plain.txt").write_text("[PAD]\n[bos]\n[eos]\n[UNK]\n[CLS]\ncat\n")
+    with pytest.raises(recipe.RecipeError, match=r'text\.row = "cls_sep" needs \[SEP\]'):
+        tokenizers.from_recipe(text_recipe(vocab=str(tmp_path / "plain.txt"), row="cls_sep"))
 
 
 def text_recipe(**text):
@@ -137,3 +223,16 @@ def test_training_and_evaluation_resize_alike():
     shrunk = preprocess.eval_image(preprocess.decode(png), 12).numpy()  # 28 -> 12: past 2x
     tent = tf.image.resize(pixels, (12, 12), antialias=True).numpy()
     np.testing.assert_array_equal(shrunk, (tent + 0.5).astype(np.uint8))
+
+
+def test_a_random_sentence_of_the_recaption_as_openvision_cuts_it():
+    from trainer.data.preprocess import random_sentence
+
+    def draw(text, i):
+        return random_sentence(tf.constant(text), tf.constant("alt"), tf.constant([7, i], tf.int64)).numpy().decode()
+
+    drawn = [draw("A cat. It sits!! On a mat...", i) for i in range(60)]
+    assert set(drawn) == {"A cat", " It sits", " On a mat"}  # every sentence, cut at runs of . and !
+    assert drawn == [draw("A cat. It sits!! On a mat...", i) for i in range(60)]  # seeded: a resumed run draws alike
+    assert draw("no full stop", 0) == "no full stop"
+    assert draw("...", 0) == draw("", 0) == "alt"  # nothing left: the alt-text, as OpenVision

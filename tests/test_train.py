@@ -158,6 +158,28 @@ def test_an_uninterrupted_run_trains_both_stages_and_logs(reference):
     assert tb[7] == pytest.approx(records[6]["loss"], rel=1e-6)
 
 
+OPENVISION = [  # what the six OpenVision recipes set (recipes/b16.toml): its towers, decoder and loss
+    "model.class_token=true",
+    "model.norm_after_pool=true",
+    "model.activation=gelu",
+    "model.text_activation=gelu_tanh",
+    "model.pixel_norm=imagenet",
+    "model.decoder_style=queries",
+    "loss.contrast_recaption=true",
+    "loss.max_temperature=inf",
+]
+
+
+def test_openvisions_architecture_and_loss_train_end_to_end(trainer, tmp_path):
+    trainer.run(tmp_path, *OPENVISION)
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["stage"] for r in records] == ["pretrain16"] * 12 + ["ft32"] * 6
+    for r in records:  # the contrastive term is the mean of the image's contrast with either text
+        assert r["contrastive"] == pytest.approx((r["contrastive_alt"] + r["contrastive_recaption"]) / 2, rel=1e-5)
+        assert np.isfinite(r["caption"])
+    assert records[11]["loss"] < records[0]["loss"]  # it learns
+
+
 def test_started_again_when_done_it_trains_nothing(reference, trainer, tmp_path):
     workdir, _, records = reference
     out = trainer.run(workdir)

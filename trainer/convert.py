@@ -4,10 +4,12 @@ python -m trainer.convert export SRC --out FILE.safetensors
 import: an open_clip checkpoint (a state dict in .safetensors, .bin or .pt, and its model config: --config, else
 open_clip_config.json or SRC's name with .json beside it) -> a converted directory (trainer/pretrained.py) that a
 stage starts from (`init_from = "DIR"`) or `python -m trainer.eval RECIPE --checkpoint DIR` evaluates.
+OpenVision's own JAX checkpoints (its orbax directory, or a .npz of names) import too: trainer/openvision_jax.py.
 
 export: a run's workdir (its last stage's latest checkpoint) or a converted directory -> FILE.safetensors with
-open_clip_config.json beside it; name the file open_clip_model.safetensors and
-`open_clip.create_model_and_transforms("local-dir:DIR")` loads the pair. The caption decoder is not part of it.
+open_clip_config.json beside it (at that stage's resolution; an OpenVision recipe's is OpenVision's released config of
+that size); name the file open_clip_model.safetensors and `open_clip.create_model_and_transforms("local-dir:DIR")`
+loads the pair. The caption decoder is not part of it.
 
 Every source and output may be a local path or a gs:// one.
 """
@@ -76,15 +78,30 @@ def find_config(src: epath.Path, config: epath.Path | None) -> dict[str, Any]:
 @click.option("--model", required=True, help='Our name for the image tower, VARIANT/PATCH (e.g. "B/16").')
 @click.option("--out", required=True, type=storage.at, help="Directory to write (local or gs://).")
 @click.option("--config", type=storage.at, help="open_clip model config.")
-def import_(src: epath.Path, model: str, out: epath.Path, config: epath.Path | None) -> None:
-    """Import an open_clip checkpoint SRC (local or gs://)."""
-    from trainer import openclip, pretrained
+@click.option(
+    "--resolution",
+    type=click.IntRange(min=1),
+    help="Image size of an OpenVision JAX checkpoint with sin-cos positions, which do not record it (default 224).",
+)
+def import_(src: epath.Path, model: str, out: epath.Path, config: epath.Path | None, resolution: int | None) -> None:
+    """Import an open_clip checkpoint SRC, or OpenVision's own JAX one (an orbax directory or a .npz; local or gs://)."""
+    from trainer import openclip, openvision_jax, pretrained
 
-    settings = openclip.settings_from_config(find_config(src, config), model)
-    params = openclip.params_from_state(read_state(src), settings, str(src))
+    notes: list[str] = []
+    if openvision_jax.is_checkpoint(src):  # by content: OpenVision's orbax directory is named checkpoint.npz
+        if config is not None:
+            raise UserError(f"--config {config}: {src} is an OpenVision JAX checkpoint, whose model needs no config")
+        settings, params, notes = openvision_jax.import_checkpoint(src, model, resolution)
+    else:
+        if resolution is not None:
+            raise UserError(f"--resolution {resolution}: for OpenVision JAX checkpoints (open_clip's config has it)")
+        settings = openclip.settings_from_config(find_config(src, config), model)
+        params = openclip.params_from_state(read_state(src), settings, str(src))
     pretrained.write(out, params, settings)
     count = sum(v.size for v in _leaves(params))
     click.echo(f"{src} -> {out}: {model}, {count / 1e6:.1f}M parameters at {settings['resolution']} px")
+    for note in notes:
+        click.echo(note)
     click.echo(f"its recipe keys: {out / 'model.toml'}")
 
 
@@ -110,9 +127,8 @@ def export(src: epath.Path, out: epath.Path) -> None:
     state = openclip.state_from_params(params, recipe, resolution)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(save(state))
-    preprocess = config.pop("preprocess_cfg")
     config_path = out.parent / "open_clip_config.json"
-    config_path.write_text(json.dumps({"model_cfg": config, "preprocess_cfg": preprocess}, indent=1) + "\n")
+    config_path.write_text(json.dumps(config, indent=2) + "\n")  # laid out as OpenVision's released configs
     note = " (the caption decoder is not part of open_clip's CLIP)" if recipe.model.decoder else ""
     click.echo(f"{where} -> {out} + {config_path.name}: {len(state)} tensors{note}")
 

@@ -12,6 +12,8 @@ exported as zero.
 from __future__ import annotations
 
 import dataclasses
+import math
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -121,6 +123,8 @@ def settings_from_config(config: dict[str, Any], model: str) -> dict[str, Any]:
         tokenizer_key = "clip_bpe"
     elif "bert-base-uncased" in tokenizer:
         tokenizer_key = "bert_wordpiece"
+        # the row open_clip's Hugging Face tokenizer makes: [CLS] pieces [SEP], the [SEP] zeroed by strip_sep_token
+        row = "cls_pad" if text.get("tokenizer_kwargs", {}).get("strip_sep_token") else "cls_sep"
     else:
         raise FormatError(
             f"text_cfg.hf_tokenizer_name = {tokenizer!r}: only CLIP's BPE or BERT's WordPiece is supported"
@@ -154,7 +158,8 @@ def settings_from_config(config: dict[str, Any], model: str) -> dict[str, Any]:
             "text_pooling": text_pool,
             "embed_dim": cfg.get("embed_dim", 512),
         },
-        "text": {"tokenizer": tokenizer_key, "vocab_rows": vocab, "context_length": text.get("context_length", 77)},
+        "text": {"tokenizer": tokenizer_key, "vocab_rows": vocab, "context_length": text.get("context_length", 77)}
+        | ({"row": row} if tokenizer_key == "bert_wordpiece" else {}),
         "loss": {"contrastive": "sigmoid" if "init_logit_bias" in cfg else "softmax"},
         "resolution": vision.get("image_size", 224),
     }
@@ -172,7 +177,12 @@ def _tower_arch(cfg: dict[str, Any], tower: dict[str, Any], where: str) -> tuple
 
 
 def config_from_recipe(recipe: Recipe, resolution: int) -> dict[str, Any]:
-    """Our model -> open_clip's model config (with its preprocess_cfg), refusing what open_clip cannot build."""
+    """Our model -> open_clip's config, as the hub lays it out (open_clip_config.json: {"model_cfg", "preprocess_cfg"}),
+    refusing what open_clip cannot build.
+
+    The keys, their order and the defaults left out are those of OpenVision's released configs (open_clip's
+    model_configs/openvision-*.json): an OpenVision recipe at a released size and resolution gives that file's
+    values in every key open_clip reads (tests/test_convert.py holds the files)."""
     m = recipe.model
     if m.pooling == "map":
         raise FormatError('model.pooling = "map": open_clip\'s attentional pooler is another design; not exported')
@@ -188,47 +198,65 @@ def config_from_recipe(recipe: Recipe, resolution: int) -> dict[str, Any]:
             f"model.activation / text_activation = {activations}: open_clip's quick_gelu is for both towers or none"
         )
 
-    def tower_kwargs(activation: str) -> dict[str, Any]:
+    def arch(activation: str) -> dict[str, Any]:  # carried only off open_clip's defaults: exact GELU, eps 1e-5
         kwargs: dict[str, Any] = {"act_kwargs": {"approximate": "tanh"}} if activation == "gelu_tanh" else {}
         return kwargs | ({"norm_kwargs": {"eps": m.norm_eps}} if m.norm_eps != 1e-5 else {})
+
+    def ratio(size: variants.Size) -> dict[str, float]:  # likewise: 4
+        value = mlp_ratio(size)
+        return {"mlp_ratio": value} if value != 4.0 else {}
 
     vision_cfg = {
         "image_size": resolution,
         "layers": image.depth,
         "width": image.width,
-        "head_width": image.width // image.heads,
-        "mlp_ratio": image.mlp / image.width,
         "patch_size": m.patch,
         "no_ln_pre": not m.ln_pre,
-        "pool_type": "tok" if m.pooling == "cls" else "avg",
+        "pool_type": "tok" if m.pooling == "cls" else "avg",  # "avg": the patch tokens', as ours with a class token
         "final_ln_after_pool": m.norm_after_pool,
-        **tower_kwargs(activations[0]),
+        **arch(activations[0]),
+        "head_width": image.width // image.heads,
+        **ratio(image),
     }
-    text_cfg: dict[str, Any] = {
-        "context_length": recipe.text.context_length,
-        "vocab_size": recipe.text.vocab_rows,
+    text_cfg: dict[str, Any] = {"context_length": recipe.text.context_length, "vocab_size": recipe.text.vocab_rows}
+    if recipe.text.tokenizer == "bert_wordpiece":  # OpenVision's release names it for its bos_eos_cls rows too
+        text_cfg.update(hf_tokenizer_name="bert-base-uncased")
+        if recipe.text.row != "cls_sep":
+            text_cfg.update(tokenizer_kwargs={"strip_sep_token": True})
+    text_cfg |= {
         "width": text.width,
         "heads": text.heads,
         "layers": text.depth,
-        "mlp_ratio": text.mlp / text.width,
-        "no_causal_mask": not m.text_causal,
         "pool_type": m.text_pooling,
-        **tower_kwargs(activations[1]),
+        "no_causal_mask": not m.text_causal,
+        **arch(activations[1]),
+        **ratio(text),
     }
-    if recipe.text.tokenizer == "bert_wordpiece":
-        text_cfg.update(hf_tokenizer_name="bert-base-uncased", tokenizer_kwargs={"strip_sep_token": True})
-    config: dict[str, Any] = {
-        "embed_dim": m.embed_dim or variants.EMBED_DIM[m.image_variant],
-        "quick_gelu": m.activation == "quick_gelu",
-        "vision_cfg": vision_cfg,
-        "text_cfg": text_cfg,
-    }
+    model_cfg: dict[str, Any] = {"embed_dim": m.embed_dim or variants.EMBED_DIM[m.image_variant]}
+    if m.activation == "quick_gelu":
+        model_cfg["quick_gelu"] = True
+    model_cfg |= {"vision_cfg": vision_cfg, "text_cfg": text_cfg}
     if recipe.loss.contrastive == "sigmoid":
-        config["init_logit_bias"] = -10.0
-    stats = PIXEL_STATS[m.pixel_norm]
-    interpolation = "bicubic" if recipe.data.eval_resize == "pil_bicubic" else "bilinear"
-    config["preprocess_cfg"] = {"mean": list(stats[0]), "std": list(stats[1]), "interpolation": interpolation}
-    return config
+        model_cfg["init_logit_bias"] = -10.0
+    mean, std = PIXEL_STATS[m.pixel_norm]
+    # open_clip's own eval transform (shorter side, centre crop, PIL's bicubic) where the recipe evaluates with it;
+    # else OpenVision's released choice, which open_clip users of its checkpoints get (though its evaluator, as ours,
+    # resizes the shorter side and crops the centre)
+    if recipe.data.eval_resize == "pil_bicubic":
+        resize = {"interpolation": "bicubic", "resize_mode": "shortest"}
+    else:
+        resize = {"interpolation": "bilinear", "resize_mode": "squash"}
+    return {"model_cfg": model_cfg, "preprocess_cfg": {"mean": list(mean), "std": list(std), **resize}}
+
+
+def mlp_ratio(size: variants.Size) -> float:
+    """The shortest decimal ratio from which open_clip's `int(width * mlp_ratio)` gives the tower's MLP width: 4.0,
+    or So400m's 4304 / 1152 as 3.7362 (OpenVision's released configs carry that value; rounded, 3.7361 gives 4303)."""
+    for places in range(10):
+        ratio = math.ceil(Fraction(size.mlp * 10**places, size.width)) / 10**places
+        if int(size.width * ratio) == size.mlp:
+            return ratio
+    raise FormatError(f"MLP width {size.mlp} of a {size.width}-wide tower has no ratio open_clip computes it from")
 
 
 # --- state dict <-> params ------------------------------------------------------------------------------------

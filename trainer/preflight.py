@@ -3,8 +3,9 @@ the key and the path within seconds, not an exception at the first eval an hour 
 
 Two passes. First the paths alone, with nothing heavier than epath imported (a typo costs a second or two):
 - the workdir can be written (created, a file written and removed: a missing bucket, no permission);
-- every glob matches (data.train, each zero-shot eval's shards), every named file exists (text.vocab, class names,
-  templates, the retrieval JSON), every init_from holds a converted checkpoint.
+- every glob matches (data.train and each data.mixture entry's train, each zero-shot eval's shards), every TFDS
+  builder directory has its dataset_info.json and the split named, every named file exists (text.vocab, class
+  names, templates, the retrieval JSON), every init_from holds a converted checkpoint.
 Then what needs TensorFlow: the tokenizer loads and fits text.vocab_rows, and every eval's inputs are loaded (class
 names x templates tokenized, the retrieval JSON parsed and its first image found) — which is what the loop then
 uses: `check` returns the evaluators, built once.
@@ -42,10 +43,12 @@ def inputs(recipe: Recipe) -> list[Evaluator]:
 
 
 def named_paths(recipe: Recipe) -> list[tuple[str, str, str]]:
-    """(key, value, "glob" | "file") of every file, or comma-separated globs, the recipe names."""
+    """(key, value, "glob" | "file" | "tfds") of every file, comma-separated globs or TFDS builder directory the
+    recipe names."""
     found = []
-    if recipe.data.source != "synthetic":
-        found.append(("data.train", recipe.data.train, "glob"))
+    if recipe.data.source != "synthetic" or recipe.data.mixture:
+        for source in recipe.data.sources():
+            found.append((source.key("train"), source.train, "tfds" if source.source == "tfds" else "glob"))
     if recipe.text.vocab:
         found.append(("text.vocab", recipe.text.vocab, "file"))
     for index, spec in enumerate(recipe.evals):
@@ -57,9 +60,15 @@ def named_paths(recipe: Recipe) -> list[tuple[str, str, str]]:
 
 def check_paths(recipe: Recipe, workdir: epath.Path) -> None:
     storage.check_writable(workdir, "--workdir")
+    tfds_sources = {s.key("train"): s for s in recipe.data.sources()}
     for key, value, kind in named_paths(recipe):
         if kind == "glob":
             storage.list_files(value, key)
+            continue
+        if kind == "tfds":
+            from trainer.data import sources
+
+            sources.check_builder(tfds_sources[key])
             continue
         try:
             exists = storage.at(value).is_file()
@@ -80,7 +89,7 @@ def check_paths(recipe: Recipe, workdir: epath.Path) -> None:
 
 
 def load_inputs(recipe: Recipe) -> list[Evaluator]:
-    if recipe.data.source == "synthetic" and not recipe.evals:
+    if recipe.data.source == "synthetic" and not recipe.data.mixture and not recipe.evals:
         return []
     from trainer import evals
     from trainer.data.tokenizers import from_recipe

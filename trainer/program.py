@@ -71,6 +71,8 @@ def example_batch(recipe: Recipe, stage: Stage, size: int = 1) -> dict[str, jax.
     }
     if recipe.model.decoder:
         batch["captions"] = jax.ShapeDtypeStruct((size, recipe.text.caption_length), jnp.int32)
+    if recipe.loss.contrast_recaption:
+        batch["recaption_texts"] = batch["texts"]
     return batch
 
 

@@ -40,6 +40,10 @@ class Model:
     # what the decoder cross-attends to: the image's tokens and the alt-text's (OpenVision), or the image's alone
     # (CapPa-style: where the alt-text already names what the caption says, only then must the image tell it)
     decoder_context: Literal["image+text", "image"] = "image+text"
+    # "causal": teacher-forced, causal self-attention over the caption so far and cross-attention to the context
+    # (CoCa's); "queries": OpenVision's: the context's tokens (before the towers' final LayerNorm) and one learned
+    # query per caption position in one transformer, the queries causal among themselves, all predicted at once
+    decoder_style: Literal["causal", "queries"] = "causal"
     pooling: Literal["mean", "cls", "map"] = "mean"
     posemb: Literal["sincos2d", "learned"] = "sincos2d"
     # open_clip's (OpenAI's) choices where OpenVision's differ; `python -m trainer.convert import` writes them out
@@ -78,13 +82,57 @@ class Text:
     vocab: str = ""  # WordPiece vocab file (OpenVision: bert-base-uncased vocab.txt); synthetic data needs none
     vocab_rows: int = 32_000  # rows of the token tables (at least the vocab's size)
     context_length: int = 80  # encoder tokens (pooled at the last position)
+    # where the special tokens go in an encoder row: "eos" = word pieces, [eos], padding; "bos_eos_cls" =
+    # OpenVision's training: [bos], word pieces, [eos], padding, [CLS] in the last (pooled) position; "cls_sep" /
+    # "cls_pad" = open_clip's Hugging Face BERT tokenizer: [CLS], word pieces, [SEP] (or, with its strip_sep_token,
+    # a pad in its place), padding. The last three need a vocab with [CLS] (and [SEP])
+    row: Literal["eos", "bos_eos_cls", "cls_sep", "cls_pad"] = "eos"
     caption_length: int = 128  # decoder target tokens
+
+
+SOURCE_KEYS = ("source", "train", "split", "image_key", "caption_key", "recaption_key")  # a mixture entry's own
+
+
+@dataclass(frozen=True)
+class Mix:
+    """One weighted source of `[[data.mixture]]`; a key left empty ("") is the [data] table's."""
+
+    train: str  # as data.train: shards (comma-separated paths/globs), or a TFDS builder directory
+    weight: float = 1.0  # relative: a sample comes from this source with probability weight / sum of the weights
+    source: Literal["", "tfrecord", "webdataset", "tfds"] = ""
+    split: str = ""
+    image_key: str = ""
+    caption_key: str = ""
+    recaption_key: str = ""  # a key the records lack: the decoder learns this source's alt-text
+
+
+@dataclass(frozen=True)
+class Source:
+    """One training source resolved: [data] alone, or a mixture entry with the [data] table's keys filled in
+    (`Data.sources()`). `entry` says where it is set ("data", "data.mixture[1]"), `own` which keys the entry sets."""
+
+    entry: str
+    source: str
+    train: str
+    split: str
+    image_key: str
+    caption_key: str
+    recaption_key: str
+    weight: float = 1.0
+    own: frozenset[str] = frozenset()
+
+    def key(self, name: str) -> str:
+        """The recipe key that set `name` (for messages)."""
+        return f"{self.entry}.{name}" if name in self.own else f"data.{name}"
 
 
 @dataclass(frozen=True)
 class Data:
-    source: Literal["synthetic", "tfrecord", "webdataset"] = "synthetic"
-    train: str = ""  # files or gs:// glob of the training shards
+    # tfrecord: TFRecord shards of tf.Examples; webdataset: img2dataset's .tar shards; tfds: a TFDS builder directory
+    source: Literal["synthetic", "tfrecord", "webdataset", "tfds"] = "synthetic"
+    train: str = ""  # files or gs:// glob of the training shards; tfds: the builder directory (holds dataset_info.json)
+    split: str = "train"  # tfds: the split read ("train", or several joined: "train+validation")
+    image_key: str = "image"  # the encoded image's feature (OpenVision's TFDS builders: "jpg"); webdataset: ignored
     caption_key: str = "txt"  # alt-text
     recaption_key: str = "llava_caption"  # the re-caption the decoder predicts ("" = use the alt-text)
     shuffle_buffer: int = 250_000
@@ -96,6 +144,26 @@ class Data:
     # evaluation's resize: ours (as training's), or open_clip's eval transform exactly (PIL's bicubic, torchvision's
     # sizes and crop), for models trained with it
     eval_resize: Literal["bilinear", "pil_bicubic"] = "bilinear"
+    # the bilinear resizes (training's and evaluation's): antialiased where they shrink by more than 2x, or always
+    # (OpenVision's inception_crop and resize_small)
+    antialias: Literal["beyond_2x", "always"] = "beyond_2x"
+    # a JPEG crop decoded at 1/2-1/8 scale where that still covers the stage's resolution (cheap low-resolution
+    # stages); false: every image decoded whole, then cropped (OpenVision's)
+    scaled_decode: bool = True
+    # several sources in one stream, each sample drawn from source i with probability weight_i / sum (data.train
+    # stays empty); resumable like one source
+    mixture: tuple[Mix, ...] = ()
+
+    def sources(self) -> tuple[Source, ...]:
+        """The training sources, resolved (one without a mixture)."""
+        if not self.mixture:
+            return (Source("data", **{k: getattr(self, k) for k in SOURCE_KEYS}),)
+        resolved = []
+        for i, mix in enumerate(self.mixture):
+            own = frozenset(k for k in SOURCE_KEYS if getattr(mix, k))
+            values = {k: getattr(mix if k in own else self, k) for k in SOURCE_KEYS}
+            resolved.append(Source(f"data.mixture[{i}]", weight=mix.weight, own=own, **values))
+        return tuple(resolved)
 
 
 @dataclass(frozen=True)
@@ -112,6 +180,9 @@ class Loss:
     contrastive: Literal["softmax", "sigmoid"] = "softmax"
     contrastive_weight: float = 1.0
     caption_weight: float = 2.0  # used when model.decoder is set
+    # OpenVision: the image is contrasted with its alt-text and, as a second text, with one sentence of its
+    # re-caption (data.recaption_key), drawn at random; the two contrastive losses are averaged
+    contrast_recaption: bool = False
     temperature_init: float = 1 / 0.07  # softmax: learned, clamped to max_temperature; sigmoid: 10 with bias -10
     max_temperature: float = 100.0
 
@@ -327,6 +398,12 @@ def validate(r: Recipe) -> None:
             f'model.text_pooling = "argmax" pools at the highest token id, CLIP BPE\'s end of text: text.tokenizer is'
             f' "{r.text.tokenizer}", set it to "clip_bpe" or use "last"'
         )
+    if r.text.row != "eos" and r.text.tokenizer != "bert_wordpiece":
+        raise RecipeError(f'text.row = "{r.text.row}" is a WordPiece layout: text.tokenizer = "clip_bpe" has its own')
+    if r.text.row == "bos_eos_cls" and r.text.context_length < 4:
+        raise RecipeError(
+            f"text.context_length = {r.text.context_length} leaves no room for words between [bos], [eos] and [CLS]"
+        )
     for key, value in (
         ("data.crop_min_area", r.data.crop_min_area),
         ("data.max_bad_fraction", r.data.max_bad_fraction),
@@ -334,8 +411,7 @@ def validate(r: Recipe) -> None:
         if not 0 <= value <= 1:
             raise RecipeError(f"{key} = {value} must be between 0 and 1")
     _validate_log(r.log)
-    if r.data.source != "synthetic" and not r.data.train:
-        raise RecipeError(f'data.train is empty: data.source = "{r.data.source}" needs the training files')
+    _validate_data(r.data)
     for name in ("data", "fsdp", "tensor"):
         size = getattr(r.mesh, name)
         if size == 0 or size < -1:
@@ -350,6 +426,49 @@ def validate(r: Recipe) -> None:
         if s.name in names:
             raise RecipeError(f'stages[{i}].name = "{s.name}" is used by an earlier stage')
         names.add(s.name)
+
+
+def _validate_data(d: Data) -> None:
+    """The training sources: each names its files, weights are positive, a mixture is not also given data.train."""
+    if not d.mixture:
+        if d.source == "synthetic":
+            return
+        if not d.train:
+            raise RecipeError(f'data.train is empty: data.source = "{d.source}" needs the training files')
+    elif d.train:
+        raise RecipeError(
+            f'data.train = "{d.train}" is set as well as [[data.mixture]]: with a mixture, each entry names its own'
+            " train (leave data.train empty)"
+        )
+    for s in d.sources():
+        _validate_source(s)
+
+
+def _validate_source(s: Source) -> None:
+    if s.source == "synthetic":
+        raise RecipeError(
+            f'{s.key("source")} = "synthetic" cannot be mixed: set {s.entry}.source (or data.source) to tfrecord,'
+            " webdataset or tfds"
+        )
+    if not s.train:
+        raise RecipeError(f"{s.entry}.train is empty: name the source's files")
+    if not (0 < s.weight < float("inf")):
+        raise RecipeError(f"{s.entry}.weight = {s.weight} must be more than 0")
+    for name in ("image_key", "caption_key"):
+        if not getattr(s, name) and not (name == "image_key" and s.source == "webdataset"):
+            raise RecipeError(f"{s.key(name)} is empty: name the records' feature")
+    if s.source != "tfds":
+        return
+    if not re.fullmatch(r"[\w-]+(\+[\w-]+)*", s.split):
+        raise RecipeError(
+            f'{s.key("split")} = "{s.split}" must name whole TFDS splits ("train", or "train+validation"): slices and'
+            " percentages are not supported"
+        )
+    if any(c in s.train for c in ",*?["):
+        raise RecipeError(
+            f'{s.key("train")} = "{s.train}" must be one TFDS builder directory (the one holding'
+            " dataset_info.json), not a list or a glob; mix several with [[data.mixture]]"
+        )
 
 
 def _validate_log(log: Log) -> None:

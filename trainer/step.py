@@ -40,8 +40,9 @@ def loss_terms(
     patch_keep: float = 1.0,
     rng: jax.Array | None = None,
 ) -> tuple[jnp.ndarray, dict]:
-    """The weighted total and each term; batch: images, texts (alt-text ids), captions (re-caption ids), and
-    colour (each sample's jitter draws) when the recipe jitters colours."""
+    """The weighted total and each term; batch: images, texts (alt-text ids), captions (re-caption ids),
+    recaption_texts (a re-caption sentence's ids, with loss.contrast_recaption) and colour (each sample's jitter
+    draws) when the recipe jitters colours."""
     images = batch["images"]
     if "colour" in batch:
         jittered = augment.colour_jitter(images, batch["colour"], recipe.data.color_jitter)
@@ -52,14 +53,21 @@ def loss_terms(
         batch["texts"],
         batch.get("captions"),
         patch_keep,
+        batch.get("recaption_texts"),
         rngs={"dropout": rng} if rng is not None else None,
     )
-    sim = losses.logits(out["image_emb"], out["text_emb"], out["log_scale"], recipe.loss.max_temperature)
-    if recipe.loss.contrastive == "sigmoid":
-        contrastive = losses.sigmoid_contrastive(sim, out["bias"])
-    else:
-        contrastive = losses.softmax_contrastive(sim)
+
+    def contrast(text_emb: jnp.ndarray) -> jnp.ndarray:
+        sim = losses.logits(out["image_emb"], text_emb, out["log_scale"], recipe.loss.max_temperature)
+        if recipe.loss.contrastive == "sigmoid":
+            return losses.sigmoid_contrastive(sim, out["bias"])
+        return losses.softmax_contrastive(sim)
+
+    contrastive = contrast(out["text_emb"])
     terms = {"contrastive": contrastive, "temperature": jnp.exp(out["log_scale"])}
+    if "second_text_emb" in out:  # OpenVision: the mean of the image's contrast with either text
+        terms["contrastive_alt"], terms["contrastive_recaption"] = contrastive, contrast(out["second_text_emb"])
+        contrastive = terms["contrastive"] = (contrastive + terms["contrastive_recaption"]) / 2
     total = recipe.loss.contrastive_weight * contrastive
     if "caption_logits" in out:
         terms["caption"] = losses.caption_cross_entropy(out["caption_logits"], batch["captions"])

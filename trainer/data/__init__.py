@@ -37,8 +37,14 @@ class Host:
 
 
 def wants_captions(recipe: Recipe) -> bool:
-    """Only a caption decoder reads the re-captions: without one, no source reads, parses or yields them."""
+    """Only a caption decoder reads the re-captions whole: without one, no source yields them."""
     return bool(recipe.model.decoder)
+
+
+def reads_recaptions(recipe: Recipe) -> bool:
+    """The re-captions are read for a caption decoder or for loss.contrast_recaption's sentence; otherwise no source
+    reads or parses them."""
+    return wants_captions(recipe) or recipe.loss.contrast_recaption
 
 
 def open_stage(
@@ -46,15 +52,15 @@ def open_stage(
 ) -> Iterator[tuple[Batch, Position]]:
     """The stage's batches for this host, from the start or right after `position`."""
     source = recipe.data.source
-    if source == "synthetic":
+    if source == "synthetic" and not recipe.data.mixture:
         from trainer.data import synthetic
 
         return synthetic.batches(recipe, stage_index, host, position)
-    if source in ("tfrecord", "webdataset"):
+    if source in ("tfrecord", "webdataset", "tfds") or recipe.data.mixture:
         from trainer.data import tfdata
 
         return tfdata.batches(recipe, stage_index, host, position)
-    raise NotImplementedError(f"data.source = {source!r} is not implemented yet; use tfrecord or synthetic")
+    raise NotImplementedError(f"data.source = {source!r} is not implemented yet; use tfrecord, tfds or webdataset")
 
 
 def gather_positions(position: Position, host: Host) -> list[Position]:

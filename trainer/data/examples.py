@@ -2,6 +2,8 @@
 
 Features: `image` (encoded JPEG/PNG/WebP bytes), one bytes feature per caption (`txt` = alt-text, `llava_caption` =
 re-caption, names from the recipe), optional int64 `label` (eval sets), `key` (the sample's id, for messages).
+Training reads the image from the recipe's data.image_key: a TFDS builder's records are tf.Examples too, with its
+features' names (OpenVision's: `jpg`, `txt`, `llava_caption`).
 A shard set may carry `index.json` (file name -> record count, written by the prepare tools): with it, a truncated
 shard is noticed and counted as bad samples.
 """
@@ -31,9 +33,12 @@ def encode(image: bytes, captions: dict[str, str], label: int | None = None, key
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
-def parse(serialized: tf.Tensor, caption_keys: tuple[str, ...], with_label: bool = False) -> dict[str, tf.Tensor]:
-    """In-graph: the image bytes, each caption ("" when missing) and the label (-1 when missing)."""
-    spec: dict[str, Any] = {IMAGE: tf.io.FixedLenFeature([], tf.string, default_value="")}
+def parse(
+    serialized: tf.Tensor, caption_keys: tuple[str, ...], with_label: bool = False, image_key: str = IMAGE
+) -> dict[str, tf.Tensor]:
+    """In-graph: the image bytes (under `image_key`), each caption ("" when missing) and the label (-1 when
+    missing)."""
+    spec: dict[str, Any] = {image_key: tf.io.FixedLenFeature([], tf.string, default_value="")}
     for name in caption_keys:
         spec[name] = tf.io.FixedLenFeature([], tf.string, default_value="")
     if with_label:

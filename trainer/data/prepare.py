@@ -8,6 +8,13 @@ folder IMAGES CAPTIONS OUT
 tuxpaint [SRC] OUT      Tux Paint's stamps (Debian: tuxpaint-stamps-default; PNG + English caption each) -> train
                         shards, and a held-out set as images + a Karpathy-split JSON for the retrieval eval
 vocab SHARDS --out F    a WordPiece vocab learned from the shards' captions
+imagenet-val SRC OUT [--labels F]
+                        ImageNet-1k validation (a folder per synset, or flat files + the devkit's ground truth or
+                        FILE LABEL lines) -> labelled shards for the zero-shot eval (ImageNet's class names)
+karpathy JSON IMAGES OUT
+                        COCO / Flickr30k with Karpathy's split (dataset_coco.json, dataset_flickr30k.json) -> the
+                        split's images + OUT/karpathy.json for the retrieval eval
+(webdataset eval tars with .cls labels, CLIP_benchmark's, need no preparing: name them as a zero-shot eval's path)
 """
 
 from __future__ import annotations
@@ -225,6 +232,51 @@ def tuxpaint(src: str, out: str, heldout: int, shards: int, vocab_size: int) -> 
     if vocab_size:
         size = build_vocab(tf.data.Dataset.from_tensor_slices(captions), vocab_size, out_dir / "vocab.txt")
         click.echo(f"vocab: {size} word pieces -> {out_dir}/vocab.txt")
+
+
+@main.command("imagenet-val")
+@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option(
+    "--labels",
+    type=click.Path(exists=True, dir_okay=False),
+    help="For flat files: ILSVRC2012_validation_ground_truth.txt (the devkit's), or FILE LABEL lines (LABEL a synset"
+    " id or a class index 0-999 in sorted-synset order, e.g. Caffe's val.txt, Kaggle's LOC_val_solution.csv).",
+)
+@click.option("--shards", default=16, show_default=True)
+def imagenet_val(src: str, out: str, labels: str | None, shards: int) -> None:
+    """ImageNet-1k validation images in SRC (a folder per synset, or flat files with --labels) -> OUT/val-*.tfrecord,
+    labelled in the class order of the shipped ImageNet class names (the zero-shot eval's default).
+
+    Example: python -m trainer.data.prepare imagenet-val ~/imagenet/val data/imagenet-val
+    """
+    from trainer.data import evalsets, examples
+
+    pairs, notes = evalsets.imagenet_val(Path(src), Path(labels) if labels else None)
+    writer = examples.ShardWriter(Path(out), "val", shards)
+    for path, label in pairs:
+        writer.write(examples.encode(path.read_bytes(), {}, label=label, key=path.name))
+    total = writer.close()
+    click.echo(f"val: {total} images -> {out}/val-*.tfrecord" + (f" ({'; '.join(notes)})" if notes else ""))
+    click.echo(f'a zero-shot eval of it: [[evals]] kind = "zeroshot", path = "{out}/val-*.tfrecord"')
+
+
+@main.command("karpathy")
+@click.argument("split_json", metavar="JSON", type=click.Path(exists=True, dir_okay=False))
+@click.argument("images", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--split", default="test", show_default=True, help="The Karpathy split to keep (test, val).")
+def karpathy(split_json: str, images: str, out: str, split: str) -> None:
+    """COCO or Flickr30k with Karpathy's split (JSON: dataset_coco.json / dataset_flickr30k.json; IMAGES: COCO's
+    folder holding val2014/, or flickr30k-images/) -> OUT/images/ + OUT/karpathy.json, the retrieval eval's path.
+
+    Example: python -m trainer.data.prepare karpathy dataset_coco.json ~/coco data/coco-test
+    """
+    from trainer.data import evalsets
+
+    count, captions = evalsets.karpathy(Path(split_json), Path(images), Path(out), split)
+    click.echo(f"{split}: {count} images, {captions} captions -> {out}/images/, {out}/karpathy.json")
+    click.echo(f'a retrieval eval of it: [[evals]] kind = "retrieval", path = "{out}/karpathy.json"')
 
 
 def read_captions(path: Path) -> list[dict]:

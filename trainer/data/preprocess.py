@@ -5,9 +5,10 @@ sample's colour-jitter draws (the device applies them: trainer/augment.py).
 Evaluation: resize the shorter side, centre crop. Randomness is stateless, seeded per sample: the same sample gets the
 same crop on a resumed run.
 
-Both resize alike (`resize`): bilinear, antialiased only where the image shrinks by more than 2x. A model sees at
-evaluation the interpolation it was trained on: on the demo, evaluating with an antialiased resize that training
-never used cost 0.37 points of zero-shot top-1 (benchmarks/RESULTS.md).
+Both resize alike (`resize`): bilinear, antialiased only where the image shrinks by more than 2x, or (data.antialias
+= "always", OpenVision's) always. A model sees at evaluation the interpolation it was trained on: on the demo,
+evaluating with an antialiased resize that training never used cost 0.37 points of zero-shot top-1
+(benchmarks/RESULTS.md). data.scaled_decode = false decodes every image whole (OpenVision's input) before cropping.
 """
 
 from __future__ import annotations
@@ -47,11 +48,19 @@ def crop_window(shape: tf.Tensor, seed: tf.Tensor, min_area: float) -> tuple[tf.
     return begin, size
 
 
-def train_image(image_bytes: tf.Tensor, resolution: int, seed: tf.Tensor, min_area: float) -> tf.Tensor:
-    """Encoded image -> the training crop. A JPEG decodes only its crop window, with the fast integer IDCT (as
-    TF-slim's Inception training input: its error is below what the crop's resize and the jitter change), and at
-    1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) when the window stays at least `resolution` on its shorter side:
-    the low-resolution stages then skip most of the inverse DCT and resize from a smaller image."""
+def train_image(
+    image_bytes: tf.Tensor,
+    resolution: int,
+    seed: tf.Tensor,
+    min_area: float,
+    antialias: str = "beyond_2x",
+    scaled_decode: bool = True,
+) -> tf.Tensor:
+    """Encoded image -> the training crop. With `scaled_decode`, a JPEG decodes only its crop window, with the fast
+    integer IDCT (as TF-slim's Inception training input: its error is below what the crop's resize and the jitter
+    change), and at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) when the window stays at least `resolution` on its
+    shorter side: the low-resolution stages then skip most of the inverse DCT and resize from a smaller image.
+    Without it, every image is decoded whole, then cropped (OpenVision's inception_crop)."""
 
     def jpeg() -> tf.Tensor:
         begin, size = crop_window(tf.image.extract_jpeg_shape(image_bytes), seed, min_area)
@@ -65,22 +74,24 @@ def train_image(image_bytes: tf.Tensor, resolution: int, seed: tf.Tensor, min_ar
             )
 
         window = tf.switch_case(scale, [scaled(r) for r in (1, 2, 4, 8)])
-        return tf.image.resize(window, (resolution, resolution), method="bilinear")
+        # the window is within 2x of the output on its shorter side once scaled in the DCT: plain bilinear there
+        return tf.image.resize(window, (resolution, resolution), method="bilinear", antialias=antialias == "always")
 
     def other() -> tf.Tensor:
         image = decode(image_bytes)
         begin, size = crop_window(tf.shape(image), seed, min_area)
-        return resize(tf.slice(image, begin, size), (resolution, resolution))
+        return resize(tf.slice(image, begin, size), (resolution, resolution), antialias)
 
-    # a JPEG window is within 2x of the output on its shorter side once scaled in the DCT: plain bilinear, no test
-    image = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other)
+    image = tf.cond(tf.io.is_jpeg(image_bytes), jpeg, other) if scaled_decode else other()
     image.set_shape([resolution, resolution, 3])
     return to_uint8(image)
 
 
-def resize(image: tf.Tensor, size: tuple[int, int] | tf.Tensor) -> tf.Tensor:
-    """Bilinear to `size` (float32 out); antialiased (a tent filter as wide as the shrink) only where the image
-    shrinks by more than 2x, where plain bilinear would skip pixels."""
+def resize(image: tf.Tensor, size: tuple[int, int] | tf.Tensor, antialias: str = "beyond_2x") -> tf.Tensor:
+    """Bilinear to `size` (float32 out); antialiased (a tent filter as wide as the shrink) "always", or only where
+    the image shrinks by more than 2x ("beyond_2x"), where plain bilinear would skip pixels."""
+    if antialias == "always":
+        return tf.image.resize(image, size, method="bilinear", antialias=True)
     shrink = tf.reduce_max(tf.cast(tf.shape(image)[:2], tf.float32) / tf.cast(size, tf.float32))
     return tf.cond(
         shrink > 2.0,
@@ -94,19 +105,31 @@ def to_uint8(image: tf.Tensor) -> tf.Tensor:
     return tf.cast(image + 0.5, tf.uint8)
 
 
+def random_sentence(text: tf.Tensor, fallback: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """One sentence of `text`, drawn with the sample's seed: OpenVision's second text for the contrastive loss (its
+    bert_ops.my_bert_tokenize): cut at every run of "." and "!", empty pieces dropped; `fallback` if none is left."""
+    pieces = tf.strings.split(tf.strings.regex_replace(text, r"[\.\!]+", "|"), sep="|")
+    pieces = tf.boolean_mask(pieces, tf.strings.length(pieces) > 0)
+    count = tf.size(pieces)
+    draw_seed = tf.random.experimental.stateless_split(seed, 2)[1]  # not the colour draws' stream
+    index = tf.cast(tf.random.stateless_uniform([], draw_seed) * tf.cast(count, tf.float32), tf.int32)
+    index = tf.minimum(index, tf.maximum(count - 1, 0))
+    return tf.cond(count > 0, lambda: tf.gather(pieces, index), lambda: fallback)
+
+
 def colour_draws(seed: tf.Tensor) -> tf.Tensor:
     """The sample's colour-jitter randomness (trainer.augment applies it on the device)."""
     return tf.random.stateless_uniform([JITTER_DRAWS], tf.random.experimental.stateless_split(seed, 1)[0])
 
 
-def eval_image(image: tf.Tensor, resolution: int, method: str = "bilinear") -> tf.Tensor:
+def eval_image(image: tf.Tensor, resolution: int, method: str = "bilinear", antialias: str = "beyond_2x") -> tf.Tensor:
     """Shorter side to `resolution`, then the centre square; `method` "pil_bicubic" is open_clip's eval transform."""
     if method == "pil_bicubic":
         return open_clip_eval_image(image, resolution)
     shape = tf.cast(tf.shape(image)[:2], tf.float32)
     scale = resolution / tf.reduce_min(shape)
     size = tf.cast(tf.math.ceil(shape * scale), tf.int32)
-    image = tf.image.resize_with_crop_or_pad(resize(image, size), resolution, resolution)
+    image = tf.image.resize_with_crop_or_pad(resize(image, size, antialias), resolution, resolution)
     return to_uint8(image)
 
 

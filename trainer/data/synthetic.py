@@ -2,9 +2,9 @@
 
 Sample g of the stream belongs to one of `CONCEPTS` concepts; its image is the concept's colour pattern (plus a
 brightness shift), its alt-text and re-caption are the concept's fixed token sequences (the re-caption only for a
-model with a caption decoder, as from shards). Everything is a function of (seed, stage, global sample index), so a
-global batch is the same whatever the number of hosts, and the position is just the number of batches taken. No
-colour jitter: a concept IS its colours.
+model with a caption decoder, as from shards; a re-caption sentence with loss.contrast_recaption). Everything is a
+function of (seed, stage, global sample index), so a global batch is the same whatever the number of hosts, and the
+position is just the number of batches taken. No colour jitter: a concept IS its colours.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ def batches(
     patterns = concept_images(seed, stage.resolution)
     texts = concept_tokens(seed + 1, recipe.text.context_length, words=(3, 8))
     captions = concept_tokens(seed + 2, recipe.text.caption_length, words=(6, 14)) if wants_captions(recipe) else None
+    # loss.contrast_recaption's second text: another fixed sentence per concept
+    sentences = concept_tokens(seed + 3, recipe.text.context_length, words=(3, 8))
     mine = host.share(stage.global_batch)
     index = 0 if position is None else int(position["batch"])
     while True:
@@ -40,6 +42,8 @@ def batches(
         batch = {"images": images, "texts": texts[concept]}
         if captions is not None:
             batch["captions"] = captions[concept]
+        if recipe.loss.contrast_recaption:
+            batch["recaption_texts"] = sentences[concept]
         yield batch, {"batch": index}
 
 

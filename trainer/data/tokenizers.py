@@ -2,7 +2,12 @@
 
 - `bert_wordpiece` (OpenVision): BERT-uncased WordPiece from a vocab file (tensorflow-text's FastBertTokenizer, in the
   graph; same ids as its BertTokenizer at a sixth of the cost). [PAD] = 0; ids 1 and 2 ([unused0], [unused1] in BERT's
-  vocab; [bos], [eos] in vocabularies built here) begin and end a sequence. A row: word pieces, [eos], padding.
+  vocab; [bos], [eos] in vocabularies built here and in OpenVision's bert_base_vocab_bos_eos.txt) begin and end a
+  sequence. An encoder row (text.row): word pieces, [eos], padding ("eos"); or OpenVision's ("bos_eos_cls"): [bos],
+  word pieces, [eos], padding, and [CLS] last, where the text tower pools (its bert_ops.my_bert_tokenize); or
+  open_clip's (Hugging Face's BERT tokenizer, which open_clip's configs of BERT-tokenized models name): [CLS], word
+  pieces, [SEP] ("cls_sep") or the [SEP] stripped to padding ("cls_pad"), padding. A caption row (the decoder's
+  targets): word pieces, [eos], padding, whatever the encoder's.
 - `clip_bpe` (OpenAI CLIP / open_clip): byte-level BPE from CLIP's merges file (shipped: trainer/data/vocab/), run by
   Hugging Face `tokenizers` (Rust) inside the pipeline as a numpy function. keras_hub's in-graph BPE was measured at
   540-920 us per caption here (vs 30) and splits digit runs unlike CLIP. A row: <start_of_text>, BPE ids,
@@ -34,18 +39,46 @@ class Tokenizer(Protocol):
     size: int  # ids in use: the text tower's table needs at least this many rows
 
     def batch(self, texts: tf.Tensor, length: int) -> tf.Tensor:
-        """(B,) strings -> (B, length) int32 ids, zero-padded."""
+        """(B,) strings -> (B, length) int32 encoder rows (text.row), zero-padded."""
+        ...
+
+    def captions(self, texts: tf.Tensor, length: int) -> tf.Tensor:
+        """(B,) strings -> (B, length) int32 decoder targets, zero-padded."""
         ...
 
 
 class WordPiece:
-    def __init__(self, vocab_file: str):
+    def __init__(self, vocab_file: str, row: str = "eos"):
         vocab = [line for line in read_file(vocab_file).decode("utf-8").split("\n") if line.strip()]
         self.size = len(vocab)
+        self.row = row
+        needs = {"eos": [], "bos_eos_cls": ["[CLS]"], "cls_pad": ["[CLS]"], "cls_sep": ["[CLS]", "[SEP]"]}[row]
+        for token in needs:
+            if token not in vocab:
+                raise RecipeError(f'text.row = "{row}" needs {token}: text.vocab = "{vocab_file}" has none')
+        self.cls_id = vocab.index("[CLS]") if needs else -1
+        self.sep_id = vocab.index("[SEP]") if "[SEP]" in needs else PAD_ID
         self.tokenizer = tf_text.FastBertTokenizer(vocab, lower_case_nfd_strip_accents=True, token_out_type=tf.int32)
 
     def batch(self, texts: tf.Tensor, length: int) -> tf.Tensor:
-        pieces = self.tokenizer.tokenize(texts)[:, : length - 1]
+        if self.row == "eos":
+            return self.captions(texts, length)
+        count = tf.shape(texts)[0]
+        pieces = self.tokenizer.tokenize(texts).merge_dims(1, -1)
+        cls = tf.RaggedTensor.from_tensor(tf.fill([count, 1], self.cls_id))
+        if self.row in ("cls_sep", "cls_pad"):  # Hugging Face's: cut to length - 2 pieces, [SEP] (or 0) after
+            sep = tf.RaggedTensor.from_tensor(tf.fill([count, 1], self.sep_id))
+            ids = tf.concat([cls, pieces[:, : length - 2], sep], axis=1)
+            return ids.to_tensor(default_value=PAD_ID, shape=[None, length])
+        # OpenVision's: [bos] pieces [eos] truncated to length - 1 with [eos] kept last, padded, then [CLS]
+        bos, eos = (tf.RaggedTensor.from_tensor(tf.fill([count, 1], i)) for i in (BOS_ID, EOS_ID))
+        ids = tf.concat([bos, pieces[:, : length - 3], eos], axis=1).to_tensor(
+            default_value=PAD_ID, shape=[None, length - 1]
+        )
+        return tf.concat([ids, cls.to_tensor()], axis=1)
+
+    def captions(self, texts: tf.Tensor, length: int) -> tf.Tensor:
+        pieces = self.tokenizer.tokenize(texts).merge_dims(1, -1)[:, : length - 1]
         eos = tf.fill([tf.shape(texts)[0], 1], EOS_ID)
         ids = tf.concat([pieces, tf.RaggedTensor.from_tensor(eos)], axis=1)
         return ids.to_tensor(default_value=PAD_ID, shape=[None, length])
@@ -102,6 +135,9 @@ class ClipBpe:
             row[: len(ids)] = ids
         return out
 
+    def captions(self, texts: tf.Tensor, length: int) -> tf.Tensor:
+        return self.batch(texts, length)
+
     def batch(self, texts: tf.Tensor, length: int) -> tf.Tensor:
         def encode(raw: np.ndarray) -> np.ndarray:
             return self.encode([t.decode("utf-8", "replace") for t in raw], length)
@@ -124,7 +160,7 @@ def from_recipe(recipe: Recipe) -> Tokenizer:
                 " build one: python -m trainer.data.prepare vocab SHARDS --out vocab.txt"
             )
         else:
-            tokenizer = WordPiece(t.vocab)
+            tokenizer = WordPiece(t.vocab, t.row)
     except FileNotFoundError:
         raise RecipeError(f'text.vocab = "{t.vocab}" does not exist') from None
     except OSError as error:  # a bucket that cannot be read

@@ -1,5 +1,6 @@
 """webdataset `.tar` shards as img2dataset writes them: members `KEY.jpg|jpeg|png|webp`, `KEY.txt` (the alt-text),
-`KEY.json` (metadata; may hold a re-caption and a label), grouped by KEY in file order.
+`KEY.json` (metadata; may hold a re-caption and a label), grouped by KEY in file order; CLIP_benchmark's eval shards
+carry `KEY.cls` (the class index) instead of a caption.
 
 tf.data has no tar reader, so a Python generator walks each tar (only bytes are moved there; decoding stays in the
 tf.data graph) and hands on the samples' (image, alt-text, re-caption) bytes in chunks: one generator call per chunk,
@@ -49,7 +50,38 @@ def to_example(key: str, parts: dict[str, bytes], caption_key: str, recaption_ke
     if recaption:
         captions[recaption_key] = recaption.decode()
     label = metadata(parts).get("label")
-    return examples.encode(image, captions, label=label if isinstance(label, int) else None, key=key)
+    if not isinstance(label, int):
+        label = class_label(parts)
+    return examples.encode(image, captions, label=label, key=key)
+
+
+def class_label(parts: dict[str, bytes]) -> int | None:
+    """The sample's `.cls` member (CLIP_benchmark's eval shards: the class index as text), None when missing."""
+    try:
+        return int(parts["cls"].decode().strip())
+    except (KeyError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def labelled(path: bytes) -> Iterator[tuple[bytes, int]]:
+    """(image, class index) of each sample of one eval tar (a tf.data.Dataset.from_generator body); a sample without
+    an image or a `.cls` label fails the eval, naming it."""
+    name = path.decode()
+    for key, parts in samples(name):
+        image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), b"")
+        label = class_label(parts)
+        if not image or label is None:
+            missing = "image (.jpg/.png/.webp)" if not image else ".cls label"
+            raise ValueError(f"{name}: sample {key} has no {missing} (members: {', '.join(sorted(parts))})")
+        yield image, label
+
+
+def count_labelled(path: str) -> int:
+    """The samples with a `.cls` label in one tar, from its member headers (the images are not read)."""
+    from trainer import storage
+
+    with storage.at(path).open("rb") as fh, tarfile.open(fileobj=fh, mode="r:*") as tar:
+        return sum(1 for name in tar.getnames() if name.endswith(".cls"))
 
 
 def metadata(parts: dict[str, bytes]) -> dict:

@@ -66,6 +66,7 @@ class Retrieval:
 
     def __init__(self, recipe: Recipe, spec: Eval, key: str, tokenizer: Tokenizer):
         self.name, self.spec, self.eval_resize = spec.name, spec, recipe.data.eval_resize
+        self.antialias = recipe.data.antialias
         self.files, captions, self.owner = read_karpathy(spec.path, key)
         if not storage.at(self.files[0]).is_file():  # one look: a wrong folder layout fails now, not at step 1,000
             raise RecipeError(f'{key}.path = "{spec.path}" names images that do not exist, e.g. {self.files[0]}')
@@ -74,7 +75,7 @@ class Retrieval:
     def run(self, model: Clip, params: Any, mesh: jax.sharding.Mesh, resolution: int) -> dict[str, float]:
         def load(path: tf.Tensor) -> tf.Tensor:
             image = preprocess.decode_accurately(tf.io.read_file(path))
-            return preprocess.eval_image(image, resolution, self.eval_resize)
+            return preprocess.eval_image(image, resolution, self.eval_resize, self.antialias)
 
         images = tf.data.Dataset.from_tensor_slices(self.files).map(load, num_parallel_calls=tf.data.AUTOTUNE)
         failure: Exception | None = None

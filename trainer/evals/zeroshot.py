@@ -1,7 +1,10 @@
 """Zero-shot classification: each class's text embedding is the normalised mean over the prompt templates (as CLIP);
 an image's prediction is the class nearest its embedding. Reports top-1 and top-5 accuracy over the whole eval set.
 
-The eval set: TFRecord shards with `image` and int64 `label` (python -m trainer.data.prepare writes them).
+The eval set: TFRecord shards with `image` and int64 `label` (python -m trainer.data.prepare writes them), or
+webdataset tars as CLIP_benchmark publishes them (`KEY.jpg|png|webp` + `KEY.cls`, the class index): for tars, the
+class names and templates default to `classnames.txt` and `zeroshot_classification_templates.txt` in the tars' folder
+or the one above it, where they are (else ImageNet's and CLIP's). Templates mark the class name with `{}` or `{c}`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from trainer.models.clip import Clip
 from trainer.recipe import Eval, Recipe, RecipeError
 
 SHIPPED = Path(__file__).parent / "data"
+TAR_CLASSNAMES, TAR_TEMPLATES = "classnames.txt", "zeroshot_classification_templates.txt"  # CLIP_benchmark's names
 
 
 def read_lines(path: str, default: str, key: str) -> list[str]:
@@ -71,21 +75,60 @@ def in_chunks(fn: Any, rows: np.ndarray, mesh: jax.sharding.Mesh, chunk: int = 1
     return jnp.asarray(np.concatenate(out))
 
 
+def is_tar(files: list[str], key: str) -> bool:
+    """Whether the eval files are webdataset tars (all of them) or TFRecord shards (none of them)."""
+    tars = [f.endswith(".tar") for f in files]
+    if any(tars) and not all(tars):
+        raise RecipeError(f"{key} mixes .tar files with others: name webdataset tars or TFRecord shards")
+    return all(tars)
+
+
+def beside(files: list[str], name: str) -> str:
+    """`name` in the folder of the first file, or in the folder above it ("" when in neither)."""
+    folder = storage.at(files[0]).parent
+    found = [p for p in (folder / name, folder.parent / name) if p.is_file()]
+    return str(found[0]) if found else ""
+
+
+def prompt(template: str, classname: str) -> str:
+    if "{c}" in template:  # CLIP_benchmark's templates
+        return template.replace("{c}", classname)
+    return template.format(classname) if "{}" in template else f"{template} {classname}"
+
+
 def labelled_images(
-    files: list[str], resolution: int, batch: int, method: str = "bilinear"
+    files: list[str],
+    resolution: int,
+    batch: int,
+    method: str = "bilinear",
+    count: int | None = None,
+    antialias: str = "beyond_2x",
 ) -> tuple[tf.data.Dataset, int]:
-    from trainer.data import examples, preprocess
+    """(batches of (image, label), the number of samples) of TFRecord shards or, when they end in .tar, webdataset
+    tars with .cls labels; `count` when already known."""
+    from trainer.data import examples, preprocess, webdataset
+
+    def image(encoded: tf.Tensor) -> tf.Tensor:
+        return preprocess.eval_image(preprocess.decode_accurately(encoded), resolution, method, antialias)
 
     def row(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         ex = examples.parse(serialized, (), with_label=True)
-        image = preprocess.eval_image(preprocess.decode_accurately(ex[examples.IMAGE]), resolution, method)
-        return image, ex[examples.LABEL]
+        return image(ex[examples.IMAGE]), ex[examples.LABEL]
 
+    if files and all(f.endswith(".tar") for f in files):
+        spec = (tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int64))
+        samples = tf.data.Dataset.from_tensor_slices(files).flat_map(
+            lambda f: tf.data.Dataset.from_generator(webdataset.labelled, args=(f,), output_signature=spec)
+        )
+        if count is None:
+            count = sum(webdataset.count_labelled(f) for f in files)
+        pairs = samples.map(lambda encoded, label: (image(encoded), label), num_parallel_calls=tf.data.AUTOTUNE)
+        return pairs.batch(batch).prefetch(tf.data.AUTOTUNE), count
     records = tf.data.TFRecordDataset(files)
     known = examples.read_index(files)  # the shards' index spares a counting pass over the whole set
-    if all(f in known for f in files):
+    if count is None and all(f in known for f in files):
         count = sum(known[f] for f in files)
-    else:
+    elif count is None:
         count = int(records.reduce(0, lambda n, _: n + 1).numpy())
     data = records.map(row, num_parallel_calls=tf.data.AUTOTUNE).batch(batch).prefetch(tf.data.AUTOTUNE)
     return data, count
@@ -97,12 +140,17 @@ class ZeroShot:
 
     def __init__(self, recipe: Recipe, spec: Eval, key: str, tokenizer: Tokenizer):
         self.name, self.spec, self.key, self.eval_resize = spec.name, spec, key, recipe.data.eval_resize
-        classnames = read_lines(spec.classnames, "imagenet_classnames.txt", f"{key}.classnames")
-        templates = read_lines(spec.templates, "clip_templates.txt", f"{key}.templates")
-        self.classes, self.templates = len(classnames), len(templates)
-        prompts = [t.format(c) if "{}" in t else f"{t} {c}" for c in classnames for t in templates]
-        self.prompt_ids = tokenizer.batch(tf.constant(prompts), recipe.text.context_length).numpy()
+        self.antialias = recipe.data.antialias
         self.files = storage.list_files(spec.path, f"{key}.path")
+        tars = is_tar(self.files, f"{key}.path")
+        names_file = spec.classnames or (beside(self.files, TAR_CLASSNAMES) if tars else "")
+        templates_file = spec.templates or (beside(self.files, TAR_TEMPLATES) if tars else "")
+        classnames = read_lines(names_file, "imagenet_classnames.txt", f"{key}.classnames")
+        templates = read_lines(templates_file, "clip_templates.txt", f"{key}.templates")
+        self.classes, self.templates = len(classnames), len(templates)
+        prompts = [prompt(t, c) for c in classnames for t in templates]
+        self.prompt_ids = tokenizer.batch(tf.constant(prompts), recipe.text.context_length).numpy()
+        self.counts: dict[tuple[str, ...], int] = {}  # samples per file list (a tar set's count reads its headers)
 
     def class_embeddings(self, model: Clip, params: Any, mesh: jax.sharding.Mesh) -> jnp.ndarray:
         encode_text, _ = encoders(model)
@@ -121,7 +169,10 @@ class ZeroShot:
         # padding, so every host runs the same collectives, and all of them report the failure at the end
         failure: Exception | None = None
         try:
-            images, count = labelled_images(self.files[host.index :: host.count], resolution, local, self.eval_resize)
+            mine = tuple(self.files[host.index :: host.count])
+            counted = self.counts.get(mine)
+            images, count = labelled_images(list(mine), resolution, local, self.eval_resize, counted, self.antialias)
+            self.counts[mine] = count
             stream = images.as_numpy_iterator()
         except Exception as error:
             failure, stream, count = error, iter(()), 0

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from trainer.models import variants
-from trainer.models.text import CaptionDecoder, TextTower
+from trainer.models.text import CaptionDecoder, QueryDecoder, TextTower
 from trainer.models.vit import Arch, ImageTower, Implementation, Layers
 from trainer.recipe import Recipe, RecipeError
 
@@ -23,7 +23,7 @@ BOS_ID = 1  # OpenVision's [bos] (BERT's [unused0])
 class Clip(nn.Module):
     image: ImageTower
     text: TextTower
-    decoder: CaptionDecoder | None
+    decoder: CaptionDecoder | QueryDecoder | None
     temperature_init: float
     sigmoid: bool = False
     decoder_sees_text: bool = True
@@ -31,18 +31,30 @@ class Clip(nn.Module):
 
     @nn.compact
     def __call__(
-        self, images: jnp.ndarray, texts: jnp.ndarray, captions: jnp.ndarray | None = None, patch_keep: float = 1.0
+        self,
+        images: jnp.ndarray,
+        texts: jnp.ndarray,
+        captions: jnp.ndarray | None = None,
+        patch_keep: float = 1.0,
+        second_texts: jnp.ndarray | None = None,
     ) -> dict[str, Any]:
-        """images (B, H, W, 3), texts (B, L) alt-text ids, captions (B, T) re-caption ids (decoder targets);
-        patch_keep < 1 drops image patches (needs a "dropout" rng); uint8 images are normalised (`pixel_norm`)."""
+        """images (B, H, W, 3), texts (B, L) alt-text ids, captions (B, T) re-caption ids (decoder targets),
+        second_texts (B, L) a second text per image to contrast with (OpenVision's re-caption sentence; its
+        embeddings come back as "second_text_emb"); patch_keep < 1 drops image patches (needs a "dropout" rng);
+        uint8 images are normalised (`pixel_norm`)."""
         image_emb, image_tokens = self.image(to_model_range(images, self.pixel_norm), patch_keep)
-        text_emb, text_tokens = self.text(texts)
+        both = texts if second_texts is None else jnp.concatenate([texts, second_texts], axis=0)
+        all_text_emb, all_text_tokens = self.text(both)  # one pass over both texts, as OpenVision
+        n = texts.shape[0]
+        text_emb, text_tokens = all_text_emb[:n], all_text_tokens[:n]  # the decoder sees the alt-text's tokens
         init_scale = math.log(10.0) if self.sigmoid else math.log(self.temperature_init)
         out: dict[str, Any] = {
             "image_emb": normalize(image_emb),
             "text_emb": normalize(text_emb),
             "log_scale": self.param("log_scale", nn.initializers.constant(init_scale), (), jnp.float32),
         }
+        if second_texts is not None:
+            out["second_text_emb"] = normalize(all_text_emb[n:])
         if self.sigmoid:
             out["bias"] = self.param("bias", nn.initializers.constant(-10.0), (), jnp.float32)
         if self.decoder is not None and captions is not None:
@@ -113,6 +125,7 @@ def build(recipe: Recipe) -> Clip:
     dtypes: dict[str, Any] = {"dtype": jnp.dtype(m.dtype), "param_dtype": jnp.dtype(m.param_dtype), "layers": layers}
     embed_dim = m.embed_dim or variants.EMBED_DIM[m.image_variant]
     arch = Arch(m.activation, m.norm_eps)
+    queries = bool(m.decoder) and m.decoder_style == "queries"
     image = ImageTower(
         sizes[0],
         m.patch,
@@ -122,13 +135,18 @@ def build(recipe: Recipe) -> Clip:
         class_token=m.class_token,
         ln_pre=m.ln_pre,
         norm_after_pool=m.norm_after_pool,
+        raw_patch_tokens=queries,
         arch=arch,
         **dtypes,
     )
     rows = recipe.text.vocab_rows
     text_arch = Arch(m.text_activation or m.activation, m.norm_eps)
-    text = TextTower(sizes[1], embed_dim, rows, m.text_causal, m.text_pooling, text_arch, **dtypes)
-    decoder = CaptionDecoder(sizes[2], vocab_rows=rows, **dtypes) if m.decoder else None
+    text = TextTower(sizes[1], embed_dim, rows, m.text_causal, m.text_pooling, queries, text_arch, **dtypes)
+    decoder: CaptionDecoder | QueryDecoder | None = None
+    if m.decoder and queries:  # OpenVision's decoder blocks are its text tower's: tanh GELU
+        decoder = QueryDecoder(sizes[2], vocab_rows=rows, arch=Arch("gelu_tanh", m.norm_eps), **dtypes)
+    elif m.decoder:
+        decoder = CaptionDecoder(sizes[2], vocab_rows=rows, **dtypes)
     return Clip(
         image=image,
         text=text,

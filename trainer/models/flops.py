@@ -31,8 +31,15 @@ def forward_per_sample(recipe: Recipe, stage: Stage) -> int:
     if m.pooling == "map":  # one probe token attending to n tokens, then its MLP
         flops += 2 * n * 2 * image.width**2 + 2 * 2 * image.width**2 + 4 * n * image.width
         flops += 2 * 2 * image.width * image.mlp
-    flops += _blocks(text, t.context_length) + 2 * text.width * embed
-    if m.decoder:
+    texts = 2 if recipe.loss.contrast_recaption else 1  # the text tower also reads a re-caption sentence
+    flops += texts * (_blocks(text, t.context_length) + 2 * text.width * embed)
+    if m.decoder and m.decoder_style == "queries":  # one sequence: the context's tokens, then the queries
+        text_context = t.context_length - 1 if m.decoder_context == "image+text" else 0
+        dec, steps = variants.TEXT[m.decoder], t.caption_length
+        patches = n - int(m.pooling == "cls" or m.class_token)  # the class token is not in the context
+        flops += 2 * (patches * image.width + text_context * text.width) * dec.width  # context projections
+        flops += _blocks(dec, patches + text_context + steps) + 2 * steps * dec.width * t.vocab_rows
+    elif m.decoder:
         text_context = t.context_length if m.decoder_context == "image+text" else 0
         dec, steps, context = variants.TEXT[m.decoder], t.caption_length, n + text_context
         w = dec.width

@@ -2,7 +2,10 @@
 
 TextTower: learned positions, pre-LN blocks, final LayerNorm, pooled at the last position, bias-free head.
 CaptionDecoder: causal self-attention over the caption so far, cross-attention to the image's patch tokens (and the
-alt-text's tokens), next-token logits over the vocabulary.
+alt-text's tokens), next-token logits over the vocabulary (CoCa-style, teacher-forced).
+QueryDecoder: OpenVision's (its text_decoder.py, fusion_style "concat"): one transformer over the image's and the
+alt-text's tokens followed by one learned query per caption position; the context attends within itself, each query
+to the context and to the queries before it; every caption token is predicted at once, from the queries alone.
 """
 
 from __future__ import annotations
@@ -50,6 +53,9 @@ class TextTower(nn.Module):
     vocab_rows: int = VOCAB_ROWS
     causal: bool = False
     pooling: Literal["last", "argmax"] = "last"
+    # the tokens returned (a caption decoder's context): after the final LayerNorm, or (OpenVision's decoder) before
+    # it and without the last (pooled) position
+    raw_tokens: bool = False
     arch: Arch = Arch()
     layers: Layers = Layers()
     dtype: Dtype = jnp.float32
@@ -65,6 +71,7 @@ class TextTower(nn.Module):
             self.size, self.layers.attention, self.arch, self.causal, name="blocks", **kw
         )
         x, _ = blocks(x)
+        raw = x[:, :-1]
         x = layer_norm("ln_final", eps=self.arch.norm_eps, **kw)(x)
         if self.pooling == "argmax":
             pooled = jnp.take_along_axis(x, jnp.argmax(tokens, axis=1)[:, None, None], axis=1)[:, 0]
@@ -77,7 +84,7 @@ class TextTower(nn.Module):
             name="head",
             **kw,
         )(pooled)
-        return embedding, x
+        return embedding, raw if self.raw_tokens else x
 
 
 class DecoderBlock(nn.Module):
@@ -131,3 +138,59 @@ class CaptionDecoder(nn.Module):
         return nn.Dense(
             self.vocab_rows, kernel_init=logical(nn.initializers.zeros, "embed", "vocab"), name="logits", **kw
         )(x)
+
+
+class QueryDecoder(nn.Module):
+    """(caption inputs (B, T): only their length is read, image tokens (B, N, Wi), alt-text tokens (B, L, Wt) or
+    None) -> logits (B, T, V)."""
+
+    size: Size
+    vocab_rows: int = VOCAB_ROWS
+    arch: Arch = Arch()
+    layers: Layers = Layers()
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, inputs: jnp.ndarray, image_tokens: jnp.ndarray, text_tokens: jnp.ndarray | None = None
+    ) -> jnp.ndarray:
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        width, length = self.size.width, inputs.shape[1]
+
+        def project(name: str, tokens: jnp.ndarray) -> jnp.ndarray:
+            return nn.Dense(
+                width,
+                use_bias=False,
+                kernel_init=logical(nn.initializers.lecun_normal(), None, "embed"),
+                name=name,
+                **kw,
+            )(tokens.astype(self.dtype))
+
+        parts = [project("image_proj", image_tokens)]
+        if text_tokens is not None:
+            parts.append(project("text_proj", text_tokens))
+        queries = self.param("queries", logical(nn.initializers.normal(1.0), None, "embed"), (length, width))
+        context = sum(part.shape[1] for part in parts)
+        parts.append(jnp.broadcast_to(queries.astype(self.dtype), (inputs.shape[0], length, width)))
+        x = jnp.concatenate(parts, axis=1)
+        blocks = stacked(Block, self.size.depth, self.layers, 1)(
+            self.size, self.layers.attention, self.arch, name="blocks", **kw
+        )
+        x, _ = blocks(x, prefix_mask(context, length))
+        x = layer_norm("ln_final", eps=self.arch.norm_eps, **kw)(x[:, context:])
+        return nn.Dense(
+            self.vocab_rows,
+            use_bias=False,
+            kernel_init=logical(nn.initializers.zeros, "embed", "vocab"),
+            name="logits",
+            **kw,
+        )(x)
+
+
+def prefix_mask(context: int, length: int) -> jnp.ndarray:
+    """(context + length)^2 bool: the context attends to itself, each query to the context and to the queries up to
+    itself (OpenVision's mask for its "concat" decoder)."""
+    total = context + length
+    rows, cols = jnp.arange(total)[:, None], jnp.arange(total)[None, :]
+    return (cols < context) | ((rows >= context) & (cols <= rows))

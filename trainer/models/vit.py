@@ -61,7 +61,8 @@ class Attention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, context: jnp.ndarray | None = None):
+    def __call__(self, x: jnp.ndarray, context: jnp.ndarray | None = None, mask: jnp.ndarray | None = None):
+        """`mask` (T, S) bool: which context positions each position may attend to (with or instead of causal)."""
         width = x.shape[-1]
         head_dim = width // self.heads
         context = x if context is None else context
@@ -77,7 +78,9 @@ class Attention(nn.Module):
             )(inputs)
 
         q, k, v = project("query", x), project("key", context), project("value", context)
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal, implementation=self.implementation)
+        out = jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=self.causal, implementation=self.implementation
+        )
         return nn.DenseGeneral(
             width,
             axis=(-2, -1),
@@ -155,7 +158,8 @@ class Layers:
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(LN(x)), then x + mlp(LN(x)). Returns (x, None): a scan body."""
+    """Pre-LN transformer block: x + attn(LN(x)), then x + mlp(LN(x)). Returns (x, None): a scan body; `mask`
+    (T, T) bool limits what each position attends to."""
 
     size: Size
     attention: Implementation = "xla"
@@ -165,11 +169,11 @@ class Block(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray) -> tuple[jnp.ndarray, None]:
+    def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None = None) -> tuple[jnp.ndarray, None]:
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         eps = self.arch.norm_eps
         attn = Attention(self.size.heads, self.causal, self.attention, name="attn", **kw)
-        x = x + attn(layer_norm("ln1", eps=eps, **kw)(x))
+        x = x + attn(layer_norm("ln1", eps=eps, **kw)(x), mask=mask)
         mlp = Mlp(self.size.mlp, self.arch.activation, name="mlp", **kw)
         return x + mlp(layer_norm("ln2", eps=eps, **kw)(x)), None
 
@@ -233,6 +237,9 @@ class ImageTower(nn.Module):
     class_token: bool = False  # implied by pooling "cls"
     ln_pre: bool = False
     norm_after_pool: bool = False
+    # the tokens returned (a caption decoder's context): the blocks' output as it is, or (OpenVision's decoder)
+    # the patch tokens before the final LayerNorm, without the class token
+    raw_patch_tokens: bool = False
     arch: Arch = Arch()
     layers: Layers = Layers()
     dtype: Dtype = jnp.float32
@@ -275,6 +282,7 @@ class ImageTower(nn.Module):
             self.size, self.layers.attention, self.arch, name="blocks", **kw
         )
         x, _ = blocks(x)
+        patch_tokens = x[:, int(has_cls) :]
         final_norm = layer_norm("ln_final", eps=eps, **kw)
         if not self.norm_after_pool:
             x = final_norm(x)
@@ -293,7 +301,7 @@ class ImageTower(nn.Module):
             name="head",
             **kw,
         )(pooled)
-        return embedding, x
+        return embedding, patch_tokens if self.raw_patch_tokens else x
 
 
 def resize_positions(pos: jnp.ndarray, grid: int) -> jnp.ndarray:
