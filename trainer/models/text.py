@@ -10,7 +10,7 @@ to the context and to the queries before it; every caption token is predicted at
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -104,6 +104,25 @@ class DecoderBlock(nn.Module):
         return x + Mlp(self.size.mlp, name="mlp", **kw)(layer_norm("ln3", **kw)(x)), None
 
 
+def project_context(
+    image_tokens: jnp.ndarray,
+    text_tokens: jnp.ndarray | None,
+    width: int,
+    init: Any,
+    use_bias: bool,
+    dtype: Dtype,
+    param_dtype: Dtype,
+) -> list[jnp.ndarray]:
+    """A decoder's context: the image's tokens and (where given) the alt-text's, each projected to its width (inside
+    the calling module: parameters "image_proj", "text_proj")."""
+    tokens = {"image_proj": image_tokens} | ({"text_proj": text_tokens} if text_tokens is not None else {})
+    kw = {"dtype": dtype, "param_dtype": param_dtype, "use_bias": use_bias}
+    return [
+        nn.Dense(width, kernel_init=logical(init, None, "embed"), name=name, **kw)(x.astype(dtype))
+        for name, x in tokens.items()
+    ]
+
+
 class CaptionDecoder(nn.Module):
     """(caption inputs (B, T), image tokens (B, N, Wi), alt-text tokens (B, L, Wt) or None) -> logits (B, T, V)."""
 
@@ -120,14 +139,8 @@ class CaptionDecoder(nn.Module):
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         width = self.size.width
 
-        def project(name: str, tokens: jnp.ndarray) -> jnp.ndarray:
-            return nn.Dense(
-                width, kernel_init=logical(nn.initializers.xavier_uniform(), None, "embed"), name=name, **kw
-            )(tokens.astype(self.dtype))
-
-        context = project("image_proj", image_tokens)
-        if text_tokens is not None:
-            context = jnp.concatenate([context, project("text_proj", text_tokens)], axis=1)
+        parts = project_context(image_tokens, text_tokens, width, nn.initializers.xavier_uniform(), True, **kw)
+        context = jnp.concatenate(parts, axis=1)
         x = embed_tokens("embedding", inputs, width, self.vocab_rows, **kw)
         x = x + positions(self, inputs.shape[1], width, self.param_dtype).astype(self.dtype)[None]
         blocks = stacked(DecoderBlock, self.size.depth, self.layers, 1)(
@@ -158,18 +171,7 @@ class QueryDecoder(nn.Module):
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         width, length = self.size.width, inputs.shape[1]
 
-        def project(name: str, tokens: jnp.ndarray) -> jnp.ndarray:
-            return nn.Dense(
-                width,
-                use_bias=False,
-                kernel_init=logical(nn.initializers.lecun_normal(), None, "embed"),
-                name=name,
-                **kw,
-            )(tokens.astype(self.dtype))
-
-        parts = [project("image_proj", image_tokens)]
-        if text_tokens is not None:
-            parts.append(project("text_proj", text_tokens))
+        parts = project_context(image_tokens, text_tokens, width, nn.initializers.lecun_normal(), False, **kw)
         queries = self.param("queries", logical(nn.initializers.normal(1.0), None, "embed"), (length, width))
         context = sum(part.shape[1] for part in parts)
         parts.append(jnp.broadcast_to(queries.astype(self.dtype), (inputs.shape[0], length, width)))
