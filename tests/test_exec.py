@@ -57,6 +57,14 @@ def test_exec_worker_selection_is_checked(pod):
     assert "Traceback" not in r.stderr
 
 
+def test_only_tpuctls_own_verbose_flag_shows_tracebacks(pod):
+    # a -v that belongs to the remote command is not tpuctl's: the error stays one line
+    r = pod.tpuctl("exec", "--workers", "0,5", "--", "grep", "-v", "x")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    r = pod.tpuctl("-v", "exec", "--workers", "0,5", "--", "grep", "-v", "x")
+    assert r.returncode != 0 and "Traceback" in r.stderr and "worker 5 does not exist" in r.stderr
+
+
 def test_a_stopped_worker_is_named_and_does_not_stop_the_others(pod4):
     pod4.fleet.workers[2].stop_sshd()
     r = pod4.tpuctl("exec", "--", "hostname")

@@ -134,6 +134,48 @@ def test_a_run_reaches_the_trainer_with_every_word_and_variable_intact(tmp_path)
         subprocess.run(["tmux", "kill-server"], env=env, capture_output=True)
 
 
+def test_a_tpu_vm_leaves_out_only_the_distributed_wiring(tmp_path):
+    """scripts/runs.py start on a worker with TPU device files (a file matching device_globs here) keeps every
+    TRAINER_* variable the user set, and drops only jax.distributed's wiring (JAX finds the workers itself)."""
+    from tpuctl.launch import describe_plan
+    from trainer import contract
+
+    printer = "import json, os; print(json.dumps(sorted(k for k in os.environ if k.startswith('TRAINER_'))))"
+    (tmp_path / "accel0").write_text("")
+    env = {**os.environ, "TMUX_TMPDIR": str(tmp_path)}
+    env.pop("TMUX", None)
+    user = {"TRAINER_HEARTBEAT_TIMEOUT": "300", "TRAINER_COMPILE_CACHE": "/c", "TRAINER_OTHER": "x"}
+    plan = {
+        "name": "n",
+        "session": "tpuctl-n",
+        "cwd": str(tmp_path),
+        "argv": [sys.executable, "-c", printer],
+        "env": remote.trainer_env(user, "10.0.0.2:8476", 2, 1),
+        "secret_env": [],
+        "tpu_vm_drops": list(contract.DISTRIBUTED_ENV),
+    }
+    seen = {}
+    try:
+        for chips, globs in (("tpu", [str(tmp_path / "accel*")]), ("none", [str(tmp_path / "nothing*")])):
+            run_dir = tmp_path / f"run-{chips}"
+            args = {**plan, "session": f"tpuctl-{chips}", "run_dir": str(run_dir), "device_globs": globs}
+            r = sh(remote.run_command("start", sys.executable, **args), env=env)
+            assert r.returncode == 0, r.stdout + r.stderr
+            for _ in range(100):
+                if (run_dir / "exit").exists():
+                    break
+                time.sleep(0.05)
+            seen[chips] = json.loads((run_dir / "log").read_text().splitlines()[-1])
+    finally:
+        subprocess.run(["tmux", "kill-server"], env=env, capture_output=True)
+    assert seen["tpu"] == sorted(user)  # the user's variables reach the trainer; the wiring does not
+    assert seen["none"] == sorted([*user, *contract.DISTRIBUTED_ENV])
+    # --dry-run says so instead of showing variables the worker then drops
+    shown = describe_plan({**plan, "device_globs": []})
+    assert "TRAINER_HEARTBEAT_TIMEOUT=300" in shown
+    assert "leaves out TRAINER_COORDINATOR, TRAINER_NUM_PROCESSES, TRAINER_PROCESS_ID" in shown
+
+
 def test_run_names_become_distinct_safe_slugs_and_resume_commands_quote_them():
     from tpuctl.cli_runs import resume_command
     from tpuctl.registry import RunRecord, slug

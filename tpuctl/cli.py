@@ -44,7 +44,7 @@ def cli(ctx: click.Context, profile: str | None, verbose: bool) -> None:
       tpuctl exec --tpu my-pod -- 'nproc; df -h /'
       tpuctl check --tpu my-pod --json
     """
-    ctx.obj = {"profile": profile, "verbose": verbose}
+    ctx.ensure_object(dict).update(profile=profile, verbose=verbose)  # main() reads "verbose" back
 
 
 def _settings(flags: dict[str, Any]) -> Settings:
@@ -468,12 +468,13 @@ def _confirm_by_name(name: str, action: str) -> None:
 
 
 def main() -> None:
-    """Console entry point: user errors become one line and an exit code; tracebacks only with -v."""
-    verbose = "-v" in sys.argv[1:] or "--verbose" in sys.argv[1:]
+    """Console entry point: user errors become one line and an exit code; tracebacks only with tpuctl's own -v (as
+    click parsed it: a `-v` further on belongs to a command, e.g. `tpuctl exec -- grep -v x`)."""
+    state: dict[str, Any] = {}
     try:
-        cli.main(standalone_mode=False, prog_name="tpuctl")
+        cli.main(standalone_mode=False, prog_name="tpuctl", obj=state)
     except TpuctlError as e:
-        if verbose:
+        if state.get("verbose"):
             raise
         click.echo(f"tpuctl: error: {e}", err=True)
         raise SystemExit(e.exit_code) from None
@@ -489,7 +490,7 @@ def main() -> None:
     except SystemExit:
         raise
     except Exception as e:
-        if verbose:
+        if state.get("verbose"):
             raise
         click.echo(f"tpuctl: internal error: {type(e).__name__}: {e} (rerun with -v for the traceback)", err=True)
         raise SystemExit(EXIT_FAILED) from None

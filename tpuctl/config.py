@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainer import contract
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -85,7 +87,7 @@ class Settings:
     )
     known_hosts: str = _setting("~/.config/tpuctl/known_hosts", "path", "tpuctl's own known_hosts file.")
     replace_host_keys: bool = _setting(False, "bool", "Accept workers whose host key changed (recreated VMs).")
-    device_globs: list[str] = _setting(["/dev/accel*", "/dev/vfio/[0-9]*"], "list", "TPU device paths (globs).")
+    device_globs: list[str] = _setting(list(contract.TPU_DEVICE_GLOBS), "list", "TPU device paths (globs).")
     api_timeout: float = _setting(30.0, "float", "Seconds a Cloud TPU API call may take, retries included.")
     api_poll: float = _setting(5.0, "float", "Seconds between looks at a TPU being created or deleted.")
     api_endpoint: str = _setting(

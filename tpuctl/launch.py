@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from tpuctl import remote
 from tpuctl.errors import TpuctlError
 from tpuctl.ops import WorkerReport, report
+from trainer import contract
 
 if TYPE_CHECKING:
     from tpuctl.cloud import Worker
@@ -127,6 +128,7 @@ def worker_plan(settings: Settings, target: Target, record: RunRecord, worker: W
         "env": remote.trainer_env(record.env, coordinator(settings, target), count, worker.index),
         "secret_env": sorted(secret_env()),  # names only: start() sends the values on stdin
         "device_globs": list(settings.device_globs),
+        "tpu_vm_drops": list(contract.DISTRIBUTED_ENV),  # what a worker with TPU device files leaves out
     }
 
 
@@ -144,7 +146,11 @@ def describe_plan(plan: dict[str, Any]) -> str:
     """The command line a worker's tmux session runs (what --dry-run prints), secrets masked."""
     shown = plan["env"] | dict.fromkeys(plan["secret_env"], MASK)
     env = [f"{k}={v}" for k, v in sorted(shown.items())]
-    return f"cd {remote.shell_path(plan['cwd'])} && {shlex.join(['env', *env, *plan['argv']])}"
+    line = f"cd {remote.shell_path(plan['cwd'])} && {shlex.join(['env', *env, *plan['argv']])}"
+    dropped = [name for name in plan["tpu_vm_drops"] if name in plan["env"]]
+    if dropped:
+        line += f"\n  (a worker with TPU chips leaves out {', '.join(dropped)}: JAX finds the other workers itself)"
+    return line
 
 
 def start(settings: Settings, target: Target, record: RunRecord) -> list[WorkerReport]:

@@ -14,6 +14,8 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from trainer import contract
+
 # Where libtpu leaves its lock (old and new builds) and its logs; what counts as a crash dump.
 LOCKFILE_GLOBS = (
     "/tmp/libtpu_lockfile",
@@ -183,11 +185,7 @@ def trainer_env(user_env: dict[str, str], coordinator: str | None, count: int, i
     what the user asked for, which wins."""
     env = {"PYTHONUNBUFFERED": "1"}
     if coordinator is not None and count > 1:
-        env |= {
-            "TRAINER_COORDINATOR": coordinator,
-            "TRAINER_NUM_PROCESSES": str(count),
-            "TRAINER_PROCESS_ID": str(index),
-        }
+        env |= dict(zip(contract.DISTRIBUTED_ENV, (coordinator, str(count), str(index)), strict=True))
     return env | user_env
 
 

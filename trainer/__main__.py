@@ -13,6 +13,7 @@ import sys
 
 import click
 
+from trainer import contract
 from trainer.errors import UserError
 from trainer.recipe import RecipeError, load
 
@@ -34,7 +35,7 @@ def start_distributed(
             process_id=process_id,
             heartbeat_timeout_seconds=heartbeat_timeout,
         )
-    elif glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+    elif any(glob.glob(pattern) for pattern in contract.TPU_DEVICE_GLOBS):
         jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout)
 
 
@@ -42,12 +43,12 @@ def start_distributed(
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
 @click.option("--workdir", required=True, help="Checkpoints, metrics, TensorBoard: a local path or gs://BUCKET/PATH.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
-@click.option("--coordinator", envvar="TRAINER_COORDINATOR", help="host:port of process 0 (multi-process, no TPU).")
-@click.option("--num-processes", envvar="TRAINER_NUM_PROCESSES", type=int, help="With --coordinator.")
-@click.option("--process-id", envvar="TRAINER_PROCESS_ID", type=int, help="With --coordinator.")
+@click.option("--coordinator", envvar=contract.COORDINATOR_ENV, help="host:port of process 0 (multi-process, no TPU).")
+@click.option("--num-processes", envvar=contract.NUM_PROCESSES_ENV, type=int, help="With --coordinator.")
+@click.option("--process-id", envvar=contract.PROCESS_ID_ENV, type=int, help="With --coordinator.")
 @click.option(
     "--heartbeat-timeout",
-    envvar="TRAINER_HEARTBEAT_TIMEOUT",
+    envvar=contract.HEARTBEAT_TIMEOUT_ENV,
     type=click.IntRange(min=1),
     default=100,
     show_default=True,
@@ -55,7 +56,7 @@ def start_distributed(
 )
 @click.option(
     "--compile-cache",
-    envvar="TRAINER_COMPILE_CACHE",
+    envvar=contract.COMPILE_CACHE_ENV,
     default="~/.cache/trainer/xla",
     show_default=True,
     help="Persistent XLA compilation cache: a resumed run skips recompiling ('' = off).",

@@ -93,7 +93,7 @@ def start(args):
     secrets = read_secrets(args.get("secret_env") or [])
     env = dict(args["env"])
     if any(glob.glob(g) for g in args["device_globs"]):  # a TPU VM: JAX finds the other workers itself
-        env = {k: v for k, v in env.items() if not k.startswith("TRAINER_") or k == "TRAINER_COMPILE_CACHE"}
+        env = {k: v for k, v in env.items() if k not in args.get("tpu_vm_drops", [])}
     os.makedirs(run_dir, exist_ok=True)
     paths = {name: os.path.join(run_dir, name) for name in ("pid", "exit", "log", "secrets")}
     for name in ("pid", "exit", "secrets"):
