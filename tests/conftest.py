@@ -63,6 +63,30 @@ def pytest_configure(config: pytest.Config) -> None:
             os.environ[name] = value
 
 
+# The full tier's modules: each of their tests runs the trainer, a pod of stand-in workers, a bucket emulator or the
+# real open_clip (seconds to minutes each). `pytest -m "not slow"` (the quick tier) leaves them out; CI runs all.
+SLOW_MODULES = {
+    "test_babysit",  # recreated stand-in VMs, preemption drills
+    "test_bench",  # the step benchmark end to end
+    "test_bucket",  # trainer runs against the GCS emulator
+    "test_convert",  # upstream open_clip (torch) against our towers
+    "test_data_formats",  # TFDS builders written by tensorflow-datasets, trainer runs
+    "test_openvision_jax",  # orbax checkpoints and open_clip
+    "test_prepare",  # offline `tpuctl prepare` builds a venv per stand-in worker
+    "test_real_data",  # two trainer stages on real image files
+    "test_runs",  # pods training through tmux
+    "test_secrets",  # runs on stand-in workers
+    "test_train",  # trainer runs: kill -9, SIGTERM, two processes
+    "test_wandb",  # trainer runs with wandb offline
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module is not None and item.module.__name__ in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     for name, value in _saved_env.items():
         if value is None:

@@ -193,7 +193,7 @@ def test_babysit_gives_up_after_max_restarts_and_says_how_to_go_on(tpu_api, proj
         tpu_api.denied_projects.clear()
         stdout, stderr = sitter.communicate(timeout=120)
     r = subprocess.CompletedProcess(sitter.args, sitter.returncode, stdout, stderr)
-    assert r.returncode == 2, r.stderr
+    assert r.returncode == 4, r.stderr  # gave up: its own code, not bad input's 2
     assert "the Cloud TPU API failed (looking up TPU 'new': permission denied" in r.stderr
     assert "is not finished after 1 restarts (last: launch-failed)" in r.stderr.splitlines()[-1]
     assert r.stdout.count("launch-failed") == 2 and "gave-up" in r.stdout  # the timeline
@@ -209,7 +209,7 @@ def test_an_unhealthy_tpu_is_remade_after_the_grace_with_recreate(tpu_api, proje
     r = subprocess.run(
         [*command, "--max-restarts", "0", "--json"], cwd=project, env=env, capture_output=True, text=True
     )
-    assert r.returncode == 2, r.stderr
+    assert r.returncode == 4, r.stderr
     events = [(e["what"], e["detail"]) for e in json.loads(r.stdout)["events"]]
     why = "TPU 'sick' is UNHEALTHY_MAINTENANCE: The TPU had a maintenance event."
     assert events[:4] == [("deleting", why), ("deleted", "sick"), ("creating", why), ("created", "v4-16, 1 workers")]

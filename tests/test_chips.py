@@ -105,7 +105,7 @@ def test_a_lockfile_alone_is_not_busy_but_a_held_lock_is(pod):
 def test_an_unreachable_worker_is_unknown_never_free(pod):
     pod.fleet.workers[1].stop_sshd()
     r = pod.tpuctl("check", "--json")
-    assert r.returncode == 2
+    assert r.returncode == 3  # "unknown", its own code: neither free (0) nor bad input (2)
     data = json.loads(r.stdout)
     assert [d["state"] for d in data] == ["free", "unknown"]
     assert "connection refused" in data[1]["error"]

@@ -184,7 +184,7 @@ def test_a_dead_worker_stops_the_others_and_status_names_it(pod, project, shared
     assert workers[0]["state"] == "failed", workers[0]  # no silent hang
     assert workers[0]["exit_code"] not in (0, None)
     assert workers[1]["state"] == "unknown" and "refused" in workers[1]["error"]
-    assert code == 2
+    assert code == 3  # a worker unknown
     table = pod.tpuctl("status")
     assert "w1" in table.stderr and "refused" in table.stderr and "failed (exit" in table.stdout
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tpuctl import launch, lifecycle, ops, registry
-from tpuctl.errors import CloudError, TpuctlError
+from tpuctl.errors import CloudError, GaveUpError, TpuctlError
 
 if TYPE_CHECKING:
     from tpuctl.cloud import Node, NodeRequest, TpuApi
@@ -129,7 +129,7 @@ class Babysitter:
             self.note(outcome, detail)
             if self.state.restarts >= self.options.max_restarts:
                 self.note("gave-up", f"{self.state.restarts} restarts, the most allowed (--max-restarts)")
-                raise TpuctlError(
+                raise GaveUpError(
                     f"run {self.record.name!r} is not finished after {self.state.restarts} restarts (last: {outcome})",
                     f"see the timeline above; `tpuctl babysit` again continues from {self.record.workdir}",
                 )

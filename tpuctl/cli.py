@@ -1,7 +1,7 @@
 """tpuctl: the command line. One thin function per command: parse, call the library, print.
 
 Output: data on stdout (tables, command output, --json), messages and summaries on stderr.
-Exit codes: see tpuctl.errors (0 ok, 1 some workers failed / busy, 2 bad input / unknown, 255 exec unreachable).
+Exit codes: tpuctl.errors.EXIT_CODES, the one list (shown by --help).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from tpuctl import __version__, config, render
-from tpuctl.errors import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, TpuctlError
+from tpuctl.errors import EXIT_CODES, EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, TpuctlError
 from tpuctl.options import dry_run_option, fleet_options, json_option, setting_options
 
 if TYPE_CHECKING:
@@ -29,7 +29,11 @@ if TYPE_CHECKING:
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 
-@click.group(context_settings=CONTEXT)
+# `tpuctl --help` ends with the exit codes ("\b": click keeps the lines as they are)
+EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(f"  {code:<3}  {meaning}" for code, meaning in EXIT_CODES.items())
+
+
+@click.group(context_settings=CONTEXT, epilog=EXIT_CODES_HELP)
 @click.option("--profile", envvar="TPUCTL_PROFILE", help="Profile of ~/.config/tpuctl/config.toml [env TPUCTL_PROFILE]")
 @click.option("-v", "--verbose", is_flag=True, help="Show tracebacks for errors.")
 @click.version_option(__version__, prog_name="tpuctl")
@@ -387,7 +391,7 @@ def prepare(dry_run: bool, as_json: bool, **flags: Any) -> None:
 @fleet_options()
 @json_option
 def check(as_json: bool, **flags: Any) -> None:
-    """Who holds the TPU chips on each worker. Exit 0 all free, 1 any busy, 2 any unknown (unreachable).
+    """Who holds the TPU chips on each worker. Exit 0 all free, 1 any busy, 3 any unknown (unreachable).
 
     Example: tpuctl check --tpu my-pod --json
     """

@@ -238,7 +238,7 @@ def babysit(
     (only one babysit created, unless --recreate), syncs, prepares and starts the run, which resumes from its
     workdir's checkpoint; then watches the TPU and the run, and after a preemption, a lost worker or a crash starts
     another round after a jittered exponential backoff. Ends when the trainer reports every stage done (exit 0) or
-    after --max-restarts (exit 2), printing the timeline. Its state file lets a restarted babysit carry on.
+    after --max-restarts (exit 4), printing the timeline. Its state file lets a restarted babysit carry on.
 
     \b
     Examples:

@@ -14,7 +14,7 @@ import click
 
 from tpuctl import render
 from tpuctl.cli import _err, _fleet, _out, _say_failures, _settings, _sync_to_workers, cli, parse_workers
-from tpuctl.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, TpuctlError
+from tpuctl.errors import EXIT_FAILED, EXIT_OK, EXIT_UNKNOWN, TpuctlError
 from tpuctl.options import dry_run_option, fleet_options, json_option, setting_options
 
 if TYPE_CHECKING:
@@ -217,7 +217,7 @@ def status(run: str | None, as_json: bool, **flags: Any) -> None:
     """Per worker: trainer running or how it ended, tmux session, last step/loss/img/s, last checkpoint.
 
     RUN defaults to the latest run started from this machine. Exit 0 all running or done, 1 any failed or dead,
-    2 any worker unknown (unreachable).
+    3 any worker unknown (unreachable).
 
     Example: tpuctl status b16 --json
     """
@@ -240,7 +240,7 @@ def status(run: str | None, as_json: bool, **flags: Any) -> None:
 
 def status_exit_code(reports: list[WorkerReport]) -> int:
     if any(r.error for r in reports):
-        return EXIT_USAGE
+        return EXIT_UNKNOWN
     return EXIT_FAILED if any(r.state in ("failed", "dead", "absent") for r in reports) else EXIT_OK
 
 

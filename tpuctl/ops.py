@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from tpuctl import remote
 from tpuctl.config import how_to_set
-from tpuctl.errors import ConfigError
+from tpuctl.errors import EXIT_FAILED, EXIT_OK, EXIT_UNKNOWN, ConfigError
 
 if TYPE_CHECKING:
     from tpuctl.config import Settings
@@ -99,6 +99,6 @@ def prepare(settings: Settings, fleet: Fleet) -> list[WorkerReport]:
 
 
 def check_exit_code(reports: list[WorkerReport]) -> int:
-    """0 all free, 1 any busy, 2 any unknown (an unknown worker might be busy: it outranks busy)."""
+    """0 all free, 1 any busy, 3 any unknown (an unknown worker might be busy: it outranks busy)."""
     states = {r.state for r in reports}
-    return 2 if "unknown" in states else 1 if "busy" in states else 0
+    return EXIT_UNKNOWN if "unknown" in states else EXIT_FAILED if "busy" in states else EXIT_OK
