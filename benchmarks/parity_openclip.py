@@ -38,7 +38,7 @@ from rich.table import Table
 from safetensors.torch import save_file
 from sklearn.datasets import images as sample_images
 
-from trainer import convert, loop, pretrained
+from trainer import checkpoint, convert, pretrained
 from trainer.data import preprocess
 from trainer.data.tfsetup import tf
 from trainer.models.clip import build, pixels_to_model_range
@@ -187,7 +187,7 @@ def openvision_errors(size: str, work: Path) -> dict[str, float]:
     run = epath.Path(work / "run")
     run.mkdir()
     (run / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=1))
-    ckpt = loop.checkpoints(recipe, run, 0)
+    ckpt = checkpoint.for_stage(recipe, run, 0)
     ckpt.save(TrainState(jnp.ones((), jnp.int32), params, jnp.zeros(()), jnp.zeros(2, jnp.uint32)), {"step": 1})
     ckpt.wait()
     ckpt.close()

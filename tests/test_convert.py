@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from sklearn.datasets import images as sample_images
 from test_real_data import make_data, run
 
-from trainer import convert, loop, openclip, pretrained
+from trainer import checkpoint, convert, openclip, pretrained
 from trainer.data import preprocess
 from trainer.data.tfsetup import tf
 from trainer.models import variants
@@ -455,7 +455,7 @@ def workdir_with_checkpoint(workdir: Path, recipe: Recipe, params) -> None:
     """A run's workdir as the trainer leaves it: recipe.json and a checkpoint of the last stage."""
     workdir.mkdir(parents=True)
     (workdir / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=1))
-    ckpt = loop.checkpoints(recipe, epath.Path(workdir), len(recipe.stages) - 1)
+    ckpt = checkpoint.for_stage(recipe, epath.Path(workdir), len(recipe.stages) - 1)
     state = TrainState(
         step=jnp.ones((), jnp.int32), params=params, opt_state=jnp.zeros(()), rng=jnp.zeros(2, jnp.uint32)
     )

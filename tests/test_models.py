@@ -46,6 +46,7 @@ def test_so400m_is_the_shape_optimized_400m():
     assert 405e6 < ours - 1152 * 1152 < 420e6  # SigLIP's 428 M adds a MAP head (~15 M) and learned positions
 
 
+@pytest.mark.slow
 def test_the_tower_runs_and_positions_are_fixed_by_default():
     tower = ImageTower(IMAGE["Ti"], 8, 64)
     images = jnp.ones((2, 32, 32, 3))
@@ -85,6 +86,7 @@ def randomized(params, seed=1):
     )
 
 
+@pytest.mark.slow
 def test_clip_forward_from_the_tiny_recipe():
     _r, model = tiny_clip()
     images, texts = jnp.ones((2, 32, 32, 3)), jnp.ones((2, 16), jnp.int32)
@@ -108,6 +110,7 @@ def test_clip_forward_from_the_tiny_recipe():
     assert float(p["params"]["bias"]) == -10.0 and float(p["params"]["log_scale"]) == pytest.approx(np.log(10.0))
 
 
+@pytest.mark.slow
 def test_contrast_recaption_averages_the_images_contrast_with_either_text():
     r, model = tiny_clip("loss.contrast_recaption=true")
     images = jax.random.uniform(jax.random.key(2), (4, 32, 32, 3), minval=-1, maxval=1)
@@ -136,6 +139,7 @@ def test_contrast_recaption_averages_the_images_contrast_with_either_text():
     assert float(total) == pytest.approx(float(terms["contrastive"]) + 2 * float(terms["caption"]), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_the_caption_decoder_is_causal():
     _, model = tiny_clip()
     images, texts = jnp.ones((1, 32, 32, 3)), jnp.ones((1, 16), jnp.int32)
@@ -148,6 +152,7 @@ def test_the_caption_decoder_is_causal():
     assert not np.allclose(before[0, 6:], after[0, 6:])
 
 
+@pytest.mark.slow
 def test_openvisions_query_decoder_predicts_from_its_queries_causally():
     from trainer.models.text import prefix_mask
 

@@ -127,6 +127,7 @@ def policies_in(jaxpr) -> list:
     return found
 
 
+@pytest.mark.slow
 def test_remat_and_unrolled_layers_change_memory_and_code_not_results():
     images = images_of(0, (2, 16, 16, 3))
     plain = ImageTower(SMALL, 8, 16)
@@ -191,6 +192,7 @@ def test_micro_batches_take_every_count_th_row():
     np.testing.assert_array_equal(micro["x"][1], [[2, 3], [8, 9]])
 
 
+@pytest.mark.slow
 def test_grad_accumulation_averages_the_micro_batch_gradients():
     r = tiny("stages.0.global_batch=8", "stages.0.warmup_steps=0", "stages.0.grad_accum=2")
     stage = r.stages[0]
@@ -312,6 +314,7 @@ def test_analytic_map_head_flops_match_xla():
     assert (map_xla - mean_xla) / (map_analytic - mean_analytic) == pytest.approx(1.0, abs=0.02)
 
 
+@pytest.mark.slow
 def test_decoder_context_image_leaves_the_alt_text_out():
     images = images_of(0, (2, 32, 32, 3))
     texts = jnp.asarray(np.random.default_rng(0).integers(3, 100, (2, 8)), jnp.int32)

@@ -114,6 +114,7 @@ def test_sync_of_a_missing_directory_is_one_line(pod, tmp_path):
     assert "does not exist" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_the_change_is_applied_while_the_api_is_still_answering(pod, project):
     """The batch goes to the workers the last sync reached (verified by their recorded host keys) in parallel with
     the API look-up, which on a real pod is a round trip across the internet."""

@@ -158,6 +158,30 @@ def test_an_uninterrupted_run_trains_both_stages_and_logs(reference):
     assert tb[7] == pytest.approx(records[6]["loss"], rel=1e-6)
 
 
+def test_the_contract_reads_the_trainers_real_output(reference):
+    """What tpuctl status reads of a worker's log and workdir, parsed by trainer/contract.py from a real run."""
+    import glob
+
+    from trainer import contract
+
+    workdir, out, records = reference
+    parsed = [p for p in map(contract.parse_progress, out.splitlines()) if p is not None]
+    assert [(p["stage"], p["step"]) for p in parsed] == [(r["stage"], r["stage_step"]) for r in records]
+    for p, r in zip(parsed, records, strict=True):  # printed to 3 significant digits
+        assert p["loss"] == pytest.approx(r["loss"], rel=5e-3)
+        assert p["img_per_s"] == (pytest.approx(r["img_per_s"], rel=5e-3) if "img_per_s" in r else None)
+    assert any(p["img_per_s"] for p in parsed)
+    last = out.strip().splitlines()[-1]
+    assert last == contract.finished_line(str(TINY), str(workdir)) and last.startswith(contract.FINISHED)
+    found = glob.glob(str(workdir.joinpath(*contract.CHECKPOINT_GLOB)))
+    assert sorted(Path(f).relative_to(workdir).as_posix() for f in found) == [
+        "ft32/checkpoints/4",
+        "ft32/checkpoints/6",
+        "pretrain16/checkpoints/12",
+        "pretrain16/checkpoints/8",
+    ]
+
+
 OPENVISION = [  # what the six OpenVision recipes set (recipes/b16.toml): its towers, decoder and loss
     "model.class_token=true",
     "model.norm_after_pool=true",

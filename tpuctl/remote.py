@@ -190,7 +190,10 @@ def trainer_env(user_env: dict[str, str], coordinator: str | None, count: int, i
 
 
 def run_command(action: str, python: str = "python3", **args: Any) -> str:
-    """start / status / stop of one run on a worker; see scripts/runs.py for the JSON it prints."""
+    """start / status / stop of one run on a worker; see scripts/runs.py for the JSON it prints. status reads the
+    trainer's log by the contract's rules, sent along."""
+    if action == "status":
+        args = {"log_rules": contract.LOG_RULES, **args}
     return shlex.join(python_script("runs", {"action": action, **args}, python=python))
 
 

@@ -92,7 +92,7 @@ def main(
     except RecipeError as e:  # what depends on the devices: batch or mesh vs. the device count
         raise UserError(str(e)) from None
     if outcome.finished:
-        click.echo(f"done: every stage of {recipe_path} is trained; checkpoints in {workdir}")
+        click.echo(contract.finished_line(recipe_path, workdir))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from trainer import storage  # noqa: F401  (before orbax touches a gs:// path: which client epath uses)
+from trainer.recipe import Recipe
 from trainer.step import TrainState
 
 ITEMS = ("params", "train", "meta")
@@ -28,6 +29,26 @@ logging.getLogger("absl").setLevel(logging.WARNING)  # orbax reports every save 
 def abstract(tree: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs carrying the shardings to restore onto."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def for_stage(recipe: Recipe, workdir: epath.Path, index: int) -> StageCheckpoints:
+    """Stage `index`'s checkpoints in `workdir` (a manager: close it)."""
+    return StageCheckpoints(workdir / recipe.stages[index].name, recipe.checkpoint.keep)
+
+
+def newest(recipe: Recipe, workdir: epath.Path, stage_name: str | None = None) -> tuple[int, int] | None:
+    """(stage index, step) of the newest checkpoint of the last stage that has one, or of stage `stage_name`; None
+    if there is none. What a resumed run, `trainer.eval` and `trainer.convert export` look up alike."""
+    for index in reversed(range(len(recipe.stages))):
+        name = recipe.stages[index].name
+        if (stage_name and name != stage_name) or not (workdir / name / "checkpoints").is_dir():
+            continue  # (opening a manager would create the directory)
+        ckpt = for_stage(recipe, workdir, index)
+        step = ckpt.latest()
+        ckpt.close()
+        if step is not None:
+            return index, step
+    return None
 
 
 class StageCheckpoints:

@@ -147,24 +147,21 @@ def load_params(src: epath.Path) -> tuple[Any, int, Any, str]:
         )
     if not (src / "recipe.json").is_file():
         raise UserError(f"{src} is neither a run's workdir (recipe.json) nor a converted directory (model.toml)")
-    from trainer import loop
+    from trainer import checkpoint
     from trainer.recipe import RecipeError, from_dict
 
     try:
         recipe = from_dict(json.loads((src / "recipe.json").read_text()))
     except RecipeError as e:
         raise UserError(f"{src / 'recipe.json'}: {e}") from None
-    for index in reversed(range(len(recipe.stages))):
-        stage = recipe.stages[index]
-        if not (src / stage.name / "checkpoints").is_dir():  # (opening a manager would create it)
-            continue
-        ckpt = loop.checkpoints(recipe, src, index)
-        step = ckpt.latest()
-        params = ckpt.params_as_saved(step) if step is not None else None
-        ckpt.close()
-        if step is not None:
-            return recipe, stage.resolution, params, f"{src} stage {stage.name} step {step}"
-    raise UserError(f"{src} has no checkpoint yet")
+    newest = checkpoint.newest(recipe, src)
+    if newest is None:
+        raise UserError(f"{src} has no checkpoint yet")
+    index, step = newest
+    stage, ckpt = recipe.stages[index], checkpoint.for_stage(recipe, src, index)
+    params = ckpt.params_as_saved(step)
+    ckpt.close()
+    return recipe, stage.resolution, params, f"{src} stage {stage.name} step {step}"
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from trainer import contract
 from trainer.errors import UserError
 from trainer.recipe import Recipe, RecipeError, load
 
@@ -47,25 +48,23 @@ def main(
         raise UserError("--workdir is needed to evaluate a run's checkpoint (or pass --checkpoint CONVERTED_DIR)")
     import jax
 
-    from trainer import evals, loop, sharding, storage
+    from trainer import checkpoint as checkpoints
+    from trainer import evals, sharding, storage
     from trainer.metrics import MetricsLog
     from trainer.models.clip import build
     from trainer.program import abstract_params
     from trainer.report import Report
 
     run_dir = storage.at(workdir)
-    index, found = None, None
-    for i in reversed(range(len(names))):
-        if stage_name and names[i] != stage_name:
-            continue
-        ckpt = loop.checkpoints(recipe, run_dir, i)
-        found = step if step is not None else ckpt.latest()
-        if found is not None:
-            index = i
-            break
-    if index is None or found is None:
-        raise UserError(f"no checkpoint in {workdir}" + (f" for stage {stage_name}" if stage_name else ""))
+    if step is None:
+        newest = checkpoints.newest(recipe, run_dir, stage_name)
+        if newest is None:
+            raise UserError(f"no checkpoint in {workdir}" + (f" for stage {stage_name}" if stage_name else ""))
+        index, found = newest
+    else:
+        index, found = names.index(stage_name) if stage_name else len(names) - 1, step
     stage = recipe.stages[index]
+    ckpt = checkpoints.for_stage(recipe, run_dir, index)
     try:
         mesh = sharding.checked_mesh(recipe)
         model = build(recipe)
@@ -76,9 +75,9 @@ def main(
         raise UserError(str(e)) from None
     results = evals.run_all(evaluators, model, params, mesh, stage.resolution)
     host0 = jax.process_index() == 0
-    Report(enabled=host0).table(f"evals: stage {stage.name} step {found}", results)
+    Report(enabled=host0).table(contract.eval_table_title(stage.name, found), results)
     metrics = MetricsLog(run_dir, enabled=host0, start_step=None)
-    metrics.write(loop.global_step(recipe, index, found), {"stage": stage.name, "stage_step": found, **results})
+    metrics.write(recipe.global_step(index, found), {"stage": stage.name, "stage_step": found, **results})
     metrics.close()
 
 
@@ -90,8 +89,9 @@ def evaluate_converted(recipe: Recipe, evaluators: list[Any], directory: str, in
         raise UserError(f"--checkpoint {directory}: neither a step number nor a directory")
     import jax
 
-    from trainer import evals, loop, pretrained, sharding
+    from trainer import evals, pretrained, sharding
     from trainer.models.clip import build
+    from trainer.program import fit_positions
     from trainer.report import Report
 
     stage = recipe.stages[index]
@@ -100,7 +100,7 @@ def evaluate_converted(recipe: Recipe, evaluators: list[Any], directory: str, in
     except RecipeError as e:  # what depends on the devices
         raise UserError(str(e)) from None
     model = build(recipe)
-    params = loop.fit_positions(recipe, stage, pretrained.restore(directory, recipe, stage, model, mesh))
+    params = fit_positions(recipe, stage, pretrained.restore(directory, recipe, stage, model, mesh))
     results = evals.run_all(evaluators, model, params, mesh, stage.resolution)
     Report(enabled=jax.process_index() == 0).table(f"evals: {directory} at {stage.resolution} px", results)
 

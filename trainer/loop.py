@@ -17,28 +17,23 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
-from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from etils import epath
 
-from trainer import data, evals, optimizer, pretrained, sharding
-from trainer.checkpoint import StageCheckpoints
+from trainer import checkpoint, contract, data, evals, optimizer, pretrained, sharding
 from trainer.data.prefetch import Prefetched
 from trainer.hardware import peak_flops
 from trainer.metrics import MetricsLog
 from trainer.models import flops
 from trainer.models.clip import Clip, build
-from trainer.models.vit import resize_positions
 from trainer.preemption import Preemption
-from trainer.program import abstract_params, compile_stage
+from trainer.program import abstract_params, compile_stage, fit_positions
 from trainer.recipe import Recipe, Stage
 from trainer.report import Report
 from trainer.wandb_log import WandbRun
-
-EVAL_FAILED = "eval failed"  # how a log line reporting a failed eval starts (tpuctl status shows the latest)
 
 
 @dataclass(frozen=True)
@@ -57,21 +52,13 @@ class Outcome:
 
 
 def find_start(recipe: Recipe, workdir: epath.Path) -> Start:
-    stages = recipe.stages
-    for index in reversed(range(len(stages))):
-        ckpt = checkpoints(recipe, workdir, index)
-        latest = ckpt.latest()
-        ckpt.close()  # run_stage opens its own manager
-        if latest is None:
-            continue
-        if latest < recipe.stage_steps(stages[index]):
-            return Start(index, latest, None)
-        return Start(index + 1, None, latest)  # stage done: the next starts from its final params
-    return Start(0, None, None)
-
-
-def checkpoints(recipe: Recipe, workdir: epath.Path, index: int) -> StageCheckpoints:
-    return StageCheckpoints(workdir / recipe.stages[index].name, recipe.checkpoint.keep)
+    found = checkpoint.newest(recipe, workdir)
+    if found is None:
+        return Start(0, None, None)
+    index, latest = found
+    if latest < recipe.stage_steps(recipe.stages[index]):
+        return Start(index, latest, None)
+    return Start(index + 1, None, latest)  # stage done: the next starts from its final params
 
 
 def run(recipe: Recipe, workdir: epath.Path, evaluators: list[evals.Evaluator]) -> Outcome:
@@ -85,7 +72,7 @@ def run(recipe: Recipe, workdir: epath.Path, evaluators: list[evals.Evaluator]) 
         (workdir / "recipe.json").write_text(json.dumps(asdict(recipe), indent=1) + "\n")
     model = build(recipe)
     preemption = Preemption()
-    first_global = global_step(recipe, start.stage, start.resume_step or 0)
+    first_global = recipe.global_step(start.stage, start.resume_step or 0)
     wandb = WandbRun(recipe, workdir, host0=host.index == 0)  # the same W&B run again when resumed
     metrics = MetricsLog(workdir, enabled=host.index == 0, start_step=first_global, wandb=wandb)
     report = Report(enabled=True)  # every host logs (its own file on a pod): `tpuctl status` reads each one's step
@@ -93,7 +80,7 @@ def run(recipe: Recipe, workdir: epath.Path, evaluators: list[evals.Evaluator]) 
     if start.init_from is not None and start.stage < len(recipe.stages) and not recipe.stages[start.stage].init_from:
         previous = start.stage - 1
         target = abstract_params(model, recipe, recipe.stages[previous], mesh)
-        params = checkpoints(recipe, workdir, previous).restore_params(start.init_from, target)
+        params = checkpoint.for_stage(recipe, workdir, previous).restore_params(start.init_from, target)
     outcome = Outcome(finished=True, preempted=False, stage="", step=0)
     failed = True  # until the loop ends normally: W&B marks the run failed otherwise
     try:
@@ -128,7 +115,7 @@ def run_stage(
     stage = recipe.stages[index]
     steps = recipe.stage_steps(stage)
     program = compile_stage(model, recipe, stage, mesh)
-    ckpt = checkpoints(recipe, workdir, index)
+    ckpt = checkpoint.for_stage(recipe, workdir, index)
     position = None
     if resume_step is not None:
         state, meta = ckpt.restore(resume_step, program.abstract_state)
@@ -161,7 +148,7 @@ def run_stage(
                 speed.restart()
             else:
                 timed_steps += 1
-            preempted = preemption.reached(global_step(recipe, index, step))
+            preempted = preemption.reached(recipe.global_step(index, step))
             # a preempted host has seconds to save: the evals wait for the resumed run
             evaluate = bool(evaluators) and not preempted and (step == steps or due(step, stage.eval_every))
             record = None
@@ -183,9 +170,9 @@ def run_stage(
                     results = run_evals(evaluators, model, state.params, mesh, stage, step, report)
                     record.update(results)
                     numbers = {k: v for k, v in results.items() if k != "eval_error"}
-                    metrics.table(f"evals/{stage.name}", global_step(recipe, index, step), numbers)
+                    metrics.table(f"evals/{stage.name}", recipe.global_step(index, step), numbers)
                     speed.restart()  # the eval's time is not the step's
-                metrics.write(global_step(recipe, index, step), record)
+                metrics.write(recipe.global_step(index, step), record)
                 report.log(record)
             if saving:  # the logs in a bucket reach every checkpoint: a resumed run re-logs only what it re-trains
                 metrics.sync()
@@ -210,29 +197,12 @@ def run_evals(
     """The evals' results for the metrics, plus `eval_error` where some failed: reported, never fatal to training."""
     errors: dict[str, str] = {}
     results: dict[str, Any] = evals.run_all(evaluators, model, params, mesh, stage.resolution, errors)
-    report.table(f"evals: stage {stage.name} step {step}", results)
+    report.table(contract.eval_table_title(stage.name, step), results)
     for name, error in errors.items():
-        report.say(f"{EVAL_FAILED}: {name} at stage {stage.name} step {step}: {error}")
+        report.say(contract.eval_failed_line(name, stage.name, step, str(error)))  # tpuctl status shows the latest
     if errors:
         results["eval_error"] = "; ".join(f"{name}: {error}" for name, error in errors.items())
     return results
-
-
-def global_step(recipe: Recipe, index: int, step: int) -> int:
-    """Steps over all stages: stage `index`'s step `step`."""
-    return sum(recipe.stage_steps(s) for s in recipe.stages[:index]) + step
-
-
-def fit_positions(recipe: Recipe, stage: Stage, params: Any) -> Any:
-    """Learned image positions follow the resolution: interpolated when a stage changes it."""
-    if recipe.model.posemb != "learned":
-        return params
-    grid = stage.resolution // recipe.model.patch
-    pos = params["image"]["pos_embedding"]
-    if pos.shape[0] == grid * grid:
-        return params
-    image = {**params["image"], "pos_embedding": jax.jit(partial(resize_positions, grid=grid))(pos)}
-    return {**params, "image": image}
 
 
 class Speed:

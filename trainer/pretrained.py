@@ -115,8 +115,8 @@ def flat_shapes(tree: Any, prefix: str = "") -> dict[str, tuple[int, ...]]:
 
 def restore(location: Location, recipe: Recipe, stage: Stage, model: Any, mesh: jax.sharding.Mesh) -> Any:
     """The directory's params, laid out on `mesh` for `recipe`'s model, at the checkpoint's own resolution (the
-    caller fits learned positions to the stage's: loop.fit_positions). A caption decoder the directory lacks (open_clip
-    has none) is initialised as a fresh run's would be."""
+    caller fits learned positions to the stage's: program.fit_positions). A caption decoder the directory lacks
+    (open_clip has none) is initialised as a fresh run's would be."""
     from trainer.program import abstract_params, init_variables
 
     directory = storage.at(location)

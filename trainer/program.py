@@ -19,6 +19,7 @@ import optax
 from trainer import optimizer, sharding
 from trainer.checkpoint import abstract
 from trainer.models.clip import Clip
+from trainer.models.vit import resize_positions
 from trainer.recipe import Recipe, Stage
 from trainer.step import TrainState, init_state, train_step
 
@@ -61,6 +62,18 @@ def compile_stage(model: Clip, recipe: Recipe, stage: Stage, mesh: jax.sharding.
     )
     restore_target = abstract(nn.unbox(boxed), state_shardings)
     return StageProgram(model, recipe, stage, mesh, tx, state_shardings, restore_target, batch_sharding, step)
+
+
+def fit_positions(recipe: Recipe, stage: Stage, params: Any) -> Any:
+    """Learned image positions follow the resolution: interpolated when a stage changes it."""
+    if recipe.model.posemb != "learned":
+        return params
+    grid = stage.resolution // recipe.model.patch
+    pos = params["image"]["pos_embedding"]
+    if pos.shape[0] == grid * grid:
+        return params
+    image = {**params["image"], "pos_embedding": jax.jit(partial(resize_positions, grid=grid))(pos)}
+    return {**params, "image": image}
 
 
 def example_batch(recipe: Recipe, stage: Stage, size: int = 1) -> dict[str, jax.ShapeDtypeStruct]:

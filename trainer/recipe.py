@@ -254,6 +254,10 @@ class Recipe:
     def stage_steps(self, stage: Stage) -> int:
         return -(-self.stage_samples(stage) // stage.global_batch)
 
+    def global_step(self, index: int, step: int) -> int:
+        """Steps over all stages: stage `index`'s step `step`."""
+        return sum(self.stage_steps(s) for s in self.stages[:index]) + step
+
 
 # --- loading ------------------------------------------------------------------------------------------------
 

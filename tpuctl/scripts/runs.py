@@ -18,13 +18,8 @@ import subprocess
 import sys
 import time
 
-# A trainer log line: "STAGE STEP  loss 3.07  contrastive 2.98 ... img_per_s 435  eta 0m00s" (trainer.report).
-LOG_LINE = re.compile(r"^(?P<stage>\S+) (?P<step>\d+)  loss (?P<loss>\S+)\s")
-IMG_PER_S = re.compile(r"\bimg_per_s (\S+)")
-# trainer.loop: "eval failed: NAME at stage S step N: ERROR" for a failed eval; a table titled "evals: stage S step N"
-# for one that ran
-EVAL_FAILED = "eval failed: "
-EVAL_TABLE = re.compile(r"\bevals: stage \S+ step \d+")
+# How the trainer's log reads (its progress lines, eval lines, last line, checkpoint layout) arrives with the
+# arguments: args["log_rules"], trainer/contract.py's LOG_RULES, the one place it is written down.
 BUCKET_PROBE_TIMEOUT_S = 30
 TAIL_BYTES = 64 * 1024
 KEEP_LOGS = 9  # logs of earlier starts of a run kept next to its current one (log.1 the latest)
@@ -174,30 +169,30 @@ def tail_lines(log_path):
         return []
 
 
-def last_progress(lines):
-    """(stage, step, loss, img/s) of the last trainer log line, and the log's last line."""
+def last_progress(lines, rules):
+    """(stage, step, loss, img/s) of the last trainer progress line, and the log's last line."""
     progress = {}
     for line in reversed(lines):
-        m = LOG_LINE.match(line)
+        m = re.match(rules["progress"], line)
         if m:
-            speed = IMG_PER_S.search(line)
+            speed = re.search(rules["speed"], line)
             progress = {
                 "stage": m["stage"],
                 "step": int(m["step"]),
                 "loss": float(m["loss"]),
-                "img_per_s": float(speed[1]) if speed else None,
+                "img_per_s": float(speed["img_per_s"]) if speed else None,
             }
             break
     last = next((line for line in reversed(lines) if line.strip()), "")
     return progress, last[-300:]
 
 
-def last_eval_error(lines):
+def last_eval_error(lines, rules):
     """The latest eval's error, if the latest eval in the log failed (else None)."""
     for line in reversed(lines):
-        if line.startswith(EVAL_FAILED):
-            return line[len(EVAL_FAILED) :][:300]
-        if EVAL_TABLE.search(line):
+        if line.startswith(rules["eval_failed"]):
+            return line[len(rules["eval_failed"]) :][:300]
+        if re.search(rules["eval_table"], line):
             return None
     return None
 
@@ -221,9 +216,9 @@ def bucket_checkpoint(workdir, python, cwd):
     return answer.get("checkpoint"), answer.get("error")
 
 
-def last_checkpoint(workdir):
+def last_checkpoint(workdir, rules):
     """'STAGE/STEP' of the newest finished orbax checkpoint in a local workdir this worker can see, else None."""
-    found = glob.glob(os.path.join(expand(workdir), "*", "checkpoints", "*"))
+    found = glob.glob(os.path.join(expand(workdir), *rules["checkpoint_glob"]))
     steps = [d for d in found if os.path.basename(d).isdigit()]
     if not steps:
         return None
@@ -232,10 +227,10 @@ def last_checkpoint(workdir):
     return f"{parts[-3]}/{parts[-1]}"
 
 
-def finished(last_line):
+def finished(last_line, rules):
     """The trainer's last words when every stage is trained (trainer/__main__.py); exit 0 otherwise means it stopped
     on SIGTERM with a checkpoint saved: resumable."""
-    return last_line.startswith("done: every stage")
+    return last_line.startswith(rules["finished"])
 
 
 def status(args):
@@ -244,16 +239,17 @@ def status(args):
     code = read(os.path.join(run_dir, "exit"))
     alive = session_alive(args["session"])
     lines = tail_lines(os.path.join(run_dir, "log"))
-    progress, last = last_progress(lines)
+    rules = args["log_rules"]
+    progress, last = last_progress(lines, rules)
     checkpoint, checkpoint_error = None, None
     if "://" not in args["workdir"]:
-        checkpoint = last_checkpoint(args["workdir"])
+        checkpoint = last_checkpoint(args["workdir"], rules)
     elif args.get("probe"):  # one worker asks the bucket for all (they share it)
         checkpoint, checkpoint_error = bucket_checkpoint(args["workdir"], args["trainer_python"], args["cwd"])
     if pid is not None:
         state = "running"
     elif code is not None and code.lstrip("-").isdigit():
-        state = "failed" if int(code) != 0 else "done" if finished(last) else "stopped"
+        state = "failed" if int(code) != 0 else "done" if finished(last, rules) else "stopped"
     elif alive:
         state = "starting"
     elif os.path.isdir(run_dir):
@@ -268,7 +264,7 @@ def status(args):
         "progress": progress,
         "checkpoint": checkpoint,
         "checkpoint_error": checkpoint_error,
-        "eval_error": last_eval_error(lines),
+        "eval_error": last_eval_error(lines, rules),
         "last_line": last,
     }
 
