@@ -250,7 +250,7 @@ class Babysitter:
             return f"prepare failed on w{problems[0].index}: {problems[0].error}"
         launch.stop(settings, target, record, grace=30.0)  # what is left of an earlier round (saves if it can)
         if any(r.state != "free" for r in ops.check(settings, target.fleet)):
-            ops.kill(settings, target.fleet, grace=10.0)
+            ops.kill(settings, target.fleet)
         reports = launch.start(settings, target, record)
         failed_start = [r for r in reports if r.error]
         if failed_start:

@@ -18,6 +18,7 @@ import click
 
 from tpuctl import __version__, config, render
 from tpuctl.errors import EXIT_CODES, EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, TpuctlError
+from tpuctl.ops import KILL_GRACE_S
 from tpuctl.options import dry_run_option, fleet_options, json_option, setting_options
 
 if TYPE_CHECKING:
@@ -407,7 +408,7 @@ def check(as_json: bool, **flags: Any) -> None:
 
 
 @cli.command()
-@click.option("--grace", type=float, default=10.0, show_default=True, help="Seconds between TERM and KILL.")
+@click.option("--grace", type=float, default=KILL_GRACE_S, show_default=True, help="Seconds between TERM and KILL.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @fleet_options()
 @dry_run_option

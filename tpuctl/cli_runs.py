@@ -190,7 +190,7 @@ def _make_chips_free(settings: Settings, target: Target, force: bool) -> None:
             "stop that job (tpuctl stop / tpuctl kill) or pass --force to kill it first",
         )
     _err().print(f"--force: killing what holds the chips on {render.count(len(taken), 'worker')}")
-    ops.kill(settings, target.fleet, grace=10.0)
+    ops.kill(settings, target.fleet)
 
 
 def _recorded_target(record: RunRecord, flags: dict[str, Any]) -> tuple[Settings, Target]:
@@ -309,7 +309,7 @@ def stop(run: str | None, grace: float, as_json: bool, **flags: Any) -> None:
     if killed and target.kind == "tpu":  # a trainer that outlived the grace: free its worker's chips as `kill` does
         from tpuctl import ops
 
-        ops.kill(settings, target.subset(killed).fleet, grace=10.0)
+        ops.kill(settings, target.subset(killed).fleet)
     if as_json:
         render.print_json({"run": record.to_json(), "workers": [render.report_json(r) for r in reports]})
     else:

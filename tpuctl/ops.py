@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     Fleet = SshFleet | LocalFleet  # the workers of a pod, or this machine as one
 
+KILL_GRACE_S = 10.0  # seconds between a chip holder's TERM and its KILL (kill, and a forced run's takeover)
 # Bounds for the chip scripts: they scan /proc, so seconds; kill adds the TERM grace and the KILL wait.
 CHIPS_TIMEOUT_S = 60.0
 
@@ -68,7 +69,7 @@ def check(settings: Settings, fleet: Fleet) -> list[WorkerReport]:
     return _chips(settings, fleet, "check", CHIPS_TIMEOUT_S)
 
 
-def kill(settings: Settings, fleet: Fleet, *, grace: float = 10.0, dry_run: bool = False) -> list[WorkerReport]:
+def kill(settings: Settings, fleet: Fleet, *, grace: float = KILL_GRACE_S, dry_run: bool = False) -> list[WorkerReport]:
     return _chips(settings, fleet, "kill", CHIPS_TIMEOUT_S + grace, grace=grace, dry_run=dry_run)
 
 

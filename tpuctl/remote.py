@@ -159,8 +159,6 @@ def write_sync_stamp(remote_dir: str, stamp: str) -> str:
 
 # Each run keeps its pid, exit status and log here on every worker (under the login user's home).
 RUNS_DIR = "~/.tpuctl/runs"
-# JAX's coordinator port on Cloud TPU; worker 0 listens on it when tpuctl wires the processes together itself.
-COORDINATOR_PORT = 8476
 
 
 def session_name(slug: str) -> str:

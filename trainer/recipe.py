@@ -17,13 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from trainer.models import variants
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-IMAGE_VARIANTS = ("Mu", "Ti", "S", "B", "L", "So400m", "H")  # sizes: trainer/models (the variant table)
-TEXT_VARIANTS = ("Mu", "Ti", "S", "B", "L", "So400m", "H")
+IMAGE_VARIANTS = tuple(variants.IMAGE)  # the variant table (standard library, as this module)
+TEXT_VARIANTS = tuple(variants.TEXT)
 PATCH_SIZES = (4, 7, 8, 14, 16, 32)
 
 
