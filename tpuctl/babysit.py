@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tpuctl import launch, lifecycle, ops, registry
+from tpuctl import defaults, launch, lifecycle, ops, registry
 from tpuctl.errors import CloudError, GaveUpError, TpuctlError
 
 if TYPE_CHECKING:
@@ -82,14 +82,19 @@ class State:
         return state
 
 
+def babysit_backoff(initial: float) -> lifecycle.Backoff:
+    """The waits before babysit's restarts: `initial`, then x2, to the cap."""
+    return lifecycle.Backoff(initial=initial, maximum=defaults.BABYSIT_BACKOFF_MAX_S)
+
+
 @dataclass(frozen=True)
 class Options:
-    max_restarts: int = 10
+    max_restarts: int = defaults.BABYSIT_MAX_RESTARTS
     recreate: bool = False  # may delete (and make again) a TPU babysit did not create
-    poll: float = 60.0  # seconds between looks at the TPU and the run
-    unhealthy_grace: float = 600.0  # seconds a READY TPU may stay unhealthy before it is made again
-    backoff: lifecycle.Backoff = field(default_factory=lambda: lifecycle.Backoff(initial=30.0, maximum=900.0))
-    create_attempts: int = 20
+    poll: float = defaults.BABYSIT_POLL_S  # seconds between looks at the TPU and the run
+    unhealthy_grace: float = defaults.UNHEALTHY_GRACE_S  # seconds a READY TPU may stay unhealthy before it is remade
+    backoff: lifecycle.Backoff = field(default_factory=lambda: babysit_backoff(defaults.BABYSIT_BACKOFF_S))
+    create_attempts: int = defaults.BABYSIT_CREATE_ATTEMPTS
 
 
 class Babysitter:

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from tpuctl import __version__, config, render
+from tpuctl.defaults import KILL_GRACE_S
 from tpuctl.errors import EXIT_CODES, EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, TpuctlError
-from tpuctl.ops import KILL_GRACE_S
 from tpuctl.options import dry_run_option, fleet_options, json_option, setting_options
 
 if TYPE_CHECKING:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from tpuctl import render
+from tpuctl import defaults, render
 from tpuctl.cli import _confirm_by_name, _err, _out, _settings, cli
 from tpuctl.errors import TpuctlError
 from tpuctl.options import dry_run_option, fleet_options, json_option, setting_options
@@ -60,9 +60,21 @@ class Progress:
 @click.option("--queued", is_flag=True, help="Through a queued resource: wait in line for capacity.")
 @click.option("--valid-until", metavar="DURATION", help="With --queued: give up waiting after this (6h, 2d).")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until the TPU is READY.")
-@click.option("--attempts", default=10, show_default=True, help="Tries while the API has no capacity or quota.")
-@click.option("--backoff", default=30.0, show_default=True, help="Seconds before the second try; then x2, to 10 min.")
-@click.option("--ready-timeout", default=3600.0, show_default=True, help="Seconds to wait for READY per try.")
+@click.option(
+    "--attempts",
+    default=defaults.CREATE_ATTEMPTS,
+    show_default=True,
+    help="Tries while the API has no capacity or quota.",
+)
+@click.option(
+    "--backoff",
+    default=defaults.CREATE_BACKOFF_S,
+    show_default=True,
+    help=f"Seconds before the second try; then x2, to {defaults.CREATE_BACKOFF_MAX_S / 60:.0f} min.",
+)
+@click.option(
+    "--ready-timeout", default=defaults.READY_TIMEOUT_S, show_default=True, help="Seconds to wait for READY per try."
+)
 @setting_options("project", "zone", "accelerator_type", "runtime_version", "network", "subnetwork")
 @dry_run_option
 @json_option
@@ -206,13 +218,22 @@ def _show_node(api: Any, node: Any, as_json: bool) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
 @click.option("--env", "env_items", multiple=True, metavar="NAME=VALUE", help="Trainer environment (repeatable).")
 @click.option("--spot", is_flag=True, help="When babysit creates the TPU: spot capacity.")
-@click.option("--max-restarts", default=10, show_default=True, help="Rounds after the first before giving up.")
-@click.option("--recreate", is_flag=True, help="May delete and remake a dead TPU it did not create itself.")
-@click.option("--poll", default=60.0, show_default=True, help="Seconds between looks at the TPU and the run.")
 @click.option(
-    "--backoff", default=30.0, show_default=True, help="Seconds before the first restart; then x2, to 15 min."
+    "--max-restarts", default=defaults.BABYSIT_MAX_RESTARTS, show_default=True, help="Rounds after the first, at most."
 )
-@click.option("--unhealthy-grace", default=600.0, show_default=True, help="Seconds a TPU may stay unhealthy.")
+@click.option("--recreate", is_flag=True, help="May delete and remake a dead TPU it did not create itself.")
+@click.option(
+    "--poll", default=defaults.BABYSIT_POLL_S, show_default=True, help="Seconds between looks at the TPU and the run."
+)
+@click.option(
+    "--backoff",
+    default=defaults.BABYSIT_BACKOFF_S,
+    show_default=True,
+    help=f"Seconds before the first restart; then x2, to {defaults.BABYSIT_BACKOFF_MAX_S / 60:.0f} min.",
+)
+@click.option(
+    "--unhealthy-grace", default=defaults.UNHEALTHY_GRACE_S, show_default=True, help="Seconds a TPU may stay unhealthy."
+)
 @fleet_options("remote_dir", "command_timeout")
 @setting_options("accelerator_type", "runtime_version", "network", "subnetwork", "workdir_root", "coordinator_port")
 @setting_options("python", "extras", "pip_args", "jax_version", "apt_packages")
@@ -246,7 +267,7 @@ def babysit(
       tpuctl babysit recipes/b16.toml --tpu my-pod --recreate
     """
     from tpuctl import babysit as babysitting
-    from tpuctl import cloud, launch, lifecycle, ops, registry
+    from tpuctl import cloud, launch, ops, registry
 
     settings = _settings(flags)
     settings.require("project", "zone", "tpu")
@@ -283,7 +304,7 @@ def babysit(
         recreate=recreate,
         poll=poll,
         unhealthy_grace=unhealthy_grace,
-        backoff=lifecycle.Backoff(initial=backoff, maximum=900.0),
+        backoff=babysitting.babysit_backoff(backoff),
     )
     sitter = babysitting.Babysitter(settings, cloud.TpuApi(settings), project, record, request, options, _say_at)
     try:

@@ -14,6 +14,7 @@ import click
 
 from tpuctl import render
 from tpuctl.cli import _err, _fleet, _out, _say_failures, _settings, _sync_to_workers, cli, parse_workers
+from tpuctl.defaults import STOP_GRACE_S
 from tpuctl.errors import EXIT_FAILED, EXIT_OK, EXIT_UNKNOWN, TpuctlError
 from tpuctl.options import dry_run_option, fleet_options, json_option, setting_options
 
@@ -24,7 +25,6 @@ if TYPE_CHECKING:
     from tpuctl.registry import RunRecord
 
 # Default seconds `stop` waits for the trainers to checkpoint and exit before killing them.
-STOP_GRACE_S = 180.0
 # `logs --follow` runs until Ctrl-C; this only bounds a forgotten one.
 FOLLOW_TIMEOUT_S = 7 * 24 * 3600.0
 

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from tpuctl import defaults
 from tpuctl.errors import CloudError
 
 if TYPE_CHECKING:
@@ -26,8 +27,8 @@ class Backoff:
     """Waits between attempts: initial, x factor each time, at most `maximum`; each one drawn uniformly from
     [wait x (1 - jitter), wait] so that many clients retrying at once spread out."""
 
-    initial: float = 30.0
-    maximum: float = 600.0
+    initial: float = defaults.CREATE_BACKOFF_S
+    maximum: float = defaults.CREATE_BACKOFF_MAX_S
     factor: float = 2.0
     jitter: float = 0.5
 
@@ -44,9 +45,9 @@ def create(
     request: NodeRequest,
     *,
     wait: bool = True,
-    attempts: int = 10,
+    attempts: int = defaults.CREATE_ATTEMPTS,
     backoff: Backoff = Backoff(),
-    timeout: float = 3600.0,
+    timeout: float = defaults.READY_TIMEOUT_S,
     poll: float = 5.0,
     say: Say = lambda _: None,
     sleep: Callable[[float], None] = time.sleep,

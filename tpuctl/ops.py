@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from tpuctl import remote
 from tpuctl.config import how_to_set
+from tpuctl.defaults import KILL_GRACE_S
 from tpuctl.errors import EXIT_FAILED, EXIT_OK, EXIT_UNKNOWN, ConfigError
 
 if TYPE_CHECKING:
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
 
     Fleet = SshFleet | LocalFleet  # the workers of a pod, or this machine as one
 
-KILL_GRACE_S = 10.0  # seconds between a chip holder's TERM and its KILL (kill, and a forced run's takeover)
 # Bounds for the chip scripts: they scan /proc, so seconds; kill adds the TERM grace and the KILL wait.
 CHIPS_TIMEOUT_S = 60.0
 
