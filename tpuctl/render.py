@@ -277,7 +277,14 @@ def failures(items: Iterable[tuple[int, str, str]]) -> list[str]:
     return [f"{worker_name(i)} ({host}): {why}" for i, host, why in items]
 
 
-RUN_STATE_STYLES = {"running": "green", "done": "green", "stopped": "green", "starting": "yellow", "ok": "green"}
+RUN_STATE_STYLES = {
+    "running": "green",
+    "done": "green",
+    "stopped": "green",
+    "starting": "yellow",
+    "exiting": "yellow",
+    "ok": "green",
+}
 
 
 def run_state(state: str) -> Text:

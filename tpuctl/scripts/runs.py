@@ -250,8 +250,8 @@ def status(args):
         state = "running"
     elif code is not None and code.lstrip("-").isdigit():
         state = "failed" if int(code) != 0 else "done" if finished(last, rules) else "stopped"
-    elif alive:
-        state = "starting"
+    elif alive:  # the pane is up: the trainer has not started yet, or has just ended and its status is on its way
+        state = "exiting" if os.path.exists(os.path.join(run_dir, "pid")) else "starting"
     elif os.path.isdir(run_dir):
         state = "dead"  # no trainer, no exit status: killed with its shell (kill -9, a reboot)
     else:
