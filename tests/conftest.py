@@ -10,6 +10,7 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ if importlib.util.find_spec("triton") is not None:
     import triton  # noqa: F401
 
 import pytest
+from standins import run_distributed
 from standins.gcs import GcsEmulator
 from standins.pod import RUN_RECIPE, Pod
 from standins.pod import make_pod as stand_in_pod
@@ -208,12 +210,10 @@ def pod4(make_pod: Callable[..., Pod]) -> Pod:
     return make_pod(4)
 
 
-@pytest.fixture
-def project(tmp_path: Path) -> Path:
-    """A clean checkout: the files git tracks, as they are in this working tree (no .venv, no data/), plus
+def write_checkout(dest: Path) -> Path:
+    """A clean checkout at `dest`: the files git tracks, as they are in this working tree (no .venv, no data/), plus
     RUN_RECIPE, the tests' tiny recipe with its first stage alone."""
     files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
-    dest = tmp_path / "project"
     for name in filter(None, files.decode().split("\0")):
         if (ROOT / name).is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
@@ -221,6 +221,36 @@ def project(tmp_path: Path) -> Path:
     one_stage = (dest / "tests" / "tiny_synthetic.toml").read_text().split("[[stages]]")[:2]
     (dest / RUN_RECIPE).write_text("[[stages]]".join(one_stage))
     return dest
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    return write_checkout(tmp_path / "project")
+
+
+@pytest.fixture(scope="session")
+def pod_reference(tmp_path_factory: pytest.TempPathFactory) -> Callable[[list[str]], dict[int, float]]:
+    """The uninterrupted run that the pod drills (test_runs, test_babysit) must end at: RUN_RECIPE with the given
+    --set words, as two processes joined by jax.distributed on this machine (how a two-worker pod runs it), per step
+    its loss. Each distinct run is trained once per session."""
+    root = tmp_path_factory.mktemp("pod-reference")
+    checkout = write_checkout(root / "checkout")
+    done: dict[tuple[str, ...], dict[int, float]] = {}
+
+    def losses(sets: list[str]) -> dict[int, float]:
+        if tuple(sets) not in done:
+            done[tuple(sets)] = two_process_losses(checkout, root / f"run-{len(done)}", sets)
+        return done[tuple(sets)]
+
+    return losses
+
+
+def two_process_losses(checkout: Path, workdir: Path, sets: list[str]) -> dict[int, float]:
+    from trainer.metrics import read_jsonl
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TRAINER_COMPILE_CACHE": str(workdir.parent / "xla")}
+    run_distributed([sys.executable, "-m", "trainer", RUN_RECIPE, "--workdir", str(workdir), *sets], env, checkout, 600)
+    return {r["step"]: r["loss"] for r in read_jsonl(workdir / "metrics.jsonl")}
 
 
 @pytest.fixture

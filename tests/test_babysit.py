@@ -14,35 +14,18 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from standins import image
+from standins import free_port, image, wait_until
 from standins.pod import PROJECT, TPUCTL, ZONE
-from test_runs import RECIPE, env_args, losses, sets
-from test_train import free_port
+from test_runs import RECIPE, STEPS, env_args, logged_step, losses, sets
 
 from tpuctl.registry import slug
 
-STEPS = 80  # of batch 16: long enough for a kill of babysit and a preemption to land mid-run
 NODE = "drill"
-
-
-def reference_losses(checkout: Path, scratch: Path) -> dict[int, float]:
-    """The uninterrupted run, as the pod runs it (two processes joined by jax.distributed), on this machine."""
-    workdir = scratch / "reference"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TRAINER_COMPILE_CACHE": str(scratch / "xla")}
-    command = [sys.executable, "-m", "trainer", RECIPE, "--workdir", str(workdir), *sets(16 * STEPS)]
-    command += ["--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2", "--process-id"]
-    procs = [
-        subprocess.Popen([*command, str(i)], cwd=checkout, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        for i in range(2)
-    ]
-    errors = [p.communicate(timeout=600)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], errors[0][-2000:]
-    return losses(workdir / "metrics.jsonl")
+RUN = "drill run"
 
 
 def babysit_env(tpu_api, home: Path) -> dict[str, str]:
@@ -64,22 +47,13 @@ def babysit_env(tpu_api, home: Path) -> dict[str, str]:
     }
 
 
-def logged_step(vm_fleet) -> int:
-    """The last step worker 0's trainer logged (its run log on that VM), 0 before any."""
-    log = vm_fleet.workers[0].path(f"/root/.tpuctl/runs/{slug('drill run')}/log")
-    steps = re.findall(r"^pretrain16 (\d+)  loss ", log.read_text() if log.exists() else "", re.MULTILINE)
-    return int(steps[-1]) if steps else 0
-
-
 def wait_for_logged_step(vms: list, step: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not (vms and logged_step(vms[-1]) >= step):
-        assert time.monotonic() < deadline, f"no step {step} logged within {timeout} s"
-        time.sleep(0.2)
+    """Until worker 0 of the newest VMs has logged `step` of the drill's run."""
+    wait_until(lambda: vms and logged_step(vms[-1].workers[0], RUN) >= step, timeout, f"step {step} logged", poll=0.2)
 
 
 @pytest.mark.timeout(900)  # two TPU creations, two prepares, a reference run: minutes on two cores
-def test_preemption_drill(tpu_api, make_fleet, project, shared, tmp_path, gcs, bucket):
+def test_preemption_drill(tpu_api, make_fleet, project, shared, tmp_path, gcs, bucket, pod_reference):
     """The workdir is a bucket: the recreated VMs (fresh disks) resume from what the first ones checkpointed there."""
     image.require_matching_python()
     first = make_fleet(2, network=gcs.network())  # the first VMs; later ones: the same key, port and network
@@ -103,7 +77,7 @@ def test_preemption_drill(tpu_api, make_fleet, project, shared, tmp_path, gcs, b
         "TPUCTL_PIP_ARGS": "--no-index --no-build-isolation",
     }
     workdir = f"{bucket}/w"
-    babysit = [TPUCTL, "babysit", RECIPE, "--name", "drill run", "--type", "v4-16", "--workdir", workdir]
+    babysit = [TPUCTL, "babysit", RECIPE, "--name", RUN, "--type", "v4-16", "--workdir", workdir]
     babysit += ["--poll", "1", "--backoff", "1", "--max-restarts", "3", *env_args(shared, heartbeat=10)]
     babysit += sets(16 * STEPS)
 
@@ -118,10 +92,9 @@ def test_preemption_drill(tpu_api, make_fleet, project, shared, tmp_path, gcs, b
         sitter.send_signal(signal.SIGKILL)
         sitter.wait(timeout=30)
         sitter = start(tmp_path / "babysit-2.log")
-        deadline = time.monotonic() + 60
-        while "adopted" not in (tmp_path / "babysit-2.log").read_text() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert "adopted: run 'drill run' is training on 2 workers" in (tmp_path / "babysit-2.log").read_text()
+        second = tmp_path / "babysit-2.log"
+        wait_until(lambda: "adopted" in second.read_text(), 60, "babysit adopted the run", second.read_text)
+        assert "adopted: run 'drill run' is training on 2 workers" in second.read_text()
 
         # the cloud takes the TPU back mid-run: PREEMPTED, and its VMs are gone
         wait_for_logged_step(vms, 12, timeout=300)
@@ -129,14 +102,14 @@ def test_preemption_drill(tpu_api, make_fleet, project, shared, tmp_path, gcs, b
         for w in vms[0].workers:
             w.crash()
         preempted = time.time()
-        last_step = logged_step(vms[0])
+        last_step = logged_step(vms[0].workers[0], RUN)
         assert sitter.wait(timeout=600) == 0, (tmp_path / "babysit-2.log").read_text()[-4000:]
     finally:
         if sitter.poll() is None:
             sitter.kill()
             sitter.wait()
     log = (tmp_path / "babysit-2.log").read_text()
-    state = json.loads((home / "state" / "tpuctl" / "babysit" / f"{slug('drill run')}.json").read_text())
+    state = json.loads((home / "state" / "tpuctl" / "babysit" / f"{slug(RUN)}.json").read_text())
     events = [e["what"] for e in state["events"]]
     # the whole story, across both babysit processes, in the state file
     assert events[:5] == ["creating", "created", "launched", "resumed", "adopted"], events
@@ -150,9 +123,9 @@ def test_preemption_drill(tpu_api, make_fleet, project, shared, tmp_path, gcs, b
     assert "run 'drill run' on TPU 'drill': 1 restarts" in log and "every stage trained" in log
     got = losses(f"{workdir}/metrics.jsonl")
     assert set(got) == set(range(1, STEPS + 1))
-    assert got == pytest.approx(reference_losses(project, shared), rel=1e-5)
+    assert got == pytest.approx(pod_reference(sets(16 * STEPS)), rel=1e-5)
     # what the preemption cost: the steps trained again (at most one checkpoint interval: 4 here) and the time
-    trainer_log = vms[1].workers[0].path(f"/root/.tpuctl/runs/{slug('drill run')}/log").read_text()
+    trainer_log = vms[1].workers[0].path(f"/root/.tpuctl/runs/{slug(RUN)}/log").read_text()
     resumed_at = int(re.search(r"resuming at step (\d+)/", trainer_log)[1])
     lost = last_step - resumed_at
     assert 0 <= lost <= 4, (last_step, resumed_at)
@@ -189,7 +162,7 @@ def test_babysit_gives_up_after_max_restarts_and_says_how_to_go_on(tpu_api, proj
         stderr=subprocess.PIPE,
         text=True,
     ) as sitter:
-        time.sleep(1.0)
+        wait_until(lambda: len(tpu_api.requests) >= 3, 30, "babysit asked the failing API 3 times")
         tpu_api.denied_projects.clear()
         stdout, stderr = sitter.communicate(timeout=120)
     r = subprocess.CompletedProcess(sitter.args, sitter.returncode, stdout, stderr)

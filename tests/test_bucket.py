@@ -216,7 +216,7 @@ def test_an_eval_that_fails_on_one_host_of_two_is_reported_by_both_and_training_
     "val" counts every image once across the hosts; in eval "broken" the shard host 1 reads has an image that does
     not decode, host 0's has none. Both hosts run that eval's collectives to the end, both report it failed, and both
     go on training to the end in step (a host leaving early would leave the other waiting in a collective)."""
-    from test_train import free_port
+    from standins import run_distributed
 
     eval_files(tmp_path / "val", shards=2)
     eval_files(tmp_path / "broken", bad=True, shards=2)
@@ -227,22 +227,8 @@ def test_an_eval_that_fails_on_one_host_of_two_is_reported_by_both_and_training_
     args = [sys.executable, "-m", "trainer", str(recipe), "--workdir", str(workdir)]
     for item in [*FAST, f'text.vocab="{tmp_path}/val/vocab.txt"', "text.vocab_rows=100"]:
         args += ["--set", item]
-    args += ["--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2", "--process-id"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    procs = [
-        subprocess.Popen(
-            [*args, str(i)], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        for i in range(2)
-    ]
-    try:
-        outs = [p.communicate(timeout=400)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    outs = run_distributed(args, env, ROOT, 400)
     for step in (6, 12):
         assert f"eval failed: broken at stage pretrain16 step {step}: FailedElsewhere: it failed on host 1" in outs[0]
         assert f"eval failed: broken at stage pretrain16 step {step}: InvalidArgumentError" in outs[1]

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import time
+
+from standins import wait_until
 
 HOLD_DEVICE = "import sys, time; f = open(sys.argv[1], 'rb'); time.sleep(600)"
 HOLD_LOCK = "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.lockf(f, fcntl.LOCK_EX); time.sleep(600)"
@@ -32,15 +33,6 @@ def locked_by(pid):
         return f" {pid} " in f.read()
 
 
-def wait_for(predicate, seconds=5.0):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def alive(pid):
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -52,7 +44,7 @@ def alive(pid):
 def test_check_finds_the_process_holding_a_device(pod4):
     globs = [devices(w) for w in pod4.fleet.workers].pop()
     holder = pod4.fleet.workers[2].spawn(["python3", "-c", HOLD_DEVICE, "/tmp/dev/accel1"])
-    assert wait_for(lambda: holds(holder, "accel1"))
+    wait_until(lambda: holds(holder, "accel1"), 5, "the holder opened accel1")
     r = pod4.tpuctl("check", "--json", env={"TPUCTL_DEVICE_GLOBS": globs})
     assert r.returncode == 1, r.stderr
     data = json.loads(r.stdout)
@@ -90,7 +82,7 @@ def test_a_lockfile_alone_is_not_busy_but_a_held_lock_is(pod):
     w0.path("/tmp/libtpu_lockfile").write_text("")  # left behind by a dead process
     w1.path("/tmp/libtpu_lockfile").write_text("")
     holder = w1.spawn(["python3", "-c", HOLD_LOCK, "/tmp/libtpu_lockfile"])
-    assert wait_for(lambda: locked_by(holder))
+    wait_until(lambda: locked_by(holder), 5, "the holder locked its file")
     r = pod.tpuctl("check", "--json", env={"TPUCTL_DEVICE_GLOBS": "/tmp/dev/none*"})
     data = json.loads(r.stdout)
     assert [d["state"] for d in data] == ["free", "busy"]
@@ -121,8 +113,8 @@ def test_kill_stops_holders_and_only_then_removes_their_lockfiles(pod):
     locker = w0.spawn(["python3", "-c", HOLD_LOCK, "/tmp/libtpu_lockfile"])
     stubborn = w1.spawn(["python3", "-c", STUBBORN, "/tmp/dev/accel2"])
     bystander = w1.spawn(["sleep", "600"])  # holds nothing: must survive
-    assert wait_for(lambda: locked_by(locker))
-    assert wait_for(lambda: len(_fds(stubborn)) >= 4)
+    wait_until(lambda: locked_by(locker), 5, "the locker locked its file")
+    wait_until(lambda: len(_fds(stubborn)) >= 4, 5, "the stubborn holder opened its devices")
 
     dry = pod.tpuctl("kill", "--dry-run", "--json", env={"TPUCTL_DEVICE_GLOBS": globs})
     assert dry.returncode == 0, dry.stderr
@@ -150,7 +142,7 @@ def test_kill_stops_tpuctl_tmux_sessions_only(pod):
     ours = w0.spawn(["tmux", "new-session", "-d", "-s", "tpuctl-run1", "sleep 600"])
     theirs = w0.spawn(["tmux", "new-session", "-d", "-s", "notebook", "sleep 600"])
     for pid in (ours, theirs):
-        assert wait_for(lambda pid=pid: not alive(pid))  # `tmux new -d` returns once the server has it
+        wait_until(lambda pid=pid: not alive(pid), 5, f"{pid} ended")  # `tmux new -d` returns once the server has it
     sessions = "tmux list-sessions -F '#{session_name}'"
     assert pod.tpuctl("ssh", "--", sessions).stdout.split() == ["notebook", "tpuctl-run1"]
     r = pod.tpuctl("kill", "--yes", "--json")
@@ -176,7 +168,7 @@ def test_clean_logs_reports_freed_bytes_and_keeps_held_locks(pod):
     w0.path("/tmp/libtpu_lockfile").write_text("")
     w1.path("/tmp/libtpu_lockfile").write_text("")
     locker = w1.spawn(["python3", "-c", HOLD_LOCK, "/tmp/libtpu_lockfile"])
-    assert wait_for(lambda: locked_by(locker))
+    wait_until(lambda: locked_by(locker), 5, "the locker locked its file")
 
     dry = json.loads(pod.tpuctl("clean-logs", "--dry-run", "--json").stdout)
     assert dry[0]["freed_bytes"] == 12_500 and logs.exists()
@@ -199,7 +191,7 @@ def test_tables_show_worker_text_as_it_is(pod):
     globs = devices(w0)
     w0.path("/tmp/[bold]job.py").write_text(HOLD_DEVICE)
     holder = w0.spawn(["python3", "/tmp/[bold]job.py", "/tmp/dev/accel0"])
-    assert wait_for(lambda: holds(holder, "accel0"))
+    wait_until(lambda: holds(holder, "accel0"), 5, "the holder opened accel0")
     r = pod.tpuctl("check", env={"TPUCTL_DEVICE_GLOBS": globs})
     assert r.returncode == 1
     assert f"{holder} root python3 /tmp/[bold]job.py /tmp/dev/accel0" in r.stdout

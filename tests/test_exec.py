@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from standins import wait_until
 
 
 def test_exec_runs_on_every_worker_with_prefixes(pod4):
@@ -185,7 +186,6 @@ def test_missing_local_tools_are_one_line(pod, tmp_path):
 
 def test_ssh_opens_an_interactive_shell_in_a_terminal(pod):
     import subprocess
-    import time
     import uuid
 
     tmux = ["tmux", "-L", f"tpuctl-test-{uuid.uuid4().hex[:8]}"]
@@ -194,20 +194,15 @@ def test_ssh_opens_an_interactive_shell_in_a_terminal(pod):
     def screen() -> str:
         return subprocess.run([*tmux, "capture-pane", "-p"], capture_output=True, text=True).stdout
 
-    def wait_for(text: str) -> bool:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if text in screen():
-                return True
-            time.sleep(0.1)
-        return False
+    def wait_for(text: str) -> None:
+        wait_until(lambda: text in screen(), 15, f"{text!r} on the screen", screen)
 
     try:
         start = [*tmux, "new-session", "-d", "-x", "150", "-y", "40", f"{pod.tpuctl_path} ssh --worker 1; sleep 60"]
         subprocess.run(start, env=pod.env, check=True)
-        assert wait_for("#"), screen()  # root's prompt on the worker
+        wait_for("#")  # root's prompt on the worker
         subprocess.run([*tmux, "send-keys", "echo on-$(hostname)-now", "Enter"], check=True)
-        assert wait_for(f"on-{worker.hostname}-now"), screen()
+        wait_for(f"on-{worker.hostname}-now")
         subprocess.run([*tmux, "send-keys", "exit", "Enter"], check=True)
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True)

@@ -42,7 +42,7 @@ def posts(api: FakeTpuApi) -> list:
 
 
 def test_create_waits_until_ready_and_describe_shows_it(tpuctl: Tpuctl, tpu_api: FakeTpuApi):
-    tpu_api.create_delay_s = 0.5
+    tpu_api.create_delay_s = 3.0  # long enough that tpuctl's first look sees CREATING even on a loaded machine
     r = tpuctl("create", "my-pod", "--type", "v4-32", "--spot", "--runtime", "tpu-ubuntu2204-base", "--json")
     assert r.returncode == 0, r.stderr
     node = json.loads(r.stdout)

@@ -4,20 +4,16 @@ read back with `tmux capture-pane`. The pod is the usual stand-in (sshd workers 
 from __future__ import annotations
 
 import subprocess
-import time
 
+from standins import wait_until
 from standins.pod import PROJECT, ZONE
 
 
 def wait_for_screen(tmux, text, timeout=30.0, times=1):
-    deadline = time.monotonic() + timeout
-    screen = ""
-    while time.monotonic() < deadline:
-        screen = tmux("capture-pane", "-p", "-J", "-S", "-200").stdout
-        if screen.count(text) >= times:
-            return screen
-        time.sleep(0.1)
-    raise AssertionError(f"{text!r} not on screen within {timeout} s:\n{screen}")
+    def screen():
+        return tmux("capture-pane", "-p", "-J", "-S", "-200").stdout
+
+    return wait_until(lambda: (s := screen()).count(text) >= times and s, timeout, f"{text!r} on screen", screen)
 
 
 def test_menu_picks_a_tpu_runs_check_and_shows_its_table(pod, tpu_api, make_fleet, tmp_path):

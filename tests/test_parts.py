@@ -381,3 +381,12 @@ def test_auto_attention_takes_cudnn_only_on_gpus_in_half_precision_with_head_siz
     assert attention_for("xla", "bfloat16", b16, "gpu") == "xla"
     with pytest.raises(recipe.RecipeError, match="needs a GPU"):
         attention_for("cudnn", "bfloat16", b16, "cpu")
+
+
+def test_cadences_fall_on_their_steps_and_always_on_the_last():
+    from trainer.loop import due
+
+    assert [s for s in range(1, 11) if due(s, 4, 10)] == [4, 8, 10]
+    assert [s for s in range(1, 11) if due(s, 0, 10)] == [10]  # 0: only at the end of the stage
+    assert [s for s in range(1, 7) if due(s, 3, 6)] == [3, 6]
+    assert [s for s in range(1, 4) if due(s, 100, 3)] == [3]

@@ -8,10 +8,10 @@ import shlex
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
+from standins import wait_until
 
 from tpuctl import remote
 
@@ -110,10 +110,7 @@ def test_a_run_reaches_the_trainer_with_every_word_and_variable_intact(tmp_path)
     try:
         r = sh(remote.run_command("start", sys.executable, **args), env=env)
         assert r.returncode == 0, r.stdout + r.stderr
-        for _ in range(100):
-            if (run_dir / "exit").exists():
-                break
-            time.sleep(0.05)
+        wait_until((run_dir / "exit").exists, 5, "the trainer's exit status")
         assert (run_dir / "exit").read_text().strip() == "0"
         words, weird, where = json.loads((run_dir / "log").read_text().splitlines()[-1])
         assert words == ["trainer", *NASTY] and weird == "it's $HOME `id`" and where == str(cwd)
@@ -124,10 +121,7 @@ def test_a_run_reaches_the_trainer_with_every_word_and_variable_intact(tmp_path)
         assert tail.stdout == (run_dir / "log").read_text().splitlines()[-1] + "\n"
         first = (run_dir / "log").read_text()
         assert sh(remote.run_command("start", sys.executable, **args), env=env).returncode == 0  # the same run again
-        for _ in range(100):
-            if (run_dir / "exit").exists():
-                break
-            time.sleep(0.05)
+        wait_until((run_dir / "exit").exists, 5, "the trainer's exit status")
         assert (run_dir / "log.1").read_text() == first  # the earlier start's log, kept apart
         assert (run_dir / "log").read_text().count("==> tpuctl run n started") == 1
     finally:
@@ -161,10 +155,7 @@ def test_a_tpu_vm_leaves_out_only_the_distributed_wiring(tmp_path):
             args = {**plan, "session": f"tpuctl-{chips}", "run_dir": str(run_dir), "device_globs": globs}
             r = sh(remote.run_command("start", sys.executable, **args), env=env)
             assert r.returncode == 0, r.stdout + r.stderr
-            for _ in range(100):
-                if (run_dir / "exit").exists():
-                    break
-                time.sleep(0.05)
+            wait_until((run_dir / "exit").exists, 5, "the trainer's exit status")
             seen[chips] = json.loads((run_dir / "log").read_text().splitlines()[-1])
     finally:
         subprocess.run(["tmux", "kill-server"], env=env, capture_output=True)
@@ -177,7 +168,7 @@ def test_a_tpu_vm_leaves_out_only_the_distributed_wiring(tmp_path):
 
 
 def test_run_names_become_distinct_safe_slugs_and_resume_commands_quote_them():
-    from tpuctl.cli_runs import resume_command
+    from tpuctl.cli.runs import resume_command
     from tpuctl.registry import RunRecord, slug
 
     assert slug("b16") == "b16"

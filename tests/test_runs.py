@@ -14,22 +14,21 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from standins import image
+from standins import image, wait_until
 from standins.pod import RUN_RECIPE, TPUCTL
-from test_chips import alive
+from test_chips import alive, holds
 from test_train import FAST
 
+from tpuctl import remote
 from tpuctl.registry import slug
-from trainer import storage
+from trainer import contract, storage
 from trainer.metrics import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +36,9 @@ RECIPE = RUN_RECIPE  # the tests' tiny recipe, its first stage alone (the `proje
 # CPU-sized towers (3 and 2 layers of width 96), no decoder: two trainers share this machine's two cores, and each
 # compiles its step (~20 s) before the XLA cache has it
 SMALL = ["model.image=Mu/8", "model.text=Mu", "model.decoder="]
-STEPS = 60  # of batch 16, in the stop-and-resume drill: long enough for the stop to land mid-stage
+# of batch 16, in the stop-and-resume drills (here and test_babysit, which share the reference run): long enough for
+# a stop, a kill of babysit and a preemption to land mid-stage
+STEPS = 80
 
 
 def sets(samples: int = 192) -> list[str]:
@@ -78,64 +79,60 @@ def attached_screen(pod, name: str, scratch: Path, want: str) -> str:
     tmux = ["tmux", "-L", "terminal"]
     try:
         subprocess.run([*tmux, "new-session", "-d", "-x", "150", "-y", "40", command], env=env, check=True)
-        deadline, screen = time.monotonic() + 180, ""  # the first run compiles its step first
-        while want not in screen and time.monotonic() < deadline:
-            time.sleep(0.2)
-            screen = subprocess.run([*tmux, "capture-pane", "-p"], env=env, capture_output=True, text=True).stdout
-        assert want in screen, screen
-        return screen
+
+        def screen() -> str:
+            return subprocess.run([*tmux, "capture-pane", "-p"], env=env, capture_output=True, text=True).stdout
+
+        # the first run compiles its step first
+        return wait_until(lambda: want in (shown := screen()) and shown, 180, f"{want!r} on screen", screen, 0.2)
     finally:
         subprocess.run([*tmux, "kill-server"], env=env, capture_output=True)
 
 
 def wait_for_step(path: Path, step: int, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and any(r["step"] >= step for r in read_jsonl(path)):
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"no step {step} in {path} within {timeout} s")
+    def reached() -> bool:
+        return path.exists() and any(r["step"] >= step for r in read_jsonl(path))
+
+    wait_until(reached, timeout, f"step {step} in {path}", poll=0.2)
 
 
 def losses(path: Path | str) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_jsonl(path)}
 
 
-def wait_for_logged_step(pod, name: str, step: int, timeout: float = 240) -> None:
-    """Until worker 0's trainer has logged `step` (its run log, read on the VM: a bucket's metrics.jsonl lags)."""
-    log = pod.fleet.workers[0].path(f"/root/.tpuctl/runs/{slug(name)}/log")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        logged = re.findall(r"^pretrain16 (\d+)  loss ", log.read_text() if log.exists() else "", re.MULTILINE)
-        if logged and int(logged[-1]) >= step:
-            return
-        time.sleep(0.2)
-    tail = log.read_text()[-3000:] if log.exists() else "(no log)"
-    raise AssertionError(f"run {name!r} did not log step {step} within {timeout} s; its log ends:\n{tail}")
+def logged_step(worker, name: str) -> int:
+    """The last step `worker`'s trainer of run `name` logged (its run log, read on the VM: a bucket's metrics.jsonl
+    lags), by the contract's progress lines; 0 before any."""
+    log = worker.path(f"/root/.tpuctl/runs/{slug(name)}/log")
+    lines = log.read_text().splitlines() if log.exists() else []
+    steps = [p["step"] for p in map(contract.parse_progress, lines) if p]
+    return int(steps[-1]) if steps else 0
 
 
-@pytest.mark.timeout(600)  # two runs of two trainers each, on two cores
-def test_two_workers_train_stop_and_resume_to_the_uninterrupted_result(bucket_pod, project, shared, bucket):
-    """The reference run writes to a directory both workers see; the stopped and resumed one to a bucket, which both
-    hosts checkpoint into (one checkpoint, each host writing its shards) and resume from."""
+def wait_for_logged_step(worker, name: str, step: int, timeout: float = 240) -> None:
+    def log_tail() -> str:
+        log = worker.path(f"/root/.tpuctl/runs/{slug(name)}/log")
+        return "its log ends:\n" + (log.read_text()[-3000:] if log.exists() else "(no log)")
+
+    wait_until(lambda: logged_step(worker, name) >= step, timeout, f"run {name!r} logged step {step}", log_tail, 0.2)
+
+
+@pytest.mark.timeout(600)  # a run of two trainers stopped and resumed, and the reference run, on two cores
+def test_two_workers_train_stop_and_resume_to_the_uninterrupted_result(
+    bucket_pod, project, shared, bucket, pod_reference
+):
+    """Both hosts checkpoint into a bucket (one checkpoint, each host writing its shards) and resume from it; the
+    resumed run ends where the uninterrupted one does."""
     pod = bucket_pod
     prepared(pod, project)
     common = [RECIPE, "--no-sync", *env_args(shared), *sets(16 * STEPS)]
-    # the uninterrupted run: watched in its tmux pane, then its log followed until the trainers end
-    r = pod.tpuctl("run", *common, "--name", "reference", "--workdir", str(shared / "ref"), cwd=project)
-    assert r.returncode == 0, r.stderr
-    attached_screen(pod, "reference", shared, "  loss ")  # the trainer's log lines, in its tmux pane on worker 0
-    r = pod.tpuctl("logs", "reference", "--follow", timeout=300)
-    assert r.returncode == 0 and r.stdout.rstrip().endswith("checkpoints in " + str(shared / "ref")), r.stdout
-    code, workers = status(pod, "reference")
-    assert code == 0 and [w["state"] for w in workers] == ["done", "done"]
-
     # a run with a name the remote shell must not split, in a bucket, stopped mid-stage
     name = 'it\'s a "run"'
     workdir = f"{bucket}/work dir"
     r = pod.tpuctl("run", *common, "--name", name, "--workdir", workdir, cwd=project, timeout=120)
     assert r.returncode == 0, r.stderr
-    wait_for_logged_step(pod, name, 3)
+    wait_for_logged_step(pod.fleet.workers[0], name, 3)
+    attached_screen(pod, name, shared, "  loss ")  # the trainer's log lines, in its tmux pane on worker 0
     code, workers = status(pod, name)
     assert code == 0 and [w["state"] for w in workers] == ["running", "running"], workers
     assert workers[0]["progress"]["stage"] == "pretrain16" and workers[0]["progress"]["step"] >= 3
@@ -157,13 +154,15 @@ def test_two_workers_train_stop_and_resume_to_the_uninterrupted_result(bucket_po
     logs = pod.tpuctl("logs", name, "--workers", "all", "-n", "3")
     assert f"[w0] preempted: saved stage pretrain16 step {stopped_at}/{STEPS}" in logs.stdout, logs.stdout
 
-    # the same name again: the recorded workdir, resumed from that checkpoint, to the reference's losses
-    r = pod.tpuctl("run", *common, "--name", name, "--follow", cwd=project, timeout=400)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    # the same name again: the recorded workdir, resumed from that checkpoint, followed to its end
+    r = pod.tpuctl("run", *common, "--name", name, cwd=project, timeout=120)
+    assert r.returncode == 0, r.stderr
+    r = pod.tpuctl("logs", name, "--follow", timeout=400)
+    assert r.returncode == 0 and r.stdout.rstrip().endswith(f"checkpoints in {workdir}"), r.stdout[-3000:]
     assert f"resuming at step {stopped_at}/{STEPS}" in r.stdout
-    assert losses(f"{workdir}/metrics.jsonl") == pytest.approx(losses(shared / "ref" / "metrics.jsonl"), rel=1e-5)
     code, workers = status(pod, name)
     assert code == 0 and [w["state"] for w in workers] == ["done", "done"]
+    assert losses(f"{workdir}/metrics.jsonl") == pytest.approx(pod_reference(sets(16 * STEPS)), rel=1e-5)
 
 
 def test_a_dead_worker_stops_the_others_and_status_names_it(pod, project, shared):
@@ -175,12 +174,12 @@ def test_a_dead_worker_stops_the_others_and_status_names_it(pod, project, shared
     assert r.returncode == 0, r.stderr
     wait_for_step(shared / "w" / "metrics.jsonl", 2)
     pod.fleet.workers[1].crash()  # the VM is gone: its sshd, tmux and trainer
-    died = time.monotonic()
-    while time.monotonic() - died < 120:
-        code, workers = status(pod)
-        if workers[0]["state"] not in ("running", "exiting"):  # exiting: ended, its exit status on its way
-            break
-        time.sleep(1)
+
+    def ended():  # exiting: ended, its exit status on its way
+        answer = status(pod)
+        return answer if answer[1][0]["state"] not in ("running", "exiting") else None
+
+    code, workers = wait_until(ended, 120, "worker 0's trainer ended", poll=1)
     assert workers[0]["state"] == "failed", workers[0]  # no silent hang
     assert workers[0]["exit_code"] not in (0, None)
     assert workers[1]["state"] == "unknown" and "refused" in workers[1]["error"]
@@ -195,7 +194,7 @@ def test_busy_chips_are_refused_and_force_kills_the_holder(pod, project):
         (w.path("/tmp/dev")).mkdir()
         (w.path("/tmp/dev/accel0")).write_bytes(b"")
     holder = pod.fleet.workers[1].spawn(["python3", "-c", "import time; f = open('/tmp/dev/accel0'); time.sleep(600)"])
-    time.sleep(0.5)
+    wait_until(lambda: holds(holder, "accel0"), 5, "the holder opened accel0")
     env = {"TPUCTL_DEVICE_GLOBS": globs}
     r = pod.tpuctl("run", RECIPE, *sets(), "--workdir", "/tmp/w", env=env, cwd=project, timeout=120)
     assert r.returncode == 2 and f"the chips of w1 ({pod.fleet.workers[1].ip}) are busy" in r.stderr, r.stderr
@@ -211,6 +210,28 @@ def test_busy_chips_are_refused_and_force_kills_the_holder(pod, project):
     assert [w["env"]["TRAINER_PROCESS_ID"] for w in plan["workers"]] == ["0", "1"]
     assert plan["workers"][1]["env"]["TRAINER_COORDINATOR"] == f"{pod.fleet.workers[0].ip}:8476"
     assert plan["workers"][0]["argv"][1:4] == ["-m", "trainer", RECIPE]
+
+
+def test_a_start_that_fails_on_one_worker_stops_the_others(pod, project):
+    """One launch path (babysit's rounds take it too): worker 1 cannot start its trainer, so the one worker 0 did
+    start is stopped again (a half-started pod would wait for the missing worker), and no run is recorded."""
+    assert pod.tpuctl("sync", str(project)).returncode == 0
+    python = pod.fleet.workers[0].path("~/tpuctl/.venv/bin/python")  # worker 0 alone looks prepared
+    python.parent.mkdir(parents=True)
+    python.write_text("#!/bin/sh\nexec sleep 600\n")
+    python.chmod(0o755)
+    session = remote.session_name(slug("halfway"))
+    r = pod.tpuctl("run", RECIPE, "--name", "halfway", "--no-sync", "--workdir", "/tmp/w", cwd=project, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"tpuctl: error: start failed on w1 ({pod.fleet.workers[1].ip})"), r.stderr
+    assert "run `tpuctl prepare` first" in last and "run 'halfway' was not started" in last
+    pid_file = f"~/.tpuctl/runs/{slug('halfway')}/pid"
+    assert pod.fleet.workers[0].path(pid_file).exists()  # worker 0's trainer did start
+    gone = f"! tmux has-session -t {session} 2>/dev/null && ! kill -0 $(cat {pid_file}) 2>/dev/null"
+    on_w0 = pod.tpuctl("exec", "--workers", "0", "--", gone)
+    assert on_w0.returncode == 0, on_w0.stdout + on_w0.stderr  # and was stopped: no session, no process
+    assert "no run was started" in pod.tpuctl("status").stderr
 
 
 def test_recipe_mistakes_are_one_line_before_anything_starts(pod, project):

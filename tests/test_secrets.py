@@ -9,10 +9,9 @@ import contextlib
 import json
 import secrets
 import sys
-import time
 from pathlib import Path
 
-from standins import image
+from standins import image, wait_until
 from standins.pod import RUN_RECIPE
 
 from tpuctl import launch, remote
@@ -41,11 +40,8 @@ def trainer_environ(run_dir: Path, timeout: float = 30) -> dict[str, str]:
     """The environment of the trainer whose pid the run directory names, once it is the trainer (after exec)."""
     pid = (run_dir / "pid").read_text().strip()
     proc = Path("/proc", pid)
-    deadline = time.monotonic() + timeout
-    try:
-        while b"trainer" not in (proc / "cmdline").read_bytes():  # the pane's sh, until it execs the trainer
-            assert time.monotonic() < deadline, f"pid {pid} did not become the trainer"
-            time.sleep(0.02)
+    try:  # the pane's sh, until it execs the trainer
+        wait_until(lambda: b"trainer" in (proc / "cmdline").read_bytes(), timeout, f"pid {pid} became the trainer")
         raw = (proc / "environ").read_bytes()
     except FileNotFoundError:
         raise AssertionError(f"the trainer (pid {pid}) is gone: {(run_dir / 'log').read_text()[-3000:]}") from None

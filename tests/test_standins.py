@@ -21,6 +21,7 @@ from google.api_core import exceptions as gexc
 from google.api_core.client_options import ClientOptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import tpu_v2
+from standins import wait_until
 from standins.sshfleet import SshFleet, StandinWorker, start_fleet
 from standins.tpu_api import FakeTpuApi
 
@@ -64,13 +65,6 @@ def pids_in(namespaces: set[str]) -> set[int]:
         except OSError:
             pass
     return found
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 # -- the sshd fleet ------------------------------------------------------------------------------------------
@@ -180,7 +174,8 @@ def test_close_leaves_no_process_and_no_files(make_fleet: Callable[[int], SshFle
     sshd_pids = [w0.sshd_pid, w1.sshd_pid]
     assert len(namespaces) == 2
     assert spawned in pids_in(w1.namespaces)  # spawn() returns once the process is inside the worker
-    wait_for(lambda: len(pids_in(namespaces)) >= 5)  # 2 sshd, session sleep, daemon sleep, spawned sleep
+    # 2 sshd, session sleep, daemon sleep, spawned sleep
+    wait_until(lambda: len(pids_in(namespaces)) >= 5, 5, "5 processes in the worker")
 
     fleet.close()
     session.close()
@@ -228,10 +223,10 @@ def test_spawn_runs_inside_the_worker(fleet: SshFleet) -> None:
     script = "hostname > /tmp/spawned; echo $HOME >> /tmp/spawned; pwd >> /tmp/spawned; exec sleep 300"
     pid = w1.spawn(["bash", "-c", script], cwd="/tmp")
     out = w1.path("/tmp/spawned")
-    wait_for(lambda: out.exists() and out.read_text().count("\n") == 3)
+    wait_until(lambda: out.exists() and out.read_text().count("\n") == 3, 5, "3 lines of output")
     assert out.read_text() == f"{w1.hostname}\n/root\n/tmp\n"
     assert pid in pids_in(w1.namespaces)  # the returned pid is the process itself, not an nsenter wrapper
-    wait_for(lambda: Path(f"/proc/{pid}/comm").read_text().strip() == "sleep")
+    wait_until(lambda: Path(f"/proc/{pid}/comm").read_text().strip() == "sleep", 5, "the spawned sleep")
     assert ssh(fleet, w1, f"cat /tmp/spawned >/dev/null && ps -o comm= -p {pid}") == "sleep"
     assert not fleet.workers[0].path("/tmp/spawned").exists()
 

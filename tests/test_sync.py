@@ -7,6 +7,7 @@ import subprocess
 import time
 
 import pytest
+from standins import wait_until
 
 
 @pytest.fixture
@@ -127,10 +128,7 @@ def test_the_change_is_applied_while_the_api_is_still_answering(pod, project):
         [pod.tpuctl_path, "sync", str(project), "--json"], env=pod.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     readme = pod.fleet.workers[1].path("/root/tpuctl/README.md")
-    while readme.read_text() != "early!\n" and time.monotonic() - start < 7.5:
-        time.sleep(0.05)
-    waited = time.monotonic() - start
-    assert readme.read_text() == "early!\n", f"not applied after {waited:.1f}s"
+    wait_until(lambda: readme.read_text() == "early!\n", 7.5 - (time.monotonic() - start), "the early apply")
     assert proc.poll() is None, proc.communicate()  # applied before the API answered
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0

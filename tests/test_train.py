@@ -9,11 +9,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from standins import free_port, wait_until
 
 from trainer import storage
 from trainer.metrics import read_jsonl
@@ -103,15 +103,20 @@ def reference(tmp_path_factory, xla_cache):
     return workdir, out, read_jsonl(workdir / "metrics.jsonl")
 
 
-def wait_for_step(workdir: Path, proc: subprocess.Popen, step: int, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    path = Path(workdir) / "metrics.jsonl"
-    while time.monotonic() < deadline:
+def running(proc: subprocess.Popen, condition):
+    """`condition`, failing at once with the trainer's output if the trainer has ended."""
+
+    def check():
         assert proc.poll() is None, proc.stdout.read()[-3000:]
-        if path.exists() and any(r["step"] >= step for r in read_jsonl(path)):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"no step {step} within {timeout} s")
+        return condition()
+
+    return check
+
+
+def wait_for_step(workdir: Path, proc: subprocess.Popen, step: int, timeout: float = 240) -> None:
+    path = Path(workdir) / "metrics.jsonl"
+    reached = running(proc, lambda: path.exists() and any(r["step"] >= step for r in read_jsonl(path)))
+    wait_until(reached, timeout, f"step {step} in {path}")
 
 
 def wait_for_checkpoint(
@@ -120,13 +125,8 @@ def wait_for_checkpoint(
     """Until the async save of `step` has committed (locally orbax renames its temporary directory to the step's at
     the end, in a bucket it writes commit_success.txt; a kill before that leaves no checkpoint, and the run rightly
     starts over)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        if step in committed_steps(storage.at(str(workdir)) / stage):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"no committed checkpoint {stage}/{step} within {timeout} s")
+    committed = running(proc, lambda: step in committed_steps(storage.at(str(workdir)) / stage))
+    wait_until(committed, timeout, f"committed checkpoint {stage}/{step}")
 
 
 def losses(records) -> dict[int, float]:
@@ -302,14 +302,6 @@ def test_recipe_errors_are_one_line_before_any_training(trainer, tmp_path):
     assert out.strip().splitlines()[-1] == (
         "Error: stages[0].global_batch = 16 (/ grad_accum 1 = 16) is not divisible by 5 devices"
     )
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_train_together_and_stop_together_on_preemption(reference, trainer, tmp_path):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tpuctl import defaults, launch, lifecycle, ops, registry
+from tpuctl import defaults, launch, lifecycle, registry
 from tpuctl.errors import CloudError, GaveUpError, TpuctlError
 
 if TYPE_CHECKING:
@@ -217,7 +217,7 @@ class Babysitter:
         if self.request is None:  # make the same TPU again
             from tpuctl.cloud import NodeRequest
 
-            self.request = NodeRequest(node.name, node.accelerator_type, node.runtime_version, spot=node.spot)
+            self.request = NodeRequest.like(node)
         return self.create(why)
 
     # -- the run --------------------------------------------------------------------------------------------
@@ -241,28 +241,21 @@ class Babysitter:
         return False
 
     def start_run(self, target: launch.Target) -> str:
-        """Sync, prepare, free the chips, start; a problem as one line (then the round is over), else ""."""
-        from tpuctl import sync as syncing
-
-        settings = target.fleet.settings
-        record = dataclasses.replace(self.record, workers=target.hosts)
-        with syncing.Mirror(settings, self.project) as mirror:
-            failed = [r for r in mirror.sync(target.fleet.workers) if not r.ok]
-        if failed:
-            return f"sync failed on w{failed[0].worker.index}: {failed[0].error}"
-        problems = [r for r in ops.prepare(settings, target.fleet) if r.error]
-        if problems:
-            return f"prepare failed on w{problems[0].index}: {problems[0].error}"
-        launch.stop(settings, target, record, grace=30.0)  # what is left of an earlier round (saves if it can)
-        if any(r.state != "free" for r in ops.check(settings, target.fleet)):
-            ops.kill(settings, target.fleet)
-        reports = launch.start(settings, target, record)
-        failed_start = [r for r in reports if r.error]
-        if failed_start:
-            launch.stop(settings, target, record, grace=5.0)
-            return f"start failed on w{failed_start[0].index}: {failed_start[0].error}"
-        registry.save(record)
-        self.record = record
+        """Sync, prepare, replace what is left of an earlier round, free the chips, start (launch.launch, as
+        `tpuctl run` does); a problem as one line (then the round is over), else ""."""
+        try:
+            self.record, reports = launch.launch(
+                target.fleet.settings,
+                target,
+                self.record,
+                sync_from=self.project,
+                prepare=True,
+                replace_earlier=True,
+                busy="kill",
+                say=self.say,
+            )
+        except launch.LaunchFailed as e:
+            return str(e)
         self.fresh_workers = False
         self.note("launched", f"on {len(reports)} workers ({', '.join(target.hosts)})")
         return ""

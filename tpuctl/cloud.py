@@ -93,6 +93,26 @@ class NodeRequest:
     queued: bool = False  # through a queued resource: waits in the queue for capacity instead of failing
     valid_until_s: int | None = None  # queued only: give up waiting after this long
 
+    @classmethod
+    def from_settings(cls, settings: Settings, name: str, **capacity: Any) -> NodeRequest:
+        """TPU `name` of the settings' type, runtime and network; `capacity`: spot, reserved, queued, valid_until_s."""
+        settings.require("accelerator_type")
+        assert settings.accelerator_type is not None
+        return cls(
+            name=name,
+            accelerator_type=settings.accelerator_type,
+            runtime_version=settings.runtime_version,
+            network=settings.network,
+            subnetwork=settings.subnetwork,
+            **capacity,
+        )
+
+    @classmethod
+    def like(cls, node: Node) -> NodeRequest:
+        """The same TPU again: its name, type, runtime and spot-ness (babysit remaking a dead TPU it was not told
+        how to create)."""
+        return cls(node.name, node.accelerator_type, node.runtime_version, spot=node.spot)
+
 
 def node_proto(request: NodeRequest) -> Any:
     from google.cloud import tpu_v2

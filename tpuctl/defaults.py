@@ -21,3 +21,7 @@ BABYSIT_CREATE_ATTEMPTS = 20
 
 KILL_GRACE_S = 10.0  # seconds between a chip holder's TERM and its KILL (kill, and a forced run's takeover)
 STOP_GRACE_S = 180.0  # seconds a stopped trainer has to checkpoint and exit before it is killed
+# launch: the seconds the trainers of a launch that failed on some worker get to exit, and those an earlier round's
+# trainers (babysit replacing them) get to save what they have
+ABORTED_LAUNCH_GRACE_S = 5.0
+REPLACED_RUN_GRACE_S = 30.0

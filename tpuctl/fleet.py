@@ -58,7 +58,7 @@ class WorkerResult:
 
 
 @dataclass
-class _Output:
+class StreamLines:
     """Accumulates one stream and hands complete lines to the callback."""
 
     stream: str
@@ -227,7 +227,7 @@ def _exec(
     if stdin:
         chan.sendall(stdin)
     chan.shutdown_write()
-    out, err = _Output("stdout", on_line), _Output("stderr", on_line)
+    out, err = StreamLines("stdout", on_line), StreamLines("stderr", on_line)
     exited_at = None
     while True:
         now = time.monotonic()

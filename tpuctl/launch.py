@@ -1,19 +1,24 @@
 """Training runs on a target (a pod's workers, or this machine): start the trainer in tmux on every worker, read
 their status, stop them. Each is one command from tpuctl.remote per worker, answered in JSON (scripts/runs.py).
+
+`launch` is the one way a run starts, for `tpuctl run` and for babysit's rounds alike: sync, prepare, free the chips,
+start, stop what started if any worker failed, record the run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
 import shlex
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from tpuctl import remote
+from tpuctl import defaults, registry, remote
 from tpuctl.errors import TpuctlError
 from tpuctl.ops import WorkerReport, report
 from trainer import contract
@@ -24,6 +29,7 @@ if TYPE_CHECKING:
     from tpuctl.fleet import Fleet
     from tpuctl.local import LocalFleet
     from tpuctl.registry import RunRecord
+    from tpuctl.sync import ProgressCallback
 
 # Seconds a worker gets to start its tmux session (the script waits for the trainer's pid file).
 START_TIMEOUT_S = 60.0
@@ -108,6 +114,52 @@ def parse_env(items: tuple[str, ...]) -> dict[str, str]:
             )
         env[key] = value
     return env
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A run as the user describes it (what `run` and `babysit` share), checked here before anything starts."""
+
+    recipe: str  # relative to the project, as the workers see it
+    name: str
+    workdir: str | None = None  # None: the run's earlier one, else WORKDIR_ROOT/NAME
+    overrides: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(
+        cls,
+        project: Path,
+        recipe: Path,
+        name: str | None,
+        workdir: str | None,
+        overrides: tuple[str, ...],
+        env_items: tuple[str, ...],
+    ) -> RunSpec:
+        path = recipe_in_project(recipe, project)
+        validate_recipe(project / path, list(overrides))
+        return cls(path, name or Path(path).stem, workdir, tuple(overrides), parse_env(env_items))
+
+    def record(self, settings: Settings, kind: str, cwd: str, hosts: list[str] | None = None) -> RunRecord:
+        """The run's record on a target of `kind` ("tpu" | "local") whose project is at `cwd`, on `hosts` when they
+        are known (`launch` records the hosts it started on)."""
+        local = kind == "local"
+        workdir = registry.workdir_for(self.name, self.workdir, settings.workdir_root)
+        if local and "://" not in workdir:
+            workdir = os.path.abspath(os.path.expanduser(workdir))
+        return registry.RunRecord(
+            name=self.name,
+            recipe=self.recipe,
+            workdir=workdir,
+            target=kind,
+            cwd=cwd,
+            workers=list(hosts or []),
+            project=None if local else settings.project,
+            zone=None if local else settings.zone,
+            tpu=None if local else settings.tpu,
+            overrides=list(self.overrides),
+            env=dict(self.env),
+        )
 
 
 def coordinator(settings: Settings, target: Target) -> str | None:
@@ -200,3 +252,93 @@ def stop(settings: Settings, target: Target, record: RunRecord, grace: float) ->
 def has_local_chips(settings: Settings) -> bool:
     """Whether this machine has TPU device files at all (else there is nothing for a local run to wait for)."""
     return any(glob.glob(g) for g in settings.device_globs)
+
+
+class LaunchFailed(TpuctlError):
+    """A run was not started: the step that failed and its workers' (index, host, why). Nothing it began is left
+    running; `busy` holds the chip check when the step was `chips`."""
+
+    def __init__(
+        self, message: str, failures: list[tuple[int, str, str | None]], hint: str | None = None, busy: Any = None
+    ):
+        super().__init__(message, hint)
+        self.failures, self.busy = failures, busy
+
+
+def _failed_on(step: str, failures: list[tuple[int, str, str | None]], name: str) -> LaunchFailed:
+    index, host, why = failures[0]
+    more = f" and {len(failures) - 1} more workers" if len(failures) > 1 else ""
+    return LaunchFailed(f"{step} failed on w{index} ({host}): {why}{more}; run {name!r} was not started", failures)
+
+
+Busy = Literal["refuse", "kill"]
+
+
+def launch(
+    settings: Settings,
+    target: Target,
+    record: RunRecord,
+    *,
+    sync_from: Path | None = None,
+    prepare: bool = False,
+    replace_earlier: bool = False,
+    busy: Busy = "refuse",
+    say: Callable[[str], None] = lambda line: None,
+    on_sync_progress: ProgressCallback | None = None,
+) -> tuple[RunRecord, list[WorkerReport]]:
+    """Start `record` on every worker of `target`, or raise LaunchFailed with nothing left running.
+
+    In order: sync `sync_from` to the workers, `prepare` their venvs, stop this run's own earlier trainers
+    (`replace_earlier`: a babysit round after a crash), free the chips (`busy`: refuse when someone holds them, or
+    kill the holder), start the trainers (if any worker fails, stop them all: a half-started pod would wait for the
+    missing workers until its heartbeat times out), then record the run. Returns the record (with the workers' hosts)
+    and each worker's start report.
+    """
+    from tpuctl import ops
+
+    if sync_from is not None:
+        from tpuctl import sync as syncing
+
+        with syncing.Mirror(settings, sync_from) as mirror:
+            synced = mirror.sync(target.fleet.workers, on_progress=on_sync_progress)
+        failures = [(r.worker.index, r.host, r.error) for r in synced if not r.ok]
+        if failures:
+            raise _failed_on("sync", failures, record.name)
+    if prepare:
+        failures = [(r.index, r.ip, r.error) for r in ops.prepare(settings, target.fleet) if r.error]
+        if failures:
+            raise _failed_on("prepare", failures, record.name)
+    if replace_earlier:
+        stop(settings, target, record, grace=defaults.REPLACED_RUN_GRACE_S)
+    _free_chips(settings, target, busy, say)
+    record = dataclasses.replace(record, workers=target.hosts)
+    reports = start(settings, target, record)
+    failures = [(r.index, r.ip, r.error) for r in reports if r.error]
+    if failures:
+        stop(settings, target, record, grace=defaults.ABORTED_LAUNCH_GRACE_S)
+        raise _failed_on("start", failures, record.name)
+    registry.save(record)
+    return record, reports
+
+
+def _free_chips(settings: Settings, target: Target, busy: Busy, say: Callable[[str], None]) -> None:
+    """Chips someone holds (or that cannot be checked) refuse the launch, or, with busy="kill", their holder is
+    killed first. A local target without TPU device files has nothing to share."""
+    from tpuctl import ops
+
+    if target.kind == "local" and not has_local_chips(settings):
+        return
+    reports = ops.check(settings, target.fleet)
+    taken = [r for r in reports if r.state != "free"]
+    if not taken:
+        return
+    if busy == "refuse":
+        first = taken[0]
+        raise LaunchFailed(
+            f"the chips of w{first.index} ({first.ip}) are {first.state}",
+            [],
+            "stop that job (tpuctl stop / tpuctl kill) or pass --force to kill it first",
+            busy=reports,
+        )
+    say(f"killing what holds the chips on {len(taken)} of {len(reports)} workers")
+    ops.kill(settings, target.fleet)

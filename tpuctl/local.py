@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tpuctl.cloud import Worker
-from tpuctl.fleet import LineCallback, WorkerResult, _Output
+from tpuctl.fleet import LineCallback, StreamLines, WorkerResult
 
 if TYPE_CHECKING:
     from tpuctl.config import Settings
@@ -49,7 +49,7 @@ class LocalFleet:
             start_new_session=True,  # like an SSH session: a Ctrl-C here is tpuctl's, not the command's
         )
         callback = None if on_line is None else (lambda stream, line: on_line(worker, stream, line))
-        outputs = [_Output("stdout", callback), _Output("stderr", callback)]
+        outputs = [StreamLines("stdout", callback), StreamLines("stderr", callback)]
         readers = [
             threading.Thread(target=_pump, args=(pipe, out), daemon=True)
             for pipe, out in zip((proc.stdout, proc.stderr), outputs, strict=True)
@@ -77,6 +77,6 @@ class LocalFleet:
         return [result]
 
 
-def _pump(pipe: object, out: _Output) -> None:
+def _pump(pipe: object, out: StreamLines) -> None:
     for chunk in iter(lambda: pipe.read1(65536), b""):  # type: ignore[attr-defined]
         out.feed(chunk)

@@ -150,9 +150,9 @@ def run_stage(
                 timed_steps += 1
             preempted = preemption.reached(recipe.global_step(index, step))
             # a preempted host has seconds to save: the evals wait for the resumed run
-            evaluate = bool(evaluators) and not preempted and (step == steps or due(step, stage.eval_every))
+            evaluate = bool(evaluators) and not preempted and due(step, stage.eval_every, steps)
             record = None
-            if step % recipe.log.every_steps == 0 or step == steps or preempted or evaluate:
+            if due(step, recipe.log.every_steps, steps) or preempted or evaluate:
                 values = {k: float(v) / window_steps for k, v in jax.device_get(window).items()}
                 record = {"stage": stage.name, "stage_step": step, **values, "lr": float(schedule(step - 1))}
                 if timed_steps:
@@ -160,7 +160,7 @@ def run_stage(
                 record.update({f"data_{k}": v for k, v in position.items() if k in ("epoch", "bad")})
                 window, window_steps, timed_steps = None, 0, 0
             report.advance(step)
-            saving = step % every_ckpt == 0 or step == steps or preempted or evaluate
+            saving = due(step, every_ckpt, steps) or preempted or evaluate
             if saving:
                 positions = data.gather_positions(position, host)  # every host's: each resumes its own stream
                 ckpt.save(state, {"stage": index, "stage_name": stage.name, "step": step, "data": positions})
@@ -186,9 +186,10 @@ def run_stage(
     return Outcome(finished=index == len(recipe.stages) - 1, preempted=False, stage=stage.name, step=step), state.params
 
 
-def due(step: int, every: int) -> bool:
-    """Whether a cadence of `every` steps (0 = never) falls on `step`."""
-    return bool(every) and step % every == 0
+def due(step: int, every: int, total: int) -> bool:
+    """Whether a cadence of `every` steps (0: none) falls on `step` of `total`; the last step always has it (a stage
+    ends logged, evaluated and saved whatever its length)."""
+    return step == total or (every > 0 and step % every == 0)
 
 
 def run_evals(

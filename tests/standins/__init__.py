@@ -1,1 +1,60 @@
-"""Real stand-ins for the cloud: sshd "TPU workers" on loopback and a local Cloud TPU API server."""
+"""Real stand-ins for the cloud (sshd "TPU workers" on loopback, a local Cloud TPU API server, a GCS emulator) and
+the few helpers the tests share: a free port, waiting on a condition, trainers joined by jax.distributed."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def free_port(ip: str = "127.0.0.1") -> int:
+    """A TCP port free on `ip` now (the kernel also refuses one a wildcard listener holds)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((ip, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(
+    condition: Callable[[], T | None],
+    timeout: float,
+    what: str,
+    detail: Callable[[], str] | None = None,
+    poll: float = 0.05,
+) -> T:
+    """Poll `condition` until it returns something truthy, and return that; after `timeout` seconds fail the test
+    naming `what` did not happen (and `detail()`, e.g. a log's tail, when given)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:g} s" + (f"\n{detail()}" if detail else ""))
+        time.sleep(poll)
+
+
+def run_distributed(command: list[str], env: dict[str, str], cwd: Path, timeout: float, count: int = 2) -> list[str]:
+    """`python -m trainer ...` as `count` processes joined by jax.distributed on this machine (the hosts of a pod),
+    to their end: each one's output (stdout and stderr), after checking that every one exited 0. None outlives it."""
+    wiring = ["--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", str(count), "--process-id"]
+    procs = [
+        subprocess.Popen(
+            [*command, *wiring, str(i)], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for i in range(count)
+    ]
+    try:
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0] * count, "\n".join(out[-3000:] for out in outs)
+    return outs

@@ -16,7 +16,6 @@ import datetime
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -24,6 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from standins import free_port
 from standins.sshfleet import Network
 
 GOOGLE_NAMES = ("www.googleapis.com", "storage.googleapis.com")
@@ -84,7 +84,7 @@ class GcsEmulator:
     def __init__(self, buckets: tuple[str, ...] = ("bucket",)):
         self.dir = Path(tempfile.mkdtemp(prefix="tpuctl-gcs-", dir="/var/tmp"))  # outside /tmp: workers see it
         self.ip = f"127.0.{1 + secrets.randbelow(250)}.{2 + secrets.randbelow(250)}"
-        self.port = _free_port(self.ip)
+        self.port = free_port(self.ip)
         self.http_url = f"http://{self.ip}:{self.port}"
         for bucket in buckets:
             (self.dir / "data" / bucket).mkdir(parents=True)
@@ -149,9 +149,3 @@ class GcsEmulator:
                 self.proc.kill()
                 self.proc.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _free_port(ip: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((ip, 0))
-        return int(sock.getsockname()[1])

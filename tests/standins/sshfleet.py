@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from standins import free_port
+
 SSHD = "/usr/sbin/sshd"
 # sshd refuses to start without its privilege-separation directory.
 PRIVSEP_DIR = Path("/run/sshd")
@@ -404,7 +406,7 @@ def _populate(fleet: SshFleet, n: int, like: SshFleet | None = None) -> None:
     # A random 127.A.B.0/24 per fleet, so that fleets (also in parallel test processes) do not collide.
     prefix = f"127.{1 + secrets.randbelow(250)}.{1 + secrets.randbelow(250)}"
     ips = [f"{prefix}.{i + 2}" for i in range(n)]
-    fleet.port = like.port if like else _free_port(ips[0])
+    fleet.port = like.port if like else free_port(ips[0])
     authorized_keys = fleet.root / "authorized_keys"
     for i, ip in enumerate(ips):
         wdir = fleet.root / f"w{i}"
@@ -422,13 +424,6 @@ def _populate(fleet: SshFleet, n: int, like: SshFleet | None = None) -> None:
         w._prepare()
         w._launch()
     _wait_ready(fleet.workers)
-
-
-def _free_port(ip: str) -> int:
-    """A port free on the fleet's addresses (the kernel also refuses one a wildcard listener holds)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((ip, 0))
-        return int(sock.getsockname()[1])
 
 
 def _keygen(paths: Iterable[Path]) -> None:

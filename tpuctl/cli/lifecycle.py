@@ -1,5 +1,5 @@
-"""tpuctl's TPU lifecycle commands: create, delete, describe, babysit. Thin like the rest of the CLI: they parse, call
-tpuctl.lifecycle / tpuctl.cloud, and print. Registered on the `tpuctl` group by tpuctl.cli.
+"""The TPU lifecycle commands: create, delete, describe, babysit. Thin like the rest of the CLI: they parse, call
+tpuctl.lifecycle / tpuctl.cloud / tpuctl.babysit, and print.
 """
 
 from __future__ import annotations
@@ -11,9 +11,16 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from tpuctl import defaults, render
-from tpuctl.cli import _confirm_by_name, _err, _out, _settings, cli
+from tpuctl.cli.common import confirm_by_name, err, out, say_at, settings_from
+from tpuctl.cli.options import (
+    dry_run_option,
+    fleet_options,
+    json_option,
+    run_spec_options,
+    setting_options,
+    yes_option,
+)
 from tpuctl.errors import TpuctlError
-from tpuctl.options import dry_run_option, fleet_options, json_option, setting_options
 
 if TYPE_CHECKING:
     from tpuctl.config import Settings
@@ -35,7 +42,7 @@ class Progress:
     on a terminal."""
 
     def __init__(self) -> None:
-        self.console = _err()
+        self.console = err()
         self.status = self.console.status("") if self.console.is_terminal else None
 
     def __enter__(self) -> Progress:
@@ -53,7 +60,7 @@ class Progress:
             self.status.update(render.plain(f"{line} ..."))
 
 
-@cli.command()
+@click.command()
 @click.argument("name")
 @click.option("--spot", is_flag=True, help="Spot capacity: cheaper, may be taken back at any time.")
 @click.option("--reservation", "reserved", is_flag=True, help="Use the project's reserved capacity.")
@@ -105,33 +112,24 @@ def create(
     """
     from tpuctl import cloud, lifecycle
 
-    settings = _settings(flags)
-    settings.require("project", "zone", "accelerator_type")
+    settings = settings_from(flags)
+    settings.require("project", "zone")
     if valid_until and not queued:
         raise TpuctlError("--valid-until is for queued resources", "add --queued, or drop --valid-until")
     if spot and reserved:
         raise TpuctlError("--spot and --reservation exclude each other", "pick one")
     if attempts < 1 or backoff < 0:
         raise TpuctlError("--attempts must be at least 1 and --backoff not negative")
-    assert settings.accelerator_type is not None
-    request = cloud.NodeRequest(
-        name=name,
-        accelerator_type=settings.accelerator_type,
-        runtime_version=settings.runtime_version,
-        spot=spot,
-        reserved=reserved,
-        network=settings.network,
-        subnetwork=settings.subnetwork,
-        queued=queued,
-        valid_until_s=parse_duration(valid_until, "--valid-until") if valid_until else None,
-    )
+    valid_until_s = parse_duration(valid_until, "--valid-until") if valid_until else None
+    capacity = {"spot": spot, "reserved": reserved, "queued": queued, "valid_until_s": valid_until_s}
+    request = cloud.NodeRequest.from_settings(settings, name, **capacity)
     parent = f"projects/{settings.project}/locations/{settings.zone}"
     if dry_run:
         sent = cloud.request_json(request, parent)
         if as_json:
             render.print_json(sent)
         else:
-            _out().print(render.plain(f"{sent['method']} {settings.api_endpoint}{sent['path']}"))
+            out().print(render.plain(f"{sent['method']} {settings.api_endpoint}{sent['path']}"))
             render.print_json(sent["body"])
         return
     api = cloud.TpuApi(settings)
@@ -150,9 +148,9 @@ def create(
         _show_node(api, node, as_json)
 
 
-@cli.command()
+@click.command()
 @click.argument("name", required=False)
-@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@yes_option
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until it is gone.")
 @setting_options("project", "zone", "tpu")
 @dry_run_option
@@ -164,7 +162,7 @@ def delete(name: str | None, yes: bool, wait: bool, dry_run: bool, **flags: Any)
     """
     from tpuctl import cloud, lifecycle
 
-    settings = _settings(flags)
+    settings = settings_from(flags)
     name = name or _tpu_name(settings)
     api = cloud.TpuApi(settings)
     node = api.get_node(name)  # one line naming the TPUs there when there is no such TPU
@@ -172,15 +170,15 @@ def delete(name: str | None, yes: bool, wait: bool, dry_run: bool, **flags: Any)
     if node.queued_resource:
         what += f" and its queued resource {node.queued_resource!r}"
     if dry_run:
-        _out().print(render.plain(f"would delete {what}"))
+        out().print(render.plain(f"would delete {what}"))
         return
     if not yes:
-        _confirm_by_name(name, "delete")
+        confirm_by_name(name, "delete")
     with Progress() as say:
         lifecycle.delete(api, node, wait=wait, poll=settings.api_poll, say=say)
 
 
-@cli.command()
+@click.command()
 @click.argument("name", required=False)
 @setting_options("project", "zone", "tpu")
 @json_option
@@ -191,7 +189,7 @@ def describe(name: str | None, as_json: bool, **flags: Any) -> None:
     """
     from tpuctl import cloud
 
-    settings = _settings(flags)
+    settings = settings_from(flags)
     name = name or _tpu_name(settings)
     api = cloud.TpuApi(settings)
     _show_node(api, api.get_node(name), as_json)
@@ -208,15 +206,11 @@ def _show_node(api: Any, node: Any, as_json: bool) -> None:
     if as_json:
         render.print_json({**node.to_json(), "queued_resource_state": queued_state or None})
     else:
-        _out().print(render.describe_table(node, queued_state))
+        out().print(render.describe_table(node, queued_state))
 
 
-@cli.command()
-@click.argument("recipe", type=click.Path(path_type=Path))
-@click.option("--name", help="Run name (default: the recipe's file name).")
-@click.option("--workdir", help="Checkpoints and metrics, a path every worker sees (default: WORKDIR_ROOT/NAME).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
-@click.option("--env", "env_items", multiple=True, metavar="NAME=VALUE", help="Trainer environment (repeatable).")
+@click.command()
+@run_spec_options
 @click.option("--spot", is_flag=True, help="When babysit creates the TPU: spot capacity.")
 @click.option(
     "--max-restarts", default=defaults.BABYSIT_MAX_RESTARTS, show_default=True, help="Rounds after the first, at most."
@@ -267,38 +261,18 @@ def babysit(
       tpuctl babysit recipes/b16.toml --tpu my-pod --recreate
     """
     from tpuctl import babysit as babysitting
-    from tpuctl import cloud, launch, ops, registry
+    from tpuctl import cloud, launch, ops
 
-    settings = _settings(flags)
+    settings = settings_from(flags)
     settings.require("project", "zone", "tpu")
     assert settings.tpu is not None
     ops.prepare_command(settings)  # no jax pin: one line now, not in a round after a TPU was made
     project = Path.cwd()
-    recipe_path = launch.recipe_in_project(recipe, project)
-    launch.validate_recipe(project / recipe_path, list(overrides))
-    name = name or Path(recipe_path).stem
-    record = registry.RunRecord(
-        name=name,
-        recipe=recipe_path,
-        workdir=registry.workdir_for(name, workdir, settings.workdir_root),
-        target="tpu",
-        cwd=settings.remote_dir,
-        project=settings.project,
-        zone=settings.zone,
-        tpu=settings.tpu,
-        overrides=list(overrides),
-        env=launch.parse_env(env_items),
-    )
+    spec = launch.RunSpec.parse(project, recipe, name, workdir, overrides, env_items)
+    record = spec.record(settings, "tpu", settings.remote_dir)
     request = None
-    if settings.accelerator_type:
-        request = cloud.NodeRequest(
-            name=settings.tpu,
-            accelerator_type=settings.accelerator_type,
-            runtime_version=settings.runtime_version,
-            spot=spot,
-            network=settings.network,
-            subnetwork=settings.subnetwork,
-        )
+    if settings.accelerator_type:  # else babysit can only remake a TPU like the one there
+        request = cloud.NodeRequest.from_settings(settings, settings.tpu, spot=spot)
     options = babysitting.Options(
         max_restarts=max_restarts,
         recreate=recreate,
@@ -306,18 +280,12 @@ def babysit(
         unhealthy_grace=unhealthy_grace,
         backoff=babysitting.babysit_backoff(backoff),
     )
-    sitter = babysitting.Babysitter(settings, cloud.TpuApi(settings), project, record, request, options, _say_at)
+    sitter = babysitting.Babysitter(settings, cloud.TpuApi(settings), project, record, request, options, say_at)
     try:
         state = sitter.run()
     finally:
         _show_timeline(sitter.state, as_json)
     assert state.finished
-
-
-def _say_at(line: str) -> None:
-    import time
-
-    _err().print(render.plain(f"{time.strftime('%H:%M:%S')} {line}"), soft_wrap=True)
 
 
 def _show_timeline(state: Any, as_json: bool) -> None:
@@ -327,4 +295,4 @@ def _show_timeline(state: Any, as_json: bool) -> None:
         render.print_json(babysitting.to_json(state))
         return
     title = f"run {state.run!r} on TPU {state.tpu!r}: {state.restarts} restarts"
-    _out().print(render.table(title, ["when", "what", "detail"], babysitting.timeline(state)))
+    out().print(render.table(title, ["when", "what", "detail"], babysitting.timeline(state)))

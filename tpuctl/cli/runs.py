@@ -1,22 +1,42 @@
-"""tpuctl's training-run commands: run, status, logs, stop, attach, runs. Thin like the rest of the CLI: they parse,
-call tpuctl.launch / tpuctl.registry, and print. Registered on the `tpuctl` group by tpuctl.cli.
+"""The training-run commands: run, status, logs, stop, attach, runs. Thin like the rest of the CLI: they parse, call
+tpuctl.launch / tpuctl.registry, and print.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from tpuctl import render
-from tpuctl.cli import _err, _fleet, _out, _say_failures, _settings, _sync_to_workers, cli, parse_workers
+from tpuctl.cli.common import (
+    SyncProgress,
+    err,
+    fleet_of,
+    line_printer,
+    out,
+    parse_workers,
+    quoted,
+    say,
+    say_failures,
+    settings_from,
+)
+from tpuctl.cli.options import (
+    dry_run_option,
+    fleet_options,
+    grace_option,
+    json_option,
+    run_name_argument,
+    run_spec_options,
+    setting_options,
+    worker_option,
+    workers_option,
+)
 from tpuctl.defaults import STOP_GRACE_S
 from tpuctl.errors import EXIT_FAILED, EXIT_OK, EXIT_UNKNOWN, TpuctlError
-from tpuctl.options import dry_run_option, fleet_options, json_option, setting_options
 
 if TYPE_CHECKING:
     from tpuctl.config import Settings
@@ -24,24 +44,16 @@ if TYPE_CHECKING:
     from tpuctl.ops import WorkerReport
     from tpuctl.registry import RunRecord
 
-# Default seconds `stop` waits for the trainers to checkpoint and exit before killing them.
 # `logs --follow` runs until Ctrl-C; this only bounds a forgotten one.
 FOLLOW_TIMEOUT_S = 7 * 24 * 3600.0
 
-local_option = click.option("--local", is_flag=True, help="Train on this machine instead of a TPU (target 'local').")
-run_name_argument = click.argument("run", required=False)
 
-
-@cli.command()
-@click.argument("recipe", type=click.Path(path_type=Path))
-@click.option("--name", help="Run name (default: the recipe's file name); the same name again resumes the run.")
-@click.option("--workdir", help="Checkpoints and metrics (default: WORKDIR_ROOT/NAME, or the run's earlier one).")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
-@click.option("--env", "env_items", multiple=True, metavar="NAME=VALUE", help="Trainer environment (repeatable).")
+@click.command()
+@run_spec_options
 @click.option("--no-sync", is_flag=True, help="Do not sync this directory to the workers first.")
 @click.option("--force", is_flag=True, help="Kill whatever holds the chips first, instead of refusing.")
 @click.option("--follow", "-f", is_flag=True, help="Then print worker 0's log until the trainers end.")
-@local_option
+@click.option("--local", is_flag=True, help="Train on this machine instead of a TPU (target 'local').")
 @fleet_options("remote_dir", "command_timeout")
 @setting_options("target", "workdir_root", "coordinator_port")
 @dry_run_option
@@ -72,73 +84,48 @@ def run(
       tpuctl run recipes/tiny.toml --local
       tpuctl run recipes/b16.toml --dry-run
     """
-    from tpuctl import launch, registry
+    from tpuctl import launch
 
-    settings = _settings(flags)
+    settings = settings_from(flags)
     project = Path.cwd()
-    recipe_path = launch.recipe_in_project(recipe, project)
-    launch.validate_recipe(project / recipe_path, list(overrides))
-    env = launch.parse_env(env_items)
-    name = name or Path(recipe_path).stem
+    spec = launch.RunSpec.parse(project, recipe, name, workdir, overrides, env_items)
     local = local or settings.target == "local"
-    target = launch.local_target(settings, project) if local else launch.pod_target(settings, _fleet(settings))
-    workdir = registry.workdir_for(name, workdir, settings.workdir_root)
-    if local and "://" not in workdir:
-        workdir = os.path.abspath(os.path.expanduser(workdir))
-    record = registry.RunRecord(
-        name=name,
-        recipe=recipe_path,
-        workdir=workdir,
-        target=target.kind,
-        cwd=target.cwd,
-        workers=target.hosts,
-        project=None if local else settings.project,
-        zone=None if local else settings.zone,
-        tpu=None if local else settings.tpu,
-        overrides=list(overrides),
-        env=env,
-    )
+    target = launch.local_target(settings, project) if local else launch.pod_target(settings, fleet_of(settings))
+    record = spec.record(settings, target.kind, target.cwd, target.hosts)
+    sync = not (local or no_sync)
     if dry_run:
-        _show_plan(settings, target, record, sync=not (local or no_sync), as_json=as_json)
+        _show_plan(settings, target, record, sync=sync, as_json=as_json)
         return
-    if not (local or no_sync):
-        results = _sync_to_workers(settings, project, delete=False, excludes=(), full=False, progress=not as_json)
-        failed = [r for r in results if not r.ok]
-        if failed:
-            _say_failures((r.worker.index, r.host, r.error) for r in failed)
-            raise TpuctlError(f"sync failed on {render.count(len(failed), 'worker')}; nothing was started")
-    _make_chips_free(settings, target, force)
-    reports = launch.start(settings, target, record)
-    failed_reports = [r for r in reports if r.error]
-    if failed_reports:
-        started = [i for i, r in enumerate(reports) if not r.error]
-        if started:  # a half-started pod would wait for the missing workers until the heartbeat times out
-            launch.stop(settings, target.subset(started), record, grace=5.0)
-        _say_failures((r.index, r.ip, r.error) for r in failed_reports)
-        raise TpuctlError(
-            f"run {name!r} was not started: it failed on {len(failed_reports)} of {len(reports)} workers (see above)"
-        )
-    registry.save(record)
+    try:
+        with SyncProgress(len(target.hosts), enabled=sync and not as_json) as shown:
+            record, reports = launch.launch(
+                settings,
+                target,
+                record,
+                sync_from=project if sync else None,
+                busy="kill" if force else "refuse",
+                say=lambda line: say(f"--force: {line}"),
+                on_sync_progress=shown,
+            )
+    except launch.LaunchFailed as e:
+        if e.busy is not None:
+            out().print(render.check_table(e.busy))
+        say_failures(e.failures)
+        raise
     if as_json:
         render.print_json({"run": record.to_json(), "workers": [render.report_json(r) for r in reports]})
         return
-    _out().print(render.launch_table(reports))
-    quoted = _quoted_name(name)
-    _err().print(
-        f"Started run {name!r} on {render.count(len(reports), 'worker')} (workdir {workdir}). "
-        f"Next: tpuctl status {quoted} · tpuctl logs {quoted} -f · tpuctl stop {quoted}"
+    out().print(render.launch_table(reports))
+    named = quoted(record.name)
+    err().print(
+        f"Started run {record.name!r} on {render.count(len(reports), 'worker')} (workdir {record.workdir}). "
+        f"Next: tpuctl status {named} · tpuctl logs {named} -f · tpuctl stop {named}"
     )
     if follow:
         _print_logs(settings, target.subset([0]), record, lines=1000, follow=True, prefixed=False)
         final = launch.status(settings, target, record)
-        _out().print(render.status_table(final))
+        out().print(render.status_table(final))
         raise SystemExit(status_exit_code(final))
-
-
-def _quoted_name(name: str) -> str:
-    import shlex
-
-    return shlex.quote(name)
 
 
 def resume_command(record: RunRecord) -> str:
@@ -167,30 +154,9 @@ def _show_plan(settings: Settings, target: Target, record: RunRecord, sync: bool
         return
     steps = ["sync this directory to " + record.cwd] if sync else []
     steps += ["check the chips", f"start tmux session {plans[0]['session']} running"]
-    _err().print(render.plain(f"Would {', '.join(steps)}, on {render.count(len(plans), 'worker')}:"))
+    err().print(render.plain(f"Would {', '.join(steps)}, on {render.count(len(plans), 'worker')}:"))
     for w, host, plan in zip(target.fleet.workers, target.hosts, plans, strict=True):
         click.echo(f"[{render.worker_name(w.index)} {host}] {launch.describe_plan(plan)}")
-
-
-def _make_chips_free(settings: Settings, target: Target, force: bool) -> None:
-    """Refuse to start on chips someone holds (or that cannot be checked), unless --force, which kills them first."""
-    from tpuctl import launch, ops
-
-    if target.kind == "local" and not launch.has_local_chips(settings):
-        return  # no TPU here: nothing to share
-    reports = ops.check(settings, target.fleet)
-    taken = [r for r in reports if r.state != "free"]
-    if not taken:
-        return
-    if not force:
-        _out().print(render.check_table(reports))
-        first = taken[0]
-        raise TpuctlError(
-            f"the chips of {render.worker_name(first.index)} ({first.ip}) are {first.state}",
-            "stop that job (tpuctl stop / tpuctl kill) or pass --force to kill it first",
-        )
-    _err().print(f"--force: killing what holds the chips on {render.count(len(taken), 'worker')}")
-    ops.kill(settings, target.fleet)
 
 
 def _recorded_target(record: RunRecord, flags: dict[str, Any]) -> tuple[Settings, Target]:
@@ -198,18 +164,18 @@ def _recorded_target(record: RunRecord, flags: dict[str, Any]) -> tuple[Settings
     from tpuctl import launch
 
     if record.target == "local":
-        settings = _settings(flags)
+        settings = settings_from(flags)
         return settings, launch.local_target(settings, Path(record.cwd))
     for key in ("project", "zone", "tpu"):
         if flags.get(key) is None:
             flags[key] = getattr(record, key)
     if flags.get("remote_dir") is None:
         flags["remote_dir"] = record.cwd
-    settings = _settings(flags)
-    return settings, launch.pod_target(settings, _fleet(settings))
+    settings = settings_from(flags)
+    return settings, launch.pod_target(settings, fleet_of(settings))
 
 
-@cli.command()
+@click.command()
 @run_name_argument
 @fleet_options()
 @json_option
@@ -230,11 +196,11 @@ def status(run: str | None, as_json: bool, **flags: Any) -> None:
         workers = [render.report_json(r) | {"state": r.state if r.error is None else "unknown"} for r in reports]
         render.print_json({"run": record.to_json(), "workers": workers})
     else:
-        _err().print(render.plain(f"run {record.name!r}: {record.recipe}, workdir {record.workdir}"))
-        _out().print(render.status_table(reports))
-        _say_failures((r.index, r.ip, r.error) for r in reports)
+        err().print(render.plain(f"run {record.name!r}: {record.recipe}, workdir {record.workdir}"))
+        out().print(render.status_table(reports))
+        say_failures((r.index, r.ip, r.error) for r in reports)
         for note in render.status_notes(reports):
-            _err().print(render.plain(note))
+            err().print(render.plain(note))
     raise SystemExit(status_exit_code(reports))
 
 
@@ -244,9 +210,9 @@ def status_exit_code(reports: list[WorkerReport]) -> int:
     return EXIT_FAILED if any(r.state in ("failed", "dead", "absent") for r in reports) else EXIT_OK
 
 
-@cli.command()
+@click.command()
 @run_name_argument
-@click.option("--workers", "--worker", "-w", default="0", show_default=True, help="Whose log: all, 3, 0,3,5 or 0-3.")
+@workers_option("0", "--worker", "-w", help="Whose log")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing what the trainers write (Ctrl-C ends).")
 @click.option("--lines", "-n", type=click.IntRange(min=0), default=50, show_default=True, help="Lines of history.")
 @fleet_options()
@@ -273,24 +239,16 @@ def _print_logs(
     """Print the workers' logs (following them until their trainers end); False if some log could not be read."""
     from tpuctl import launch, remote
 
-    lock = threading.Lock()
-
-    def show(worker: Any, stream: str, line: str) -> None:
-        out = sys.stdout if stream == "stdout" else sys.stderr
-        with lock:
-            out.write(f"[{render.worker_name(worker.index)}] {line}\n" if prefixed else line + "\n")
-            out.flush()
-
     timeout = FOLLOW_TIMEOUT_S if follow else settings.command_timeout
     command = remote.tail_command(launch.run_dir(target, record), lines, follow)
-    results = target.fleet.run(command, timeout=timeout, on_line=show)
-    _say_failures((r.worker.index, r.host, r.error or (r.stderr.strip() or None)) for r in results if not r.ok)
+    results = target.fleet.run(command, timeout=timeout, on_line=line_printer(prefixed))
+    say_failures((r.worker.index, r.host, r.error or (r.stderr.strip() or None)) for r in results if not r.ok)
     return all(r.ok for r in results)
 
 
-@cli.command()
+@click.command()
 @run_name_argument
-@click.option("--grace", type=float, default=STOP_GRACE_S, show_default=True, help="Seconds to checkpoint and exit.")
+@grace_option(STOP_GRACE_S, "Seconds to checkpoint and exit.")
 @fleet_options()
 @json_option
 def stop(run: str | None, grace: float, as_json: bool, **flags: Any) -> None:
@@ -313,19 +271,19 @@ def stop(run: str | None, grace: float, as_json: bool, **flags: Any) -> None:
     if as_json:
         render.print_json({"run": record.to_json(), "workers": [render.report_json(r) for r in reports]})
     else:
-        _out().print(render.stop_table(reports))
-        _say_failures((r.index, r.ip, r.error) for r in reports)
+        out().print(render.stop_table(reports))
+        say_failures((r.index, r.ip, r.error) for r in reports)
         if not any(r.error for r in reports):
             (first,) = launch.status(settings, target.subset([0]), record)  # the checkpoint it will resume from
             saved = first.data.get("checkpoint") or "none yet"
-            _err().print(render.plain(f"Stopped at checkpoint {saved}. Resume with: {resume_command(record)}"))
+            err().print(render.plain(f"Stopped at checkpoint {saved}. Resume with: {resume_command(record)}"))
     failed = any(r.error or r.state == "killed" for r in reports)
     raise SystemExit(EXIT_FAILED if failed else EXIT_OK)
 
 
-@cli.command()
+@click.command()
 @run_name_argument
-@click.option("--worker", "-w", type=int, default=0, show_default=True, help="Worker index.")
+@worker_option
 @fleet_options()
 def attach(run: str | None, worker: int, **flags: Any) -> None:
     """Attach to RUN's tmux session on one worker (detach with Ctrl-b d; the run goes on)."""
@@ -349,7 +307,7 @@ def attach(run: str | None, worker: int, **flags: Any) -> None:
     os.execvp(argv[0], argv)
 
 
-@cli.command("runs")
+@click.command("runs")
 @json_option
 def runs_(as_json: bool) -> None:
     """The runs started from this machine, latest first."""
@@ -359,6 +317,6 @@ def runs_(as_json: bool) -> None:
     if as_json:
         render.print_json([r.to_json() for r in records])
     elif not records:
-        _err().print("No runs yet. Start one with: tpuctl run RECIPE")
+        err().print("No runs yet. Start one with: tpuctl run RECIPE")
     else:
-        _out().print(render.runs_table(records))
+        out().print(render.runs_table(records))

@@ -1,0 +1,166 @@
+"""What every command module of the CLI shares: resolved settings, the TPU's workers, the two consoles, failure
+lines, the typed-name confirmation and sync's progress view. Imports nothing of tpuctl.cli's command modules."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from tpuctl import config, render
+from tpuctl.errors import TpuctlError
+
+if TYPE_CHECKING:
+    from tpuctl.cloud import Node
+    from tpuctl.config import Settings
+    from tpuctl.fleet import Fleet
+    from tpuctl.ops import WorkerReport
+
+
+def settings_from(flags: dict[str, Any]) -> Settings:
+    """The settings of this command: its flags over env, the root's --profile, gcloud and the defaults."""
+    ctx = click.get_current_context()
+    return config.resolve(flags, profile=ctx.find_root().obj["profile"])
+
+
+def ready_node(settings: Settings) -> Node:
+    """The --tpu node, READY and with its workers, else one line saying what it is instead."""
+    from tpuctl.cloud import TpuApi
+
+    settings.require("tpu")
+    assert settings.tpu is not None
+    node = TpuApi(settings).get_node(settings.tpu)
+    if node.state != "READY":
+        raise TpuctlError(f"TPU {node.name!r} is {node.state}, not READY", "see `tpuctl list` for its state")
+    if not node.workers:
+        raise TpuctlError(f"TPU {node.name!r} reports no workers yet", "wait until it is READY")
+    return node
+
+
+def fleet_of(settings: Settings, workers: str = "all") -> Fleet:
+    """The chosen workers (--workers) of the --tpu node, ready to run commands on."""
+    from tpuctl.fleet import Fleet
+
+    node = ready_node(settings)
+    return Fleet(settings, [node.workers[i] for i in parse_workers(workers, len(node.workers))])
+
+
+def parse_workers(spec: str, count: int) -> list[int]:
+    """'all', '3', '0,3,5' or '0-3' -> worker indices, checked against the node's worker count."""
+    if spec == "all":
+        return list(range(count))
+    indices: list[int] = []
+    try:
+        for part in spec.split(","):
+            lo, _, hi = part.strip().partition("-")
+            indices += range(int(lo), int(hi or lo) + 1)
+    except ValueError:
+        raise TpuctlError(f"--workers {spec!r} is not a worker list", "use all, 3, 0,3,5 or 0-3") from None
+    bad = [i for i in indices if not 0 <= i < count]
+    if bad:
+        raise TpuctlError(f"worker {bad[0]} does not exist", f"this TPU has workers 0-{count - 1}")
+    return sorted(set(indices))
+
+
+def out() -> Any:
+    """stdout's console: data (tables, command output, --json)."""
+    return render.console()
+
+
+def err() -> Any:
+    """stderr's console: messages, progress and summaries."""
+    return render.console(stderr=True)
+
+
+def say(line: str) -> None:
+    """One message line on stderr, never wrapped."""
+    err().print(render.plain(line), soft_wrap=True)
+
+
+def say_at(line: str) -> None:
+    """A message line stamped with the time of day (babysit's log of what it does)."""
+    say(f"{time.strftime('%H:%M:%S')} {line}")
+
+
+def say_failures(items: Iterable[tuple[int, str, str | None]]) -> None:
+    """The workers that failed and why, one line each, last on stderr so they are what the user sees."""
+    for line in render.failures((i, host, why) for i, host, why in items if why):
+        err().print(render.plain(line), style="red")
+
+
+def line_printer(prefixed: bool = True) -> Callable[[Any, str, str], None]:
+    """A fleet's on_line callback: each worker's lines to our stdout / stderr as they come, whole lines only (one
+    lock for all workers), prefixed [wN] unless one worker's output is shown alone."""
+    lock = threading.Lock()
+
+    def show(worker: Any, stream: str, line: str) -> None:
+        to = sys.stdout if stream == "stdout" else sys.stderr
+        with lock:
+            to.write(f"[{render.worker_name(worker.index)}] {line}\n" if prefixed else line + "\n")
+            to.flush()
+
+    return show
+
+
+def show_reports(reports: list[WorkerReport], as_json: bool, table: Callable[[list[WorkerReport]], Any]) -> None:
+    """Per-worker reports as JSON, or as a table followed by the failed workers and why (last, on stderr)."""
+    if as_json:
+        render.print_json([render.report_json(r) for r in reports])
+        return
+    out().print(table(reports))
+    say_failures((r.index, r.ip, r.error) for r in reports)
+
+
+def confirm_by_name(name: str, action: str) -> None:
+    """Ask the user to type the TPU's name before `action`; without a terminal, refuse (they pass --yes)."""
+    if not sys.stdin.isatty():
+        raise TpuctlError(f"refusing to {action} TPU {name!r} without confirmation", "add --yes (or use --dry-run)")
+    import questionary
+
+    typed = questionary.text(f"Type the TPU name to {action} it ({name}):").unsafe_ask()
+    if typed.strip() != name:
+        raise TpuctlError(f"confirmation {typed!r} does not match {name!r}; nothing was done")
+
+
+def quoted(word: str) -> str:
+    """A word as the user would type it back in a shell (a run name in a `Next:` hint)."""
+    return shlex.quote(word)
+
+
+class SyncProgress:
+    """A rich progress view with a row per worker, only on a terminal (rich is not even imported otherwise)."""
+
+    def __init__(self, count: int, enabled: bool):
+        self.progress = None
+        console = render.console(stderr=True) if enabled and sys.stderr.isatty() else None
+        if console is not None and console.is_terminal:
+            from rich.progress import BarColumn, Progress, TextColumn
+
+            columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[phase]}"))
+            self.progress = Progress(*columns, console=console, transient=True)
+        self.tasks: dict[int, Any] = {}
+        self.lock = threading.Lock()
+
+    def __enter__(self) -> SyncProgress:
+        if self.progress is not None:
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+    def __call__(self, worker: Any, phase: str) -> None:
+        if self.progress is None:
+            return
+        with self.lock:
+            if worker.index not in self.tasks:
+                name = render.worker_name(worker.index)
+                self.tasks[worker.index] = self.progress.add_task(name, total=1, phase=phase)
+            done = phase in ("done", "failed")
+            self.progress.update(self.tasks[worker.index], phase=phase, completed=1 if done else 0)

@@ -1,0 +1,104 @@
+"""The project on the workers: `sync` (this directory, incrementally) and `prepare` (its venv, jax pinned)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from tpuctl import render
+from tpuctl.cli.common import SyncProgress, err, fleet_of, out, ready_node, say_failures, settings_from, show_reports
+from tpuctl.cli.options import dry_run_option, fleet_options, json_option, setting_options
+from tpuctl.errors import EXIT_FAILED, EXIT_OK
+
+
+@click.command()
+@click.argument("directory", default=".", type=click.Path(path_type=Path))
+@click.option("--delete", is_flag=True, help="Remove files on the workers that DIR no longer has.")
+@click.option("--exclude", multiple=True, metavar="PAT", help="Also skip files matching PAT (rsync pattern).")
+@click.option("--full", is_flag=True, help="rsync every worker in full instead of applying the computed delta.")
+@fleet_options("remote_dir", "command_timeout")
+@dry_run_option
+@json_option
+def sync(
+    directory: Path,
+    delete: bool,
+    exclude: tuple[str, ...],
+    full: bool,
+    dry_run: bool,
+    as_json: bool,
+    **flags: Any,
+) -> None:
+    """Copy DIR (default .) to every worker's remote dir, incrementally, skipping .git and .gitignore'd files.
+
+    \b
+    Examples:
+      tpuctl sync . --tpu my-pod
+      tpuctl sync ~/code/openvision --remote-dir '~/openvision' --exclude '*.ckpt'
+    """
+    from tpuctl import sync as syncing
+
+    settings = settings_from(flags)
+    src = directory.resolve()
+    syncing.check_source(src)
+    if dry_run:
+        files = syncing.changed_files(src, settings, delete=delete, excludes=exclude)
+        hosts = [w.address(settings.internal_ip) for w in ready_node(settings).workers]
+        if as_json:
+            render.print_json({"files": files, "workers": hosts})
+        else:
+            for f in files:
+                click.echo(f)
+            err().print(
+                f"Would send {render.count(len(files), 'changed file')} to {render.count(len(hosts), 'worker')}"
+                f" ({settings.remote_dir})."
+            )
+        return
+    with syncing.Mirror(settings, src, delete=delete, excludes=exclude, full=full) as mirror:
+        workers = ready_node(settings).workers  # looked up while the delta is computed (and applied where it can be)
+        with SyncProgress(len(workers), enabled=not as_json) as shown:
+            results = mirror.sync(workers, on_progress=shown)
+    if as_json:
+        render.print_json([render.sync_json(r) for r in results])
+    else:
+        out().print(render.sync_table(results))
+        say_failures((r.worker.index, r.host, r.error) for r in results)
+        if all(r.ok for r in results):
+            err().print(
+                f"Synced {src} to {settings.remote_dir} on {render.count(len(results), 'worker')}. Next: tpuctl prepare"
+            )
+    raise SystemExit(EXIT_OK if all(r.ok for r in results) else EXIT_FAILED)
+
+
+@click.command()
+@fleet_options("remote_dir", "command_timeout")
+@setting_options("python", "extras", "pip_args", "jax_version", "apt_packages")
+@dry_run_option
+@json_option
+def prepare(dry_run: bool, as_json: bool, **flags: Any) -> None:
+    """Create REMOTE_DIR/.venv on every worker with the project and its extras, jax pinned (idempotent).
+
+    Every worker gets jax==JAX_VERSION (jax[tpu] where it has TPU devices), so a pod never mixes releases; the
+    APT_PACKAGES (comma-separated) are installed first with apt-get, as root or through sudo -n.
+
+    Example: tpuctl sync . && tpuctl prepare --jax-version 0.4.35 --apt-packages libgl1,ffmpeg
+    """
+    from tpuctl import ops
+
+    settings = settings_from(flags)
+    command = ops.prepare_command(settings)  # a missing pin is one line before any worker is asked
+    fleet = fleet_of(settings)
+    if dry_run:
+        plan = render.prepare_plan(settings.extras, settings.jax_version or "", settings.apt_packages)
+        err().print(render.plain(f"Would install {plan}"))
+        err().print(f"on {render.count(len(fleet.hosts), 'worker')} ({', '.join(fleet.hosts)}), by running:")
+        click.echo(command)
+        return
+    reports = ops.prepare(settings, fleet)
+    show_reports(reports, as_json, render.prepare_table)
+    if not as_json and not any(r.error for r in reports):
+        err().print(
+            f"{settings.remote_dir}/.venv is ready on {render.count(len(reports), 'worker')}. Next: tpuctl check"
+        )
+    raise SystemExit(EXIT_FAILED if any(r.error for r in reports) else EXIT_OK)
