@@ -226,11 +226,10 @@ def test_a_start_that_fails_on_one_worker_stops_the_others(pod, project):
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(f"tpuctl: error: start failed on w1 ({pod.fleet.workers[1].ip})"), r.stderr
     assert "run `tpuctl prepare` first" in last and "run 'halfway' was not started" in last
-    pid_file = f"~/.tpuctl/runs/{slug('halfway')}/pid"
-    assert pod.fleet.workers[0].path(pid_file).exists()  # worker 0's trainer did start
-    gone = f"! tmux has-session -t {session} 2>/dev/null && ! kill -0 $(cat {pid_file}) 2>/dev/null"
-    on_w0 = pod.tpuctl("exec", "--workers", "0", "--", gone)
-    assert on_w0.returncode == 0, on_w0.stdout + on_w0.stderr  # and was stopped: no session, no process
+    trainer = int(pod.fleet.workers[0].path(f"~/.tpuctl/runs/{slug('halfway')}/pid").read_text())  # it did start
+    assert not alive(trainer)  # and was stopped (the workers share this machine's pids), with its session
+    on_w0 = pod.tpuctl("exec", "--workers", "0", "--", f"! tmux has-session -t {session}")
+    assert on_w0.returncode == 0, on_w0.stdout + on_w0.stderr
     assert "no run was started" in pod.tpuctl("status").stderr
 
 

@@ -290,9 +290,9 @@ def launch(
 
     In order: sync `sync_from` to the workers, `prepare` their venvs, stop this run's own earlier trainers
     (`replace_earlier`: a babysit round after a crash), free the chips (`busy`: refuse when someone holds them, or
-    kill the holder), start the trainers (if any worker fails, stop them all: a half-started pod would wait for the
-    missing workers until its heartbeat times out), then record the run. Returns the record (with the workers' hosts)
-    and each worker's start report.
+    kill the holder), start the trainers (if any worker fails, stop the ones that started: a half-started pod would
+    wait for the missing workers until its heartbeat times out), then record the run. Returns the record (with the
+    workers' hosts) and each worker's start report.
     """
     from tpuctl import ops
 
@@ -315,7 +315,11 @@ def launch(
     reports = start(settings, target, record)
     failures = [(r.index, r.ip, r.error) for r in reports if r.error]
     if failures:
-        stop(settings, target, record, grace=defaults.ABORTED_LAUNCH_GRACE_S)
+        # only the trainers this launch started: a worker that refused (e.g. this run is already training there)
+        # keeps what it has
+        started = [i for i, r in enumerate(reports) if not r.error]
+        if started:
+            stop(settings, target.subset(started), record, grace=defaults.ABORTED_LAUNCH_GRACE_S)
         raise _failed_on("start", failures, record.name)
     registry.save(record)
     return record, reports
