@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+from pathlib import Path
 
 from standins import wait_until
 
 HOLD_DEVICE = "import sys, time; f = open(sys.argv[1], 'rb'); time.sleep(600)"
 HOLD_LOCK = "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.lockf(f, fcntl.LOCK_EX); time.sleep(600)"
+IGNORES_TERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
 # A job that ignores SIGTERM, as a wedged trainer might.
 STUBBORN = (
     "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); f = open(sys.argv[1], 'rb'); "
@@ -151,6 +154,41 @@ def test_kill_stops_tpuctl_tmux_sessions_only(pod):
     assert pod.tpuctl("ssh", "--", sessions).stdout.split() == ["notebook"]
 
 
+def test_kill_all_python_stops_the_users_pythons_on_the_workers_and_nothing_else(pod):
+    """tpu_command.sh's `pkill -f python`, as an option: every Python process of the SSH user on each worker (a
+    venv's python too), never tpuctl's own, never a process that is not Python, never one outside the worker."""
+    w0, w1 = pod.fleet.workers
+    venv = w0.path("/root/venv/bin")
+    venv.mkdir(parents=True)
+    (venv / "python").symlink_to("/usr/bin/python3")  # the workers run the system Python
+    worker_pythons = [
+        w0.spawn(["python3", "-c", "import time; time.sleep(600)"]),
+        w0.spawn(["/root/venv/bin/python", "-c", "import time; time.sleep(600)"]),
+        w1.spawn(
+            ["python3", "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"]
+        ),
+    ]
+    not_python = w0.spawn(["sleep", "600"])
+    here = subprocess.Popen(["python3", "-c", "import time; time.sleep(600)"])  # this machine: not a worker
+    for pid in worker_pythons:  # past nsenter's exec
+        wait_until(lambda pid=pid: "python" in Path(f"/proc/{pid}/comm").read_text(), 5, f"{pid} runs python")
+    try:
+        r = pod.tpuctl("kill", "--all-python")
+        assert r.returncode == 2 and "every Python process of" in r.stderr and "--yes" in r.stderr
+        dry = json.loads(pod.tpuctl("kill", "--all-python", "--dry-run", "--json").stdout)
+        assert sorted(k["pid"] for d in dry for k in d["killed"]) == sorted(worker_pythons)
+        assert all(alive(pid) for pid in worker_pythons)  # a dry run kills nothing
+        r = pod.tpuctl("kill", "--all-python", "--grace", "1", "--yes", "--json")
+        assert r.returncode == 0, r.stdout + r.stderr  # tpuctl's own python on the workers lived to answer
+        data = json.loads(r.stdout)
+        assert [k["signal"] for k in data[1]["killed"]] == ["KILL"]  # ignored TERM: killed after --grace
+        wait_until(lambda: not any(alive(pid) for pid in worker_pythons), 5, "the workers' pythons ended")
+        assert alive(not_python) and here.poll() is None
+    finally:
+        here.kill()
+        here.wait()
+
+
 def test_kill_without_a_terminal_needs_yes(pod):
     r = pod.tpuctl("kill")
     assert r.returncode == 2
@@ -165,22 +203,27 @@ def test_clean_logs_reports_freed_bytes_and_keeps_held_locks(pod):
     (logs / "sub").mkdir()
     (logs / "sub" / "trace").write_bytes(b"y" * 2_000)
     w0.path("/tmp/core.1234").write_bytes(b"z" * 500)
+    w0.path("/var/crash/_usr_bin_python3.0.crash").write_bytes(b"c" * 300)  # the worker's own /var/crash
+    w0.path("/var/crash/202612021200").mkdir()  # a kdump directory
+    w0.path("/var/crash/202612021200/dmesg").write_bytes(b"d" * 200)
     w0.path("/tmp/libtpu_lockfile").write_text("")
     w1.path("/tmp/libtpu_lockfile").write_text("")
     locker = w1.spawn(["python3", "-c", HOLD_LOCK, "/tmp/libtpu_lockfile"])
     wait_until(lambda: locked_by(locker), 5, "the locker locked its file")
 
     dry = json.loads(pod.tpuctl("clean-logs", "--dry-run", "--json").stdout)
-    assert dry[0]["freed_bytes"] == 12_500 and logs.exists()
+    assert dry[0]["freed_bytes"] == 13_000 and logs.exists()
 
     r = pod.tpuctl("clean-logs", "--json")
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
-    assert data[0]["freed_bytes"] == 12_500
-    assert sorted(data[0]["removed"]) == ["/tmp/core.1234", "/tmp/tpu_logs"]
+    assert data[0]["freed_bytes"] == 13_000
+    crash = ["/var/crash/202612021200", "/var/crash/_usr_bin_python3.0.crash"]
+    assert sorted(data[0]["removed"]) == ["/tmp/core.1234", "/tmp/tpu_logs", *crash]
     assert data[0]["lockfiles_removed"] == ["/tmp/libtpu_lockfile"]
     assert data[1]["lockfiles_removed"] == []  # held by a live process: left alone
     assert not logs.exists() and w1.path("/tmp/libtpu_lockfile").exists() and alive(locker)
+    assert w0.path("/var/crash").is_dir() and not any(w0.path("/var/crash").iterdir())  # emptied, kept
     table = pod.tpuctl("clean-logs", "--dry-run")
     assert table.returncode == 0 and "would free" in table.stdout
 

@@ -61,6 +61,47 @@ def test_create_waits_until_ready_and_describe_shows_it(tpuctl: Tpuctl, tpu_api:
         assert field in r.stdout
 
 
+def test_create_sends_the_service_account_tags_metadata_startup_script_and_disks(
+    tpuctl: Tpuctl, tpu_api: FakeTpuApi, tmp_path: Path
+):
+    """What locked-down projects need of a new TPU, through the real client to the API; each bad value is one line
+    before anything is sent."""
+    script = tmp_path / "boot.sh"
+    script.write_text("#!/bin/bash\nmount-bucket /mnt/data\n")
+    account = "trainer@proj.iam.gserviceaccount.com"
+    r = tpuctl(
+        "create", "locked", "--type", "v4-8", "--service-account", account,
+        "--scopes", "cloud-platform,https://www.googleapis.com/auth/devstorage.read_only", "--tags", "tpu,from-bastion",
+        "--metadata", "owner=alice,team=vision", "--startup-script", str(script),
+        "--data-disk", f"imagenet:ro,projects/{PROJECT}/zones/{ZONE}/disks/scratch", "--json",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    (sent,) = posts(tpu_api)
+    from google.cloud.tpu_v2 import AttachedDisk
+
+    DiskMode = AttachedDisk.DiskMode  # the REST transport sends enums as their numbers
+    scope = "https://www.googleapis.com/auth/"
+    assert sent.body["serviceAccount"] == {
+        "email": account,
+        "scope": [scope + "cloud-platform", scope + "devstorage.read_only"],
+    }
+    assert sent.body["tags"] == ["tpu", "from-bastion"]
+    assert sent.body["metadata"] == {"owner": "alice", "team": "vision", "startup-script": script.read_text()}
+    assert sent.body["dataDisks"] == [
+        {"sourceDisk": f"projects/{PROJECT}/zones/{ZONE}/disks/imagenet", "mode": DiskMode.READ_ONLY},
+        {"sourceDisk": f"projects/{PROJECT}/zones/{ZONE}/disks/scratch", "mode": DiskMode.READ_WRITE},
+    ]
+    for flags, says in (
+        (["--metadata", "owner"], "metadata 'owner' is not KEY=VALUE"),
+        (["--tags", "Not_A_Tag"], "tag 'Not_A_Tag' is not a network tag"),
+        (["--startup-script", str(tmp_path / "missing.sh")], "cannot read the startup script"),
+        (["--data-disk", "imagenet:rx"], "data disk 'imagenet:rx' is not NAME or NAME:ro"),
+    ):
+        r = tpuctl("create", "bad", "--type", "v4-8", *flags)
+        assert r.returncode == 2 and says in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert len(posts(tpu_api)) == 1  # none of them reached the API
+
+
 def test_dry_run_prints_the_request_and_sends_nothing(tpuctl: Tpuctl, tpu_api: FakeTpuApi):
     r = tpuctl("create", "my-pod", "--type", "v5litepod-16", "--reservation", "--network", "vpc-1", "--dry-run")
     assert r.returncode == 0, r.stderr

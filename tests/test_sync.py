@@ -46,6 +46,24 @@ def test_sync_copies_the_tree_skipping_git_and_ignored_files(pod4, project):
     assert all(d["files"] == len(expected) for d in data)
 
 
+def test_caches_and_logs_stay_home_unless_told_otherwise(pod, project):
+    """tpu_command.sh's excludes by default (__pycache__, *.pyc, logs/): a worker keeps its own logs even with
+    --delete; SYNC_EXCLUDES set to nothing sends them all."""
+    (project / "pkg" / "__pycache__").mkdir()
+    (project / "pkg" / "__pycache__" / "mod1.cpython-311.pyc").write_bytes(b"\0" * 10)
+    (project / "stale.pyc").write_bytes(b"\0")
+    (project / "logs").mkdir()
+    (project / "logs" / "run.txt").write_text("mine\n")
+    w0 = pod.fleet.workers[0]
+    w0.path("/root/tpuctl/logs").mkdir(parents=True)
+    w0.path("/root/tpuctl/logs/worker.txt").write_text("the worker's\n")
+    sync_json(pod, str(project), "--delete")
+    kept_home = ["logs/run.txt", "pkg/__pycache__/mod1.cpython-311.pyc", "stale.pyc"]
+    assert not set(kept_home) & set(remote_files(w0)) and w0.path("/root/tpuctl/logs/worker.txt").exists()
+    sync_json(pod, str(project), "--sync-excludes", "")
+    assert set(kept_home) <= set(remote_files(w0)) and set(kept_home) <= set(remote_files(pod.fleet.workers[1]))
+
+
 def test_incremental_sync_sends_only_the_change_computed_once(pod4, project):
     sync_json(pod4, str(project))
     (project / "pkg" / "mod3.py").write_text("VALUE = 'changed'\n")

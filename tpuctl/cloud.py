@@ -92,10 +92,16 @@ class NodeRequest:
     labels: tuple[tuple[str, str], ...] = (("created-by", "tpuctl"),)
     queued: bool = False  # through a queued resource: waits in the queue for capacity instead of failing
     valid_until_s: int | None = None  # queued only: give up waiting after this long
+    service_account: str | None = None
+    scopes: tuple[str, ...] = ()  # full URLs
+    tags: tuple[str, ...] = ()
+    metadata: tuple[tuple[str, str], ...] = ()
+    data_disks: tuple[tuple[str, bool], ...] = ()  # (projects/P/zones/Z/disks/NAME, read-only)
 
     @classmethod
     def from_settings(cls, settings: Settings, name: str, **capacity: Any) -> NodeRequest:
-        """TPU `name` of the settings' type, runtime and network; `capacity`: spot, reserved, queued, valid_until_s."""
+        """TPU `name` as the settings describe new TPUs (type, runtime, network, service account, tags, metadata,
+        startup script, data disks); `capacity`: spot, reserved, queued, valid_until_s. Bad values are one line."""
         settings.require("accelerator_type")
         assert settings.accelerator_type is not None
         return cls(
@@ -104,6 +110,11 @@ class NodeRequest:
             runtime_version=settings.runtime_version,
             network=settings.network,
             subnetwork=settings.subnetwork,
+            service_account=settings.service_account,
+            scopes=tuple(scope_url(s) for s in settings.scopes) if settings.service_account else (),
+            tags=tuple(settings.tags),
+            metadata=vm_metadata(settings),
+            data_disks=tuple(data_disk(d, settings) for d in settings.data_disks),
             **capacity,
         )
 
@@ -112,6 +123,49 @@ class NodeRequest:
         """The same TPU again: its name, type, runtime and spot-ness (babysit remaking a dead TPU it was not told
         how to create)."""
         return cls(node.name, node.accelerator_type, node.runtime_version, spot=node.spot)
+
+
+SCOPE_PREFIX = "https://www.googleapis.com/auth/"
+TAG_RE = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")  # Compute Engine's network tags
+METADATA_KEY_RE = re.compile(r"[a-zA-Z0-9_-]{1,128}")
+
+
+def scope_url(scope: str) -> str:
+    """gcloud's short scope names (cloud-platform, devstorage.read_only) as the API wants them: full URLs."""
+    return scope if "://" in scope else SCOPE_PREFIX + scope
+
+
+def vm_metadata(settings: Settings) -> tuple[tuple[str, str], ...]:
+    """The metadata setting's KEY=VALUE items, plus the startup script's contents as `startup-script`."""
+    items: dict[str, str] = {}
+    for item in settings.metadata:
+        key, sep, value = item.partition("=")
+        if not sep or not METADATA_KEY_RE.fullmatch(key):
+            raise ConfigError(f"metadata {item!r} is not KEY=VALUE", "e.g. --metadata owner=alice,team=vision")
+        items[key] = value
+    for tag in settings.tags:
+        if not TAG_RE.fullmatch(tag):
+            raise ConfigError(f"tag {tag!r} is not a network tag", "lowercase letters, digits and -, at most 63")
+    if settings.startup_script:
+        if "startup-script" in items:
+            raise ConfigError("startup-script is given twice: in metadata and as startup_script", "keep one")
+        path = settings.path("startup_script")
+        try:
+            items["startup-script"] = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read the startup script {path}: {e.strerror}") from None
+    return tuple(items.items())
+
+
+def data_disk(spec: str, settings: Settings) -> tuple[str, bool]:
+    """'NAME', 'NAME:ro' or a full projects/P/zones/Z/disks/NAME path -> (full path, read-only)."""
+    source, _, mode = spec.partition(":")
+    if mode not in ("", "ro", "rw") or not source:
+        raise ConfigError(f"data disk {spec!r} is not NAME or NAME:ro", "e.g. --data-disk imagenet:ro")
+    if "/" not in source:
+        settings.require("project", "zone")
+        source = f"projects/{settings.project}/zones/{settings.zone}/disks/{source}"
+    return source, mode == "ro"
 
 
 def node_proto(request: NodeRequest) -> Any:
@@ -127,6 +181,15 @@ def node_proto(request: NodeRequest) -> Any:
     )
     if not request.queued:  # a queued resource says spot/reserved itself
         node.scheduling_config = tpu_v2.SchedulingConfig(spot=request.spot, reserved=request.reserved)
+    if request.service_account:
+        node.service_account = tpu_v2.ServiceAccount(email=request.service_account, scope=list(request.scopes))
+    node.tags = list(request.tags)
+    node.metadata = dict(request.metadata)
+    mode = tpu_v2.AttachedDisk.DiskMode
+    node.data_disks = [
+        tpu_v2.AttachedDisk(source_disk=source, mode=mode.READ_ONLY if read_only else mode.READ_WRITE)
+        for source, read_only in request.data_disks
+    ]
     return node
 
 

@@ -101,6 +101,28 @@ class Settings:
     )
     network: str | None = _setting(None, "str", "VPC network of new TPUs (default: the project's).", "--network")
     subnetwork: str | None = _setting(None, "str", "Subnetwork of new TPUs.", "--subnet")
+    service_account: str | None = _setting(
+        None,
+        "str",
+        "Service account new TPU VMs run as (default: the project's Compute Engine one).",
+        "--service-account",
+    )
+    scopes: list[str] = _setting(
+        ["cloud-platform"], "list", "OAuth scopes of that service account: short names or URLs.", "--scopes"
+    )
+    tags: list[str] = _setting([], "list", "Network tags of new TPU VMs (what firewall rules match).", "--tags")
+    metadata: list[str] = _setting(
+        [], "list", "KEY=VALUE metadata of new TPU VMs (comma-separated; values without commas).", "--metadata"
+    )
+    startup_script: str | None = _setting(
+        None, "path", "A file new TPU VMs run at every boot (their startup-script metadata).", "--startup-script"
+    )
+    data_disks: list[str] = _setting(
+        [],
+        "list",
+        "Persistent disks new TPU VMs attach: a disk of the zone by name or its full path, NAME:ro for read-only.",
+        "--data-disk",
+    )
     python: str = _setting("python3", "str", "Python on the workers used to create the virtualenv.")
     extras: str = _setting("train", "str", "Extras of the project that `prepare` installs on the workers.")
     pip_args: str = _setting("", "str", "Extra arguments for pip on the workers, e.g. an index URL.")
@@ -118,6 +140,13 @@ class Settings:
         "--apt-packages",
     )
     target: str = _setting("tpu", "str", "Where `run` trains: 'tpu' (the TPU's workers) or 'local' (this machine).")
+    sync_excludes: list[str] = _setting(
+        ["__pycache__", "*.pyc", "logs/"],
+        "list",
+        "What sync never sends, besides .git and what .gitignore ignores (rsync patterns, comma-separated; empty:"
+        " nothing more). Workers keep their own copies of these.",
+        "--sync-excludes",
+    )
     workdir_root: str = _setting(
         "~/tpuctl-runs",
         "str",

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from tpuctl import defaults, registry, remote
+from tpuctl import defaults, ops, registry, remote
 from tpuctl.errors import TpuctlError
 from tpuctl.ops import WorkerReport, report
 from trainer import contract
@@ -294,8 +294,6 @@ def launch(
     wait for the missing workers until its heartbeat times out), then record the run. Returns the record (with the
     workers' hosts) and each worker's start report.
     """
-    from tpuctl import ops
-
     if sync_from is not None:
         from tpuctl import sync as syncing
 
@@ -328,8 +326,6 @@ def launch(
 def _free_chips(settings: Settings, target: Target, busy: Busy, say: Callable[[str], None]) -> None:
     """Chips someone holds (or that cannot be checked) refuse the launch, or, with busy="kill", their holder is
     killed first. A local target without TPU device files has nothing to share."""
-    from tpuctl import ops
-
     if target.kind == "local" and not has_local_chips(settings):
         return
     reports = ops.check(settings, target.fleet)

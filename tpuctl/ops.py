@@ -69,8 +69,13 @@ def check(settings: Settings, fleet: Fleet) -> list[WorkerReport]:
     return _chips(settings, fleet, "check", CHIPS_TIMEOUT_S)
 
 
-def kill(settings: Settings, fleet: Fleet, *, grace: float = KILL_GRACE_S, dry_run: bool = False) -> list[WorkerReport]:
-    return _chips(settings, fleet, "kill", CHIPS_TIMEOUT_S + grace, grace=grace, dry_run=dry_run)
+def kill(
+    settings: Settings, fleet: Fleet, *, grace: float = KILL_GRACE_S, dry_run: bool = False, all_python: bool = False
+) -> list[WorkerReport]:
+    """tpuctl's tmux sessions, then what holds the chips (and, with all_python, every Python process of the SSH user:
+    tpu_command.sh's `pkill -f python`), TERM then KILL after `grace`; then the lockfiles nobody holds."""
+    options = {"grace": grace, "dry_run": dry_run, **({"all_python": True} if all_python else {})}
+    return _chips(settings, fleet, "kill", CHIPS_TIMEOUT_S + grace, **options)
 
 
 def clean_logs(settings: Settings, fleet: Fleet, *, dry_run: bool = False) -> list[WorkerReport]:

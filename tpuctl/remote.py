@@ -25,7 +25,8 @@ LOCKFILE_GLOBS = (
     "/home/*/.libtpu_lockfile",
 )
 TPU_LOG_DIR = "/tmp/tpu_logs"
-CRASH_DUMP_GLOBS = ("/tmp/core", "/tmp/core.*")
+# what /var/crash holds, not the directory (apport and kdump write there; tpu_command.sh's rm_tpu_logs emptied it)
+CRASH_DUMP_GLOBS = ("/tmp/core", "/tmp/core.*", "/var/crash/*")
 # tmux sessions tpuctl starts are named with this prefix, so `kill` stops ours and nobody else's.
 SESSION_PREFIX = "tpuctl-"
 SYNC_STAMP = ".tpuctl-sync"

@@ -62,7 +62,8 @@ ProgressCallback = Callable[["Worker", str], None]
 
 
 def rsync_filters(excludes: Sequence[str]) -> list[str]:
-    """What never travels: .git, what .gitignore ignores, the workers' own venv and sync stamp, user excludes."""
+    """What never travels: .git, what .gitignore ignores, the workers' own venv and sync stamp, `excludes` (the
+    sync_excludes setting and --exclude)."""
     rules = [
         "--filter=:- .gitignore",
         "--exclude=.git",
@@ -107,7 +108,7 @@ def changed_files(src: Path, settings: Settings, *, delete: bool, excludes: Sequ
         "-n",
         "--out-format=%n",
         *(["--delete"] if delete else []),
-        *rsync_filters(excludes),
+        *rsync_filters([*settings.sync_excludes, *excludes]),
     ]
     out = subprocess.run([*argv, f"{src}/", f"{tree}/"], capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -137,7 +138,7 @@ class Mirror:
         check_source(src)
         _need_local("ssh")
         self.settings, self.src, self.full = settings, src, full
-        self.filters = [*(["--delete"] if delete else []), *rsync_filters(excludes)]
+        self.filters = [*(["--delete"] if delete else []), *rsync_filters([*settings.sync_excludes, *excludes])]
         self.state = mirror_dir(settings, src)
         self.tree, self.stamp_file, self.hosts_file = self.state / "tree", self.state / "stamp", self.state / "hosts"
 

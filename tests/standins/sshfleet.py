@@ -87,6 +87,7 @@ class StandinWorker:
         self.dir = dir
         self.home = dir / "home"  # the worker's /root
         self.tmp = dir / "tmp"  # the worker's /tmp
+        self.crash_dir = dir / "crash"  # the worker's /var/crash (system crash reports: clean-logs empties it)
         self.hosts_file = dir / "hosts"  # the worker's /etc/hosts
         self.host_key = dir / "ssh_host_ed25519_key"
         self.sshd_config = dir / "sshd_config"
@@ -119,14 +120,14 @@ class StandinWorker:
     def path(self, inside: str) -> Path:
         """Map a path as the worker sees it to the path on this machine.
 
-        /root/... and /tmp/... are the worker's own, and so are ~/... and relative paths (an SSH session
-        starts in /root); /etc/hosts is its own file; any other path is shared with this machine.
+        /root/..., /tmp/... and /var/crash/... are the worker's own, and so are ~/... and relative paths (an SSH
+        session starts in /root); /etc/hosts is its own file; any other path is shared with this machine.
         """
         if inside == "~" or inside.startswith("~/"):
             inside = "/root" + inside[1:]
         elif not inside.startswith("/"):
             inside = "/root/" + inside
-        for mount_point, host_dir in (("/root", self.home), ("/tmp", self.tmp)):
+        for mount_point, host_dir in (("/root", self.home), ("/tmp", self.tmp), ("/var/crash", self.crash_dir)):
             if inside == mount_point or inside.startswith(mount_point + "/"):
                 return host_dir / inside[len(mount_point) :].lstrip("/")
         if inside == "/etc/hosts":
@@ -179,9 +180,13 @@ class StandinWorker:
         _wait_ready([self])
 
     def crash(self) -> None:
-        """SIGKILL everything on the worker, sshd and its sessions included: the VM died mid-command."""
+        """SIGKILL everything on the worker, sshd and its sessions included: the VM died mid-command. Swept until
+        nothing is left: a process forking while one sweep reads /proc can have a child that sweep did not see."""
         self.thaw()
-        _signal(_pids_in(self.namespaces) | {p.pid for p in self._children() if p.poll() is None}, signal.SIGKILL)
+        deadline = time.monotonic() + KILL_WAIT_S
+        while (alive := _alive(self.namespaces, self._children())) and time.monotonic() < deadline:
+            _signal(alive, signal.SIGKILL)
+            time.sleep(0.01)
         if self._sshd is not None:
             self._sshd.wait()
             self._sshd = None
@@ -213,6 +218,7 @@ class StandinWorker:
         self.home.mkdir(mode=0o700, parents=True)
         self.tmp.mkdir()
         self.tmp.chmod(0o1777)  # like /tmp: tmux and others check its mode
+        self.crash_dir.mkdir()
         # The hostname must resolve on the worker (gloo, JAX coordinators and `hostname -i` need it).
         self.hosts_file.write_text(f"127.0.0.1 localhost\n{self.ip} {self.hostname}\n{self.network.hosts}")
         self.sshd_config.write_text(self._sshd_config_text())
@@ -257,6 +263,8 @@ class StandinWorker:
                 # The sources live outside /root and /tmp, so no mount hides the next one's source.
                 f"mount --bind {q(str(self.home))} /root",
                 f"mount --bind {q(str(self.tmp))} /tmp",
+                "mkdir -p /var/crash",  # the mount point (Debian images have it; an empty one on this machine else)
+                f"mount --bind {q(str(self.crash_dir))} /var/crash",
                 f"mount --bind {q(str(self.hosts_file))} /etc/hosts",
                 f"exec {SSHD} -D -e -f {q(str(self.sshd_config))}",
             ]

@@ -34,25 +34,35 @@ def check(as_json: bool, **flags: Any) -> None:
 
 @click.command()
 @grace_option(KILL_GRACE_S, "Seconds between TERM and KILL.")
+@click.option(
+    "--all-python",
+    is_flag=True,
+    help="Also every Python process of the SSH user on each worker (tpu_command.sh's `pkill -f python`).",
+)
 @yes_option
 @fleet_options()
 @dry_run_option
 @json_option
-def kill(grace: float, yes: bool, dry_run: bool, as_json: bool, **flags: Any) -> None:
+def kill(grace: float, all_python: bool, yes: bool, dry_run: bool, as_json: bool, **flags: Any) -> None:
     """Stop the training job on every worker: tpuctl's tmux sessions, then the chip holders, then stale locks.
 
-    Holders get TERM, then KILL after --grace seconds; lockfiles go only once nobody holds them.
+    Holders get TERM, then KILL after --grace seconds; lockfiles go only once nobody holds them. With --all-python,
+    every Python process the SSH user runs on the workers goes too, whether it holds the chips or not.
     Never kills its own shell or sshd.
 
-    Example: tpuctl kill --tpu my-pod --dry-run
+    \b
+    Examples:
+      tpuctl kill --tpu my-pod --dry-run
+      tpuctl kill --tpu my-pod --all-python --yes
     """
     from tpuctl import ops
 
     settings = settings_from(flags)
     fleet = fleet_of(settings)
     if not dry_run and not yes:
-        confirm_by_name(settings.tpu or "", f"kill the jobs on all {len(fleet.workers)} workers of")
-    reports = ops.kill(settings, fleet, grace=grace, dry_run=dry_run)
+        what = f"every Python process of {settings.ssh_user}" if all_python else "the jobs"
+        confirm_by_name(settings.tpu or "", f"kill {what} on all {len(fleet.workers)} workers of")
+    reports = ops.kill(settings, fleet, grace=grace, dry_run=dry_run, all_python=all_python)
     show_reports(reports, as_json, render.kill_table)
     if not as_json and not dry_run and not any(r.error for r in reports):
         err().print("Stopped. Next: tpuctl check")
@@ -65,7 +75,7 @@ def kill(grace: float, yes: bool, dry_run: bool, as_json: bool, **flags: Any) ->
 @dry_run_option
 @json_option
 def clean_logs(dry_run: bool, as_json: bool, **flags: Any) -> None:
-    """Remove /tmp/tpu_logs, crash dumps and libtpu lockfiles nobody holds; report freed bytes per worker.
+    """Remove /tmp/tpu_logs, core dumps, /var/crash's reports and libtpu lockfiles nobody holds; freed bytes per worker.
 
     Example: tpuctl clean-logs --tpu my-pod
     """

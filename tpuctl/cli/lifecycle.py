@@ -16,6 +16,7 @@ from tpuctl.cli.options import (
     dry_run_option,
     fleet_options,
     json_option,
+    new_tpu_options,
     run_spec_options,
     setting_options,
     yes_option,
@@ -82,7 +83,8 @@ class Progress:
 @click.option(
     "--ready-timeout", default=defaults.READY_TIMEOUT_S, show_default=True, help="Seconds to wait for READY per try."
 )
-@setting_options("project", "zone", "accelerator_type", "runtime_version", "network", "subnetwork")
+@setting_options("project", "zone")
+@new_tpu_options
 @dry_run_option
 @json_option
 def create(
@@ -229,7 +231,8 @@ def _show_node(api: Any, node: Any, as_json: bool) -> None:
     "--unhealthy-grace", default=defaults.UNHEALTHY_GRACE_S, show_default=True, help="Seconds a TPU may stay unhealthy."
 )
 @fleet_options("remote_dir", "command_timeout")
-@setting_options("accelerator_type", "runtime_version", "network", "subnetwork", "workdir_root", "coordinator_port")
+@new_tpu_options
+@setting_options("workdir_root", "coordinator_port")
 @setting_options("python", "extras", "pip_args", "jax_version", "apt_packages")
 @json_option
 def babysit(

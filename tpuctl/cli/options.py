@@ -48,6 +48,25 @@ def fleet_options(*extra: str) -> Callable[[Any], Any]:
     return setting_options(*FLEET_SETTINGS, "internal_ip", "replace_host_keys", *extra)
 
 
+# What describes a TPU to create: `create` and `babysit` (which creates one when it must) take the same.
+NEW_TPU_SETTINGS = (
+    "accelerator_type",
+    "runtime_version",
+    "network",
+    "subnetwork",
+    "service_account",
+    "scopes",
+    "tags",
+    "metadata",
+    "startup_script",
+    "data_disks",
+)
+
+
+def new_tpu_options(fn: Any) -> Any:
+    return setting_options(*NEW_TPU_SETTINGS)(fn)
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout, for scripts.")
 dry_run_option = click.option("--dry-run", is_flag=True, help="Show what would be done; change nothing.")
 yes_option = click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")

@@ -18,7 +18,7 @@ from tpuctl.errors import EXIT_FAILED, EXIT_OK
 @click.option("--delete", is_flag=True, help="Remove files on the workers that DIR no longer has.")
 @click.option("--exclude", multiple=True, metavar="PAT", help="Also skip files matching PAT (rsync pattern).")
 @click.option("--full", is_flag=True, help="rsync every worker in full instead of applying the computed delta.")
-@fleet_options("remote_dir", "command_timeout")
+@fleet_options("remote_dir", "command_timeout", "sync_excludes")
 @dry_run_option
 @json_option
 def sync(
@@ -30,12 +30,14 @@ def sync(
     as_json: bool,
     **flags: Any,
 ) -> None:
-    """Copy DIR (default .) to every worker's remote dir, incrementally, skipping .git and .gitignore'd files.
+    """Copy DIR (default .) to every worker's remote dir, incrementally, skipping .git, .gitignore'd files and
+    SYNC_EXCLUDES (__pycache__, *.pyc and logs/ unless set otherwise).
 
     \b
     Examples:
       tpuctl sync . --tpu my-pod
       tpuctl sync ~/code/openvision --remote-dir '~/openvision' --exclude '*.ckpt'
+      tpuctl sync . --sync-excludes ''    # send __pycache__, *.pyc and logs/ too
     """
     from tpuctl import sync as syncing
 

@@ -189,6 +189,52 @@ def remove_free_lockfiles(state, dry_run):
     return removed
 
 
+def login_uid():
+    """The uid of the user tpuctl logged in as: sudo's caller when this runs through sudo, else our own."""
+    try:
+        return int(os.environ["SUDO_UID"])
+    except (KeyError, ValueError):
+        return os.getuid()
+
+
+def is_python(pid):
+    """Whether the process is a Python interpreter, by its name or its argv[0] (a venv's python, a script whose
+    shebang runs one): what `pkill -f python` in tpu_command.sh meant to hit, without matching arguments."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            comm = f.read().strip()
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv0 = f.read().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return False
+    return "python" in comm or "python" in os.path.basename(argv0)
+
+
+def mount_namespace(pid):
+    try:
+        return os.readlink(f"/proc/{pid}/ns/mnt")
+    except OSError:
+        return None
+
+
+def pythons_of(uid, keep):
+    """Every live Python process of `uid` on this machine, but none in `keep` (this script and its ancestors) and
+    none in a container (another mount namespace than ours: a container's processes are its own business)."""
+    ours, found = mount_namespace("self"), []
+    for pid in pids():
+        try:
+            owner = os.stat(f"/proc/{pid}").st_uid
+        except OSError:
+            continue
+        if owner != uid or pid in keep or mount_namespace(pid) != ours:
+            continue
+        if alive(pid) and is_python(pid):
+            info = proc_info(pid)
+            if info:
+                found.append(info)
+    return found
+
+
 def kill(args):
     dry_run = args.get("dry_run", False)
     sessions = tmux_sessions(args["session_prefix"])
@@ -200,6 +246,9 @@ def kill(args):
     state = inspect(args)
     keep = protected_pids()
     targets = [h for h in state["holders"] if h["pid"] not in keep]
+    if args.get("all_python"):
+        chosen = {h["pid"] for h in targets}
+        targets += [p for p in pythons_of(login_uid(), keep) if p["pid"] not in chosen]
     survivors = []
     if not dry_run and targets:
         for h in targets:
