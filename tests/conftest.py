@@ -83,17 +83,10 @@ SLOW_MODULES = {
 }
 
 
-# CI runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`): a module's tests stay together (its
-# fixtures are made once), and the modules that share the pod drills' reference run (pod_reference) share a worker.
-SHARED_GROUPS = {"test_runs": "pod-drills", "test_babysit": "pod-drills"}
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        module = item.module.__name__ if item.module is not None else ""
-        if module in SLOW_MODULES:
+        if item.module is not None and item.module.__name__ in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
-        item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(module, module)))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -33,7 +33,7 @@ NEEDS_FASHION = pytest.mark.skipif(
 pytestmark = NEEDS_FASHION
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: CI's two xdist workers interleave the modules' tests
 def fashion() -> tuple[np.ndarray, np.ndarray]:
     """Fashion-MNIST's real test images (28x28 grey) and labels, as RGB."""
     images = read_idx(Path(FASHION_HOME, "t10k-images-idx3-ubyte.gz"))[:400]
@@ -101,7 +101,7 @@ def write_tars(directory: Path, fashion, rows: range, word: str, per_tar: int = 
                     tar.addfile(info, io.BytesIO(payload))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: CI's two xdist workers interleave the modules' tests
 def sets(tmp_path_factory, fashion) -> Path:
     """Two TFDS builders (alpha: 120 train rows, beta: 60) and beta's rows again as webdataset tars."""
     root = tmp_path_factory.mktemp("sets")

@@ -16,7 +16,7 @@ from trainer.data.tfsetup import tf
 SOT, EOT = 49406, 49407
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: CI's two xdist workers interleave the modules' tests
 def clip_bpe():
     return tokenizers.ClipBpe()
 

@@ -91,7 +91,7 @@ def trainer(xla_cache):
     t.stop_all()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: CI's two xdist workers interleave the modules' tests
 def reference(tmp_path_factory, xla_cache):
     """One uninterrupted run: the per-step records every drill must reproduce."""
     workdir = tmp_path_factory.mktemp("reference")
