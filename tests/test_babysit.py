@@ -179,6 +179,52 @@ def test_babysit_gives_up_after_max_restarts_and_says_how_to_go_on(tpu_api, proj
     assert "sync failed on w0" in r.stdout
 
 
+def test_babysit_creates_in_the_first_zone_with_room_and_stays_there(tpu_api, project, tmp_path):
+    """--zones: babysit makes the TPU in the first zone with room, records the zone in its state, and a babysit
+    started again looks for the TPU there (not in the zone tried first)."""
+    from standins.tpu_api import OperationError
+
+    tpu_api.full_zones = {"zone-full": OperationError(8, "There is no more capacity in the zone")}
+    tpu_api.on_create = lambda *_: [("127.0.0.1", "127.0.0.1")]  # new VMs, whose sshd never answers
+    env = babysit_env(tpu_api, tmp_path) | {"TPUCTL_SSH_PORT": str(free_port())}
+    del env["TPUCTL_ZONE"]
+    command = [TPUCTL, "babysit", RECIPE, "--tpu", "zoned", "--type", "v4-8", "--zones", f"zone-full,{ZONE}"]
+    command += ["--poll", "0.1", "--max-restarts", "0", "--json"]
+    r = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 4, r.stderr  # the VMs never answer: the launch fails, and no restart is allowed
+    state = json.loads(r.stdout)
+    assert state["zone"] == ZONE and state["created_tpu"]
+    assert ("created", f"v4-8, 1 workers in {ZONE}") in [(e["what"], e["detail"]) for e in state["events"]]
+    assert "zone-full refused" in r.stderr and f"got zone {ZONE}" in r.stderr
+    assert [c.path.split("/")[5] for c in tpu_api.creations()] == ["zone-full", ZONE]
+    looked = len(tpu_api.requests)
+    r = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 4 and "resumed" in r.stderr, r.stderr
+    later = tpu_api.requests[looked:]
+    assert later and all(f"/locations/{ZONE}/" in q.path for q in later)  # straight to its zone
+    assert len(tpu_api.creations()) == 2  # found, not made again
+
+
+def test_babysit_finds_a_tpu_in_any_of_its_zones_and_follows_it_there(tpu_api, tmp_path, monkeypatch):
+    """A TPU made earlier in the second of --zones: babysit finds it, and the run's record, the workers' settings
+    and the state all name that zone (so `tpuctl status RUN` looks there)."""
+    from tpuctl.babysit import Babysitter, Options
+    from tpuctl.cloud import TpuApi
+    from tpuctl.config import Settings
+    from tpuctl.registry import RunRecord
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    tpu_api.add_node(PROJECT, "zone-b", "elsewhere", [("127.0.0.1", None)])
+    settings = Settings(project=PROJECT, zones=["zone-c", "zone-b"], tpu="elsewhere", api_endpoint=tpu_api.endpoint)
+    record = RunRecord(name="r", recipe="r.toml", workdir="/w", target="tpu", cwd="~/tpuctl", project=PROJECT)
+    sitter = Babysitter(settings, TpuApi(settings), tmp_path, record, None, Options(), say=lambda _: None)
+    assert sitter.ready_tpu().zone == "zone-b"
+    assert sitter.state.zone == sitter.record.zone == sitter.settings.zone == sitter.api.zone == "zone-b"
+    sitter.note("found")  # saved: a babysit started again goes straight to zone-b
+    again = Babysitter(settings, TpuApi(settings), tmp_path, record, None, Options(), say=lambda _: None)
+    assert again.api.zone == "zone-b" and again.record.zone == "zone-b"
+
+
 def test_an_unhealthy_tpu_is_remade_after_the_grace_with_recreate(tpu_api, project, tmp_path):
     node = tpu_api.add_node(PROJECT, ZONE, "sick", [("127.0.0.1", "127.0.0.1")], accelerator_type="v4-16")
     node.update(health="UNHEALTHY_MAINTENANCE", healthDescription="The TPU had a maintenance event.")

@@ -143,6 +143,45 @@ def test_giving_up_after_the_attempts_says_what_to_try(tpuctl: Tpuctl, tpu_api: 
     assert len(posts(tpu_api)) == 3 and ("proj", "zone-a", "my-pod") not in tpu_api.nodes
 
 
+def test_zones_are_tried_in_order_and_the_tpu_lands_in_the_first_with_room(tpuctl: Tpuctl, tpu_api: FakeTpuApi):
+    """--zones: a zone out of quota (refused at once) or out of capacity (its operation fails) hands the request to
+    the next; the TPU lands in the first that has room, and tpuctl says where."""
+    tpu_api.full_zones = {
+        "zone-a": ApiError(HTTPStatus.TOO_MANY_REQUESTS, "Quota 'TPUV4sPerProjectPerZone' exceeded. Limit: 32"),
+        "zone-b": OperationError(8, 'There is no more capacity in the zone "zone-b"; try again later'),
+    }
+    r = tpuctl("create", "my-pod", "--type", "v4-8", "--zones", "zone-a,zone-b,zone-c", "--backoff", "0", "--json")
+    assert r.returncode == 0, r.stderr
+    node = json.loads(r.stdout)
+    assert node["zone"] == "zone-c" and node["state"] == "READY"
+    assert [s.path.split("/")[5] for s in posts(tpu_api)] == ["zone-a", "zone-b", "zone-c"]  # one pass, in order
+    assert "zone-a refused (creating TPU 'my-pod': no capacity or quota now (Quota 'TPUV4sPerProject" in r.stderr
+    assert "; trying zone-b" in r.stderr and "; trying zone-c" in r.stderr and "got zone zone-c" in r.stderr
+    assert "give the other commands --zone zone-c" in r.stderr
+    assert [key for key in tpu_api.nodes if key[2] == "my-pod"] == [(PROJECT, "zone-c", "my-pod")]
+    assert "attempt" not in r.stderr  # no backoff wait: a zone had room in the first pass
+
+
+def test_when_every_zone_refuses_the_passes_back_off_then_give_up(tpuctl: Tpuctl, tpu_api: FakeTpuApi):
+    full = OperationError(8, "There is no more capacity in the zone")
+    tpu_api.full_zones = {"zone-a": full, "zone-b": full}
+    r = tpuctl("create", "my-pod", "--type", "v4-8", "--zones", "zone-a,zone-b", "--attempts", "2", "--backoff", "0")
+    assert r.returncode == 2
+    assert "attempt 1/2 every zone refused (zone-a, zone-b); again in" in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert "every zone refused (zone-a, zone-b); gave up after 2 attempts" in last and "--zones" in last
+    assert [s.path.split("/")[5] for s in posts(tpu_api)] == ["zone-a", "zone-b"] * 2
+    assert not [key for key in tpu_api.nodes if key[2] == "my-pod"]
+    # bad zones, and zonal disks across zones: one line each, nothing sent
+    for flags, says in (
+        (["--zones", "zone-a,Zone B"], "zone 'Zone B' is not a zone name"),
+        (["--zones", "zone-a,zone-b", "--data-disk", "imagenet"], "a persistent disk lives in one zone"),
+    ):
+        r = tpuctl("create", "bad", "--type", "v4-8", *flags)
+        assert r.returncode == 2 and says in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert len(posts(tpu_api)) == 4
+
+
 def test_mistakes_are_one_line_and_not_retried(tpuctl: Tpuctl, tpu_api: FakeTpuApi):
     r = tpuctl("create", "my-pod", "--type", "v9-99", "--backoff", "0")
     assert r.returncode == 2 and "Traceback" not in r.stderr

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tpuctl import defaults, launch, lifecycle, registry
+from tpuctl.cloud import creation_zones
 from tpuctl.errors import CloudError, GaveUpError, TpuctlError
 
 if TYPE_CHECKING:
@@ -49,6 +50,7 @@ class Event:
 class State:
     run: str
     tpu: str
+    zone: str = ""  # where the TPU is, once babysit has found or made it (with --zones, it may be any of them)
     created_tpu: bool = False  # babysit made this TPU: it may delete it
     restarts: int = 0
     finished: bool = False
@@ -114,6 +116,11 @@ class Babysitter:
         self.request, self.options, self.say, self.sleep = request, options, say, sleep
         self.state = State.load(record.name, settings.tpu)
         self.fresh_workers = False  # the TPU was just made: its workers' host keys are new, and expected
+        self.zones = creation_zones(settings)  # where a TPU may be made, in order
+        if self.state.zone:
+            self.in_zone(self.state.zone)
+        elif len(self.zones) == 1:
+            self.in_zone(self.zones[0])
 
     # -- the loop -------------------------------------------------------------------------------------------
 
@@ -173,12 +180,30 @@ class Babysitter:
             self.say(f"TPU {name!r} is {node.state}{f' ({node.health})' if node.health else ''}; waiting")
             self.sleep(self.options.poll)
 
+    def in_zone(self, zone: str) -> None:
+        """The TPU is in `zone` from now on: the API, the workers' settings and the run's record follow it."""
+        self.state.zone = zone
+        self.api = self.api.in_zone(zone)
+        self.settings = dataclasses.replace(self.settings, zone=zone)
+        self.record = dataclasses.replace(self.record, zone=zone)
+
+    def find(self) -> Node | None:
+        """The TPU in its zone; while that is not known yet (several --zones), in the first zone that has it."""
+        if self.state.zone:
+            return self.api.find_node(self.state.tpu)
+        for zone in self.zones:
+            node = self.api.in_zone(zone).find_node(self.state.tpu)
+            if node is not None:
+                self.in_zone(zone)
+                return node
+        return None
+
     def look_up(self) -> Node | None:
         """The TPU as the API sees it. The API failing for a while (a network blip, a 5xx, even a permission hiccup)
         must not end a run that may be training fine: babysit says so and asks again, up to API_PATIENCE times."""
         for attempt in range(1, API_PATIENCE + 1):
             try:
-                return self.api.find_node(self.state.tpu)
+                return self.find()
             except CloudError as e:
                 if attempt == API_PATIENCE:
                     raise
@@ -193,6 +218,7 @@ class Babysitter:
         node = lifecycle.create(
             self.api,
             self.request,
+            zones=self.zones,
             attempts=self.options.create_attempts,
             backoff=self.options.backoff,
             poll=self.settings.api_poll,
@@ -200,9 +226,11 @@ class Babysitter:
             sleep=self.sleep,
         )
         assert node is not None
+        self.in_zone(node.zone)
         self.state.created_tpu = True
         self.fresh_workers = True
-        self.note("created", f"{node.accelerator_type}, {len(node.workers)} workers")
+        where = f" in {node.zone}" if len(self.zones) > 1 else ""
+        self.note("created", f"{node.accelerator_type}, {len(node.workers)} workers{where}")
         return node
 
     def recreate(self, node: Node, why: str) -> Node:

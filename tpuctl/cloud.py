@@ -5,6 +5,7 @@ The client library is imported lazily: it costs ~0.3 s, and `tpuctl --help` must
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -49,6 +50,7 @@ class Node:
     create_time: str = ""
     network: str = ""
     labels: tuple[tuple[str, str], ...] = ()
+    zone: str = ""  # from its resource name: where a TPU made by `create --zones` landed
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "labels": dict(self.labels)}
@@ -61,6 +63,7 @@ def node_from_proto(node: Any) -> Node:
     )
     health = node.health.name if node.health else ""
     created = node.create_time.isoformat() if node.create_time else ""  # proto-plus: a datetime or None
+    parts = node.name.split("/")  # projects/P/locations/ZONE/nodes/NAME
     return Node(
         name=node.name.rsplit("/", 1)[-1],
         state=node.state.name,
@@ -75,6 +78,7 @@ def node_from_proto(node: Any) -> Node:
         create_time=created,
         network=node.network_config.network,
         labels=tuple(sorted(node.labels.items())),
+        zone=parts[3] if len(parts) == 6 else "",
     )
 
 
@@ -104,6 +108,9 @@ class NodeRequest:
         startup script, data disks); `capacity`: spot, reserved, queued, valid_until_s. Bad values are one line."""
         settings.require("accelerator_type")
         assert settings.accelerator_type is not None
+        zone = creation_zones(settings)[0]  # one zone when there are data disks
+        if settings.data_disks:
+            settings.require("project")
         return cls(
             name=name,
             accelerator_type=settings.accelerator_type,
@@ -114,7 +121,7 @@ class NodeRequest:
             scopes=tuple(scope_url(s) for s in settings.scopes) if settings.service_account else (),
             tags=tuple(settings.tags),
             metadata=vm_metadata(settings),
-            data_disks=tuple(data_disk(d, settings) for d in settings.data_disks),
+            data_disks=tuple(data_disk(d, settings.project, zone) for d in settings.data_disks),
             **capacity,
         )
 
@@ -123,6 +130,25 @@ class NodeRequest:
         """The same TPU again: its name, type, runtime and spot-ness (babysit remaking a dead TPU it was not told
         how to create)."""
         return cls(node.name, node.accelerator_type, node.runtime_version, spot=node.spot)
+
+
+ZONE_RE = re.compile(r"[a-z][a-z0-9-]*[a-z0-9]")  # us-central2-b, europe-west4-a
+
+
+def creation_zones(settings: Settings) -> tuple[str, ...]:
+    """Where a new TPU may go, in order of preference: the zones setting, else the zone."""
+    if not settings.zones:
+        settings.require("zone")
+        assert settings.zone is not None
+        return (settings.zone,)
+    for zone in settings.zones:
+        if not ZONE_RE.fullmatch(zone):
+            raise ConfigError(f"zone {zone!r} is not a zone name", "e.g. --zones us-central2-b,us-central1-a")
+    if settings.data_disks and len(settings.zones) > 1:
+        raise ConfigError(
+            "--data-disk with several --zones: a persistent disk lives in one zone", "give that zone alone"
+        )
+    return tuple(dict.fromkeys(settings.zones))
 
 
 SCOPE_PREFIX = "https://www.googleapis.com/auth/"
@@ -157,14 +183,13 @@ def vm_metadata(settings: Settings) -> tuple[tuple[str, str], ...]:
     return tuple(items.items())
 
 
-def data_disk(spec: str, settings: Settings) -> tuple[str, bool]:
+def data_disk(spec: str, project: str | None, zone: str) -> tuple[str, bool]:
     """'NAME', 'NAME:ro' or a full projects/P/zones/Z/disks/NAME path -> (full path, read-only)."""
     source, _, mode = spec.partition(":")
     if mode not in ("", "ro", "rw") or not source:
         raise ConfigError(f"data disk {spec!r} is not NAME or NAME:ro", "e.g. --data-disk imagenet:ro")
     if "/" not in source:
-        settings.require("project", "zone")
-        source = f"projects/{settings.project}/zones/{settings.zone}/disks/{source}"
+        source = f"projects/{project}/zones/{zone}/disks/{source}"
     return source, mode == "ro"
 
 
@@ -263,8 +288,11 @@ class TpuApi:
     """Thin wrapper over tpu_v2.TpuClient that turns API failures into one-line CloudErrors."""
 
     def __init__(self, settings: Settings):
-        settings.require("project", "zone")
-        self.project, self.zone, self.endpoint = settings.project, settings.zone, settings.api_endpoint
+        settings.require("project")
+        zone = settings.zone or (settings.zones[0] if settings.zones else None)  # --zones alone: start at the first
+        if not zone:
+            settings.require("zone")
+        self.project, self.zone, self.endpoint = settings.project, zone, settings.api_endpoint
         from google.api_core import exceptions
         from google.api_core.client_options import ClientOptions
         from google.api_core.retry import Retry, if_transient_error
@@ -283,6 +311,12 @@ class TpuApi:
             transport="rest",
             client_options=ClientOptions(api_endpoint=self.endpoint),
         )
+
+    def in_zone(self, zone: str) -> TpuApi:
+        """The same client asking about another zone of the project (the zone is only part of each request's path)."""
+        other = copy.copy(self)
+        other.zone = zone
+        return other
 
     @property
     def _call(self) -> dict[str, Any]:

@@ -73,6 +73,13 @@ def _setting(default: Any, kind: str, help: str, flag: str | None = None, gcloud
 class Settings:
     project: str | None = _setting(None, "str", "Google Cloud project.", "--project", gcloud="core/project")
     zone: str | None = _setting(None, "str", "Zone of the TPU, e.g. us-central2-b.", "--zone", gcloud="compute/zone")
+    zones: list[str] = _setting(
+        [],
+        "list",
+        "Zones a new TPU may go to, in order (create and babysit try the next when one has no capacity or quota;"
+        " the menu lists TPUs across them); default: just the zone.",
+        "--zones",
+    )
     tpu: str | None = _setting(None, "str", "Name of the TPU node (pod).", "--tpu")
     ssh_user: str = _setting(_local_user(), "str", "User to log in as on the workers.", "--ssh-user")
     ssh_key: str = _setting("~/.ssh/google_compute_engine", "path", "Private key for the workers.", "--ssh-key")

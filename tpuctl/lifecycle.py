@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +44,7 @@ def create(
     api: TpuApi,
     request: NodeRequest,
     *,
+    zones: Sequence[str] = (),
     wait: bool = True,
     attempts: int = defaults.CREATE_ATTEMPTS,
     backoff: Backoff = Backoff(),
@@ -52,26 +53,46 @@ def create(
     say: Say = lambda _: None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Node | None:
-    """Create the node (queued, if the request says so); with `wait`, return it once READY. Capacity and quota
-    refusals are retried up to `attempts` times, whether the API refuses at once or the operation fails later."""
+    """Create the node (queued, if the request says so); with `wait`, return it once READY (its `zone` says where).
+
+    Capacity and quota refusals are retried up to `attempts` times, whether the API refuses at once or the operation
+    fails later. With several `zones`, each attempt goes through them in order: a zone that refuses for capacity or
+    quota hands the request to the next, and only when every zone has refused does the backoff wait begin.
+    """
+    zones = tuple(zones) or (str(api.zone),)
     delays = backoff.delays()
     for attempt in range(1, attempts + 1):
-        try:
-            operation = api.create(request)
-            if not wait:
-                say(f"{request.name}: creation accepted ({operation.operation.name})")
-                return None
-            return wait_ready(api, request, operation, timeout=timeout, poll=poll, say=say, sleep=sleep)
-        except CloudError as e:
-            if not e.retryable or attempt == attempts:
-                if e.retryable:
+        refusals: list[str] = []
+        for i, zone in enumerate(zones):
+            here = api if zone == api.zone else api.in_zone(zone)
+            try:
+                operation = here.create(request)
+                where = f" in {zone}" if len(zones) > 1 else ""
+                if not wait:
+                    say(f"{request.name}: creation accepted{where} ({operation.operation.name})")
+                    return None
+                node = wait_ready(here, request, operation, timeout=timeout, poll=poll, say=say, sleep=sleep)
+                if where:
+                    say(f"{request.name}: got zone {zone}")
+                return node
+            except CloudError as e:
+                if not e.retryable:
+                    raise
+                refusals.append(zone)
+                if i + 1 < len(zones):
+                    say(f"{request.name}: {zone} refused ({e.message}); trying {zones[i + 1]}")
+                    continue
+                if attempt == attempts:
+                    if len(zones) > 1:
+                        e.message = f"{e.message}; every zone refused ({', '.join(zones)})"
                     e.message = f"{e.message}; gave up after {attempts} attempts"
-                    e.hint = "try another zone, --spot, or --queued to wait in line for capacity"
-                raise
-            delay = next(delays)
-            shown = f"{delay:.1f}" if delay < 10 else f"{delay:.0f}"
-            say(f"{request.name}: attempt {attempt}/{attempts} failed: {e.message}; again in {shown} s")
-            sleep(delay)
+                    e.hint = "try other zones (--zones), --spot, or --queued to wait in line for capacity"
+                    raise
+                delay = next(delays)
+                shown = f"{delay:.1f}" if delay < 10 else f"{delay:.0f}"
+                what = f"every zone refused ({', '.join(refusals)})" if len(zones) > 1 else f"failed: {e.message}"
+                say(f"{request.name}: attempt {attempt}/{attempts} {what}; again in {shown} s")
+                sleep(delay)
     raise AssertionError("unreachable")
 
 

@@ -1,8 +1,9 @@
 """`tpuctl menu`: the interactive menu that replaces OpenVision's tpu_command.sh.
 
-It picks the profile, project, zone and TPU (from the API), then loops over actions until "exit". Each action runs
-the very subcommand a user would type (`tpuctl check`, `tpuctl run RECIPE`, ...) as a child process with the picked
-settings in its environment, so the menu cannot drift from the commands: it only chooses their arguments.
+It picks the profile, project and TPU (listed from the API across the profile's zones, or created there), then
+loops over actions until "exit". Each action runs the very subcommand a user would type (`tpuctl check`, `tpuctl run
+RECIPE`, ...) as a child process with the picked settings in its environment, so the menu cannot drift from the
+commands: it only chooses their arguments.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def ask(question: Any) -> Any:
 
 
 def pick_settings(profile: str | None) -> dict[str, str]:
-    """Profile (if the config file has several), then project, zone and TPU: the environment for every action."""
+    """Profile (if the config file has several), then project, the TPU (listed across the profile's zones, or made
+    anew): the environment for every action."""
     import questionary
 
     env: dict[str, str] = {}
@@ -45,28 +47,74 @@ def pick_settings(profile: str | None) -> dict[str, str]:
     if profile:
         env["TPUCTL_PROFILE"] = profile
     settings = config.resolve(env=os.environ | env, profile=profile)
-    for name, question in (("project", "Google Cloud project"), ("zone", "Zone (e.g. us-central2-b)")):
-        value = getattr(settings, name) or ask(questionary.text(question, validate=lambda v: bool(v.strip())))
-        env[config.env_name(name)] = value.strip()
-    settings = config.resolve(env=os.environ | env, profile=profile)
-    env["TPUCTL_TPU"] = pick_tpu(settings)
-    return env
+    project = settings.project or ask(questionary.text("Google Cloud project", validate=_given))
+    env["TPUCTL_PROJECT"] = project.strip()
+    zones = list(settings.zones) or ([settings.zone] if settings.zone else [])
+    if not zones:
+        zones = [ask(questionary.text("Zone (e.g. us-central2-b)", validate=_given)).strip()]
+    settings = config.resolve(env=os.environ | env | {"TPUCTL_ZONE": zones[0]}, profile=profile)  # for TpuApi
+    name, zone = pick_tpu(settings, zones, env)
+    return env | {"TPUCTL_TPU": name, "TPUCTL_ZONE": zone}
 
 
-def pick_tpu(settings: Settings) -> str:
+def _given(text: str) -> bool:
+    return bool(text.strip())
+
+
+NEW_TPU = "create a new TPU..."
+
+
+def pick_tpu(settings: Settings, zones: list[str], env: dict[str, str]) -> tuple[str, str]:
+    """A TPU of the project in any of `zones` (name, zone), or one made now through `tpuctl create`."""
     import questionary
 
     from tpuctl.cloud import TpuApi
 
-    nodes = TpuApi(settings).list_nodes()
-    if not nodes:
-        raise TpuctlError(f"no TPUs in project {settings.project}, zone {settings.zone}", "create one first")
+    api = TpuApi(settings)
+    nodes = [node for zone in zones for node in api.in_zone(zone).list_nodes()]
     choices = [
-        questionary.Choice(f"{n.name}  ({n.state}, {n.accelerator_type}, {len(n.workers)} workers)", value=n.name)
+        questionary.Choice(
+            f"{n.name}  ({n.state}, {n.accelerator_type}, {len(n.workers)} workers) in {n.zone}", value=(n.name, n.zone)
+        )
         for n in nodes
     ]
-    default = next((c for c in choices if c.value == settings.tpu), None)
-    return str(ask(questionary.select("TPU", choices=choices, default=default)))
+    default = next((c for c in choices if c.value and c.value[0] == settings.tpu), None)
+    picked = ask(questionary.select("TPU", choices=[*choices, NEW_TPU], default=default))
+    if picked != NEW_TPU:
+        return tuple(picked)
+    made = create_tpu(settings, zones, env)
+    if made is None:
+        raise TpuctlError("no TPU was created", "see tpuctl create's message above")
+    return made
+
+
+CAPACITY = {
+    "on demand": [],
+    "spot (cheaper, may be preempted)": ["--spot"],
+    "queued (waits in line for capacity)": ["--queued"],
+    "queued spot": ["--queued", "--spot"],
+}
+
+
+def create_tpu(settings: Settings, zones: list[str], env: dict[str, str]) -> tuple[str, str] | None:
+    """Ask for the new TPU's name, type, zone and capacity, then run `tpuctl create` with them; (name, zone) when it
+    is READY, None when create failed."""
+    import questionary
+
+    from tpuctl.cloud import TAG_RE, TpuApi
+
+    name = ask(questionary.text("Name", validate=lambda v: bool(TAG_RE.fullmatch(v)) or "lowercase, digits and -"))
+    kind = ask(questionary.text("Accelerator type", default=settings.accelerator_type or "v4-8", validate=_given))
+    first_free = f"the first of {', '.join(zones)} with room"
+    where = [first_free, *zones] if len(zones) > 1 else zones
+    zone = ask(questionary.select("Zone", choices=where))
+    capacity = CAPACITY[ask(questionary.select("Capacity", choices=list(CAPACITY)))]
+    zone_args = ["--zones", ",".join(zones)] if zone == first_free else ["--zone", zone]
+    if run_action(["create", name, "--type", kind.strip(), *zone_args, *capacity], env) != 0:
+        return None
+    api = TpuApi(settings)
+    found = next((z for z in zones if api.in_zone(z).find_node(name) is not None), zone)
+    return name, found
 
 
 def _profiles() -> list[str]:

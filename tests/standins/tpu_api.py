@@ -12,7 +12,8 @@ subclass PermissionDenied, which only the gRPC transport raises), 429 -> TooMany
 
 Creation takes `create_delay_s` (CREATING, then READY) and asks `on_create(project, zone, name, node)` for the new
 node's workers, so a test can start fresh stand-in workers for it; `fail_creates` makes the next creations fail, at
-once (an ApiError: quota) or in their operation (an OperationError: no capacity), as the real API does.
+once (an ApiError: quota) or in their operation (an OperationError: no capacity), as the real API does, and
+`full_zones` every creation in a zone.
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ class FakeTpuApi:
         self.create_delay_s = 0.2  # CREATING -> READY
         self.delete_delay_s = 0.1  # DELETING -> gone
         self.fail_creates: list[ApiError | OperationError] = []  # the next creations' failures, in order
+        self.full_zones: dict[str, ApiError | OperationError] = {}  # zone -> how every creation there fails
         self.on_create: WorkersFor | None = None  # the new node's workers; default: made-up 10.0.0.x addresses
         self.on_delete: Callable[[str, str, str], None] | None = None  # a deleted node's workers go away
         self.requests: list[RecordedRequest] = []
@@ -320,7 +322,7 @@ class FakeTpuApi:
         with self._lock:
             if (project, zone, name) in self.nodes:
                 raise ApiError(HTTPStatus.CONFLICT, f"Node '{name}' already exists")
-            failure = self.fail_creates.pop(0) if self.fail_creates else None
+            failure = self.fail_creates.pop(0) if self.fail_creates else self.full_zones.get(zone)
             if isinstance(failure, ApiError):
                 raise failure
             target = f"projects/{project}/locations/{zone}/nodes/{name}"

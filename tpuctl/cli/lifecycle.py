@@ -103,19 +103,22 @@ def create(
 ) -> None:
     """Create the TPU NAME (a node, or a queued resource with --queued) and wait until it is READY.
 
-    No capacity or quota is retried with jittered exponential backoff (--attempts); any other refusal (a bad
-    --type, a name in use) is one line.
+    No capacity or quota is retried with jittered exponential backoff (--attempts); with --zones, each attempt tries
+    the zones in order and the TPU goes to the first that has room. Any other refusal (a bad --type, a name in use)
+    is one line.
 
     \b
     Examples:
       tpuctl create my-pod --type v4-32 --spot
+      tpuctl create my-pod --type v4-32 --spot --zones us-central2-b,us-central1-a
       tpuctl create my-pod --type v5litepod-16 --queued --valid-until 6h
       tpuctl create my-pod --type v4-32 --dry-run
     """
     from tpuctl import cloud, lifecycle
 
     settings = settings_from(flags)
-    settings.require("project", "zone")
+    settings.require("project")
+    zones = cloud.creation_zones(settings)
     if valid_until and not queued:
         raise TpuctlError("--valid-until is for queued resources", "add --queued, or drop --valid-until")
     if spot and reserved:
@@ -125,7 +128,7 @@ def create(
     valid_until_s = parse_duration(valid_until, "--valid-until") if valid_until else None
     capacity = {"spot": spot, "reserved": reserved, "queued": queued, "valid_until_s": valid_until_s}
     request = cloud.NodeRequest.from_settings(settings, name, **capacity)
-    parent = f"projects/{settings.project}/locations/{settings.zone}"
+    parent = f"projects/{settings.project}/locations/{zones[0]}"
     if dry_run:
         sent = cloud.request_json(request, parent)
         if as_json:
@@ -139,6 +142,7 @@ def create(
         node = lifecycle.create(
             api,
             request,
+            zones=zones,
             wait=wait,
             attempts=attempts,
             backoff=lifecycle.Backoff(initial=backoff),
@@ -146,8 +150,11 @@ def create(
             poll=settings.api_poll,
             say=say,
         )
-    if node is not None:  # --no-wait: there is no node to show yet
-        _show_node(api, node, as_json)
+    if node is None:  # --no-wait: there is no node to show yet
+        return
+    if node.zone != settings.zone:
+        err().print(render.plain(f"TPU {name!r} is in zone {node.zone}: give the other commands --zone {node.zone}"))
+    _show_node(api.in_zone(node.zone), node, as_json)
 
 
 @click.command()
@@ -252,11 +259,12 @@ def babysit(
 ) -> None:
     """Keep the run of RECIPE on TPU --tpu alive until every stage is trained.
 
-    Creates the TPU if it is missing (--type), deletes and recreates it when it is PREEMPTED, TERMINATED or unhealthy
-    (only one babysit created, unless --recreate), syncs, prepares and starts the run, which resumes from its
-    workdir's checkpoint; then watches the TPU and the run, and after a preemption, a lost worker or a crash starts
-    another round after a jittered exponential backoff. Ends when the trainer reports every stage done (exit 0) or
-    after --max-restarts (exit 4), printing the timeline. Its state file lets a restarted babysit carry on.
+    Creates the TPU if it is missing (--type; in the first of --zones with room), deletes and recreates it when it
+    is PREEMPTED, TERMINATED or unhealthy (only one babysit created, unless --recreate), syncs, prepares and starts
+    the run, which resumes from its workdir's checkpoint; then watches the TPU and the run, and after a preemption, a
+    lost worker or a crash starts another round after a jittered exponential backoff. Ends when the trainer reports
+    every stage done (exit 0) or after --max-restarts (exit 4), printing the timeline. Its state file lets a
+    restarted babysit carry on.
 
     \b
     Examples:
@@ -267,7 +275,8 @@ def babysit(
     from tpuctl import cloud, launch, ops
 
     settings = settings_from(flags)
-    settings.require("project", "zone", "tpu")
+    settings.require("project", "tpu")
+    cloud.creation_zones(settings)  # bad --zones: one line now
     assert settings.tpu is not None
     ops.prepare_command(settings)  # no jax pin: one line now, not in a round after a TPU was made
     project = Path.cwd()

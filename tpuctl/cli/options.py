@@ -50,6 +50,7 @@ def fleet_options(*extra: str) -> Callable[[Any], Any]:
 
 # What describes a TPU to create: `create` and `babysit` (which creates one when it must) take the same.
 NEW_TPU_SETTINGS = (
+    "zones",
     "accelerator_type",
     "runtime_version",
     "network",
