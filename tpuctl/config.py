@@ -85,7 +85,17 @@ class Settings:
     ssh_key: str = _setting("~/.ssh/google_compute_engine", "path", "Private key for the workers.", "--ssh-key")
     ssh_port: int = _setting(22, "int", "SSH port of the workers.", "--ssh-port")
     remote_dir: str = _setting("~/tpuctl", "str", "Project directory on the workers.", "--remote-dir")
-    internal_ip: bool = _setting(False, "bool", "Reach workers by their internal IPs (from inside the VPC).")
+    internal_ip: bool = _setting(
+        False, "bool", "Reach workers by their internal IPs (from inside the VPC; the default with an ssh_proxy)."
+    )
+    ssh_proxy: str | None = _setting(
+        None,
+        "str",
+        "How to reach workers that are not reachable directly: a jump host [USER@]HOST[:PORT] (logged in to with"
+        " ssh_key and checked against known_hosts, like the workers) or a ProxyCommand, where %h, %p and %r stand for"
+        " the worker's address, its port and the user (e.g. an IAP tunnel).",
+        "--ssh-proxy",
+    )
     concurrency: int = _setting(64, "int", "Most workers contacted at once.", "--concurrency")
     connect_timeout: float = _setting(10.0, "float", "Seconds to wait for a worker's SSH connection.")
     command_timeout: float = _setting(600.0, "float", "Seconds a remote command may run.", "--timeout")
@@ -168,6 +178,13 @@ class Settings:
         for name in names:
             if getattr(self, name) in (None, ""):
                 raise ConfigError(f"{name} is not set", how_to_set(name))
+
+    @property
+    def internal_addresses(self) -> bool:
+        """Whether workers are reached at their internal IPs: when asked to, and through a proxy unless told not to
+        (a jump host or tunnel is inside the VPC)."""
+        explicit = "internal_ip" in self.sources and not self.sources["internal_ip"].startswith("default")
+        return self.internal_ip or (bool(self.ssh_proxy) and not explicit)
 
     def path(self, name: str) -> Path:
         return Path(os.path.expanduser(getattr(self, name)))

@@ -55,3 +55,7 @@ class GaveUpError(TpuctlError):
 
 class HostKeyChangedError(TpuctlError):
     """A worker presented a host key different from the one tpuctl recorded."""
+
+
+class ProxyError(TpuctlError):
+    """The jump host (ssh_proxy) could not be reached, or could not reach a worker."""

@@ -14,9 +14,9 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from tpuctl.ssh import KnownHosts, load_paramiko, load_private_key, open_socket
+from tpuctl.ssh import KnownHosts, load_paramiko, load_private_key, open_socket, proxy_of, proxy_socket
 
 if TYPE_CHECKING:
     import paramiko
@@ -97,10 +97,11 @@ class Fleet:
     def __init__(self, settings: Settings, workers: Sequence[Worker]):
         self.settings = settings
         self.workers = list(workers)
-        self.hosts = [w.address(settings.internal_ip) for w in self.workers]
+        self.hosts = [w.address(settings.internal_addresses) for w in self.workers]
         self._pkey = load_private_key(settings)
         self._known_hosts = KnownHosts(settings.path("known_hosts"), replace=settings.replace_host_keys)
         self._slots = threading.Semaphore(settings.concurrency)
+        self._proxy = proxy_of(settings)
         # paramiko logs each failed handshake with a traceback; tpuctl reports failures per worker instead.
         logging.getLogger("paramiko").addHandler(logging.NullHandler())
         logging.getLogger("paramiko").propagate = False
@@ -180,7 +181,7 @@ class Fleet:
             port=s.ssh_port,
             username=s.ssh_user,
             pkey=self._pkey,
-            sock=open_socket(host, s.ssh_port, s.connect_timeout),
+            sock=self._socket(host),
             look_for_keys=False,
             allow_agent=False,
             timeout=s.connect_timeout,
@@ -189,6 +190,11 @@ class Fleet:
             channel_timeout=s.connect_timeout,
         )
         return client
+
+    def _socket(self, host: str) -> Any:
+        if self._proxy is None:
+            return open_socket(host, self.settings.ssh_port, self.settings.connect_timeout)
+        return proxy_socket(self.settings, self._proxy, self._pkey, self._known_hosts, host)
 
 
 def each(items: Sequence[T], fn: Callable[[T], None], limit: int) -> None:
@@ -257,6 +263,8 @@ def _describe_failure(e: Exception, settings: Settings, elapsed: float) -> str:
 
     if isinstance(e, TpuctlError):
         return str(e)
+    if isinstance(e, paramiko.ProxyCommandFailure):
+        return f"the ssh_proxy command failed: {e}"
     if isinstance(e, ConnectionRefusedError):
         return f"connection refused on port {settings.ssh_port}"
     if isinstance(e, socket.timeout | TimeoutError):

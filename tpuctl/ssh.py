@@ -7,13 +7,17 @@ interactive shells and as rsync's transport.
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import socket
 import sys
 import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from tpuctl.errors import ConfigError, HostKeyChangedError
+from tpuctl.errors import ConfigError, HostKeyChangedError, ProxyError, TpuctlError
 
 if TYPE_CHECKING:
     import paramiko
@@ -136,6 +140,124 @@ def open_socket(host: str, port: int, timeout: float) -> socket.socket:
     return sock
 
 
+@dataclass(frozen=True)
+class Proxy:
+    """How workers that are not reachable directly are reached (the ssh_proxy setting): through a jump host, over
+    one SSH connection to it shared by every worker's (paramiko's direct-tcpip channels, OpenSSH's -W), or through a
+    ProxyCommand run once per connection (an IAP tunnel, a corporate gateway)."""
+
+    command: str = ""  # a ProxyCommand; %h, %p, %r: the worker's address, its port, the user; %%: a %
+    host: str = ""  # else a jump host
+    port: int = 22
+    user: str = ""
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return self.command or f"{self.user}@{host}" + (f":{self.port}" if self.port != 22 else "")
+
+    def expand(self, host: str, port: int, user: str) -> str:
+        """The ProxyCommand for one worker, its tokens replaced as OpenSSH replaces them."""
+        tokens = {"h": host, "p": str(port), "r": user, "%": "%"}
+        return re.sub(r"%(.)", lambda m: tokens.get(m[1], m[0]), self.command)
+
+
+JUMP_HOST_RE = re.compile(
+    r"(?:(?P<user>[^@\s]+)@)?(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<host>[A-Za-z0-9._-]+))(?::(?P<port>\d+))?"
+)
+
+
+def proxy_of(settings: Settings) -> Proxy | None:
+    """The ssh_proxy setting: a command when it has spaces or %-tokens, else [USER@]HOST[:PORT]; None when unset."""
+    text = (settings.ssh_proxy or "").strip()
+    if not text:
+        return None
+    if any(c.isspace() for c in text) or "%" in text:
+        return Proxy(command=text)
+    match = JUMP_HOST_RE.fullmatch(text)
+    port = int(match["port"] or 22) if match else 0
+    if match is None or not 0 < port < 65536:
+        raise ConfigError(
+            f"ssh_proxy {text!r} is neither a jump host nor a command",
+            "give [USER@]HOST[:PORT], or a ProxyCommand with %h and %p",
+        )
+    return Proxy(host=match["v6"] or match["host"], port=port, user=match["user"] or settings.ssh_user)
+
+
+class JumpHost:
+    """One SSH connection to the jump host, opened on first use and shared by every worker connection of this
+    process (each is a direct-tcpip channel over it): a fan-out over 128 workers costs one handshake with the jump
+    host, not 128."""
+
+    _lock = threading.Lock()
+    _open: ClassVar[dict[tuple[str, int, str, str], paramiko.Transport]] = {}
+    _failed: ClassVar[dict[tuple[str, int, str, str], tuple[float, TpuctlError]]] = {}
+
+    @classmethod
+    def channel_to(
+        cls, settings: Settings, proxy: Proxy, pkey: paramiko.PKey, known_hosts: KnownHosts, host: str
+    ) -> paramiko.Channel:
+        """A channel to host:ssh_port through the jump host, to hand paramiko as the worker connection's socket."""
+        paramiko = load_paramiko()
+
+        key = (proxy.host, proxy.port, proxy.user, str(settings.path("ssh_key")))
+        with cls._lock:  # the first worker connects; the others wait for that connection, then share it
+            failed = cls._failed.get(key)
+            if failed is not None and time.monotonic() - failed[0] < settings.connect_timeout:
+                raise failed[1]  # the workers queued behind a failed try fail with it, not try again one by one
+            transport = cls._open.get(key)
+            if transport is None or not transport.is_active():
+                try:
+                    transport = cls._connect(settings, proxy, pkey, known_hosts)
+                except TpuctlError as e:
+                    cls._failed[key] = (time.monotonic(), e)
+                    raise
+                cls._open[key] = transport
+                cls._failed.pop(key, None)
+        try:
+            return transport.open_channel(
+                "direct-tcpip", (host, settings.ssh_port), ("127.0.0.1", 0), timeout=settings.connect_timeout
+            )
+        except paramiko.ChannelException as e:
+            raise ProxyError(f"the jump host {proxy} cannot reach it: {e.text}") from None
+
+    @staticmethod
+    def _connect(settings: Settings, proxy: Proxy, pkey: paramiko.PKey, known_hosts: KnownHosts) -> paramiko.Transport:
+        paramiko = load_paramiko()
+
+        try:
+            client = paramiko.SSHClient()
+            client.set_missing_host_key_policy(known_hosts.policy())
+            client.connect(
+                proxy.host,
+                port=proxy.port,
+                username=proxy.user,
+                pkey=pkey,
+                sock=open_socket(proxy.host, proxy.port, settings.connect_timeout),
+                look_for_keys=False,
+                allow_agent=False,
+                timeout=settings.connect_timeout,
+                banner_timeout=settings.connect_timeout,
+                auth_timeout=settings.connect_timeout,
+            )
+        except HostKeyChangedError:
+            raise
+        except Exception as e:
+            why = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)) or type(e).__name__
+            raise ProxyError(f"the jump host {proxy} is unreachable: {why}") from None
+        transport = client.get_transport()
+        assert transport is not None
+        transport.set_keepalive(15)
+        return transport
+
+
+def proxy_socket(settings: Settings, proxy: Proxy, pkey: paramiko.PKey, known_hosts: KnownHosts, host: str) -> Any:
+    """What paramiko connects to a worker over when a proxy is set: a channel through the jump host, or the
+    ProxyCommand's stdin/stdout."""
+    if proxy.command:
+        return load_paramiko().ProxyCommand(proxy.expand(host, settings.ssh_port, settings.ssh_user))
+    return JumpHost.channel_to(settings, proxy, pkey, known_hosts, host)
+
+
 def load_private_key(settings: Settings) -> paramiko.PKey:
     """Load the key once, up front, so a missing or locked key is one clear line instead of N worker failures."""
     paramiko = load_paramiko()
@@ -203,8 +325,37 @@ def ssh_command(
         "-o", "LogLevel=ERROR",
     ]  # fmt: skip
     argv += _multiplexing(settings)
+    argv += _proxy_options(settings, known_hosts_only)
     if interactive:
         argv.append("-t")
     else:
         argv += ["-o", "BatchMode=yes"]
     return argv if host is None else [*argv, host]
+
+
+def _proxy_options(settings: Settings, known_hosts_only: bool) -> list[str]:
+    """The ProxyCommand option for the OpenSSH client. A jump host is spelled out as the inner ssh command (not
+    ProxyJump, which would not use tpuctl's key and known_hosts for it), multiplexed like the workers' connections:
+    rsync to 32 workers logs in to the jump host once."""
+    proxy = proxy_of(settings)
+    if proxy is None:
+        return []
+    if proxy.command:
+        return ["-o", f"ProxyCommand={proxy.command}"]
+    inner = [
+        "ssh",
+        "-i", str(settings.path("ssh_key")),
+        "-p", str(proxy.port),
+        "-l", proxy.user,
+        "-o", "IdentitiesOnly=yes",
+        "-o", f"UserKnownHostsFile={settings.path('known_hosts')}",
+        "-o", "GlobalKnownHostsFile=/dev/null",
+        "-o", f"StrictHostKeyChecking={'yes' if known_hosts_only else 'accept-new'}",
+        "-o", f"ConnectTimeout={max(1, round(settings.connect_timeout))}",
+        "-o", "LogLevel=ERROR",
+        "-o", "BatchMode=yes",
+        *_multiplexing(settings),
+    ]  # fmt: skip
+    # The outer ssh expands %-tokens in a ProxyCommand: the inner command's own (ControlPath's %C) are escaped.
+    command = shlex.join(inner).replace("%", "%%") + f" -W '[%h]:%p' {shlex.quote(proxy.host)}"
+    return ["-o", f"ProxyCommand={command}"]

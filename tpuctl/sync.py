@@ -213,7 +213,7 @@ class Mirror:
         """Bring every worker to the mirror's new state; a result per worker, in worker order."""
         settings = self.settings
         progress = on_progress or (lambda worker, phase: None)
-        results = [SyncResult(worker=w, host=w.address(settings.internal_ip)) for w in workers]
+        results = [SyncResult(worker=w, host=w.address(settings.internal_addresses)) for w in workers]
         if settings.replace_host_keys:
             hosts = [host_key_name(r.host, settings.ssh_port) for r in results]
             KnownHosts(settings.path("known_hosts")).forget(hosts)

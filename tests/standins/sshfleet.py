@@ -60,6 +60,7 @@ class Network:
 
     hosts: str = ""
     env: Mapping[str, str] = field(default_factory=dict)
+    netns: str | None = None  # a network namespace (standins.bastion) the workers live in, out of this one's reach
 
 
 class SshFleetError(RuntimeError):
@@ -145,7 +146,8 @@ class StandinWorker:
         log_path = self.dir / f"spawn-{len(self._spawned)}.log"
         # --wdns resolves cwd inside the worker (plain --wd resolves it on this machine, before entering).
         # Without --fork nsenter setns()es itself and execs argv, so the Popen's pid is the process's own.
-        cmd = ["nsenter", "-t", str(sshd.pid), "-m", "-u", f"--wdns={cwd or '/root'}", "--", *argv]
+        net = ["-n"] if self.network.netns else []
+        cmd = ["nsenter", "-t", str(sshd.pid), "-m", "-u", *net, f"--wdns={cwd or '/root'}", "--", *argv]
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
                 cmd,
@@ -273,12 +275,15 @@ class StandinWorker:
     def _launch(self) -> None:
         """Start sshd in fresh UTS + mount namespaces without waiting for it (see _wait_ready)."""
         PRIVSEP_DIR.mkdir(mode=0o755, parents=True, exist_ok=True)
-        cmd = [*UNSHARE, "bash", "-c", self._launch_script()]
+        netns = ["ip", "netns", "exec", self.network.netns] if self.network.netns else []  # execs: the pid stays
+        cmd = [*netns, *UNSHARE, "bash", "-c", self._launch_script()]
         with open(self.log, "ab") as log:
             self._sshd = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         self._frozen = False
 
     def _shows_banner(self) -> bool:
+        if self.network.netns:  # out of reach from here: look for its listening socket in its namespace instead
+            return self._listening()
         try:
             with socket.create_connection((self.ip, self.port), timeout=0.5) as sock:
                 if not sock.recv(64).startswith(b"SSH-"):
@@ -288,6 +293,18 @@ class StandinWorker:
                 return True
         except OSError:
             return False
+
+    def _listening(self) -> bool:
+        """sshd listens at ip:port, as its network namespace's /proc/PID/net/tcp shows (state 0A: LISTEN)."""
+        sshd = self._live_sshd()
+        if sshd is None:
+            return False
+        local = f"{socket.inet_aton(self.ip)[::-1].hex().upper()}:{self.port:04X}"
+        try:
+            rows = Path(f"/proc/{sshd.pid}/net/tcp").read_text().splitlines()[1:]
+        except OSError:
+            return False
+        return any(row.split()[1] == local and row.split()[3] == "0A" for row in rows)
 
     def _wait_entered(self, proc: subprocess.Popen[bytes]) -> None:
         """Wait until a spawned process is inside the worker (or already gone)."""
@@ -385,14 +402,19 @@ class SshFleet:
 
 
 def start_fleet(
-    n: int, base_dir: Path | None = None, like: SshFleet | None = None, network: Network | None = None
+    n: int,
+    base_dir: Path | None = None,
+    like: SshFleet | None = None,
+    network: Network | None = None,
+    ips: list[str] | None = None,
 ) -> SshFleet:
     """Start n sshd workers and wait until every one shows its SSH banner.
 
     The fleet lives in a fresh `tpuctl-fleet-*` dir made in base_dir (default /var/tmp), which must be
     outside /tmp: each worker mounts its own dir over /tmp, which would hide files kept there. `like`: new
     VMs of the same project, as a recreated TPU's: they accept the same client key (the project's SSH keys)
-    and listen on the same port, at addresses and with host keys of their own (and on the same `network`).
+    and listen on the same port, at addresses and with host keys of their own (and on the same `network`). `ips`:
+    the workers' addresses (default: a random 127.A.B.0/24 of the fleet's own).
     """
     if not 1 <= n <= 252:
         raise ValueError(f"a fleet has 1..252 workers (one loopback /24), not {n}")
@@ -402,18 +424,18 @@ def start_fleet(
     fleet = SshFleet(Path(tempfile.mkdtemp(prefix="tpuctl-fleet-", dir=parent)))
     try:
         fleet.network = network or (like.network if like else Network())
-        _populate(fleet, n, like)
+        _populate(fleet, n, like, ips)
     except BaseException:
         fleet.close()
         raise
     return fleet
 
 
-def _populate(fleet: SshFleet, n: int, like: SshFleet | None = None) -> None:
+def _populate(fleet: SshFleet, n: int, like: SshFleet | None = None, ips: list[str] | None = None) -> None:
     fleet_id = secrets.token_hex(2)
     # A random 127.A.B.0/24 per fleet, so that fleets (also in parallel test processes) do not collide.
     prefix = f"127.{1 + secrets.randbelow(250)}.{1 + secrets.randbelow(250)}"
-    ips = [f"{prefix}.{i + 2}" for i in range(n)]
+    ips = ips or [f"{prefix}.{i + 2}" for i in range(n)]
     fleet.port = like.port if like else free_port(ips[0])
     authorized_keys = fleet.root / "authorized_keys"
     for i, ip in enumerate(ips):

@@ -36,7 +36,7 @@ def ssh(worker: int, command: tuple[str, ...], **flags: Any) -> None:
     settings = settings_from(flags)
     node = ready_node(settings)
     index = parse_workers(str(worker), len(node.workers))[0]
-    host = node.workers[index].address(settings.internal_ip)
+    host = node.workers[index].address(settings.internal_addresses)
     if shutil.which("ssh") is None:
         raise TpuctlError("ssh is not installed on this machine", "install openssh-client")
     if settings.replace_host_keys:

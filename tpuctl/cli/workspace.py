@@ -46,7 +46,7 @@ def sync(
     syncing.check_source(src)
     if dry_run:
         files = syncing.changed_files(src, settings, delete=delete, excludes=exclude)
-        hosts = [w.address(settings.internal_ip) for w in ready_node(settings).workers]
+        hosts = [w.address(settings.internal_addresses) for w in ready_node(settings).workers]
         if as_json:
             render.print_json({"files": files, "workers": hosts})
         else:
