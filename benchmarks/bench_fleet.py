@@ -5,6 +5,8 @@ Measures the whole command as a user runs it (a subprocess of the real console s
   sync     `tpuctl sync DIR` of a 1,000-file ~5 MB tree to a fleet: cold, incremental (batch) and --full,
            vs one plain `rsync -az` of the same change to one worker
   startup  `tpuctl --help`, `tpuctl check --help` and what `check --help` imports
+  bastion  `tpuctl exec -- hostname` on workers reachable only through a jump host (ssh_proxy) vs pdsh through the
+           same jump host (OpenSSH's ProxyJump)
 
     .venv/bin/python benchmarks/bench_fleet.py --workers 1,8,32 --repeat 5 --markdown benchmarks/RESULTS.md
 """
@@ -35,7 +37,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the stand-ins live in tests/standins
 
-from standins.pod import TPUCTL, Pod, make_pod  # noqa: E402
+from standins.bastion import private_network, start_bastion  # noqa: E402
+from standins.pod import NODE, PROJECT, TPUCTL, ZONE, Pod, make_pod  # noqa: E402
 from standins.sshfleet import SshFleet, start_fleet  # noqa: E402
 from standins.tpu_api import FakeTpuApi  # noqa: E402
 
@@ -57,6 +60,7 @@ TIMEOUT_S = 180
 EXEC_VS_PDSH = 0.5
 EXEC_SCALING = 3.0
 SYNC_VS_RSYNC = 3.0
+BASTION_VS_PDSH = 0.5
 STARTUP_S = 0.3
 
 
@@ -240,7 +244,11 @@ class ExecResult:
 
 
 def tpuctl_exec(pod: Pod, hostnames: list[str]) -> Timing:
-    timing, out = timed([TPUCTL, "exec", "--", "hostname"], pod.env)
+    return tpuctl_exec_env(pod.env, hostnames)
+
+
+def tpuctl_exec_env(env: dict[str, str], hostnames: list[str]) -> Timing:
+    timing, out = timed([TPUCTL, "exec", "--", "hostname"], env)
     lines = out.splitlines()
     check(len(lines) == len(hostnames), f"tpuctl exec printed {len(lines)} lines for {len(hostnames)} workers")
     got = sorted(re.sub(r"^\[w\d+\] ", "", line) for line in lines)
@@ -279,6 +287,75 @@ def bench_exec_size(pods: Pods, n: int, repeat: int) -> ExecResult:
 
 def bench_exec(pods: Pods, sizes: Sequence[int], repeat: int) -> list[ExecResult]:
     return [bench_exec_size(pods, n, repeat) for n in sizes]
+
+
+# --- d. through a jump host -----------------------------------------------------------------------------------
+
+
+@dataclass
+class BastionResult:
+    workers: int
+    tpuctl: Samples
+    pdsh: Samples
+
+    @property
+    def ratio(self) -> float:
+        return self.tpuctl.median / self.pdsh.median
+
+
+def pdsh_through(pod: Pod, jump_host: str, port: int, hostnames: list[str]) -> Timing:
+    """pdsh's ssh with ProxyJump to the workers, as a pdsh user behind a bastion runs it (an ssh_config file: the
+    jump host's own ssh reads it too, so it gets the same key and known_hosts)."""
+    known_hosts = pod.home / "pdsh_known_hosts"
+    config = pod.home / "pdsh_ssh_config"
+    options = [
+        f"Port {port}",
+        f"IdentityFile {pod.fleet.key_path}",
+        "IdentitiesOnly yes",
+        f"UserKnownHostsFile {known_hosts}",
+        "GlobalKnownHostsFile /dev/null",
+        "StrictHostKeyChecking accept-new",
+        "BatchMode yes",
+        "LogLevel ERROR",
+    ]
+    config.write_text(f"Host 127.*\n  ProxyJump {pod.fleet.user}@{jump_host}\nHost *\n  " + "\n  ".join(options) + "\n")
+    env = {**pod.env, "PDSH_RCMD_TYPE": "ssh", "PDSH_SSH_ARGS": f"-F {config} -l%u %h"}
+    argv = ["pdsh", "-R", "ssh", "-f", "128", "-l", pod.fleet.user, "-w", ",".join(pod.fleet.ips), "hostname"]
+    timing, out = timed(argv, env)
+    lines = out.splitlines()
+    check(sorted(line.split(": ", 1)[-1] for line in lines) == hostnames, f"pdsh printed {lines}")
+    return timing
+
+
+def bench_bastion(pods: Pods, n: int, repeat: int) -> BastionResult:
+    progress(f"bastion: {n} workers behind a jump host, {repeat} runs each of tpuctl exec and pdsh")
+    with private_network() as net, start_fleet(n, network=net.network) as fleet, start_bastion(net, fleet) as jump:
+        pod = pods.pod(fleet)
+        # internal IPs only, as on a project whose TPUs get no external IPs
+        pod.api.add_node(PROJECT, ZONE, NODE, [(w.ip, None) for w in fleet.workers])
+        hostnames = sorted(w.hostname for w in fleet.workers)
+        env = pod.env | {"TPUCTL_SSH_PROXY": f"{fleet.user}@{net.bastion_ip}:{jump.port}"}
+        runs = {
+            "tpuctl": lambda: tpuctl_exec_env(env, hostnames),
+            "pdsh": lambda: pdsh_through(pod, net.bastion_ip, jump.port, hostnames),
+        }
+        samples = measure(runs, repeat)
+    return BastionResult(n, samples["tpuctl"], samples["pdsh"])
+
+
+def bastion_table(r: BastionResult) -> Table:
+    rows = [
+        [str(r.workers), "tpuctl exec -- hostname (ssh_proxy: jump host)", *spread(r.tpuctl, cpu=True), "-"],
+        [str(r.workers), "pdsh, ProxyJump", *spread(r.pdsh, cpu=True), f"{r.ratio:.2f}"],
+    ]
+    cols = ["workers", "command", "med ms", "min", "max", *CPU_COLUMNS, "tpuctl ÷ this"]
+    note = (
+        "Workers in a network namespace of their own (internal IPs only), a bastion sshd on a veth pair into it. "
+        "tpuctl logs in to the jump host once (an OpenSSH master connection) and reaches each worker through it "
+        "(`ssh -W` as paramiko's ProxyCommand); pdsh -f 128 runs one ssh per worker with ProxyJump, each logging in "
+        "to the jump host too. " + CPU_NOTE
+    )
+    return Table("d. exec through a jump host", cols, rows, note, text_columns=2)
 
 
 # --- b. sync --------------------------------------------------------------------------------------------------
@@ -623,8 +700,16 @@ def target(label: str, value: float, limit: float, unit: str = "×") -> list[str
     return [label, shown, verdict(value <= limit)]
 
 
-def targets(exec_results: list[ExecResult], sync: SyncResult | None, startup: StartupResult | None) -> list[list[str]]:
+def targets(
+    exec_results: list[ExecResult],
+    sync: SyncResult | None,
+    startup: StartupResult | None,
+    bastion: BastionResult | None = None,
+) -> list[list[str]]:
     rows = []
+    if bastion is not None:
+        what = f"exec through a jump host: tpuctl ≤ {BASTION_VS_PDSH}× pdsh at {bastion.workers} workers"
+        rows.append(target(what, bastion.ratio, BASTION_VS_PDSH))
     if exec_results:
         big, small = max(exec_results, key=lambda r: r.workers), min(exec_results, key=lambda r: r.workers)
         rows.append(target(f"exec: tpuctl ≤ {EXEC_VS_PDSH}× pdsh at {big.workers} workers", big.ratio, EXEC_VS_PDSH))
@@ -692,6 +777,7 @@ def to_json(
     sync: SyncResult | None,
     startup: StartupResult | None,
     summary: list[list[str]],
+    bastion: BastionResult | None = None,
 ) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "machine": info,
@@ -710,6 +796,9 @@ def to_json(
             "bytes_total": {k: [x.bytes_total for x in runs] for k, runs in sync.runs.items()},
             "rsync_bytes": sync.rsync_bytes,
         }
+    if bastion is not None:
+        samples = {"tpuctl": bastion.tpuctl.to_json(), "pdsh": bastion.pdsh.to_json()}
+        doc["bastion"] = {"workers": bastion.workers, **samples}
     if startup is not None:
         doc["startup"] = {
             "commands": {k: s.to_json() for k, s in startup.commands.items()},
@@ -728,7 +817,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--workers", default="1,8,32", help="fleet sizes for exec (default 1,8,32)")
     p.add_argument("--sync-workers", type=int, default=32, help="fleet size for sync (default 32)")
     p.add_argument("--repeat", type=int, default=5, help="timed runs of each measurement, after one warm-up")
-    p.add_argument("--parts", default="exec,sync,startup", help="which benchmarks to run (default all)")
+    p.add_argument("--bastion-workers", type=int, default=32, help="fleet size behind the jump host (default 32)")
+    p.add_argument("--parts", default="exec,sync,startup,bastion", help="which benchmarks to run (default all)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
     p.add_argument("--markdown", metavar="FILE", type=Path, help="append the results as a Markdown section")
     args = p.parse_args(argv)
@@ -744,7 +834,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         isolate_env(work)
         info = machine_info()
         exec_results: list[ExecResult] = []
-        sync = startup = None
+        sync = startup = bastion = None
         with FakeTpuApi() as api:
             pods = Pods(api, work)
             if "startup" in args.parts:
@@ -754,16 +844,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             if "sync" in args.parts:
                 tree = make_tree(work / "src")
                 sync = bench_sync(pods, tree, args.sync_workers, args.repeat)
+            if "bastion" in args.parts:
+                bastion = bench_bastion(pods, args.bastion_workers, args.repeat)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    summary = targets(exec_results, sync, startup)
+    summary = targets(exec_results, sync, startup, bastion)
     tables = [machine_table(info)]
     tables += [exec_table(exec_results)] if exec_results else []
     tables += [sync_table(sync)] if sync else []
     tables += [startup_table(startup)] if startup else []
+    tables += [bastion_table(bastion)] if bastion else []
     tables.append(Table("Targets", ["target", "measured", "result"], summary, text_columns=1))
     if args.json:
-        print(json.dumps(to_json(info, exec_results, sync, startup, summary), indent=2))
+        print(json.dumps(to_json(info, exec_results, sync, startup, summary, bastion), indent=2))
     else:
         print_tables(tables)
     if args.markdown:

@@ -194,7 +194,7 @@ class Fleet:
     def _socket(self, host: str) -> Any:
         if self._proxy is None:
             return open_socket(host, self.settings.ssh_port, self.settings.connect_timeout)
-        return proxy_socket(self.settings, self._proxy, self._pkey, self._known_hosts, host)
+        return proxy_socket(self.settings, self._proxy, host)
 
 
 def each(items: Sequence[T], fn: Callable[[T], None], limit: int) -> None:

@@ -6,6 +6,7 @@ interactive shells and as rsync's transport.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -77,8 +78,20 @@ class KnownHosts:
                     f"{hostname} presented a different {key.get_name()} host key than the one in {self.path}",
                     "if the TPU was recreated, rerun with --replace-host-keys",
                 )
+            self._merge_recorded_meanwhile()
             self._keys.add(hostname, key.get_name(), key)
             self._save()
+
+    def _merge_recorded_meanwhile(self) -> None:
+        """Hosts another writer recorded since this file was read (OpenSSH: the jump host) must survive our save."""
+        paramiko = load_paramiko()
+        on_disk = paramiko.HostKeys()
+        with contextlib.suppress(OSError, paramiko.SSHException):
+            on_disk.load(str(self.path))
+        for name in list(on_disk):
+            if name not in self._keys:
+                for keytype, key in on_disk[name].items():
+                    self._keys.add(name, keytype, key)
 
     def forget(self, hostnames: list[str]) -> None:
         """Drop recorded keys of these hosts (before the OpenSSH client connects with --replace-host-keys)."""
@@ -184,78 +197,96 @@ def proxy_of(settings: Settings) -> Proxy | None:
 
 
 class JumpHost:
-    """One SSH connection to the jump host, opened on first use and shared by every worker connection of this
-    process (each is a direct-tcpip channel over it): a fan-out over 128 workers costs one handshake with the jump
-    host, not 128."""
+    """The jump host's OpenSSH master connection (ControlMaster), opened once before a fan-out: every worker
+    connection is then an `ssh -W` through it, one more channel of that connection rather than one more login.
+
+    (Channels opened by paramiko over one paramiko connection were tried first: under a 32-worker fan-out paramiko
+    can send a channel's data after its close, and sshd then drops the whole connection.)"""
 
     _lock = threading.Lock()
-    _open: ClassVar[dict[tuple[str, int, str, str], paramiko.Transport]] = {}
-    _failed: ClassVar[dict[tuple[str, int, str, str], tuple[float, TpuctlError]]] = {}
+    _ready: ClassVar[dict[str, float]] = {}  # the master's ssh command line -> when it was last seen up
+    _failed: ClassVar[dict[str, tuple[float, TpuctlError]]] = {}
 
     @classmethod
-    def channel_to(
-        cls, settings: Settings, proxy: Proxy, pkey: paramiko.PKey, known_hosts: KnownHosts, host: str
-    ) -> paramiko.Channel:
-        """A channel to host:ssh_port through the jump host, to hand paramiko as the worker connection's socket."""
-        paramiko = load_paramiko()
-
-        key = (proxy.host, proxy.port, proxy.user, str(settings.path("ssh_key")))
-        with cls._lock:  # the first worker connects; the others wait for that connection, then share it
+    def ensure_master(cls, settings: Settings, proxy: Proxy) -> None:
+        """Start the master unless it runs (or multiplexing is off); the workers queued behind a failed start fail
+        with it rather than try again one by one."""
+        base = jump_command(settings, proxy)
+        if not _multiplexing(settings):
+            return
+        key = shlex.join(base)
+        with cls._lock:
             failed = cls._failed.get(key)
             if failed is not None and time.monotonic() - failed[0] < settings.connect_timeout:
-                raise failed[1]  # the workers queued behind a failed try fail with it, not try again one by one
-            transport = cls._open.get(key)
-            if transport is None or not transport.is_active():
-                try:
-                    transport = cls._connect(settings, proxy, pkey, known_hosts)
-                except TpuctlError as e:
-                    cls._failed[key] = (time.monotonic(), e)
-                    raise
-                cls._open[key] = transport
-                cls._failed.pop(key, None)
-        try:
-            return transport.open_channel(
-                "direct-tcpip", (host, settings.ssh_port), ("127.0.0.1", 0), timeout=settings.connect_timeout
-            )
-        except paramiko.ChannelException as e:
-            raise ProxyError(f"the jump host {proxy} cannot reach it: {e.text}") from None
+                raise failed[1]
+            if time.monotonic() - cls._ready.get(key, -1e9) < 5:  # checked a moment ago (this fan-out)
+                return
+            try:
+                cls._start(settings, proxy, base)
+            except TpuctlError as e:
+                cls._failed[key] = (time.monotonic(), e)
+                raise
+            cls._ready[key] = time.monotonic()
+            cls._failed.pop(key, None)
 
     @staticmethod
-    def _connect(settings: Settings, proxy: Proxy, pkey: paramiko.PKey, known_hosts: KnownHosts) -> paramiko.Transport:
-        paramiko = load_paramiko()
+    def _start(settings: Settings, proxy: Proxy, base: list[str]) -> None:
+        import subprocess
+        import tempfile
 
-        try:
-            client = paramiko.SSHClient()
-            client.set_missing_host_key_policy(known_hosts.policy())
-            client.connect(
-                proxy.host,
-                port=proxy.port,
-                username=proxy.user,
-                pkey=pkey,
-                sock=open_socket(proxy.host, proxy.port, settings.connect_timeout),
-                look_for_keys=False,
-                allow_agent=False,
-                timeout=settings.connect_timeout,
-                banner_timeout=settings.connect_timeout,
-                auth_timeout=settings.connect_timeout,
-            )
-        except HostKeyChangedError:
-            raise
-        except Exception as e:
-            why = (e.strerror if isinstance(e, OSError) and e.strerror else str(e)) or type(e).__name__
-            raise ProxyError(f"the jump host {proxy} is unreachable: {why}") from None
-        transport = client.get_transport()
-        assert transport is not None
-        transport.set_keepalive(15)
-        return transport
+        timeout = settings.connect_timeout + 10
+        check = subprocess.run([*base, "-O", "check", proxy.host], capture_output=True, timeout=timeout, check=False)
+        if check.returncode == 0:
+            return
+        # -f: into the background once logged in. Its stderr goes to a file: a pipe would stay open in the master.
+        with tempfile.TemporaryFile() as errors:
+            try:
+                started = subprocess.run(
+                    [*base, "-o", "ControlMaster=yes", "-N", "-f", proxy.host],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=errors,
+                    timeout=timeout,
+                    check=False,
+                )
+            except subprocess.TimeoutExpired:
+                raise ProxyError(f"the jump host {proxy} is unreachable: no login within {timeout:g}s") from None
+            errors.seek(0)
+            lines = errors.read().decode(errors="replace").strip().splitlines()
+        if started.returncode != 0:
+            why = lines[-1].removeprefix("ssh: ") if lines else f"ssh exited {started.returncode}"
+            raise ProxyError(f"the jump host {proxy} is unreachable: {why}")
 
 
-def proxy_socket(settings: Settings, proxy: Proxy, pkey: paramiko.PKey, known_hosts: KnownHosts, host: str) -> Any:
-    """What paramiko connects to a worker over when a proxy is set: a channel through the jump host, or the
-    ProxyCommand's stdin/stdout."""
+def jump_command(settings: Settings, proxy: Proxy, known_hosts_only: bool = False) -> list[str]:
+    """The OpenSSH command line that logs in to the jump host with tpuctl's key and known_hosts (not ProxyJump,
+    which would use neither), multiplexed like the workers' connections; `-W HOST:PORT JUMP` completes it."""
+    return [
+        "ssh",
+        "-i", str(settings.path("ssh_key")),
+        "-p", str(proxy.port),
+        "-l", proxy.user,
+        "-o", "IdentitiesOnly=yes",
+        "-o", f"UserKnownHostsFile={settings.path('known_hosts')}",
+        "-o", "GlobalKnownHostsFile=/dev/null",
+        "-o", f"StrictHostKeyChecking={'yes' if known_hosts_only else 'accept-new'}",
+        "-o", "HashKnownHosts=no",  # readable, as paramiko writes the workers' entries
+        "-o", f"ConnectTimeout={max(1, round(settings.connect_timeout))}",
+        "-o", "LogLevel=ERROR",
+        "-o", "BatchMode=yes",
+        *_multiplexing(settings),
+    ]  # fmt: skip
+
+
+def proxy_socket(settings: Settings, proxy: Proxy, host: str) -> Any:
+    """What paramiko connects to a worker over when a proxy is set: the stdin/stdout of the ProxyCommand, or of an
+    `ssh -W` through the jump host's master connection."""
     if proxy.command:
-        return load_paramiko().ProxyCommand(proxy.expand(host, settings.ssh_port, settings.ssh_user))
-    return JumpHost.channel_to(settings, proxy, pkey, known_hosts, host)
+        command = proxy.expand(host, settings.ssh_port, settings.ssh_user)
+    else:
+        JumpHost.ensure_master(settings, proxy)
+        command = shlex.join([*jump_command(settings, proxy), "-W", f"[{host}]:{settings.ssh_port}", proxy.host])
+    return load_paramiko().ProxyCommand(command)
 
 
 def load_private_key(settings: Settings) -> paramiko.PKey:
@@ -334,28 +365,13 @@ def ssh_command(
 
 
 def _proxy_options(settings: Settings, known_hosts_only: bool) -> list[str]:
-    """The ProxyCommand option for the OpenSSH client. A jump host is spelled out as the inner ssh command (not
-    ProxyJump, which would not use tpuctl's key and known_hosts for it), multiplexed like the workers' connections:
-    rsync to 32 workers logs in to the jump host once."""
+    """The ProxyCommand option for the OpenSSH client: the user's, or `ssh -W` through the jump host (rsync to 32
+    workers then logs in to the jump host once: its connection is multiplexed too)."""
     proxy = proxy_of(settings)
     if proxy is None:
         return []
     if proxy.command:
         return ["-o", f"ProxyCommand={proxy.command}"]
-    inner = [
-        "ssh",
-        "-i", str(settings.path("ssh_key")),
-        "-p", str(proxy.port),
-        "-l", proxy.user,
-        "-o", "IdentitiesOnly=yes",
-        "-o", f"UserKnownHostsFile={settings.path('known_hosts')}",
-        "-o", "GlobalKnownHostsFile=/dev/null",
-        "-o", f"StrictHostKeyChecking={'yes' if known_hosts_only else 'accept-new'}",
-        "-o", f"ConnectTimeout={max(1, round(settings.connect_timeout))}",
-        "-o", "LogLevel=ERROR",
-        "-o", "BatchMode=yes",
-        *_multiplexing(settings),
-    ]  # fmt: skip
     # The outer ssh expands %-tokens in a ProxyCommand: the inner command's own (ControlPath's %C) are escaped.
-    command = shlex.join(inner).replace("%", "%%") + f" -W '[%h]:%p' {shlex.quote(proxy.host)}"
-    return ["-o", f"ProxyCommand={command}"]
+    inner = shlex.join(jump_command(settings, proxy, known_hosts_only)).replace("%", "%%")
+    return ["-o", f"ProxyCommand={inner} -W '[%h]:%p' {shlex.quote(proxy.host)}"]
