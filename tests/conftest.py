@@ -77,6 +77,7 @@ SLOW_MODULES = {
     "test_prepare",  # offline `tpuctl prepare` builds a venv per stand-in worker
     "test_real_data",  # two trainer stages on real image files
     "test_runs",  # pods training through tmux
+    "test_scale",  # 128 stand-in workers
     "test_secrets",  # runs on stand-in workers
     "test_train",  # trainer runs: kill -9, SIGTERM, two processes
     "test_wandb",  # trainer runs with wandb offline

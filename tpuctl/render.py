@@ -5,10 +5,11 @@ No command logic here; the commands decide what to show, these decide how it loo
 
 from __future__ import annotations
 
+import collections
 import json
 import sys
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
     from tpuctl.fleet import WorkerResult
     from tpuctl.ops import WorkerReport
     from tpuctl.sync import SyncResult
+
+T = TypeVar("T")
 
 
 def console(stderr: bool = False) -> Console:
@@ -46,6 +49,23 @@ def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any
     for row in rows:
         t.add_row(*(plain(v) for v in row))
     return t
+
+
+SUMMARIZE_AFTER = 16  # more workers than this: one summary line, and a table of only the odd ones
+
+
+def summarize(items: Sequence[T], state_of: Callable[[T], str], show_all: bool) -> tuple[list[T], str | None]:
+    """A pod's worth of rows, readable: past SUMMARIZE_AFTER workers (unless `show_all`), a line counting each state
+    and only the rows unlike the most common state. Returns (rows to show, summary line or None)."""
+    if show_all or len(items) <= SUMMARIZE_AFTER:
+        return list(items), None
+    states = collections.Counter(state_of(i) for i in items)
+    usual = states.most_common(1)[0][0]
+    odd = [i for i in items if state_of(i) != usual]
+    line = f"{len(items)} workers: " + ", ".join(f"{n} {state}" for state, n in states.most_common())
+    if odd:
+        line += f"; the {count(len(odd), 'worker')} not {usual} below (--all: every worker)"
+    return odd, line
 
 
 def human_bytes(n: int) -> str:
@@ -312,11 +332,27 @@ def _number(value: Any, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}g}"
 
 
+def report_state(r: WorkerReport) -> str:
+    """A worker's state as the tables show it: "unknown" when it could not be asked."""
+    return r.state if r.error is None else "unknown"
+
+
+def steps_line(reports: Sequence[WorkerReport]) -> str:
+    """Where the workers' training is, in one phrase: "pretrain steps 1200-1204" (or "" when none reported)."""
+    progress = [r.data["progress"] for r in reports if r.error is None and r.data.get("progress")]
+    if not progress:
+        return ""
+    stages = sorted({p["stage"] for p in progress})
+    steps = [p["step"] for p in progress]
+    span = f"{min(steps)}" if min(steps) == max(steps) else f"{min(steps)}-{max(steps)}"
+    return f"{'/'.join(stages)} step {span}"
+
+
 def status_table(reports: Sequence[WorkerReport]) -> Table:
     rows = []
     for r in reports:
         progress = r.data.get("progress") or {}
-        state = r.state if r.error is None else "unknown"
+        state = report_state(r)
         if state == "failed" and r.data.get("exit_code") is not None:
             state = f"failed (exit {r.data['exit_code']})"
         rows.append(

@@ -8,15 +8,16 @@ import click
 
 from tpuctl import render
 from tpuctl.cli.common import confirm_by_name, err, fleet_of, settings_from, show_reports
-from tpuctl.cli.options import dry_run_option, fleet_options, grace_option, json_option, yes_option
+from tpuctl.cli.options import all_option, dry_run_option, fleet_options, grace_option, json_option, yes_option
 from tpuctl.defaults import KILL_GRACE_S
 from tpuctl.errors import EXIT_FAILED, EXIT_OK
 
 
 @click.command()
 @fleet_options()
+@all_option
 @json_option
-def check(as_json: bool, **flags: Any) -> None:
+def check(show_all: bool, as_json: bool, **flags: Any) -> None:
     """Who holds the TPU chips on each worker. Exit 0 all free, 1 any busy, 3 any unknown (unreachable).
 
     Example: tpuctl check --tpu my-pod --json
@@ -28,7 +29,7 @@ def check(as_json: bool, **flags: Any) -> None:
     if as_json:  # the documented shape: worker, ip, state, holders (and error)
         render.print_json([render.check_json(r) for r in reports])
     else:
-        show_reports(reports, False, render.check_table)
+        show_reports(reports, False, render.check_table, show_all)
     raise SystemExit(ops.check_exit_code(reports))
 
 

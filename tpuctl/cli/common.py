@@ -107,13 +107,38 @@ def line_printer(prefixed: bool = True) -> Callable[[Any, str, str], None]:
     return show
 
 
-def show_reports(reports: list[WorkerReport], as_json: bool, table: Callable[[list[WorkerReport]], Any]) -> None:
-    """Per-worker reports as JSON, or as a table followed by the failed workers and why (last, on stderr)."""
+def show_reports(
+    reports: list[WorkerReport],
+    as_json: bool,
+    table: Callable[[list[WorkerReport]], Any],
+    show_all: bool = True,
+    detail: str = "",
+) -> None:
+    """Per-worker reports as JSON, or as a table followed by the failed workers and why (last, on stderr). Unless
+    `show_all`, a pod's worth of workers is summed up in a line (then `detail`) over a table of the odd ones."""
     if as_json:
         render.print_json([render.report_json(r) for r in reports])
         return
-    out().print(table(reports))
+    show_table(reports, table, render.report_state, show_all, detail)
     say_failures((r.index, r.ip, r.error) for r in reports)
+
+
+def show_table(
+    items: list[Any],
+    table: Callable[[list[Any]], Any],
+    state_of: Callable[[Any], str],
+    show_all: bool,
+    detail: str = "",
+    console: Any = None,
+) -> None:
+    """The table of `items` (on stdout, or `console`); past render.SUMMARIZE_AFTER of them (unless `show_all`), a
+    summary line and the rows unlike the most."""
+    console = console or out()
+    shown, summary = render.summarize(items, state_of, show_all)
+    if summary:
+        console.print(render.plain(f"{summary}{f'; {detail}' if detail else ''}"))
+    if shown:
+        console.print(table(shown))
 
 
 def confirm_by_name(name: str, action: str) -> None:

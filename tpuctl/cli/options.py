@@ -68,6 +68,9 @@ def new_tpu_options(fn: Any) -> Any:
     return setting_options(*NEW_TPU_SETTINGS)(fn)
 
 
+all_option = click.option(
+    "--all", "show_all", is_flag=True, help="Every worker's row (past 16 workers: a summary and the odd ones)."
+)
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON on stdout, for scripts.")
 dry_run_option = click.option("--dry-run", is_flag=True, help="Show what would be done; change nothing.")
 yes_option = click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")

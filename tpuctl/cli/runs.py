@@ -23,8 +23,10 @@ from tpuctl.cli.common import (
     say,
     say_failures,
     settings_from,
+    show_table,
 )
 from tpuctl.cli.options import (
+    all_option,
     dry_run_option,
     fleet_options,
     grace_option,
@@ -178,8 +180,9 @@ def _recorded_target(record: RunRecord, flags: dict[str, Any]) -> tuple[Settings
 @click.command()
 @run_name_argument
 @fleet_options()
+@all_option
 @json_option
-def status(run: str | None, as_json: bool, **flags: Any) -> None:
+def status(run: str | None, show_all: bool, as_json: bool, **flags: Any) -> None:
     """Per worker: trainer running or how it ended, tmux session, last step/loss/img/s, last checkpoint.
 
     RUN defaults to the latest run started from this machine. Exit 0 all running or done, 1 any failed or dead,
@@ -193,11 +196,11 @@ def status(run: str | None, as_json: bool, **flags: Any) -> None:
     settings, target = _recorded_target(record, flags)
     reports = launch.status(settings, target, record)
     if as_json:
-        workers = [render.report_json(r) | {"state": r.state if r.error is None else "unknown"} for r in reports]
+        workers = [render.report_json(r) | {"state": render.report_state(r)} for r in reports]
         render.print_json({"run": record.to_json(), "workers": workers})
     else:
         err().print(render.plain(f"run {record.name!r}: {record.recipe}, workdir {record.workdir}"))
-        out().print(render.status_table(reports))
+        show_table(reports, render.status_table, render.report_state, show_all, render.steps_line(reports))
         say_failures((r.index, r.ip, r.error) for r in reports)
         for note in render.status_notes(reports):
             err().print(render.plain(note))
@@ -250,8 +253,9 @@ def _print_logs(
 @run_name_argument
 @grace_option(STOP_GRACE_S, "Seconds to checkpoint and exit.")
 @fleet_options()
+@all_option
 @json_option
-def stop(run: str | None, grace: float, as_json: bool, **flags: Any) -> None:
+def stop(run: str | None, grace: float, show_all: bool, as_json: bool, **flags: Any) -> None:
     """SIGTERM the trainers of RUN so they checkpoint and exit; kill what is left after --grace seconds.
 
     `tpuctl run` with the same name afterwards resumes from the checkpoint.
@@ -271,7 +275,7 @@ def stop(run: str | None, grace: float, as_json: bool, **flags: Any) -> None:
     if as_json:
         render.print_json({"run": record.to_json(), "workers": [render.report_json(r) for r in reports]})
     else:
-        out().print(render.stop_table(reports))
+        show_table(reports, render.stop_table, render.report_state, show_all)
         say_failures((r.index, r.ip, r.error) for r in reports)
         if not any(r.error for r in reports):
             (first,) = launch.status(settings, target.subset([0]), record)  # the checkpoint it will resume from

@@ -10,8 +10,24 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from tpuctl import render
-from tpuctl.cli.common import err, fleet_of, line_printer, parse_workers, ready_node, say_failures, settings_from
-from tpuctl.cli.options import dry_run_option, fleet_options, json_option, worker_option, workers_option
+from tpuctl.cli.common import (
+    err,
+    fleet_of,
+    line_printer,
+    parse_workers,
+    ready_node,
+    say_failures,
+    settings_from,
+    show_table,
+)
+from tpuctl.cli.options import (
+    all_option,
+    dry_run_option,
+    fleet_options,
+    json_option,
+    worker_option,
+    workers_option,
+)
 from tpuctl.errors import EXIT_UNREACHABLE, TpuctlError
 
 if TYPE_CHECKING:
@@ -53,9 +69,12 @@ def ssh(worker: int, command: tuple[str, ...], **flags: Any) -> None:
 @click.option("--group", is_flag=True, help="Print each worker's output together, after it finishes.")
 @fleet_options("command_timeout")
 @dry_run_option
+@all_option
 @json_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def exec_(workers: str, group: bool, dry_run: bool, as_json: bool, command: tuple[str, ...], **flags: Any) -> None:
+def exec_(
+    workers: str, group: bool, dry_run: bool, show_all: bool, as_json: bool, command: tuple[str, ...], **flags: Any
+) -> None:
     """Run CMD on the workers in parallel; output prefixed [wN]; exit status is the worst worker's.
 
     One argument is a shell command line (quote it: pipes, $VARS work); several are words sent exactly as given.
@@ -84,7 +103,7 @@ def exec_(workers: str, group: bool, dry_run: bool, as_json: bool, command: tupl
             sys.stderr.write(r.stderr)
             sys.stdout.flush()
     if not as_json:
-        err().print(render.results_table(results))
+        show_table(results, render.results_table, lambda r: r.status, show_all, console=err())
         say_failures((r.worker.index, r.host, r.error) for r in results)
     raise SystemExit(exec_exit_code(results))
 

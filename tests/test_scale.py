@@ -1,0 +1,108 @@
+"""A v4-1024-sized pod: 128 stand-in workers (real sshds) for exec, check, sync, run, status and stop, and the
+tables read at that size (a summary line and the odd workers; --all and --json give every one).
+
+The trainers here are stand-ins (a shell loop printing the trainer's progress lines, exiting on SIGTERM as the
+trainer does after its checkpoint): 128 JAX processes cannot run on this machine's two cores. Everything around
+them is real: tmux sessions, pid and exit files, the status script reading them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from standins import wait_until
+from standins.pod import RUN_RECIPE, make_pod
+
+WORKERS = 128
+SLOW = {"TPUCTL_CONNECT_TIMEOUT": "60", "TPUCTL_TIMEOUT": "300"}  # 128 handshakes share two cores with 128 sshds
+STAND_IN_TRAINER = """#!/bin/sh
+# prints the trainer's progress lines; on SIGTERM, exits as the trainer does once it has checkpointed
+trap 'echo "pretrain $i: preempted, checkpoint saved"; exit 0' TERM
+i=0
+while :; do i=$((i + 1)); echo "pretrain $i  loss 2.5 img_per_s 100.0"; sleep 0.5; done
+"""
+
+
+@pytest.mark.timeout(900)
+def test_a_pod_of_128_workers(make_fleet, tpu_api, tmp_path, project):
+    fleet = make_fleet(WORKERS)
+    pod = make_pod(fleet, tpu_api, tmp_path / "home")
+
+    def tpuctl(*args, **kw):
+        return pod.tpuctl(*args, env=SLOW | kw.pop("env", {}), timeout=600, **kw)
+
+    r = tpuctl("exec", "--", "hostname")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(r.stdout.splitlines()) == sorted(f"[w{w.index}] {w.hostname}" for w in fleet.workers)
+    assert f"{WORKERS} workers: {WORKERS} ok" in r.stderr and not worker_rows(r.stderr)  # no row for an ok worker
+
+    # check: one summary line, the one busy worker's row alone; --all and --json: every worker
+    for w in fleet.workers:
+        w.path("/tmp/dev").mkdir()
+        w.path("/tmp/dev/accel0").write_bytes(b"")
+    odd = fleet.workers[77]
+    holder = odd.spawn(["python3", "-c", "import time; f = open('/tmp/dev/accel0'); time.sleep(600)"])
+    devices = {"TPUCTL_DEVICE_GLOBS": "/tmp/dev/accel*"}
+    wait_until(lambda: r"accel0" in " ".join(_fds(holder)), 10, "the holder opened accel0")
+    r = tpuctl("check", env=devices)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert f"{WORKERS} workers: {WORKERS - 1} free, 1 busy; the 1 worker not free below" in r.stdout
+    (row,) = worker_rows(r.stdout)
+    assert row.startswith("w77 ") and str(holder) in row
+    r = tpuctl("check", "--all", env=devices)
+    assert len(worker_rows(r.stdout)) == WORKERS
+    r = tpuctl("check", "--json", env=devices)
+    assert [d["state"] for d in json.loads(r.stdout)].count("free") == WORKERS - 1
+
+    # sync: cold (every worker in full or by batch), then one edit (the batch, everywhere)
+    r = tpuctl("sync", str(project), "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert all(d["ok"] for d in json.loads(r.stdout)) and len(json.loads(r.stdout)) == WORKERS
+    (project / "recipes" / "note.txt").write_text("edited\n")
+    r = tpuctl("sync", str(project), "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {d["method"] for d in json.loads(r.stdout)} == {"batch"}
+    assert all(w.path("~/tpuctl/recipes/note.txt").read_text() == "edited\n" for w in fleet.workers)
+
+    # run, status, stop
+    for w in fleet.workers:  # what `prepare` would make: the project's venv (sync leaves it alone)
+        python = w.path("~/tpuctl/.venv/bin/python")
+        python.parent.mkdir(parents=True)
+        python.write_text(STAND_IN_TRAINER)
+        python.chmod(0o755)
+    run = ["run", RUN_RECIPE, "--name", "wide", "--no-sync", "--workdir", "/tmp/w", "--force"]
+    r = tpuctl(*run, env=devices, cwd=project)  # --force: w77's holder goes first
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+
+    def all_stepping():
+        answer = tpuctl("status", "wide", "--json")
+        workers = json.loads(answer.stdout)["workers"]
+        steps = [(w.get("progress") or {}).get("step", 0) for w in workers]
+        return workers if all(w["state"] == "running" for w in workers) and min(steps) >= 2 else None
+
+    workers = wait_until(all_stepping, 300, "every trainer running and logging", poll=2)
+    assert len(workers) == WORKERS
+    r = tpuctl("status", "wide")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"{WORKERS} workers: {WORKERS} running; pretrain step " in r.stdout
+    assert not worker_rows(r.stdout)  # nothing odd to list
+    r = tpuctl("stop", "wide", "--grace", "30")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"{WORKERS} workers: {WORKERS} " in r.stdout
+    final = json.loads(tpuctl("status", "wide", "--json").stdout)["workers"]
+    assert {w["state"] for w in final} <= {"stopped", "done"}, {w["state"] for w in final}
+
+
+def worker_rows(text: str) -> list[str]:
+    return [line for line in text.splitlines() if re.match(r"w\d+ ", line)]
+
+
+def _fds(pid: int) -> list[str]:
+    import os
+
+    try:
+        return [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    except OSError:
+        return []
