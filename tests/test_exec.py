@@ -237,3 +237,34 @@ def test_exec_dry_run_prints_the_remote_line_and_runs_nothing(pod):
     assert r.stdout == "touch '/tmp/it'\"'\"'s here'\n"
     assert f"Would run on 1 worker ({pod.fleet.workers[1].ip})" in r.stderr
     assert not pod.fleet.workers[1].path("/tmp/it's here").exists()
+
+
+def test_recorded_addresses_spare_the_api_and_are_trusted_only_with_their_host_keys(pod, make_fleet, tpu_api):
+    """tpuctl.endpoints: a second command within node_cache_s asks the API nothing; a worker whose host key is not the
+    recorded one never runs the command (the API is asked, and the usual host-key refusal follows); a TPU whose
+    workers moved is found again through the API."""
+    from standins.pod import NODE, PROJECT, ZONE
+
+    def api_calls():
+        return len([q for q in tpu_api.requests if q.method == "GET"])
+
+    assert pod.tpuctl("exec", "--", "true").returncode == 0
+    asked = api_calls()
+    r = pod.tpuctl("exec", "--", "hostname")
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 2, r.stderr
+    assert api_calls() == asked  # the recorded addresses, confirmed by the workers' host keys
+
+    w1 = pod.fleet.workers[1]
+    w1.new_host_key()  # another machine at w1's address
+    r = pod.tpuctl("exec", "--", "touch /root/ran")
+    assert r.returncode == 255 and "presented a different ssh-ed25519 host key" in r.stderr, r.stderr
+    assert not w1.path("/root/ran").exists() and pod.fleet.workers[0].path("/root/ran").exists()
+    assert api_calls() > asked  # the doubt went to the API
+
+    moved = make_fleet(2, like=pod.fleet)  # the TPU's VMs now live elsewhere; the old addresses answer no more
+    for w in pod.fleet.workers:
+        w.crash()
+    tpu_api.add_fleet_node(PROJECT, ZONE, NODE, moved)
+    r = pod.tpuctl("exec", "--", "hostname")
+    assert r.returncode == 0, r.stderr
+    assert sorted(r.stdout.splitlines()) == sorted(f"[w{w.index}] {w.hostname}" for w in moved.workers)

@@ -104,6 +104,12 @@ class Settings:
     )
     known_hosts: str = _setting("~/.config/tpuctl/known_hosts", "path", "tpuctl's own known_hosts file.")
     replace_host_keys: bool = _setting(False, "bool", "Accept workers whose host key changed (recreated VMs).")
+    node_cache_s: float = _setting(
+        300.0,
+        "float",
+        "Seconds a TPU's worker addresses are reused without asking the API (only at workers whose recorded host key"
+        " confirms them; on any doubt the API is asked); 0: ask every time.",
+    )
     device_globs: list[str] = _setting(list(contract.TPU_DEVICE_GLOBS), "list", "TPU device paths (globs).")
     api_timeout: float = _setting(30.0, "float", "Seconds a Cloud TPU API call may take, retries included.")
     api_poll: float = _setting(5.0, "float", "Seconds between looks at a TPU being created or deleted.")

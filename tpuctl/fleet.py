@@ -43,6 +43,7 @@ class WorkerResult:
     error: str | None = None  # why it did not run to its end (unreachable, timed out, host key changed)
     timed_out: bool = False
     seconds: float = 0.0
+    connected: bool = False  # logged in: the command may have run
 
     @property
     def status(self) -> str:
@@ -94,10 +95,15 @@ class ConnectionLost(Exception):
 class Fleet:
     """The workers of one TPU node, reachable over SSH."""
 
-    def __init__(self, settings: Settings, workers: Sequence[Worker]):
+    def __init__(
+        self, settings: Settings, workers: Sequence[Worker], refresh: Callable[[], Sequence[Worker]] | None = None
+    ):
+        """`refresh`: the workers are recorded addresses (tpuctl.endpoints), to be confirmed by their host keys;
+        refresh() asks the API for them when one is not (its answer then replaces them)."""
         self.settings = settings
         self.workers = list(workers)
         self.hosts = [w.address(settings.internal_addresses) for w in self.workers]
+        self._refresh = refresh
         self._pkey = load_private_key(settings)
         self._known_hosts = KnownHosts(settings.path("known_hosts"), replace=settings.replace_host_keys)
         self._slots = threading.Semaphore(settings.concurrency)
@@ -120,7 +126,32 @@ class Fleet:
         `stdin` is sent to every worker; on_line gets output lines as they arrive, on_done each finished worker.
         """
         timeout = self.settings.command_timeout if timeout is None else timeout
-        results = [WorkerResult(worker=w, host=h) for w, h in zip(self.workers, self.hosts, strict=True)]
+        first_done = on_done
+        if self._refresh is not None and on_done is not None:  # a worker asked again is done after that
+            first_done = lambda r: on_done(r) if r.connected or r.error is None else None  # noqa: E731
+        results = self._fan_out(list(range(len(self.workers))), command, timeout, stdin, on_line, first_done)
+        doubtful = [i for i, r in enumerate(results) if r.error is not None and not r.connected]
+        if self._refresh is not None and doubtful:
+            # A recorded address was not confirmed (or did not answer): the API says where the workers are now,
+            # and the command goes to those that did not run it, at their addresses now.
+            fresh = list(self._refresh())
+            self._refresh = None
+            self.workers, self.hosts = fresh, [w.address(self.settings.internal_addresses) for w in fresh]
+            again = self._fan_out(doubtful, command, timeout, stdin, on_line, on_done)
+            for i, result in zip(doubtful, again, strict=True):
+                results[i] = result
+        return results
+
+    def _fan_out(
+        self,
+        positions: list[int],
+        command: str | Callable[[Worker], str],
+        timeout: float,
+        stdin: bytes | None,
+        on_line: LineCallback | None,
+        on_done: Callable[[WorkerResult], None] | None,
+    ) -> list[WorkerResult]:
+        results = [WorkerResult(worker=self.workers[i], host=self.hosts[i]) for i in positions]
         threads = []
         go = threading.Event()  # workers wait for it, so starting thread N never queues behind N-1's handshake
         for result in results:
@@ -133,7 +164,7 @@ class Fleet:
         go.set()
         # The watchdog: each worker's own deadlines should fire first; this catches whatever hangs past them
         # (e.g. a queue behind the concurrency cap, or a library call without a timeout).
-        waves = -(-len(self.workers) // self.settings.concurrency)
+        waves = -(-len(results) // self.settings.concurrency)
         deadline = time.monotonic() + waves * (3 * self.settings.connect_timeout + timeout) + 5
         for t, result in zip(threads, results, strict=True):
             t.join(max(0.0, deadline - time.monotonic()))
@@ -157,6 +188,7 @@ class Fleet:
         with self._slots:
             try:
                 client = self._connect(result.host)
+                result.connected = True
                 callback = None if on_line is None else (lambda s, line: on_line(result.worker, s, line))
                 result.exit_code, result.stdout, result.stderr = _exec(client, command, timeout, stdin, callback)
             except CommandTimeout:
@@ -175,7 +207,7 @@ class Fleet:
     def _connect(self, host: str) -> paramiko.SSHClient:
         s = self.settings
         client = load_paramiko().SSHClient()
-        client.set_missing_host_key_policy(self._known_hosts.policy())
+        client.set_missing_host_key_policy(self._known_hosts.policy(confirm_only=self._refresh is not None))
         client.connect(
             host,
             port=s.ssh_port,

@@ -11,7 +11,6 @@ import os
 import re
 import shlex
 import socket
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from tpuctl.errors import ConfigError, HostKeyChangedError, ProxyError, TpuctlError
+from tpuctl.imports import import_without
 
 if TYPE_CHECKING:
     import paramiko
@@ -27,20 +27,9 @@ if TYPE_CHECKING:
 
 
 def load_paramiko() -> Any:
-    """Import paramiko, without the `invoke` it would pull in.
-
-    paramiko.config imports invoke (only to run `Match exec` lines of ssh_config files, which tpuctl never parses
-    with paramiko): ~60 ms of every fleet command's start. Hiding it makes that import fail, which paramiko expects.
-    """
-    if "paramiko" not in sys.modules and "invoke" not in sys.modules:
-        sys.modules["invoke"] = None  # type: ignore[assignment]
-        try:
-            import paramiko
-        finally:
-            del sys.modules["invoke"]
-    import paramiko
-
-    return paramiko
+    """paramiko, without the `invoke` it would pull in: paramiko.config imports invoke only to run `Match exec` lines
+    of ssh_config files, which tpuctl never parses with paramiko (~60 ms of every fleet command's start)."""
+    return import_without("paramiko", "invoke")
 
 
 def host_key_name(host: str, port: int) -> str:
@@ -66,6 +55,17 @@ class KnownHosts:
                 self._keys.load(str(path))
             except (OSError, paramiko.SSHException) as e:
                 raise ConfigError(f"cannot read known_hosts file {path}: {e}") from None
+
+    def confirm(self, hostname: str, key: paramiko.PKey) -> None:
+        """Accept only the key recorded for this host (an address not from the API must be confirmed by it)."""
+        with self._lock:
+            recorded = (self._keys.lookup(hostname) or {}).get(key.get_name())
+        if recorded is None or recorded != key:
+            raise UnconfirmedAddress(f"{hostname} is not the worker tpuctl recorded at that address")
+
+    def knows(self, hostname: str) -> bool:
+        with self._lock:
+            return bool(self._keys.lookup(hostname))
 
     def verify(self, hostname: str, key: paramiko.PKey) -> None:
         with self._lock:
@@ -111,16 +111,22 @@ class KnownHosts:
         os.chmod(tmp, 0o600)
         os.replace(tmp, self.path)
 
-    def policy(self) -> paramiko.MissingHostKeyPolicy:
+    def policy(self, confirm_only: bool = False) -> paramiko.MissingHostKeyPolicy:
+        """What paramiko asks about a host key it does not know: verify (record new, refuse changed) or, with
+        `confirm_only`, accept nothing but the recorded key."""
         base = load_paramiko().MissingHostKeyPolicy
 
-        known_hosts = self
+        check = self.confirm if confirm_only else self.verify
 
         class _Verify(base):  # type: ignore[misc,valid-type]
             def missing_host_key(self, client: Any, hostname: str, key: paramiko.PKey) -> None:
-                known_hosts.verify(hostname, key)
+                check(hostname, key)
 
         return _Verify()
+
+
+class UnconfirmedAddress(TpuctlError):
+    """A recorded address answered with another host key than the one recorded for it (or none is recorded)."""
 
 
 class _QuickAckSocket(socket.socket):

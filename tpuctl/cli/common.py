@@ -16,7 +16,7 @@ from tpuctl import config, render
 from tpuctl.errors import TpuctlError
 
 if TYPE_CHECKING:
-    from tpuctl.cloud import Node
+    from tpuctl.cloud import Node, Worker
     from tpuctl.config import Settings
     from tpuctl.fleet import Fleet
     from tpuctl.ops import WorkerReport
@@ -30,6 +30,7 @@ def settings_from(flags: dict[str, Any]) -> Settings:
 
 def ready_node(settings: Settings) -> Node:
     """The --tpu node, READY and with its workers, else one line saying what it is instead."""
+    from tpuctl import endpoints
     from tpuctl.cloud import TpuApi
 
     settings.require("tpu")
@@ -39,13 +40,37 @@ def ready_node(settings: Settings) -> Node:
         raise TpuctlError(f"TPU {node.name!r} is {node.state}, not READY", "see `tpuctl list` for its state")
     if not node.workers:
         raise TpuctlError(f"TPU {node.name!r} reports no workers yet", "wait until it is READY")
+    endpoints.save(settings, node)
     return node
 
 
-def fleet_of(settings: Settings, workers: str = "all") -> Fleet:
-    """The chosen workers (--workers) of the --tpu node, ready to run commands on."""
+def fleet_of(settings: Settings, workers: str = "all", recorded_ok: bool = True) -> Fleet:
+    """The chosen workers (--workers) of the --tpu node, ready to run commands on: at the addresses recorded a
+    moment ago when each has a recorded host key to confirm it (tpuctl.endpoints), else as the API says.
+    `recorded_ok=False`: as the API says (for what also reaches the workers outside the fleet, e.g. rsync)."""
+    from tpuctl import endpoints
     from tpuctl.fleet import Fleet
+    from tpuctl.ssh import KnownHosts, host_key_name
 
+    settings.require("tpu")
+    recorded = endpoints.load(settings) if recorded_ok else None
+    if recorded is not None:
+        known = KnownHosts(settings.path("known_hosts"))
+        hosts = [w.address(settings.internal_addresses) for w in recorded.workers]
+        if all(known.knows(host_key_name(h, settings.ssh_port)) for h in hosts) and not settings.replace_host_keys:
+            chosen = parse_workers(workers, len(recorded.workers))
+
+            def refresh() -> list[Worker]:
+                endpoints.forget(settings)
+                node = ready_node(settings)
+                if len(node.workers) != len(recorded.workers):
+                    raise TpuctlError(
+                        f"TPU {node.name!r} has {len(node.workers)} workers now, not {len(recorded.workers)}",
+                        "run the command again",
+                    )
+                return [node.workers[i] for i in chosen]
+
+            return Fleet(settings, [recorded.workers[i] for i in chosen], refresh=refresh)
     node = ready_node(settings)
     return Fleet(settings, [node.workers[i] for i in parse_workers(workers, len(node.workers))])
 

@@ -4,6 +4,7 @@ tpuctl.lifecycle / tpuctl.cloud / tpuctl.babysit, and print.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -169,7 +170,7 @@ def delete(name: str | None, yes: bool, wait: bool, dry_run: bool, **flags: Any)
 
     Example: tpuctl delete my-pod --yes
     """
-    from tpuctl import cloud, lifecycle
+    from tpuctl import cloud, endpoints, lifecycle
 
     settings = settings_from(flags)
     name = name or _tpu_name(settings)
@@ -185,6 +186,7 @@ def delete(name: str | None, yes: bool, wait: bool, dry_run: bool, **flags: Any)
         confirm_by_name(name, "delete")
     with Progress() as say:
         lifecycle.delete(api, node, wait=wait, poll=settings.api_poll, say=say)
+    endpoints.forget(dataclasses.replace(settings, tpu=name))  # its workers' recorded addresses mean nothing now
 
 
 @click.command()

@@ -92,7 +92,10 @@ def run(
     project = Path.cwd()
     spec = launch.RunSpec.parse(project, recipe, name, workdir, overrides, env_items)
     local = local or settings.target == "local"
-    target = launch.local_target(settings, project) if local else launch.pod_target(settings, fleet_of(settings))
+    if local:
+        target = launch.local_target(settings, project)
+    else:  # the API's addresses: the launch's rsync reaches the workers outside the fleet
+        target = launch.pod_target(settings, fleet_of(settings, recorded_ok=False))
     record = spec.record(settings, target.kind, target.cwd, target.hosts)
     sync = not (local or no_sync)
     if dry_run:
