@@ -61,6 +61,7 @@ EXEC_VS_PDSH = 0.5
 EXEC_SCALING = 3.0
 SYNC_VS_RSYNC = 3.0
 BASTION_VS_PDSH = 0.5
+EXEC_VS_PDSH_32 = 0.4
 STARTUP_S = 0.3
 
 
@@ -256,14 +257,14 @@ def tpuctl_exec_env(env: dict[str, str], hostnames: list[str]) -> Timing:
     return timing
 
 
-def pdsh_exec(pod: Pod, hostnames: list[str], kex: str | None = None) -> Timing:
+def pdsh_exec(pod: Pod, hostnames: list[str], kex: str | None = None, fanout: int = 64) -> Timing:
     known_hosts = pod.home / "pdsh_known_hosts"
     env = {
         **pod.env,
         "PDSH_RCMD_TYPE": "ssh",
         "PDSH_SSH_ARGS": shlex.join(ssh_options(pod, known_hosts, kex)) + " -l%u %h",
     }
-    argv = ["pdsh", "-R", "ssh", "-f", "64", "-l", pod.fleet.user, "-w", ",".join(pod.fleet.ips), "hostname"]
+    argv = ["pdsh", "-R", "ssh", "-f", str(fanout), "-l", pod.fleet.user, "-w", ",".join(pod.fleet.ips), "hostname"]
     timing, out = timed(argv, env)
     lines = out.splitlines()
     check(len(lines) == len(hostnames), f"pdsh printed {len(lines)} lines for {len(hostnames)} workers")
@@ -549,6 +550,78 @@ def bench_sync(pods: Pods, tree: Tree, n: int, repeat: int) -> SyncResult:
     return result
 
 
+# --- e. scale: 32, 64, 128 workers ---------------------------------------------------------------------------
+
+
+@dataclass
+class ScaleResult:
+    workers: int
+    exec_tpuctl: Samples
+    exec_pdsh: Samples
+    sync_tpuctl: Samples
+    sync_rsync: Samples
+    sync_methods: str
+
+
+def bench_scale(pods: Pods, tree: Tree, sizes: Sequence[int], repeat: int) -> list[ScaleResult]:
+    return [bench_scale_size(pods, tree, n, repeat) for n in sizes]
+
+
+def bench_scale_size(pods: Pods, tree: Tree, n: int, repeat: int) -> ScaleResult:
+    """exec and an incremental sync, against pdsh -f 128 and one rsync of the same change to one worker, on the same
+    fleet (the stand-in sshds share the cores with tpuctl, as pdsh's and rsync's do)."""
+    progress(f"scale: {n} workers: exec vs pdsh -f 128, then one edit synced vs rsync to one worker")
+    with start_fleet(n) as fleet:
+        pod = pods.pod(fleet)
+        hostnames = sorted(w.hostname for w in fleet.workers)
+        runs = {"tpuctl": lambda: tpuctl_exec(pod, hostnames), "pdsh": lambda: pdsh_exec(pod, hostnames, None, 128)}
+        execs = measure(runs, repeat)
+        sync = SyncResult(n, len(tree.files), tree.size)
+        tpuctl_sync(pod, tree, COLD_METHODS, len(tree.files))  # the previous tree, on every worker
+        inc = Incremental(pod, tree, sync)
+        inc.rsync()  # the previous tree, in worker 0's baseline dir
+        syncs = measure({"tpuctl": lambda: inc.tpuctl("batch"), "rsync": inc.rsync}, repeat)
+    methods = "/".join(sorted({x.methods for x in sync.runs["batch"]}))
+    return ScaleResult(n, execs["tpuctl"], execs["pdsh"], syncs["tpuctl"], syncs["rsync"], methods)
+
+
+def scale_table(results: list[ScaleResult]) -> Table:
+    base = results[0]
+    rows = []
+    for r in results:
+        rows.append(
+            [
+                str(r.workers),
+                ms(r.exec_tpuctl.median),
+                ms(r.exec_pdsh.median),
+                f"{r.exec_tpuctl.median / r.exec_pdsh.median:.2f}",
+                f"{r.exec_tpuctl.median / base.exec_tpuctl.median:.2f}",
+                ms(r.sync_tpuctl.median),
+                ms(r.sync_rsync.median),
+                f"{r.sync_tpuctl.median / r.sync_rsync.median:.2f}",
+                f"{r.sync_tpuctl.median / base.sync_tpuctl.median:.2f}",
+            ]
+        )
+    cols = [
+        "workers",
+        "exec ms",
+        "pdsh -f 128 ms",
+        "exec ÷ pdsh",
+        f"exec ÷ exec({base.workers})",
+        "sync 1 edit ms",
+        "rsync to 1 ms",
+        "sync ÷ rsync",
+        f"sync ÷ sync({base.workers})",
+    ]
+    note = (
+        "Medians. exec: `tpuctl exec -- hostname` (the recorded addresses, confirmed by host keys; the warm-up run "
+        "asked the API) vs `pdsh -R ssh -f 128` with tpuctl's OpenSSH options. sync: `tpuctl sync DIR` after one "
+        f"file of the 1,000-file tree changed (method {'/'.join(sorted({r.sync_methods for r in results}))}) vs "
+        "`rsync -az` of the same change to one worker, on the same fleet."
+    )
+    return Table("e. scale: exec and an incremental sync at 32, 64 and 128 workers", cols, rows, note)
+
+
 # --- c. startup -----------------------------------------------------------------------------------------------
 
 
@@ -705,8 +778,16 @@ def targets(
     sync: SyncResult | None,
     startup: StartupResult | None,
     bastion: BastionResult | None = None,
+    scale: Sequence[ScaleResult] = (),
 ) -> list[list[str]]:
     rows = []
+    for r in scale:
+        what = f"sync at {r.workers} workers: an edit ≤ {SYNC_VS_RSYNC}× rsync of it to 1"
+        rows.append(target(what, r.sync_tpuctl.median / r.sync_rsync.median, SYNC_VS_RSYNC))
+    if scale:
+        r = next((x for x in scale if x.workers == 32), scale[0])
+        what = f"exec at {r.workers} workers ≤ {EXEC_VS_PDSH_32}× pdsh"
+        rows.append(target(what, r.exec_tpuctl.median / r.exec_pdsh.median, EXEC_VS_PDSH_32))
     if bastion is not None:
         what = f"exec through a jump host: tpuctl ≤ {BASTION_VS_PDSH}× pdsh at {bastion.workers} workers"
         rows.append(target(what, bastion.ratio, BASTION_VS_PDSH))
@@ -818,7 +899,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--sync-workers", type=int, default=32, help="fleet size for sync (default 32)")
     p.add_argument("--repeat", type=int, default=5, help="timed runs of each measurement, after one warm-up")
     p.add_argument("--bastion-workers", type=int, default=32, help="fleet size behind the jump host (default 32)")
-    p.add_argument("--parts", default="exec,sync,startup,bastion", help="which benchmarks to run (default all)")
+    p.add_argument("--scale-workers", default="32,64,128", help="fleet sizes of the scale part (default 32,64,128)")
+    p.add_argument("--parts", default="exec,sync,startup,bastion,scale", help="which benchmarks to run (default all)")
     p.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
     p.add_argument("--markdown", metavar="FILE", type=Path, help="append the results as a Markdown section")
     args = p.parse_args(argv)
@@ -835,6 +917,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         info = machine_info()
         exec_results: list[ExecResult] = []
         sync = startup = bastion = None
+        scale: list[ScaleResult] = []
         with FakeTpuApi() as api:
             pods = Pods(api, work)
             if "startup" in args.parts:
@@ -846,14 +929,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sync = bench_sync(pods, tree, args.sync_workers, args.repeat)
             if "bastion" in args.parts:
                 bastion = bench_bastion(pods, args.bastion_workers, args.repeat)
+            if "scale" in args.parts:
+                sizes = sorted({int(x) for x in args.scale_workers.split(",")})
+                scale = bench_scale(pods, make_tree(work / "scale-src"), sizes, args.repeat)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    summary = targets(exec_results, sync, startup, bastion)
+    summary = targets(exec_results, sync, startup, bastion, scale)
     tables = [machine_table(info)]
     tables += [exec_table(exec_results)] if exec_results else []
     tables += [sync_table(sync)] if sync else []
     tables += [startup_table(startup)] if startup else []
     tables += [bastion_table(bastion)] if bastion else []
+    tables += [scale_table(scale)] if scale else []
     tables.append(Table("Targets", ["target", "measured", "result"], summary, text_columns=1))
     if args.json:
         print(json.dumps(to_json(info, exec_results, sync, startup, summary, bastion), indent=2))

@@ -140,14 +140,25 @@ def apply_sync_batch(remote_dir: str, rsync_args: Sequence[str], old_stamp: str,
     Exit 98 with "stale:<stamp>" when it does not: the caller then syncs that worker in full. Shell builtins only,
     besides rsync itself: this runs on every worker at every sync, and forks add up.
     """
+    return _at_stamp(remote_dir, old_stamp, new_stamp, shlex.join(["rsync", *rsync_args, "--read-batch=-", "."]))
+
+
+def apply_sync_archive(remote_dir: str, old_stamp: str, new_stamp: str, deleted: Sequence[str]) -> str:
+    """apply_sync_batch's form for a small change: a tar of the changed files on stdin, and the paths to delete.
+    Cheaper on each worker than `rsync --read-batch`, which walks the whole file list to apply one edit."""
+    remove = f"rm -rf -- {' '.join(shlex.quote(p) for p in deleted)} && " if deleted else ""
+    return _at_stamp(remote_dir, old_stamp, new_stamp, f"{remove}tar -xf -")
+
+
+def _at_stamp(remote_dir: str, old_stamp: str, new_stamp: str, apply: str) -> str:
+    """`apply` in the synced directory if it holds the tree of `old_stamp`, then the stamp becomes `new_stamp`."""
     d = shlex.quote(rsync_path(remote_dir))
     stamp = shlex.quote(SYNC_STAMP)
-    rsync = shlex.join(["rsync", *rsync_args, "--read-batch=-", "."])
     return (
         f"{{ [ -d {d} ] || mkdir -p {d}; }} && cd {d} || exit 97; "
         f"have=none; [ -f {stamp} ] && read -r have < {stamp}; "
         f'if [ "$have" != {shlex.quote(old_stamp)} ]; then echo "stale:$have"; exit 98; fi; '
-        f"{rsync} && printf '%s\\n' {shlex.quote(new_stamp)} > {stamp}"
+        f"{apply} && printf '%s\\n' {shlex.quote(new_stamp)} > {stamp}"
     )
 
 

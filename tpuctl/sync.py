@@ -153,7 +153,7 @@ class Mirror:
         self.stamp_file.unlink(missing_ok=True)
         self.tree.mkdir(exist_ok=True)
         self.batch_path = Path(self._stack.enter_context(tempfile.TemporaryDirectory(dir=self.state))) / "batch"
-        argv = ["rsync", "-a", "--stats", *self.filters, f"--write-batch={self.batch_path}"]
+        argv = ["rsync", "-a", "--stats", "--itemize-changes", *self.filters, f"--write-batch={self.batch_path}"]
         self._rsync = subprocess.Popen(
             [*argv, f"{self.src}/", f"{self.tree}/"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
@@ -177,29 +177,45 @@ class Mirror:
             self._rsync.kill()
         self._rsync.communicate()
 
-    def _batch(self) -> tuple[str, bytes, int]:
-        """Wait for the delta, once: (the new stamp, the batch, files in it). The early apply's thread and sync()
-        both ask; the lock makes the second wait for the first (two communicate() calls on one pipe fail)."""
+    def _batch(self) -> Delta:
+        """Wait for the delta, once. The early apply's thread and sync() both ask; the lock makes the second wait
+        for the first (two communicate() calls on one pipe fail)."""
         with self._batch_lock:
             return self._batch_once()
 
-    def _batch_once(self) -> tuple[str, bytes, int]:
-        if not hasattr(self, "_batch_result"):
+    def _batch_once(self) -> Delta:
+        if not hasattr(self, "_delta"):
             out, err = self._rsync.communicate()
             if self._rsync.returncode != 0:
                 raise TpuctlError(f"rsync of {self.src} into the local mirror failed: {err.strip()}")
             new_stamp = uuid.uuid4().hex
             self.stamp_file.write_text(new_stamp + "\n")
             count = _stat(out, "Number of regular files transferred")
-            self._batch_result = (new_stamp, self.batch_path.read_bytes(), count)
-        return self._batch_result
+            batch = self.batch_path.read_bytes()
+            rsync_args = ["-a", *self.filters]
+            apply = remote.apply_sync_batch(self.settings.remote_dir, rsync_args, self.old_stamp, new_stamp)
+            self._delta = Delta(new_stamp, batch, count, apply)
+            changes = itemized_changes(out)
+            small = archive(self.tree, changes) if changes is not None else None
+            if small is not None and len(small) <= max(2 * len(batch), ARCHIVE_BYTES):
+                assert changes is not None
+                apply = remote.apply_sync_archive(self.settings.remote_dir, self.old_stamp, new_stamp, changes[1])
+                self._delta = Delta(new_stamp, small, count, apply)
+        return self._delta
+
+    def applied_early(self, hosts: Sequence[str]) -> bool:
+        """Whether the early apply brought every one of `hosts` up to date (waits for it)."""
+        if self._early_thread is None:
+            return False
+        self._early_thread.join()
+        return all(h in self._early for h in hosts)
 
     def _apply_early(self, hosts: list[str]) -> None:
         try:
-            new_stamp, batch, _ = self._batch()
+            delta = self._batch()
         except TpuctlError:
             return  # sync() meets the same error and reports it
-        apply = remote.apply_sync_batch(self.settings.remote_dir, ["-a", *self.filters], self.old_stamp, new_stamp)
+        batch, apply = delta.payload, delta.apply
 
         def one(host: str) -> None:
             start = time.monotonic()
@@ -217,10 +233,10 @@ class Mirror:
         if settings.replace_host_keys:
             hosts = [host_key_name(r.host, settings.ssh_port) for r in results]
             KnownHosts(settings.path("known_hosts")).forget(hosts)
-        new_stamp, batch, files = self._batch()
+        delta = self._batch()
+        new_stamp, batch, files, apply = delta.stamp, delta.payload, delta.files, delta.apply
         if self._early_thread is not None:
             self._early_thread.join()
-        apply = remote.apply_sync_batch(settings.remote_dir, ["-a", *self.filters], self.old_stamp, new_stamp)
 
         def one(result: SyncResult) -> None:
             if result.host in self._early:  # already applied while the workers were being looked up
@@ -242,6 +258,70 @@ class Mirror:
         each(results, one, settings.concurrency)
         self.hosts_file.write_text("".join(f"{r.host}\n" for r in results if r.ok))
         return results
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What brings a worker from the last sync's tree to this one: the payload (an rsync batch, or for a small change
+    a tar of the changed files) and the command that applies it, on stdin, where the worker's stamp is the old one."""
+
+    stamp: str
+    payload: bytes
+    files: int
+    apply: str
+
+
+ARCHIVE_FILES = 256  # at most this many changed or deleted paths go as a tar, not an rsync batch
+ARCHIVE_BYTES = 1 << 20  # and a tar up to this size (or twice the batch's) is fine on any link
+# rsync --itemize-changes: "YXcstpoguax PATH", Y the update (> received, c created, h hard link, . attributes only),
+# X the kind (f file, d directory, L symlink, D device, S special); "*deleting PATH" for deletions.
+ITEMIZED = re.compile(r"^(?P<kind>[<>ch.][fdLDS][^ ]{9}) (?P<path>.+)$")
+
+
+def itemized_changes(out: str) -> tuple[list[str], list[str]] | None:
+    """(paths to send, paths to delete) from the local rsync's itemized output; None when the change is not one a
+    small tar carries well (many paths, devices, hard links, names rsync had to escape)."""
+    send: list[str] = []
+    delete: list[str] = []
+    for line in out.splitlines():
+        if line.startswith("*deleting "):
+            delete.append(line.split(None, 1)[1].removesuffix("/"))
+            continue
+        match = ITEMIZED.match(line)
+        if match is None:
+            continue  # --stats lines
+        kind, path = match["kind"], match["path"]
+        if kind[1] in "DS" or kind[0] == "h":
+            return None
+        if kind[1] == "L":
+            send.append(path.split(" -> ", 1)[0])
+        elif kind[1] == "f" or kind.startswith("cd"):  # a file's data or attributes; a new directory
+            send.append(path.removesuffix("/"))
+    paths = send + delete
+    if len(paths) > ARCHIVE_FILES or not all(_plain_relative(p) for p in paths):
+        return None
+    return send, delete
+
+
+def _plain_relative(path: str) -> bool:
+    """A path inside the tree, as written (rsync writes names it cannot print as \\#ooo escapes)."""
+    return path not in ("", ".") and not path.startswith("/") and ".." not in path.split("/") and "\\#" not in path
+
+
+def archive(tree: Path, changes: tuple[list[str], list[str]]) -> bytes | None:
+    """A tar of the changed paths as they now are in the mirror (modes and mtimes kept, as rsync -a keeps them)."""
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    try:
+        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+            for path in changes[0]:
+                tar.add(tree / path, arcname=path, recursive=False)
+            end = tar.offset + 2 * tarfile.BLOCKSIZE  # the end-of-archive blocks, without the padding to 10 KiB
+    except OSError:
+        return None
+    return buffer.getvalue()[:end]
 
 
 def _run_ssh(

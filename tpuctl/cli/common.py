@@ -50,29 +50,39 @@ def fleet_of(settings: Settings, workers: str = "all", recorded_ok: bool = True)
     `recorded_ok=False`: as the API says (for what also reaches the workers outside the fleet, e.g. rsync)."""
     from tpuctl import endpoints
     from tpuctl.fleet import Fleet
-    from tpuctl.ssh import KnownHosts, host_key_name
 
     settings.require("tpu")
-    recorded = endpoints.load(settings) if recorded_ok else None
+    recorded = recorded_workers(settings) if recorded_ok else None
     if recorded is not None:
-        known = KnownHosts(settings.path("known_hosts"))
-        hosts = [w.address(settings.internal_addresses) for w in recorded.workers]
-        if all(known.knows(host_key_name(h, settings.ssh_port)) for h in hosts) and not settings.replace_host_keys:
-            chosen = parse_workers(workers, len(recorded.workers))
+        chosen = parse_workers(workers, len(recorded))
 
-            def refresh() -> list[Worker]:
-                endpoints.forget(settings)
-                node = ready_node(settings)
-                if len(node.workers) != len(recorded.workers):
-                    raise TpuctlError(
-                        f"TPU {node.name!r} has {len(node.workers)} workers now, not {len(recorded.workers)}",
-                        "run the command again",
-                    )
-                return [node.workers[i] for i in chosen]
+        def refresh() -> list[Worker]:
+            endpoints.forget(settings)
+            node = ready_node(settings)
+            if len(node.workers) != len(recorded):
+                raise TpuctlError(
+                    f"TPU {node.name!r} has {len(node.workers)} workers now, not {len(recorded)}",
+                    "run the command again",
+                )
+            return [node.workers[i] for i in chosen]
 
-            return Fleet(settings, [recorded.workers[i] for i in chosen], refresh=refresh)
+        return Fleet(settings, [recorded[i] for i in chosen], refresh=refresh)
     node = ready_node(settings)
     return Fleet(settings, [node.workers[i] for i in parse_workers(workers, len(node.workers))])
+
+
+def recorded_workers(settings: Settings) -> list[Worker] | None:
+    """The --tpu node's workers as recorded a moment ago (tpuctl.endpoints), when every one's address has a recorded
+    host key that can confirm it; else None (ask the API)."""
+    from tpuctl import endpoints
+    from tpuctl.ssh import KnownHosts, host_key_name
+
+    recorded = endpoints.load(settings)
+    if recorded is None or settings.replace_host_keys:
+        return None
+    known = KnownHosts(settings.path("known_hosts"))
+    hosts = [w.address(settings.internal_addresses) for w in recorded.workers]
+    return list(recorded.workers) if all(known.knows(host_key_name(h, settings.ssh_port)) for h in hosts) else None
 
 
 def parse_workers(spec: str, count: int) -> list[int]:

@@ -8,7 +8,17 @@ from typing import Any
 import click
 
 from tpuctl import render
-from tpuctl.cli.common import SyncProgress, err, fleet_of, out, ready_node, say_failures, settings_from, show_reports
+from tpuctl.cli.common import (
+    SyncProgress,
+    err,
+    fleet_of,
+    out,
+    ready_node,
+    recorded_workers,
+    say_failures,
+    settings_from,
+    show_reports,
+)
 from tpuctl.cli.options import dry_run_option, fleet_options, json_option, setting_options
 from tpuctl.errors import EXIT_FAILED, EXIT_OK
 
@@ -58,7 +68,12 @@ def sync(
             )
         return
     with syncing.Mirror(settings, src, delete=delete, excludes=exclude, full=full) as mirror:
-        workers = ready_node(settings).workers  # looked up while the delta is computed (and applied where it can be)
+        # The workers the last sync reached get the delta at once, where their host keys confirm them. When those
+        # are all the workers recorded a moment ago, the API has nothing to add; else it says who the workers are.
+        recorded = recorded_workers(settings)
+        hosts = [w.address(settings.internal_addresses) for w in recorded or []]
+        confirmed = recorded is not None and mirror.applied_early(hosts)
+        workers = recorded if confirmed and recorded is not None else ready_node(settings).workers
         with SyncProgress(len(workers), enabled=not as_json) as shown:
             results = mirror.sync(workers, on_progress=shown)
     if as_json:
