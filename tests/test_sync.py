@@ -70,7 +70,7 @@ def test_incremental_sync_sends_only_the_change_computed_once(pod4, project):
     data = sync_json(pod4, str(project))
     assert [d["method"] for d in data] == ["batch"] * 4
     assert [d["files"] for d in data] == [1] * 4
-    assert all(d["bytes_sent"] < 2_500 for d in data)  # a tar of the one file (a header and a block)
+    assert all(d["bytes_sent"] < 4_000 for d in data)  # a tar of the one file (headers and a block)
     for w in pod4.fleet.workers:
         assert w.path("/root/tpuctl/pkg/mod3.py").read_text() == "VALUE = 'changed'\n"
 

@@ -7,6 +7,7 @@ interactive shells and as rsync's transport.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import shlex
@@ -218,7 +219,7 @@ class JumpHost:
         """Start the master unless it runs (or multiplexing is off); the workers queued behind a failed start fail
         with it rather than try again one by one."""
         base = jump_command(settings, proxy)
-        if not _multiplexing(settings):
+        if control_dir(settings) is None:
             return
         key = shlex.join(base)
         with cls._lock:
@@ -280,7 +281,7 @@ def jump_command(settings: Settings, proxy: Proxy, known_hosts_only: bool = Fals
         "-o", f"ConnectTimeout={max(1, round(settings.connect_timeout))}",
         "-o", "LogLevel=ERROR",
         "-o", "BatchMode=yes",
-        *_multiplexing(settings),
+        *_multiplexing(settings, proxy.host, proxy.port, proxy.user),
     ]  # fmt: skip
 
 
@@ -316,25 +317,39 @@ def load_private_key(settings: Settings) -> paramiko.PKey:
         raise ConfigError(f"SSH key {path} cannot be loaded: {e}", hint) from None
 
 
-def _multiplexing(settings: Settings) -> list[str]:
-    """OpenSSH options that share one connection per worker across commands (ControlMaster/ControlPersist).
-
-    The sockets live in a private directory (they grant a logged-in session to whoever can open them); if that
-    directory is not ours alone, multiplexing is simply not used.
-    """
+def control_dir(settings: Settings) -> Path | None:
+    """Where the shared connections' sockets live: a private directory (a socket grants a logged-in session to
+    whoever can open it); None when multiplexing is off or that directory is not ours alone."""
     if settings.ssh_control_persist <= 0:
-        return []
+        return None
     base = Path(os.environ.get("XDG_RUNTIME_DIR") or "/tmp") / f"tpuctl-{os.getuid()}"
     try:
         base.mkdir(mode=0o700, exist_ok=True)
         st = base.stat()
     except OSError:
+        return None
+    return base if st.st_uid == os.getuid() and not st.st_mode & 0o077 else None
+
+
+def control_path(settings: Settings, host: str, port: int | None = None, user: str | None = None) -> Path | None:
+    """The socket of the shared connection to user@host:port, named by tpuctl (not OpenSSH's %C, which it cannot
+    compute), so that tpuctl.mux can find it; short enough for a socket path whatever the host name."""
+    base = control_dir(settings)
+    if base is None:
+        return None
+    key = f"{user or settings.ssh_user}@{host}:{port or settings.ssh_port}"
+    return base / hashlib.sha1(key.encode()).hexdigest()[:20]
+
+
+def _multiplexing(settings: Settings, host: str | None, port: int | None = None, user: str | None = None) -> list[str]:
+    """OpenSSH options that share one connection per host across commands (ControlMaster/ControlPersist)."""
+    base = control_dir(settings)
+    if base is None:
         return []
-    if st.st_uid != os.getuid() or st.st_mode & 0o077:
-        return []
+    path = control_path(settings, host, port, user) if host else f"{base}/%C"
     return [
         "-o", "ControlMaster=auto",
-        "-o", f"ControlPath={base}/%C",  # %C: a hash of host, port and user; short enough for a socket path
+        "-o", f"ControlPath={path}",
         "-o", f"ControlPersist={max(1, round(settings.ssh_control_persist))}",
         "-o", "ServerAliveInterval=15",  # a shared connection to a VM that vanished fails in ~45 s, not hangs
         "-o", "ServerAliveCountMax=3",
@@ -342,9 +357,15 @@ def _multiplexing(settings: Settings) -> list[str]:
 
 
 def ssh_command(
-    settings: Settings, host: str | None = None, *, interactive: bool = False, known_hosts_only: bool = False
+    settings: Settings,
+    host: str | None = None,
+    *,
+    interactive: bool = False,
+    known_hosts_only: bool = False,
+    for_host: str | None = None,
 ) -> list[str]:
-    """The OpenSSH client command line for one worker (`tpuctl ssh`); without a host, rsync's transport (-e).
+    """The OpenSSH client command line for one worker (`tpuctl ssh`); without a host, rsync's transport (-e), to
+    `for_host` (whose shared connection it uses).
 
     known_hosts_only: connect only to a host whose key is already recorded (no trust on first use).
     """
@@ -358,10 +379,11 @@ def ssh_command(
         "-o", f"UserKnownHostsFile={settings.path('known_hosts')}",
         "-o", "GlobalKnownHostsFile=/dev/null",
         "-o", f"StrictHostKeyChecking={'yes' if known_hosts_only else 'accept-new'}",
+        "-o", "HashKnownHosts=no",  # as paramiko writes them: a hashed entry costs every look-up an HMAC
         "-o", f"ConnectTimeout={max(1, round(settings.connect_timeout))}",
         "-o", "LogLevel=ERROR",
     ]  # fmt: skip
-    argv += _multiplexing(settings)
+    argv += _multiplexing(settings, host or for_host)
     argv += _proxy_options(settings, known_hosts_only)
     if interactive:
         argv.append("-t")

@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tpuctl import remote
+from tpuctl import mux, remote
 from tpuctl.errors import TpuctlError
 from tpuctl.fleet import each
-from tpuctl.ssh import KnownHosts, host_key_name, ssh_command
+from tpuctl.ssh import KnownHosts, control_path, host_key_name, ssh_command
 
 if TYPE_CHECKING:
     from tpuctl.cloud import Worker
@@ -309,15 +309,23 @@ def _plain_relative(path: str) -> bool:
 
 
 def archive(tree: Path, changes: tuple[list[str], list[str]]) -> bytes | None:
-    """A tar of the changed paths as they now are in the mirror (modes and mtimes kept, as rsync -a keeps them)."""
+    """A tar of the changed paths as they now are in the mirror: modes kept, and mtimes to the nanosecond (a pax
+    header), as rsync -a keeps them, so that a later full sync's quick check finds these files unchanged."""
     import io
     import tarfile
 
     buffer = io.BytesIO()
     try:
-        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for path in changes[0]:
-                tar.add(tree / path, arcname=path, recursive=False)
+                info = tar.gettarinfo(tree / path, arcname=path)
+                ns = (tree / path).lstat().st_mtime_ns
+                info.pax_headers = {"mtime": f"{ns // 10**9}.{ns % 10**9:09d}"}
+                if info.isreg():
+                    with open(tree / path, "rb") as data:
+                        tar.addfile(info, data)
+                else:
+                    tar.addfile(info)
             end = tar.offset + 2 * tarfile.BLOCKSIZE  # the end-of-archive blocks, without the padding to 10 KiB
     except OSError:
         return None
@@ -327,7 +335,16 @@ def archive(tree: Path, changes: tuple[list[str], list[str]]) -> bytes | None:
 def _run_ssh(
     settings: Settings, host: str, command: str, stdin: bytes = b"", known_hosts_only: bool = False
 ) -> subprocess.CompletedProcess[bytes] | None:
-    """Run one command on a worker with the system ssh client (multiplexed); None if it timed out."""
+    """Run one command on a worker with the system ssh client (multiplexed); None if it timed out. Through an open
+    shared connection, the session is asked of its master directly (tpuctl.mux), without starting `ssh`."""
+    master = control_path(settings, host)
+    if master is not None and master.exists():
+        try:
+            return mux.run(master, command, stdin, settings.command_timeout)
+        except mux.NoMaster:
+            pass  # `ssh` (re)makes it
+        except TimeoutError:
+            return None
     try:
         return subprocess.run(
             [*ssh_command(settings, host, known_hosts_only=known_hosts_only), command],
@@ -359,7 +376,7 @@ def _ssh_error(out: subprocess.CompletedProcess[bytes] | None) -> str:
 
 def _full_sync(settings: Settings, result: SyncResult, tree: Path, filters: list[str], stamp: str) -> None:
     """rsync the whole mirror to one worker (rsync's quick check), then record the stamp it now holds."""
-    transport = " ".join(_quote_for_rsync(a) for a in ssh_command(settings))
+    transport = " ".join(_quote_for_rsync(a) for a in ssh_command(settings, for_host=result.host))
     dest = remote.rsync_path(settings.remote_dir)
     argv = ["rsync", "-az", "--stats", f"--timeout={round(settings.command_timeout)}", *filters]
     argv += ["-e", transport, f"{tree}/", f"{settings.ssh_user}@{result.host}:{dest}/"]
