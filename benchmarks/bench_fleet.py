@@ -720,7 +720,8 @@ def exec_table(results: list[ExecResult]) -> Table:
             rows.append([str(r.workers), label, *spread(samples, cpu=True), ratio])
     cols = ["workers", "command", "med ms", "min", "max", *CPU_COLUMNS, "tpuctl ÷ this"]
     note = (
-        "`tpuctl exec -- hostname` (whole command, API look-up included) vs `pdsh -R ssh -f 64 -w IPS hostname` "
+        "`tpuctl exec -- hostname` (whole command; the warm-up run asked the API, the timed ones use the workers' "
+        "recorded addresses, confirmed by their host keys) vs `pdsh -R ssh -f 64 -w IPS hostname` "
         "with tpuctl's OpenSSH options; the second pdsh row also forces the key exchange paramiko negotiates. "
         + CPU_NOTE
     )

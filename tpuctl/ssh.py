@@ -269,19 +269,27 @@ def jump_command(settings: Settings, proxy: Proxy, known_hosts_only: bool = Fals
     """The OpenSSH command line that logs in to the jump host with tpuctl's key and known_hosts (not ProxyJump,
     which would use neither), multiplexed like the workers' connections; `-W HOST:PORT JUMP` completes it."""
     return [
+        *_openssh(settings, proxy.port, proxy.user, known_hosts_only),
+        "-o", "BatchMode=yes",
+        *_multiplexing(settings, proxy.host, proxy.port, proxy.user),
+    ]  # fmt: skip
+
+
+def _openssh(settings: Settings, port: int, user: str, known_hosts_only: bool) -> list[str]:
+    """The OpenSSH client logging in as tpuctl does: its key alone, its own known_hosts (written unhashed, as
+    paramiko writes it: a hashed entry costs every look-up an HMAC), no trust on first use with known_hosts_only."""
+    return [
         "ssh",
         "-i", str(settings.path("ssh_key")),
-        "-p", str(proxy.port),
-        "-l", proxy.user,
+        "-p", str(port),
+        "-l", user,
         "-o", "IdentitiesOnly=yes",
         "-o", f"UserKnownHostsFile={settings.path('known_hosts')}",
         "-o", "GlobalKnownHostsFile=/dev/null",
         "-o", f"StrictHostKeyChecking={'yes' if known_hosts_only else 'accept-new'}",
-        "-o", "HashKnownHosts=no",  # readable, as paramiko writes the workers' entries
+        "-o", "HashKnownHosts=no",
         "-o", f"ConnectTimeout={max(1, round(settings.connect_timeout))}",
         "-o", "LogLevel=ERROR",
-        "-o", "BatchMode=yes",
-        *_multiplexing(settings, proxy.host, proxy.port, proxy.user),
     ]  # fmt: skip
 
 
@@ -370,19 +378,7 @@ def ssh_command(
     known_hosts_only: connect only to a host whose key is already recorded (no trust on first use).
     """
     settings.path("known_hosts").parent.mkdir(parents=True, exist_ok=True)
-    argv = [
-        "ssh",
-        "-i", str(settings.path("ssh_key")),
-        "-p", str(settings.ssh_port),
-        "-l", settings.ssh_user,
-        "-o", "IdentitiesOnly=yes",
-        "-o", f"UserKnownHostsFile={settings.path('known_hosts')}",
-        "-o", "GlobalKnownHostsFile=/dev/null",
-        "-o", f"StrictHostKeyChecking={'yes' if known_hosts_only else 'accept-new'}",
-        "-o", "HashKnownHosts=no",  # as paramiko writes them: a hashed entry costs every look-up an HMAC
-        "-o", f"ConnectTimeout={max(1, round(settings.connect_timeout))}",
-        "-o", "LogLevel=ERROR",
-    ]  # fmt: skip
+    argv = _openssh(settings, settings.ssh_port, settings.ssh_user, known_hosts_only)
     argv += _multiplexing(settings, host or for_host)
     argv += _proxy_options(settings, known_hosts_only)
     if interactive:
