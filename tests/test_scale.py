@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 
 import pytest
 from standins import wait_until
@@ -25,8 +27,21 @@ while :; do i=$((i + 1)); echo "pretrain $i  loss 2.5 img_per_s 100.0"; sleep 0.
 """
 
 
+@pytest.fixture
+def small_project(project, tmp_path):
+    """The recipe alone (what `run` checks here), in a git repo: 128 copies of the whole checkout would be most of
+    the test's time."""
+    small = tmp_path / "small"
+    (small / RUN_RECIPE).parent.mkdir(parents=True)
+    shutil.copy(project / RUN_RECIPE, small / RUN_RECIPE)
+    (small / "recipes").mkdir()
+    subprocess.run(["git", "init", "-q", str(small)], check=True)
+    return small
+
+
 @pytest.mark.timeout(900)
-def test_a_pod_of_128_workers(make_fleet, tpu_api, tmp_path, project):
+def test_a_pod_of_128_workers(make_fleet, tpu_api, tmp_path, small_project):
+    project = small_project
     fleet = make_fleet(WORKERS)
     pod = make_pod(fleet, tpu_api, tmp_path / "home")
 

@@ -16,7 +16,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from tpuctl.ssh import KnownHosts, load_paramiko, load_private_key, open_socket, proxy_of, proxy_socket
+from tpuctl.ssh import (
+    KnownHosts,
+    UnconfirmedAddress,
+    load_paramiko,
+    load_private_key,
+    open_socket,
+    proxy_of,
+    proxy_socket,
+)
 
 if TYPE_CHECKING:
     import paramiko
@@ -44,6 +52,7 @@ class WorkerResult:
     timed_out: bool = False
     seconds: float = 0.0
     connected: bool = False  # logged in: the command may have run
+    unconfirmed: bool = False  # a recorded address whose host key was not the recorded one
 
     @property
     def status(self) -> str:
@@ -132,13 +141,19 @@ class Fleet:
         results = self._fan_out(list(range(len(self.workers))), command, timeout, stdin, on_line, first_done)
         doubtful = [i for i, r in enumerate(results) if r.error is not None and not r.connected]
         if self._refresh is not None and doubtful:
-            # A recorded address was not confirmed (or did not answer): the API says where the workers are now,
-            # and the command goes to those that did not run it, at their addresses now.
+            # A recorded address was not confirmed (or did not answer): the API says where the workers are now.
+            # The command goes to those that did not run it where the answer changes something: a new address, or
+            # an address whose key was not the recorded one (now under the usual policy, which names the change).
+            # A worker that did not answer at the address the API still gives is not made to time out twice.
             fresh = list(self._refresh())
             self._refresh = None
+            before = self.hosts
             self.workers, self.hosts = fresh, [w.address(self.settings.internal_addresses) for w in fresh]
-            again = self._fan_out(doubtful, command, timeout, stdin, on_line, on_done)
-            for i, result in zip(doubtful, again, strict=True):
+            again = [i for i in doubtful if self.hosts[i] != before[i] or results[i].unconfirmed]
+            for i in doubtful:
+                if i not in again and on_done is not None:
+                    on_done(results[i])
+            for i, result in zip(again, self._fan_out(again, command, timeout, stdin, on_line, on_done), strict=True):
                 results[i] = result
         return results
 
@@ -197,6 +212,7 @@ class Fleet:
                 result.error = "connection lost before the command finished"
             except Exception as e:  # any failure of one worker is that worker's result, never the command's end
                 result.error = _describe_failure(e, self.settings, time.monotonic() - start)
+                result.unconfirmed = isinstance(e, UnconfirmedAddress)
             finally:
                 if client is not None:
                     client.close()
