@@ -349,12 +349,11 @@ def control_path(settings: Settings, host: str, port: int | None = None, user: s
     return base / hashlib.sha1(key.encode()).hexdigest()[:20]
 
 
-def _multiplexing(settings: Settings, host: str | None, port: int | None = None, user: str | None = None) -> list[str]:
+def _multiplexing(settings: Settings, host: str, port: int | None = None, user: str | None = None) -> list[str]:
     """OpenSSH options that share one connection per host across commands (ControlMaster/ControlPersist)."""
-    base = control_dir(settings)
-    if base is None:
+    path = control_path(settings, host, port, user)
+    if path is None:
         return []
-    path = control_path(settings, host, port, user) if host else f"{base}/%C"
     return [
         "-o", "ControlMaster=auto",
         "-o", f"ControlPath={path}",
@@ -379,7 +378,9 @@ def ssh_command(
     """
     settings.path("known_hosts").parent.mkdir(parents=True, exist_ok=True)
     argv = _openssh(settings, settings.ssh_port, settings.ssh_user, known_hosts_only)
-    argv += _multiplexing(settings, host or for_host)
+    target = host or for_host
+    assert target is not None, "ssh_command needs the host, or for_host for rsync's transport"
+    argv += _multiplexing(settings, target)
     argv += _proxy_options(settings, known_hosts_only)
     if interactive:
         argv.append("-t")
@@ -396,6 +397,6 @@ def _proxy_options(settings: Settings, known_hosts_only: bool) -> list[str]:
         return []
     if proxy.command:
         return ["-o", f"ProxyCommand={proxy.command}"]
-    # The outer ssh expands %-tokens in a ProxyCommand: the inner command's own (ControlPath's %C) are escaped.
+    # The outer ssh expands %-tokens in a ProxyCommand: any % of the inner command's own (a path) is escaped.
     inner = shlex.join(jump_command(settings, proxy, known_hosts_only)).replace("%", "%%")
     return ["-o", f"ProxyCommand={inner} -W '[%h]:%p' {shlex.quote(proxy.host)}"]
