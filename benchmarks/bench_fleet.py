@@ -561,6 +561,7 @@ class ScaleResult:
     sync_tpuctl: Samples
     sync_rsync: Samples
     sync_methods: str
+    verify: Samples
 
 
 def bench_scale(pods: Pods, tree: Tree, sizes: Sequence[int], repeat: int) -> list[ScaleResult]:
@@ -581,8 +582,17 @@ def bench_scale_size(pods: Pods, tree: Tree, n: int, repeat: int) -> ScaleResult
         inc = Incremental(pod, tree, sync)
         inc.rsync()  # the previous tree, in worker 0's baseline dir
         syncs = measure({"tpuctl": lambda: inc.tpuctl("batch"), "rsync": inc.rsync}, repeat)
+        verify = measure({"verify": lambda: tpuctl_verify(pod, tree)}, repeat)["verify"]
     methods = "/".join(sorted({x.methods for x in sync.runs["batch"]}))
-    return ScaleResult(n, execs["tpuctl"], execs["pdsh"], syncs["tpuctl"], syncs["rsync"], methods)
+    return ScaleResult(n, execs["tpuctl"], execs["pdsh"], syncs["tpuctl"], syncs["rsync"], methods, verify)
+
+
+def tpuctl_verify(pod: Pod, tree: Tree) -> Timing:
+    """`tpuctl sync --verify`: every worker reads its tree against the last sync's manifest, and lists extras."""
+    timing, out = timed([TPUCTL, "sync", str(tree.root), "--verify", "--json"], pod.env)
+    states = {w["state"] for w in json.loads(out)["workers"]}
+    check(states == {"same"}, f"sync --verify found {states}")
+    return timing
 
 
 def scale_table(results: list[ScaleResult]) -> Table:
@@ -600,6 +610,7 @@ def scale_table(results: list[ScaleResult]) -> Table:
                 ms(r.sync_rsync.median),
                 f"{r.sync_tpuctl.median / r.sync_rsync.median:.2f}",
                 f"{r.sync_tpuctl.median / base.sync_tpuctl.median:.2f}",
+                ms(r.verify.median),
             ]
         )
     cols = [
@@ -612,12 +623,14 @@ def scale_table(results: list[ScaleResult]) -> Table:
         "rsync to 1 ms",
         "sync ÷ rsync",
         f"sync ÷ sync({base.workers})",
+        "sync --verify ms",
     ]
     note = (
         "Medians. exec: `tpuctl exec -- hostname` (the recorded addresses, confirmed by host keys; the warm-up run "
         "asked the API) vs `pdsh -R ssh -f 128` with tpuctl's OpenSSH options. sync: `tpuctl sync DIR` after one "
         f"file of the 1,000-file tree changed (method {'/'.join(sorted({r.sync_methods for r in results}))}) vs "
-        "`rsync -az` of the same change to one worker, on the same fleet."
+        "`rsync -az` of the same change to one worker, on the same fleet. sync --verify: every worker checks its "
+        "whole tree by content (sha256sum against the last sync's manifest) and lists extras (an rsync dry run)."
     )
     return Table("e. scale: exec and an incremental sync at 32, 64 and 128 workers", cols, rows, note)
 

@@ -26,8 +26,10 @@ from standins.pod import RUN_RECIPE, TPUCTL
 from test_chips import alive, holds
 from test_train import FAST
 
-from tpuctl import remote
+from tpuctl import codetree, remote
+from tpuctl.config import Settings
 from tpuctl.registry import slug
+from tpuctl.sync import rsync_filters
 from trainer import contract, storage
 from trainer.metrics import read_jsonl
 
@@ -272,6 +274,14 @@ def local_env(tmp_path):
     subprocess.run(["tmux", "kill-server"], env=env, capture_output=True, check=False)
 
 
+def sent_files(project: Path) -> list[str]:
+    """What `tpuctl sync` would send of `project` by default (rsync's own listing under sync's filters)."""
+    filters = rsync_filters(Settings().sync_excludes)
+    argv = ["rsync", "-a", "-n", "--out-format=%n", *filters, f"{project}/", "/nonexistent/"]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True)
+    return [line for line in out.stdout.splitlines() if not line.endswith("/")]
+
+
 def tpuctl_here(env, *args, cwd, timeout=60):
     return subprocess.run([TPUCTL, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
@@ -299,5 +309,10 @@ def test_the_local_target_trains_the_tiny_recipe_from_a_clean_checkout(project, 
     assert r.returncode == 0 and worker["state"] == "done" and worker["checkpoint"] == "fmnist21/50"
     assert worker["progress"]["stage"] == "fmnist21" and worker["progress"]["step"] == 50
     assert worker["progress"]["loss"] == pytest.approx(read_jsonl(workdir / "metrics.jsonl")[-1]["loss"], rel=1e-3)
+    # the code it trained: the tree a sync of this checkout would send, recorded with the run and in the workdir
+    code = json.loads(r.stdout)["run"]["code"]
+    assert code["tree"] == codetree.manifest(project, paths=sent_files(project)).tree_hash
+    (start,) = json.loads((workdir / contract.CODE_FILE).read_text())
+    assert start["tree"] == code["tree"] and start["stage"] == "fmnist21" and start["step"] == 0
     r = tpuctl_here(local_env, "logs", "tiny 'demo'", "-n", "1", cwd=tmp_path)
     assert r.stdout.startswith("done: every stage")

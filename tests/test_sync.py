@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 
@@ -195,3 +196,37 @@ def test_a_recreated_worker_with_a_new_host_key_is_refused_until_replaced(pod, p
     data = sync_json(pod, str(project), "--replace-host-keys")
     assert [d["ok"] for d in data] == [True, True] and data[1]["method"] == "full"
     assert w1.path("/root/tpuctl/README.md").read_text() == "v3\n"
+
+
+@pytest.mark.parametrize("how", ["delta", "full"])
+def test_same_size_edits_back_to_back_all_arrive(pod, project, how):
+    """rsync's quick check compares sizes and whole-second mtimes: an edit that keeps the size and lands in the same
+    second as the copy a worker (or the mirror) holds was skipped, and sync said it was done (2 of 5 sweeps hit it).
+    Every edit here keeps the size and follows the last sync by well under a second; every worker is read back."""
+    target = project / "pkg" / "mod3.py"
+    extra = ["--full"] if how == "full" else []
+    for i in range(12):
+        target.write_text(f"VALUE = {i:04d}\n")
+        sync_json(pod, str(project), *extra)
+        for w in pod.fleet.workers:
+            assert w.path("/root/tpuctl/pkg/mod3.py").read_text() == f"VALUE = {i:04d}\n", f"edit {i}, w{w.index}"
+
+
+def test_where_an_rsync_lacks_nanosecond_mtimes_content_decides(tmp_path):
+    """The quick check is made exact per end: nanoseconds from rsync 3.1.3 on, content checksums before (or when the
+    version cannot be read). The fallback with real rsync: same size, same mtime to the nanosecond, other content."""
+    from tpuctl.sync import EXACT_MTIME, exact_quick_check
+
+    assert exact_quick_check("rsync  version 3.2.7  protocol version 31\n") == EXACT_MTIME
+    assert exact_quick_check("rsync  version v3.1.3  protocol version 31\n") == EXACT_MTIME
+    assert exact_quick_check("rsync  version 3.1.2  protocol version 31\n") == "--checksum"
+    assert exact_quick_check("bash: rsync: command not found") == "--checksum"
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for d, text in ((src, "new\n"), (dst, "old\n")):
+        d.mkdir()
+        (d / "f").write_text(text)
+        os.utime(d / "f", ns=(1_700_000_000_123_456_789,) * 2)
+    subprocess.run(["rsync", "-a", f"{src}/", f"{dst}/"], check=True)
+    assert (dst / "f").read_text() == "old\n"  # the quick check alone misses it
+    subprocess.run(["rsync", "-a", exact_quick_check(""), f"{src}/", f"{dst}/"], check=True)
+    assert (dst / "f").read_text() == "new\n"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
 import json
 import os
 import shlex
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from tpuctl import defaults, ops, registry, remote
+from tpuctl import codetree, defaults, ops, registry, remote
 from tpuctl.errors import TpuctlError
 from tpuctl.ops import WorkerReport, report
 from trainer import contract
@@ -89,16 +90,21 @@ def recipe_in_project(recipe: Path, project: Path) -> str:
         ) from None
 
 
-def validate_recipe(path: Path, overrides: list[str]) -> None:
-    """The trainer's own recipe check (standard library only), here, before anything starts on any worker."""
+def validate_recipe(path: Path, overrides: list[str]) -> bytes:
+    """The trainer's own recipe check (standard library only), here, before anything starts on any worker; returns
+    the content it checked."""
     from trainer.recipe import RecipeError, load
 
     try:
+        content = path.read_bytes()
         load(path, overrides)
     except RecipeError as e:
         raise TpuctlError(f"{path}: {e}") from None
     except OSError as e:
         raise TpuctlError(f"cannot read recipe {path}: {e.strerror}") from None
+    if path.read_bytes() != content:
+        raise TpuctlError(f"recipe {path} changed while it was being checked", "run the command again")
+    return content
 
 
 def parse_env(items: tuple[str, ...]) -> dict[str, str]:
@@ -125,6 +131,7 @@ class RunSpec:
     workdir: str | None = None  # None: the run's earlier one, else WORKDIR_ROOT/NAME
     overrides: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
+    recipe_sha256: str | None = None  # the content validated here: the workers must read these very bytes
 
     @classmethod
     def parse(
@@ -137,8 +144,9 @@ class RunSpec:
         env_items: tuple[str, ...],
     ) -> RunSpec:
         path = recipe_in_project(recipe, project)
-        validate_recipe(project / path, list(overrides))
-        return cls(path, name or Path(path).stem, workdir, tuple(overrides), parse_env(env_items))
+        content = validate_recipe(project / path, list(overrides))
+        digest = hashlib.sha256(content).hexdigest()
+        return cls(path, name or Path(path).stem, workdir, tuple(overrides), parse_env(env_items), digest)
 
     def record(self, settings: Settings, kind: str, cwd: str, hosts: list[str] | None = None) -> RunRecord:
         """The run's record on a target of `kind` ("tpu" | "local") whose project is at `cwd`, on `hosts` when they
@@ -159,6 +167,7 @@ class RunSpec:
             tpu=None if local else settings.tpu,
             overrides=list(self.overrides),
             env=dict(self.env),
+            recipe_sha256=self.recipe_sha256,
         )
 
 
@@ -177,7 +186,7 @@ def worker_plan(settings: Settings, target: Target, record: RunRecord, worker: W
         "run_dir": run_dir(target, record),
         "cwd": record.cwd,
         "argv": remote.trainer_argv(target.python, record.recipe, record.workdir, record.overrides),
-        "env": remote.trainer_env(record.env, coordinator(settings, target), count, worker.index),
+        "env": remote.trainer_env(record.env, coordinator(settings, target), count, worker.index, record.code),
         "secret_env": sorted(secret_env()),  # names only: start() sends the values on stdin
         "device_globs": list(settings.device_globs),
         "tpu_vm_drops": list(contract.DISTRIBUTED_ENV),  # what a worker with TPU device files leaves out
@@ -266,9 +275,8 @@ class LaunchFailed(TpuctlError):
 
 
 def _failed_on(step: str, failures: list[tuple[int, str, str | None]], name: str) -> LaunchFailed:
-    index, host, why = failures[0]
     more = f" and {len(failures) - 1} more workers" if len(failures) > 1 else ""
-    return LaunchFailed(f"{step} failed on w{index} ({host}): {why}{more}; run {name!r} was not started", failures)
+    return LaunchFailed(f"{step} failed on {render_failure(failures[0])}{more}; run {name!r} was not started", failures)
 
 
 Busy = Literal["refuse", "kill"]
@@ -279,33 +287,42 @@ def launch(
     target: Target,
     record: RunRecord,
     *,
-    sync_from: Path | None = None,
+    project: Path | None = None,
+    sync: bool = False,
     prepare: bool = False,
     replace_earlier: bool = False,
     busy: Busy = "refuse",
+    other_code: Literal["refuse", "start"] = "refuse",
     say: Callable[[str], None] = lambda line: None,
     on_sync_progress: ProgressCallback | None = None,
 ) -> tuple[RunRecord, list[WorkerReport]]:
     """Start `record` on every worker of `target`, or raise LaunchFailed with nothing left running.
 
-    In order: sync `sync_from` to the workers, `prepare` their venvs, stop this run's own earlier trainers
-    (`replace_earlier`: a babysit round after a crash), free the chips (`busy`: refuse when someone holds them, or
-    kill the holder), start the trainers (if any worker fails, stop the ones that started: a half-started pod would
-    wait for the missing workers until its heartbeat times out), then record the run. Returns the record (with the
-    workers' hosts) and each worker's start report.
+    In order: `sync` the local `project` to the workers, `prepare` their venvs, check that every worker holds the
+    tree the last sync of `project` sent, by content, and that its recipe is the one checked here (`other_code`:
+    refuse, or start and record which workers differ), stop this run's own earlier trainers (`replace_earlier`: a
+    babysit round after a crash), free the chips (`busy`: refuse when someone holds them, or kill the holder), start
+    the trainers (if any worker fails, stop the ones that started: a half-started pod would wait for the missing
+    workers until its heartbeat times out), then record the run with its code's identity. Returns the record (with
+    the workers' hosts) and each worker's start report.
     """
-    if sync_from is not None:
+    manifest = None
+    if sync and project is not None:
         from tpuctl import sync as syncing
 
-        with syncing.Mirror(settings, sync_from) as mirror:
+        with syncing.Mirror(settings, project) as mirror:
             synced = mirror.sync(target.fleet.workers, on_progress=on_sync_progress)
         failures = [(r.worker.index, r.host, r.error) for r in synced if not r.ok]
         if failures:
             raise _failed_on("sync", failures, record.name)
+        manifest = mirror.manifest
     if prepare:
         failures = [(r.index, r.ip, r.error) for r in ops.prepare(settings, target.fleet) if r.error]
         if failures:
             raise _failed_on("prepare", failures, record.name)
+    if project is not None:
+        code = checked_code(settings, target, record, project, manifest, other_code, say)
+        record = dataclasses.replace(record, code=code)
     if replace_earlier:
         stop(settings, target, record, grace=defaults.REPLACED_RUN_GRACE_S)
     _free_chips(settings, target, busy, say)
@@ -321,6 +338,69 @@ def launch(
         raise _failed_on("start", failures, record.name)
     registry.save(record)
     return record, reports
+
+
+CODE_CHECK_TIMEOUT_S = 300.0  # each worker reads its synced tree once
+
+
+def checked_code(
+    settings: Settings,
+    target: Target,
+    record: RunRecord,
+    project: Path,
+    manifest: codetree.Manifest | None,
+    other_code: Literal["refuse", "start"],
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """The code's identity for the run's record, once the workers are known to hold it.
+
+    A local run trains `project` itself. On a pod, the tree the last sync of `project` sent (`manifest`, else read
+    from the mirror) must hold the recipe exactly as it was checked here, and every worker must hold that tree; a
+    worker that does not refuses the launch, or with other_code="start" is named in the record. Without any sync of
+    `project` from this machine (the code got there another way) the tree is unknown and said so.
+    """
+    from tpuctl import sync as syncing
+
+    if target.kind == "local":
+        return codetree.CodeIdentity.of(syncing.source_manifest(settings, project).tree_hash, project).to_json()
+    manifest = manifest or syncing.last_manifest(settings, project)
+    if manifest is None:
+        say(f"{project} was never synced to {settings.remote_dir} from this machine: the code's tree is not recorded")
+        return codetree.CodeIdentity.of(None, project).to_json()
+    sent = manifest.files.get(record.recipe)
+    if sent is None:
+        raise LaunchFailed(
+            f"the recipe {record.recipe} is not among the files sync sends; run {record.name!r} was not started",
+            [],
+            "a .gitignore rule or an exclude (sync_excludes, --exclude) keeps it out: move it or change that rule",
+        )
+    if record.recipe_sha256 is not None and sent != record.recipe_sha256:
+        raise LaunchFailed(
+            f"the recipe {record.recipe} the workers hold is not the one checked here; run {record.name!r} was not"
+            " started",
+            [],
+            "sync it first (run without --no-sync)",
+        )
+    checks = codetree.check_workers(target.fleet, settings.remote_dir, manifest, CODE_CHECK_TIMEOUT_S)
+    unknown: list[tuple[int, str, str | None]] = [(c.index, c.host, c.error) for c in checks if c.error]
+    if unknown:
+        raise _failed_on("code check", unknown, record.name)
+    differ = [c for c in checks if c.differ]
+    identity = codetree.CodeIdentity.of(manifest.tree_hash, project).to_json()
+    if not differ:
+        return identity
+    failures: list[tuple[int, str, str | None]] = [(c.index, c.host, codetree.first_difference(c)) for c in differ]
+    if other_code == "refuse":
+        error = _failed_on("code check", failures, record.name)
+        error.hint = "`tpuctl sync --full` puts back what the last sync sent; --force starts anyway"
+        raise error
+    say(f"starting although {len(differ)} workers hold other code ({render_failure(failures[0])})")
+    return identity | {"workers_differ": {f"w{c.index}": c.differ[:20] for c in differ}}
+
+
+def render_failure(failure: tuple[int, str, str | None]) -> str:
+    index, host, why = failure
+    return f"w{index} ({host}): {why}"
 
 
 def _free_chips(settings: Settings, target: Target, busy: Busy, say: Callable[[str], None]) -> None:

@@ -33,6 +33,8 @@ class RunRecord:
     overrides: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+    recipe_sha256: str | None = None  # the recipe's content as `run` checked it
+    code: dict[str, Any] | None = None  # tpuctl.codetree.CodeIdentity: the tree the workers held at the start, git
 
     @property
     def slug(self) -> str:

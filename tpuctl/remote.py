@@ -162,6 +162,17 @@ def _at_stamp(remote_dir: str, old_stamp: str, new_stamp: str, apply: str) -> st
     )
 
 
+RSYNC_VERSION = "rsync --version"
+
+
+def check_tree_command(remote_dir: str) -> str:
+    """Check the synced directory against a manifest on stdin (sha256sum's format): exit 0 when every file is there
+    with that content, else 1 and a `PATH: FAILED...` line for each that differs or is missing; 97 when the directory
+    itself is missing. One read of the tree, coreutils only."""
+    d = shlex.quote(rsync_path(remote_dir))
+    return f"cd {d} 2>/dev/null || exit 97; LC_ALL=C sha256sum --quiet --check -"
+
+
 def write_sync_stamp(remote_dir: str, stamp: str) -> str:
     d = shlex.quote(rsync_path(remote_dir))
     return f"printf '%s\\n' {shlex.quote(stamp)} > {d}/{shlex.quote(SYNC_STAMP)}"
@@ -189,11 +200,15 @@ def trainer_argv(python: str, recipe: str, workdir: str, overrides: Sequence[str
     return argv
 
 
-def trainer_env(user_env: dict[str, str], coordinator: str | None, count: int, index: int) -> dict[str, str]:
+def trainer_env(
+    user_env: dict[str, str], coordinator: str | None, count: int, index: int, code: dict[str, Any] | None = None
+) -> dict[str, str]:
     """The trainer's environment on worker `index` of `count`: unbuffered output (the log follows the run), the
-    jax.distributed wiring when there are several workers (dropped on TPU VMs, where JAX finds them itself), and
-    what the user asked for, which wins."""
+    code's identity (the trainer writes it into the workdir), the jax.distributed wiring when there are several
+    workers (dropped on TPU VMs, where JAX finds them itself), and what the user asked for, which wins."""
     env = {"PYTHONUNBUFFERED": "1"}
+    if code is not None:
+        env[contract.CODE_ENV] = json.dumps(code, sort_keys=True, separators=(",", ":"))
     if coordinator is not None and count > 1:
         env |= dict(zip(contract.DISTRIBUTED_ENV, (coordinator, str(count), str(index)), strict=True))
     return env | user_env

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from rich.text import Text
 
     from tpuctl.cloud import Node
+    from tpuctl.codetree import TreeCheck
     from tpuctl.config import Settings
     from tpuctl.fleet import WorkerResult
     from tpuctl.ops import WorkerReport
@@ -80,7 +81,10 @@ def human_bytes(n: int) -> str:
 def status_style(status: str) -> Text:
     from rich.text import Text
 
-    return Text(status, style={"ok": "green", "free": "green", "busy": "yellow", "failed": "red"}.get(status, "red"))
+    return Text(
+        status,
+        style={"ok": "green", "free": "green", "same": "green", "busy": "yellow", "failed": "red"}.get(status, "red"),
+    )
 
 
 def plain(value: Any) -> Text:
@@ -279,7 +283,7 @@ def prepare_table(reports: Sequence[WorkerReport]) -> Table:
     return table(None, ["worker", "host", "status", "venv", "jax", "apt", "time"], rows)
 
 
-def sync_json(r: SyncResult) -> dict[str, Any]:
+def sync_json(r: SyncResult, tree: str | None = None) -> dict[str, Any]:
     return {
         "worker": r.worker.index,
         "ip": r.host,
@@ -289,7 +293,27 @@ def sync_json(r: SyncResult) -> dict[str, Any]:
         "bytes_sent": r.bytes_sent,
         "seconds": round(r.seconds, 3),
         "error": r.error,
+        "tree": tree,
     }
+
+
+def tree_check_table(checks: Sequence[TreeCheck]) -> Table:
+    rows = [
+        (
+            worker_name(c.index),
+            c.host,
+            status_style(c.state),
+            len(c.differ),
+            len(c.extra),
+            ", ".join([*c.differ, *c.extra][:3]) + (" …" if len(c.differ) + len(c.extra) > 3 else ""),
+        )
+        for c in checks
+    ]
+    return table(None, ["worker", "host", "tree", "differ", "extra", "paths"], rows)
+
+
+def tree_check_json(c: TreeCheck) -> dict[str, Any]:
+    return {"worker": c.index, "ip": c.host, "state": c.state, "differ": c.differ, "extra": c.extra, "error": c.error}
 
 
 def failures(items: Iterable[tuple[int, str, str]]) -> list[str]:

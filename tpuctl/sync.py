@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import os
 import re
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tpuctl import mux, remote
+from tpuctl import codetree, mux, remote
 from tpuctl.errors import TpuctlError
 from tpuctl.fleet import each
 from tpuctl.ssh import KnownHosts, control_path, host_key_name, ssh_command
@@ -40,6 +41,10 @@ if TYPE_CHECKING:
     from tpuctl.config import Settings
 
 SSH_FAILED = 255  # the ssh client's exit status when it could not connect
+# rsync's quick check skips a file whose size and mtime match, and by default compares mtimes in whole seconds: a
+# same-size edit within the second of the copy was never sent. -1 compares nanoseconds (both ends rsync >= 3.1.3).
+EXACT_MTIME = "--modify-window=-1"
+NANOSECOND_RSYNC = (3, 1, 3)
 
 
 @dataclass
@@ -79,6 +84,22 @@ def mirror_dir(settings: Settings, src: Path) -> Path:
     return cache / "tpuctl" / "sync" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def exact_quick_check(version_text: str) -> str:
+    """The rsync option that makes its quick check exact at an end whose `rsync --version` printed `version_text`:
+    nanosecond mtimes where it has them, else content checksums (cannot miss; reads every same-size file)."""
+    match = re.search(r"version v?(\d+)\.(\d+)\.(\d+)", version_text)
+    if match and tuple(int(n) for n in match.groups()) >= NANOSECOND_RSYNC:
+        return EXACT_MTIME
+    return "--checksum"
+
+
+@functools.cache
+def local_quick_check() -> str:
+    """exact_quick_check of this machine's rsync (the mirror step's two ends)."""
+    out = subprocess.run(["rsync", "--version"], capture_output=True, text=True, check=False)
+    return exact_quick_check(out.stdout)
+
+
 def _stat(text: str, label: str) -> int:
     m = re.search(rf"^{label}: ([\d,]+)", text, re.MULTILINE)
     return int(m.group(1).replace(",", "")) if m else 0
@@ -106,6 +127,7 @@ def changed_files(src: Path, settings: Settings, *, delete: bool, excludes: Sequ
         "rsync",
         "-a",
         "-n",
+        local_quick_check(),
         "--out-format=%n",
         *(["--delete"] if delete else []),
         *rsync_filters([*settings.sync_excludes, *excludes]),
@@ -153,7 +175,8 @@ class Mirror:
         self.stamp_file.unlink(missing_ok=True)
         self.tree.mkdir(exist_ok=True)
         self.batch_path = Path(self._stack.enter_context(tempfile.TemporaryDirectory(dir=self.state))) / "batch"
-        argv = ["rsync", "-a", "--stats", "--itemize-changes", *self.filters, f"--write-batch={self.batch_path}"]
+        argv = ["rsync", "-a", local_quick_check(), "--stats", "--itemize-changes", *self.filters]
+        argv.append(f"--write-batch={self.batch_path}")
         self._rsync = subprocess.Popen(
             [*argv, f"{self.src}/", f"{self.tree}/"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
@@ -257,7 +280,93 @@ class Mirror:
 
         each(results, one, settings.concurrency)
         self.hosts_file.write_text("".join(f"{r.host}\n" for r in results if r.ok))
+        self.manifest = tree_manifest(self.state)
         return results
+
+
+def tree_manifest(state: Path) -> codetree.Manifest:
+    """The manifest of a mirror's tree: what its last sync sent (digests cached, so only what it wrote is read)."""
+    return codetree.manifest(state / "tree", cache_file=state / "digests")
+
+
+def source_manifest(settings: Settings, src: Path) -> codetree.Manifest:
+    """The manifest of what a sync of `src` would send (its files under the sync's filters), read from `src` itself:
+    the tree hash of code that trains where it is (a local run), comparable with a pod's."""
+    _need_local("rsync")
+    with tempfile.TemporaryDirectory() as empty:
+        argv = ["rsync", "-a", "-n", "--out-format=%n", *rsync_filters(settings.sync_excludes), f"{src}/", f"{empty}/"]
+        out = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise TpuctlError(f"listing the files of {src} failed: {out.stderr.strip()}")
+    files = [line for line in out.stdout.splitlines() if line and not line.endswith("/")]
+    return codetree.manifest(src, paths=files)
+
+
+def last_manifest(settings: Settings, src: Path) -> codetree.Manifest | None:
+    """What the last sync of `src` to this TPU's remote dir sent, or None when none was made from this machine."""
+    state = mirror_dir(settings, src)
+    if not (state / "tree").is_dir():
+        return None
+    with open(state / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_SH)  # not halfway through another sync's mirror step
+        return tree_manifest(state)
+
+
+def verify(
+    settings: Settings, src: Path, workers: Sequence[Worker], excludes: Sequence[str] = ()
+) -> tuple[codetree.Manifest, list[codetree.TreeCheck]]:
+    """Compare every worker's tree with what the last sync of `src` sent, by content (codetree.check_workers), and
+    list the files a worker has that the sync did not send (what `sync --delete` would remove, by the same filters)."""
+    from tpuctl.fleet import Fleet
+
+    expected = last_manifest(settings, src)
+    if expected is None:
+        raise TpuctlError(
+            f"nothing was synced from {src} to {settings.remote_dir} on this TPU from this machine",
+            f"sync first: tpuctl sync {src}",
+        )
+    checks = codetree.check_workers(Fleet(settings, list(workers)), settings.remote_dir, expected, VERIFY_TIMEOUT_S)
+    tree, filters = mirror_dir(settings, src) / "tree", rsync_filters([*settings.sync_excludes, *excludes])
+
+    def extras(check: codetree.TreeCheck) -> None:
+        if check.error is None:
+            found = _extra_files(settings, check.host, tree, filters)
+            if isinstance(found, str):
+                check.error = found
+            else:
+                check.extra = found
+
+    each(checks, extras, settings.concurrency)
+    return expected, checks
+
+
+VERIFY_TIMEOUT_S = 300.0  # every worker reads its whole tree once
+
+
+def _extra_files(settings: Settings, host: str, tree: Path, filters: list[str]) -> list[str] | str:
+    """What a worker holds under the remote dir that the mirror lacks, ignoring what the filters keep out: the paths
+    `rsync --delete` would remove (a dry run that sends nothing: --existing with --ignore-existing); a string says
+    why they could not be listed."""
+    argv = ["rsync", "-rln", "--delete", "--existing", "--ignore-existing", "--itemize-changes", *filters]
+    argv += [
+        "-e",
+        _transport(settings, host),
+        f"{tree}/",
+        f"{settings.ssh_user}@{host}:{remote.rsync_path(settings.remote_dir)}/",
+    ]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=settings.command_timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return f"listing its files timed out after {settings.command_timeout:g}s"
+    if out.returncode != 0:
+        lines = out.stderr.strip().splitlines()
+        return f"listing its files failed ({out.returncode}): {lines[-1] if lines else ''}"
+    return sorted(line.split(None, 1)[1] for line in out.stdout.splitlines() if line.startswith("*deleting "))
+
+
+def _transport(settings: Settings, host: str) -> str:
+    """rsync's -e: tpuctl's ssh command for `host` (key, known_hosts, multiplexing, proxy)."""
+    return " ".join(_quote_for_rsync(a) for a in ssh_command(settings, for_host=host))
 
 
 @dataclass(frozen=True)
@@ -375,10 +484,22 @@ def _ssh_error(out: subprocess.CompletedProcess[bytes] | None) -> str:
 
 
 def _full_sync(settings: Settings, result: SyncResult, tree: Path, filters: list[str], stamp: str) -> None:
-    """rsync the whole mirror to one worker (rsync's quick check), then record the stamp it now holds."""
-    transport = " ".join(_quote_for_rsync(a) for a in ssh_command(settings, for_host=result.host))
+    """rsync the whole mirror to one worker (rsync's quick check, made exact for the worker's rsync), then record the
+    stamp it now holds."""
+    probe = _ssh(settings, result, remote.RSYNC_VERSION)
+    if probe is None:
+        return
+    if probe.returncode != 0:
+        result.error = (
+            f"rsync is not installed on the worker: {_ssh_error(probe)}"
+            if probe.returncode != SSH_FAILED
+            else _ssh_error(probe)
+        )
+        return
+    exact = exact_quick_check(probe.stdout.decode(errors="replace"))
+    transport = _transport(settings, result.host)
     dest = remote.rsync_path(settings.remote_dir)
-    argv = ["rsync", "-az", "--stats", f"--timeout={round(settings.command_timeout)}", *filters]
+    argv = ["rsync", "-az", exact, "--stats", f"--timeout={round(settings.command_timeout)}", *filters]
     argv += ["-e", transport, f"{tree}/", f"{settings.ssh_user}@{result.host}:{dest}/"]
     start = time.monotonic()
     try:

@@ -12,6 +12,10 @@ PROCESS_ID_ENV = "TRAINER_PROCESS_ID"
 DISTRIBUTED_ENV = (COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV)
 HEARTBEAT_TIMEOUT_ENV = "TRAINER_HEARTBEAT_TIMEOUT"
 COMPILE_CACHE_ENV = "TRAINER_COMPILE_CACHE"
+# the code's identity as tpuctl checked it at the start, JSON {"tree", "commit", "dirty", ...}; the trainer appends it
+# to WORKDIR/code.json (CODE_FILE) with the stage and step it starts at
+CODE_ENV = "TRAINER_CODE"
+CODE_FILE = "code.json"
 
 # a machine with any of these has TPU chips: the accel driver (v4 and later) or VFIO (v5e, v6e)
 TPU_DEVICE_GLOBS = ("/dev/accel*", "/dev/vfio/[0-9]*")

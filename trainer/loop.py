@@ -15,6 +15,7 @@ nothing trained is ever lost to an eval.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -70,6 +71,7 @@ def run(recipe: Recipe, workdir: epath.Path, evaluators: list[evals.Evaluator]) 
     start = find_start(recipe, workdir)
     if host.index == 0:
         (workdir / "recipe.json").write_text(json.dumps(asdict(recipe), indent=1) + "\n")
+        record_code(workdir, recipe, start)
     model = build(recipe)
     preemption = Preemption()
     first_global = recipe.global_step(start.stage, start.resume_step or 0)
@@ -96,6 +98,19 @@ def run(recipe: Recipe, workdir: epath.Path, evaluators: list[evals.Evaluator]) 
         metrics.close(exit_code=1 if failed else 0)
         report.close()
     return outcome
+
+
+def record_code(workdir: epath.Path, recipe: Recipe, start: Start) -> None:
+    """Append the code's identity tpuctl checked (contract.CODE_ENV) to WORKDIR/code.json with where this start
+    trains from: every (re)start of a run says which code it ran, a resume after a code change included."""
+    given = os.environ.get(contract.CODE_ENV)
+    if not given:
+        return
+    path = workdir / contract.CODE_FILE
+    starts = json.loads(path.read_text()) if path.exists() else []
+    stage = recipe.stages[start.stage].name if start.stage < len(recipe.stages) else None
+    starts.append({"stage": stage, "step": start.resume_step or 0, "time": time.time(), **json.loads(given)})
+    path.write_text(json.dumps(starts, indent=1) + "\n")
 
 
 def run_stage(

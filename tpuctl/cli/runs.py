@@ -53,7 +53,12 @@ FOLLOW_TIMEOUT_S = 7 * 24 * 3600.0
 @click.command()
 @run_spec_options
 @click.option("--no-sync", is_flag=True, help="Do not sync this directory to the workers first.")
-@click.option("--force", is_flag=True, help="Kill whatever holds the chips first, instead of refusing.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Kill whatever holds the chips first, and start where a worker's code differs from what the sync sent,"
+    " instead of refusing.",
+)
 @click.option("--follow", "-f", is_flag=True, help="Then print worker 0's log until the trainers end.")
 @click.option("--local", is_flag=True, help="Train on this machine instead of a TPU (target 'local').")
 @fleet_options("remote_dir", "command_timeout")
@@ -107,8 +112,10 @@ def run(
                 settings,
                 target,
                 record,
-                sync_from=project if sync else None,
+                project=project,
+                sync=sync,
                 busy="kill" if force else "refuse",
+                other_code="start" if force else "refuse",
                 say=lambda line: say(f"--force: {line}"),
                 on_sync_progress=shown,
             )
@@ -193,7 +200,7 @@ def status(run: str | None, show_all: bool, as_json: bool, **flags: Any) -> None
 
     Example: tpuctl status b16 --json
     """
-    from tpuctl import launch, registry
+    from tpuctl import codetree, launch, registry
 
     record = registry.load(run)
     settings, target = _recorded_target(record, flags)
@@ -203,6 +210,7 @@ def status(run: str | None, show_all: bool, as_json: bool, **flags: Any) -> None
         render.print_json({"run": record.to_json(), "workers": workers})
     else:
         err().print(render.plain(f"run {record.name!r}: {record.recipe}, workdir {record.workdir}"))
+        err().print(render.plain(f"code: {codetree.describe(record.code)}"))
         show_table(reports, render.status_table, render.report_state, show_all, render.steps_line(reports))
         say_failures((r.index, r.ip, r.error) for r in reports)
         for note in render.status_notes(reports):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from tpuctl import render
+from tpuctl import codetree, render
 from tpuctl.cli.common import (
     SyncProgress,
     err,
@@ -20,7 +20,10 @@ from tpuctl.cli.common import (
     show_reports,
 )
 from tpuctl.cli.options import dry_run_option, fleet_options, json_option, setting_options
-from tpuctl.errors import EXIT_FAILED, EXIT_OK
+from tpuctl.errors import EXIT_FAILED, EXIT_OK, EXIT_UNKNOWN
+
+if TYPE_CHECKING:
+    from tpuctl.config import Settings
 
 
 @click.command()
@@ -28,6 +31,11 @@ from tpuctl.errors import EXIT_FAILED, EXIT_OK
 @click.option("--delete", is_flag=True, help="Remove files on the workers that DIR no longer has.")
 @click.option("--exclude", multiple=True, metavar="PAT", help="Also skip files matching PAT (rsync pattern).")
 @click.option("--full", is_flag=True, help="rsync every worker in full instead of applying the computed delta.")
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Send nothing: compare every worker's tree with what the last sync sent, by content, and list what differs.",
+)
 @fleet_options("remote_dir", "command_timeout", "sync_excludes")
 @dry_run_option
 @json_option
@@ -36,6 +44,7 @@ def sync(
     delete: bool,
     exclude: tuple[str, ...],
     full: bool,
+    verify: bool,
     dry_run: bool,
     as_json: bool,
     **flags: Any,
@@ -48,12 +57,15 @@ def sync(
       tpuctl sync . --tpu my-pod
       tpuctl sync ~/code/openvision --remote-dir '~/openvision' --exclude '*.ckpt'
       tpuctl sync . --sync-excludes ''    # send __pycache__, *.pyc and logs/ too
+      tpuctl sync --verify                # does every worker hold exactly what was sent? (exit 1 if not)
     """
     from tpuctl import sync as syncing
 
     settings = settings_from(flags)
     src = directory.resolve()
     syncing.check_source(src)
+    if verify:
+        _verify(settings, src, exclude, as_json)
     if dry_run:
         files = syncing.changed_files(src, settings, delete=delete, excludes=exclude)
         hosts = [w.address(settings.internal_addresses) for w in ready_node(settings).workers]
@@ -76,16 +88,44 @@ def sync(
         workers = recorded if confirmed and recorded is not None else ready_node(settings).workers
         with SyncProgress(len(workers), enabled=not as_json) as shown:
             results = mirror.sync(workers, on_progress=shown)
+    tree = mirror.manifest.tree_hash
     if as_json:
-        render.print_json([render.sync_json(r) for r in results])
+        render.print_json([render.sync_json(r, tree) for r in results])
     else:
         out().print(render.sync_table(results))
         say_failures((r.worker.index, r.host, r.error) for r in results)
         if all(r.ok for r in results):
             err().print(
-                f"Synced {src} to {settings.remote_dir} on {render.count(len(results), 'worker')}. Next: tpuctl prepare"
+                f"Synced {src} to {settings.remote_dir} on {render.count(len(results), 'worker')}"
+                f" (tree {tree[: codetree.SHORT]}). Next: tpuctl prepare"
             )
     raise SystemExit(EXIT_OK if all(r.ok for r in results) else EXIT_FAILED)
+
+
+def _verify(settings: Settings, src: Path, exclude: tuple[str, ...], as_json: bool) -> NoReturn:
+    """sync --verify: each worker's tree against the last sync's, by content. Exit 0 all the same, 1 any differs,
+    3 any worker could not be asked."""
+    from tpuctl import sync as syncing
+
+    expected, checks = syncing.verify(settings, src, ready_node(settings).workers, exclude)
+    if as_json:
+        render.print_json({"tree": expected.tree_hash, "workers": [render.tree_check_json(c) for c in checks]})
+    else:
+        out().print(render.tree_check_table(checks))
+        say_failures(
+            (c.index, c.host, c.error or (codetree.first_difference(c) if c.state == "differs" else None))
+            for c in checks
+        )
+        if all(c.state == "same" for c in checks):
+            err().print(
+                f"Every one of {render.count(len(checks), 'worker')} holds the tree the last sync sent"
+                f" ({expected.tree_hash[: codetree.SHORT]}, {render.count(len(expected.files), 'file')})."
+            )
+        elif any(c.state == "differs" for c in checks):
+            err().print(f"`tpuctl sync {src} --full` puts back what the last sync sent (add --delete for the extras).")
+    if any(c.error for c in checks):
+        raise SystemExit(EXIT_UNKNOWN)
+    raise SystemExit(EXIT_FAILED if any(c.state == "differs" for c in checks) else EXIT_OK)
 
 
 @click.command()
