@@ -165,6 +165,13 @@ def test_two_workers_train_stop_and_resume_to_the_uninterrupted_result(
     code, workers = status(pod, name)
     assert code == 0 and [w["state"] for w in workers] == ["done", "done"]
     assert losses(f"{workdir}/metrics.jsonl") == pytest.approx(pod_reference(sets(16 * STEPS)), rel=1e-5)
+    # each start recorded the code it ran (host 0, into the bucket): the synced tree, checked on both workers
+    starts = json.loads(storage.at(f"{workdir}/{contract.CODE_FILE}").read_text())
+    tree = json.loads(pod.tpuctl("status", name, "--json").stdout)["run"]["code"]["tree"]
+    assert [(s["stage"], s["step"], s["tree"]) for s in starts] == [
+        ("pretrain16", 0, tree),
+        ("pretrain16", stopped_at, tree),
+    ]
 
 
 def test_a_dead_worker_stops_the_others_and_status_names_it(pod, project, shared):

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from tpuctl import codetree, render
+from tpuctl import render
 from tpuctl.cli.common import (
     SyncProgress,
     err,
@@ -59,6 +59,7 @@ def sync(
       tpuctl sync . --sync-excludes ''    # send __pycache__, *.pyc and logs/ too
       tpuctl sync --verify                # does every worker hold exactly what was sent? (exit 1 if not)
     """
+    from tpuctl import codetree
     from tpuctl import sync as syncing
 
     settings = settings_from(flags)
@@ -105,6 +106,7 @@ def sync(
 def _verify(settings: Settings, src: Path, exclude: tuple[str, ...], as_json: bool) -> NoReturn:
     """sync --verify: each worker's tree against the last sync's, by content. Exit 0 all the same, 1 any differs,
     3 any worker could not be asked."""
+    from tpuctl import codetree
     from tpuctl import sync as syncing
 
     expected, checks = syncing.verify(settings, src, ready_node(settings).workers, exclude)
