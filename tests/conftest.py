@@ -42,16 +42,30 @@ UNSET_ENV = ("GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT", "CLOUDSDK
 
 _saved_env: dict[str, str | None] = {}
 _session_dir: Path | None = None
+# What every process of one test run shares (both xdist workers, their trainers, the stand-in workers: /var/tmp is
+# not private to them): the XLA cache and the runs made once per test run. Made by the first process (the xdist
+# controller, before it starts the workers, which inherit the variable), removed by it at the end.
+RUN_SHARED_ENV = "TPUCTL_TESTS_RUN_DIR"
+_made_run_dir = False
 
 
 def pytest_configure(config: pytest.Config) -> None:
     global _session_dir
     config.addinivalue_line("markers", "slow: takes more than 5 s")
+    global _made_run_dir
     _session_dir = Path(tempfile.mkdtemp(prefix="tpuctl-tests-"))
     cloudsdk = _session_dir / "cloudsdk"
     cloudsdk.mkdir()
+    if not os.environ.get(RUN_SHARED_ENV):
+        os.environ[RUN_SHARED_ENV] = tempfile.mkdtemp(prefix="tpuctl-test-run-", dir="/var/tmp")
+        _made_run_dir = True
+    xla = Path(os.environ[RUN_SHARED_ENV]) / "xla"
     overrides: dict[str, str | None] = {
         **SESSION_ENV,
+        # one persistent XLA cache for every trainer process of the run, keeping every program, however quick to
+        # compile: the same small programs are otherwise compiled again in each of dozens of trainer processes
+        "TRAINER_COMPILE_CACHE": str(xla),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         **dict.fromkeys(UNSET_ENV),
         "CLOUDSDK_CONFIG": str(cloudsdk),  # an empty gcloud config: no account, project or credentials
         # A config path that does not exist, so tpuctl never reads the developer's own config.
@@ -99,6 +113,35 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     _saved_env.clear()
     if _session_dir is not None:
         shutil.rmtree(_session_dir, ignore_errors=True)
+    if _made_run_dir:
+        shutil.rmtree(os.environ.pop(RUN_SHARED_ENV), ignore_errors=True)
+
+
+def run_dir() -> Path:
+    """The directory every process of this test run shares (see RUN_SHARED_ENV)."""
+    return Path(os.environ[RUN_SHARED_ENV])
+
+
+def once_per_run(name: str, build: Callable[[Path], None]) -> Path:
+    """RUN_DIR/NAME, made by `build(path)` once per test run: the first process to ask builds it, the others wait for
+    it (a file lock) and get the same directory. Read it, don't write to it: another process may be reading."""
+    import fcntl
+
+    path = run_dir() / name
+    with open(run_dir() / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / ".built").exists():
+            shutil.rmtree(path, ignore_errors=True)  # a build that failed halfway
+            path.mkdir()
+            build(path)
+            (path / ".built").touch()
+    return path
+
+
+@pytest.fixture(scope="session")
+def xla_cache() -> Path:
+    """The test run's persistent XLA cache (what TRAINER_COMPILE_CACHE names for the whole session)."""
+    return run_dir() / "xla"
 
 
 @pytest.fixture(scope="session")
@@ -230,18 +273,20 @@ def project(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def pod_reference(tmp_path_factory: pytest.TempPathFactory) -> Callable[[list[str]], dict[int, float]]:
+def pod_reference() -> Callable[[list[str]], dict[int, float]]:
     """The uninterrupted run that the pod drills (test_runs, test_babysit) must end at: RUN_RECIPE with the given
     --set words, as two processes joined by jax.distributed on this machine (how a two-worker pod runs it), per step
-    its loss. Each distinct run is trained once per session."""
-    root = tmp_path_factory.mktemp("pod-reference")
-    checkout = write_checkout(root / "checkout")
-    done: dict[tuple[str, ...], dict[int, float]] = {}
+    its loss. Each distinct run is trained once per test run, whichever xdist worker asks first."""
+    import hashlib
 
     def losses(sets: list[str]) -> dict[int, float]:
-        if tuple(sets) not in done:
-            done[tuple(sets)] = two_process_losses(checkout, root / f"run-{len(done)}", sets)
-        return done[tuple(sets)]
+        from trainer.metrics import read_jsonl
+
+        def build(root: Path) -> None:
+            two_process_losses(write_checkout(root / "checkout"), root / "run", sets)
+
+        name = "pod-reference-" + hashlib.sha256("\0".join(sets).encode()).hexdigest()[:12]
+        return {r["step"]: r["loss"] for r in read_jsonl(once_per_run(name, build) / "run" / "metrics.jsonl")}
 
     return losses
 
@@ -249,7 +294,7 @@ def pod_reference(tmp_path_factory: pytest.TempPathFactory) -> Callable[[list[st
 def two_process_losses(checkout: Path, workdir: Path, sets: list[str]) -> dict[int, float]:
     from trainer.metrics import read_jsonl
 
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TRAINER_COMPILE_CACHE": str(workdir.parent / "xla")}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # the run's XLA cache: TRAINER_COMPILE_CACHE, set for the session
     run_distributed([sys.executable, "-m", "trainer", RUN_RECIPE, "--workdir", str(workdir), *sets], env, checkout, 600)
     return {r["step"]: r["loss"] for r in read_jsonl(workdir / "metrics.jsonl")}
 

@@ -452,7 +452,8 @@ def test_webdataset_eval_tars_with_cls_labels_are_a_zero_shot_path(tmp_path, fas
 # --- the real trainer ---------------------------------------------------------------------------------------------
 
 
-def train(recipe_path: Path, workdir: Path, cache: Path, *overrides: str) -> subprocess.CompletedProcess:
+def train(recipe_path: Path, workdir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """The trainer on `recipe_path` (the test run's XLA cache: TRAINER_COMPILE_CACHE, conftest)."""
     fast = [
         "stages.0.samples=32",
         "stages.0.global_batch=8",
@@ -460,7 +461,7 @@ def train(recipe_path: Path, workdir: Path, cache: Path, *overrides: str) -> sub
         "log.every_steps=1",
         "text.context_length=10",
     ]
-    args = [sys.executable, "-m", "trainer", str(recipe_path), "--workdir", str(workdir), "--compile-cache", str(cache)]
+    args = [sys.executable, "-m", "trainer", str(recipe_path), "--workdir", str(workdir)]
     settings = dict(item.split("=", 1) for item in [*fast, *overrides])  # a later one wins
     for key, value in settings.items():
         args += ["--set", f"{key}={value}"]
@@ -490,7 +491,6 @@ def test_the_trainer_trains_on_a_tfds_builder_and_on_a_mixture_with_every_eval_f
         f'templates = "{tmp_path}/one_template.txt"\nbatch = 8\n\n'
         f'[[evals]]\nkind = "retrieval"\nname = "coco"\npath = "{tmp_path}/coco-test/karpathy.json"\nbatch = 8\n'
     )
-    cache = tmp_path / "xla"
     cls_eval = [f"evals.0.path={wds}/test/*.tar", "evals.0.classnames=''", "evals.0.templates=''", "evals.0.batch=8"]
 
     # a TFDS builder alone, OpenVision's keys
@@ -503,7 +503,7 @@ def test_the_trainer_trains_on_a_tfds_builder_and_on_a_mixture_with_every_eval_f
         "text.vocab_rows=64",
         "data.shuffle_buffer=50",
     ]
-    r = train(ROOT / "recipes" / "tiny.toml", tmp_path / "tfds-run", cache, *alone, *cls_eval)
+    r = train(ROOT / "recipes" / "tiny.toml", tmp_path / "tfds-run", *alone, *cls_eval)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     records = read_jsonl(tmp_path / "tfds-run" / "metrics.jsonl")
     assert [rec["step"] for rec in records] == [1, 2, 3, 4] and all(math.isfinite(rec["loss"]) for rec in records)
@@ -511,7 +511,7 @@ def test_the_trainer_trains_on_a_tfds_builder_and_on_a_mixture_with_every_eval_f
 
     # the mixture (alpha's TFDS builder 3 : beta's webdataset tars 1), with the ImageNet and COCO evals as well
     path = mixture_file(sets, "\n" + evals)
-    r = train(path, tmp_path / "mix-run", cache, *[f"{k}={v}" for k, v in MIX_SETTINGS.items()], *cls_eval)
+    r = train(path, tmp_path / "mix-run", *[f"{k}={v}" for k, v in MIX_SETTINGS.items()], *cls_eval)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     records = read_jsonl(tmp_path / "mix-run" / "metrics.jsonl")
     assert [rec["step"] for rec in records] == [1, 2, 3, 4] and all(math.isfinite(rec["loss"]) for rec in records)

@@ -78,9 +78,7 @@ def run(module: str, recipe: Path, d: Path, *extra: str) -> subprocess.Completed
     args = [sys.executable, "-m", module, str(recipe), "--workdir", str(d / "run")]
     for item in overrides:
         args += ["--set", item]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    if module == "trainer":
-        args += ["--compile-cache", str(d / "xla")]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # the test run's XLA cache: TRAINER_COMPILE_CACHE (conftest)
     return subprocess.run([*args, *extra], env=env, cwd=ROOT, capture_output=True, text=True, timeout=280)
 
 

@@ -35,9 +35,8 @@ from trainer.metrics import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = RUN_RECIPE  # the tests' tiny recipe, its first stage alone (the `project` fixture writes it)
-# CPU-sized towers (3 and 2 layers of width 96), no decoder: two trainers share this machine's two cores, and each
-# compiles its step (~20 s) before the XLA cache has it
-SMALL = ["model.image=Mu/8", "model.text=Mu", "model.decoder="]
+# test_train's CPU-sized towers (FAST), without the decoder: two trainers share this machine's two cores
+SMALL = ["model.decoder="]
 # of batch 16, in the stop-and-resume drills (here and test_babysit, which share the reference run): long enough for
 # a stop, a kill of babysit and a preemption to land mid-stage
 STEPS = 80
@@ -45,7 +44,7 @@ STEPS = 80
 
 def sets(samples: int = 192) -> list[str]:
     """--set arguments: the trainer tests' quick settings, the small towers, `samples` in the one stage."""
-    items = [i for i in [*FAST, *SMALL] if not i.startswith(("stages.1", "stages.0.samples"))]
+    items = [i for i in FAST if not i.startswith(("stages.1", "stages.0.samples", "model.decoder"))] + SMALL
     return [word for item in [*items, f"stages.0.samples={samples}"] for word in ("--set", item)]
 
 
@@ -59,9 +58,13 @@ def prepared(pod, project):
 
 
 def env_args(shared, heartbeat=30):
+    """The trainers' environment on stand-in workers: the test run's XLA cache (under /var/tmp, which they see), every
+    program kept, as this session's environment says (conftest), JAX on the CPU, a heartbeat."""
     return [
         "--env",
-        f"TRAINER_COMPILE_CACHE={shared / 'xla'}",
+        f"TRAINER_COMPILE_CACHE={os.environ['TRAINER_COMPILE_CACHE']}",
+        "--env",
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0",
         "--env",
         "JAX_PLATFORMS=cpu",
         "--env",
