@@ -28,9 +28,24 @@ def test_list_shows_every_node_of_the_zone(pod):
 def test_list_pages_through_many_nodes(pod):
     for i in range(120):
         pod.api.add_node("proj", "zone-a", f"n{i:03d}", [(f"10.0.1.{i}", None)])
+    pod.api.page_size = 50  # the server's page, not the client's: tpuctl must follow nextPageToken
     r = pod.tpuctl("list", "--json")
     assert r.returncode == 0
-    assert len(json.loads(r.stdout)) == 121
+    assert sorted(n["name"] for n in json.loads(r.stdout)) == sorted(["pod", *(f"n{i:03d}" for i in range(120))])
+    pages = [q.query.get("pageToken") for q in pod.api.requests if q.method == "GET" and q.path.endswith("/nodes")]
+    assert pages == [None, ["50"], ["100"]]
+
+
+def test_a_state_newer_than_the_client_is_shown_not_crashed_on(pod):
+    """The REST client asks for enums as numbers; one the installed client does not know arrives as a plain int."""
+    node = pod.api.nodes[("proj", "zone-a", "pod")]
+    node["state"], node["health"] = 17, 42
+    r = pod.tpuctl("list", "--json")
+    assert r.returncode == 0, r.stderr
+    (listed,) = json.loads(r.stdout)
+    assert listed["state"] == "UNKNOWN(17)" and listed["health"] == "UNKNOWN(42)"
+    r = pod.tpuctl("describe", "pod")
+    assert r.returncode == 0 and "UNKNOWN(17)" in r.stdout + r.stderr and "Traceback" not in r.stderr
 
 
 def test_an_empty_zone_says_so(pod):

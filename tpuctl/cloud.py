@@ -63,17 +63,24 @@ class Node:
         return {**asdict(self), "labels": dict(self.labels)}
 
 
+def enum_name(value: Any) -> str:
+    """An enum field's name; a number newer than the installed client (proto-plus hands it over as a plain int) shows
+    as UNKNOWN(N) rather than failing: the API may add states before the client knows them."""
+    name = getattr(value, "name", None)
+    return name if isinstance(name, str) else f"UNKNOWN({int(value)})"
+
+
 def node_from_proto(node: Any) -> Node:
     workers = tuple(
         Worker(index=i, internal_ip=ep.ip_address, external_ip=ep.access_config.external_ip or None)
         for i, ep in enumerate(node.network_endpoints)
     )
-    health = node.health.name if node.health else ""
+    health = enum_name(node.health) if node.health else ""
     created = node.create_time.isoformat() if node.create_time else ""  # proto-plus: a datetime or None
     parts = node.name.split("/")  # projects/P/locations/ZONE/nodes/NAME
     return Node(
         name=node.name.rsplit("/", 1)[-1],
-        state=node.state.name,
+        state=enum_name(node.state),
         health="" if health == "HEALTH_UNSPECIFIED" else health,
         accelerator_type=node.accelerator_type,
         runtime_version=node.runtime_version,
@@ -394,7 +401,7 @@ class TpuApi:
             return ""
         except Exception as e:
             raise self._error(f"looking up queued resource {name!r}", e) from None
-        return str(resource.state.state.name)
+        return enum_name(resource.state.state)
 
     def find_node(self, name: str) -> Node | None:
         """The node, or None when there is none of that name."""

@@ -105,6 +105,7 @@ class FakeTpuApi:
         self.operations: dict[str, dict[str, Any]] = {}  # by full name
         self.denied_projects: set[str] = set()
         self.delay_s = 0.0  # seconds every answer waits, to stand in for a slow API across the internet
+        self.page_size = DEFAULT_PAGE_SIZE  # a list's page when the client asks for none (the API's own is unstated)
         self.create_delay_s = 0.2  # CREATING -> READY
         self.delete_delay_s = 0.1  # DELETING -> gone
         self.fail_creates: list[ApiError | OperationError] = []  # the next creations' failures, in order
@@ -268,7 +269,7 @@ class FakeTpuApi:
     def _list_nodes(self, project: str, zone: str, query: dict[str, list[str]]) -> dict[str, Any]:
         # The page token is simply the offset of the next page's first node (in insertion order).
         try:
-            size = int(query.get("pageSize", ["0"])[0]) or DEFAULT_PAGE_SIZE
+            size = int(query.get("pageSize", ["0"])[0]) or self.page_size
             start = int(query.get("pageToken", ["0"])[0] or 0)
         except ValueError as e:
             raise ApiError(HTTPStatus.BAD_REQUEST, f"invalid pageSize or pageToken: {e}") from None
