@@ -54,12 +54,39 @@ def test_an_empty_zone_says_so(pod):
     assert r.stdout == "" and "No TPUs in project proj, zone empty-zone." in r.stderr
 
 
-def test_permission_denied_is_one_line(pod):
+def test_permission_denied_is_one_line_naming_the_permission_and_a_role(pod):
     pod.api.denied_projects.add("proj")
     r = pod.tpuctl("list")
     assert r.returncode == 2
-    assert r.stderr.startswith("tpuctl: error: listing TPUs: permission denied in project proj, zone zone-a")
+    assert r.stderr.startswith(
+        "tpuctl: error: listing TPUs: permission denied in project proj, zone zone-a: your account lacks tpu.nodes.list"
+    )
+    assert "roles/tpu.viewer" in r.stderr and "--role=roles/tpu.viewer" in r.stderr
     assert r.stderr.count("\n") == 1
+    r = pod.tpuctl("delete", "pod", "--yes")
+    assert r.returncode == 2 and "lacks tpu.nodes." in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_a_disabled_api_says_which_to_enable(pod):
+    """Google's answer carries a google.rpc.ErrorInfo with reason SERVICE_DISABLED: not a permission problem."""
+    pod.api.disabled_projects.add("proj")
+    r = pod.tpuctl("list")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "the Cloud TPU API is not enabled in project proj" in r.stderr
+    assert "gcloud services enable tpu.googleapis.com --project proj" in r.stderr and "permission" not in r.stderr
+
+
+def test_a_read_over_the_rate_limit_is_retried_then_named(pod):
+    """429 on a read is retried with backoff; within the API timeout it passes, past it the error says rate limit
+    (not "cannot reach the API")."""
+    pod.api.rate_limited_reads = 2
+    r = pod.tpuctl("list", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)[0]["name"] == "pod", r.stderr
+    pod.api.rate_limited_reads = 10_000
+    r = pod.tpuctl("list", env={"TPUCTL_API_TIMEOUT": "1"})
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "kept refusing for rate limit or quota, retried for 1 s (429: Quota exceeded" in r.stderr
+    assert "cannot reach" not in r.stderr
 
 
 def test_an_unreachable_api_is_one_line_within_the_timeout(pod):

@@ -63,6 +63,15 @@ class Node:
         return {**asdict(self), "labels": dict(self.labels)}
 
 
+# The predefined role that grants each Cloud TPU permission tpuctl uses (reads: TPU Viewer; the rest: TPU Admin).
+ROLE_VIEWER, ROLE_ADMIN = "roles/tpu.viewer", "roles/tpu.admin"
+
+
+def role_for(permission: str) -> str:
+    """A predefined role holding `permission` (tpu.nodes.list -> roles/tpu.viewer; a write -> roles/tpu.admin)."""
+    return ROLE_VIEWER if permission.endswith((".list", ".get")) or not permission else ROLE_ADMIN
+
+
 def enum_name(value: Any) -> str:
     """An enum field's name; a number newer than the installed client (proto-plus hands it over as a plain int) shows
     as UNKNOWN(N) rather than failing: the API may add states before the client knows them."""
@@ -344,7 +353,7 @@ class TpuApi:
         try:
             return [node_from_proto(n) for n in self._client.list_nodes(parent=self.parent, **self._call)]
         except Exception as e:
-            raise self._error("listing TPUs", e) from None
+            raise self._error("listing TPUs", e, "tpu.nodes.list") from None
 
     def get_node(self, name: str) -> Node:
         """The node; its absence is a one-line error naming the TPUs that do exist."""
@@ -372,7 +381,8 @@ class TpuApi:
                 )
             return self._client.create_node(parent=self.parent, node_id=request.name, node=node_proto(request), **call)
         except Exception as e:
-            raise self._error(f"creating TPU {request.name!r}", e) from None
+            needed = "tpu.queuedResources.create" if request.queued else "tpu.nodes.create"
+            raise self._error(f"creating TPU {request.name!r}", e, needed) from None
 
     def delete(self, node: Node) -> Any:
         """Delete the node; one made by a queued resource goes with its queued resource (force)."""
@@ -381,7 +391,7 @@ class TpuApi:
                 return self.delete_queued(node.queued_resource)
             return self._client.delete_node(name=f"{self.parent}/nodes/{node.name}", **self._call)
         except Exception as e:
-            raise self._error(f"deleting TPU {node.name!r}", e) from None
+            raise self._error(f"deleting TPU {node.name!r}", e, "tpu.nodes.delete") from None
 
     def delete_queued(self, name: str) -> Any:
         try:
@@ -389,7 +399,7 @@ class TpuApi:
                 request={"name": f"{self.parent}/queuedResources/{name}", "force": True}, **self._call
             )
         except Exception as e:
-            raise self._error(f"deleting queued resource {name!r}", e) from None
+            raise self._error(f"deleting queued resource {name!r}", e, "tpu.queuedResources.delete") from None
 
     def queued_state(self, name: str) -> str:
         """The queued resource's state (ACCEPTED, PROVISIONING, ACTIVE, FAILED, SUSPENDED, ...); "" if none."""
@@ -400,7 +410,7 @@ class TpuApi:
         except exceptions.NotFound:
             return ""
         except Exception as e:
-            raise self._error(f"looking up queued resource {name!r}", e) from None
+            raise self._error(f"looking up queued resource {name!r}", e, "tpu.queuedResources.get") from None
         return enum_name(resource.state.state)
 
     def find_node(self, name: str) -> Node | None:
@@ -412,7 +422,7 @@ class TpuApi:
         except exceptions.NotFound:
             return None
         except Exception as e:
-            raise self._error(f"looking up TPU {name!r}", e) from None
+            raise self._error(f"looking up TPU {name!r}", e, "tpu.nodes.get") from None
 
     def operation_error(self, operation: Any, doing: str) -> CloudError | None:
         """A finished operation's failure as a CloudError (None when it succeeded)."""
@@ -422,22 +432,47 @@ class TpuApi:
         converted = self._error(doing, error)
         return converted if isinstance(converted, CloudError) else CloudError(f"{doing}: {error}")
 
-    def _error(self, doing: str, e: Exception) -> Exception:
-        """The one-line CloudError for a failed call; anything unexpected is returned as it is."""
+    def _error(self, doing: str, e: Exception, permission: str = "") -> Exception:
+        """The one-line CloudError for a failed call, saying what to do where the API says why (its ErrorInfo's
+        reason); `permission` is what the call needs (Cloud TPU's IAM permission). Anything unexpected is returned
+        as it is."""
         from google.api_core import exceptions
         from google.auth import exceptions as auth_exceptions
 
+        if isinstance(e, exceptions.RetryError) and isinstance(e.cause, exceptions.GoogleAPICallError):
+            retried = f"retried for {self._timeout:g} s"
+            e = e.cause  # what the API kept answering, not "cannot reach"
+        else:
+            retried = ""
         if isinstance(e, exceptions.GoogleAPICallError):
             e.message = api_message(e.message)
 
         where = f"project {self.project}, zone {self.zone}"
+        reason = getattr(e, "reason", None)
+        info: dict[str, str] = dict(getattr(e, "metadata", None) or {})  # the ErrorInfo's metadata
+        if reason == "SERVICE_DISABLED":
+            service = info.get("service", "tpu.googleapis.com")
+            return CloudError(
+                f"{doing}: the Cloud TPU API is not enabled in project {self.project}",
+                f"enable it: gcloud services enable {service} --project {self.project}",
+            )
         if isinstance(e, exceptions.NotFound):
             return CloudError(f"{doing}: {where} not found ({e.message})", "check --project and --zone")
         # The REST transport raises by HTTP status (Forbidden/Unauthorized), gRPC's subclasses only over gRPC.
         if isinstance(e, exceptions.Forbidden | exceptions.Unauthorized):
+            needed = info.get("permission") or permission
+            role = role_for(needed)
+            lacks = f": your account lacks {needed}" if needed else ""
             return CloudError(
-                f"{doing}: permission denied in {where} ({e.message})",
-                "check the project, and that your account may use TPUs there (roles/tpu.viewer)",
+                f"{doing}: permission denied in {where}{lacks} ({e.message})",
+                f"ask for a role that has it, e.g. {role}, on project {self.project}"
+                f" (gcloud projects add-iam-policy-binding {self.project} --member=user:YOU --role={role})",
+            )
+        if isinstance(e, exceptions.TooManyRequests) and retried:
+            return CloudError(
+                f"{doing}: the Cloud TPU API kept refusing for rate limit or quota, {retried} (429: {e.message})",
+                f"wait a minute and run it again; the limits: https://console.cloud.google.com/iam-admin/quotas"
+                f"?project={self.project}",
             )
         if isinstance(e, exceptions.GoogleAPICallError) and is_capacity_error(e):
             error = CloudError(f"{doing}: no capacity or quota now ({e.message})", "tpuctl retries with backoff")
@@ -448,7 +483,9 @@ class TpuApi:
         if isinstance(e, exceptions.Conflict | exceptions.AlreadyExists):
             return CloudError(f"{doing}: it already exists ({e.message})", "pick another name, or `tpuctl delete` it")
         if isinstance(e, exceptions.GoogleAPICallError):
-            return CloudError(f"{doing}: the Cloud TPU API answered {e.code}: {e.message}")
+            return CloudError(
+                f"{doing}: the Cloud TPU API answered {e.code}{f', {retried}' if retried else ''}: {e.message}"
+            )
         if isinstance(e, auth_exceptions.GoogleAuthError):
             return CloudError(f"{doing}: {e}", "run `gcloud auth application-default login`")
         if isinstance(e, OSError | exceptions.RetryError):  # requests' ConnectionError is an OSError

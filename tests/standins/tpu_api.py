@@ -79,14 +79,61 @@ class ApiError(Exception):
         HTTPStatus.SERVICE_UNAVAILABLE: "UNAVAILABLE",
     }
 
-    def __init__(self, status: HTTPStatus, message: str) -> None:
+    def __init__(
+        self, status: HTTPStatus, message: str, reason: str | None = None, metadata: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.reason, self.metadata = reason, metadata or {}
 
     def body(self) -> dict[str, Any]:
+        """Google's error body; with a reason, a google.rpc.ErrorInfo in `details`, as Google's front end adds."""
         status = self.CANONICAL.get(self.status, "UNKNOWN")
-        return {"error": {"code": int(self.status), "message": self.message, "status": status}}
+        error: dict[str, Any] = {"code": int(self.status), "message": self.message, "status": status}
+        if self.reason is not None:
+            info = {"reason": self.reason, "domain": "googleapis.com", "metadata": self.metadata}
+            error["details"] = [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", **info}]
+        return {"error": error}
+
+
+# The permission each read or write of this API needs (Cloud TPU's IAM permissions, as its error messages name them).
+PERMISSIONS = {
+    ("GET", "nodes"): "tpu.nodes.list",
+    ("GET", "node"): "tpu.nodes.get",
+    ("POST", "nodes"): "tpu.nodes.create",
+    ("DELETE", "node"): "tpu.nodes.delete",
+    ("GET", "queuedResources"): "tpu.queuedResources.list",
+    ("GET", "queuedResource"): "tpu.queuedResources.get",
+    ("POST", "queuedResources"): "tpu.queuedResources.create",
+    ("DELETE", "queuedResource"): "tpu.queuedResources.delete",
+}
+
+
+def _refusal(api: FakeTpuApi, method: str, parts: list[str]) -> ApiError | None:
+    """How the project of `parts` (v2/projects/P/...) refuses the call, if it does: the API disabled there, the
+    caller lacking the permission, or a read over the rate limit."""
+    project = parts[2]
+    if project in api.disabled_projects:
+        url = f"https://console.developers.google.com/apis/api/tpu.googleapis.com/overview?project={project}"
+        message = (
+            f"Cloud TPU API has not been used in project {project} before or it is disabled. Enable it by visiting"
+            f" {url} then retry."
+        )
+        metadata = {"service": "tpu.googleapis.com", "consumer": f"projects/{project}", "activationUrl": url}
+        return ApiError(HTTPStatus.FORBIDDEN, message, "SERVICE_DISABLED", metadata)
+    if project in api.denied_projects:
+        kind = parts[5] if len(parts) > 5 else "locations"
+        kind = kind[:-1] if len(parts) > 6 else kind  # .../nodes/NAME: one node
+        permission = PERMISSIONS.get((method, kind), "tpu.locations.list")
+        resource = "/".join(parts[1:])
+        message = f"Permission '{permission}' denied on '{resource}'"
+        return ApiError(HTTPStatus.FORBIDDEN, message, "IAM_PERMISSION_DENIED", {"permission": permission})
+    if method == "GET" and api.rate_limited_reads > 0:
+        api.rate_limited_reads -= 1
+        message = "Quota exceeded for quota metric 'Read requests' and limit 'Read requests per minute'."
+        return ApiError(HTTPStatus.TOO_MANY_REQUESTS, message, "RATE_LIMIT_EXCEEDED", {"service": "tpu.googleapis.com"})
+    return None
 
 
 class OperationError(NamedTuple):
@@ -103,7 +150,9 @@ class FakeTpuApi:
         self.nodes: dict[NodeKey, dict[str, Any]] = {}
         self.queued: dict[NodeKey, dict[str, Any]] = {}  # queued resources, by (project, zone, id)
         self.operations: dict[str, dict[str, Any]] = {}  # by full name
-        self.denied_projects: set[str] = set()
+        self.denied_projects: set[str] = set()  # the caller lacks every permission there
+        self.disabled_projects: set[str] = set()  # the Cloud TPU API is not enabled there
+        self.rate_limited_reads = 0  # the next reads answered 429 (the project's read rate limit)
         self.delay_s = 0.0  # seconds every answer waits, to stand in for a slow API across the internet
         self.page_size = DEFAULT_PAGE_SIZE  # a list's page when the client asks for none (the API's own is unstated)
         self.create_delay_s = 0.2  # CREATING -> READY
@@ -225,9 +274,9 @@ class FakeTpuApi:
         parts = path.strip("/").split("/")
         if len(parts) < 3 or parts[:2] != ["v2", "projects"]:
             raise ApiError(HTTPStatus.NOT_FOUND, f"unknown path {path}")
-        if parts[2] in self.denied_projects:
-            message = f"Permission denied on resource project {parts[2]} (or it may not exist)."
-            raise ApiError(HTTPStatus.FORBIDDEN, message)
+        refusal = _refusal(self, method, parts)
+        if refusal is not None:
+            raise refusal
         match method, parts[2:]:
             case "GET", [project, "locations"]:
                 return self._list_locations(project)
