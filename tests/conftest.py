@@ -198,9 +198,29 @@ def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 @pytest.fixture
 def tpu_api() -> Iterator[FakeTpuApi]:
-    """A started local Cloud TPU v2 API; point the client at `tpu_api.endpoint`."""
+    """A started local Cloud TPU v2 API; point the client at `tpu_api.endpoint`. Every answer it gave during the test
+    is then held to Google's discovery document for the API (standins/discovery.py): a stand-in that drifts from the
+    real API fails the test that met the drift."""
     with FakeTpuApi() as api:
         yield api
+    found = reference_problems(api)
+    assert not found, "the local Cloud TPU API answered unlike Google's reference:\n" + "\n".join(found[:20])
+
+
+def reference_problems(api: FakeTpuApi) -> list[str]:
+    """Each answer `api` gave that tpu.v2.json says the real API would not give, with the request it answered."""
+    from standins import discovery
+
+    doc = discovery.document("tpu.v2.json")
+    found: dict[str, None] = {}  # each problem once, in the order met
+    for answer in api.answers:
+        r = answer.request
+        numbers = "enum-encoding=int" in r.query.get("$alt", [""])[0]
+        for problem in discovery.problems(doc, r.method, r.path, answer.status, answer.body, numbers):
+            if api.beyond_reference and "none of the values the reference knows" in problem:
+                continue
+            found[f"{r.method} {r.path} -> {answer.status}: {problem}"] = None
+    return list(found)
 
 
 @pytest.fixture

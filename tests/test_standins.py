@@ -330,3 +330,30 @@ def test_fleet_node_points_at_the_workers(tpu_api: FakeTpuApi, fleet: SshFleet) 
     # What the API reports is reachable: worker 0's address answers as worker 0.
     w0 = fleet.workers[0]
     assert ssh(fleet, w0, "hostname") == w0.hostname
+
+
+def test_the_reference_check_catches_a_stand_in_that_drifts():
+    """The discovery-document check every tpu_api test ends with (conftest) finds what the real API would not say."""
+    from standins import discovery
+
+    doc = discovery.document("tpu.v2.json")
+    path = "/v2/projects/p/locations/z/nodes/n"
+    good = {"name": "projects/p/locations/z/nodes/n", "state": 2, "health": 5, "acceleratorType": "v4-8"}
+    assert discovery.problems(doc, "GET", path, 200, good) == []  # UNHEALTHY_MAINTENANCE is 5: numbers skip
+    named = {**good, "state": "READY", "health": "UNHEALTHY_MAINTENANCE"}  # a request without enum-encoding=int
+    assert discovery.problems(doc, "GET", path, 200, named, enums_as_numbers=False) == []
+    drifted = {**good, "state": "READY", "health": "", "workers": [], "spot": "yes"}
+    found = discovery.problems(doc, "GET", path, 200, drifted)
+    assert any("Node.state: 'READY' is not an enum number" in p for p in found)
+    assert any("Node.health: '' is not an enum number" in p for p in found)
+    assert any("Node.workers: a field Node does not have" in p for p in found)
+    assert any("Node.spot: a field Node does not have" in p for p in found)  # (spot is schedulingConfig.spot)
+    assert discovery.problems(doc, "GET", path, 200, {**good, "state": 99})[0].endswith("UNKNOWN)")
+    operation = {"name": "projects/p/locations/z/operations/o", "done": True, "response": {
+        "@type": "type.googleapis.com/google.cloud.tpu.v2.QueuedResource", "state": {"state": "ACTIVE"}}}  # fmt: skip
+    found = discovery.problems(doc, "GET", "/v2/projects/p/locations/z/operations/o", 200, operation)
+    assert found == ["Operation.response<QueuedResource>.state.state: 'ACTIVE' is not an enum number (the request"
+                     " asked for enum-encoding=int)"]  # fmt: skip
+    error = {"error": {"code": 403, "message": "no", "status": "PERMISSION_DENIED", "reason": "x"}}
+    assert discovery.problems(doc, "GET", path, 403, error) == ["error.reason: not in Google's error body"]
+    assert discovery.problems(doc, "GET", "/v2/projects/p/elsewhere", 200, {})[0].endswith("has this path")

@@ -51,6 +51,12 @@ class RecordedRequest(NamedTuple):
     body: Any = None  # the JSON sent, if any
 
 
+class RecordedAnswer(NamedTuple):
+    request: RecordedRequest
+    status: int
+    body: Any  # the JSON answered
+
+
 class _Worker(Protocol):
     """What add_fleet_node needs of a standins.sshfleet.StandinWorker."""
 
@@ -153,6 +159,7 @@ class FakeTpuApi:
         self.denied_projects: set[str] = set()  # the caller lacks every permission there
         self.disabled_projects: set[str] = set()  # the Cloud TPU API is not enabled there
         self.rate_limited_reads = 0  # the next reads answered 429 (the project's read rate limit)
+        self.beyond_reference = False  # a test answers enum values newer than the reference on purpose
         self.delay_s = 0.0  # seconds every answer waits, to stand in for a slow API across the internet
         self.page_size = DEFAULT_PAGE_SIZE  # a list's page when the client asks for none (the API's own is unstated)
         self.create_delay_s = 0.2  # CREATING -> READY
@@ -162,6 +169,7 @@ class FakeTpuApi:
         self.on_create: WorkersFor | None = None  # the new node's workers; default: made-up 10.0.0.x addresses
         self.on_delete: Callable[[str, str, str], None] | None = None  # a deleted node's workers go away
         self.requests: list[RecordedRequest] = []
+        self.answers: list[RecordedAnswer] = []  # what it answered to each, held to the discovery document by tests
         self._lock = threading.Lock()
         self._op_ids = itertools.count(1)
         self._timers: list[threading.Timer] = []
@@ -519,26 +527,60 @@ def _endpoint_json(internal_ip: str, external_ip: str | None) -> dict[str, Any]:
 
 
 def _enums_as_ints(body: dict[str, Any]) -> dict[str, Any]:
-    """Node enums as numbers, as Google answers the REST client's `$alt=json;enum-encoding=int`."""
+    """Every enum as its number, nested ones too (a node inside an operation's response, a queued resource's
+    state.state), as Google answers the REST client's `$alt=json;enum-encoding=int`. An unset enum is left out, as
+    proto3's JSON leaves out every default value."""
     from google.cloud import tpu_v2  # the client this fake serves; its enums give the numbers
 
-    enums: dict[str, type[enum.Enum]] = {
+    node_enums: dict[str, type[enum.Enum]] = {
         "state": tpu_v2.Node.State,
         "health": tpu_v2.Node.Health,
         "apiVersion": tpu_v2.Node.ApiVersion,
     }
+    queued_enums: dict[str, type[enum.Enum]] = {
+        "state": tpu_v2.QueuedResourceState.State,
+        "stateInitiator": tpu_v2.QueuedResourceState.StateInitiator,
+    }
 
-    def number(key: str, value: Any) -> Any:
-        # A name the enum does not know stays a string: the client then fails to parse it, as in production.
-        member = enums[key].__members__.get(value) if key in enums and isinstance(value, str) else None
-        return member.value if member is not None else value
+    def numbered(message: dict[str, Any], enums: dict[str, type[enum.Enum]]) -> dict[str, Any]:
+        out = {}
+        for key, value in message.items():
+            if key in enums and value == "":
+                continue
+            # A name the enum does not know stays a string: the client then fails to parse it, as in production.
+            member = enums[key].__members__.get(value) if key in enums and isinstance(value, str) else None
+            out[key] = member.value if member is not None else value
+        return out
 
-    def convert(node: dict[str, Any]) -> dict[str, Any]:
-        return {k: number(k, v) for k, v in node.items()}
+    def queued(resource: dict[str, Any]) -> dict[str, Any]:
+        resource = dict(resource)
+        if isinstance(resource.get("state"), dict):
+            resource["state"] = numbered(resource["state"], queued_enums)
+        return resource
+
+    def any_message(value: Any) -> Any:  # an operation's response or metadata: a google.protobuf.Any
+        if not isinstance(value, dict):
+            return value
+        kind = value.get("@type", "")
+        return (
+            numbered(value, node_enums)
+            if kind.endswith(".Node")
+            else queued(value)
+            if kind.endswith(".QueuedResource")
+            else value
+        )
 
     if "nodes" in body:
-        return {**body, "nodes": [convert(n) for n in body["nodes"]]}
-    return convert(body) if "acceleratorType" in body else body
+        return {**body, "nodes": [numbered(n, node_enums) for n in body["nodes"]]}
+    if "queuedResources" in body:
+        return {**body, "queuedResources": [queued(q) for q in body["queuedResources"]]}
+    if "acceleratorType" in body:
+        return numbered(body, node_enums)
+    if "tpu" in body or "queueingPolicy" in body or isinstance(body.get("state"), dict):
+        return queued(body)
+    if "done" in body or "metadata" in body:  # a long-running operation
+        return {k: any_message(v) if k in ("response", "metadata") else v for k, v in body.items()}
+    return body
 
 
 def _handler_for(api: FakeTpuApi) -> type[BaseHTTPRequestHandler]:
@@ -550,7 +592,8 @@ def _handler_for(api: FakeTpuApi) -> type[BaseHTTPRequestHandler]:
             url = urlsplit(self.path)
             path, query = unquote(url.path), parse_qs(url.query)
             sent = self._read_body()
-            api.requests.append(RecordedRequest(self.command, path, query, sent or None))
+            request = RecordedRequest(self.command, path, query, sent or None)
+            api.requests.append(request)
             time.sleep(api.delay_s)
             try:
                 status, body = HTTPStatus.OK, api._route(self.command, path, query, sent)
@@ -561,6 +604,7 @@ def _handler_for(api: FakeTpuApi) -> type[BaseHTTPRequestHandler]:
             except Exception:  # a bug in the fake: answer it readably rather than dropping the connection
                 error = ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, traceback.format_exc())
                 status, body = error.status, error.body()
+            api.answers.append(RecordedAnswer(request, int(status), body))
             self._reply(status, body)
 
         def _read_body(self) -> dict[str, Any]:
