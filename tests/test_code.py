@@ -136,7 +136,7 @@ def test_run_refuses_a_worker_holding_other_code_and_force_starts_it(pod, code_p
 
     r = pod.tpuctl(*run, "--no-sync", "--force", cwd=code_project)
     assert r.returncode == 0, r.stderr
-    assert "starting although 1 workers hold other code (w1 (" in r.stderr
+    assert "--force: starting although 1 workers hold other code (w1 (" in r.stderr
     commit = subprocess.run(["git", "-C", str(code_project), "rev-parse", "HEAD"], capture_output=True, text=True)
     r = pod.tpuctl("status", "ident", "--json")
     code = json.loads(r.stdout)["run"]["code"]

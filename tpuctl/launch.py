@@ -362,7 +362,12 @@ def checked_code(
     from tpuctl import sync as syncing
 
     if target.kind == "local":
-        return codetree.CodeIdentity.of(syncing.source_manifest(settings, project).tree_hash, project).to_json()
+        try:
+            tree: str | None = syncing.source_manifest(settings, project).tree_hash
+        except TpuctlError as e:  # no rsync here: a local run needs none, so it trains with its tree unrecorded
+            say(f"the code's tree is not recorded: {e}")
+            tree = None
+        return codetree.CodeIdentity.of(tree, project).to_json()
     manifest = manifest or syncing.last_manifest(settings, project)
     if manifest is None:
         say(f"{project} was never synced to {settings.remote_dir} from this machine: the code's tree is not recorded")
@@ -394,7 +399,7 @@ def checked_code(
         error = _failed_on("code check", failures, record.name)
         error.hint = "`tpuctl sync --full` puts back what the last sync sent; --force starts anyway"
         raise error
-    say(f"starting although {len(differ)} workers hold other code ({render_failure(failures[0])})")
+    say(f"--force: starting although {len(differ)} workers hold other code ({render_failure(failures[0])})")
     return identity | {"workers_differ": {f"w{c.index}": c.differ[:20] for c in differ}}
 
 

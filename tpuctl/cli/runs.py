@@ -116,7 +116,7 @@ def run(
                 sync=sync,
                 busy="kill" if force else "refuse",
                 other_code="start" if force else "refuse",
-                say=lambda line: say(f"--force: {line}"),
+                say=say,
                 on_sync_progress=shown,
             )
     except launch.LaunchFailed as e:
