@@ -129,26 +129,23 @@ def _sha256(path: str) -> str:
 def git_state(directory: Path) -> tuple[str | None, bool | None]:
     """(commit, dirty) of the git checkout `directory` is in; (None, None) outside one or without git. Dirty: a
     tracked file changed or an untracked one that .gitignore does not hide (either travels with a sync)."""
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(directory), "rev-parse", "--verify", "-q", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-        if head.returncode != 0:
-            return None, None
-        status = subprocess.run(
-            ["git", "-C", str(directory), "status", "--porcelain", "--", "."],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
+    head = _git(directory, "rev-parse", "--verify", "-q", "HEAD")
+    if head is None or head.returncode != 0:
+        return None, None
+    status = _git(directory, "status", "--porcelain", "--", ".")
+    if status is None:
         return None, None
     return head.stdout.strip(), bool(status.stdout.strip()) if status.returncode == 0 else None
+
+
+def _git(directory: Path, *args: str) -> subprocess.CompletedProcess[str] | None:
+    """`git -C directory ARGS`; None without git or when it hangs."""
+    try:
+        return subprocess.run(
+            ["git", "-C", str(directory), *args], capture_output=True, text=True, timeout=60, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from tpuctl import codetree, defaults, ops, registry, remote
+from tpuctl import codetree, defaults, ops, registry, remote, render
 from tpuctl.errors import TpuctlError
 from tpuctl.ops import WorkerReport, report
 from trainer import contract
@@ -276,7 +276,9 @@ class LaunchFailed(TpuctlError):
 
 def _failed_on(step: str, failures: list[tuple[int, str, str | None]], name: str) -> LaunchFailed:
     more = f" and {len(failures) - 1} more workers" if len(failures) > 1 else ""
-    return LaunchFailed(f"{step} failed on {render_failure(failures[0])}{more}; run {name!r} was not started", failures)
+    return LaunchFailed(
+        f"{step} failed on {render.failures([failures[0]])[0]}{more}; run {name!r} was not started", failures
+    )
 
 
 Busy = Literal["refuse", "kill"]
@@ -399,13 +401,8 @@ def checked_code(
         error = _failed_on("code check", failures, record.name)
         error.hint = "`tpuctl sync --full` puts back what the last sync sent; --force starts anyway"
         raise error
-    say(f"--force: starting although {len(differ)} workers hold other code ({render_failure(failures[0])})")
+    say(f"--force: starting although {len(differ)} workers hold other code ({render.failures([failures[0]])[0]})")
     return identity | {"workers_differ": {f"w{c.index}": c.differ[:20] for c in differ}}
-
-
-def render_failure(failure: tuple[int, str, str | None]) -> str:
-    index, host, why = failure
-    return f"w{index} ({host}): {why}"
 
 
 def _free_chips(settings: Settings, target: Target, busy: Busy, say: Callable[[str], None]) -> None:

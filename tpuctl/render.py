@@ -316,7 +316,7 @@ def tree_check_json(c: TreeCheck) -> dict[str, Any]:
     return {"worker": c.index, "ip": c.host, "state": c.state, "differ": c.differ, "extra": c.extra, "error": c.error}
 
 
-def failures(items: Iterable[tuple[int, str, str]]) -> list[str]:
+def failures(items: Iterable[tuple[int, str, str | None]]) -> list[str]:
     """Lines naming each failed worker and why, printed last so they are what the user sees."""
     return [f"{worker_name(i)} ({host}): {why}" for i, host, why in items]
 

@@ -86,19 +86,24 @@ class ApiError(Exception):
     }
 
     def __init__(
-        self, status: HTTPStatus, message: str, reason: str | None = None, metadata: dict[str, str] | None = None
+        self,
+        status: HTTPStatus,
+        message: str,
+        reason: str | None = None,
+        metadata: dict[str, str] | None = None,
+        domain: str = "googleapis.com",
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
-        self.reason, self.metadata = reason, metadata or {}
+        self.reason, self.metadata, self.domain = reason, metadata or {}, domain
 
     def body(self) -> dict[str, Any]:
         """Google's error body; with a reason, a google.rpc.ErrorInfo in `details`, as Google's front end adds."""
         status = self.CANONICAL.get(self.status, "UNKNOWN")
         error: dict[str, Any] = {"code": int(self.status), "message": self.message, "status": status}
         if self.reason is not None:
-            info = {"reason": self.reason, "domain": "googleapis.com", "metadata": self.metadata}
+            info = {"reason": self.reason, "domain": self.domain, "metadata": self.metadata}
             error["details"] = [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", **info}]
         return {"error": error}
 
@@ -134,7 +139,8 @@ def _refusal(api: FakeTpuApi, method: str, parts: list[str]) -> ApiError | None:
         permission = PERMISSIONS.get((method, kind), "tpu.locations.list")
         resource = "/".join(parts[1:])
         message = f"Permission '{permission}' denied on '{resource}'"
-        return ApiError(HTTPStatus.FORBIDDEN, message, "IAM_PERMISSION_DENIED", {"permission": permission})
+        metadata = {"permission": permission, "resource": resource}
+        return ApiError(HTTPStatus.FORBIDDEN, message, "IAM_PERMISSION_DENIED", metadata, "iam.googleapis.com")
     if method == "GET" and api.rate_limited_reads > 0:
         api.rate_limited_reads -= 1
         message = "Quota exceeded for quota metric 'Read requests' and limit 'Read requests per minute'."
