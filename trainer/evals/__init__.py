@@ -9,13 +9,15 @@ files; padded rows are masked, so every sample counts once.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import jax
 
-from trainer.data.tokenizers import Tokenizer
 from trainer.models.clip import Clip
 from trainer.recipe import Recipe
+
+if TYPE_CHECKING:  # the tokenizers import TensorFlow: a run without evals or tf.data never needs it
+    from trainer.data.tokenizers import Tokenizer
 
 
 class Evaluator(Protocol):
