@@ -3,8 +3,12 @@
 The local Cloud TPU API makes "VMs" when asked to create a TPU: a fresh pair of sshd workers (new addresses, new host
 keys, the project's SSH key accepted, standins.image's Python image with the trainer's dependencies). The test then
 plays the cloud: it flips the TPU to PREEMPTED and kills its workers mid-training. babysit must delete and recreate
-the TPU, sync, prepare, relaunch, and the run must end where an uninterrupted run ends. On the way, babysit itself is
-killed and started again, and carries on from its state file.
+the TPU, sync, prepare, relaunch, and the run must resume from the newest checkpoint the lost VMs committed to the
+bucket and finish. On the way, babysit itself is killed and started again, and carries on from its state file.
+
+The trainer is the stand-in of standins/trainer_main.py (the trainer's log lines and checkpoint layout, no JAX):
+babysit's part is under test here. The real trainer on a pod stopped and resumed to the uninterrupted losses is
+test_runs' drill; a real trainer killed hard and resumed exactly, locally and in a bucket, test_train's.
 """
 
 from __future__ import annotations
@@ -12,18 +16,20 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+import standins
 from standins import free_port, image, wait_until
 from standins.pod import PROJECT, TPUCTL, ZONE
-from test_runs import RECIPE, STEPS, env_args, logged_step, losses, sets
+from test_runs import RECIPE, STEPS, env_args, logged_step, sets
 
 from tpuctl.registry import slug
-from trainer import storage
+from trainer import contract, storage
 from trainer.workdir import committed_steps
 
 NODE = "drill"
@@ -54,10 +60,11 @@ def wait_for_logged_step(vms: list, step: int, timeout: float) -> None:
     wait_until(lambda: vms and logged_step(vms[-1].workers[0], RUN) >= step, timeout, f"step {step} logged", poll=0.2)
 
 
-@pytest.mark.timeout(900)  # two TPU creations, two prepares, a reference run: minutes on two cores
-def test_preemption_drill(tpu_api, make_fleet, project, shared, tmp_path, gcs, bucket, pod_reference):
+@pytest.mark.timeout(600)  # two TPU creations, two prepares
+def test_preemption_drill(tpu_api, make_fleet, project, shared, tmp_path, gcs, bucket):
     """The workdir is a bucket: the recreated VMs (fresh disks) resume from what the first ones checkpointed there."""
     image.require_matching_python()
+    shutil.copy(Path(standins.__file__).parent / "trainer_main.py", project / "trainer" / "__main__.py")
     first = make_fleet(2, network=gcs.network())  # the first VMs; later ones: the same key, port and network
     vms = []
 
@@ -123,16 +130,18 @@ def test_preemption_drill(tpu_api, make_fleet, project, shared, tmp_path, gcs, b
     node = tpu_api.nodes[(PROJECT, ZONE, NODE)]
     assert len(vms) == 2 and node["state"] == "READY"
     assert [e["ipAddress"] for e in node["networkEndpoints"]] == [w.ip for w in vms[1].workers]  # the new VMs
-    # the timeline table, and a run that ended where the uninterrupted one ends
-    assert "run 'drill run' on TPU 'drill': 1 restarts" in log and "every stage trained" in log
-    got = losses(f"{workdir}/metrics.jsonl")
-    assert set(got) == set(range(1, STEPS + 1))
-    assert got == pytest.approx(pod_reference(sets(16 * STEPS)), rel=1e-5)
-    # what the preemption cost: the steps trained again since the newest committed checkpoint (one interval of 4
-    # steps, plus the steps of a save still in flight when the VMs died), and the time
+    # the timeline table, and a run trained to its last step
+    assert "run 'drill run' on TPU 'drill': 1 restarts" in log
+    assert f"every stage trained (last checkpoint pretrain16/{STEPS})" in log
+    # the new VMs resumed from the newest checkpoint the lost ones committed, and trained on from there
     trainer_log = vms[1].workers[0].path(f"/root/.tpuctl/runs/{slug(RUN)}/log").read_text()
     resumed_at = int(re.search(r"resuming at step (\d+)/", trainer_log)[1])
     assert resumed_at == saved[-1], (resumed_at, saved)
+    assert [p["step"] for p in map(contract.parse_progress, trainer_log.splitlines()) if p] == list(
+        range(resumed_at + 1, STEPS + 1)
+    )
+    # what the preemption cost: the steps trained again since the newest committed checkpoint (one interval of 4
+    # steps, plus the steps of a save still in flight when the VMs died), and the time
     lost = last_step - resumed_at
     assert 0 <= lost <= 8, (last_step, resumed_at)
     relaunched = [e["at"] for e in state["events"] if e["what"] == "launched"][-1]

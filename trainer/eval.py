@@ -35,13 +35,15 @@ def main(
         raise UserError(str(e)) from None
     if not recipe.evals:
         raise UserError(f"{recipe_path} has no [[evals]]")
-    from trainer import preflight
-
-    evaluators = preflight.inputs(recipe)  # inputs read once (a missing one is one line naming its key)
     names = [s.name for s in recipe.stages]
     if stage_name and stage_name not in names:
         raise UserError(f"--stage {stage_name}: the recipe's stages are {', '.join(names)}")
     step = int(checkpoint) if checkpoint is not None and checkpoint.isdigit() else None
+    if checkpoint is not None and step is None:
+        check_converted(recipe, checkpoint)  # before the eval inputs are read and tokenized: seconds sooner
+    from trainer import preflight
+
+    evaluators = preflight.inputs(recipe)  # inputs read once (a missing one is one line naming its key)
     if checkpoint is not None and step is None:
         return evaluate_converted(recipe, evaluators, checkpoint, names.index(stage_name) if stage_name else -1)
     if workdir is None:
@@ -81,12 +83,18 @@ def main(
     metrics.close()
 
 
-def evaluate_converted(recipe: Recipe, evaluators: list[Any], directory: str, index: int) -> None:
-    """A converted checkpoint (local or gs://) at stage `index`'s resolution; the table only (it is no run's)."""
-    from trainer import storage
+def check_converted(recipe: Recipe, directory: str) -> None:
+    """A converted checkpoint directory (local or gs://) that holds the model the recipe builds, or one line."""
+    from trainer import pretrained, storage
 
     if not storage.at(directory).is_dir():
         raise UserError(f"--checkpoint {directory}: neither a step number nor a directory")
+    pretrained.check_recipe(recipe, pretrained.read_settings(directory), directory)
+
+
+def evaluate_converted(recipe: Recipe, evaluators: list[Any], directory: str, index: int) -> None:
+    """A converted checkpoint (checked: check_converted) at stage `index`'s resolution; the table only (it is no
+    run's)."""
     import jax
 
     from trainer import evals, pretrained, sharding
