@@ -271,3 +271,19 @@ def test_judge_reads_the_run_from_its_workers_status():
     assert judge([worker(0, "stopped", last_line="preempted: saved")])[0] == "crashed"  # SIGTERM'd: resume it
     lost = WorkerReport(index=1, ip="10.0.0.1", error="connection refused")
     assert judge([worker(0, "running"), lost]) == ("unreachable", "w1 (10.0.0.1): connection refused")
+
+
+def test_babysit_waits_with_a_queued_request_instead_of_asking_again(tpu_api, project, tmp_path):
+    """`tpuctl create --queued --no-wait`, then babysit: the request has no node while it waits in line; babysit
+    waits for its TPU (one creation in all), then goes on (here to VMs whose sshd never answers)."""
+    env = babysit_env(tpu_api, tmp_path) | {"TPUCTL_SSH_PORT": str(free_port())}
+    tpu_api.on_create = lambda *_: [("127.0.0.1", "127.0.0.1")]
+    tpu_api.queue_wait_s = 2.0
+    create = [TPUCTL, "create", "inline", "--type", "v4-8", "--queued", "--no-wait"]
+    assert subprocess.run(create, env=env, capture_output=True, timeout=60).returncode == 0
+    command = [TPUCTL, "babysit", RECIPE, "--tpu", "inline", "--type", "v4-8", "--poll", "0.2", "--max-restarts", "0"]
+    r = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 4, r.stderr  # the launch fails on the unreachable VMs, and no restart is allowed
+    assert "queued resource 'inline' is WAITING_FOR_RESOURCES; waiting for its TPU" in r.stderr
+    assert len(tpu_api.creations()) == 1  # the queued request alone: babysit asked for nothing
+    assert tpu_api.nodes[(PROJECT, ZONE, "inline")]["queuedResource"].endswith("/queuedResources/inline")

@@ -50,9 +50,20 @@ def test_a_state_newer_than_the_client_is_shown_not_crashed_on(pod):
 
 
 def test_an_empty_zone_says_so(pod):
-    r = pod.tpuctl("list", "--zone", "empty-zone")
+    r = pod.tpuctl("list", "--zone", "us-east5-a")
     assert r.returncode == 0
-    assert r.stdout == "" and "No TPUs in project proj, zone empty-zone." in r.stderr
+    assert r.stdout == "" and "No TPUs in project proj, zone us-east5-a." in r.stderr
+
+
+def test_a_zone_that_does_not_exist_names_the_zones_there_are(pod):
+    """The API lists a zone it does not offer as empty: tpuctl asks locations.list rather than say "No TPUs"."""
+    r = pod.tpuctl("list", "--zone", "us-centrl2-b")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "zone 'us-centrl2-b' is not a Cloud TPU zone of project proj (did you mean us-central2-b" in r.stderr
+    assert "europe-west4-a" in r.stderr  # every zone there is, as the API listed them
+    assert any(req.path == "/v2/projects/proj/locations" for req in pod.api.requests)
+    r = pod.tpuctl("describe", "pod", "--zone", "us-centrl2-b")  # the node is in zone-a: not found, and why
+    assert r.returncode == 2 and "is not a Cloud TPU zone" in r.stderr, r.stderr
 
 
 def test_permission_denied_is_one_line_naming_the_permission_and_a_role(pod):

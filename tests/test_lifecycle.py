@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from collections.abc import Callable
 from http import HTTPStatus
@@ -207,7 +208,7 @@ def test_queued_creation_then_delete_takes_the_queued_resource_with_it(tpuctl: T
     assert json.loads(r.stdout)["state"] == "READY"
     queued = tpu_api.queued[(PROJECT, ZONE, "qpod")]
     assert queued["spot"] == {} and queued["queueingPolicy"] == {"validUntilDuration": "7200s"}
-    tpu_api.nodes[(PROJECT, ZONE, "qpod")]["queuedResource"] = queued["name"]  # as the API links them
+    assert tpu_api.nodes[(PROJECT, ZONE, "qpod")]["queuedResource"] == queued["name"]  # as the API links them
     r = tpuctl("describe", "qpod", "--json")
     assert json.loads(r.stdout)["queued_resource"] == "qpod"
     assert json.loads(r.stdout)["queued_resource_state"] == "ACTIVE"
@@ -250,3 +251,95 @@ def test_backoff_grows_to_its_cap_with_jitter_below_each_step():
     got = [next(delays) for _ in steps]
     assert all(step / 2 <= d <= step for d, step in zip(got, steps, strict=True)), got
     assert len(set(got)) == len(got)  # jittered: clients that failed together do not retry together
+
+
+@pytest.mark.parametrize("queued", [False, True])
+def test_an_operation_of_a_type_the_client_does_not_know_is_watched_through_the_tpu(
+    tpuctl: Tpuctl, tpu_api: FakeTpuApi, queued: bool
+):
+    """A newer API's operation metadata (a type google-cloud-tpu has no descriptor for) cannot be parsed: create and
+    delete go on by watching the node (or queued resource) itself, instead of ending in a ParseError."""
+    tpu_api.operation_metadata_type = "type.googleapis.com/google.cloud.tpu.v3.OperationMetadataFromTheFuture"
+    r = tpuctl("create", "new-pod", "--type", "v4-8", *(["--queued"] if queued else []), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["state"] == "READY"
+    assert "an operation this client cannot read" in r.stderr and "OperationMetadataFromTheFuture" in r.stderr
+    r = tpuctl("delete", "new-pod", "--yes")
+    assert r.returncode == 0, r.stderr
+    assert "new-pod: deleted" in r.stderr
+    assert (PROJECT, ZONE, "new-pod") not in tpu_api.nodes
+
+
+def test_a_queued_request_that_waits_is_listed_described_and_cancelled_by_its_name(tpuctl: Tpuctl, tpu_api: FakeTpuApi):
+    """WAITING_FOR_RESOURCES, with no node, for hours: giving up the wait leaves it in the queue (said, with how to
+    cancel it), `list` shows it beside the TPUs, `describe` and `delete` find it by its own name."""
+    tpu_api.queue_wait_s = 3600
+    tpu_api.add_node(PROJECT, ZONE, "other", [("10.0.0.2", None)])
+    r = tpuctl("create", "q", "--type", "v4-8", "--queued", "--valid-until", "6h", "--ready-timeout", "1")
+    assert r.returncode == 2 and "q: queued: WAITING_FOR_RESOURCES" in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert "its queued resource is still WAITING_FOR_RESOURCES and may yet provision (and bill)" in last
+    assert "`tpuctl delete q` cancels it" in last and "--cancel-on-timeout" in last
+    assert (PROJECT, ZONE, "q") in tpu_api.queued and (PROJECT, ZONE, "q") not in tpu_api.nodes
+    r = tpuctl("list")
+    assert r.returncode == 0, r.stderr
+    assert "other" in r.stdout and "queued resources with no node yet" in r.stdout
+    (row,) = [line for line in r.stdout.splitlines() if line.startswith("q ")]
+    assert "WAITING_FOR_RESOURCES" in row and "v4-8" in row and "21600s after creation" in row
+    assert re.search(r"\s\d+s\s", row), row  # queued for a few seconds
+    listed = json.loads(tpuctl("list", "--json").stdout)
+    assert [(e["name"], e["kind"], e["state"]) for e in listed] == [
+        ("other", "node", "READY"),
+        ("q", "queued_resource", "WAITING_FOR_RESOURCES"),
+    ]
+    r = tpuctl("describe", "q")
+    assert r.returncode == 0 and "queued resource (no node yet)" in r.stdout and "`tpuctl delete q`" in r.stderr
+    assert json.loads(tpuctl("describe", "q", "--json").stdout)["node_id"] == "q"
+    r = tpuctl("delete", "q", "--yes")
+    assert r.returncode == 0 and "q: deleted" in r.stderr, r.stderr
+    assert (PROJECT, ZONE, "q") not in tpu_api.queued
+    r = tpuctl("describe", "q")  # gone: the usual one line naming what is there
+    assert r.returncode == 2 and "TPU 'q' not found" in r.stderr and "other" in r.stderr
+
+
+def test_cancel_on_timeout_takes_a_still_waiting_request_out_of_the_queue(tpuctl: Tpuctl, tpu_api: FakeTpuApi):
+    tpu_api.queue_wait_s = 3600
+    r = tpuctl("create", "q", "--type", "v4-8", "--queued", "--ready-timeout", "1", "--cancel-on-timeout")
+    assert r.returncode == 2 and "(still queued: WAITING_FOR_RESOURCES); request cancelled" in r.stderr, r.stderr
+    assert (PROJECT, ZONE, "q") not in tpu_api.queued
+    r = tpuctl("create", "q", "--type", "v4-8", "--cancel-on-timeout")
+    assert r.returncode == 2 and "--cancel-on-timeout is for queued resources" in r.stderr
+
+
+def test_a_queue_waits_then_provisions_or_fails_with_the_apis_reason(tpuctl: Tpuctl, tpu_api: FakeTpuApi):
+    tpu_api.queue_wait_s = 1.0
+    r = tpuctl("create", "q", "--type", "v4-8", "--queued", "--json")
+    assert r.returncode == 0, r.stderr
+    assert "q: queued: WAITING_FOR_RESOURCES" in r.stderr and json.loads(r.stdout)["queued_resource"] == "q"
+    tpu_api.fail_creates = [ApiError(HTTPStatus.TOO_MANY_REQUESTS, "Quota 'TPUV4sPodPerProjectPerZone' exceeded")]
+    r = tpuctl("create", "q2", "--type", "v4-8", "--queued", "--attempts", "1")
+    assert r.returncode == 2, r.stderr
+    assert "its queued resource is FAILED: Quota 'TPUV4sPodPerProjectPerZone' exceeded (code 8)" in r.stderr
+    assert (PROJECT, ZONE, "q2") not in tpu_api.queued  # the failed request is cleaned up, not left to hold the name
+
+
+def test_an_operation_error_whose_details_the_client_does_not_know_is_not_a_crash(tpuctl: Tpuctl, tpu_api: FakeTpuApi):
+    """The creation fails in its operation, with a detail of a type the client has no descriptor for: the operation
+    cannot be read, so tpuctl watches for the node, and says so when it never comes."""
+    detail = {"@type": "type.googleapis.com/google.cloud.tpu.v3.CapacityHint", "zone": ZONE}
+    tpu_api.fail_creates = [OperationError(8, "There is no more capacity in the zone", (detail,))]
+    r = tpuctl("create", "new-pod", "--type", "v4-8", "--attempts", "1", "--ready-timeout", "2")
+    assert r.returncode == 2, r.stderr
+    assert "an operation this client cannot read" in r.stderr and "CapacityHint" in r.stderr
+    assert "not READY after 2 s (still requested)" in r.stderr and "internal error" not in r.stderr
+
+
+def test_how_long_a_request_has_queued_reads_at_a_glance():
+    import datetime
+
+    from tpuctl.render import since
+
+    now = datetime.datetime(2026, 12, 6, 4, 12, 30, tzinfo=datetime.timezone.utc)
+    assert since("2026-12-06T01:00:00Z", now) == "3h 12m"
+    assert since("2026-12-04T00:00:00+00:00", now) == "2d 4h"
+    assert since("2026-12-06T04:12:00.123456Z", now) == "29s" and since("", now) == "-"

@@ -66,9 +66,14 @@ def test_menu_lists_tpus_across_the_zones_and_creates_one(pod, tpu_api, tmp_path
     zone with room (zone-a has none), spot; the menu then acts on it."""
     tpu_api.add_node(PROJECT, "zone-b", "far-pod", [("10.9.0.1", None)], accelerator_type="v5litepod-8")
     tpu_api.full_zones = {ZONE: OperationError(8, "There is no more capacity in the zone")}
+    tpu_api.queue_wait_s = 3600  # a request in line, with no node: listed, not pickable
+    r = pod.tpuctl("create", "inline", "--type", "v4-8", "--queued", "--no-wait", "--zone", "zone-b")
+    assert r.returncode == 0, r.stderr
     with menu_in_tmux(pod, tmp_path, TPUCTL_ZONES=f"{ZONE},zone-b") as tmux:
         screen = wait_for_screen(tmux, "create a new TPU...")
         assert "far-pod  (READY, v5litepod-8, 1 workers) in zone-b" in screen
+        assert "inline  (queued: WAITING_FOR_RESOURCES, v4-8) in zone-b" in screen
+        assert "`tpuctl delete inline --zone zone-b` cancels it" in screen
         assert f"pod  (READY, v4-32, {len(pod.fleet.workers)} workers) in {ZONE}" in screen
         tmux("send-keys", "-t", "menu", "Up", "Enter")  # the last choice: create a new TPU
         wait_for_screen(tmux, "? Name")

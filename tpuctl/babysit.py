@@ -167,6 +167,9 @@ class Babysitter:
         unhealthy_since: float | None = None
         while True:
             node = self.look_up()
+            if node is None and self.waiting_in_queue():
+                self.sleep(self.options.poll)
+                continue
             if node is None:
                 return self.create(f"TPU {name!r} does not exist")
             if node.state in lifecycle.DEAD_STATES:
@@ -179,6 +182,32 @@ class Babysitter:
                 return node
             self.say(f"TPU {name!r} is {node.state}{f' ({node.health})' if node.health else ''}; waiting")
             self.sleep(self.options.poll)
+
+    def waiting_in_queue(self) -> bool:
+        """A queued resource of the TPU's name with no node yet (`tpuctl create --queued`): while it waits in line,
+        babysit waits with it, rather than ask for the same TPU a second time. One that failed or was suspended is
+        cleared first, if babysit may (it made the TPU, or --recreate), and the TPU created anew."""
+        try:
+            waiting = self.api.get_queued(self.state.tpu)
+        except CloudError as e:  # no answer about the queue: creating will say what is wrong, if anything
+            self.say(f"queued resources not checked ({e.message})")
+            return False
+        if waiting is None:
+            return False
+        if waiting.state not in ("FAILED", "SUSPENDED"):
+            self.say(f"queued resource {waiting.name!r} is {waiting.state}; waiting for its TPU")
+            return True
+        why = f"queued resource {waiting.name!r} is {waiting.state}{f': {waiting.failure}' if waiting.failure else ''}"
+        if not (self.state.created_tpu or self.options.recreate):
+            raise TpuctlError(
+                f"{why}; babysit did not create it, so it will not delete it",
+                f"`tpuctl delete {waiting.name}`, or pass --recreate to let babysit do it",
+            )
+        self.note("deleting", why)
+        self.api.delete_queued(waiting.name)
+        while self.api.get_queued(waiting.name) is not None:
+            self.sleep(self.settings.api_poll)
+        return False
 
     def in_zone(self, zone: str) -> None:
         """The TPU is in `zone` from now on: the API, the workers' settings and the run's record follow it."""

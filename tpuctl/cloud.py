@@ -6,6 +6,7 @@ The client library is imported lazily: it costs ~0.3 s, and `tpuctl --help` must
 from __future__ import annotations
 
 import copy
+import difflib
 import re
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -101,6 +102,49 @@ def node_from_proto(node: Any) -> Node:
         create_time=created,
         network=node.network_config.network,
         labels=tuple(sorted(node.labels.items())),
+        zone=parts[3] if len(parts) == 6 else "",
+    )
+
+
+@dataclass(frozen=True)
+class Queued:
+    """A queued resource: a request for a TPU that waits in line for capacity. Its node exists only once it
+    provisions (WAITING_FOR_RESOURCES can last hours), so it is shown, described and deleted by its own name."""
+
+    name: str
+    state: str
+    node_id: str  # the node it makes
+    accelerator_type: str
+    create_time: str = ""
+    valid_until: str = ""  # when the queue gives up: a time, or a duration after creation ("7200s")
+    spot: bool = False
+    failure: str = ""  # FAILED: the API's own reason (failedData.error)
+    zone: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def queued_from_proto(resource: Any) -> Queued:
+    spec = resource.tpu.node_spec[0] if resource.tpu.node_spec else None
+    policy = resource.queueing_policy
+    if "valid_until_time" in policy:
+        valid_until = policy.valid_until_time.isoformat()
+    elif "valid_until_duration" in policy:
+        valid_until = f"{policy.valid_until_duration.total_seconds():.0f}s after creation"
+    else:
+        valid_until = ""
+    failed = resource.state.failed_data.error if "failed_data" in resource.state else None
+    parts = resource.name.split("/")  # projects/P/locations/ZONE/queuedResources/NAME
+    return Queued(
+        name=resource.name.rsplit("/", 1)[-1],
+        state=enum_name(resource.state.state),
+        node_id=spec.node_id if spec else "",
+        accelerator_type=spec.node.accelerator_type if spec else "",
+        create_time=resource.create_time.isoformat() if resource.create_time else "",
+        valid_until=valid_until,
+        spot="spot" in resource,
+        failure=f"{failed.message} (code {failed.code})" if failed is not None and failed.message else "",
         zone=parts[3] if len(parts) == 6 else "",
     )
 
@@ -291,6 +335,35 @@ def is_capacity_error(e: Exception) -> bool:
     return isinstance(e, (*capacity, exceptions.Aborted))
 
 
+def is_unreadable(e: Exception) -> bool:
+    """An answer this client cannot parse: an operation whose metadata, response or error details hold a type newer
+    than the installed google-cloud-tpu knows (protobuf's json_format refuses an Any it has no descriptor for)."""
+    from google.protobuf import json_format
+
+    return isinstance(e, json_format.ParseError) and "message descriptor by type_url" in str(e)
+
+
+@dataclass(frozen=True)
+class _OperationName:
+    name: str
+
+
+class UnreadOperation:
+    """The API accepted the request, but its operation cannot be read here (is_unreadable): there is nothing to learn
+    from it, so the callers' polling of the node or queued resource decides."""
+
+    unread = True
+
+    def __init__(self, why: str):
+        self.operation = _OperationName(f"an operation this client cannot read, {why}; watching the TPU instead")
+
+    def done(self) -> bool:
+        return False
+
+    def exception(self) -> None:
+        return None
+
+
 def _credentials(endpoint: str) -> Any:
     if endpoint.startswith("http://"):
         # A plain-http endpoint is an emulator: never ask Google for a token (nor probe the metadata server).
@@ -334,6 +407,7 @@ class TpuApi:
             transport="rest",
             client_options=ClientOptions(api_endpoint=self.endpoint),
         )
+        self._zones: dict[str, list[str]] = {}  # the project's TPU zones, asked once (shared with in_zone's copies)
 
     def in_zone(self, zone: str) -> TpuApi:
         """The same client asking about another zone of the project (the zone is only part of each request's path)."""
@@ -350,10 +424,49 @@ class TpuApi:
         return f"projects/{self.project}/locations/{self.zone}"
 
     def list_nodes(self) -> list[Node]:
+        """The zone's TPUs. None in a zone the API does not offer (it lists such a zone as empty) is a CloudError
+        naming the zones there are: a typo must not read as "no TPUs"."""
         try:
-            return [node_from_proto(n) for n in self._client.list_nodes(parent=self.parent, **self._call)]
+            nodes = [node_from_proto(n) for n in self._client.list_nodes(parent=self.parent, **self._call)]
         except Exception as e:
             raise self._error("listing TPUs", e, "tpu.nodes.list") from None
+        if not nodes:
+            self.check_zone()
+        return nodes
+
+    def zones(self) -> list[str]:
+        """The zones Cloud TPU offers this project (locations.list), sorted."""
+        project = str(self.project)
+        if project not in self._zones:
+            request = {"name": f"projects/{project}"}
+            found: list[str] = []
+            try:
+                while True:
+                    answer = self._client.list_locations(request=request, **self._call)
+                    found += [location.location_id for location in answer.locations]
+                    if not answer.next_page_token:
+                        break
+                    request["page_token"] = answer.next_page_token
+            except Exception as e:
+                raise self._error("listing the Cloud TPU zones", e, "tpu.locations.list") from None
+            self._zones[project] = sorted(found)
+        return self._zones[project]
+
+    def check_zone(self) -> None:
+        """A CloudError when the zone is not one of the project's TPU zones (nothing when the list cannot be had:
+        the call that follows says what is wrong)."""
+        try:
+            zones = self.zones()
+        except CloudError:
+            return
+        zone = str(self.zone)
+        if zones and zone not in zones:
+            close = difflib.get_close_matches(zone, zones, n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            raise CloudError(
+                f"zone {zone!r} is not a Cloud TPU zone of project {self.project}",
+                f"{hint}set --zone to one of: {', '.join(zones)}",
+            )
 
     def get_node(self, name: str) -> Node:
         """The node; its absence is a one-line error naming the TPUs that do exist."""
@@ -381,6 +494,8 @@ class TpuApi:
                 )
             return self._client.create_node(parent=self.parent, node_id=request.name, node=node_proto(request), **call)
         except Exception as e:
+            if is_unreadable(e):
+                return UnreadOperation(api_message(str(e)))
             needed = "tpu.queuedResources.create" if request.queued else "tpu.nodes.create"
             raise self._error(f"creating TPU {request.name!r}", e, needed) from None
 
@@ -391,6 +506,8 @@ class TpuApi:
                 return self.delete_queued(node.queued_resource)
             return self._client.delete_node(name=f"{self.parent}/nodes/{node.name}", **self._call)
         except Exception as e:
+            if is_unreadable(e):
+                return UnreadOperation(api_message(str(e)))
             raise self._error(f"deleting TPU {node.name!r}", e, "tpu.nodes.delete") from None
 
     def delete_queued(self, name: str) -> Any:
@@ -399,19 +516,35 @@ class TpuApi:
                 request={"name": f"{self.parent}/queuedResources/{name}", "force": True}, **self._call
             )
         except Exception as e:
+            if is_unreadable(e):
+                return UnreadOperation(api_message(str(e)))
             raise self._error(f"deleting queued resource {name!r}", e, "tpu.queuedResources.delete") from None
 
     def queued_state(self, name: str) -> str:
-        """The queued resource's state (ACCEPTED, PROVISIONING, ACTIVE, FAILED, SUSPENDED, ...); "" if none."""
+        """The queued resource's state (ACCEPTED, WAITING_FOR_RESOURCES, PROVISIONING, ACTIVE, FAILED, SUSPENDED,
+        ...); "" if there is none."""
+        queued = self.get_queued(name)
+        return queued.state if queued else ""
+
+    def get_queued(self, name: str) -> Queued | None:
+        """The queued resource, or None when there is none of that name."""
         from google.api_core import exceptions
 
         try:
             resource = self._client.get_queued_resource(name=f"{self.parent}/queuedResources/{name}", **self._call)
         except exceptions.NotFound:
-            return ""
+            return None
         except Exception as e:
             raise self._error(f"looking up queued resource {name!r}", e, "tpu.queuedResources.get") from None
-        return enum_name(resource.state.state)
+        return queued_from_proto(resource)
+
+    def list_queued(self) -> list[Queued]:
+        """The zone's queued resources, whatever their state."""
+        try:
+            found = self._client.list_queued_resources(parent=self.parent, **self._call)
+            return [queued_from_proto(q) for q in found]
+        except Exception as e:
+            raise self._error("listing queued resources", e, "tpu.queuedResources.list") from None
 
     def find_node(self, name: str) -> Node | None:
         """The node, or None when there is none of that name."""
@@ -425,8 +558,14 @@ class TpuApi:
             raise self._error(f"looking up TPU {name!r}", e, "tpu.nodes.get") from None
 
     def operation_error(self, operation: Any, doing: str) -> CloudError | None:
-        """A finished operation's failure as a CloudError (None when it succeeded)."""
-        error = operation.exception() if operation.done() else None
+        """A finished operation's failure as a CloudError (None when it succeeded, is still running, or cannot be read
+        here: then the node's own state tells)."""
+        try:
+            error = operation.exception() if operation.done() else None
+        except Exception as e:
+            if is_unreadable(e):
+                return None
+            raise self._error(f"{doing} (its operation)", e) from None
         if error is None:
             return None
         converted = self._error(doing, error)

@@ -52,6 +52,7 @@ def create(
     poll: float = 5.0,
     say: Say = lambda _: None,
     sleep: Callable[[float], None] = time.sleep,
+    cancel_on_timeout: bool = False,
 ) -> Node | None:
     """Create the node (queued, if the request says so); with `wait`, return it once READY (its `zone` says where).
 
@@ -68,10 +69,20 @@ def create(
             try:
                 operation = here.create(request)
                 where = f" in {zone}" if len(zones) > 1 else ""
-                if not wait:
+                if not wait or getattr(operation, "unread", False):
                     say(f"{request.name}: creation accepted{where} ({operation.operation.name})")
+                if not wait:
                     return None
-                node = wait_ready(here, request, operation, timeout=timeout, poll=poll, say=say, sleep=sleep)
+                node = wait_ready(
+                    here,
+                    request,
+                    operation,
+                    timeout=timeout,
+                    poll=poll,
+                    say=say,
+                    sleep=sleep,
+                    cancel_on_timeout=cancel_on_timeout,
+                )
                 if where:
                     say(f"{request.name}: got zone {zone}")
                 return node
@@ -105,8 +116,10 @@ def wait_ready(
     poll: float,
     say: Say,
     sleep: Callable[[float], None] = time.sleep,
+    cancel_on_timeout: bool = False,
 ) -> Node:
-    """Poll until the node is READY with its workers; the operation's or the queue's failure raises CloudError."""
+    """Poll until the node is READY with its workers; the operation's or the queue's failure raises CloudError. A
+    queued resource still waiting at the timeout stays in the queue (said), or is deleted with `cancel_on_timeout`."""
     deadline = time.monotonic() + timeout
     doing = f"creating TPU {request.name!r}"
     last = ""
@@ -115,10 +128,12 @@ def wait_ready(
         if error is not None:
             _clean_up_failed(api, request, poll, sleep)
             raise error
-        queue = api.queued_state(request.name) if request.queued else ""
-        if queue in ("FAILED", "SUSPENDED"):
+        queued = api.get_queued(request.name) if request.queued else None
+        queue = queued.state if queued else ""
+        if queued is not None and queue in ("FAILED", "SUSPENDED"):
             _clean_up_failed(api, request, poll, sleep)
-            failed = CloudError(f"{doing}: its queued resource is {queue}", "see `tpuctl describe` for the reason")
+            why = f": {queued.failure}" if queued.failure else ""
+            failed = CloudError(f"{doing}: its queued resource is {queue}{why}")
             failed.retryable = True  # the queue gave up on capacity: another attempt queues again
             raise failed
         node = api.find_node(request.name)
@@ -132,6 +147,16 @@ def wait_ready(
             say(f"{request.name}: {state}")
             last = state
         if time.monotonic() > deadline:
+            if node is None and queue:  # still in line: the request outlives tpuctl's wait, and may yet be billed
+                if cancel_on_timeout:
+                    api.delete_queued(request.name)
+                    raise CloudError(f"{doing}: not READY after {timeout:.0f} s (still {state}); request cancelled")
+                raise CloudError(
+                    f"{doing}: not READY after {timeout:.0f} s; its queued resource is still {queue} and may yet"
+                    " provision (and bill)",
+                    f"`tpuctl describe {request.name}` follows it; `tpuctl delete {request.name}` cancels it"
+                    " (or create with --cancel-on-timeout)",
+                )
             raise CloudError(f"{doing}: not READY after {timeout:.0f} s (still {state})", "see `tpuctl describe`")
         sleep(poll)
 

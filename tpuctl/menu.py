@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tpuctl import config
-from tpuctl.errors import ConfigError, TpuctlError
+from tpuctl.errors import CloudError, ConfigError, TpuctlError
 
 if TYPE_CHECKING:
+    from tpuctl.cloud import Node, Queued, TpuApi
     from tpuctl.config import Settings
 
 EXIT = "exit"
@@ -79,13 +80,32 @@ def pick_tpu(settings: Settings, zones: list[str], env: dict[str, str]) -> tuple
         for n in nodes
     ]
     default = next((c for c in choices if c.value and c.value[0] == settings.tpu), None)
-    picked = ask(questionary.select("TPU", choices=[*choices, NEW_TPU], default=default))
+    waiting = [  # requests in line have no node to act on: shown, not picked
+        questionary.Choice(
+            f"{q.name}  (queued: {q.state}, {q.accelerator_type}) in {q.zone}",
+            disabled=f"no node yet; `tpuctl delete {q.name} --zone {q.zone}` cancels it",
+        )
+        for q in _waiting_requests(api, zones, nodes)
+    ]
+    picked = ask(questionary.select("TPU", choices=[*choices, *waiting, NEW_TPU], default=default))
     if picked != NEW_TPU:
         return tuple(picked)
     made = create_tpu(settings, zones, env)
     if made is None:
         raise TpuctlError("no TPU was created", "see tpuctl create's message above")
     return made
+
+
+def _waiting_requests(api: TpuApi, zones: list[str], nodes: list[Node]) -> list[Queued]:
+    """The zones' queued resources that have no node yet (none where the API will not list them)."""
+    found = []
+    for zone in zones:
+        made = {n.name for n in nodes if n.zone == zone}
+        try:
+            found += [q for q in api.in_zone(zone).list_queued() if q.node_id not in made]
+        except CloudError:
+            continue
+    return found
 
 
 CAPACITY = {

@@ -6,6 +6,7 @@ No command logic here; the commands decide what to show, these decide how it loo
 from __future__ import annotations
 
 import collections
+import datetime
 import json
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
     from rich.table import Table
     from rich.text import Text
 
-    from tpuctl.cloud import Node
+    from tpuctl.cloud import Node, Queued
     from tpuctl.codetree import TreeCheck
     from tpuctl.config import Settings
     from tpuctl.fleet import WorkerResult
@@ -126,6 +127,49 @@ def nodes_table(nodes: Sequence[Node], internal: bool) -> Table:
         state.stylize("green" if n.state == "READY" else "yellow")
         rows.append((n.name, state, n.health or "-", n.accelerator_type, len(n.workers), shown))
     return table(None, ["name", "state", "health", "type", "workers", "ips"], rows)
+
+
+def since(iso: str, now: datetime.datetime | None = None) -> str:
+    """How long ago an RFC 3339 time was: "3h 12m", "2d 4h", "40s" ("-" if there is none)."""
+    if not iso:
+        return "-"
+    then = datetime.datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    seconds = max(0, int(((now or datetime.datetime.now(datetime.timezone.utc)) - then).total_seconds()))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    return f"{hours}h {minutes}m" if hours else (f"{minutes}m" if minutes else f"{secs}s")
+
+
+def queued_table(requests: Sequence[Queued]) -> Table:
+    """Queued resources with no node yet (`tpuctl list`, below the TPUs)."""
+    rows = []
+    for q in requests:
+        state = plain(q.state)
+        state.stylize("red" if q.state in ("FAILED", "SUSPENDED") else "yellow")
+        capacity = "spot" if q.spot else "on-demand"
+        rows.append((q.name, state, q.accelerator_type, capacity, since(q.create_time), q.valid_until or "-"))
+    return table(
+        "queued resources with no node yet", ["name", "state", "type", "capacity", "queued for", "valid until"], rows
+    )
+
+
+def queued_describe_table(q: Queued) -> Table:
+    """One queued resource with no node, a field per line (`tpuctl describe`)."""
+    rows = [
+        ("name", q.name),
+        ("kind", "queued resource (no node yet)"),
+        ("state", q.state),
+        ("failure", q.failure or "-"),
+        ("node it makes", q.node_id or "-"),
+        ("accelerator", q.accelerator_type or "-"),
+        ("capacity", "spot" if q.spot else "on-demand"),
+        ("queued since", q.create_time or "-"),
+        ("valid until", q.valid_until or "-"),
+    ]
+    return table(None, ["field", "value"], rows)
 
 
 def describe_table(node: Node, queued_state: str) -> Table:

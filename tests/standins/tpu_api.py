@@ -41,6 +41,36 @@ NodeKey = tuple[str, str, str]  # (project, zone, name)
 # Accelerator types the fake accepts: the v2 API's families with their chip/core counts (powers of two from 8).
 ACCELERATOR_TYPE = re.compile(r"^(v2|v3|v4|v5p|v5litepod|v6e)-(\d+)$")
 TYPE_URL = "type.googleapis.com/google.cloud.tpu.v2."
+# google.rpc.Code of an HTTP status, for a google.rpc.Status (an operation's or a failed queue's error)
+GRPC_CODES = {
+    HTTPStatus.BAD_REQUEST: 3,
+    HTTPStatus.FORBIDDEN: 7,
+    HTTPStatus.NOT_FOUND: 5,
+    HTTPStatus.CONFLICT: 6,
+    HTTPStatus.TOO_MANY_REQUESTS: 8,
+    HTTPStatus.SERVICE_UNAVAILABLE: 14,
+}
+TEST_ZONES = ("zone-a", "zone-b", "zone-c", "zone-full")
+# Zones with Cloud TPUs (Google's TPU regions and zones page), as locations.list names them
+TPU_ZONES = (
+    "asia-east1-c",
+    "asia-northeast1-b",
+    "asia-southeast1-b",
+    "europe-west4-a",
+    "europe-west4-b",
+    "us-central1-a",
+    "us-central1-b",
+    "us-central1-c",
+    "us-central1-f",
+    "us-central2-b",
+    "us-east1-c",
+    "us-east1-d",
+    "us-east5-a",
+    "us-east5-b",
+    "us-south1-a",
+    "us-west1-c",
+    "us-west4-a",
+)
 WorkersFor = Callable[[str, str, str, dict[str, Any]], list[tuple[str, str | None]]]
 
 
@@ -153,6 +183,7 @@ class OperationError(NamedTuple):
 
     code: int  # 8 RESOURCE_EXHAUSTED (no capacity), 9 FAILED_PRECONDITION, ...
     message: str
+    details: tuple[dict[str, Any], ...] = ()  # the Status's details (each an Any with its @type)
 
 
 class FakeTpuApi:
@@ -166,9 +197,15 @@ class FakeTpuApi:
         self.disabled_projects: set[str] = set()  # the Cloud TPU API is not enabled there
         self.rate_limited_reads = 0  # the next reads answered 429 (the project's read rate limit)
         self.beyond_reference = False  # a test answers enum values newer than the reference on purpose
+        # what an operation's metadata holds; a test names a type no client knows (a newer API's)
+        self.operation_metadata_type = TYPE_URL + "OperationMetadata"
         self.delay_s = 0.0  # seconds every answer waits, to stand in for a slow API across the internet
         self.page_size = DEFAULT_PAGE_SIZE  # a list's page when the client asks for none (the API's own is unstated)
+        # locations.list: the zones the project may use (the tests' own, and Google's TPU zones); a zone not here still
+        # lists as empty, and a node there is 404, as the stand-in assumes the real API does (README)
+        self.zones = sorted({*TEST_ZONES, *TPU_ZONES})
         self.create_delay_s = 0.2  # CREATING -> READY
+        self.queue_wait_s = 0.0  # a queued resource's WAITING_FOR_RESOURCES, with no node, before it provisions
         self.delete_delay_s = 0.1  # DELETING -> gone
         self.fail_creates: list[ApiError | OperationError] = []  # the next creations' failures, in order
         self.full_zones: dict[str, ApiError | OperationError] = {}  # zone -> how every creation there fails
@@ -308,6 +345,8 @@ class FakeTpuApi:
                 return self._get_operation(path.removeprefix("/v2/"))
             case "POST", [project, "locations", zone, "queuedResources"]:
                 return self._create_queued(project, zone, _one(query, "queuedResourceId"), body)
+            case "GET", [project, "locations", zone, "queuedResources"]:
+                return self._list_queued(project, zone, query)
             case "GET", [project, "locations", zone, "queuedResources", name]:
                 return self._get_queued(project, zone, name)
             case "DELETE", [project, "locations", zone, "queuedResources", name]:
@@ -318,7 +357,7 @@ class FakeTpuApi:
 
     def _list_locations(self, project: str) -> dict[str, Any]:
         with self._lock:
-            zones = sorted({zone for p, zone, _ in self.nodes if p == project})
+            zones = sorted({*self.zones, *(zone for p, zone, _ in self.nodes if p == project)})
         return {"locations": [_location_json(project, z) for z in zones]}
 
     def _get_node(self, project: str, zone: str, name: str) -> dict[str, Any]:
@@ -330,14 +369,7 @@ class FakeTpuApi:
             return _snapshot(node)
 
     def _list_nodes(self, project: str, zone: str, query: dict[str, list[str]]) -> dict[str, Any]:
-        # The page token is simply the offset of the next page's first node (in insertion order).
-        try:
-            size = int(query.get("pageSize", ["0"])[0]) or self.page_size
-            start = int(query.get("pageToken", ["0"])[0] or 0)
-        except ValueError as e:
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"invalid pageSize or pageToken: {e}") from None
-        if size < 0 or start < 0:
-            raise ApiError(HTTPStatus.BAD_REQUEST, "pageSize and pageToken must not be negative")
+        size, start = _page(query, self.page_size)
         with self._lock:
             matching = [_snapshot(n) for (p, z, _), n in self.nodes.items() if (p, z) == (project, zone)]
         body: dict[str, Any] = {"nodes": matching[start : start + size]}
@@ -352,7 +384,7 @@ class FakeTpuApi:
         op = {
             "name": name,
             "metadata": {
-                "@type": TYPE_URL + "OperationMetadata",
+                "@type": self.operation_metadata_type,
                 "createTime": _now_rfc3339(),
                 "target": target,
                 "verb": verb,
@@ -392,7 +424,8 @@ class FakeTpuApi:
             target = f"projects/{project}/locations/{zone}/nodes/{name}"
             op = self._operation(project, zone, "create", target)
             if isinstance(failure, OperationError):
-                op.update(done=True, error={"code": failure.code, "message": failure.message})
+                error = {"code": failure.code, "message": failure.message}
+                op.update(done=True, error={**error, "details": list(failure.details)} if failure.details else error)
                 return _snapshot(op)
         node = self.add_node(
             project,
@@ -444,6 +477,9 @@ class FakeTpuApi:
     # -- queued resources ----------------------------------------------------------------------------------
 
     def _create_queued(self, project: str, zone: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        """ACCEPTED, then WAITING_FOR_RESOURCES with no node for `queue_wait_s` (hours, for a real queue), then
+        PROVISIONING with the node (which names its queuedResource), ACTIVE once it is READY; FAILED, with the API's
+        reason in failedData, when the node cannot be made (fail_creates, a full zone)."""
         specs = body.get("tpu", {}).get("nodeSpec", [])
         if len(specs) != 1:
             raise ApiError(HTTPStatus.BAD_REQUEST, "exactly one tpu.nodeSpec is supported")
@@ -460,19 +496,51 @@ class FakeTpuApi:
             self.queued[(project, zone, name)] = resource
             op = self._operation(project, zone, "create", resource["name"])
             op.update(done=True, response={"@type": TYPE_URL + "QueuedResource", **_snapshot(resource)})
-        node_op = self._create_node(project, zone, spec["nodeId"], spec.get("node", {}))
-        with self._lock:
-            resource["state"] = {"state": "PROVISIONING"}
-            if node_op.get("error"):
-                resource["state"] = {"state": "FAILED"}
 
-        def active() -> None:
+        def provision(later: bool) -> None:
             with self._lock:
-                if resource["state"]["state"] == "PROVISIONING":
-                    resource["state"] = {"state": "ACTIVE"}
+                if self.queued.get((project, zone, name)) is not resource:  # deleted while it waited
+                    return
+            try:
+                node_op = self._create_node(project, zone, spec["nodeId"], spec.get("node", {}))
+            except ApiError as e:
+                if not later:  # the request itself is refused, at once
+                    with self._lock:
+                        self.queued.pop((project, zone, name), None)
+                    raise
+                node_op = {"error": {"code": GRPC_CODES.get(e.status, 13), "message": e.message}}  # 13: INTERNAL
+            with self._lock:
+                if node_op.get("error"):
+                    resource["state"] = {"state": "FAILED", "failedData": {"error": node_op["error"]}}
+                    return
+                resource["state"] = {"state": "PROVISIONING"}
+                node = self.nodes.get((project, zone, spec["nodeId"]))
+                if node is not None:
+                    node["queuedResource"] = resource["name"]
 
-        self._later(self.create_delay_s + 0.05, active)
+            def active() -> None:
+                with self._lock:
+                    if resource["state"]["state"] == "PROVISIONING":
+                        resource["state"] = {"state": "ACTIVE"}
+
+            self._later(self.create_delay_s + 0.05, active)
+
+        if self.queue_wait_s > 0:
+            with self._lock:
+                resource["state"] = {"state": "WAITING_FOR_RESOURCES"}
+            self._later(self.queue_wait_s, lambda: provision(later=True))
+        else:
+            provision(later=False)
         return _snapshot(op)
+
+    def _list_queued(self, project: str, zone: str, query: dict[str, list[str]]) -> dict[str, Any]:
+        size, start = _page(query, self.page_size)
+        with self._lock:
+            matching = [_snapshot(q) for (p, z, _), q in self.queued.items() if (p, z) == (project, zone)]
+        body: dict[str, Any] = {"queuedResources": matching[start : start + size]}
+        if start + size < len(matching):
+            body["nextPageToken"] = str(start + size)
+        return body
 
     def _get_queued(self, project: str, zone: str, name: str) -> dict[str, Any]:
         with self._lock:
@@ -495,6 +563,18 @@ class FakeTpuApi:
         if force and (project, zone, node_id) in self.nodes:
             self._delete_node(project, zone, node_id)
         return _snapshot(op)
+
+
+def _page(query: dict[str, list[str]], default_size: int) -> tuple[int, int]:
+    """A list's page: its size and the offset of its first item (the page token is simply that offset)."""
+    try:
+        size = int(query.get("pageSize", ["0"])[0]) or default_size
+        start = int(query.get("pageToken", ["0"])[0] or 0)
+    except ValueError as e:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"invalid pageSize or pageToken: {e}") from None
+    if size < 0 or start < 0:
+        raise ApiError(HTTPStatus.BAD_REQUEST, "pageSize and pageToken must not be negative")
+    return size, start
 
 
 def _one(query: dict[str, list[str]], key: str) -> str:

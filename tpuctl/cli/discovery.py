@@ -41,15 +41,27 @@ def list_nodes(as_json: bool, **flags: Any) -> None:
     Example: tpuctl list --project my-proj --zone us-central2-b --json
     """
     from tpuctl.cloud import TpuApi
+    from tpuctl.errors import CloudError
 
     settings = settings_from(flags)
-    nodes = TpuApi(settings).list_nodes()
+    api = TpuApi(settings)
+    nodes = api.list_nodes()
+    try:  # requests still in line have no node: shown too, or a user cannot see (or cancel) their own
+        made = {n.name for n in nodes}
+        waiting = [q for q in api.list_queued() if q.node_id not in made]
+    except CloudError as e:  # the list of nodes stands on its own
+        waiting = []
+        err().print(render.plain(f"queued resources not listed: {e.message}"))
     if as_json:
-        render.print_json([n.to_json() for n in nodes])
-    elif not nodes:
+        entries = [{**n.to_json(), "kind": "node"} for n in nodes]
+        render.print_json(entries + [{**q.to_json(), "kind": "queued_resource"} for q in waiting])
+        return
+    if not nodes:
         err().print(f"No TPUs in project {settings.project}, zone {settings.zone}.")
     else:
         out().print(render.nodes_table(nodes, settings.internal_ip))
+    if waiting:
+        out().print(render.queued_table(waiting))
 
 
 @click.command()

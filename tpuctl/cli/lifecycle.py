@@ -68,6 +68,11 @@ class Progress:
 @click.option("--reservation", "reserved", is_flag=True, help="Use the project's reserved capacity.")
 @click.option("--queued", is_flag=True, help="Through a queued resource: wait in line for capacity.")
 @click.option("--valid-until", metavar="DURATION", help="With --queued: give up waiting after this (6h, 2d).")
+@click.option(
+    "--cancel-on-timeout",
+    is_flag=True,
+    help="With --queued: delete the request if it is still waiting at --ready-timeout (it stays queued otherwise).",
+)
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until the TPU is READY.")
 @click.option(
     "--attempts",
@@ -94,6 +99,7 @@ def create(
     reserved: bool,
     queued: bool,
     valid_until: str | None,
+    cancel_on_timeout: bool,
     wait: bool,
     attempts: int,
     backoff: float,
@@ -122,6 +128,8 @@ def create(
     zones = cloud.creation_zones(settings)
     if valid_until and not queued:
         raise TpuctlError("--valid-until is for queued resources", "add --queued, or drop --valid-until")
+    if cancel_on_timeout and not queued:
+        raise TpuctlError("--cancel-on-timeout is for queued resources", "add --queued, or drop it")
     if spot and reserved:
         raise TpuctlError("--spot and --reservation exclude each other", "pick one")
     if attempts < 1 or backoff < 0:
@@ -150,6 +158,7 @@ def create(
             timeout=ready_timeout,
             poll=settings.api_poll,
             say=say,
+            cancel_on_timeout=cancel_on_timeout,
         )
     if node is None:  # --no-wait: there is no node to show yet
         return
@@ -175,7 +184,12 @@ def delete(name: str | None, yes: bool, wait: bool, dry_run: bool, **flags: Any)
     settings = settings_from(flags)
     name = name or _tpu_name(settings)
     api = cloud.TpuApi(settings)
-    node = api.get_node(name)  # one line naming the TPUs there when there is no such TPU
+    node = api.find_node(name)
+    waiting = api.get_queued(name) if node is None else None
+    if node is None and waiting is not None:  # a request still in line, or one that failed: no node to delete
+        _delete_queued(api, waiting, yes, wait, dry_run, settings.api_poll)
+        return
+    node = node or api.get_node(name)  # one line naming the TPUs there when there is no such TPU
     what = f"TPU {name!r} ({node.accelerator_type}, {node.state})"
     if node.queued_resource:
         what += f" and its queued resource {node.queued_resource!r}"
@@ -203,7 +217,34 @@ def describe(name: str | None, as_json: bool, **flags: Any) -> None:
     settings = settings_from(flags)
     name = name or _tpu_name(settings)
     api = cloud.TpuApi(settings)
-    _show_node(api, api.get_node(name), as_json)
+    node = api.find_node(name)
+    waiting = api.get_queued(name) if node is None else None
+    if node is None and waiting is not None:  # a request with no node yet (or a failed one): the request itself
+        if as_json:
+            render.print_json({**waiting.to_json(), "kind": "queued_resource"})
+        else:
+            out().print(render.queued_describe_table(waiting))
+            err().print(render.plain(f"it has no node yet; `tpuctl delete {name}` cancels the request"))
+        return
+    _show_node(api, node or api.get_node(name), as_json)
+
+
+def _delete_queued(api: Any, waiting: Any, yes: bool, wait: bool, dry_run: bool, poll: float) -> None:
+    """Cancel a queued resource that has no node (waiting, failed or suspended)."""
+    import time
+
+    what = f"queued resource {waiting.name!r} ({waiting.accelerator_type}, {waiting.state}, no node)"
+    if dry_run:
+        out().print(render.plain(f"would delete {what}"))
+        return
+    if not yes:
+        confirm_by_name(waiting.name, "delete")
+    with Progress() as say:
+        api.delete_queued(waiting.name)
+        say(f"{waiting.name}: deleting {what}")
+        while wait and api.get_queued(waiting.name) is not None:
+            time.sleep(poll)
+        say(f"{waiting.name}: deleted" if wait else f"{waiting.name}: deletion accepted")
 
 
 def _tpu_name(settings: Settings) -> str:
