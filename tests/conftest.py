@@ -98,10 +98,42 @@ SLOW_MODULES = {
 }
 
 
+# The modules whose tests take longest, costliest first (measured: benchmarks/RESULTS.md, issue 32). They are
+# collected first, so the two xdist workers start on them and the run's tail is short tests, not one worker alone
+# on a two-minute drill while the other idles.
+LONGEST_FIRST = [
+    "test_runs",
+    "test_train",
+    "test_convert",
+    "test_scale",
+    "test_real_data",
+    "test_bucket",
+    "test_babysit",
+    "test_data_formats",
+    "test_step",
+    "test_bench",
+    "test_models",
+]
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """The quick tier (`-m "not slow"`) does not even import the slow modules: several import torch, open_clip or
+    TensorFlow, seconds of each xdist worker's start."""
+    if config.getoption("markexpr", "") == "not slow" and collection_path.stem in SLOW_MODULES:
+        return True
+    return None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if item.module is not None and item.module.__name__ in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
+
+    def rank(item: pytest.Item) -> int:
+        name = item.module.__name__ if item.module is not None else ""
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each module keeps its own order
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

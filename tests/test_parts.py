@@ -284,6 +284,7 @@ def clip_flops(r: recipe.Recipe, batch: int) -> tuple[float, int]:
     return measured, flops.forward_per_sample(r, stage) * batch
 
 
+@pytest.mark.slow  # eight compiles of a Ti CLIP for XLA's cost analysis: the quick tier leaves them to CI
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -306,6 +307,7 @@ def test_analytic_forward_flops_match_xla(overrides):
     assert 0.99 < measured / analytic < 1.06, (measured, analytic)
 
 
+@pytest.mark.slow
 def test_analytic_map_head_flops_match_xla():
     """The MAP head's own FLOPs (map minus mean pooling): small next to the blocks, so compared on their own."""
     map_xla, map_analytic = clip_flops(tiny(*UNROLLED, "model.pooling='map'"), batch=4)
