@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 from standins import wait_until
@@ -151,8 +152,11 @@ def test_exec_on_sixteen_workers(make_pod):
 def test_a_worker_that_dies_mid_command_is_named(pod):
     import subprocess
 
+    # w1's command outlasts any slow moment of this VM (the crash must land while it runs); w0's ends in a second
+    w1 = shlex.quote(pod.fleet.workers[1].hostname)
+    command = f'echo started; if [ "$(hostname)" = {w1} ]; then sleep 120; else sleep 1; fi; echo finished'
     proc = subprocess.Popen(
-        [pod.tpuctl_path, "exec", "--", "echo started; sleep 4; echo finished"],
+        [pod.tpuctl_path, "exec", "--", command],
         env=pod.env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

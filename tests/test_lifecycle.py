@@ -343,3 +343,15 @@ def test_how_long_a_request_has_queued_reads_at_a_glance():
     assert since("2026-12-06T01:00:00Z", now) == "3h 12m"
     assert since("2026-12-04T00:00:00+00:00", now) == "2d 4h"
     assert since("2026-12-06T04:12:00.123456Z", now) == "29s" and since("", now) == "-"
+
+
+def test_a_suspended_request_is_listed_described_and_deleted_by_its_name(tpuctl: Tpuctl, tpu_api: FakeTpuApi):
+    tpu_api.queue_wait_s = 3600
+    assert tpuctl("create", "q", "--type", "v4-8", "--queued", "--no-wait").returncode == 0
+    tpu_api.queued[(PROJECT, ZONE, "q")]["state"] = {"state": "SUSPENDED", "stateInitiator": "SERVICE"}
+    (row,) = [line for line in tpuctl("list").stdout.splitlines() if line.startswith("q ")]
+    assert "SUSPENDED" in row
+    r = tpuctl("describe", "q", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["state"] == "SUSPENDED", r.stderr
+    r = tpuctl("delete", "q", "--yes")
+    assert r.returncode == 0 and (PROJECT, ZONE, "q") not in tpu_api.queued, r.stderr
