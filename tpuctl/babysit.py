@@ -204,9 +204,7 @@ class Babysitter:
                 f"`tpuctl delete {waiting.name}`, or pass --recreate to let babysit do it",
             )
         self.note("deleting", why)
-        self.api.delete_queued(waiting.name)
-        while self.api.get_queued(waiting.name) is not None:
-            self.sleep(self.settings.api_poll)
+        lifecycle.delete_queued(self.api, waiting.name, poll=self.settings.api_poll, say=self.say, sleep=self.sleep)
         return False
 
     def in_zone(self, zone: str) -> None:

@@ -187,6 +187,29 @@ def delete(
     say(f"{node.name}: deleted")
 
 
+def delete_queued(
+    api: TpuApi,
+    name: str,
+    *,
+    wait: bool = True,
+    timeout: float = 600.0,
+    poll: float = 5.0,
+    say: Say = lambda _: None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Cancel the queued resource `name` (with its node, if it made one); with `wait`, return once it is gone."""
+    api.delete_queued(name)
+    say(f"{name}: deleting its queued resource")
+    if not wait:
+        return
+    deadline = time.monotonic() + timeout
+    while api.get_queued(name) is not None:
+        if time.monotonic() > deadline:
+            raise CloudError(f"deleting queued resource {name!r}: still there after {timeout:.0f} s")
+        sleep(poll)
+    say(f"{name}: deleted")
+
+
 def _clean_up_failed(api: TpuApi, request: NodeRequest, poll: float, sleep: Callable[[float], None]) -> None:
     """A failed creation must not leave a half-made node or a dead queued resource holding the name (and quota):
     delete what is left and wait until it is gone, so that the next attempt can use the name."""

@@ -231,7 +231,7 @@ def describe(name: str | None, as_json: bool, **flags: Any) -> None:
 
 def _delete_queued(api: Any, waiting: Any, yes: bool, wait: bool, dry_run: bool, poll: float) -> None:
     """Cancel a queued resource that has no node (waiting, failed or suspended)."""
-    import time
+    from tpuctl import lifecycle
 
     what = f"queued resource {waiting.name!r} ({waiting.accelerator_type}, {waiting.state}, no node)"
     if dry_run:
@@ -240,11 +240,7 @@ def _delete_queued(api: Any, waiting: Any, yes: bool, wait: bool, dry_run: bool,
     if not yes:
         confirm_by_name(waiting.name, "delete")
     with Progress() as say:
-        api.delete_queued(waiting.name)
-        say(f"{waiting.name}: deleting {what}")
-        while wait and api.get_queued(waiting.name) is not None:
-            time.sleep(poll)
-        say(f"{waiting.name}: deleted" if wait else f"{waiting.name}: deletion accepted")
+        lifecycle.delete_queued(api, waiting.name, wait=wait, poll=poll, say=say)
 
 
 def _tpu_name(settings: Settings) -> str:
