@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import socket
 import time
+from http import HTTPStatus
+
+import pytest
 
 
 def test_list_shows_every_node_of_the_zone(pod):
@@ -55,8 +58,11 @@ def test_an_empty_zone_says_so(pod):
     assert r.stdout == "" and "No TPUs in project proj, zone us-east5-a." in r.stderr
 
 
-def test_a_zone_that_does_not_exist_names_the_zones_there_are(pod):
-    """The API lists a zone it does not offer as empty: tpuctl asks locations.list rather than say "No TPUs"."""
+@pytest.mark.parametrize("answer", [None, HTTPStatus.NOT_FOUND, HTTPStatus.BAD_REQUEST])
+def test_a_zone_that_does_not_exist_names_the_zones_there_are(pod, answer):
+    """Whether the API lists a zone it does not offer as empty (the stand-in's default) or refuses it, tpuctl asks
+    locations.list rather than say "No TPUs" or "not found"."""
+    pod.api.unknown_zone_error = answer
     r = pod.tpuctl("list", "--zone", "us-centrl2-b")
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "zone 'us-centrl2-b' is not a Cloud TPU zone of project proj (did you mean us-central2-b" in r.stderr

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import difflib
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -352,8 +353,6 @@ class UnreadOperation:
     """The API accepted the request, but its operation cannot be read here (is_unreadable): there is nothing to learn
     from it, so the callers' polling of the node or queued resource decides."""
 
-    unread = True
-
     def __init__(self, why: str):
         self.operation = _OperationName(f"an operation this client cannot read, {why}; watching the TPU instead")
 
@@ -424,11 +423,15 @@ class TpuApi:
         return f"projects/{self.project}/locations/{self.zone}"
 
     def list_nodes(self) -> list[Node]:
-        """The zone's TPUs. None in a zone the API does not offer (it lists such a zone as empty) is a CloudError
-        naming the zones there are: a typo must not read as "no TPUs"."""
+        """The zone's TPUs. A zone the API does not offer (listed as empty, or refused) is a CloudError naming the
+        zones there are: a typo must not read as "no TPUs"."""
+        from google.api_core import exceptions
+
         try:
             nodes = [node_from_proto(n) for n in self._client.list_nodes(parent=self.parent, **self._call)]
         except Exception as e:
+            if isinstance(e, exceptions.NotFound | exceptions.BadRequest):  # or refuses the zone: the same answer
+                self.check_zone()
             raise self._error("listing TPUs", e, "tpu.nodes.list") from None
         if not nodes:
             self.check_zone()
@@ -480,45 +483,58 @@ class TpuApi:
 
     # -- lifecycle: long-running operations ------------------------------------------------------------------
 
+    def _start(self, call: Callable[[], Any], doing: str, permission: str) -> Any:
+        """A call that starts a long-running operation: the operation, an UnreadOperation where its answer cannot be
+        parsed here (the request went through), or the one-line CloudError."""
+        try:
+            return call()
+        except Exception as e:
+            if is_unreadable(e):
+                return UnreadOperation(api_message(str(e)))
+            raise self._error(doing, e, permission) from None
+
     def create(self, request: NodeRequest) -> Any:
         """Ask for the node (or its queued resource); returns the long-running operation. Raises CloudError, whose
         `retryable` says whether capacity or quota was the reason."""
-        try:
-            call: dict[str, Any] = {"retry": self._create_retry, "timeout": self._timeout}
-            if request.queued:
-                return self._client.create_queued_resource(
+        call: dict[str, Any] = {"retry": self._create_retry, "timeout": self._timeout}
+        doing = f"creating TPU {request.name!r}"
+        if request.queued:
+            return self._start(
+                lambda: self._client.create_queued_resource(
                     parent=self.parent,
                     queued_resource_id=request.name,
                     queued_resource=queued_proto(request, self.parent),
                     **call,
-                )
-            return self._client.create_node(parent=self.parent, node_id=request.name, node=node_proto(request), **call)
-        except Exception as e:
-            if is_unreadable(e):
-                return UnreadOperation(api_message(str(e)))
-            needed = "tpu.queuedResources.create" if request.queued else "tpu.nodes.create"
-            raise self._error(f"creating TPU {request.name!r}", e, needed) from None
+                ),
+                doing,
+                "tpu.queuedResources.create",
+            )
+        return self._start(
+            lambda: self._client.create_node(
+                parent=self.parent, node_id=request.name, node=node_proto(request), **call
+            ),
+            doing,
+            "tpu.nodes.create",
+        )
 
     def delete(self, node: Node) -> Any:
         """Delete the node; one made by a queued resource goes with its queued resource (force)."""
-        try:
-            if node.queued_resource:
-                return self.delete_queued(node.queued_resource)
-            return self._client.delete_node(name=f"{self.parent}/nodes/{node.name}", **self._call)
-        except Exception as e:
-            if is_unreadable(e):
-                return UnreadOperation(api_message(str(e)))
-            raise self._error(f"deleting TPU {node.name!r}", e, "tpu.nodes.delete") from None
+        if node.queued_resource:
+            return self.delete_queued(node.queued_resource)
+        return self._start(
+            lambda: self._client.delete_node(name=f"{self.parent}/nodes/{node.name}", **self._call),
+            f"deleting TPU {node.name!r}",
+            "tpu.nodes.delete",
+        )
 
     def delete_queued(self, name: str) -> Any:
-        try:
-            return self._client.delete_queued_resource(
+        return self._start(
+            lambda: self._client.delete_queued_resource(
                 request={"name": f"{self.parent}/queuedResources/{name}", "force": True}, **self._call
-            )
-        except Exception as e:
-            if is_unreadable(e):
-                return UnreadOperation(api_message(str(e)))
-            raise self._error(f"deleting queued resource {name!r}", e, "tpu.queuedResources.delete") from None
+            ),
+            f"deleting queued resource {name!r}",
+            "tpu.queuedResources.delete",
+        )
 
     def queued_state(self, name: str) -> str:
         """The queued resource's state (ACCEPTED, WAITING_FOR_RESOURCES, PROVISIONING, ACTIVE, FAILED, SUSPENDED,
@@ -545,6 +561,12 @@ class TpuApi:
             return [queued_from_proto(q) for q in found]
         except Exception as e:
             raise self._error("listing queued resources", e, "tpu.queuedResources.list") from None
+
+    def waiting_requests(self, nodes: list[Node]) -> list[Queued]:
+        """The zone's queued resources whose node is not among `nodes` (the zone's TPUs): requests still in line,
+        or failed, which a user must be able to see and cancel."""
+        made = {n.name for n in nodes if not n.zone or n.zone == self.zone}
+        return [q for q in self.list_queued() if q.node_id not in made]
 
     def find_node(self, name: str) -> Node | None:
         """The node, or None when there is none of that name."""

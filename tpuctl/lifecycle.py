@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tpuctl import defaults
+from tpuctl.cloud import UnreadOperation  # light: the client library is imported inside TpuApi
 from tpuctl.errors import CloudError
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ def create(
             try:
                 operation = here.create(request)
                 where = f" in {zone}" if len(zones) > 1 else ""
-                if not wait or getattr(operation, "unread", False):
+                if not wait or isinstance(operation, UnreadOperation):
                     say(f"{request.name}: creation accepted{where} ({operation.operation.name})")
                 if not wait:
                     return None
@@ -149,7 +150,7 @@ def wait_ready(
         if time.monotonic() > deadline:
             if node is None and queue:  # still in line: the request outlives tpuctl's wait, and may yet be billed
                 if cancel_on_timeout:
-                    api.delete_queued(request.name)
+                    delete_queued(api, request.name, wait=False, say=say)
                     raise CloudError(f"{doing}: not READY after {timeout:.0f} s (still {state}); request cancelled")
                 raise CloudError(
                     f"{doing}: not READY after {timeout:.0f} s; its queued resource is still {queue} and may yet"
@@ -176,14 +177,15 @@ def delete(
     say(f"{node.name}: deleting")
     if not wait:
         return
-    deadline = time.monotonic() + timeout
-    while api.find_node(node.name) is not None:
-        error = api.operation_error(operation, f"deleting TPU {node.name!r}")
+    doing = f"deleting TPU {node.name!r}"
+
+    def gone() -> bool:
+        error = api.operation_error(operation, doing)
         if error is not None:
             raise error
-        if time.monotonic() > deadline:
-            raise CloudError(f"deleting TPU {node.name!r}: still there after {timeout:.0f} s")
-        sleep(poll)
+        return api.find_node(node.name) is None
+
+    _wait_until(gone, CloudError(f"{doing}: still there after {timeout:.0f} s"), timeout, poll, sleep)
     say(f"{node.name}: deleted")
 
 
@@ -202,12 +204,20 @@ def delete_queued(
     say(f"{name}: deleting its queued resource")
     if not wait:
         return
-    deadline = time.monotonic() + timeout
-    while api.get_queued(name) is not None:
-        if time.monotonic() > deadline:
-            raise CloudError(f"deleting queued resource {name!r}: still there after {timeout:.0f} s")
-        sleep(poll)
+    timed_out = CloudError(f"deleting queued resource {name!r}: still there after {timeout:.0f} s")
+    _wait_until(lambda: api.get_queued(name) is None, timed_out, timeout, poll, sleep)
     say(f"{name}: deleted")
+
+
+def _wait_until(
+    done: Callable[[], bool], timed_out: CloudError, timeout: float, poll: float, sleep: Callable[[float], None]
+) -> None:
+    """Poll `done` every `poll` seconds; `timed_out` is raised once `timeout` has passed without it."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise timed_out
+        sleep(poll)
 
 
 def _clean_up_failed(api: TpuApi, request: NodeRequest, poll: float, sleep: Callable[[float], None]) -> None:
@@ -218,8 +228,11 @@ def _clean_up_failed(api: TpuApi, request: NodeRequest, poll: float, sleep: Call
         api.delete(node)
     elif node is None and request.queued and api.queued_state(request.name):
         api.delete_queued(request.name)
-    deadline = time.monotonic() + 600
-    while api.find_node(request.name) is not None or (request.queued and api.queued_state(request.name)):
-        if time.monotonic() > deadline:
-            raise CloudError(f"TPU {request.name!r}: a failed creation left it behind", f"tpuctl delete {request.name}")
-        sleep(poll)
+    left = CloudError(f"TPU {request.name!r}: a failed creation left it behind", f"tpuctl delete {request.name}")
+    _wait_until(
+        lambda: api.find_node(request.name) is None and not (request.queued and api.queued_state(request.name)),
+        left,
+        600,
+        poll,
+        sleep,
+    )

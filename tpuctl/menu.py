@@ -100,9 +100,8 @@ def _waiting_requests(api: TpuApi, zones: list[str], nodes: list[Node]) -> list[
     """The zones' queued resources that have no node yet (none where the API will not list them)."""
     found = []
     for zone in zones:
-        made = {n.name for n in nodes if n.zone == zone}
         try:
-            found += [q for q in api.in_zone(zone).list_queued() if q.node_id not in made]
+            found += api.in_zone(zone).waiting_requests(nodes)
         except CloudError:
             continue
     return found

@@ -204,6 +204,7 @@ class FakeTpuApi:
         # locations.list: the zones the project may use (the tests' own, and Google's TPU zones); a zone not here still
         # lists as empty, and a node there is 404, as the stand-in assumes the real API does (README)
         self.zones = sorted({*TEST_ZONES, *TPU_ZONES})
+        self.unknown_zone_error: HTTPStatus | None = None  # a test: a list in a zone not in `zones` is refused so
         self.create_delay_s = 0.2  # CREATING -> READY
         self.queue_wait_s = 0.0  # a queued resource's WAITING_FOR_RESOURCES, with no node, before it provisions
         self.delete_delay_s = 0.1  # DELETING -> gone
@@ -369,6 +370,8 @@ class FakeTpuApi:
             return _snapshot(node)
 
     def _list_nodes(self, project: str, zone: str, query: dict[str, list[str]]) -> dict[str, Any]:
+        if self.unknown_zone_error is not None and zone not in self.zones:
+            raise ApiError(self.unknown_zone_error, f"Location {zone} is not found or access is unauthorized.")
         size, start = _page(query, self.page_size)
         with self._lock:
             matching = [_snapshot(n) for (p, z, _), n in self.nodes.items() if (p, z) == (project, zone)]

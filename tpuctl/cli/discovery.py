@@ -47,8 +47,7 @@ def list_nodes(as_json: bool, **flags: Any) -> None:
     api = TpuApi(settings)
     nodes = api.list_nodes()
     try:  # requests still in line have no node: shown too, or a user cannot see (or cancel) their own
-        made = {n.name for n in nodes}
-        waiting = [q for q in api.list_queued() if q.node_id not in made]
+        waiting = api.waiting_requests(nodes)
     except CloudError as e:  # the list of nodes stands on its own
         waiting = []
         err().print(render.plain(f"queued resources not listed: {e.message}"))
