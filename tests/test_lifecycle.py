@@ -260,6 +260,7 @@ def test_an_operation_of_a_type_the_client_does_not_know_is_watched_through_the_
     """A newer API's operation metadata (a type google-cloud-tpu has no descriptor for) cannot be parsed: create and
     delete go on by watching the node (or queued resource) itself, instead of ending in a ParseError."""
     tpu_api.operation_metadata_type = "type.googleapis.com/google.cloud.tpu.v3.OperationMetadataFromTheFuture"
+    tpu_api.beyond_reference = True  # (the schema check at the end would rightly refuse it otherwise)
     r = tpuctl("create", "new-pod", "--type", "v4-8", *(["--queued"] if queued else []), "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["state"] == "READY"
@@ -327,6 +328,7 @@ def test_an_operation_error_whose_details_the_client_does_not_know_is_not_a_cras
     """The creation fails in its operation, with a detail of a type the client has no descriptor for: the operation
     cannot be read, so tpuctl watches for the node, and says so when it never comes."""
     detail = {"@type": "type.googleapis.com/google.cloud.tpu.v3.CapacityHint", "zone": ZONE}
+    tpu_api.beyond_reference = True  # (as above)
     tpu_api.fail_creates = [OperationError(8, "There is no more capacity in the zone", (detail,))]
     r = tpuctl("create", "new-pod", "--type", "v4-8", "--attempts", "1", "--ready-timeout", "2")
     assert r.returncode == 2, r.stderr

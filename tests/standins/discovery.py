@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 TYPE_PREFIX = "type.googleapis.com/google.cloud.tpu.v2."
+OTHER_TPU_TYPES = "type.googleapis.com/google.cloud.tpu."  # a v2 answer never names another version's types
 
 
 @cache
@@ -140,7 +141,10 @@ class Checker:
     def _object(self, value: Any, schema: dict[str, Any], where: str) -> list[str]:
         if not isinstance(value, dict):
             return [f"{where}: {value!r} is not an object"]
-        if str(value.get("@type", "")).startswith(TYPE_PREFIX):  # an Any: held to the schema it names
+        kind = str(value.get("@type", ""))
+        if kind.startswith(OTHER_TPU_TYPES) and not kind.startswith(TYPE_PREFIX):
+            return [f"{where}: @type {kind} is none the reference knows (another API version's)"]
+        if kind.startswith(TYPE_PREFIX):  # an Any: held to the schema it names
             named = value["@type"].removeprefix(TYPE_PREFIX)
             if named not in self.doc["schemas"]:
                 return [f"{where}: @type {value['@type']} is no schema of the reference"]

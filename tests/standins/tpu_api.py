@@ -196,7 +196,7 @@ class FakeTpuApi:
         self.denied_projects: set[str] = set()  # the caller lacks every permission there
         self.disabled_projects: set[str] = set()  # the Cloud TPU API is not enabled there
         self.rate_limited_reads = 0  # the next reads answered 429 (the project's read rate limit)
-        self.beyond_reference = False  # a test answers enum values newer than the reference on purpose
+        self.beyond_reference = False  # a test answers enum values or types newer than the reference on purpose
         # what an operation's metadata holds; a test names a type no client knows (a newer API's)
         self.operation_metadata_type = TYPE_URL + "OperationMetadata"
         self.delay_s = 0.0  # seconds every answer waits, to stand in for a slow API across the internet
