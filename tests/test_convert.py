@@ -10,6 +10,7 @@ import inspect
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -335,19 +336,29 @@ def recipe_keys(directory: Path) -> list[str]:
     ]
 
 
-def test_a_stage_starts_from_an_import_at_a_new_resolution_and_the_run_exports_to_open_clip(tmp_path):
-    data = tmp_path / "data"
+def train_from_an_import(root: Path) -> None:
+    """The shared run of conftest's `shard_run` (made once per test run): a random open_clip model (learned 2x2
+    positions at 14 px) imported, then the demo's recipe (21 px, then 28 px) on real PNG shards with zero-shot and
+    retrieval evals, its first stage starting from the import with a learning rate of 1e-12 (so its values stay)."""
+    data = root / "data"
     data.mkdir()
-    recipe = make_data(data)  # the demo's recipe (21 px, then 28 px) on real PNG shards, zero-shot and retrieval
-    src = random_open_clip(tmp_path / "hub", config=TINY_CONFIG, preprocess=TINY_PREPROCESS)
-    imported = tmp_path / "imported"
+    recipe = make_data(data)
+    src = random_open_clip(root / "hub", config=TINY_CONFIG, preprocess=TINY_PREPROCESS)
+    imported = root / "imported"
     assert convert_cli("import", str(src), "--model", "Mu/7", "--out", str(imported))[0] == 0
     sets = [*recipe_keys(imported), f"stages.0.init_from={imported}", "stages.0.peak_lr=1e-12"]
     args = [x for item in sets for x in ("--set", item)]
-
     r = run("trainer", recipe, data, *args)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert f"stage fmnist21: parameters from {imported}" in r.stdout + r.stderr
+    (root / "args.json").write_text(json.dumps(args))
+    (root / "out.txt").write_text(r.stdout + r.stderr)
+
+
+def test_a_stage_starts_from_an_import_at_a_new_resolution_and_the_run_exports_to_open_clip(shard_run, tmp_path):
+    imported = shard_run / "imported"
+    assert f"stage fmnist21: parameters from {imported}" in (shard_run / "out.txt").read_text()
+    data = Path(shutil.copytree(shard_run / "data", tmp_path / "data"))  # the shared run stays as it was
+    recipe, args = data / "recipe.toml", json.loads((shard_run / "args.json").read_text())
     first = ocp.StandardCheckpointer().restore(data / "run" / "fmnist21" / "checkpoints" / "4" / "params")
     start = pretrained.restore_numpy(imported)
     # a learning rate of 1e-12 leaves the imported values; the 2x2 learned positions are interpolated to 3x3

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -82,11 +83,13 @@ def run(module: str, recipe: Path, d: Path, *extra: str) -> subprocess.Completed
     return subprocess.run([*args, *extra], env=env, cwd=ROOT, capture_output=True, text=True, timeout=280)
 
 
-def test_train_on_shards_with_evals_then_evaluate_a_checkpoint(tmp_path):
-    recipe = make_data(tmp_path)
-    r = run("trainer", recipe, tmp_path)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+def test_train_on_shards_with_evals_then_evaluate_a_checkpoint(shard_run, tmp_path):
+    """The run is conftest's shard_run (this module's data and recipe; its first stage starts from an imported open_clip
+    model, which test_convert checks; nothing here depends on the values it starts from)."""
+    out = (shard_run / "out.txt").read_text()
+    d = Path(shutil.copytree(shard_run / "data", tmp_path / "data"))  # the shared run stays as it was
+    recipe, args = d / "recipe.toml", json.loads((shard_run / "args.json").read_text())
+    records = read_jsonl(d / "run" / "metrics.jsonl")
     assert [rec["stage_step"] for rec in records] == [1, 2, 3, 4, 1, 2]
     ends = [records[3], records[5]]  # each stage's end carries the evals
     for rec in ends:
@@ -95,14 +98,14 @@ def test_train_on_shards_with_evals_then_evaluate_a_checkpoint(tmp_path):
         assert rec["toy_retrieval/images"] == 6
         assert 0 <= rec["toy_retrieval/i2t_r@1"] <= rec["toy_retrieval/i2t_r@5"] <= rec["toy_retrieval/i2t_r@10"] == 1
         assert rec["data_bad"] == 0
-    assert "fashion_mnist" in r.stdout and "toy_retrieval" in r.stdout and "i2t_r@1" in r.stdout  # the tables
+    assert "fashion_mnist" in out and "toy_retrieval" in out and "i2t_r@1" in out  # the tables
 
-    r = run("trainer.eval", recipe, tmp_path, "--stage", "fmnist21", "--checkpoint", "4")
+    r = run("trainer.eval", recipe, d, "--stage", "fmnist21", "--checkpoint", "4", *args)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "evals: stage fmnist21 step 4" in r.stdout
-    again = read_jsonl(tmp_path / "run" / "metrics.jsonl")[3]
+    again = read_jsonl(d / "run" / "metrics.jsonl")[3]
     assert again["fashion_mnist/top1"] == records[3]["fashion_mnist/top1"]  # the same params give the same numbers
     assert again["loss"] == records[3]["loss"]  # added to the step's record, not replacing it
 
-    r = run("trainer.eval", recipe, tmp_path, "--stage", "nope")
+    r = run("trainer.eval", recipe, d, "--stage", "nope", *args)
     assert r.returncode == 2 and "--stage nope: the recipe's stages are fmnist21, ft28" in r.stderr
