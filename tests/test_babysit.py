@@ -237,6 +237,8 @@ def test_babysit_finds_a_tpu_in_any_of_its_zones_and_follows_it_there(tpu_api, t
 def test_an_unhealthy_tpu_is_remade_after_the_grace_with_recreate(tpu_api, project, tmp_path):
     node = tpu_api.add_node(PROJECT, ZONE, "sick", [("127.0.0.1", "127.0.0.1")], accelerator_type="v4-16")
     node.update(health="UNHEALTHY_MAINTENANCE", healthDescription="The TPU had a maintenance event.")
+    keys = {"ssh-keys": "alice:ssh-ed25519 AAAAalice alice\njane:ssh-ed25519 AAAAjane jane", "owner": "alice"}
+    node["metadata"] = keys
     tpu_api.on_create = lambda *_: [("127.0.0.1", "127.0.0.1")]  # new VMs, whose sshd never answers
     env = babysit_env(tpu_api, tmp_path) | {"TPUCTL_SSH_PORT": str(free_port())}
     command = [TPUCTL, "babysit", RECIPE, "--tpu", "sick", "--recreate", "--unhealthy-grace", "0.5", "--poll", "0.1"]
@@ -250,6 +252,7 @@ def test_an_unhealthy_tpu_is_remade_after_the_grace_with_recreate(tpu_api, proje
     assert [what for what, _ in events[4:]] == ["launch-failed", "gave-up"]
     remade = tpu_api.creations()
     assert len(remade) == 1 and remade[0].body["acceleratorType"] == "v4-16"  # the same type again, as it was
+    assert remade[0].body["metadata"] == keys  # with its metadata: the new VMs accept whom the old ones did
     assert "waiting" in r.stderr  # it waited out the grace before acting
 
 

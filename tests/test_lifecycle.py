@@ -3,6 +3,7 @@ long-running operations, queued resources, capacity and quota refusals retried w
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import re
@@ -30,9 +31,14 @@ def tpuctl(tpu_api: FakeTpuApi, tmp_path: Path) -> Tpuctl:
         "TPUCTL_API_POLL": "0.05",
     }
 
-    def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def run(*args: str, timeout: float = 60, **more_env: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [TPUCTL, *args], env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+            [TPUCTL, *args],
+            env=env | more_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
         )
 
     return run
@@ -87,7 +93,18 @@ def test_create_sends_the_service_account_tags_metadata_startup_script_and_disks
         "scope": [scope + "cloud-platform", scope + "devstorage.read_only"],
     }
     assert sent.body["tags"] == ["tpu", "from-bastion"]
-    assert sent.body["metadata"] == {"owner": "alice", "team": "vision", "startup-script": script.read_text()}
+    # and tpuctl's own key (made now: this HOME had none), for the user it logs in as, so that the VMs accept it
+    # from their first boot (ssh_keys = "auto", as gcloud does)
+    key = tmp_path / ".ssh" / "google_compute_engine"
+    public = " ".join(key.with_name("google_compute_engine.pub").read_text().split()[:2])
+    assert public.startswith("ssh-ed25519 ") and key.stat().st_mode & 0o077 == 0
+    user = getpass.getuser()
+    assert sent.body["metadata"] == {
+        "owner": "alice",
+        "team": "vision",
+        "startup-script": script.read_text(),
+        "ssh-keys": f"{user}:{public} {user}",
+    }
     assert sent.body["dataDisks"] == [
         {"sourceDisk": f"projects/{PROJECT}/zones/{ZONE}/disks/imagenet", "mode": DiskMode.READ_ONLY},
         {"sourceDisk": f"projects/{PROJECT}/zones/{ZONE}/disks/scratch", "mode": DiskMode.READ_WRITE},
@@ -103,7 +120,7 @@ def test_create_sends_the_service_account_tags_metadata_startup_script_and_disks
     assert len(posts(tpu_api)) == 1  # none of them reached the API
 
 
-def test_dry_run_prints_the_request_and_sends_nothing(tpuctl: Tpuctl, tpu_api: FakeTpuApi):
+def test_dry_run_prints_the_request_and_sends_nothing(tpuctl: Tpuctl, tpu_api: FakeTpuApi, tmp_path: Path):
     r = tpuctl("create", "my-pod", "--type", "v5litepod-16", "--reservation", "--network", "vpc-1", "--dry-run")
     assert r.returncode == 0, r.stderr
     assert f"POST {tpu_api.endpoint}/v2/projects/{PROJECT}/locations/{ZONE}/nodes?nodeId=my-pod" in r.stdout
@@ -116,6 +133,36 @@ def test_dry_run_prints_the_request_and_sends_nothing(tpuctl: Tpuctl, tpu_api: F
     assert sent["body"]["queueingPolicy"] == {"validUntilDuration": "21600s"}
     assert sent["body"]["tpu"]["nodeSpec"][0]["nodeId"] == "my-pod"
     assert posts(tpu_api) == []
+    # a dry run makes no key: the request shows where it would be made
+    key = tmp_path / ".ssh" / "google_compute_engine"
+    user = getpass.getuser()
+    metadata = sent["body"]["tpu"]["nodeSpec"][0]["node"]["metadata"]
+    assert metadata == {"ssh-keys": f"{user}:ssh-ed25519 KEY-TO-BE-MADE-AT:{key} {user}"} and not key.exists()
+
+
+def test_the_key_in_a_new_tpus_metadata_is_kept_off_or_merged_as_the_settings_say(
+    tpuctl: Tpuctl, tpu_api: FakeTpuApi, tmp_path: Path
+):
+    # ssh_keys = "off": no key made, none in the metadata
+    r = tpuctl("create", "plain", "--type", "v4-8", "--json", TPUCTL_SSH_KEYS="off")
+    assert r.returncode == 0, r.stderr
+    assert "metadata" not in posts(tpu_api)[0].body and not (tmp_path / ".ssh").exists()
+    # an existing key (an RSA one, with its .pub) is used as it is, never replaced; ssh-keys lines given in the
+    # metadata setting stay, ours after them
+    key = tmp_path / "mykey"
+    subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-b", "2048", "-N", "", "-f", str(key)], check=True)
+    before = key.read_bytes()
+    public = " ".join(key.with_name("mykey.pub").read_text().split()[:2])
+    alice = "alice:ssh-ed25519 AAAAalice alice"
+    r = tpuctl(
+        "create", "keyed", "--type", "v4-8", "--metadata", f"ssh-keys={alice}", "--ssh-user", "jane",
+        "--ssh-key", str(key), "--json",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert posts(tpu_api)[1].body["metadata"] == {"ssh-keys": f"{alice}\njane:{public} jane"}
+    assert key.read_bytes() == before
+    r = tpuctl("create", "bad", "--type", "v4-8", TPUCTL_SSH_KEYS="maybe")
+    assert r.returncode == 2 and "ssh_keys = 'maybe' is not one of auto, off" in r.stderr, r.stderr
 
 
 def test_no_capacity_and_no_quota_are_retried_with_backoff_until_it_works(tpuctl: Tpuctl, tpu_api: FakeTpuApi):

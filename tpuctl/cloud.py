@@ -60,9 +60,11 @@ class Node:
     network: str = ""
     labels: tuple[tuple[str, str], ...] = ()
     zone: str = ""  # from its resource name: where a TPU made by `create --zones` landed
+    metadata: tuple[tuple[str, str], ...] = ()  # the VMs' metadata (ssh-keys, startup-script, ...)
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "labels": dict(self.labels)}
+        # metadata by key only: its values (a startup script, say) may hold what must not reach logs
+        return {**asdict(self), "labels": dict(self.labels), "metadata": sorted(k for k, _ in self.metadata)}
 
 
 # The predefined role that grants each Cloud TPU permission tpuctl uses (reads: TPU Viewer; the rest: TPU Admin).
@@ -104,6 +106,7 @@ def node_from_proto(node: Any) -> Node:
         network=node.network_config.network,
         labels=tuple(sorted(node.labels.items())),
         zone=parts[3] if len(parts) == 6 else "",
+        metadata=tuple(sorted(node.metadata.items())),
     )
 
 
@@ -171,9 +174,10 @@ class NodeRequest:
     data_disks: tuple[tuple[str, bool], ...] = ()  # (projects/P/zones/Z/disks/NAME, read-only)
 
     @classmethod
-    def from_settings(cls, settings: Settings, name: str, **capacity: Any) -> NodeRequest:
+    def from_settings(cls, settings: Settings, name: str, ssh_key: str | None = None, **capacity: Any) -> NodeRequest:
         """TPU `name` as the settings describe new TPUs (type, runtime, network, service account, tags, metadata,
-        startup script, data disks); `capacity`: spot, reserved, queued, valid_until_s. Bad values are one line."""
+        startup script, data disks, `ssh_key` authorised for ssh_user); `capacity`: spot, reserved, queued,
+        valid_until_s. Bad values are one line."""
         settings.require("accelerator_type")
         assert settings.accelerator_type is not None
         zone = creation_zones(settings)[0]  # one zone when there are data disks
@@ -188,16 +192,16 @@ class NodeRequest:
             service_account=settings.service_account,
             scopes=tuple(scope_url(s) for s in settings.scopes) if settings.service_account else (),
             tags=tuple(settings.tags),
-            metadata=vm_metadata(settings),
+            metadata=vm_metadata(settings, ssh_key),
             data_disks=tuple(data_disk(d, settings.project, zone) for d in settings.data_disks),
             **capacity,
         )
 
     @classmethod
     def like(cls, node: Node) -> NodeRequest:
-        """The same TPU again: its name, type, runtime and spot-ness (babysit remaking a dead TPU it was not told
-        how to create)."""
-        return cls(node.name, node.accelerator_type, node.runtime_version, spot=node.spot)
+        """The same TPU again: its name, type, runtime, spot-ness and metadata (the SSH keys in it included: the new
+        VMs accept whom the old ones did; babysit remaking a dead TPU it was not told how to create)."""
+        return cls(node.name, node.accelerator_type, node.runtime_version, spot=node.spot, metadata=node.metadata)
 
 
 ZONE_RE = re.compile(r"[a-z][a-z0-9-]*[a-z0-9]")  # us-central2-b, europe-west4-a
@@ -229,8 +233,9 @@ def scope_url(scope: str) -> str:
     return scope if "://" in scope else SCOPE_PREFIX + scope
 
 
-def vm_metadata(settings: Settings) -> tuple[tuple[str, str], ...]:
-    """The metadata setting's KEY=VALUE items, plus the startup script's contents as `startup-script`."""
+def vm_metadata(settings: Settings, ssh_key: str | None = None) -> tuple[tuple[str, str], ...]:
+    """The metadata setting's KEY=VALUE items, plus the startup script's contents as `startup-script` and a line for
+    `ssh_key` (a public key) in `ssh-keys`, after any the metadata setting gives."""
     items: dict[str, str] = {}
     for item in settings.metadata:
         key, sep, value = item.partition("=")
@@ -248,6 +253,12 @@ def vm_metadata(settings: Settings) -> tuple[tuple[str, str], ...]:
             items["startup-script"] = path.read_text()
         except OSError as e:
             raise ConfigError(f"cannot read the startup script {path}: {e.strerror}") from None
+    if ssh_key:
+        from tpuctl import keys
+
+        merged = keys.with_key(items.get(keys.SSH_KEYS, ""), settings.ssh_user, ssh_key)
+        if merged is not None:
+            items[keys.SSH_KEYS] = merged
     return tuple(items.items())
 
 
@@ -515,6 +526,20 @@ class TpuApi:
             ),
             doing,
             "tpu.nodes.create",
+        )
+
+    def set_metadata(self, name: str, metadata: dict[str, str]) -> Any:
+        """Replace node `name`'s metadata by `metadata` (UpdateNode with update_mask "metadata": the whole map, so pass
+        every key to keep); returns the long-running operation."""
+        from google.protobuf import field_mask_pb2
+
+        node = {"name": f"{self.parent}/nodes/{name}", "metadata": metadata}
+        return self._start(
+            lambda: self._client.update_node(
+                node=node, update_mask=field_mask_pb2.FieldMask(paths=["metadata"]), **self._call
+            ),
+            f"updating the metadata of TPU {name!r}",
+            "tpu.nodes.update",
         )
 
     def delete(self, node: Node) -> Any:

@@ -83,6 +83,12 @@ class Settings:
     tpu: str | None = _setting(None, "str", "Name of the TPU node (pod).", "--tpu")
     ssh_user: str = _setting(_local_user(), "str", "User to log in as on the workers.", "--ssh-user")
     ssh_key: str = _setting("~/.ssh/google_compute_engine", "path", "Private key for the workers.", "--ssh-key")
+    ssh_keys: str = _setting(
+        "auto",
+        "str",
+        "How ssh_key gets onto the workers: auto (as gcloud does: made if missing, ed25519; put into a new TPU's"
+        " ssh-keys metadata by create and babysit) or off (it is authorised there already).",
+    )
     ssh_port: int = _setting(22, "int", "SSH port of the workers.", "--ssh-port")
     remote_dir: str = _setting("~/tpuctl", "str", "Project directory on the workers.", "--remote-dir")
     internal_ip: bool = _setting(

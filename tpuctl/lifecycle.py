@@ -209,6 +209,50 @@ def delete_queued(
     say(f"{name}: deleted")
 
 
+def add_ssh_key(
+    api: TpuApi,
+    name: str,
+    user: str,
+    public: str,
+    *,
+    timeout: float = 300.0,
+    poll: float = 2.0,
+    say: Say = lambda _: None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> bool:
+    """Authorise `public` (`type base64`) for `user` on TPU `name` through its `ssh-keys` metadata, as gcloud does:
+    every other key and every other user's line kept, ours added once. The API replaces the metadata as a whole and
+    the node carries no fingerprint, so a concurrent writer could drop our line (or we theirs: we write what we just
+    read): after the write the node is read again, and written again while our line is missing. True when it wrote,
+    False when the key was there already."""
+    from tpuctl import keys
+
+    doing = f"adding your SSH key to TPU {name!r}"
+    deadline = time.monotonic() + timeout
+    wrote = False
+    while True:
+        metadata = dict(api.get_node(name).metadata)
+        merged = keys.with_key(metadata.get(keys.SSH_KEYS, ""), user, public)
+        if merged is None:
+            if wrote:
+                say(f"{name}: SSH key for {user!r} in the node's metadata")
+            return wrote
+        if time.monotonic() > deadline:
+            raise CloudError(f"{doing}: the key was still missing after {timeout:.0f} s", "try again")
+        operation = api.set_metadata(name, {**metadata, keys.SSH_KEYS: merged})
+        wrote = True
+
+        def updated(operation: Any = operation) -> bool:
+            error = api.operation_error(operation, doing)
+            if error is not None:
+                raise error
+            if isinstance(operation, UnreadOperation):  # the node tells instead
+                return keys.has_key(dict(api.get_node(name).metadata).get(keys.SSH_KEYS, ""), user, public)
+            return bool(operation.done())
+
+        _wait_until(updated, CloudError(f"{doing}: not done after {timeout:.0f} s"), timeout, poll, sleep)
+
+
 def _wait_until(
     done: Callable[[], bool], timed_out: CloudError, timeout: float, poll: float, sleep: Callable[[float], None]
 ) -> None:

@@ -306,9 +306,11 @@ def proxy_socket(settings: Settings, proxy: Proxy, host: str) -> Any:
 
 def load_private_key(settings: Settings) -> paramiko.PKey:
     """Load the key once, up front, so a missing or locked key is one clear line instead of N worker failures."""
-    paramiko = load_paramiko()
+    return load_key_file(settings.path("ssh_key"))
 
-    path = settings.path("ssh_key")
+
+def load_key_file(path: Path) -> paramiko.PKey:
+    paramiko = load_paramiko()
     hint = "set --ssh-key or TPUCTL_SSH_KEY (gcloud's key is ~/.ssh/google_compute_engine)"
     if not path.is_file():
         raise ConfigError(f"SSH key {path} does not exist", hint)

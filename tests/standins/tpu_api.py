@@ -18,6 +18,7 @@ once (an ApiError: quota) or in their operation (an OperationError: no capacity)
 
 from __future__ import annotations
 
+import copy
 import datetime
 import enum
 import itertools
@@ -41,6 +42,9 @@ NodeKey = tuple[str, str, str]  # (project, zone, name)
 # Accelerator types the fake accepts: the v2 API's families with their chip/core counts (powers of two from 8).
 ACCELERATOR_TYPE = re.compile(r"^(v2|v3|v4|v5p|v5litepod|v6e)-(\d+)$")
 TYPE_URL = "type.googleapis.com/google.cloud.tpu.v2."
+# UpdateNode's update_mask paths (tpu.v2.json: "Supported fields: [description, tags, labels, metadata,
+# network_config.enable_external_ips]"), the node field each replaces; the nested one is not kept here
+UPDATABLE = {"description": "description", "tags": "tags", "labels": "labels", "metadata": "metadata"}
 # google.rpc.Code of an HTTP status, for a google.rpc.Status (an operation's or a failed queue's error)
 GRPC_CODES = {
     HTTPStatus.BAD_REQUEST: 3,
@@ -144,6 +148,7 @@ PERMISSIONS = {
     ("GET", "node"): "tpu.nodes.get",
     ("POST", "nodes"): "tpu.nodes.create",
     ("DELETE", "node"): "tpu.nodes.delete",
+    ("PATCH", "node"): "tpu.nodes.update",
     ("GET", "queuedResources"): "tpu.queuedResources.list",
     ("GET", "queuedResource"): "tpu.queuedResources.get",
     ("POST", "queuedResources"): "tpu.queuedResources.create",
@@ -163,7 +168,7 @@ def _refusal(api: FakeTpuApi, method: str, parts: list[str]) -> ApiError | None:
         )
         metadata = {"service": "tpu.googleapis.com", "consumer": f"projects/{project}", "activationUrl": url}
         return ApiError(HTTPStatus.FORBIDDEN, message, "SERVICE_DISABLED", metadata)
-    if project in api.denied_projects:
+    if project in api.denied_projects or (project in api.read_only_projects and method != "GET"):
         kind = parts[5] if len(parts) > 5 else "locations"
         kind = kind[:-1] if len(parts) > 6 else kind  # .../nodes/NAME: one node
         permission = PERMISSIONS.get((method, kind), "tpu.locations.list")
@@ -194,6 +199,7 @@ class FakeTpuApi:
         self.queued: dict[NodeKey, dict[str, Any]] = {}  # queued resources, by (project, zone, id)
         self.operations: dict[str, dict[str, Any]] = {}  # by full name
         self.denied_projects: set[str] = set()  # the caller lacks every permission there
+        self.read_only_projects: set[str] = set()  # the caller may read there (TPU Viewer), not write
         self.disabled_projects: set[str] = set()  # the Cloud TPU API is not enabled there
         self.rate_limited_reads = 0  # the next reads answered 429 (the project's read rate limit)
         self.beyond_reference = False  # a test answers enum values or types newer than the reference on purpose
@@ -208,6 +214,10 @@ class FakeTpuApi:
         self.create_delay_s = 0.2  # CREATING -> READY
         self.queue_wait_s = 0.0  # a queued resource's WAITING_FOR_RESOURCES, with no node, before it provisions
         self.delete_delay_s = 0.1  # DELETING -> gone
+        self.update_delay_s = 0.1  # an UpdateNode's operation -> done, the change applied
+        # called with the node's stored dict right after an update is applied (under the lock): a test's concurrent
+        # writer, whose own read-modify-write lands just after
+        self.after_update: Callable[[dict[str, Any]], None] | None = None
         self.fail_creates: list[ApiError | OperationError] = []  # the next creations' failures, in order
         self.full_zones: dict[str, ApiError | OperationError] = {}  # zone -> how every creation there fails
         self.on_create: WorkersFor | None = None  # the new node's workers; default: made-up 10.0.0.x addresses
@@ -342,6 +352,8 @@ class FakeTpuApi:
                 return self._create_node(project, zone, _one(query, "nodeId"), body)
             case "DELETE", [project, "locations", zone, "nodes", name]:
                 return self._delete_node(project, zone, name)
+            case "PATCH", [project, "locations", zone, "nodes", name]:
+                return self._update_node(project, zone, name, query.get("updateMask", [""])[0], body)
             case "GET", [project, "locations", zone, "operations", _]:
                 return self._get_operation(path.removeprefix("/v2/"))
             case "POST", [project, "locations", zone, "queuedResources"]:
@@ -352,7 +364,7 @@ class FakeTpuApi:
                 return self._get_queued(project, zone, name)
             case "DELETE", [project, "locations", zone, "queuedResources", name]:
                 return self._delete_queued(project, zone, name, query.get("force", ["false"])[0] == "true")
-        if method in ("GET", "POST", "DELETE"):
+        if method in ("GET", "POST", "DELETE", "PATCH"):
             raise ApiError(HTTPStatus.NOT_FOUND, f"unknown path {path}")
         raise ApiError(HTTPStatus.NOT_IMPLEMENTED, f"{method} {path} is not implemented by FakeTpuApi")
 
@@ -444,6 +456,9 @@ class FakeTpuApi:
         with self._lock:
             node["schedulingConfig"] = body.get("schedulingConfig", {})
             node["networkConfig"] = {**node["networkConfig"], **body.get("networkConfig", {})}
+            for field in ("metadata", "tags"):  # as asked (the SSH keys in the metadata, say)
+                if body.get(field):
+                    node[field] = copy.deepcopy(body[field])
             snapshot = _snapshot(node)
 
         def ready() -> None:
@@ -475,6 +490,41 @@ class FakeTpuApi:
                 op.update(done=True, response={"@type": "type.googleapis.com/google.protobuf.Empty"})
 
         self._later(self.delete_delay_s, gone)
+        return _snapshot(op)
+
+    def _update_node(self, project: str, zone: str, name: str, mask: str, body: dict[str, Any]) -> dict[str, Any]:
+        """UpdateNode (nodes.patch): the fields its update_mask names are replaced by the body's, each as a whole (a
+        map such as metadata too: the real API keeps no key the body leaves out), once the operation is done."""
+        paths = [p.strip() for p in mask.split(",") if p.strip()]
+        if not paths:
+            raise ApiError(HTTPStatus.BAD_REQUEST, "update_mask is required")
+        for path in paths:
+            if path not in UPDATABLE:
+                supported = ", ".join(UPDATABLE)
+                raise ApiError(HTTPStatus.BAD_REQUEST, f"Invalid update_mask path {path!r} (supported: {supported})")
+        with self._lock:
+            node = self.nodes.get((project, zone, name))
+            if node is None:
+                raise ApiError(HTTPStatus.NOT_FOUND, f"Resource '{project}/{zone}/{name}' was not found")
+            op = self._operation(project, zone, "update", node["name"])
+
+        def apply() -> None:
+            with self._lock:
+                node = self.nodes.get((project, zone, name))
+                if node is None:
+                    op.update(done=True, error={"code": 5, "message": f"Resource '{name}' was not found"})
+                    return
+                for path in paths:
+                    field = UPDATABLE[path]
+                    if field in body:
+                        node[field] = copy.deepcopy(body[field])
+                    else:
+                        node.pop(field, None)
+                if self.after_update:
+                    self.after_update(node)
+                op.update(done=True, response={"@type": TYPE_URL + "Node", **_snapshot(node)})
+
+        self._later(self.update_delay_s, apply)
         return _snapshot(op)
 
     # -- queued resources ----------------------------------------------------------------------------------

@@ -89,7 +89,7 @@ class Progress:
 @click.option(
     "--ready-timeout", default=defaults.READY_TIMEOUT_S, show_default=True, help="Seconds to wait for READY per try."
 )
-@setting_options("project", "zone")
+@setting_options("project", "zone", "ssh_user", "ssh_key")  # whose key the new VMs accept
 @new_tpu_options
 @dry_run_option
 @json_option
@@ -121,7 +121,7 @@ def create(
       tpuctl create my-pod --type v5litepod-16 --queued --valid-until 6h
       tpuctl create my-pod --type v4-32 --dry-run
     """
-    from tpuctl import cloud, lifecycle
+    from tpuctl import cloud, keys, lifecycle
 
     settings = settings_from(flags)
     settings.require("project")
@@ -136,7 +136,8 @@ def create(
         raise TpuctlError("--attempts must be at least 1 and --backoff not negative")
     valid_until_s = parse_duration(valid_until, "--valid-until") if valid_until else None
     capacity = {"spot": spot, "reserved": reserved, "queued": queued, "valid_until_s": valid_until_s}
-    request = cloud.NodeRequest.from_settings(settings, name, **capacity)
+    ssh_key = keys.for_new_node(settings, make=not dry_run)  # the new VMs accept tpuctl from their first boot
+    request = cloud.NodeRequest.from_settings(settings, name, ssh_key, **capacity)
     parent = f"projects/{settings.project}/locations/{zones[0]}"
     if dry_run:
         sent = cloud.request_json(request, parent)
@@ -311,7 +312,7 @@ def babysit(
       tpuctl babysit recipes/b16.toml --tpu my-pod --recreate
     """
     from tpuctl import babysit as babysitting
-    from tpuctl import cloud, launch, ops
+    from tpuctl import cloud, keys, launch, ops
 
     settings = settings_from(flags)
     settings.require("project", "tpu")
@@ -323,7 +324,7 @@ def babysit(
     record = spec.record(settings, "tpu", settings.remote_dir)
     request = None
     if settings.accelerator_type:  # else babysit can only remake a TPU like the one there
-        request = cloud.NodeRequest.from_settings(settings, settings.tpu, spot=spot)
+        request = cloud.NodeRequest.from_settings(settings, settings.tpu, keys.for_new_node(settings), spot=spot)
     options = babysitting.Options(
         max_restarts=max_restarts,
         recreate=recreate,
