@@ -126,3 +126,8 @@ def test_an_update_mask_the_api_does_not_support_is_refused_by_the_stand_in(tpu_
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=10)
     assert refused.value.code == 400 and "acceleratorType" in refused.value.read().decode()
+    # a path the real API takes but the stand-in does not implement: its gap, not a refusal the API would give
+    nested = request.full_url.replace("acceleratorType", "networkConfig.enableExternalIps")
+    with pytest.raises(urllib.error.HTTPError) as gap:
+        urllib.request.urlopen(urllib.request.Request(nested, data=b"{}", method="PATCH"), timeout=10)
+    assert gap.value.code == 501

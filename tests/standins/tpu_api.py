@@ -43,8 +43,10 @@ NodeKey = tuple[str, str, str]  # (project, zone, name)
 ACCELERATOR_TYPE = re.compile(r"^(v2|v3|v4|v5p|v5litepod|v6e)-(\d+)$")
 TYPE_URL = "type.googleapis.com/google.cloud.tpu.v2."
 # UpdateNode's update_mask paths (tpu.v2.json: "Supported fields: [description, tags, labels, metadata,
-# network_config.enable_external_ips]"), the node field each replaces; the nested one is not kept here
+# network_config.enable_external_ips]"), the node field each replaces; the nested one the real API takes is not
+# implemented here (501, so that a test needing it fails as the stand-in's gap, not as a refusal the API would give)
 UPDATABLE = {"description": "description", "tags": "tags", "labels": "labels", "metadata": "metadata"}
+NOT_IMPLEMENTED_UPDATES = {"networkConfig.enableExternalIps", "network_config.enable_external_ips"}
 # google.rpc.Code of an HTTP status, for a google.rpc.Status (an operation's or a failed queue's error)
 GRPC_CODES = {
     HTTPStatus.BAD_REQUEST: 3,
@@ -494,11 +496,14 @@ class FakeTpuApi:
 
     def _update_node(self, project: str, zone: str, name: str, mask: str, body: dict[str, Any]) -> dict[str, Any]:
         """UpdateNode (nodes.patch): the fields its update_mask names are replaced by the body's, each as a whole (a
-        map such as metadata too: the real API keeps no key the body leaves out), once the operation is done."""
+        map such as metadata too, as a field mask naming a map means in Google's APIs, AIP-134), once the operation is
+        done."""
         paths = [p.strip() for p in mask.split(",") if p.strip()]
         if not paths:
             raise ApiError(HTTPStatus.BAD_REQUEST, "update_mask is required")
         for path in paths:
+            if path in NOT_IMPLEMENTED_UPDATES:
+                raise ApiError(HTTPStatus.NOT_IMPLEMENTED, f"update_mask {path!r} is not implemented by FakeTpuApi")
             if path not in UPDATABLE:
                 supported = ", ".join(UPDATABLE)
                 raise ApiError(HTTPStatus.BAD_REQUEST, f"Invalid update_mask path {path!r} (supported: {supported})")
