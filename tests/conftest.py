@@ -22,6 +22,7 @@ if importlib.util.find_spec("triton") is not None:
 
 import pytest
 from standins.gcs import GcsEmulator
+from standins.guest_agent import GuestAgent
 from standins.pod import RUN_RECIPE, Pod
 from standins.pod import make_pod as stand_in_pod
 from standins.sshfleet import Network, SshFleet, start_fleet
@@ -265,9 +266,13 @@ def make_fleet() -> Iterator[Callable[..., SshFleet]]:
     with contextlib.ExitStack() as closing:  # closes every fleet even if closing one of them raises
 
         def make(
-            n: int, base_dir: Path | None = None, like: SshFleet | None = None, network: Network | None = None
+            n: int,
+            base_dir: Path | None = None,
+            like: SshFleet | None = None,
+            network: Network | None = None,
+            agent: GuestAgent | None = None,
         ) -> SshFleet:
-            fleet = start_fleet(n, base_dir, like, network)
+            fleet = start_fleet(n, base_dir, like, network, agent=agent)
             closing.callback(fleet.close)
             return fleet
 

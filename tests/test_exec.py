@@ -105,16 +105,19 @@ def test_a_node_that_is_not_ready_is_refused(pod):
     assert "TPU 'pod' is PREEMPTED, not READY" in r.stderr
 
 
-def test_missing_key_is_one_line(pod, tmp_path):
-    r = pod.tpuctl("exec", "--ssh-key", str(tmp_path / "nokey"), "--", "true")
+def test_missing_key_is_one_line_when_tpuctl_may_not_make_it(pod, tmp_path):
+    r = pod.tpuctl("exec", "--ssh-key", str(tmp_path / "nokey"), "--", "true", env={"TPUCTL_SSH_KEYS": "off"})
     assert r.returncode == 2
-    assert r.stderr.count("\n") == 1 and "SSH key" in r.stderr and "does not exist" in r.stderr
+    assert r.stderr.count("\n") == 1 and "SSH key" in r.stderr and "does not exist and ssh_keys = off" in r.stderr
+    assert "ssh_keys = auto" in r.stderr  # the fix
+    assert not (tmp_path / "nokey").exists()
 
 
 def test_wrong_user_is_reported_per_worker(pod):
-    r = pod.tpuctl("exec", "--ssh-user", "nobody-here", "--", "true")
+    r = pod.tpuctl("exec", "--ssh-user", "nobody-here", "--", "true", env={"TPUCTL_SSH_KEYS": "off"})
     assert r.returncode == 255
     assert "authentication failed as 'nobody-here'" in r.stderr
+    assert "authorise" in r.stderr and "ssh_keys = auto" in r.stderr  # what to do about it
 
 
 def test_changed_host_key_is_refused_unless_replaced(pod):

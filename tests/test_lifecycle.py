@@ -162,7 +162,7 @@ def test_the_key_in_a_new_tpus_metadata_is_kept_off_or_merged_as_the_settings_sa
     assert posts(tpu_api)[1].body["metadata"] == {"ssh-keys": f"{alice}\njane:{public} jane"}
     assert key.read_bytes() == before
     r = tpuctl("create", "bad", "--type", "v4-8", TPUCTL_SSH_KEYS="maybe")
-    assert r.returncode == 2 and "ssh_keys = 'maybe' is not one of auto, off" in r.stderr, r.stderr
+    assert r.returncode == 2 and "ssh_keys = 'maybe' is not one of auto, metadata, oslogin, off" in r.stderr, r.stderr
 
 
 def test_no_capacity_and_no_quota_are_retried_with_backoff_until_it_works(tpuctl: Tpuctl, tpu_api: FakeTpuApi):

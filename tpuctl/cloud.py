@@ -374,7 +374,8 @@ class UnreadOperation:
         return None
 
 
-def _credentials(endpoint: str) -> Any:
+def credentials_for(endpoint: str) -> Any:
+    """Application default credentials for a Google API at `endpoint`; none for an emulator (http://)."""
     if endpoint.startswith("http://"):
         # A plain-http endpoint is an emulator: never ask Google for a token (nor probe the metadata server).
         from google.auth.credentials import AnonymousCredentials
@@ -413,7 +414,7 @@ class TpuApi:
             lambda e: if_transient_error(e) and not isinstance(e, exceptions.TooManyRequests)
         )
         self._client = tpu_v2.TpuClient(
-            credentials=_credentials(self.endpoint),
+            credentials=credentials_for(self.endpoint),
             transport="rest",
             client_options=ClientOptions(api_endpoint=self.endpoint),
         )

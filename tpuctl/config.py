@@ -86,8 +86,23 @@ class Settings:
     ssh_keys: str = _setting(
         "auto",
         "str",
-        "How ssh_key gets onto the workers: auto (as gcloud does: made if missing, ed25519; put into a new TPU's"
-        " ssh-keys metadata by create and babysit) or off (it is authorised there already).",
+        "How ssh_key gets onto the workers, as gcloud does it (made if missing, ed25519): auto (into the OS Login"
+        " profile when the TPU's metadata has enable-oslogin, else into its ssh-keys metadata, before the first"
+        " connection; create and babysit put it into a new TPU's metadata), oslogin or metadata (that way whatever"
+        " the TPU's metadata says: OS Login turned on for the project or by the organisation), or off (it is"
+        " authorised there already).",
+    )
+    key_wait: float = _setting(
+        180.0, "float", "Seconds to wait for the workers to accept a key just added (their guest agent's delay)."
+    )
+    account: str | None = _setting(
+        None,
+        "str",
+        "Your Google account (OS Login profiles are per account); default: the service account of the credentials.",
+        gcloud="core/account",
+    )
+    oslogin_endpoint: str = _setting(
+        "https://oslogin.googleapis.com", "str", "OS Login API endpoint; http:// means an emulator (no credentials)."
     )
     ssh_port: int = _setting(22, "int", "SSH port of the workers.", "--ssh-port")
     remote_dir: str = _setting("~/tpuctl", "str", "Project directory on the workers.", "--remote-dir")

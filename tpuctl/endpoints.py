@@ -13,7 +13,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tpuctl.cloud import Node, Worker
 
@@ -27,28 +27,47 @@ def path(settings: Settings) -> Path:
     return cache / "tpuctl" / "nodes" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
-def save(settings: Settings, node: Node) -> None:
-    """Record the node as the API just described it (a READY node with its workers)."""
+def save(settings: Settings, node: Node, login_user: str | None = None) -> None:
+    """Record the node as the API just described it (a READY node with its workers), and the user its workers were
+    found to be logged in to as (OS Login's POSIX name)."""
     if settings.node_cache_s <= 0:
         return
     target = path(settings)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"saved": time.time(), "node": node.to_json()}))
+    record = {"saved": time.time(), "node": node.to_json(), **({"login_user": login_user} if login_user else {})}
+    tmp.write_text(json.dumps(record))
     os.replace(tmp, target)
 
 
-def load(settings: Settings) -> Node | None:
-    """The node as recorded less than node_cache_s ago, else None."""
+def _fresh(settings: Settings) -> dict[str, Any] | None:
+    """The record made less than node_cache_s ago, else None."""
     if settings.node_cache_s <= 0:
         return None
     try:
         raw = json.loads(path(settings).read_text())
-        if not 0 <= time.time() - raw["saved"] < settings.node_cache_s:
-            return None
+        return raw if 0 <= time.time() - raw["saved"] < settings.node_cache_s else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def login_user(settings: Settings) -> str | None:
+    """The user the node's workers were logged in to as, where the record names one (OS Login)."""
+    raw = _fresh(settings)
+    user = raw.get("login_user") if raw else None
+    return user if isinstance(user, str) else None
+
+
+def load(settings: Settings) -> Node | None:
+    """The node as recorded less than node_cache_s ago, else None."""
+    raw = _fresh(settings)
+    if raw is None:
+        return None
+    try:
         node = raw["node"]
         workers = tuple(Worker(**w) for w in node.pop("workers"))
-        return Node(**{**node, "workers": workers, "labels": tuple(node["labels"].items())})
+        # metadata was recorded by key only (tpuctl.cloud.Node.to_json): no values to give back
+        return Node(**{**node, "workers": workers, "labels": tuple(node["labels"].items()), "metadata": ()})
     except (OSError, ValueError, KeyError, TypeError):
         return None  # none, or unreadable: the API answers
 

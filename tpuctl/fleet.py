@@ -53,6 +53,7 @@ class WorkerResult:
     seconds: float = 0.0
     connected: bool = False  # logged in: the command may have run
     unconfirmed: bool = False  # a recorded address whose host key was not the recorded one
+    refused: bool = False  # the worker answered but did not accept the key for the user (not authorised there yet)
 
     @property
     def status(self) -> str:
@@ -113,7 +114,7 @@ class Fleet:
         self.workers = list(workers)
         self.hosts = [w.address(settings.internal_addresses) for w in self.workers]
         self._refresh = refresh
-        self._pkey = load_private_key(settings)
+        self._pkey: paramiko.PKey | None = None  # loaded by the first run(): a dry run needs no key
         self._known_hosts = KnownHosts(settings.path("known_hosts"), replace=settings.replace_host_keys)
         self._slots = threading.Semaphore(settings.concurrency)
         self._proxy = proxy_of(settings)
@@ -135,6 +136,8 @@ class Fleet:
         `stdin` is sent to every worker; on_line gets output lines as they arrive, on_done each finished worker.
         """
         timeout = self.settings.command_timeout if timeout is None else timeout
+        if self._pkey is None:  # once, up front: a missing or locked key is one clear line, not N worker failures
+            self._pkey = load_private_key(self.settings)
         first_done = on_done
         if self._refresh is not None and on_done is not None:  # a worker asked again is done after that
             first_done = lambda r: on_done(r) if r.connected or r.error is None else None  # noqa: E731
@@ -213,6 +216,7 @@ class Fleet:
             except Exception as e:  # any failure of one worker is that worker's result, never the command's end
                 result.error = _describe_failure(e, self.settings, time.monotonic() - start)
                 result.unconfirmed = isinstance(e, UnconfirmedAddress)
+                result.refused = isinstance(e, load_paramiko().AuthenticationException)
             finally:
                 if client is not None:
                     client.close()
@@ -318,7 +322,9 @@ def _describe_failure(e: Exception, settings: Settings, elapsed: float) -> str:
     if isinstance(e, socket.timeout | TimeoutError):
         return f"no connection within {settings.connect_timeout:g}s"
     if isinstance(e, paramiko.AuthenticationException):
-        return f"authentication failed as {settings.ssh_user!r} with key {settings.ssh_key}"
+        from tpuctl.access import refused_hint
+
+        return f"authentication failed as {settings.ssh_user!r} with key {settings.ssh_key} ({refused_hint(settings)})"
     if isinstance(e, paramiko.SSHException) and ("banner" in str(e) or "No existing session" in str(e)):
         # the handshake never completed: a hung sshd (timeout) or one that dropped us (e.g. MaxStartups)
         if elapsed >= settings.connect_timeout:

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from tpuctl.config import Settings
 
 SSH_KEYS = "ssh-keys"  # the node metadata key the guest agent reads (one `user:type base64 comment` per line)
-MODES = ("auto", "off")  # the ssh_keys setting
+MODES = ("auto", "metadata", "oslogin", "off")  # the ssh_keys setting (tpuctl.access)
 
 
 def public_key(path: Path) -> str:
@@ -86,10 +86,10 @@ def with_key(ssh_keys: str, user: str, public: str) -> str | None:
 
 
 def managed(settings: Settings) -> bool:
-    """Whether tpuctl puts its key onto the workers itself (ssh_keys = "auto"), rather than finding it there."""
+    """Whether tpuctl puts its key onto the workers itself (any ssh_keys but "off"), rather than finding it there."""
     if settings.ssh_keys not in MODES:
         raise ConfigError(f"ssh_keys = {settings.ssh_keys!r} is not one of {', '.join(MODES)}", "set ssh_keys = auto")
-    return settings.ssh_keys == "auto"
+    return settings.ssh_keys != "off"
 
 
 def for_new_node(settings: Settings, make: bool = True) -> str | None:

@@ -30,6 +30,7 @@ from pathlib import Path
 from types import TracebackType
 
 from standins import free_port
+from standins.guest_agent import GuestAgent, passwd_with
 
 SSHD = "/usr/sbin/sshd"
 # sshd refuses to start without its privilege-separation directory.
@@ -79,6 +80,7 @@ class StandinWorker:
         dir: Path,
         authorized_keys: Path,
         network: Network | None = None,
+        agent: GuestAgent | None = None,
     ) -> None:
         self.index = index
         self.network = network or Network()
@@ -94,6 +96,8 @@ class StandinWorker:
         self.sshd_config = dir / "sshd_config"
         self.log = dir / "sshd.log"
         self._authorized_keys = authorized_keys
+        self.agent = agent  # where sshd asks for keys (the API's view) instead of a fixed authorized_keys
+        self.passwd = dir / "passwd"  # the worker's /etc/passwd, with the agent's accounts
         self._sshd: subprocess.Popen[bytes] | None = None
         self._frozen = False
         # Every mount namespace this worker has had (one per sshd start), as "mnt:[4026532177]": close()
@@ -224,6 +228,8 @@ class StandinWorker:
         # The hostname must resolve on the worker (gloo, JAX coordinators and `hostname -i` need it).
         self.hosts_file.write_text(f"127.0.0.1 localhost\n{self.ip} {self.hostname}\n{self.network.hosts}")
         self.sshd_config.write_text(self._sshd_config_text())
+        if self.agent is not None:
+            self.passwd.write_text(passwd_with(self.agent.users))
 
     def _sshd_config_text(self) -> str:
         return "\n".join(
@@ -232,7 +238,7 @@ class StandinWorker:
                 f"HostKey {self.host_key}",
                 "PidFile none",
                 # Outside /root and /tmp, which are mounted over inside the worker.
-                f"AuthorizedKeysFile {self._authorized_keys}",
+                *(self.agent.sshd_lines() if self.agent else [f"AuthorizedKeysFile {self._authorized_keys}"]),
                 "PasswordAuthentication no",
                 "KbdInteractiveAuthentication no",
                 "PubkeyAuthentication yes",
@@ -268,6 +274,7 @@ class StandinWorker:
                 "mkdir -p /var/crash",  # the mount point (Debian images have it; an empty one on this machine else)
                 f"mount --bind {q(str(self.crash_dir))} /var/crash",
                 f"mount --bind {q(str(self.hosts_file))} /etc/hosts",
+                *([f"mount --bind {q(str(self.passwd))} /etc/passwd"] if self.agent else []),
                 f"exec {SSHD} -D -e -f {q(str(self.sshd_config))}",
             ]
         )
@@ -363,6 +370,7 @@ class SshFleet:
         self.root = root
         self.port = 0  # set by start_fleet
         self.network = Network()
+        self.agent: GuestAgent | None = None
         self.key_path = root / "client_key"  # the client's private key; the public one is client_key.pub
         self.known_hosts = root / "known_hosts"  # not created: the client under test fills it
         self.workers: list[StandinWorker] = []
@@ -407,6 +415,7 @@ def start_fleet(
     like: SshFleet | None = None,
     network: Network | None = None,
     ips: list[str] | None = None,
+    agent: GuestAgent | None = None,
 ) -> SshFleet:
     """Start n sshd workers and wait until every one shows its SSH banner.
 
@@ -414,7 +423,8 @@ def start_fleet(
     outside /tmp: each worker mounts its own dir over /tmp, which would hide files kept there. `like`: new
     VMs of the same project, as a recreated TPU's: they accept the same client key (the project's SSH keys)
     and listen on the same port, at addresses and with host keys of their own (and on the same `network`). `ips`:
-    the workers' addresses (default: a random 127.A.B.0/24 of the fleet's own).
+    the workers' addresses (default: a random 127.A.B.0/24 of the fleet's own). `agent`: the workers accept
+    the keys that guest agent serves (the node's metadata, an OS Login profile) instead of the fleet's client key.
     """
     if not 1 <= n <= 252:
         raise ValueError(f"a fleet has 1..252 workers (one loopback /24), not {n}")
@@ -424,6 +434,7 @@ def start_fleet(
     fleet = SshFleet(Path(tempfile.mkdtemp(prefix="tpuctl-fleet-", dir=parent)))
     try:
         fleet.network = network or (like.network if like else Network())
+        fleet.agent = agent
         _populate(fleet, n, like, ips)
     except BaseException:
         fleet.close()
@@ -441,7 +452,7 @@ def _populate(fleet: SshFleet, n: int, like: SshFleet | None = None, ips: list[s
     for i, ip in enumerate(ips):
         wdir = fleet.root / f"w{i}"
         wdir.mkdir()
-        worker = StandinWorker(i, f"w{i}-{fleet_id}", ip, fleet.port, wdir, authorized_keys, fleet.network)
+        worker = StandinWorker(i, f"w{i}-{fleet_id}", ip, fleet.port, wdir, authorized_keys, fleet.network, fleet.agent)
         fleet.workers.append(worker)
     if like:
         for suffix in ("", ".pub"):

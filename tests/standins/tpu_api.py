@@ -30,6 +30,7 @@ import traceback
 from collections.abc import Callable, Iterable, Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, NamedTuple, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -310,9 +311,17 @@ class FakeTpuApi:
     def add_fleet_node(
         self, project: str, zone: str, name: str, fleet: _Fleet, accelerator_type: str = "v4-32", **kw: Any
     ) -> dict[str, Any]:
-        """A node whose workers are the fleet's: each worker's loopback ip is its internal and external ip."""
+        """A node whose workers are the fleet's: each worker's loopback ip is its internal and external ip. Its
+        ssh-keys metadata authorises the fleet's client key for the fleet's user, as on a TPU that gcloud or tpuctl
+        made (so tpuctl finds its key there and has nothing to add)."""
         workers = [(w.ip, w.ip) for w in fleet.workers]
-        return self.add_node(project, zone, name, workers, accelerator_type=accelerator_type, **kw)
+        node = self.add_node(project, zone, name, workers, accelerator_type=accelerator_type, **kw)
+        key_path, user = getattr(fleet, "key_path", None), getattr(fleet, "user", None)
+        if key_path is not None and user is not None:
+            public = " ".join(Path(f"{key_path}.pub").read_text().split()[:2])
+            with self._lock:
+                node["metadata"] = {"ssh-keys": f"{user}:{public} {user}"}
+        return node
 
     def set_state(self, project: str, zone: str, name: str, state: str) -> None:
         with self._lock:

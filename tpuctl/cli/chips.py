@@ -58,8 +58,8 @@ def kill(grace: float, all_python: bool, yes: bool, dry_run: bool, as_json: bool
     """
     from tpuctl import ops
 
-    settings = settings_from(flags)
-    fleet = fleet_of(settings)
+    fleet = fleet_of(settings_from(flags))
+    settings = fleet.settings  # the user it logs in as (OS Login's name) is whose processes --all-python means
     if not dry_run and not yes:
         what = f"every Python process of {settings.ssh_user}" if all_python else "the jobs"
         confirm_by_name(settings.tpu or "", f"kill {what} on all {len(fleet.workers)} workers of")

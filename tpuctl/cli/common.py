@@ -3,6 +3,7 @@ lines, the typed-name confirmation and sync's progress view. Imports nothing of 
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import sys
 import threading
@@ -44,10 +45,42 @@ def ready_node(settings: Settings) -> Node:
     return node
 
 
-def fleet_of(settings: Settings, workers: str = "all", recorded_ok: bool = True) -> Fleet:
+def reach(settings: Settings) -> tuple[Settings, Node]:
+    """The --tpu node, READY, and the settings that log in to its workers: tpuctl's key authorised there for the
+    user it logs in as (tpuctl.access), waited for with progress where it was added just now."""
+    node = ready_node(settings)
+    return authorized(settings, node), node
+
+
+def authorized(settings: Settings, node: Node) -> Settings:
+    from tpuctl import access, endpoints
+
+    prepared = access.prepare(settings, node, say)
+    if prepared.added:
+        with KeyProgress(len(node.workers)) as shown:
+            access.wait_accepted(prepared.settings, node.workers, shown)
+    if prepared.how == "oslogin":  # the next commands on the recorded addresses log in as the same user
+        endpoints.save(prepared.settings, node, login_user=prepared.settings.ssh_user)
+    return prepared.settings
+
+
+def connecting(settings: Settings) -> Settings:
+    """The settings with the login user recorded for the --tpu node a moment ago (OS Login's POSIX name), where one
+    was recorded and ssh_user was not set."""
+    from tpuctl import endpoints
+
+    user = endpoints.login_user(settings)
+    if user and settings.sources.get("ssh_user", "default").startswith("default"):
+        return dataclasses.replace(settings, ssh_user=user)
+    return settings
+
+
+def fleet_of(settings: Settings, workers: str = "all", recorded_ok: bool = True, authorize: bool = True) -> Fleet:
     """The chosen workers (--workers) of the --tpu node, ready to run commands on: at the addresses recorded a
-    moment ago when each has a recorded host key to confirm it (tpuctl.endpoints), else as the API says.
-    `recorded_ok=False`: as the API says (for what also reaches the workers outside the fleet, e.g. rsync)."""
+    moment ago when each has a recorded host key to confirm it (tpuctl.endpoints), else as the API says, with
+    tpuctl's key authorised there first (`authorize` False: a dry run, which connects nowhere).
+    `recorded_ok=False`: as the API says (for what also reaches the workers outside the fleet, e.g. rsync).
+    The fleet's `settings` are those to connect with (OS Login may name the user)."""
     from tpuctl import endpoints
     from tpuctl.fleet import Fleet
 
@@ -64,10 +97,15 @@ def fleet_of(settings: Settings, workers: str = "all", recorded_ok: bool = True)
                     f"TPU {node.name!r} has {len(node.workers)} workers now, not {len(recorded)}",
                     "run the command again",
                 )
+            if authorize:
+                authorized(fleet.settings, node)
             return [node.workers[i] for i in chosen]
 
-        return Fleet(settings, [recorded[i] for i in chosen], refresh=refresh)
+        fleet = Fleet(connecting(settings), [recorded[i] for i in chosen], refresh=refresh)
+        return fleet
     node = ready_node(settings)
+    if authorize:
+        settings = authorized(settings, node)
     return Fleet(settings, [node.workers[i] for i in parse_workers(workers, len(node.workers))])
 
 
@@ -224,3 +262,37 @@ class SyncProgress:
                 self.tasks[worker.index] = self.progress.add_task(name, total=1, phase=phase)
             done = phase in ("done", "failed")
             self.progress.update(self.tasks[worker.index], phase=phase, completed=1 if done else 0)
+
+
+class KeyProgress:
+    """The wait for the workers to take up a key just added: how many accept it so far. A bar on a terminal; else a
+    line whenever the count changes."""
+
+    def __init__(self, count: int):
+        self.progress: Any = None
+        self.shown = -1
+        console = render.console(stderr=True) if sys.stderr.isatty() else None
+        if console is not None and console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            columns = (TextColumn("Waiting for the workers to accept the key"), BarColumn(), MofNCompleteColumn())
+            self.progress = Progress(*columns, TimeElapsedColumn(), console=console, transient=True)
+            self.task = self.progress.add_task("key", total=count)
+
+    def __enter__(self) -> KeyProgress:
+        if self.progress is not None:
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=done)
+        elif done != self.shown and done != total:
+            say(f"{done}/{total} workers accept the key so far; waiting for their guest agent")
+        self.shown = done
+        if done == total:
+            say(f"All {render.count(total, 'worker')} accept the key")

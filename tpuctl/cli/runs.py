@@ -100,7 +100,9 @@ def run(
     if local:
         target = launch.local_target(settings, project)
     else:  # the API's addresses: the launch's rsync reaches the workers outside the fleet
-        target = launch.pod_target(settings, fleet_of(settings, recorded_ok=False))
+        fleet = fleet_of(settings, recorded_ok=False, authorize=not dry_run)
+        settings = fleet.settings
+        target = launch.pod_target(settings, fleet)
     record = spec.record(settings, target.kind, target.cwd, target.hosts)
     sync = not (local or no_sync)
     if dry_run:
@@ -183,8 +185,8 @@ def _recorded_target(record: RunRecord, flags: dict[str, Any]) -> tuple[Settings
             flags[key] = getattr(record, key)
     if flags.get("remote_dir") is None:
         flags["remote_dir"] = record.cwd
-    settings = settings_from(flags)
-    return settings, launch.pod_target(settings, fleet_of(settings))
+    fleet = fleet_of(settings_from(flags))
+    return fleet.settings, launch.pod_target(fleet.settings, fleet)
 
 
 @click.command()

@@ -15,7 +15,7 @@ from tpuctl.cli.common import (
     fleet_of,
     line_printer,
     parse_workers,
-    ready_node,
+    reach,
     say_failures,
     settings_from,
     show_table,
@@ -49,8 +49,7 @@ def ssh(worker: int, command: tuple[str, ...], **flags: Any) -> None:
     from tpuctl import remote
     from tpuctl.ssh import KnownHosts, host_key_name, ssh_command
 
-    settings = settings_from(flags)
-    node = ready_node(settings)
+    settings, node = reach(settings_from(flags))
     index = parse_workers(str(worker), len(node.workers))[0]
     host = node.workers[index].address(settings.internal_addresses)
     if shutil.which("ssh") is None:
@@ -87,7 +86,7 @@ def exec_(
     from tpuctl import remote
 
     settings = settings_from(flags)
-    fleet = fleet_of(settings, workers)
+    fleet = fleet_of(settings, workers, authorize=not dry_run)
     if dry_run:
         err().print(f"Would run on {render.count(len(fleet.hosts), 'worker')} ({', '.join(fleet.hosts)}):")
         click.echo(remote.user_command(command))

@@ -10,9 +10,11 @@ import click
 from tpuctl import render
 from tpuctl.cli.common import (
     SyncProgress,
+    connecting,
     err,
     fleet_of,
     out,
+    reach,
     ready_node,
     recorded_workers,
     say_failures,
@@ -80,13 +82,18 @@ def sync(
                 f" ({settings.remote_dir})."
             )
         return
+    # The workers the last sync reached get the delta at once, where their host keys confirm them. When those are
+    # all the workers recorded a moment ago, the API has nothing to add; else it says who the workers are (and
+    # tpuctl's key is authorised there first).
+    settings = connecting(settings)
+    recorded = recorded_workers(settings)
+    node = None
+    if recorded is None:
+        settings, node = reach(settings)
     with syncing.Mirror(settings, src, delete=delete, excludes=exclude, full=full) as mirror:
-        # The workers the last sync reached get the delta at once, where their host keys confirm them. When those
-        # are all the workers recorded a moment ago, the API has nothing to add; else it says who the workers are.
-        recorded = recorded_workers(settings)
         hosts = [w.address(settings.internal_addresses) for w in recorded or []]
         confirmed = recorded is not None and mirror.applied_early(hosts)
-        workers = recorded if confirmed and recorded is not None else ready_node(settings).workers
+        workers = recorded if confirmed and recorded is not None else (node or ready_node(settings)).workers
         with SyncProgress(len(workers), enabled=not as_json) as shown:
             results = mirror.sync(workers, on_progress=shown)
     tree = mirror.manifest.tree_hash
@@ -109,7 +116,8 @@ def _verify(settings: Settings, src: Path, exclude: tuple[str, ...], as_json: bo
     from tpuctl import codetree
     from tpuctl import sync as syncing
 
-    expected, checks = syncing.verify(settings, src, ready_node(settings).workers, exclude)
+    settings, node = reach(settings)
+    expected, checks = syncing.verify(settings, src, node.workers, exclude)
     if as_json:
         render.print_json({"tree": expected.tree_hash, "workers": [render.tree_check_json(c) for c in checks]})
     else:
@@ -147,7 +155,8 @@ def prepare(dry_run: bool, as_json: bool, **flags: Any) -> None:
 
     settings = settings_from(flags)
     command = ops.prepare_command(settings)  # a missing pin is one line before any worker is asked
-    fleet = fleet_of(settings)
+    fleet = fleet_of(settings, authorize=not dry_run)
+    settings = fleet.settings
     if dry_run:
         plan = render.prepare_plan(settings.extras, settings.jax_version or "", settings.apt_packages)
         err().print(render.plain(f"Would install {plan}"))

@@ -1,0 +1,186 @@
+"""Day one on a real project: tpuctl gets its own key onto the workers before its first connection (tpuctl.access).
+
+The workers here are real sshd processes whose keys come, as on a TPU VM, from the API: their sshd asks a guest
+agent stand-in (standins/guest_agent.py) for the user's keys, which it reads from the node's `ssh-keys` metadata in
+the local Cloud TPU API or from the OS Login profile in the local OS Login API, a second after they appear there. So
+a key works only once tpuctl has put it there, and only after tpuctl waited for it.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from standins.guest_agent import GuestAgent, metadata_keys
+from standins.oslogin_api import FakeOsLoginApi, posix_name
+from standins.pod import NODE, PROJECT, ZONE, Pod, make_pod
+from standins.sshfleet import SshFleet
+
+USER = "jane"  # the local user name tpuctl logs in as (ssh_user's default), an account the workers have
+OTHERS = "bob:ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBobsOwnKeyBobsOwnKeyBobsOwnKeyBobsOwnKey12 bob"
+ACCOUNT = "jane@example.com"
+
+
+@pytest.fixture
+def oslogin_api() -> Iterator[FakeOsLoginApi]:
+    """A started local OS Login API; every answer it gave is held to oslogin.v1.json afterwards."""
+    from standins import discovery
+
+    with FakeOsLoginApi() as api:
+        yield api
+    doc = discovery.document("oslogin.v1.json")
+    found = [
+        f"{a.request.method} {a.request.path} -> {a.status}: {problem}"
+        for a in api.answers
+        for problem in discovery.problems(doc, a.request.method, a.request.path, a.status, a.body)
+    ]
+    assert not found, "the local OS Login API answered unlike Google's reference:\n" + "\n".join(found[:20])
+
+
+def fresh_home(pod: Pod) -> dict[str, str]:
+    """tpuctl as a new user runs it: no key yet (where gcloud would make it), its own name as ssh_user."""
+    key = pod.home / ".ssh" / "google_compute_engine"
+    return {
+        "TPUCTL_SSH_KEY": str(key),
+        "TPUCTL_SSH_USER": "",
+        "USER": USER,
+        "LOGNAME": USER,
+        "TPUCTL_API_POLL": "0.2",
+        "TPUCTL_KEY_WAIT": "30",
+    }
+
+
+@pytest.fixture
+def keyed_pod(
+    make_fleet: Callable[..., SshFleet], tpu_api, tmp_path: Path
+) -> Iterator[Callable[..., tuple[Pod, GuestAgent]]]:
+    """keyed_pod(n, keys_for=None): a pod whose workers accept only the keys the API holds for a user (default: the
+    node's ssh-keys metadata), with the guest agent's one-second delay."""
+    agents: list[GuestAgent] = []
+
+    def make(n: int, keys_for=None, users: tuple[str, ...] = (USER,)) -> tuple[Pod, GuestAgent]:
+        agent = GuestAgent(keys_for or metadata_keys(tpu_api, PROJECT, ZONE, NODE), users=users, delay_s=1.0)
+        agents.append(agent)
+        agent.start()
+        pod = make_pod(make_fleet(n, agent=agent), tpu_api, tmp_path / "home")
+        node = tpu_api.nodes[(PROJECT, ZONE, NODE)]
+        node["metadata"] = {"ssh-keys": OTHERS, "startup-script": "echo hi"}  # someone else's key, not ours
+        return pod, agent
+
+    yield make
+    for agent in agents:
+        agent.close()
+
+
+def test_a_fresh_home_makes_the_key_adds_it_waits_and_succeeds(keyed_pod):
+    pod, agent = keyed_pod(3)
+    env = fresh_home(pod)
+    key = Path(env["TPUCTL_SSH_KEY"])
+
+    r = pod.tpuctl("exec", "--", "hostname", env=env)
+    assert r.returncode == 0, r.stderr
+    assert sorted(r.stdout.splitlines()) == [f"[w{w.index}] {w.hostname}" for w in pod.fleet.workers]
+    assert f"Made SSH key {key}" in r.stderr
+    assert "All 3 workers accept the key" in r.stderr
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    public = " ".join(key.with_name(key.name + ".pub").read_text().split()[:2])
+
+    metadata = pod.api.nodes[(PROJECT, ZONE, NODE)]["metadata"]
+    lines = metadata["ssh-keys"].splitlines()
+    assert lines[0] == OTHERS  # another user's line survives, first, as it was
+    assert lines[1:] == [f"{USER}:{public} {USER}"]  # ours, once
+    assert metadata["startup-script"] == "echo hi"  # the rest of the metadata too
+    patches = [q for q in pod.api.requests if q.method == "PATCH"]
+    assert len(patches) == 1 and patches[0].query["updateMask"] == ["metadata"]
+    assert set(agent.asked) == {USER}  # the workers asked for the keys of the user tpuctl logged in as
+
+    # The next command finds the key there: nothing written, no wait, the same key used.
+    key_before = key.read_bytes()
+    r = pod.tpuctl("exec", "--", "true", env={**env, "TPUCTL_NODE_CACHE_S": "0"})
+    assert r.returncode == 0, r.stderr
+    assert "accept the key" not in r.stderr and "Adding SSH key" not in r.stderr
+    assert len([q for q in pod.api.requests if q.method == "PATCH"]) == 1
+    assert key.read_bytes() == key_before  # never overwritten
+
+
+def test_check_waits_for_the_guest_agent_rather_than_failing(keyed_pod):
+    """`tpuctl check` right after the key went in: the workers refuse it for a second (their guest agent's delay);
+    tpuctl asks again until each accepts, and then answers about the chips, never 'unknown' for a key in transit."""
+    pod, agent = keyed_pod(2)
+    agent.delay_s = 2.5
+    r = pod.tpuctl("check", "--json", env=fresh_home(pod))
+    assert r.returncode == 0, r.stderr
+    assert "0/2 workers accept the key so far" in r.stderr
+    assert [w["state"] for w in json.loads(r.stdout)] == ["free", "free"]
+
+
+def test_ssh_keys_off_says_what_to_do(keyed_pod):
+    pod, _ = keyed_pod(1)
+    env = {**fresh_home(pod), "TPUCTL_SSH_KEYS": "off"}
+    r = pod.tpuctl("check", env=env)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1
+    assert "does not exist and ssh_keys = off" in r.stderr and "ssh_keys = auto" in r.stderr
+    assert not Path(env["TPUCTL_SSH_KEY"]).exists()
+    assert not [q for q in pod.api.requests if q.method == "PATCH"]
+
+
+def test_a_dry_run_adds_no_key(keyed_pod):
+    pod, _ = keyed_pod(1)
+    r = pod.tpuctl("exec", "--dry-run", "--", "true", env=fresh_home(pod))
+    assert r.returncode == 0, r.stderr
+    assert not [q for q in pod.api.requests if q.method == "PATCH"]
+
+
+def test_an_os_login_node_logs_in_as_the_profile_user(keyed_pod, oslogin_api):
+    name = posix_name(ACCOUNT)
+    pod, agent = keyed_pod(2, keys_for=oslogin_api.keys_of_user, users=(name, USER))
+    pod.api.nodes[(PROJECT, ZONE, NODE)]["metadata"]["enable-oslogin"] = "TRUE"
+    env = {**fresh_home(pod), "TPUCTL_ACCOUNT": ACCOUNT, "TPUCTL_OSLOGIN_ENDPOINT": oslogin_api.endpoint}
+
+    r = pod.tpuctl("exec", "--", "echo $USER", env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split().count(name) == 2  # both workers: logged in as the profile's POSIX user
+    assert f"OS Login profile of {ACCOUNT} (user {name!r})" in r.stderr
+    public = " ".join(Path(env["TPUCTL_SSH_KEY"] + ".pub").read_text().split()[:2])
+    assert [k.split()[:2] for k in oslogin_api.profiles[ACCOUNT]["keys"].values()] == [public.split()]
+    assert not [q for q in pod.api.requests if q.method == "PATCH"]  # OS Login VMs ignore ssh-keys metadata
+    assert set(agent.asked) == {name}
+    imports = [q for q in oslogin_api.requests if q.method == "POST"]
+    assert len(imports) == 1 and imports[0].query["projectId"] == [PROJECT]
+
+    # Next time: the profile has the key; one read, no import; on the recorded addresses, the same user.
+    r = pod.tpuctl("exec", "--", "echo $USER", env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split().count(name) == 2
+    assert len([q for q in oslogin_api.requests if q.method == "POST"]) == 1
+
+    # ssh_user set by the user wins over the profile's name (the workers then refuse: one line says why).
+    r = pod.tpuctl("exec", "--ssh-user", USER, "--", "true", env={**env, "TPUCTL_NODE_CACHE_S": "0"})
+    assert r.returncode == 255
+    assert f"authentication failed as {USER!r}" in r.stderr
+
+
+def test_os_login_without_an_account_is_one_line(keyed_pod, oslogin_api):
+    pod, _ = keyed_pod(1)
+    env = {**fresh_home(pod), "TPUCTL_SSH_KEYS": "oslogin", "TPUCTL_OSLOGIN_ENDPOINT": oslogin_api.endpoint}
+    r = pod.tpuctl("check", env=env)
+    assert r.returncode == 2
+    assert "OS Login needs your Google account" in r.stderr.splitlines()[-1]  # the error: one line, last
+
+
+def test_os_login_refused_names_the_account(keyed_pod, oslogin_api):
+    pod, _ = keyed_pod(1)
+    oslogin_api.denied.add(ACCOUNT)
+    env = {
+        **fresh_home(pod),
+        "TPUCTL_SSH_KEYS": "oslogin",
+        "TPUCTL_ACCOUNT": ACCOUNT,
+        "TPUCTL_OSLOGIN_ENDPOINT": oslogin_api.endpoint,
+    }
+    r = pod.tpuctl("check", env=env)
+    assert r.returncode == 2
+    assert f"the OS Login profile of {ACCOUNT}: permission denied" in r.stderr.splitlines()[-1]
