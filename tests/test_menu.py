@@ -44,7 +44,9 @@ def test_menu_picks_a_tpu_runs_check_and_shows_its_table(pod, tpu_api, make_flee
         order = [line for line in screen.splitlines() if "workers)" in line]
         presses = next(i for i, line in enumerate(order) if "pod  (" in line and "other-pod" not in line)
         tmux("send-keys", "-t", "menu", *["Down"] * presses, "Enter")
-        wait_for_screen(tmux, "? Action (Use arrow keys)")
+        screen = wait_for_screen(tmux, "? Action (Use arrow keys)")
+        # the first screen: doctor's findings, as the TPU has no project dir yet (and the fix)
+        assert any("remote dir" in line and "FAIL" in line and "tpuctl sync ." in line for line in screen.splitlines())
         tmux("send-keys", "-t", "menu", *["Down"] * 4, "Enter")  # list, ssh, sync, prepare, *check*
         screen = wait_for_screen(tmux, "holders (pid user cmd)")
         for w in pod.fleet.workers:

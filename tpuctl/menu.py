@@ -195,6 +195,7 @@ ACTIONS: dict[str, Callable[[], list[str] | None]] = {
     "describe the TPU": lambda: ["describe"],
     "babysit a recipe (until done)": lambda: pick_recipe("babysit"),
     "delete the TPU": lambda: ["delete", "--yes"] if confirm("Delete this TPU (its VMs and their disks)?") else None,
+    "doctor (what is missing)": lambda: ["doctor"],
 }
 
 
@@ -207,12 +208,24 @@ def run_action(args: list[str], env: dict[str, str]) -> int:
         signal.signal(signal.SIGINT, previous)
 
 
+def first_screen(env: dict[str, str]) -> None:
+    """`tpuctl doctor` on the picked TPU: its findings first when something is wrong, else one line."""
+    print("Checking the TPU (tpuctl doctor) ...", flush=True)
+    doctor = [sys.executable, "-m", "tpuctl", "doctor"]
+    r = subprocess.run(doctor, env=os.environ | env, capture_output=True, text=True, check=False)
+    if r.returncode == 0:
+        print("All checks passed.")
+    else:
+        sys.stdout.write(r.stdout + r.stderr)
+
+
 def loop(profile: str | None) -> None:
     import questionary
 
     require_terminal()
     env = pick_settings(profile)
     print(f"TPU {env['TPUCTL_TPU']} in {env['TPUCTL_PROJECT']}/{env['TPUCTL_ZONE']}")
+    first_screen(env)
     while True:
         action = ask(questionary.select("Action", choices=[*ACTIONS, EXIT]))
         if action == EXIT:

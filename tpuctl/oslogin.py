@@ -36,25 +36,34 @@ class OsLogin:
             credentials=credentials, transport="rest", client_options=ClientOptions(api_endpoint=self.endpoint)
         )
 
-    def authorize(self, public: str) -> tuple[str, bool]:
-        """The POSIX user name that logs in with `public` (`type base64`), and whether the key was imported now
-        (it was not in the profile yet)."""
-        from google.cloud.oslogin_v1 import common
+    def login_user(self, public: str) -> str | None:
+        """The POSIX user name that logs in with `public`, where the profile holds it (a read, nothing changed)."""
+        profile = self._profile()
+        if not _holds(profile, public) or not list(profile.posix_accounts):
+            return None
+        return self._user(profile)
 
-        user = f"users/{self.account}"
-        profile = self._call(
+    def _profile(self) -> Any:
+        return self._call(
             "reading",
             lambda: self._client.get_login_profile(
-                request={"name": user, "project_id": self.project}, timeout=self._timeout
+                request={"name": f"users/{self.account}", "project_id": self.project}, timeout=self._timeout
             ),
         )
-        want = public.split()[:2]
-        if any(k.key.split()[:2] == want for k in profile.ssh_public_keys.values()):
+
+    def authorize(self, public: str) -> tuple[str, bool]:
+        """The POSIX user name that logs in with `public` (`type base64`), and whether the key was imported now (it
+        was not in the profile, or the profile had no POSIX account in this project yet: importing with the
+        project's id makes one)."""
+        from google.cloud.oslogin_v1 import common
+
+        profile = self._profile()
+        if _holds(profile, public) and list(profile.posix_accounts):
             return self._user(profile), False
         answer = self._call(
             "adding your SSH key to",
             lambda: self._client.import_ssh_public_key(
-                parent=user,
+                parent=f"users/{self.account}",
                 ssh_public_key=common.SshPublicKey(key=public),
                 project_id=self.project,
                 timeout=self._timeout,
@@ -95,3 +104,9 @@ class OsLogin:
             raise CloudError(f"{what}: the OS Login API answered {e.code}: {message}") from None
         except OSError as e:
             raise CloudError(f"{what}: cannot reach the OS Login API at {self.endpoint} ({e})") from None
+
+
+def _holds(profile: Any, public: str) -> bool:
+    """Whether the profile has the key `public` (`type base64`), whatever its comment."""
+    want = public.split()[:2]
+    return any(k.key.split()[:2] == want for k in profile.ssh_public_keys.values())

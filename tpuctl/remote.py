@@ -241,3 +241,29 @@ def tail_command(run_dir: str, lines: int, follow: bool) -> str:
 def attach_command(session: str, switch: bool = False) -> str:
     """Attach a terminal to a run's tmux session; `switch` moves a client already inside tmux there instead."""
     return shlex.join(["tmux", "switch-client" if switch else "attach-session", "-t", "=" + session])
+
+
+DOCTOR_TOOLS = ("rsync", "tmux")  # besides the python that makes the virtualenv
+
+
+def doctor_command(remote_dir: str, python: str) -> str:
+    """Whether the remote dir exists and the tools fleet commands use are there: one `dir 0|1` line and a
+    `tool NAME 0|1` line each (plain sh: a worker without python3 must still answer)."""
+    lines = [f"if test -d {shell_path(remote_dir)}; then echo 'dir 1'; else echo 'dir 0'; fi"]
+    for tool in (python, *DOCTOR_TOOLS):
+        found = shlex.quote(f"tool {tool} 1")
+        lost = shlex.quote(f"tool {tool} 0")
+        lines.append(f"if command -v {shlex.quote(tool)} >/dev/null 2>&1; then echo {found}; else echo {lost}; fi")
+    return "\n".join(lines)
+
+
+def doctor_answer(stdout: str) -> dict[str, Any]:
+    """doctor_command's lines as {"dir": bool, "tools": {name: bool}}."""
+    answer: dict[str, Any] = {"dir": False, "tools": {}}
+    for line in stdout.splitlines():
+        words = line.split()
+        if words[:1] == ["dir"] and len(words) == 2:
+            answer["dir"] = words[1] == "1"
+        elif words[:1] == ["tool"] and len(words) == 3:
+            answer["tools"][words[1]] = words[2] == "1"
+    return answer

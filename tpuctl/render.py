@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from tpuctl.cloud import Node, Queued
     from tpuctl.codetree import TreeCheck
     from tpuctl.config import Settings
+    from tpuctl.doctor import Finding
     from tpuctl.fleet import WorkerResult
     from tpuctl.ops import WorkerReport
     from tpuctl.sync import SyncResult
@@ -481,3 +482,11 @@ def runs_table(records: Sequence[Any]) -> Table:
         for r in records
     ]
     return table(None, ["run", "started", "where", "recipe", "workdir"], rows)
+
+
+DOCTOR_MARKS = {"pass": "ok", "fail": "FAIL", "skipped": "-"}
+
+
+def doctor_table(findings: Sequence[Finding]) -> Table:
+    rows = [(f.check, DOCTOR_MARKS.get(f.result, f.result), f.detail, f.fix) for f in findings]
+    return table(None, ("CHECK", "RESULT", "DETAIL", "FIX"), rows)

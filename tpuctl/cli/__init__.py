@@ -1,8 +1,8 @@
 """tpuctl: the command line. One thin function per command: parse, call the library, print.
 
-The group and the list of commands are here; each family of commands is a module of this package (discovery, shell,
-workspace, chips, runs, lifecycle) that builds on `common` (settings, workers, consoles, failure lines) and `options`
-(the options several commands share). Command modules never import this module or each other.
+The group and the list of commands are here; each family of commands is a module of this package (discovery, doctor,
+shell, workspace, chips, runs, lifecycle) that builds on `common` (settings, workers, consoles, failure lines) and
+`options` (the options several commands share). Command modules never import this module or each other.
 
 Output: data on stdout (tables, command output, --json), messages and summaries on stderr.
 Exit codes: tpuctl.errors.EXIT_CODES, the one list (shown by --help).
@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from tpuctl import __version__
-from tpuctl.cli import chips, discovery, lifecycle, runs, shell, workspace
+from tpuctl.cli import chips, discovery, doctor, lifecycle, runs, shell, workspace
 from tpuctl.errors import EXIT_CODES, EXIT_FAILED, TpuctlError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
@@ -53,6 +53,7 @@ COMMANDS = (
     chips.kill,
     chips.clean_logs,
     discovery.menu,
+    doctor.doctor,
     runs.run,
     runs.status,
     runs.logs,
