@@ -278,12 +278,25 @@ class Babysitter:
     # -- the run --------------------------------------------------------------------------------------------
 
     def target(self, node: Node) -> launch.Target:
+        """The node's workers, with tpuctl's key authorised there first (a TPU babysit made has it from its
+        creation; one it found may not, or may use OS Login)."""
+        from tpuctl import access
         from tpuctl.fleet import Fleet
 
         settings = self.settings
         if self.fresh_workers:  # VMs babysit just made: new host keys are expected, not an attack
             settings = dataclasses.replace(settings, replace_host_keys=True)
-        return launch.pod_target(settings, Fleet(settings, node.workers))
+        prepared = access.prepare(settings, node, self.say)
+        if prepared.added:
+            seen: set[int] = set()
+
+            def progress(done: int, total: int) -> None:
+                if done not in seen:
+                    seen.add(done)
+                    self.say(f"{done}/{total} workers accept the key")
+
+            access.wait_accepted(prepared.settings, node.workers, progress, sleep=self.sleep)
+        return launch.pod_target(prepared.settings, Fleet(prepared.settings, node.workers))
 
     def adopt(self, target: launch.Target) -> bool:
         """A run already training on these workers (babysit was restarted): watch it rather than start it again."""

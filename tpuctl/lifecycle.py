@@ -250,18 +250,28 @@ def add_ssh_key(
                 return keys.has_key(dict(api.get_node(name).metadata).get(keys.SSH_KEYS, ""), user, public)
             return bool(operation.done())
 
-        _wait_until(updated, CloudError(f"{doing}: not done after {timeout:.0f} s"), timeout, poll, sleep)
+        # a metadata update takes seconds, not minutes: look soon, then less often
+        timed_out = CloudError(f"{doing}: not done after {timeout:.0f} s")
+        _wait_until(updated, timed_out, timeout, poll, sleep, first=min(0.25, poll))
 
 
 def _wait_until(
-    done: Callable[[], bool], timed_out: CloudError, timeout: float, poll: float, sleep: Callable[[float], None]
+    done: Callable[[], bool],
+    timed_out: CloudError,
+    timeout: float,
+    poll: float,
+    sleep: Callable[[float], None],
+    first: float | None = None,
 ) -> None:
-    """Poll `done` every `poll` seconds; `timed_out` is raised once `timeout` has passed without it."""
+    """Poll `done` every `poll` seconds (or from `first` seconds, growing by half each time up to `poll`);
+    `timed_out` is raised once `timeout` has passed without it."""
     deadline = time.monotonic() + timeout
+    pause = poll if first is None else first
     while not done():
         if time.monotonic() > deadline:
             raise timed_out
-        sleep(poll)
+        sleep(pause)
+        pause = min(pause * 1.5, poll)
 
 
 def _clean_up_failed(api: TpuApi, request: NodeRequest, poll: float, sleep: Callable[[float], None]) -> None:

@@ -82,18 +82,19 @@ def sync(
                 f" ({settings.remote_dir})."
             )
         return
-    # The workers the last sync reached get the delta at once, where their host keys confirm them. When those are
-    # all the workers recorded a moment ago, the API has nothing to add; else it says who the workers are (and
-    # tpuctl's key is authorised there first).
-    settings = connecting(settings)
-    recorded = recorded_workers(settings)
-    node = None
-    if recorded is None:
-        settings, node = reach(settings)
+    settings = connecting(settings)  # the user recorded for this TPU (OS Login's), for the early apply
     with syncing.Mirror(settings, src, delete=delete, excludes=exclude, full=full) as mirror:
+        # The workers the last sync reached get the delta at once, where their host keys confirm them, while the
+        # API is asked. When those are all the workers recorded a moment ago, the API has nothing to add; else it
+        # says who the workers are (and tpuctl's key is authorised there first).
+        recorded = recorded_workers(settings)
         hosts = [w.address(settings.internal_addresses) for w in recorded or []]
         confirmed = recorded is not None and mirror.applied_early(hosts)
-        workers = recorded if confirmed and recorded is not None else (node or ready_node(settings)).workers
+        if confirmed and recorded is not None:
+            workers = recorded
+        else:
+            mirror.settings, node = reach(settings)
+            workers = list(node.workers)
         with SyncProgress(len(workers), enabled=not as_json) as shown:
             results = mirror.sync(workers, on_progress=shown)
     tree = mirror.manifest.tree_hash
