@@ -31,7 +31,7 @@ def cli_imports(path: Path) -> set[str]:
 
 
 def test_command_modules_build_on_the_shared_modules_only():
-    assert COMMAND_MODULES == ["chips", "discovery", "lifecycle", "runs", "shell", "workspace"]
+    assert COMMAND_MODULES == ["chips", "discovery", "doctor", "lifecycle", "runs", "shell", "workspace"]
     for name in COMMAND_MODULES:
         assert cli_imports(PACKAGE / f"{name}.py") <= SHARED, name
     for name in ("common", "options"):
