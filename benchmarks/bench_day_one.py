@@ -1,7 +1,8 @@
 """Day one, timed: from a fresh HOME (no key, no known_hosts, no recorded addresses) to a successful
 `tpuctl exec -- hostname` on every worker of a stand-in pod whose workers take keys only from the API (issue 31).
 
-tpuctl makes the key, adds it (the node's ssh-keys metadata through UpdateNode, or the OS Login profile), waits until
+tpuctl asks the project's metadata whether OS Login is on (the Compute Engine API; "oslogin" rows: on project-wide),
+makes the key, adds it (the node's ssh-keys metadata through UpdateNode, or the OS Login profile), waits until
 every worker's sshd accepts it, then runs the command. The workers' guest agent (tests/standins/guest_agent.py)
 serves a key only `--agent-delay` seconds after it first sees it: 0 shows tpuctl's own cost, a few seconds shows how
 closely its polling follows a real agent's lag. The second figure of each row is the same command right after, with
@@ -28,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the stand-ins live in tests/standins
 
+from standins.compute_api import FakeComputeApi  # noqa: E402
 from standins.guest_agent import GuestAgent, metadata_keys  # noqa: E402
 from standins.oslogin_api import FakeOsLoginApi, posix_name  # noqa: E402
 from standins.pod import NODE, PROJECT, ZONE, make_pod  # noqa: E402
@@ -58,7 +60,7 @@ def run(pod, env: dict[str, str], workers: list) -> float:
 
 def measure(mode: str, n: int, delay: float, repeat: int, work: Path) -> tuple[list[float], list[float]]:
     firsts, seconds = [], []
-    with FakeTpuApi() as api, FakeOsLoginApi() as oslogin:
+    with FakeTpuApi() as api, FakeOsLoginApi() as oslogin, FakeComputeApi() as compute:
         keys_for = oslogin.keys_of_user if mode == "oslogin" else metadata_keys(api, PROJECT, ZONE, NODE)
         with GuestAgent(keys_for, users=(USER, posix_name(ACCOUNT)), delay_s=delay) as agent:
             fleet = start_fleet(n, agent=agent)
@@ -66,14 +68,15 @@ def measure(mode: str, n: int, delay: float, repeat: int, work: Path) -> tuple[l
                 for i in range(repeat):
                     home = work / f"home-{mode}-{delay:g}-{i}"
                     pod = make_pod(fleet, api, home)  # the node afresh: no key of ours in its metadata
-                    metadata = {"ssh-keys": OTHERS}
-                    if mode == "oslogin":
-                        metadata["enable-oslogin"] = "TRUE"
-                        oslogin.profiles.clear()
-                    api.nodes[(PROJECT, ZONE, NODE)]["metadata"] = metadata
+                    # OS Login turned on project-wide, as organisations do: tpuctl asks the Compute Engine API
+                    compute.projects[PROJECT] = {"enable-oslogin": "TRUE"} if mode == "oslogin" else {}
+                    oslogin.profiles.clear()
+                    api.nodes[(PROJECT, ZONE, NODE)]["metadata"] = {"ssh-keys": OTHERS}
                     env = {
                         **SAFE_ENV,
                         "TPUCTL_SSH_KEY": str(home / ".ssh" / "google_compute_engine"),
+                        "TPUCTL_SSH_KEYS": "auto",
+                        "TPUCTL_COMPUTE_ENDPOINT": compute.endpoint,
                         "TPUCTL_SSH_USER": "",
                         "USER": USER,
                         "TPUCTL_ACCOUNT": ACCOUNT,

@@ -14,7 +14,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from standins.compute_api import SERVICE_PATH, FakeComputeApi
 from standins.guest_agent import GuestAgent, metadata_keys
+from standins.jsonapi import JsonApi
 from standins.oslogin_api import FakeOsLoginApi, posix_name
 from standins.pod import NODE, PROJECT, ZONE, Pod, make_pod
 from standins.sshfleet import SshFleet
@@ -24,33 +26,55 @@ OTHERS = "bob:ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBobsOwnKeyBobsOwnKeyBobsOwnKe
 ACCOUNT = "jane@example.com"
 
 
-@pytest.fixture
-def oslogin_api() -> Iterator[FakeOsLoginApi]:
-    """A started local OS Login API; every answer it gave is held to oslogin.v1.json afterwards."""
+def held_to_reference(api: JsonApi, document: str, service_path: str = "") -> None:
+    """Every answer `api` gave, held to Google's discovery document for it (as conftest does the TPU stand-in's)."""
     from standins import discovery
 
-    with FakeOsLoginApi() as api:
-        yield api
-    doc = discovery.document("oslogin.v1.json")
+    doc = discovery.document(document)
     found = [
         f"{a.request.method} {a.request.path} -> {a.status}: {problem}"
         for a in api.answers
-        for problem in discovery.problems(doc, a.request.method, a.request.path, a.status, a.body)
+        for problem in discovery.problems(
+            doc, a.request.method, a.request.path.removeprefix(service_path), a.status, a.body
+        )
     ]
-    assert not found, "the local OS Login API answered unlike Google's reference:\n" + "\n".join(found[:20])
+    assert not found, f"{type(api).__name__} answered unlike {document}:\n" + "\n".join(found[:20])
 
 
-def fresh_home(pod: Pod) -> dict[str, str]:
-    """tpuctl as a new user runs it: no key yet (where gcloud would make it), its own name as ssh_user."""
-    key = pod.home / ".ssh" / "google_compute_engine"
-    return {
-        "TPUCTL_SSH_KEY": str(key),
-        "TPUCTL_SSH_USER": "",
-        "USER": USER,
-        "LOGNAME": USER,
-        "TPUCTL_API_POLL": "0.2",
-        "TPUCTL_KEY_WAIT": "30",
-    }
+@pytest.fixture
+def oslogin_api() -> Iterator[FakeOsLoginApi]:
+    with FakeOsLoginApi() as api:
+        yield api
+    held_to_reference(api, "oslogin.v1.json")
+
+
+@pytest.fixture
+def compute_api() -> Iterator[FakeComputeApi]:
+    """The project's Compute Engine metadata: none of OS Login unless a test sets it."""
+    with FakeComputeApi() as api:
+        api.projects[PROJECT] = {"some-key": "some value"}
+        yield api
+    held_to_reference(api, "compute.v1.json", SERVICE_PATH)
+
+
+@pytest.fixture
+def fresh_home(compute_api: FakeComputeApi) -> Callable[[Pod], dict[str, str]]:
+    """fresh_home(pod): tpuctl as a new user runs it: no key yet (where gcloud would make it), its own name as
+    ssh_user, ssh_keys as it comes (auto: the node's metadata, else the project's, decides)."""
+
+    def env(pod: Pod) -> dict[str, str]:
+        return {
+            "TPUCTL_SSH_KEY": str(pod.home / ".ssh" / "google_compute_engine"),
+            "TPUCTL_SSH_KEYS": "auto",
+            "TPUCTL_SSH_USER": "",
+            "USER": USER,
+            "LOGNAME": USER,
+            "TPUCTL_API_POLL": "0.2",
+            "TPUCTL_KEY_WAIT": "30",
+            "TPUCTL_COMPUTE_ENDPOINT": compute_api.endpoint,
+        }
+
+    return env
 
 
 @pytest.fixture
@@ -75,7 +99,7 @@ def keyed_pod(
         agent.close()
 
 
-def test_a_fresh_home_makes_the_key_adds_it_waits_and_succeeds(keyed_pod):
+def test_a_fresh_home_makes_the_key_adds_it_waits_and_succeeds(keyed_pod, fresh_home):
     pod, agent = keyed_pod(3)
     env = fresh_home(pod)
     key = Path(env["TPUCTL_SSH_KEY"])
@@ -106,7 +130,7 @@ def test_a_fresh_home_makes_the_key_adds_it_waits_and_succeeds(keyed_pod):
     assert key.read_bytes() == key_before  # never overwritten
 
 
-def test_check_waits_for_the_guest_agent_rather_than_failing(keyed_pod):
+def test_check_waits_for_the_guest_agent_rather_than_failing(keyed_pod, fresh_home):
     """`tpuctl check` right after the key went in: the workers refuse it for a second (their guest agent's delay);
     tpuctl asks again until each accepts, and then answers about the chips, never 'unknown' for a key in transit."""
     pod, agent = keyed_pod(2)
@@ -117,7 +141,7 @@ def test_check_waits_for_the_guest_agent_rather_than_failing(keyed_pod):
     assert [w["state"] for w in json.loads(r.stdout)] == ["free", "free"]
 
 
-def test_ssh_keys_off_says_what_to_do(keyed_pod):
+def test_ssh_keys_off_says_what_to_do(keyed_pod, fresh_home):
     pod, _ = keyed_pod(1)
     env = {**fresh_home(pod), "TPUCTL_SSH_KEYS": "off"}
     r = pod.tpuctl("check", env=env)
@@ -128,14 +152,14 @@ def test_ssh_keys_off_says_what_to_do(keyed_pod):
     assert not [q for q in pod.api.requests if q.method == "PATCH"]
 
 
-def test_a_dry_run_adds_no_key(keyed_pod):
+def test_a_dry_run_adds_no_key(keyed_pod, fresh_home):
     pod, _ = keyed_pod(1)
     r = pod.tpuctl("exec", "--dry-run", "--", "true", env=fresh_home(pod))
     assert r.returncode == 0, r.stderr
     assert not [q for q in pod.api.requests if q.method == "PATCH"]
 
 
-def test_an_os_login_node_logs_in_as_the_profile_user(keyed_pod, oslogin_api):
+def test_an_os_login_node_logs_in_as_the_profile_user(keyed_pod, oslogin_api, fresh_home):
     name = posix_name(ACCOUNT)
     pod, agent = keyed_pod(2, keys_for=oslogin_api.keys_of_user, users=(name, USER))
     pod.api.nodes[(PROJECT, ZONE, NODE)]["metadata"]["enable-oslogin"] = "TRUE"
@@ -164,7 +188,7 @@ def test_an_os_login_node_logs_in_as_the_profile_user(keyed_pod, oslogin_api):
     assert f"authentication failed as {USER!r}" in r.stderr
 
 
-def test_os_login_without_an_account_is_one_line(keyed_pod, oslogin_api):
+def test_os_login_without_an_account_is_one_line(keyed_pod, oslogin_api, fresh_home):
     pod, _ = keyed_pod(1)
     env = {**fresh_home(pod), "TPUCTL_SSH_KEYS": "oslogin", "TPUCTL_OSLOGIN_ENDPOINT": oslogin_api.endpoint}
     r = pod.tpuctl("check", env=env)
@@ -172,7 +196,7 @@ def test_os_login_without_an_account_is_one_line(keyed_pod, oslogin_api):
     assert "OS Login needs your Google account" in r.stderr.splitlines()[-1]  # the error: one line, last
 
 
-def test_os_login_refused_names_the_account(keyed_pod, oslogin_api):
+def test_os_login_refused_names_the_account(keyed_pod, oslogin_api, fresh_home):
     pod, _ = keyed_pod(1)
     oslogin_api.denied.add(ACCOUNT)
     env = {
@@ -184,3 +208,40 @@ def test_os_login_refused_names_the_account(keyed_pod, oslogin_api):
     r = pod.tpuctl("check", env=env)
     assert r.returncode == 2
     assert f"the OS Login profile of {ACCOUNT}: permission denied" in r.stderr.splitlines()[-1]
+
+
+def test_os_login_turned_on_for_the_project_is_found_in_its_metadata(keyed_pod, oslogin_api, compute_api, fresh_home):
+    """Organisations turn OS Login on project-wide: the node's metadata says nothing, the project's says TRUE."""
+    name = posix_name(ACCOUNT)
+    pod, _ = keyed_pod(2, keys_for=oslogin_api.keys_of_user, users=(name, USER))
+    compute_api.projects[PROJECT]["enable-oslogin"] = "TRUE"
+    env = {**fresh_home(pod), "TPUCTL_ACCOUNT": ACCOUNT, "TPUCTL_OSLOGIN_ENDPOINT": oslogin_api.endpoint}
+    r = pod.tpuctl("exec", "--", "echo $USER", env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split().count(name) == 2
+    assert not [q for q in pod.api.requests if q.method == "PATCH"]
+    assert [q.path for q in compute_api.requests] == [f"/compute/v1/projects/{PROJECT}"]
+
+    # The project's answer is remembered (a day): the next command on the API path does not ask again.
+    r = pod.tpuctl("exec", "--", "true", env={**env, "TPUCTL_NODE_CACHE_S": "0"})
+    assert r.returncode == 0, r.stderr
+    assert len(compute_api.requests) == 1
+
+
+def test_the_nodes_own_metadata_overrides_the_projects(keyed_pod, compute_api, fresh_home):
+    pod, _ = keyed_pod(1)
+    compute_api.projects[PROJECT]["enable-oslogin"] = "TRUE"
+    pod.api.nodes[(PROJECT, ZONE, NODE)]["metadata"]["enable-oslogin"] = "FALSE"  # this VM opts out, as on GCE
+    r = pod.tpuctl("exec", "--", "true", env=fresh_home(pod))
+    assert r.returncode == 0, r.stderr
+    assert len([q for q in pod.api.requests if q.method == "PATCH"]) == 1  # its ssh-keys metadata
+    assert not compute_api.requests  # the node decided: the project was not asked
+
+
+def test_a_project_whose_metadata_cannot_be_read_goes_by_ssh_keys_and_says_so(keyed_pod, compute_api, fresh_home):
+    pod, _ = keyed_pod(1)
+    compute_api.denied.add(PROJECT)
+    r = pod.tpuctl("exec", "--", "true", env=fresh_home(pod))
+    assert r.returncode == 0, r.stderr
+    assert "lacks compute.projects.get" in r.stderr and "going by the TPU's ssh-keys metadata" in r.stderr
+    assert "set ssh_keys = oslogin or ssh_keys = metadata" in r.stderr

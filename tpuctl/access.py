@@ -1,8 +1,8 @@
 """Before a fleet command's first connection to a TPU: tpuctl's key is authorised on its workers for the user it
 logs in as, the way gcloud makes it so for `gcloud compute tpus tpu-vm ssh`.
 
-Which way depends on the project: with OS Login (`enable-oslogin` TRUE in the node's metadata, or ssh_keys =
-"oslogin" where the project or the organisation turns it on) the key goes into the caller's OS Login profile and the
+Which way depends on the project: with OS Login (`enable-oslogin` TRUE in the node's metadata, else in the project's,
+or ssh_keys = "oslogin" where the organisation enforces it) the key goes into the caller's OS Login profile and the
 login user is the profile's POSIX name; otherwise it goes into the node's `ssh-keys` metadata for ssh_user. Either way
 the guest agent on each VM takes it up some seconds later, so a key that was just put there is waited for, worker by
 worker, until every one accepts it. A key that is there already costs nothing: the node the command read anyway says
@@ -24,15 +24,32 @@ if TYPE_CHECKING:
     from tpuctl.cloud import Node, Worker
     from tpuctl.config import Settings
 
-# How metadata says OS Login is on (Compute Engine takes TRUE/true/1/yes as on).
-_ON = ("true", "1", "yes", "on")
+# How metadata turns a flag on or off (Compute Engine reads TRUE/true/1/yes and FALSE/false/0/no).
+_ON, _OFF = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
-def uses_oslogin(settings: Settings, node: Node) -> bool:
-    """Whether the workers take keys from OS Login rather than from the node's ssh-keys metadata."""
+def metadata_flag(value: str | None) -> bool | None:
+    """A metadata value as a flag: True, False, or None when it says neither (absent)."""
+    word = (value or "").strip().lower()
+    return True if word in _ON else False if word in _OFF else None
+
+
+def uses_oslogin(settings: Settings, node: Node, say: Callable[[str], None] = lambda _: None) -> bool:
+    """Whether the workers take keys from OS Login rather than from the node's ssh-keys metadata: as ssh_keys
+    forces, else as the node's metadata says, else as the project's does (a VM's own metadata overrides its
+    project's, as on Compute Engine). A project whose metadata cannot be read goes by ssh-keys, saying so."""
     if settings.ssh_keys in ("oslogin", "metadata"):
         return settings.ssh_keys == "oslogin"
-    return dict(node.metadata).get("enable-oslogin", "").strip().lower() in _ON
+    node_says = metadata_flag(dict(node.metadata).get("enable-oslogin"))
+    if node_says is not None:
+        return node_says
+    from tpuctl import compute
+
+    try:
+        return bool(compute.project_oslogin(settings))
+    except TpuctlError as e:
+        say(f"{e}; going by the TPU's ssh-keys metadata")
+        return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +69,7 @@ def prepare(settings: Settings, node: Node, say: Callable[[str], None] = lambda 
     public, made = keys.ensure_key(path, f"{settings.ssh_user}@{socket.gethostname()}")
     if made:
         say(f"Made SSH key {path} (ed25519), as gcloud would")
-    if uses_oslogin(settings, node):
+    if uses_oslogin(settings, node, say):
         from tpuctl.oslogin import OsLogin
 
         oslogin = OsLogin(settings)

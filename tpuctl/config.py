@@ -104,6 +104,11 @@ class Settings:
     oslogin_endpoint: str = _setting(
         "https://oslogin.googleapis.com", "str", "OS Login API endpoint; http:// means an emulator (no credentials)."
     )
+    compute_endpoint: str = _setting(
+        "https://compute.googleapis.com",
+        "str",
+        "Compute Engine API endpoint (the project's metadata: enable-oslogin); http:// means an emulator.",
+    )
     ssh_port: int = _setting(22, "int", "SSH port of the workers.", "--ssh-port")
     remote_dir: str = _setting("~/tpuctl", "str", "Project directory on the workers.", "--remote-dir")
     internal_ip: bool = _setting(

@@ -162,8 +162,12 @@ class Doctor:
         if not keys.managed(s):
             self._add("ssh key", PASS, f"{path} (ssh_keys = off: authorised by you, not checked here)")
             return s
-        if uses_oslogin(s, node):
+        notes: list[str] = []
+        if uses_oslogin(s, node, notes.append):
             return self._oslogin_key(public)
+        if notes:  # the project's metadata could not be read: say so with whatever follows
+            self._add("ssh key", FAIL, notes[0], "set ssh_keys = oslogin or ssh_keys = metadata")
+            return None
         if keys.has_key(dict(node.metadata).get(keys.SSH_KEYS, ""), s.ssh_user, public):
             self._add("ssh key", PASS, f"{path} is in the TPU's ssh-keys metadata for {s.ssh_user!r}")
             return s

@@ -10,16 +10,12 @@ profile has no POSIX account there, which is what a first-day user meets. Profil
 from __future__ import annotations
 
 import hashlib
-import json
 import re
-import threading
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
 
-from standins.tpu_api import ApiError, RecordedAnswer, RecordedRequest
+from standins.jsonapi import JsonApi
+from standins.tpu_api import ApiError
 
 LINUX = 1  # PosixAccount.operatingSystemType LINUX, as the REST client asks enums (enum-encoding=int)
 
@@ -29,39 +25,11 @@ def posix_name(email: str) -> str:
     return re.sub(r"[^a-z0-9_]", "_", email.lower())
 
 
-class FakeOsLoginApi:
+class FakeOsLoginApi(JsonApi):
     def __init__(self) -> None:
+        super().__init__()
         self.profiles: dict[str, dict[str, Any]] = {}  # email -> {"keys": {fingerprint: key}, "projects": set()}
         self.denied: set[str] = set()
-        self.requests: list[RecordedRequest] = []
-        self.answers: list[RecordedAnswer] = []
-        self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-
-    def start(self) -> FakeOsLoginApi:
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
-        return self
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> FakeOsLoginApi:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    @property
-    def endpoint(self) -> str:
-        assert self._server is not None, "FakeOsLoginApi is not started"
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def keys_of_user(self, username: str) -> list[str]:
         """The keys sshd accepts for POSIX user `username` (what a VM's `google_authorized_keys` asks for)."""
@@ -73,7 +41,7 @@ class FakeOsLoginApi:
 
     # -- routes ------------------------------------------------------------------------------------------
 
-    def _route(self, method: str, path: str, query: dict[str, list[str]], body: dict[str, Any]) -> dict[str, Any]:
+    def route(self, method: str, path: str, query: dict[str, list[str]], body: dict[str, Any]) -> dict[str, Any]:
         match method, path.strip("/").split("/"):
             case "GET", ["v1", "users", email, "loginProfile"]:
                 return self._profile_json(self._account(email), query.get("projectId", [""])[0])
@@ -126,38 +94,3 @@ class FakeOsLoginApi:
                 if project
             ]
         return {"name": email, "posixAccounts": accounts, "sshPublicKeys": keys}
-
-
-def _handler_for(api: FakeOsLoginApi) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def _serve(self) -> None:
-            url = urlsplit(self.path)
-            path, query = unquote(url.path), parse_qs(url.query)
-            length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length) if length else b""
-            try:
-                sent = json.loads(raw) if raw.strip() else {}
-            except ValueError:
-                sent = {}
-            request = RecordedRequest(self.command, path, query, sent or None)
-            api.requests.append(request)
-            try:
-                status, body = HTTPStatus.OK, api._route(self.command, path, query, sent)
-            except ApiError as e:
-                status, body = e.status, e.body()
-            api.answers.append(RecordedAnswer(request, int(status), body))
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json; charset=UTF-8")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        do_GET = do_POST = _serve
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    return Handler

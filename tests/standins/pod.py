@@ -41,6 +41,9 @@ class Pod:
             "TPUCTL_TPU": NODE,
             "TPUCTL_SSH_USER": self.fleet.user,
             "TPUCTL_SSH_KEY": str(self.fleet.key_path),
+            # The node's ssh-keys metadata is how these workers are reached; with "auto" tpuctl would first ask the
+            # Compute Engine API whether the project turns OS Login on (test_access does, against its stand-in).
+            "TPUCTL_SSH_KEYS": "metadata",
             "TPUCTL_SSH_PORT": str(self.fleet.port),
             "TPUCTL_KNOWN_HOSTS": str(self.known_hosts),
             "TPUCTL_CONNECT_TIMEOUT": "5",
