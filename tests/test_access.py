@@ -245,3 +245,12 @@ def test_a_project_whose_metadata_cannot_be_read_goes_by_ssh_keys_and_says_so(ke
     assert r.returncode == 0, r.stderr
     assert "lacks compute.projects.get" in r.stderr and "going by the TPU's ssh-keys metadata" in r.stderr
     assert "set ssh_keys = oslogin or ssh_keys = metadata" in r.stderr
+
+
+def test_a_tpu_viewer_is_told_which_permission_adding_the_key_needs(keyed_pod, fresh_home):
+    pod, _ = keyed_pod(1)
+    pod.api.read_only_projects.add(PROJECT)  # roles/tpu.viewer: the node can be read, not changed
+    r = pod.tpuctl("check", env=fresh_home(pod))
+    assert r.returncode == 2
+    last = r.stderr.splitlines()[-1]
+    assert "updating the metadata of TPU 'pod'" in last and "tpu.nodes.update" in last and "roles/tpu.admin" in last
