@@ -10,8 +10,7 @@ import json
 from http import HTTPStatus
 from typing import Any
 
-from standins.jsonapi import JsonApi
-from standins.tpu_api import ApiError
+from standins.jsonapi import ApiError, JsonApi
 
 SERVICE_PATH = "/compute/v1"  # the document's servicePath: its method paths start after it
 

@@ -14,8 +14,7 @@ import re
 from http import HTTPStatus
 from typing import Any
 
-from standins.jsonapi import JsonApi
-from standins.tpu_api import ApiError
+from standins.jsonapi import ApiError, JsonApi
 
 LINUX = 1  # PosixAccount.operatingSystemType LINUX, as the REST client asks enums (enum-encoding=int)
 

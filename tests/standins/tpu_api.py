@@ -25,15 +25,12 @@ import itertools
 import json
 import re
 import threading
-import time
-import traceback
 from collections.abc import Callable, Iterable, Sequence
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import TracebackType
-from typing import Any, ClassVar, NamedTuple, Protocol
-from urllib.parse import parse_qs, unquote, urlsplit
+from typing import Any, NamedTuple, Protocol
+
+from standins.jsonapi import ApiError, JsonApi, RecordedRequest
 
 # The port every v2 network endpoint reports (the TPU runtime's gRPC port).
 ENDPOINT_PORT = 8470
@@ -81,19 +78,6 @@ TPU_ZONES = (
 WorkersFor = Callable[[str, str, str, dict[str, Any]], list[tuple[str, str | None]]]
 
 
-class RecordedRequest(NamedTuple):
-    method: str
-    path: str  # percent-decoded, without the query
-    query: dict[str, list[str]]
-    body: Any = None  # the JSON sent, if any
-
-
-class RecordedAnswer(NamedTuple):
-    request: RecordedRequest
-    status: int
-    body: Any  # the JSON answered
-
-
 class _Worker(Protocol):
     """What add_fleet_node needs of a standins.sshfleet.StandinWorker."""
 
@@ -105,44 +89,6 @@ class _Fleet(Protocol):
 
     @property
     def workers(self) -> Sequence[_Worker]: ...
-
-
-class ApiError(Exception):
-    """Raised by the routes; answered with Google's JSON error body."""
-
-    # Google's canonical status name for each HTTP status this server answers with.
-    CANONICAL: ClassVar[dict[HTTPStatus, str]] = {
-        HTTPStatus.BAD_REQUEST: "INVALID_ARGUMENT",
-        HTTPStatus.FORBIDDEN: "PERMISSION_DENIED",
-        HTTPStatus.NOT_FOUND: "NOT_FOUND",
-        HTTPStatus.CONFLICT: "ALREADY_EXISTS",
-        HTTPStatus.TOO_MANY_REQUESTS: "RESOURCE_EXHAUSTED",
-        HTTPStatus.INTERNAL_SERVER_ERROR: "INTERNAL",
-        HTTPStatus.NOT_IMPLEMENTED: "UNIMPLEMENTED",
-        HTTPStatus.SERVICE_UNAVAILABLE: "UNAVAILABLE",
-    }
-
-    def __init__(
-        self,
-        status: HTTPStatus,
-        message: str,
-        reason: str | None = None,
-        metadata: dict[str, str] | None = None,
-        domain: str = "googleapis.com",
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.reason, self.metadata, self.domain = reason, metadata or {}, domain
-
-    def body(self) -> dict[str, Any]:
-        """Google's error body; with a reason, a google.rpc.ErrorInfo in `details`, as Google's front end adds."""
-        status = self.CANONICAL.get(self.status, "UNKNOWN")
-        error: dict[str, Any] = {"code": int(self.status), "message": self.message, "status": status}
-        if self.reason is not None:
-            info = {"reason": self.reason, "domain": self.domain, "metadata": self.metadata}
-            error["details"] = [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", **info}]
-        return {"error": error}
 
 
 # The permission each read or write of this API needs (Cloud TPU's IAM permissions, as its error messages name them).
@@ -194,10 +140,11 @@ class OperationError(NamedTuple):
     details: tuple[dict[str, Any], ...] = ()  # the Status's details (each an Any with its @type)
 
 
-class FakeTpuApi:
+class FakeTpuApi(JsonApi):
     """Nodes keyed by (project, zone, name), served at `endpoint` while started."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.nodes: dict[NodeKey, dict[str, Any]] = {}
         self.queued: dict[NodeKey, dict[str, Any]] = {}  # queued resources, by (project, zone, id)
         self.operations: dict[str, dict[str, Any]] = {}  # by full name
@@ -225,52 +172,22 @@ class FakeTpuApi:
         self.full_zones: dict[str, ApiError | OperationError] = {}  # zone -> how every creation there fails
         self.on_create: WorkersFor | None = None  # the new node's workers; default: made-up 10.0.0.x addresses
         self.on_delete: Callable[[str, str, str], None] | None = None  # a deleted node's workers go away
-        self.requests: list[RecordedRequest] = []
-        self.answers: list[RecordedAnswer] = []  # what it answered to each, held to the discovery document by tests
-        self._lock = threading.Lock()
         self._op_ids = itertools.count(1)
         self._timers: list[threading.Timer] = []
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
-    def start(self) -> FakeTpuApi:
-        if self._server is not None:
-            return self
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        self._server.daemon_threads = True
-        # A short poll interval keeps close() fast: shutdown() waits for serve_forever to notice.
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, args=(0.05,), name="fake-tpu-api", daemon=True
-        )
-        self._thread.start()
-        return self
+    def encode(self, body: dict[str, Any], query: dict[str, list[str]]) -> dict[str, Any]:
+        """Enums as numbers where the client asked for `enum-encoding=int` (the REST transport does)."""
+        return _enums_as_ints(body) if "enum-encoding=int" in query.get("$alt", [""])[0] else body
 
     def close(self) -> None:
         for timer in self._timers:
             timer.cancel()
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._server = self._thread = None
+        super().close()
 
     def __enter__(self) -> FakeTpuApi:
         return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    @property
-    def endpoint(self) -> str:
-        if self._server is None:
-            raise RuntimeError("FakeTpuApi is not started")
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
 
     # -- state -------------------------------------------------------------------------------------------
 
@@ -340,7 +257,7 @@ class FakeTpuApi:
 
     # -- routes (run in the server's threads) ------------------------------------------------------------
 
-    def _route(
+    def route(
         self, method: str, path: str, query: dict[str, list[str]], body: dict[str, Any] | None = None
     ) -> dict[str, Any]:
         body = body or {}
@@ -734,52 +651,3 @@ def _enums_as_ints(body: dict[str, Any]) -> dict[str, Any]:
     if "done" in body or "metadata" in body:  # a long-running operation
         return {k: any_message(v) if k in ("response", "metadata") else v for k, v in body.items()}
     return body
-
-
-def _handler_for(api: FakeTpuApi) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        # HTTP/1.1 keeps connections alive, as the client's requests session expects.
-        protocol_version = "HTTP/1.1"
-
-        def _serve(self) -> None:
-            url = urlsplit(self.path)
-            path, query = unquote(url.path), parse_qs(url.query)
-            sent = self._read_body()
-            request = RecordedRequest(self.command, path, query, sent or None)
-            api.requests.append(request)
-            time.sleep(api.delay_s)
-            try:
-                status, body = HTTPStatus.OK, api._route(self.command, path, query, sent)
-                if "enum-encoding=int" in query.get("$alt", [""])[0]:
-                    body = _enums_as_ints(body)
-            except ApiError as e:
-                status, body = e.status, e.body()
-            except Exception:  # a bug in the fake: answer it readably rather than dropping the connection
-                error = ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, traceback.format_exc())
-                status, body = error.status, error.body()
-            api.answers.append(RecordedAnswer(request, int(status), body))
-            self._reply(status, body)
-
-        def _read_body(self) -> dict[str, Any]:
-            length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length) if length else b""
-            try:
-                body = json.loads(raw) if raw.strip() else {}
-            except ValueError:
-                return {}
-            return body if isinstance(body, dict) else {}
-
-        def _reply(self, status: HTTPStatus, body: dict[str, Any]) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json; charset=UTF-8")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        do_GET = do_POST = do_DELETE = do_PATCH = _serve
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass  # quiet: the recorded `requests` are what tests look at
-
-    return Handler

@@ -230,21 +230,21 @@ def quoted(word: str) -> str:
     return shlex.quote(word)
 
 
-class SyncProgress:
-    """A rich progress view with a row per worker, only on a terminal (rich is not even imported otherwise)."""
+class _Shown:
+    """A rich progress view on stderr while a terminal shows it (rich is not even imported otherwise)."""
 
-    def __init__(self, count: int, enabled: bool):
-        self.progress = None
+    progress: Any = None
+
+    @staticmethod
+    def on_terminal(enabled: bool, columns: Callable[[], tuple[Any, ...]]) -> Any:
         console = render.console(stderr=True) if enabled and sys.stderr.isatty() else None
-        if console is not None and console.is_terminal:
-            from rich.progress import BarColumn, Progress, TextColumn
+        if console is None or not console.is_terminal:
+            return None
+        from rich.progress import Progress
 
-            columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[phase]}"))
-            self.progress = Progress(*columns, console=console, transient=True)
-        self.tasks: dict[int, Any] = {}
-        self.lock = threading.Lock()
+        return Progress(*columns(), console=console, transient=True)
 
-    def __enter__(self) -> SyncProgress:
+    def __enter__(self) -> Any:
         if self.progress is not None:
             self.progress.__enter__()
         return self
@@ -252,6 +252,32 @@ class SyncProgress:
     def __exit__(self, *exc: Any) -> None:
         if self.progress is not None:
             self.progress.__exit__(*exc)
+
+
+def _sync_columns() -> tuple[Any, ...]:
+    from rich.progress import BarColumn, TextColumn
+
+    return (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[phase]}"))
+
+
+def _key_columns() -> tuple[Any, ...]:
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    return (
+        TextColumn("Waiting for the workers to accept the key"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+
+
+class SyncProgress(_Shown):
+    """A row per worker and its sync phase."""
+
+    def __init__(self, count: int, enabled: bool):
+        self.progress = self.on_terminal(enabled, _sync_columns)
+        self.tasks: dict[int, Any] = {}
+        self.lock = threading.Lock()
 
     def __call__(self, worker: Any, phase: str) -> None:
         if self.progress is None:
@@ -264,29 +290,15 @@ class SyncProgress:
             self.progress.update(self.tasks[worker.index], phase=phase, completed=1 if done else 0)
 
 
-class KeyProgress:
+class KeyProgress(_Shown):
     """The wait for the workers to take up a key just added: how many accept it so far. A bar on a terminal; else a
     line whenever the count changes."""
 
     def __init__(self, count: int):
-        self.progress: Any = None
         self.shown = -1
-        console = render.console(stderr=True) if sys.stderr.isatty() else None
-        if console is not None and console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            columns = (TextColumn("Waiting for the workers to accept the key"), BarColumn(), MofNCompleteColumn())
-            self.progress = Progress(*columns, TimeElapsedColumn(), console=console, transient=True)
+        self.progress = self.on_terminal(True, _key_columns)
+        if self.progress is not None:
             self.task = self.progress.add_task("key", total=count)
-
-    def __enter__(self) -> KeyProgress:
-        if self.progress is not None:
-            self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.progress is not None:
-            self.progress.__exit__(*exc)
 
     def __call__(self, done: int, total: int) -> None:
         if self.progress is not None:
