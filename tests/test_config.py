@@ -103,11 +103,17 @@ def test_missing_setting_says_every_way_to_set_it(env):
     env["CLOUDSDK_CONFIG"] = env["HOME"] + "/no-gcloud"
     s = config.resolve(env=env)
     with pytest.raises(ConfigError) as e:
-        s.require("project", "zone")
+        s.require("project")
     assert str(e.value) == (
         "project is not set (set it with --project, TPUCTL_PROJECT, 'project = ...' in a profile of "
         "~/.config/tpuctl/config.toml or `gcloud config set core/project ...`)"
     )
+    with pytest.raises(ConfigError) as e:  # every missing one at once, each with its ways
+        s.require("project", "zone", "tpu")
+    assert e.value.message == "project, zone and tpu are not set"
+    assert e.value.hint is not None
+    assert all(f"{n}: set it with --{n}, TPUCTL_{n.upper()}" in e.value.hint for n in ("project", "zone", "tpu"))
+    s.require("remote_dir")  # set (a default): nothing to say
 
 
 def test_jax_version_defaults_to_the_jax_installed_here(env):
@@ -185,3 +191,11 @@ def test_tpuctl_never_imports_jax_tensorflow_or_the_cloud_client_to_start():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_fleet_command_names_every_missing_setting_in_one_try(env):
+    env["CLOUDSDK_CONFIG"] = env["HOME"] + "/no-gcloud"
+    r = run(env, "check")
+    assert r.returncode == 2
+    assert r.stderr.startswith("tpuctl: error: project, zone and tpu are not set (project: set it with --project")
+    assert r.stderr.count("\n") == 1

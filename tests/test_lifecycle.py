@@ -140,6 +140,22 @@ def test_dry_run_prints_the_request_and_sends_nothing(tpuctl: Tpuctl, tpu_api: F
     assert metadata == {"ssh-keys": f"{user}:ssh-ed25519 KEY-TO-BE-MADE-AT:{key} {user}"} and not key.exists()
 
 
+def test_the_runtime_is_the_one_google_documents_for_the_type_unless_given(tpuctl: Tpuctl):
+    """cloud.google.com/tpu/docs/runtimes: v6e, v5p and v5e each have their own image; v4 and older share one."""
+    documented = {
+        "v6e-8": "v2-alpha-tpuv6e",
+        "v5p-16": "v2-alpha-tpuv5",
+        "v5litepod-16": "v2-alpha-tpuv5-lite",
+        "v4-32": "tpu-ubuntu2204-base",
+        "v3-8": "tpu-ubuntu2204-base",
+    }
+    for kind, runtime in documented.items():
+        r = tpuctl("create", "my-pod", "--type", kind, "--dry-run", "--json")
+        assert json.loads(r.stdout)["body"]["runtimeVersion"] == runtime, kind
+    r = tpuctl("create", "my-pod", "--type", "v5litepod-16", "--runtime", "my-image", "--dry-run", "--json")
+    assert json.loads(r.stdout)["body"]["runtimeVersion"] == "my-image"
+
+
 def test_the_key_in_a_new_tpus_metadata_is_kept_off_or_merged_as_the_settings_say(
     tpuctl: Tpuctl, tpu_api: FakeTpuApi, tmp_path: Path
 ):

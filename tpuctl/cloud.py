@@ -186,7 +186,7 @@ class NodeRequest:
         return cls(
             name=name,
             accelerator_type=settings.accelerator_type,
-            runtime_version=settings.runtime_version,
+            runtime_version=settings.runtime_version or runtime_for(settings.accelerator_type),
             network=settings.network,
             subnetwork=settings.subnetwork,
             service_account=settings.service_account,
@@ -202,6 +202,22 @@ class NodeRequest:
         """The same TPU again: its name, type, runtime, spot-ness and metadata (the SSH keys in it included: the new
         VMs accept whom the old ones did; babysit remaking a dead TPU it was not told how to create)."""
         return cls(node.name, node.accelerator_type, node.runtime_version, spot=node.spot, metadata=node.metadata)
+
+
+# The TPU software version Google documents for JAX on each generation (cloud.google.com/tpu/docs/runtimes), by the
+# accelerator type's prefix; the first that matches wins.
+RUNTIMES = (
+    ("v6e-", "v2-alpha-tpuv6e"),
+    ("v5p-", "v2-alpha-tpuv5"),
+    ("v5litepod-", "v2-alpha-tpuv5-lite"),
+    ("v5e-", "v2-alpha-tpuv5-lite"),
+    ("", "tpu-ubuntu2204-base"),  # v4 and older
+)
+
+
+def runtime_for(accelerator_type: str) -> str:
+    """The documented runtime version for an accelerator type (v5litepod-16 -> v2-alpha-tpuv5-lite)."""
+    return next(runtime for prefix, runtime in RUNTIMES if accelerator_type.startswith(prefix))
 
 
 ZONE_RE = re.compile(r"[a-z][a-z0-9-]*[a-z0-9]")  # us-central2-b, europe-west4-a

@@ -145,8 +145,12 @@ class Settings:
         "Cloud TPU API endpoint; http:// means an emulator (no credentials).",
     )
     accelerator_type: str | None = _setting(None, "str", "Accelerator type `create` asks for, e.g. v4-32.", "--type")
-    runtime_version: str = _setting(
-        "tpu-ubuntu2204-base", "str", "TPU VM software version `create` asks for.", "--runtime"
+    runtime_version: str | None = _setting(
+        None,
+        "str",
+        "TPU VM software version `create` asks for; default: the one Google documents for the type (v6e:"
+        " v2-alpha-tpuv6e, v5p: v2-alpha-tpuv5, v5e: v2-alpha-tpuv5-lite, v4 and older: tpu-ubuntu2204-base).",
+        "--runtime",
     )
     network: str | None = _setting(None, "str", "VPC network of new TPUs (default: the project's).", "--network")
     subnetwork: str | None = _setting(None, "str", "Subnetwork of new TPUs.", "--subnet")
@@ -206,10 +210,14 @@ class Settings:
     sources: dict[str, str] = field(default_factory=dict, compare=False, metadata={"kind": "internal"})
 
     def require(self, *names: str) -> None:
-        """Raise a ConfigError naming every way to set the first missing setting."""
-        for name in names:
-            if getattr(self, name) in (None, ""):
-                raise ConfigError(f"{name} is not set", how_to_set(name))
+        """Raise one ConfigError naming every missing setting of `names` (zone: zones will do) and how to set each,
+        so that one try brings all the news."""
+        missing = [n for n in names if getattr(self, n) in (None, "") and not (n == "zone" and self.zones)]
+        if len(missing) == 1:
+            raise ConfigError(f"{missing[0]} is not set", how_to_set(missing[0]))
+        if missing:
+            listed = ", ".join(missing[:-1]) + f" and {missing[-1]}"
+            raise ConfigError(f"{listed} are not set", "; ".join(f"{n}: {how_to_set(n)}" for n in missing))
 
     @property
     def internal_addresses(self) -> bool:

@@ -108,8 +108,7 @@ class Doctor:
         from tpuctl.cloud import TpuApi
 
         try:
-            for name in ("project", "zone", "tpu"):
-                self.settings.require(name)
+            self.settings.require("project", "zone", "tpu")
             api = TpuApi(self.settings)
             nodes = api.list_nodes()
         except TpuctlError as e:

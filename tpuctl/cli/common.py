@@ -34,7 +34,7 @@ def ready_node(settings: Settings) -> Node:
     from tpuctl import endpoints
     from tpuctl.cloud import TpuApi
 
-    settings.require("tpu")
+    settings.require("project", "zone", "tpu")
     assert settings.tpu is not None
     node = TpuApi(settings).get_node(settings.tpu)
     if node.state != "READY":
@@ -84,7 +84,7 @@ def fleet_of(settings: Settings, workers: str = "all", recorded_ok: bool = True,
     from tpuctl import endpoints
     from tpuctl.fleet import Fleet
 
-    settings.require("tpu")
+    settings.require("project", "zone", "tpu")
     recorded = recorded_workers(settings) if recorded_ok else None
     if recorded is not None:
         chosen = parse_workers(workers, len(recorded))
