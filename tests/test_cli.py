@@ -56,3 +56,12 @@ def test_run_and_babysit_describe_a_run_with_the_same_options():
 
     run, babysit = cli.commands["run"], cli.commands["babysit"]
     assert described(run) == described(babysit) and len(described(run)) == 5
+
+
+def test_the_summary_names_the_first_day_commands_and_every_fleet_command_takes_ssh_proxy():
+    from click.testing import CliRunner
+
+    summary = CliRunner().invoke(cli, ["--help"]).output
+    assert all(f"tpuctl {name} " in summary for name in ("doctor", "create", "sync", "prepare", "run", "status"))
+    for name in ("exec", "check", "sync", "run", "doctor", "ssh"):  # the docs name --ssh-proxy: it exists
+        assert "--ssh-proxy" in CliRunner().invoke(cli, [name, "--help"]).output, name

@@ -103,7 +103,7 @@ def test_an_unreachable_jump_host_leaves_every_worker_unknown_and_a_bad_one_is_o
     r = private_pod.tpuctl("check", proxy=closed, env={"TPUCTL_CONNECT_TIMEOUT": "2"})
     assert r.returncode == 3, r.stderr  # unknown, never free
     assert r.stderr.count(f"the jump host {closed} is unreachable") == 3 and "free" not in r.stdout
-    for bad in ("root@host:99999", "a@b@c"):
-        r = private_pod.tpuctl("exec", "--", "true", proxy=bad)
+    for bad in ("root@host:99999", "a@b@c"):  # as the flag every fleet command takes (over the env's good one)
+        r = private_pod.tpuctl("exec", "--ssh-proxy", bad, "--", "true")
         assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
         assert f"ssh_proxy {bad!r} is neither a jump host nor a command" in r.stderr

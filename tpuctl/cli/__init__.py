@@ -30,13 +30,16 @@ EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(f"  {code:<3}  {meaning}" for 
 @click.version_option(__version__, prog_name="tpuctl")
 @click.pass_context
 def cli(ctx: click.Context, profile: str | None, verbose: bool) -> None:
-    """Run CLIP training on Cloud TPU pods: find the workers, sync, prepare, check, kill, clean.
+    """Run CLIP training on Cloud TPU pods: create a TPU, check what is missing (doctor), sync, prepare, run a
+    recipe on every worker and watch it (status, logs, stop), check and free the chips, clean logs; or `menu`.
 
     \b
     Examples:
-      tpuctl list --zone us-central2-b
-      tpuctl sync . --tpu my-pod
-      tpuctl exec --tpu my-pod -- 'nproc; df -h /'
+      tpuctl doctor --zone us-central2-b --tpu my-pod
+      tpuctl create my-pod --type v4-32 --spot
+      tpuctl sync . --tpu my-pod && tpuctl prepare --tpu my-pod
+      tpuctl run recipes/b16.toml --tpu my-pod --workdir gs://my-bucket/b16
+      tpuctl status --tpu my-pod
       tpuctl check --tpu my-pod --json
     """
     ctx.ensure_object(dict).update(profile=profile, verbose=verbose)  # main() reads "verbose" back
