@@ -98,6 +98,8 @@ def test_prepare_dry_run_prints_the_pins_and_the_remote_command(pod):
         "Would install apt packages libgl1 ffmpeg, then the project[train] with jax==0.4.35"
         " (jax[tpu]==0.4.35 on hosts with TPU devices)"
     )
+    assert r.stdout == "" and "tpuctl -v prepare --dry-run" in r.stderr  # the summary; the script when asked
+    r = pod.tpuctl("-v", "prepare", "--dry-run", "--jax-version", "0.4.35", "--apt-packages", "libgl1,ffmpeg")
     assert r.stdout.startswith("python3 -c ") and '"remote_dir": "~/tpuctl"' in r.stdout
     assert '"constraints": ["jax==0.4.35"]' in r.stdout and '"packages": ["libgl1", "ffmpeg"]' in r.stdout
     assert pod.tpuctl("prepare", "--dry-run").stderr.startswith(

@@ -343,3 +343,6 @@ def test_the_local_target_trains_the_tiny_recipe_from_a_clean_checkout(project, 
     assert start["tree"] == code["tree"] and start["stage"] == "fmnist21" and start["step"] == 0
     r = tpuctl_here(local_env, "logs", "tiny 'demo'", "-n", "1", cwd=tmp_path)
     assert r.stdout.startswith("done: every stage")
+    r = tpuctl_here(local_env, "stop", "tiny 'demo'", cwd=tmp_path)  # a finished run: nothing to resume
+    assert r.returncode == 0 and "had finished (every stage trained): nothing to stop or resume" in r.stderr
+    assert "Resume with" not in r.stderr

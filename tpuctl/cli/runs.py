@@ -293,7 +293,15 @@ def stop(run: str | None, grace: float, show_all: bool, as_json: bool, **flags: 
         if not any(r.error for r in reports):
             (first,) = launch.status(settings, target.subset([0]), record)  # the checkpoint it will resume from
             saved = first.data.get("checkpoint") or "none yet"
-            err().print(render.plain(f"Stopped at checkpoint {saved}. Resume with: {resume_command(record)}"))
+            if all(r.state == "not running" for r in reports) and first.state == "done":
+                err().print(
+                    render.plain(
+                        f"Run {record.name!r} had finished (every stage trained): nothing to stop or resume."
+                        f" Its checkpoints and metrics: {record.workdir}"
+                    )
+                )
+            else:
+                err().print(render.plain(f"Stopped at checkpoint {saved}. Resume with: {resume_command(record)}"))
     failed = any(r.error or r.state == "killed" for r in reports)
     raise SystemExit(EXIT_FAILED if failed else EXIT_OK)
 

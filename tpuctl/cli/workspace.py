@@ -161,8 +161,12 @@ def prepare(dry_run: bool, as_json: bool, **flags: Any) -> None:
     if dry_run:
         plan = render.prepare_plan(settings.extras, settings.jax_version or "", settings.apt_packages)
         err().print(render.plain(f"Would install {plan}"))
-        err().print(f"on {render.count(len(fleet.hosts), 'worker')} ({', '.join(fleet.hosts)}), by running:")
-        click.echo(command)
+        if click.get_current_context().find_root().obj["verbose"]:
+            err().print(f"on {render.count(len(fleet.hosts), 'worker')} ({', '.join(fleet.hosts)}), by running:")
+            click.echo(command)
+        else:
+            err().print(f"on {render.count(len(fleet.hosts), 'worker')} ({', '.join(fleet.hosts)}).")
+            err().print("The script it runs there: tpuctl -v prepare --dry-run")
         return
     reports = ops.prepare(settings, fleet)
     show_reports(reports, as_json, render.prepare_table)
