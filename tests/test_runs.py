@@ -346,3 +346,21 @@ def test_the_local_target_trains_the_tiny_recipe_from_a_clean_checkout(project, 
     r = tpuctl_here(local_env, "stop", "tiny 'demo'", cwd=tmp_path)  # a finished run: nothing to resume
     assert r.returncode == 0 and "had finished (every stage trained): nothing to stop or resume" in r.stderr
     assert "Resume with" not in r.stderr
+
+
+def test_a_multi_worker_run_refuses_a_workdir_on_each_workers_own_disk(pod, project):
+    """Checkpoints on every VM's own disk would be lost with the VMs (a preempted spot TPU is deleted): refused
+    before anything starts, naming the fix; a bucket or a declared shared mount is fine."""
+    r = pod.tpuctl("run", RECIPE, "--dry-run", cwd=project)  # the default workdir: ~/tpuctl-runs/NAME, per worker
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "~/tpuctl-runs/tiny_run is on each of the 2 workers' own disk" in r.stderr
+    assert "--workdir gs://BUCKET/runs/tiny_run" in r.stderr and "workdir_root" in r.stderr
+    assert "shared_dirs" in r.stderr
+    r = pod.tpuctl("run", RECIPE, "--workdir", "/var/tmp/runs/x", "--dry-run", cwd=project)
+    assert r.returncode == 0, r.stderr  # under shared_dirs (the stand-in pod declares /var/tmp shared)
+    no_shared = {"TPUCTL_SHARED_DIRS": ""}
+    r = pod.tpuctl("run", RECIPE, "--workdir", "/var/tmp/runs/x", "--dry-run", cwd=project, env=no_shared)
+    assert r.returncode == 2 and "own disk" in r.stderr
+    r = pod.tpuctl("run", RECIPE, "--dry-run", cwd=project, env={"TPUCTL_WORKDIR_ROOT": "gs://team-bucket/runs"})
+    assert r.returncode == 0, r.stderr  # a team sets the bucket once
+    assert "gs://team-bucket/runs/tiny_run" in r.stderr + r.stdout

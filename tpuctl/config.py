@@ -203,7 +203,14 @@ class Settings:
     workdir_root: str = _setting(
         "~/tpuctl-runs",
         "str",
-        "Where runs keep checkpoints by default (WORKDIR_ROOT/RUN); several workers need storage they all see.",
+        "Where runs keep checkpoints by default (WORKDIR_ROOT/RUN); a run on several workers needs a place they all"
+        " see: a bucket (gs://BUCKET/runs) or a path under shared_dirs.",
+    )
+    shared_dirs: list[str] = _setting(
+        [],
+        "list",
+        "Paths every worker sees as one place (an NFS or gcsfuse mount): a workdir under one may hold a multi-worker"
+        " run's checkpoints.",
     )
     coordinator_port: int = _setting(8476, "int", "Port of worker 0's jax.distributed coordinator (non-TPU hosts).")
     # Where each value came from, for `tpuctl config show`.

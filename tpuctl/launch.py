@@ -171,6 +171,27 @@ class RunSpec:
         )
 
 
+def shared(settings: Settings, workdir: str) -> bool:
+    """Whether every worker sees `workdir` as one place: a bucket (any URL), or a path under shared_dirs."""
+    if "://" in workdir:
+        return True
+    path = workdir.rstrip("/")
+    return any(path == d.rstrip("/") or path.startswith(d.rstrip("/") + "/") for d in settings.shared_dirs if d)
+
+
+def require_shared_workdir(settings: Settings, record: RunRecord, workers: int) -> None:
+    """A run on several workers checkpoints into one workdir they all see, or not at all: a workdir on each worker's
+    own disk would keep a checkpoint no other worker can read, lost with the VM (a preempted TPU is deleted)."""
+    if workers <= 1 or shared(settings, record.workdir):
+        return
+    raise TpuctlError(
+        f"run {record.name!r}: its workdir {record.workdir} is on each of the {workers} workers' own disk, where"
+        " checkpoints would be lost with the VMs",
+        f"pass --workdir gs://BUCKET/runs/{record.slug}, set workdir_root = 'gs://BUCKET/runs' once, or declare a"
+        " mount every worker shares: shared_dirs = ['/mnt/shared']",
+    )
+
+
 def coordinator(settings: Settings, target: Target) -> str | None:
     """Worker 0's address as the other workers reach it (its internal IP), when there are other workers."""
     workers = target.fleet.workers
@@ -308,6 +329,7 @@ def launch(
     workers until its heartbeat times out), then record the run with its code's identity. Returns the record (with
     the workers' hosts) and each worker's start report.
     """
+    require_shared_workdir(settings, record, len(target.fleet.workers))
     manifest = None
     if sync and project is not None:
         from tpuctl import sync as syncing

@@ -151,7 +151,9 @@ def pick_recipe(command: str = "run") -> list[str] | None:
     choice = ask(questionary.select("Recipe", choices=[*recipes, other]))
     if choice == other:
         choice = ask(questionary.path("Recipe file", validate=lambda p: Path(p).is_file() or "no such file"))
-    return [command, choice]
+    # a pod's workers must all see the workdir (checkpoints on a VM's own disk are lost with it)
+    workdir = ask(questionary.text("Workdir for checkpoints (gs://BUCKET/PATH; empty: workdir_root/RUN)")).strip()
+    return [command, choice, *(["--workdir", workdir] if workdir else [])]
 
 
 def pick_run() -> list[str]:

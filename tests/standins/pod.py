@@ -41,6 +41,9 @@ class Pod:
             "TPUCTL_TPU": NODE,
             "TPUCTL_SSH_USER": self.fleet.user,
             "TPUCTL_SSH_KEY": str(self.fleet.key_path),
+            # What the stand-in workers share (each has its own /root and /tmp), and /tmp/w: the workdir of the tests
+            # about something else (chips, code identity, scale), whose trainers never read each other's checkpoints.
+            "TPUCTL_SHARED_DIRS": "/var/tmp,/tmp/w",
             # The node's ssh-keys metadata is how these workers are reached; with "auto" tpuctl would first ask the
             # Compute Engine API whether the project turns OS Login on (test_access does, against its stand-in).
             "TPUCTL_SSH_KEYS": "metadata",

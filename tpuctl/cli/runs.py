@@ -106,6 +106,7 @@ def run(
     record = spec.record(settings, target.kind, target.cwd, target.hosts)
     sync = not (local or no_sync)
     if dry_run:
+        launch.require_shared_workdir(settings, record, len(target.hosts))
         _show_plan(settings, target, record, sync=sync, as_json=as_json)
         return
     try:
