@@ -51,6 +51,7 @@ def babysit_env(tpu_api, home: Path) -> dict[str, str]:
         "TPUCTL_ZONE": ZONE,
         "TPUCTL_API_POLL": "0.05",
         "TPUCTL_SSH_KEY": str(key),
+        "TPUCTL_SSH_KEYS": "metadata",  # the stand-in VMs go by their node's metadata (the project's: test_access)
         "TPUCTL_CONNECT_TIMEOUT": "2",
     }
 

@@ -266,6 +266,10 @@ def test_recipe_mistakes_are_one_line_before_anything_starts(pod, project):
     assert r.returncode == 2 and "--env '1BAD=x' is not NAME=VALUE" in r.stderr
     r = pod.tpuctl("run", RECIPE, "--workdir", "gs:/bucket/b16", cwd=project)  # a slash eaten on the way
     assert r.returncode == 2 and "--workdir gs:/bucket/b16 is not a bucket URL" in r.stderr and "gs://" in r.stderr
+    r = pod.tpuctl("run", "recipes/b16.toml", "--dry-run", cwd=project)  # as shipped: gs://YOUR-BUCKET/...
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "text.vocab = 'gs://YOUR-BUCKET/bert_base_vocab_bos_eos.txt' is a placeholder (and 4 more:" in r.stderr
+    assert "--set text.vocab=gs://" in r.stderr
     for local in ([], ["--local"]):  # a bucket workdir reaches the trainer as it is, also on this machine
         r = pod.tpuctl("run", RECIPE, "--workdir", "gs://bucket/b16", *local, "--dry-run", "--json", cwd=project)
         assert json.loads(r.stdout)["workers"][0]["argv"][3:6] == [RECIPE, "--workdir", "gs://bucket/b16"], r.stdout

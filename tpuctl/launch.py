@@ -12,6 +12,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shlex
 import sys
 from collections.abc import Callable
@@ -97,14 +98,39 @@ def validate_recipe(path: Path, overrides: list[str]) -> bytes:
 
     try:
         content = path.read_bytes()
-        load(path, overrides)
+        recipe = load(path, overrides)
     except RecipeError as e:
         raise TpuctlError(f"{path}: {e}") from None
     except OSError as e:
         raise TpuctlError(f"cannot read recipe {path}: {e.strerror}") from None
+    found = placeholders(recipe)
+    if found:
+        key, value = found[0]
+        more = f" (and {len(found) - 1} more: {', '.join(k for k, _ in found[1:4])})" if len(found) > 1 else ""
+        raise TpuctlError(
+            f"{path}: {key} = {value!r} is a placeholder{more}",
+            f"put yours in the recipe, or --set {key}=gs://...",
+        )
     if path.read_bytes() != content:
         raise TpuctlError(f"recipe {path} changed while it was being checked", "run the command again")
     return content
+
+
+PLACEHOLDER = re.compile(r"YOUR[-_][A-Z]+")  # the shipped recipes' gs://YOUR-BUCKET/..., YOUR-POD
+
+
+def placeholders(value: Any, key: str = "") -> list[tuple[str, str]]:
+    """(dotted key, value) of every string in a loaded recipe that still holds a placeholder."""
+    if isinstance(value, str):
+        return [(key, value)] if PLACEHOLDER.search(value) else []
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)]
+        return [p for name, v in fields for p in placeholders(v, f"{key}.{name}" if key else name)]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in placeholders(v, f"{key}.{k}" if key else str(k))]
+    if isinstance(value, list | tuple):
+        return [p for i, v in enumerate(value) for p in placeholders(v, f"{key}.{i}")]
+    return []
 
 
 def parse_env(items: tuple[str, ...]) -> dict[str, str]:
