@@ -140,3 +140,20 @@ def test_batches_must_split_over_the_devices_and_hosts():
         RecipeError, match=r"^stages\[1\]\.global_batch = 64 \(/ grad_accum 4 = 16\) is not divisible by 32"
     ):
         recipe.check_devices(r, device_count=32)
+
+
+def test_the_workdir_comes_from_the_flag_else_the_recipe_else_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    source = (RECIPES.parent / "tests" / "tiny_synthetic.toml").read_text()
+    assert recipe.load(RECIPES.parent / "tests" / "tiny_synthetic.toml").workdir == ""
+    own = tmp_path / "own.toml"
+    own.write_text('workdir = "gs://team-bucket/runs/own"\n' + source)
+    assert recipe.load(own).workdir == "gs://team-bucket/runs/own"
+    r = subprocess.run(
+        [sys.executable, "-m", "trainer", str(RECIPES.parent / "tests" / "tiny_synthetic.toml")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 2 and "no workdir (pass --workdir DIR, or set workdir" in r.stderr
+    assert r.stderr.count("\n") == 1

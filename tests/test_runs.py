@@ -368,3 +368,6 @@ def test_a_multi_worker_run_refuses_a_workdir_on_each_workers_own_disk(pod, proj
     r = pod.tpuctl("run", RECIPE, "--dry-run", cwd=project, env={"TPUCTL_WORKDIR_ROOT": "gs://team-bucket/runs"})
     assert r.returncode == 0, r.stderr  # a team sets the bucket once
     assert "gs://team-bucket/runs/tiny_run" in r.stderr + r.stdout
+    r = pod.tpuctl("run", RECIPE, "--set", "workdir=gs://b/own", "--dry-run", "--json", cwd=project)
+    assert r.returncode == 0, r.stderr  # or the recipe names its own (workdir = "gs://...")
+    assert json.loads(r.stdout)["run"]["workdir"] == "gs://b/own"

@@ -91,9 +91,9 @@ def recipe_in_project(recipe: Path, project: Path) -> str:
         ) from None
 
 
-def validate_recipe(path: Path, overrides: list[str]) -> bytes:
+def validate_recipe(path: Path, overrides: list[str]) -> tuple[bytes, Any]:
     """The trainer's own recipe check (standard library only), here, before anything starts on any worker; returns
-    the content it checked."""
+    the content it checked and the recipe it read."""
     from trainer.recipe import RecipeError, load
 
     try:
@@ -113,7 +113,7 @@ def validate_recipe(path: Path, overrides: list[str]) -> bytes:
         )
     if path.read_bytes() != content:
         raise TpuctlError(f"recipe {path} changed while it was being checked", "run the command again")
-    return content
+    return content, recipe
 
 
 PLACEHOLDER = re.compile(r"YOUR[-_][A-Z]+")  # the shipped recipes' gs://YOUR-BUCKET/..., YOUR-POD
@@ -154,7 +154,7 @@ class RunSpec:
 
     recipe: str  # relative to the project, as the workers see it
     name: str
-    workdir: str | None = None  # None: the run's earlier one, else WORKDIR_ROOT/NAME
+    workdir: str | None = None  # --workdir, else the recipe's; None: the run's earlier one, else WORKDIR_ROOT/NAME
     overrides: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     recipe_sha256: str | None = None  # the content validated here: the workers must read these very bytes
@@ -170,8 +170,9 @@ class RunSpec:
         env_items: tuple[str, ...],
     ) -> RunSpec:
         path = recipe_in_project(recipe, project)
-        content = validate_recipe(project / path, list(overrides))
+        content, checked = validate_recipe(project / path, list(overrides))
         digest = hashlib.sha256(content).hexdigest()
+        workdir = workdir or checked.workdir or None  # --workdir, else the recipe's own
         return cls(path, name or Path(path).stem, workdir, tuple(overrides), parse_env(env_items), digest)
 
     def record(self, settings: Settings, kind: str, cwd: str, hosts: list[str] | None = None) -> RunRecord:

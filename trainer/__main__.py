@@ -41,7 +41,10 @@ def start_distributed(
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
-@click.option("--workdir", required=True, help="Checkpoints, metrics, TensorBoard: a local path or gs://BUCKET/PATH.")
+@click.option(
+    "--workdir",
+    help="Checkpoints, metrics, TensorBoard: a local path or gs://BUCKET/PATH (default: the recipe's workdir).",
+)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
 @click.option("--coordinator", envvar=contract.COORDINATOR_ENV, help="host:port of process 0 (multi-process, no TPU).")
 @click.option("--num-processes", envvar=contract.NUM_PROCESSES_ENV, type=int, help="With --coordinator.")
@@ -63,7 +66,7 @@ def start_distributed(
 )
 def main(
     recipe_path: str,
-    workdir: str,
+    workdir: str | None,
     overrides: tuple[str, ...],
     coordinator: str | None,
     num_processes: int | None,
@@ -76,6 +79,9 @@ def main(
         recipe = load(recipe_path, overrides)  # before jax starts: a typo costs a second, not a minute
     except RecipeError as e:
         raise UserError(str(e)) from None
+    workdir = workdir or recipe.workdir
+    if not workdir:
+        raise UserError(f'{recipe_path}: no workdir (pass --workdir DIR, or set workdir = "gs://..." in the recipe)')
     from trainer import preflight, storage
 
     run_dir = storage.at(workdir)

@@ -249,6 +249,9 @@ class Recipe:
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     log: Log = field(default_factory=Log)
     evals: tuple[Eval, ...] = ()
+    # Where the run keeps its checkpoints, metrics and TensorBoard files when neither `python -m trainer --workdir`
+    # nor `tpuctl run --workdir` says (a bucket, for a pod: every worker must see it)
+    workdir: str = ""
 
     def stage_samples(self, stage: Stage) -> int:
         return stage.samples or round(stage.epochs * self.data.epoch_size)
