@@ -254,3 +254,16 @@ def test_a_tpu_viewer_is_told_which_permission_adding_the_key_needs(keyed_pod, f
     assert r.returncode == 2
     last = r.stderr.splitlines()[-1]
     assert "updating the metadata of TPU 'pod'" in last and "tpu.nodes.update" in last and "roles/tpu.admin" in last
+
+
+def test_a_new_key_on_recorded_addresses_is_authorised_when_the_workers_refuse_it(keyed_pod, fresh_home):
+    """The workers' addresses were recorded a moment ago (no API call), then the user switches to another key: the
+    workers refuse it, tpuctl asks the API, adds the key, waits, and the command runs on every worker."""
+    pod, _ = keyed_pod(2)
+    env = fresh_home(pod)
+    assert pod.tpuctl("exec", "--", "true", env=env).returncode == 0
+    other = {**env, "TPUCTL_SSH_KEY": str(pod.home / ".ssh" / "second_key")}
+    r = pod.tpuctl("exec", "--", "hostname", env=other)
+    assert r.returncode == 0, r.stderr
+    assert sorted(r.stdout.splitlines()) == [f"[w{w.index}] {w.hostname}" for w in pod.fleet.workers]
+    assert "Adding SSH key" in r.stderr and len([q for q in pod.api.requests if q.method == "PATCH"]) == 2

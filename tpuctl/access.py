@@ -62,13 +62,9 @@ class Access:
 def prepare(settings: Settings, node: Node, say: Callable[[str], None] = lambda _: None) -> Access:
     """Make sure tpuctl's key (made if missing) is authorised on `node` for the user it will log in as."""
     path = settings.path("ssh_key")
-    if not keys.managed(settings):
-        if not path.exists():
-            raise missing_key(settings)
+    public = key_file(settings, say)
+    if public is None:
         return Access(settings, "off", False)
-    public, made = keys.ensure_key(path, f"{settings.ssh_user}@{socket.gethostname()}")
-    if made:
-        say(f"Made SSH key {path} (ed25519), as gcloud would")
     if uses_oslogin(settings, node, say):
         from tpuctl.oslogin import OsLogin
 
@@ -87,6 +83,20 @@ def prepare(settings: Settings, node: Node, say: Callable[[str], None] = lambda 
     say(f"Adding SSH key {path} for {settings.ssh_user!r} to the ssh-keys metadata of TPU {node.name!r}")
     lifecycle.add_ssh_key(TpuApi(settings), node.name, settings.ssh_user, public, poll=min(2.0, settings.api_poll))
     return Access(settings, "metadata", True)
+
+
+def key_file(settings: Settings, say: Callable[[str], None] = lambda _: None) -> str | None:
+    """tpuctl's public key, the key made now where it is missing (as gcloud makes its own); None with ssh_keys =
+    "off", where a missing key is one line instead."""
+    path = settings.path("ssh_key")
+    if not keys.managed(settings):
+        if not path.exists():
+            raise missing_key(settings)
+        return None
+    public, made = keys.ensure_key(path, f"{settings.ssh_user}@{socket.gethostname()}")
+    if made:
+        say(f"Made SSH key {path} (ed25519), as gcloud would")
+    return public
 
 
 def wait_accepted(

@@ -145,14 +145,15 @@ class Fleet:
         doubtful = [i for i, r in enumerate(results) if r.error is not None and not r.connected]
         if self._refresh is not None and doubtful:
             # A recorded address was not confirmed (or did not answer): the API says where the workers are now.
-            # The command goes to those that did not run it where the answer changes something: a new address, or
-            # an address whose key was not the recorded one (now under the usual policy, which names the change).
-            # A worker that did not answer at the address the API still gives is not made to time out twice.
+            # The command goes to those that did not run it where the answer changes something: a new address, an
+            # address whose key was not the recorded one (now under the usual policy, which names the change), or a
+            # worker that refused the key (refresh() authorises it). A worker that did not answer at the address the
+            # API still gives is not made to time out twice.
             fresh = list(self._refresh())
             self._refresh = None
             before = self.hosts
             self.workers, self.hosts = fresh, [w.address(self.settings.internal_addresses) for w in fresh]
-            again = [i for i in doubtful if self.hosts[i] != before[i] or results[i].unconfirmed]
+            again = [i for i in doubtful if self.hosts[i] != before[i] or results[i].unconfirmed or results[i].refused]
             for i in doubtful:
                 if i not in again and on_done is not None:
                     on_done(results[i])

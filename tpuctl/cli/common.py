@@ -101,6 +101,10 @@ def fleet_of(settings: Settings, workers: str = "all", recorded_ok: bool = True,
                 authorized(fleet.settings, node)
             return [node.workers[i] for i in chosen]
 
+        if authorize:  # a key of ours to offer (a new one is authorised by refresh() once the workers refuse it)
+            from tpuctl import access
+
+            access.key_file(settings, say)
         fleet = Fleet(connecting(settings), [recorded[i] for i in chosen], refresh=refresh)
         return fleet
     node = ready_node(settings)
