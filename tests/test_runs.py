@@ -225,7 +225,7 @@ def test_busy_chips_are_refused_and_force_kills_the_holder(pod, project):
     assert not alive(holder), r.stdout + r.stderr
     assert r.returncode == 2 and "tpuctl/.venv/bin/python does not exist: run `tpuctl prepare` first" in r.stderr
     # the dry run says what would run where, and starts nothing
-    r = pod.tpuctl("run", RECIPE, "--dry-run", "--json", env=env, cwd=project)
+    r = pod.tpuctl("run", RECIPE, "--workdir", "/tmp/w", "--dry-run", "--json", env=env, cwd=project)
     plan = json.loads(r.stdout)
     assert [w["env"]["TRAINER_PROCESS_ID"] for w in plan["workers"]] == ["0", "1"]
     assert plan["workers"][1]["env"]["TRAINER_COORDINATOR"] == f"{pod.fleet.workers[0].ip}:8476"
