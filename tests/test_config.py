@@ -199,3 +199,16 @@ def test_a_fleet_command_names_every_missing_setting_in_one_try(env):
     assert r.returncode == 2
     assert r.stderr.startswith("tpuctl: error: project, zone and tpu are not set (project: set it with --project")
     assert r.stderr.count("\n") == 1
+
+
+def test_the_project_lookup_imports_one_compute_service_and_leaves_the_package_whole():
+    """tpuctl.compute imports Compute Engine's projects service past the package's __init__ (which imports all ~100
+    services); a later plain import of the package still gets all of it."""
+    code = (
+        "import sys\nfrom tpuctl.imports import import_past_init\n"
+        "m = import_past_init('google.cloud.compute_v1', 'services.projects')\n"
+        "print(hasattr(m, 'ProjectsClient'), 'google.cloud.compute_v1.services.instances' in sys.modules)\n"
+        "import google.cloud.compute_v1 as c\nprint(hasattr(c, 'InstancesClient'), hasattr(c, 'ProjectsClient'))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.split() == ["True", "False", "True", "True"]

@@ -20,3 +20,26 @@ def import_without(module: str, *hidden: str) -> ModuleType:
     finally:
         for name in masked:
             del sys.modules[name]
+
+
+def import_past_init(package: str, submodule: str) -> ModuleType:
+    """`package.submodule`, without running `package`'s own __init__ when that is not imported yet: a generated
+    client's __init__ may import every service it has (google-cloud-compute's: ~100 of them, a second of a command
+    that needs one). A bare package with the real search path stands in while the submodule is imported; then it
+    leaves sys.modules, so a later full import of the package still runs its __init__."""
+    import importlib.util
+
+    name = f"{package}.{submodule}"
+    if package in sys.modules or name in sys.modules:
+        return importlib.import_module(name)
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.submodule_search_locations is None:
+        return importlib.import_module(name)  # not a package here: the import says what is wrong
+    bare = ModuleType(package)
+    bare.__path__ = list(spec.submodule_search_locations)
+    sys.modules[package] = bare
+    try:
+        return importlib.import_module(name)
+    finally:
+        if sys.modules.get(package) is bare:
+            del sys.modules[package]
