@@ -157,3 +157,16 @@ def test_the_workdir_comes_from_the_flag_else_the_recipe_else_one_line(tmp_path)
     )  # fmt: skip
     assert r.returncode == 2 and "no workdir (pass --workdir DIR, or set workdir" in r.stderr
     assert r.stderr.count("\n") == 1
+
+
+def test_the_recipe_reference_is_what_the_schema_says():
+    """recipes/REFERENCE.md is made from trainer/recipe.py: every key, its type, default and comment. Changing the
+    schema without `python -m trainer.reference > recipes/REFERENCE.md` fails here."""
+    from trainer import reference
+
+    written = (RECIPES / "REFERENCE.md").read_text()
+    assert written == reference.markdown(), "run: python -m trainer.reference > recipes/REFERENCE.md"
+    for key in ("`workdir`", "`global_batch`", "`remat`", "`contrast_recaption`", "`wandb_project`", "`init_from`"):
+        assert key in written
+    assert '| `remat` | one of `"none"`, `"block"`, `"dots"` | `"none"` |' in written
+    assert "| `peak_lr` | number | required |" in written

@@ -46,8 +46,8 @@ class Model:
     # (CoCa's); "queries": OpenVision's: the context's tokens (before the towers' final LayerNorm) and one learned
     # query per caption position in one transformer, the queries causal among themselves, all predicted at once
     decoder_style: Literal["causal", "queries"] = "causal"
-    pooling: Literal["mean", "cls", "map"] = "mean"
-    posemb: Literal["sincos2d", "learned"] = "sincos2d"
+    pooling: Literal["mean", "cls", "map"] = "mean"  # the image embedding: mean of the tokens, class token, or MAP head
+    posemb: Literal["sincos2d", "learned"] = "sincos2d"  # image position embeddings: fixed 2-D sin-cos, or learned
     # open_clip's (OpenAI's) choices where OpenVision's differ; `python -m trainer.convert import` writes them out
     class_token: bool = False  # a class token in the image sequence whatever the pooling (open_clip's ViTs have one)
     ln_pre: bool = False  # a LayerNorm before the image tower's blocks
@@ -63,7 +63,7 @@ class Model:
     text_pooling: Literal["last", "argmax"] = "last"  # argmax: at the end-of-text token, CLIP BPE's highest id
     embed_dim: int = 0  # output width; 0 = the variant's (Ti 192, S 384, B 512, L 768, So400m 1152, H 1024)
     dtype: Literal["bfloat16", "float32"] = "bfloat16"  # compute
-    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"  # parameters as stored and updated
     remat: Literal["none", "block", "dots"] = "none"  # backward pass recomputes all of a block, or all but matmuls
     # "auto": cuDNN's fused attention on GPUs in bf16/fp16 where its shapes allow, XLA's elsewhere (CPU, TPU, fp32)
     attention: Literal["auto", "xla", "cudnn"] = "auto"
@@ -80,7 +80,7 @@ class Model:
 
 @dataclass(frozen=True)
 class Text:
-    tokenizer: Literal["bert_wordpiece", "clip_bpe"] = "bert_wordpiece"
+    tokenizer: Literal["bert_wordpiece", "clip_bpe"] = "bert_wordpiece"  # OpenVision's WordPiece, or CLIP's BPE
     vocab: str = ""  # WordPiece vocab file (OpenVision: bert-base-uncased vocab.txt); synthetic data needs none
     vocab_rows: int = 32_000  # rows of the token tables (at least the vocab's size)
     context_length: int = 80  # encoder tokens (pooled at the last position)
@@ -101,10 +101,10 @@ class Mix:
 
     train: str  # as data.train: shards (comma-separated paths/globs), or a TFDS builder directory
     weight: float = 1.0  # relative: a sample comes from this source with probability weight / sum of the weights
-    source: Literal["", "tfrecord", "webdataset", "tfds"] = ""
-    split: str = ""
-    image_key: str = ""
-    caption_key: str = ""
+    source: Literal["", "tfrecord", "webdataset", "tfds"] = ""  # as data.source ("" = data.source)
+    split: str = ""  # as data.split ("" = data.split)
+    image_key: str = ""  # as data.image_key ("" = data.image_key)
+    caption_key: str = ""  # as data.caption_key ("" = data.caption_key)
     recaption_key: str = ""  # a key the records lack: the decoder learns this source's alt-text
 
 
@@ -137,8 +137,8 @@ class Data:
     image_key: str = "image"  # the encoded image's feature (OpenVision's TFDS builders: "jpg"); webdataset: ignored
     caption_key: str = "txt"  # alt-text
     recaption_key: str = "llava_caption"  # the re-caption the decoder predicts ("" = use the alt-text)
-    shuffle_buffer: int = 250_000
-    seed: int = 0
+    shuffle_buffer: int = 250_000  # records shuffled across, per host
+    seed: int = 0  # the data order's and the augmentations' seed
     epoch_size: int = 1_281_167  # samples per "epoch" when a stage counts epochs (ImageNet-1k's train split)
     color_jitter: float = 0.4  # strength; 0 = off (p 0.8, grayscale p 0.2, as OpenVision; applied on the device)
     crop_min_area: float = 0.4  # random-resized-crop area range [crop_min_area, 1]
@@ -170,35 +170,35 @@ class Data:
 
 @dataclass(frozen=True)
 class Optimizer:
-    b1: float = 0.9
-    b2: float = 0.95
-    mu_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    b1: float = 0.9  # AdamW's first-moment decay
+    b2: float = 0.95  # AdamW's second-moment decay
+    mu_dtype: Literal["bfloat16", "float32"] = "bfloat16"  # the first moment as stored
     weight_decay: float = 0.2  # decoupled, on kernels only
     grad_clip_norm: float = 0.0  # 0 = no clipping
 
 
 @dataclass(frozen=True)
 class Loss:
-    contrastive: Literal["softmax", "sigmoid"] = "softmax"
-    contrastive_weight: float = 1.0
+    contrastive: Literal["softmax", "sigmoid"] = "softmax"  # CLIP's softmax loss, or SigLIP's sigmoid loss
+    contrastive_weight: float = 1.0  # the contrastive loss's weight in the total
     caption_weight: float = 2.0  # used when model.decoder is set
     # OpenVision: the image is contrasted with its alt-text and, as a second text, with one sentence of its
     # re-caption (data.recaption_key), drawn at random; the two contrastive losses are averaged
     contrast_recaption: bool = False
     temperature_init: float = 1 / 0.07  # softmax: learned, clamped to max_temperature; sigmoid: 10 with bias -10
-    max_temperature: float = 100.0
+    max_temperature: float = 100.0  # softmax: the learned temperature's upper clamp
 
 
 @dataclass(frozen=True)
 class Mesh:
     data: int = -1  # -1 = the devices the other axes leave
-    fsdp: int = 1
-    tensor: int = 1
+    fsdp: int = 1  # devices each parameter and optimizer state is sharded over (FSDP)
+    tensor: int = 1  # devices each layer's matmuls are split over (tensor parallelism)
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    every_steps: int = 1000
+    every_steps: int = 1000  # steps between checkpoints (a stage's checkpoint_every overrides it)
     keep: int = 3  # latest checkpoints kept; each stage's final one is kept as well
 
 
@@ -213,13 +213,13 @@ class Log:
 
 @dataclass(frozen=True)
 class Stage:
-    name: str
-    resolution: int
-    global_batch: int
-    peak_lr: float
+    name: str  # names its checkpoints and metrics (unique in the recipe)
+    resolution: int  # image side in pixels (the patch size must divide it)
+    global_batch: int  # images per step over all devices and hosts
+    peak_lr: float  # the learning rate after warm-up (then cosine decay to 0 over the stage)
     samples: int = 0  # how long, in samples ...
     epochs: float = 0.0  # ... or in epochs of data.epoch_size (exactly one of the two)
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # linear warm-up from 0 to peak_lr
     eval_every: int = 0  # steps; 0 = only at the end of the stage
     checkpoint_every: int = 0  # steps; 0 = checkpoint.every_steps
     grad_accum: int = 1  # micro-batches per step
@@ -229,12 +229,12 @@ class Stage:
 
 @dataclass(frozen=True)
 class Eval:
-    kind: Literal["zeroshot", "retrieval"]
-    name: str
+    kind: Literal["zeroshot", "retrieval"]  # zero-shot classification, or image-text retrieval
+    name: str  # names its metrics (`NAME/top1`, `NAME/i2t_r@1`, ...)
     path: str = ""  # the eval data (a TFRecord glob, an image folder, a Karpathy-split JSON, ...)
     classnames: str = ""  # zero-shot: a class-names file ("" = ImageNet's, shipped)
     templates: str = ""  # zero-shot: a prompt-templates file ("" = CLIP's 80, shipped)
-    batch: int = 256
+    batch: int = 256  # images per evaluation batch
 
 
 @dataclass(frozen=True)
