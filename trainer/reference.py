@@ -61,7 +61,7 @@ def meanings(cls: type) -> dict[str, str]:
     found = {}
     for node in body.body:
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            line, above = node.lineno, []
+            line, above = node.lineno, list[str]()
             while line - 1 in alone:
                 line -= 1
                 above.insert(0, text[line])
@@ -75,11 +75,11 @@ def type_of(hint: object) -> str:
         return "one of " + ", ".join(f'`"{v}"`' for v in typing.get_args(hint))
     if typing.get_origin(hint) is tuple:
         return "array of tables"
-    names = {str: "string", int: "integer", float: "number", bool: "boolean"}
-    return names.get(hint, str(hint))  # type: ignore[call-overload]
+    names: dict[object, str] = {str: "string", int: "integer", float: "number", bool: "boolean"}
+    return names.get(hint, str(hint))
 
 
-def default_of(f: dataclasses.Field) -> str:  # type: ignore[type-arg]
+def default_of(f: dataclasses.Field[typing.Any]) -> str:
     if f.default is not dataclasses.MISSING:
         value = f.default
     elif f.default_factory is not dataclasses.MISSING:
