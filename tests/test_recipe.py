@@ -3,6 +3,8 @@ line naming the key."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -91,7 +93,13 @@ def test_overrides_reach_any_key():
         (["model.image=B/15"], 'model.image = "B/15" is not VARIANT/PATCH'),
         (["model.text=XL"], 'model.text = "XL" is not one of Mu, Ti, S, B, L, So400m, H'),
         (["model.text_depth=-1"], "model.text_depth = -1 must be at least 0"),
-        (["stages.0.epochs=10"], "stages[0] needs exactly one of samples or epochs"),
+        (
+            ["stages.0.epochs=10"],
+            "stages[0] sets both samples = 12810000000 and epochs = 10: keep one (--set"
+            " stages.0.samples=0 clears the samples)",
+        ),
+        (["stages.0.samples=0"], "stages[0] needs one of samples or epochs (> 0)"),
+        (["stages.0.warmup_epochs=40"], "stages[0] sets both warmup_steps = 1563 and warmup_epochs = 40: keep one"),
         (["stages.0.grad_accum=3"], "stages[0].global_batch = 32768 is not divisible by stages[0].grad_accum = 3"),
         (["stages.2.name=ft224"], 'stages[2].name = "ft224" is used by an earlier stage'),
         (["stages.0.patch_keep=0"], "stages[0].patch_keep = 0.0 must be in (0, 1]"),
@@ -170,3 +178,11 @@ def test_the_recipe_reference_is_what_the_schema_says():
         assert key in written
     assert '| `remat` | one of `"none"`, `"block"`, `"dots"` | `"none"` |' in written
     assert "| `peak_lr` | number | required |" in written
+
+
+def test_warmup_in_epochs_is_counted_as_openvision_counts_it():
+    """OpenVision's PRE_WARMUP_EPOCH=40 at batch 32,768: int(40 x 1,281,167 // 32,768) = 1,563 warm-up steps."""
+    r = recipe.load(RECIPES / "b16.toml", ["stages.0.warmup_steps=0", "stages.0.warmup_epochs=40"])
+    assert r.stages[0].warmup_steps == 1563 == recipe.load(RECIPES / "b16.toml").stages[0].warmup_steps
+    again = recipe.from_dict(json.loads(json.dumps(dataclasses.asdict(r))))  # a workdir's recipe.json, read back
+    assert again.stages[0].warmup_steps == 1563

@@ -219,7 +219,10 @@ class Stage:
     peak_lr: float  # the learning rate after warm-up (then cosine decay to 0 over the stage)
     samples: int = 0  # how long, in samples ...
     epochs: float = 0.0  # ... or in epochs of data.epoch_size (exactly one of the two)
-    warmup_steps: int = 0  # linear warm-up from 0 to peak_lr
+    warmup_steps: int = 0  # linear warm-up from 0 to peak_lr, in steps ...
+    # ... or in epochs of data.epoch_size, as OpenVision counts it (vitual_warmup_epoch: epochs x 1,281,167 samples //
+    # global_batch steps); at most one of the two
+    warmup_epochs: float = 0.0
     eval_every: int = 0  # steps; 0 = only at the end of the stage
     checkpoint_every: int = 0  # steps; 0 = checkpoint.every_steps
     grad_accum: int = 1  # micro-batches per step
@@ -281,9 +284,27 @@ def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
 
 
 def from_dict(raw: dict[str, Any]) -> Recipe:
-    recipe = _build(Recipe, raw, "")
+    recipe = _warmup_in_steps(_build(Recipe, raw, ""))
     validate(recipe)
     return recipe
+
+
+def _warmup_in_steps(r: Recipe) -> Recipe:
+    """Each stage's warmup_epochs as warmup_steps (OpenVision's count: warm-up samples // global batch)."""
+    stages = []
+    for i, s in enumerate(r.stages):
+        if s.warmup_epochs and s.warmup_steps:
+            raise RecipeError(
+                f"stages[{i}] sets both warmup_steps = {s.warmup_steps} and warmup_epochs = {s.warmup_epochs:g}: keep"
+                f" one (--set stages.{i}.warmup_steps=0 clears the steps)"
+            )
+        if s.warmup_epochs < 0:
+            raise RecipeError(f"stages[{i}].warmup_epochs = {s.warmup_epochs} must be at least 0")
+        if s.warmup_epochs and s.global_batch > 0:
+            steps = int(s.warmup_epochs * r.data.epoch_size // s.global_batch)
+            s = dataclasses.replace(s, warmup_steps=steps, warmup_epochs=0.0)  # so that recipe.json reads back
+        stages.append(s)
+    return dataclasses.replace(r, stages=tuple(stages))
 
 
 def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> None:
@@ -498,8 +519,14 @@ def _validate_stage(r: Recipe, s: Stage, key: str) -> None:
             f"{key}.resolution = {s.resolution} is not divisible by the patch size {patch}"
             f' of model.image = "{r.model.image}"'
         )
-    if (s.samples > 0) == (s.epochs > 0):
-        raise RecipeError(f"{key} needs exactly one of samples or epochs (> 0)")
+    if s.samples > 0 and s.epochs > 0:
+        dotted = key.replace("[", ".").rstrip("]")
+        raise RecipeError(
+            f"{key} sets both samples = {s.samples} and epochs = {s.epochs:g}: keep one (--set {dotted}.samples=0"
+            f" clears the samples)"
+        )
+    if not (s.samples > 0 or s.epochs > 0):
+        raise RecipeError(f"{key} needs one of samples or epochs (> 0)")
     _positive([(f"{key}.global_batch", s.global_batch, 1), (f"{key}.grad_accum", s.grad_accum, 1)])
     _positive([(f"{key}.warmup_steps", s.warmup_steps, 0), (f"{key}.eval_every", s.eval_every, 0)])
     _positive([(f"{key}.checkpoint_every", s.checkpoint_every, 0)])
