@@ -224,6 +224,7 @@ def test_busy_chips_are_refused_and_force_kills_the_holder(pod, project):
     r = pod.tpuctl("run", RECIPE, *sets(), "--workdir", "/tmp/w", "--force", env=env, cwd=project, timeout=120)
     assert not alive(holder), r.stdout + r.stderr
     assert r.returncode == 2 and "tpuctl/.venv/bin/python does not exist: run `tpuctl prepare` first" in r.stderr
+    assert "(or `tpuctl run --prepare`)" in r.stderr
     # the dry run says what would run where, and starts nothing
     r = pod.tpuctl("run", RECIPE, "--workdir", "/tmp/w", "--dry-run", "--json", env=env, cwd=project)
     plan = json.loads(r.stdout)

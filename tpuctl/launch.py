@@ -368,6 +368,7 @@ def launch(
             raise _failed_on("sync", failures, record.name)
         manifest = mirror.manifest
     if prepare:
+        say(f"Preparing {render.count(len(target.fleet.workers), 'worker')} (REMOTE_DIR/.venv, jax pinned) ...")
         failures = [(r.index, r.ip, r.error) for r in ops.prepare(settings, target.fleet) if r.error]
         if failures:
             raise _failed_on("prepare", failures, record.name)

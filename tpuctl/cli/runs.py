@@ -54,6 +54,9 @@ FOLLOW_TIMEOUT_S = 7 * 24 * 3600.0
 @run_spec_options
 @click.option("--no-sync", is_flag=True, help="Do not sync this directory to the workers first.")
 @click.option(
+    "--prepare", is_flag=True, help="Prepare the workers' environment after the sync (as `tpuctl prepare` does)."
+)
+@click.option(
     "--force",
     is_flag=True,
     help="Kill whatever holds the chips first, and start where a worker's code differs from what the sync sent,"
@@ -72,6 +75,7 @@ def run(
     overrides: tuple[str, ...],
     env_items: tuple[str, ...],
     no_sync: bool,
+    prepare: bool,
     force: bool,
     follow: bool,
     local: bool,
@@ -117,6 +121,7 @@ def run(
                 record,
                 project=project,
                 sync=sync,
+                prepare=prepare and not local,
                 busy="kill" if force else "refuse",
                 other_code="start" if force else "refuse",
                 say=say,

@@ -82,7 +82,7 @@ def start(args):
     if not os.path.isdir(cwd):
         fail(f"{cwd} does not exist: run `tpuctl sync` first")
     if os.sep in python and not os.access(os.path.join(cwd, python), os.X_OK):
-        fail(f"{os.path.join(cwd, python)} does not exist: run `tpuctl prepare` first")
+        fail(f"{os.path.join(cwd, python)} does not exist: run `tpuctl prepare` first (or `tpuctl run --prepare`)")
     if session_alive(args["session"]) or trainer_pid(run_dir):
         fail(f"run {args['name']!r} is already running on this worker: `tpuctl stop` it first, or pick another --name")
     secrets = read_secrets(args.get("secret_env") or [])
