@@ -114,8 +114,22 @@ def test_overrides_reach_any_key():
 def test_mistakes_are_one_line_naming_the_key(overrides, message):
     with pytest.raises(RecipeError) as e:
         recipe.load(RECIPES / "b16.toml", overrides)
-    assert str(e.value).startswith(message), str(e.value)
-    assert "\n" not in str(e.value)
+    text = str(e.value)
+    blamed = [item for item in overrides if text.startswith(f"--set {item}: ")]  # a --set's value: named by it
+    assert text.removeprefix(f"--set {blamed[0]}: " if blamed else "").startswith(message), text
+    assert "\n" not in text
+
+
+def test_a_mistake_a_set_made_is_named_by_the_set_not_the_file():
+    with pytest.raises(RecipeError) as e:
+        recipe.load(RECIPES / "b16.toml", ["stages.0.global_batch=256", "stages.1.resolution=150"])
+    assert str(e.value) == (
+        "--set stages.1.resolution=150: stages[1].resolution = 150 is not divisible by the patch size 16 of"
+        ' model.image = "B/16"'
+    )
+    with pytest.raises(RecipeError) as e:  # the file's own value, not the --set's: named as before
+        recipe.load(RECIPES / "b16.toml", ["stages.0.global_batch=256", "model.image=B/14"])
+    assert str(e.value).startswith("stages[0].resolution = 160 is not divisible by the patch size 14")
 
 
 def test_file_level_mistakes(tmp_path):

@@ -275,7 +275,8 @@ def test_recipe_errors_are_one_line_before_any_training(trainer, tmp_path):
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert out.strip() == (
-        'Error: stages[1].resolution = 20 is not divisible by the patch size 8 of model.image = "Mu/8"'
+        "Error: --set stages.1.resolution=20: stages[1].resolution = 20 is not divisible by the patch size 8 of"
+        ' model.image = "Mu/8"'
     )
     proc = trainer.start(tmp_path, devices=5)
     out, _ = proc.communicate(timeout=120)

@@ -99,8 +99,8 @@ def validate_recipe(path: Path, overrides: list[str]) -> tuple[bytes, Any]:
     try:
         content = path.read_bytes()
         recipe = load(path, overrides)
-    except RecipeError as e:
-        raise TpuctlError(f"{path}: {e}") from None
+    except RecipeError as e:  # a --set's mistake is named by the --set, one in the file by the file
+        raise TpuctlError(str(e) if str(e).startswith("--set ") else f"{path}: {e}") from None
     except OSError as e:
         raise TpuctlError(f"cannot read recipe {path}: {e.strerror}") from None
     found = placeholders(recipe)

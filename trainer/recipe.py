@@ -271,7 +271,8 @@ class Recipe:
 
 
 def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
-    """Read, override (`key=value` strings) and validate a recipe file."""
+    """Read, override (`key=value` strings) and validate a recipe file. A problem with a value a `--set` gave is
+    blamed on that `--set`, not on the file."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text())
@@ -280,7 +281,23 @@ def load(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
     except tomllib.TOMLDecodeError as e:  # also catches a key set twice in the file
         raise RecipeError(f"recipe {path}: {e}") from None
     apply_overrides(raw, overrides)
-    return from_dict(raw)
+    try:
+        return from_dict(raw)
+    except RecipeError as e:
+        blamed = _override_of(str(e), overrides)
+        if blamed is None:
+            raise
+        raise RecipeError(f"--set {blamed}: {e}") from None
+
+
+def _override_of(message: str, overrides: typing.Sequence[str]) -> str | None:
+    """The `--set` item whose key the message names first (`stages[1].resolution = ...` <- stages.1.resolution=...)."""
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        named = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", key)  # stages.1.resolution -> stages[1].resolution
+        if message.startswith((f"{named} ", f"{named}:", f"{named} =")):
+            return item
+    return None
 
 
 def from_dict(raw: dict[str, Any]) -> Recipe:
