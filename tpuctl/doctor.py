@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from tpuctl import keys, remote
 from tpuctl.errors import TpuctlError
+from tpuctl.render import count
 
 if TYPE_CHECKING:
     from tpuctl.cloud import Node, TpuApi
@@ -117,7 +118,7 @@ class Doctor:
         self._add(
             "tpu api",
             PASS,
-            f"reachable and enabled; tpu.nodes.list allowed ({len(nodes)} TPUs in {api.project}/{api.zone})",
+            f"reachable and enabled; tpu.nodes.list allowed ({count(len(nodes), 'TPU')} in {api.project}/{api.zone})",
         )
         return api
 
