@@ -182,10 +182,12 @@ def test_an_os_login_node_logs_in_as_the_profile_user(keyed_pod, oslogin_api, fr
     assert r.stdout.split().count(name) == 2
     assert len([q for q in oslogin_api.requests if q.method == "POST"]) == 1
 
-    # ssh_user set by the user wins over the profile's name (the workers then refuse: one line says why).
+    # ssh_user set by the user wins over the profile's name (the workers then refuse: one line says why, by the
+    # way the key went: OS Login, found in the node's metadata)
     r = pod.tpuctl("exec", "--ssh-user", USER, "--", "true", env={**env, "TPUCTL_NODE_CACHE_S": "0"})
     assert r.returncode == 255
-    assert f"authentication failed as {USER!r}" in r.stderr
+    said = " ".join(r.stderr.split())  # (a long line may be folded)
+    assert f"authentication failed as {USER!r}" in said and "the key is in your OS Login profile" in said
 
 
 def test_os_login_without_an_account_is_one_line(keyed_pod, oslogin_api, fresh_home):

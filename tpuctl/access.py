@@ -72,9 +72,12 @@ def prepare(settings: Settings, node: Node, say: Callable[[str], None] = lambda 
         user, added = oslogin.authorize(public)
         if added:
             say(f"Added SSH key {path} to the OS Login profile of {oslogin.account} (user {user!r})")
+        # the way found, from here on (a refusal's hint names it); the profile's user unless ssh_user was set
+        settings = dataclasses.replace(settings, ssh_keys="oslogin")
         if settings.sources.get("ssh_user", "default").startswith("default"):
             settings = dataclasses.replace(settings, ssh_user=user)
         return Access(settings, "oslogin", added)
+    settings = dataclasses.replace(settings, ssh_keys="metadata")
     if keys.has_key(dict(node.metadata).get(keys.SSH_KEYS, ""), settings.ssh_user, public):
         return Access(settings, "metadata", False)
     from tpuctl import lifecycle
