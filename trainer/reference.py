@@ -42,11 +42,9 @@ def comments(source: str) -> tuple[dict[int, str], set[int]]:
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type == tokenize.COMMENT:
             line = tok.start[0]
-            if line in code_lines:
-                trailing[line] = tok.string.lstrip("#").strip()
-            else:
+            trailing[line] = tok.string.lstrip("#").strip()
+            if line not in code_lines:
                 alone.add(line)
-                trailing[line] = tok.string.lstrip("#").strip()
         elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENCODING):
             code_lines.add(tok.start[0])
     return trailing, alone
