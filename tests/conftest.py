@@ -10,7 +10,6 @@ import importlib.util
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -331,39 +330,6 @@ def write_checkout(dest: Path) -> Path:
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     return write_checkout(tmp_path / "project")
-
-
-@pytest.fixture(scope="session")
-def pod_reference() -> Callable[[list[str]], dict[int, float]]:
-    """The uninterrupted run that the pod drill (test_runs' stop and resume) must end at: RUN_RECIPE with the given
-    --set words, on two devices as a two-worker pod runs it (two_worker_losses), per step its loss. Each distinct
-    run is trained once per test run, whichever xdist worker asks first."""
-    import hashlib
-
-    def losses(sets: list[str]) -> dict[int, float]:
-        from trainer.metrics import read_jsonl
-
-        def build(root: Path) -> None:
-            two_worker_losses(write_checkout(root / "checkout"), root / "run", sets)
-
-        name = "pod-reference-" + hashlib.sha256("\0".join(sets).encode()).hexdigest()[:12]
-        return {r["step"]: r["loss"] for r in read_jsonl(once_per_run(name, build) / "run" / "metrics.jsonl")}
-
-    return losses
-
-
-def two_worker_losses(checkout: Path, workdir: Path, sets: list[str]) -> dict[int, float]:
-    """A two-worker pod's run, as one process with two CPU devices: the same program over the same two shards (the
-    synthetic data is the same for any host count), and a sum of two addends is the same in either order, so the
-    losses are a two-process run's (checked: test_runs' drill against it at rel 1e-5). One process compiles once and
-    hits the run's XLA cache; process 1 of two misses it every time (README, tests: the trainer)."""
-    from trainer.metrics import read_jsonl
-
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    command = [sys.executable, "-m", "trainer", RUN_RECIPE, "--workdir", str(workdir), *sets]
-    done = subprocess.run(command, env=env, cwd=checkout, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return {r["step"]: r["loss"] for r in read_jsonl(workdir / "metrics.jsonl")}
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,7 @@
-"""tpuctl run / status / logs / stop on real stand-ins: two sshd workers whose trainers (real `python -m trainer`
-processes in tmux) join through jax.distributed, checkpoint with orbax into a directory both see, and resume.
+"""tpuctl run / status / logs / stop / attach on real stand-ins: two sshd workers whose trainers (real `python -m
+trainer` processes in tmux) join through jax.distributed and checkpoint with orbax into a directory both see; the
+stop-and-resume drill runs the stand-in trainer (standins/trainer_main.py), the trainer's own resume being
+test_train's.
 
 What stands in for what:
 - the workdir: a gs:// path in a GCS emulator the workers reach (standins/gcs.py), or a directory under /var/tmp
@@ -21,6 +23,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import standins
+from conftest import once_per_run
 from standins import image, wait_until
 from standins.pod import RUN_RECIPE, TPUCTL
 from test_chips import alive, holds
@@ -37,11 +41,14 @@ from trainer.metrics import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = RUN_RECIPE  # the tests' tiny recipe, its first stage alone (the `project` fixture writes it)
+VENV = "/root/tpuctl/.venv"  # what `tpuctl prepare` makes on a worker (remote_dir ~/tpuctl)
 # test_train's CPU-sized towers (FAST), without the decoder: two trainers share this machine's two cores
 SMALL = ["model.decoder="]
-# of batch 16, in the stop-and-resume drills (here with the real trainer, test_babysit's with its stand-in): long
-# enough for a stop, a kill of babysit and a preemption to land mid-stage
+# of batch 16, in test_babysit's drill (its stand-in trainer): long enough for a kill of babysit and a preemption to
+# land mid-stage
 STEPS = 80
+# of batch 16, in the stop-and-resume drill (the stand-in trainer, 8 s): the stop follows step 3 at once
+DRILL_STEPS = 40
 
 
 def sets(samples: int = 192, checkpoint_every: int = 4) -> list[str]:
@@ -54,12 +61,32 @@ def sets(samples: int = 192, checkpoint_every: int = 4) -> list[str]:
 
 
 def prepared(pod, project):
-    """Sync the project to both workers and `tpuctl prepare` it (offline, on the stand-in VMs' image)."""
+    """Sync the project to both workers and `tpuctl prepare` it (offline, on the stand-in VMs' image).
+
+    The test run's first prepare here installs for real (as each of test_prepare's does); its venv is kept, and the
+    later drills' workers start from a copy of it, as a VM prepared before would: their `tpuctl prepare` then finds
+    the venv up to date (its stamp) and returns at once, instead of spending 15 s on a pip install tested already."""
     image.require_matching_python()
     image.install(pod.fleet)
     assert pod.tpuctl("sync", str(project)).returncode == 0
-    r = pod.tpuctl("prepare", "--pip-args", "--no-index --no-build-isolation", timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
+
+    def prepare() -> list[dict]:
+        r = pod.tpuctl("prepare", "--pip-args", "--no-index --no-build-isolation", "--json", timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return json.loads(r.stdout)
+
+    def first(keep: Path) -> None:
+        prepare()
+        shutil.copytree(pod.fleet.workers[0].path(VENV), keep / "venv", symlinks=True)
+
+    template = once_per_run("prepared-venv", first) / "venv"
+    for worker in pod.fleet.workers:
+        venv = worker.path(VENV)
+        if not (venv / ".tpuctl-prepared").exists():  # not prepared by first() just now
+            shutil.rmtree(venv)
+            shutil.copytree(template, venv, symlinks=True)
+            image.link_site(worker)
+    assert not any(w["changed"] for w in prepare()), "a copy of a prepared venv is up to date"
 
 
 def env_args(shared, heartbeat=30):
@@ -106,10 +133,6 @@ def wait_for_step(path: Path, step: int, timeout: float = 240) -> None:
     wait_until(reached, timeout, f"step {step} in {path}", poll=0.2)
 
 
-def losses(path: Path | str) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_jsonl(path)}
-
-
 def logged_step(worker, name: str) -> int:
     """The last step `worker`'s trainer of run `name` logged (its run log, read on the VM: a bucket's metrics.jsonl
     lags), by the contract's progress lines; 0 before any."""
@@ -127,76 +150,72 @@ def wait_for_logged_step(worker, name: str, step: int, timeout: float = 240) -> 
     wait_until(lambda: logged_step(worker, name) >= step, timeout, f"run {name!r} logged step {step}", log_tail, 0.2)
 
 
-@pytest.mark.timeout(600)  # a run of two trainers stopped and resumed, and the reference run, on two cores
-def test_two_workers_train_stop_and_resume_to_the_uninterrupted_result(
-    bucket_pod, project, shared, bucket, pod_reference
-):
-    """Both hosts checkpoint into a bucket (one checkpoint, each host writing its shards) and resume from it; the
-    resumed run ends where the uninterrupted one does."""
+def test_two_workers_stop_and_resume_a_run_by_its_name(bucket_pod, project, shared, bucket):
+    """tpuctl's side of a pod's stop and resume, with the stand-in trainer (standins/trainer_main.py: the trainer's
+    log lines, checkpoint layout and SIGTERM save, a fifth of a second per step, no JAX): both hosts stopped, the
+    checkpoint found in the bucket by the workers' real `python -m trainer.workdir`, the same name started again
+    resumes from it in the recorded workdir and is followed to its end. The real trainer's side of the same drill
+    (two hosts preempted save one checkpoint into a bucket and resume to the uninterrupted losses, each start's code
+    recorded) is test_train's two-process test; the real trainer launched by tpuctl on a pod, the dead-worker test's."""
     pod = bucket_pod
+    shutil.copy(Path(standins.__file__).parent / "trainer_main.py", project / "trainer" / "__main__.py")
     prepared(pod, project)
-    # no periodic checkpoint: the stop's is the one resumed from (a bucket save every few steps would cost the drill
-    # a third of its time; periodic saves and resuming from one are test_train's and test_babysit's)
-    drill = sets(16 * STEPS, checkpoint_every=1000)
+    drill = sets(16 * DRILL_STEPS, checkpoint_every=1000)  # no periodic checkpoint: the stop's is the one resumed
     common = [RECIPE, "--no-sync", *env_args(shared), *drill]
-    # a run with a name the remote shell must not split, in a bucket, stopped mid-stage
+    # a run with a name the remote shell must not split, in a bucket, stopped mid-stage (what a running run shows,
+    # and a second start of it refused, are the dead-worker test's: its run has no end)
     name = 'it\'s a "run"'
     workdir = f"{bucket}/work dir"
     r = pod.tpuctl("run", *common, "--name", name, "--workdir", workdir, cwd=project, timeout=120)
     assert r.returncode == 0, r.stderr
     wait_for_logged_step(pod.fleet.workers[0], name, 3)
-    attached_screen(pod, name, shared, "  loss ")  # the trainer's log lines, in its tmux pane on worker 0
-    code, workers = status(pod, name)
-    assert code == 0 and [w["state"] for w in workers] == ["running", "running"], workers
-    assert workers[0]["progress"]["stage"] == "pretrain16" and workers[0]["progress"]["step"] >= 3
-    assert workers[1]["progress"]["step"] >= 2  # every host logs its steps: a lagging worker would show
-    assert all(w["session"] for w in workers)
-    again = pod.tpuctl("run", *common, "--name", name, cwd=project, timeout=120)  # while it runs: refused, untouched
-    assert again.returncode == 2 and f"w1 ({pod.fleet.workers[1].ip}): run {name!r} is already running" in again.stderr
-    assert [w["state"] for w in status(pod, name)[1]] == ["running", "running"]
     r = pod.tpuctl("stop", name, "--grace", "120", "--json", timeout=200)
     assert r.returncode == 0, r.stdout + r.stderr
     assert [w["state"] for w in json.loads(r.stdout)["workers"]] == ["stopped", "stopped"]
     code, workers = status(pod, name)
     assert [w["state"] for w in workers] == ["stopped", "stopped"] and not any(w["session"] for w in workers)
-    saved = workers[0]["checkpoint"]  # read from the bucket by worker 0's venv (python -m trainer.workdir)
+    saved = workers[0]["checkpoint"]  # read from the bucket by each worker's venv (python -m trainer.workdir)
     assert workers[1]["checkpoint"] == saved
     stopped_at = int(saved.split("/")[1])
     assert storage.at(f"{workdir}/pretrain16/checkpoints/{stopped_at}/commit_success.txt").exists()
-    assert saved.startswith("pretrain16/") and 3 <= stopped_at < STEPS
+    assert saved.startswith("pretrain16/") and 3 <= stopped_at < DRILL_STEPS, saved
     logs = pod.tpuctl("logs", name, "--workers", "all", "-n", "3")
-    assert f"[w0] preempted: saved stage pretrain16 step {stopped_at}/{STEPS}" in logs.stdout, logs.stdout
+    assert f"[w0] preempted: saved stage pretrain16 step {stopped_at}/{DRILL_STEPS}" in logs.stdout, logs.stdout
 
     # the same name again: the recorded workdir, resumed from that checkpoint, followed to its end
     r = pod.tpuctl("run", *common, "--name", name, cwd=project, timeout=120)
     assert r.returncode == 0, r.stderr
     r = pod.tpuctl("logs", name, "--follow", timeout=400)
     assert r.returncode == 0 and r.stdout.rstrip().endswith(f"checkpoints in {workdir}"), r.stdout[-3000:]
-    assert f"resuming at step {stopped_at}/{STEPS}" in r.stdout
+    assert f"resuming at step {stopped_at}/{DRILL_STEPS}" in r.stdout
     code, workers = status(pod, name)
     assert code == 0 and [w["state"] for w in workers] == ["done", "done"]
-    assert losses(f"{workdir}/metrics.jsonl") == pytest.approx(pod_reference(drill), rel=1e-5)
-    # each start recorded the code it ran (host 0, into the bucket): the synced tree, checked on both workers
-    starts = json.loads(storage.at(f"{workdir}/{contract.CODE_FILE}").read_text())
-    tree = json.loads(pod.tpuctl("status", name, "--json").stdout)["run"]["code"]["tree"]
-    assert [(s["stage"], s["step"], s["tree"]) for s in starts] == [
-        ("pretrain16", 0, tree),
-        ("pretrain16", stopped_at, tree),
-    ]
+    assert [w["checkpoint"] for w in workers] == [f"pretrain16/{DRILL_STEPS}"] * 2
 
 
 def test_a_dead_worker_stops_the_others_and_status_names_it(pod, project, shared):
     prepared(pod, project)
     many = sets(samples=100_000)  # would run for long
-    r = pod.tpuctl(
-        "run", RECIPE, "--no-sync", *env_args(shared, heartbeat=10), *many, "--workdir", str(shared / "w"), cwd=project
-    )
+    name = 'a "long" run'  # a name the remote shell must not split
+    start = [RECIPE, "--name", name, "--no-sync", *env_args(shared, heartbeat=10), *many]
+    start += ["--workdir", str(shared / "w")]
+    r = pod.tpuctl("run", *start, cwd=project)
     assert r.returncode == 0, r.stderr
     wait_for_step(shared / "w" / "metrics.jsonl", 2)
+    # while it runs: its log in worker 0's tmux pane, both hosts stepping, a second start refused and harmless
+    attached_screen(pod, name, shared, "  loss ")
+    code, workers = status(pod, name)
+    assert code == 0 and [w["state"] for w in workers] == ["running", "running"], workers
+    assert workers[0]["progress"]["stage"] == "pretrain16" and workers[0]["progress"]["step"] >= 2
+    assert workers[1]["progress"]["step"] >= 1  # every host logs its steps: a lagging worker would show
+    assert all(w["session"] for w in workers)
+    again = pod.tpuctl("run", *start, cwd=project, timeout=120)
+    assert again.returncode == 2 and f"w1 ({pod.fleet.workers[1].ip}): run {name!r} is already running" in again.stderr
+    assert [w["state"] for w in status(pod, name)[1]] == ["running", "running"]
     pod.fleet.workers[1].crash()  # the VM is gone: its sshd, tmux and trainer
 
     def ended():  # exiting: ended, its exit status on its way
-        answer = status(pod)
+        answer = status(pod, name)
         return answer if answer[1][0]["state"] not in ("running", "exiting") else None
 
     code, workers = wait_until(ended, 120, "worker 0's trainer ended", poll=1)
@@ -204,7 +223,7 @@ def test_a_dead_worker_stops_the_others_and_status_names_it(pod, project, shared
     assert workers[0]["exit_code"] not in (0, None)
     assert workers[1]["state"] == "unknown" and "refused" in workers[1]["error"]
     assert code == 3  # a worker unknown
-    table = pod.tpuctl("status")
+    table = pod.tpuctl("status", name)
     assert "w1" in table.stderr and "refused" in table.stderr and "failed (exit" in table.stdout
 
 

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from conftest import once_per_run
 from standins import free_port, wait_until
+from standins.gcs import forget_listings
 
-from trainer import storage
+from trainer import contract, storage
 from trainer.metrics import read_jsonl
 from trainer.workdir import committed_steps
 
@@ -61,11 +62,14 @@ class Trainer:
         self.cache = cache
         self.procs: list[subprocess.Popen] = []
 
-    def start(self, workdir: Path, *overrides: str, devices: int = 1, recipe: Path = TINY, base=FAST, extra=()):
+    def start(
+        self, workdir: Path | str, *overrides: str, devices=1, recipe: Path = TINY, base=FAST, extra=(), env=None
+    ):
         env = {
             **os.environ,
             "JAX_PLATFORMS": "cpu",
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            **(env or {}),
         }
         args = [sys.executable, "-m", "trainer", str(recipe), "--workdir", str(workdir), "--compile-cache"]
         args += [str(self.cache), *extra]
@@ -133,6 +137,17 @@ def wait_for_step(workdir: Path, proc: subprocess.Popen, step: int, timeout: flo
     path = Path(workdir) / "metrics.jsonl"
     reached = running(proc, lambda: path.exists() and any(r["step"] >= step for r in read_jsonl(path)))
     wait_until(reached, timeout, f"step {step} in {path}")
+
+
+def wait_for_line(proc: subprocess.Popen, start: str) -> str:
+    """The trainer's output up to and including its first line that starts with `start` (its output stays readable
+    after: communicate() returns the rest)."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(start):
+            return "".join(seen)
+    raise AssertionError(f"the trainer ended before a line starting {start!r}:\n" + "".join(seen)[-3000:])
 
 
 def wait_for_checkpoint(
@@ -286,45 +301,59 @@ def test_recipe_errors_are_one_line_before_any_training(trainer, tmp_path):
     )
 
 
-def test_two_processes_stop_together_on_preemption_and_resume_on_another_mesh(reference, trainer, tmp_path):
+def test_two_processes_stop_together_on_preemption_and_resume_on_another_mesh(reference, trainer, bucket, tmp_path):
     """2 processes x 4 CPU devices (data 4 x fsdp 2) through jax.distributed (gloo collectives), as two hosts of a
-    pod: the same losses as one device; SIGTERM to both (a preempted pod) -> both save at one agreed step, right
-    there (not at the last interval), with each host's data position, and exit cleanly. Then one process on 2
-    devices (fsdp 2) resumes from that save: the sharded state restores onto the new mesh and the stage ends where
-    the uninterrupted run does. The first stage alone: each mesh compiles its own programs, and the hand-over to the
-    next stage is tested above."""
+    pod with their workdir in a bucket: the same losses as one device; SIGTERM to both (a preempted pod) -> both save
+    one checkpoint into the bucket at one agreed step, right there (not at the last interval), with each host's data
+    position, and exit cleanly. Then one process on 2 devices (fsdp 2) resumes from that save: the sharded state
+    restores onto the new mesh and the stage ends where the uninterrupted run does; each start recorded the code
+    tpuctl named (contract.CODE_ENV) and where it started. The first stage alone: each mesh compiles its own
+    programs, and the hand-over to the next stage is tested above."""
     recipe = one_stage_recipe(tmp_path)
+    workdir = f"{bucket}/two hosts"
+    code = {"tree": "0123abcd" * 8, "files": 3}  # what tpuctl passes: the synced tree's identity
+    code_env = {contract.CODE_ENV: json.dumps(code)}
+    # no periodic save (a bucket save from both hosts costs seconds a step here): the stop's is the one resumed
+    stop_only = [*(o for o in ONE_STAGE if not o.startswith("checkpoint.every_steps")), "checkpoint.every_steps=1000"]
     coordinator = f"127.0.0.1:{free_port()}"
     procs = [
         trainer.start(
-            tmp_path,
+            workdir,
             "mesh.fsdp=2",
             devices=4,
             recipe=recipe,
-            base=ONE_STAGE,
+            base=stop_only,
             extra=["--coordinator", coordinator, "--num-processes", "2", "--process-id", str(i)],
+            env=code_env,
         )
         for i in range(2)
     ]
-    wait_for_step(tmp_path, procs[0], 3)
+    seen = wait_for_line(procs[0], "pretrain16 3 ")
     for proc in procs:
         proc.send_signal(signal.SIGTERM)
     outs = [proc.communicate(timeout=120)[0] for proc in procs]
+    outs[0] = seen + outs[0]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
-    records = read_jsonl(tmp_path / "metrics.jsonl")  # host 0 writes the metrics
+    records = read_jsonl(f"{workdir}/metrics.jsonl")  # host 0 writes the metrics
     last = records[-1]["stage_step"]
     assert last < 12, "the run ended before the preemption: nothing was resumed"
     assert f"preempted: saved stage pretrain16 step {last}/12" in outs[0]
-    saved = sorted(int(p.name) for p in (tmp_path / "pretrain16" / "checkpoints").iterdir())
-    assert saved[-1] == last  # saved right at the step it stopped, not at the last interval
-    meta = json.loads((tmp_path / "pretrain16" / "checkpoints" / str(last) / "meta" / "metadata").read_text())
+    forget_listings()  # the wait above listed the checkpoints before the last one
+    stage = storage.at(workdir) / "pretrain16"
+    assert committed_steps(stage) == [last]  # saved right at the step it stopped
+    meta = json.loads((stage / "checkpoints" / str(last) / "meta" / "metadata").read_text())
     assert meta["data"] == [{"batch": last}] * 2  # both hosts' data positions
     want = losses(reference[2][:12])
     # the same mathematics over other device counts: equal up to the order of float sums
     assert losses(records) == pytest.approx({s: want[s] for s in range(1, last + 1)}, rel=2e-4)
 
-    out = trainer.run(tmp_path, "mesh.fsdp=2", devices=2, recipe=recipe, base=ONE_STAGE)
+    out = trainer.run(workdir, "mesh.fsdp=2", devices=2, recipe=recipe, base=stop_only, env=code_env)
     assert f"resuming at step {last}/12" in out
-    got = losses(read_jsonl(tmp_path / "metrics.jsonl"))
+    got = losses(read_jsonl(f"{workdir}/metrics.jsonl"))
     assert sorted(got) == sorted(want)
     assert got == pytest.approx(want, rel=2e-4)
+    starts = json.loads(storage.at(f"{workdir}/{contract.CODE_FILE}").read_text())
+    assert [(s["stage"], s["step"], s["tree"], s["files"]) for s in starts] == [
+        ("pretrain16", 0, code["tree"], 3),
+        ("pretrain16", last, code["tree"], 3),
+    ]

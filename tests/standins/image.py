@@ -45,7 +45,12 @@ def install(fleet: Any) -> None:
     pids = [w.spawn([WORKER_PYTHON, "-m", "venv", "--without-pip", "/root/tpuctl/.venv"]) for w in fleet.workers]
     for pid in pids:
         os.waitpid(pid, 0)  # our child (spawn started it): reaped here, it cannot linger as a zombie
-    site = f"/proc/{os.getpid()}/root" + next(p for p in sys.path if p.endswith("site-packages"))
     for w in fleet.workers:
-        (packages,) = glob.glob(str(w.path("/root/tpuctl/.venv/lib/python3*/site-packages")))
-        Path(packages, "image.pth").write_text(site)
+        link_site(w)
+
+
+def link_site(worker: Any) -> None:
+    """Point the venv at ~/tpuctl/.venv of `worker` at this machine's site-packages (through our /proc root)."""
+    site = f"/proc/{os.getpid()}/root" + next(p for p in sys.path if p.endswith("site-packages"))
+    (packages,) = glob.glob(str(worker.path("/root/tpuctl/.venv/lib/python3*/site-packages")))
+    Path(packages, "image.pth").write_text(site)
