@@ -195,7 +195,7 @@ def test_two_workers_stop_and_resume_a_run_by_its_name(bucket_pod, project, shar
 
 def test_a_dead_worker_stops_the_others_and_status_names_it(pod, project, shared):
     prepared(pod, project)
-    many = sets(samples=100_000)  # would run for long
+    many = sets(samples=100_000, checkpoint_every=100_000)  # would run for long; no save (nothing here reads one)
     name = 'a "long" run'  # a name the remote shell must not split
     start = [RECIPE, "--name", name, "--no-sync", *env_args(shared, heartbeat=10), *many]
     start += ["--workdir", str(shared / "w")]
