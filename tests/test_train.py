@@ -304,8 +304,8 @@ def test_recipe_errors_are_one_line_before_any_training(trainer, tmp_path):
 def test_two_processes_stop_together_on_preemption_and_resume_on_another_mesh(reference, trainer, bucket, tmp_path):
     """2 processes x 4 CPU devices (data 4 x fsdp 2) through jax.distributed (gloo collectives), as two hosts of a
     pod with their workdir in a bucket: the same losses as one device; SIGTERM to both (a preempted pod) -> both save
-    one checkpoint into the bucket at one agreed step, right there (not at the last interval), with each host's data
-    position, and exit cleanly. Then one process on 2 devices (fsdp 2) resumes from that save: the sharded state
+    one checkpoint into the bucket at one agreed step, right there (the run has no periodic save), with each host's
+    data position, and exit cleanly. Then one process on 2 devices (fsdp 2) resumes from that save: the sharded state
     restores onto the new mesh and the stage ends where the uninterrupted run does; each start recorded the code
     tpuctl named (contract.CODE_ENV) and where it started. The first stage alone: each mesh compiles its own
     programs, and the hand-over to the next stage is tested above."""
@@ -338,7 +338,7 @@ def test_two_processes_stop_together_on_preemption_and_resume_on_another_mesh(re
     last = records[-1]["stage_step"]
     assert last < 12, "the run ended before the preemption: nothing was resumed"
     assert f"preempted: saved stage pretrain16 step {last}/12" in outs[0]
-    forget_listings()  # the wait above listed the checkpoints before the last one
+    forget_listings()  # gcsfs keeps a process's listings: read the bucket as the trainers left it
     stage = storage.at(workdir) / "pretrain16"
     assert committed_steps(stage) == [last]  # saved right at the step it stopped
     meta = json.loads((stage / "checkpoints" / str(last) / "meta" / "metadata").read_text())
