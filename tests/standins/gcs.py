@@ -149,12 +149,3 @@ class GcsEmulator:
                 self.proc.kill()
                 self.proc.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def forget_listings() -> None:
-    """Make this process's next bucket listing a fresh one: gcsfs keeps every directory listing it made (no expiry by
-    default), so a test that polled a directory and reads it again after a trainer wrote there would see the old
-    one. The instance is epath's (trainer.storage), which asks fsspec for it with these arguments."""
-    import fsspec
-
-    fsspec.filesystem("gs", finalize_on_close=True).invalidate_cache()
