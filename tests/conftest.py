@@ -46,6 +46,20 @@ _session_dir: Path | None = None
 # controller, before it starts the workers, which inherit the variable), removed by it at the end.
 RUN_SHARED_ENV = "TPUCTL_TESTS_RUN_DIR"
 _made_run_dir = False
+# Outside CI the XLA cache outlives the test run: a developer's next run compiles nothing the last one compiled (the
+# quick tier: 137 s with an empty cache, 93 s with the last run's; RESULTS.md). JAX keys each program by its HLO, the
+# compile options and the jax/jaxlib versions, so what a change alters is compiled again. Under /var/tmp: the stand-in
+# workers see it too. CI (CI=true) starts from an empty one in the run's directory, as a new machine would; so does
+# TPUCTL_TESTS_XLA_CACHE=run (or a path: that one). To clear it: rm -rf /var/tmp/tpuctl-tests-xla
+XLA_CACHE_ENV = "TPUCTL_TESTS_XLA_CACHE"
+KEPT_XLA_CACHE = Path("/var/tmp/tpuctl-tests-xla")
+
+
+def xla_cache_dir() -> Path:
+    chosen = os.environ.get(XLA_CACHE_ENV, "")
+    if chosen == "run" or (not chosen and os.environ.get("CI", "").lower() in ("1", "true")):
+        return Path(os.environ[RUN_SHARED_ENV]) / "xla"
+    return Path(chosen) if chosen else KEPT_XLA_CACHE
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -58,7 +72,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if not os.environ.get(RUN_SHARED_ENV):
         os.environ[RUN_SHARED_ENV] = tempfile.mkdtemp(prefix="tpuctl-test-run-", dir="/var/tmp")
         _made_run_dir = True
-    xla = Path(os.environ[RUN_SHARED_ENV]) / "xla"
+    xla = xla_cache_dir()
     overrides: dict[str, str | None] = {
         **SESSION_ENV,
         # one persistent XLA cache for every trainer process of the run, keeping every program, however quick to
@@ -174,8 +188,8 @@ def once_per_run(name: str, build: Callable[[Path], None]) -> Path:
 
 @pytest.fixture(scope="session")
 def xla_cache() -> Path:
-    """The test run's persistent XLA cache (what TRAINER_COMPILE_CACHE names for the whole session)."""
-    return run_dir() / "xla"
+    """The XLA cache TRAINER_COMPILE_CACHE names for the whole session (xla_cache_dir)."""
+    return Path(os.environ["TRAINER_COMPILE_CACHE"])
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,8 @@ from http import HTTPStatus
 from pathlib import Path
 
 import pytest
-from standins.pod import PROJECT, TPUCTL, ZONE
+from standins import warm_tpuctl
+from standins.pod import PROJECT, ZONE
 from standins.tpu_api import ApiError, FakeTpuApi, OperationError
 
 Tpuctl = Callable[..., subprocess.CompletedProcess[str]]
@@ -32,14 +33,7 @@ def tpuctl(tpu_api: FakeTpuApi, tmp_path: Path) -> Tpuctl:
     }
 
     def run(*args: str, timeout: float = 60, **more_env: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [TPUCTL, *args],
-            env=env | more_env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-        )
+        return warm_tpuctl.run(list(args), env=env | more_env, timeout=timeout)
 
     return run
 

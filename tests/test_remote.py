@@ -210,6 +210,8 @@ def test_stop_kills_a_trainer_that_outlives_its_grace(tmp_path):
         assert r.returncode == 0 and json.loads(r.stdout)["pid"], r.stdout + r.stderr
         status = json.loads(sh(remote.run_command("status", sys.executable, workdir="/none", **where), env=env).stdout)
         assert status["state"] == "running" and status["session"]
+        log = run_dir / "log"  # SIGTERM is ignored from its "up" on (before it, SIGTERM alone would stop it)
+        wait_until(lambda: "up" in log.read_text().splitlines(), 30, "the trainer's 'up' in its log", log.read_text)
         stop = json.loads(sh(remote.run_command("stop", sys.executable, grace=0.5, **where), env=env).stdout)
         assert stop["state"] == "killed" and stop["exit_code"] == 137  # the pane's shell saw it die of SIGKILL
         status = json.loads(sh(remote.run_command("status", sys.executable, workdir="/none", **where), env=env).stdout)

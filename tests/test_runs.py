@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 import standins
 from conftest import once_per_run
-from standins import image, wait_until
-from standins.pod import RUN_RECIPE, TPUCTL
+from standins import image, wait_until, warm_tpuctl
+from standins.pod import RUN_RECIPE
 from test_chips import alive, holds
 from test_data import write_idx
 from test_train import FAST
@@ -168,7 +168,8 @@ def test_two_workers_stop_and_resume_a_run_by_its_name(bucket_pod, project, shar
     workdir = f"{bucket}/work dir"
     r = pod.tpuctl("run", *common, "--name", name, "--workdir", workdir, cwd=project, timeout=120)
     assert r.returncode == 0, r.stderr
-    wait_for_logged_step(pod.fleet.workers[0], name, 3)
+    for worker in pod.fleet.workers:  # each past its start (a SIGTERM before the trainer's handler just ends it)
+        wait_for_logged_step(worker, name, 3)
     r = pod.tpuctl("stop", name, "--grace", "120", "--json", timeout=200)
     assert r.returncode == 0, r.stdout + r.stderr
     assert [w["state"] for w in json.loads(r.stdout)["workers"]] == ["stopped", "stopped"]
@@ -326,7 +327,7 @@ def sent_files(project: Path) -> list[str]:
 
 
 def tpuctl_here(env, *args, cwd, timeout=60):
-    return subprocess.run([TPUCTL, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return warm_tpuctl.run(list(args), env=env, cwd=cwd, timeout=timeout)
 
 
 def test_the_local_target_trains_the_tiny_recipe_from_a_clean_checkout(project, local_env, tmp_path):

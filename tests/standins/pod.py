@@ -1,18 +1,19 @@
 """A stand-in TPU pod: an sshd fleet registered as a node in the local Cloud TPU API, and a way to run tpuctl
-against it (the real console script, in a subprocess, with an environment of the test's own)."""
+against it (tpuctl's console script in a process of its own, started warm: warm_tpuctl; with an environment of the
+test's own)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from standins import warm_tpuctl
 from standins.sshfleet import SshFleet
 from standins.tpu_api import FakeTpuApi
 
-TPUCTL = str(Path(sys.executable).parent / "tpuctl")
+TPUCTL = warm_tpuctl.TPUCTL
 PROJECT, ZONE, NODE = "proj", "zone-a", "pod"
 RUN_RECIPE = "tests/tiny_run.toml"  # tiny_synthetic.toml's first stage alone, written into a checkout by `project`
 
@@ -51,6 +52,7 @@ class Pod:
             "TPUCTL_KNOWN_HOSTS": str(self.known_hosts),
             "TPUCTL_CONNECT_TIMEOUT": "5",
             "TPUCTL_API_TIMEOUT": "10",
+            "TPUCTL_API_POLL": "0.1",  # the stand-in API creates and deletes in a fraction of a second, not minutes
             "XDG_STATE_HOME": str(self.home / ".local" / "state"),  # the run registry
         }
 
@@ -62,16 +64,7 @@ class Pod:
         input: str | None = None,
         cwd: Path | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [TPUCTL, *args],
-            cwd=cwd,
-            env={**self.env, **(env or {})},
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            input=input,
-            stdin=None if input is not None else subprocess.DEVNULL,
-        )
+        return warm_tpuctl.run(list(args), env={**self.env, **(env or {})}, cwd=cwd, timeout=timeout, input=input)
 
 
 def make_pod(fleet: SshFleet, api: FakeTpuApi, home: Path) -> Pod:
