@@ -282,7 +282,7 @@ def test_babysit_waits_with_a_queued_request_instead_of_asking_again(tpu_api, pr
     waits for its TPU (one creation in all), then goes on (here to VMs whose sshd never answers)."""
     env = babysit_env(tpu_api, tmp_path) | {"TPUCTL_SSH_PORT": str(free_port())}
     tpu_api.on_create = lambda *_: [("127.0.0.1", "127.0.0.1")]
-    tpu_api.queue_wait_s = 2.0
+    tpu_api.queue_wait_s = 4.0  # time for babysit to start and find it waiting, also on a loaded machine
     create = [TPUCTL, "create", "inline", "--type", "v4-8", "--queued", "--no-wait"]
     assert subprocess.run(create, env=env, capture_output=True, timeout=60).returncode == 0
     command = [TPUCTL, "babysit", RECIPE, "--tpu", "inline", "--type", "v4-8", "--poll", "0.2", "--max-restarts", "0"]
