@@ -174,7 +174,11 @@ def test_two_workers_stop_and_resume_a_run_by_its_name(bucket_pod, project, shar
     assert r.returncode == 0, r.stdout + r.stderr
     assert [w["state"] for w in json.loads(r.stdout)["workers"]] == ["stopped", "stopped"]
     code, workers = status(pod, name)
-    assert [w["state"] for w in workers] == ["stopped", "stopped"] and not any(w["session"] for w in workers), workers
+    seen = [(w["state"], w.get("exit_code"), w.get("last_line"), w.get("error")) for w in workers]
+    assert [w["state"] for w in workers] == ["stopped", "stopped"] and not any(w["session"] for w in workers), (
+        f"{seen}\nworker 1's log ends:\n"
+        + pod.fleet.workers[1].path(f"/root/.tpuctl/runs/{slug(name)}/log").read_text()[-2000:]
+    )
     saved = workers[0]["checkpoint"]  # read from the bucket by each worker's venv (python -m trainer.workdir)
     assert workers[1]["checkpoint"] == saved
     stopped_at = int(saved.split("/")[1])
