@@ -57,7 +57,7 @@ KEPT_XLA_CACHE = Path("/var/tmp/tpuctl-tests-xla")
 
 def xla_cache_dir() -> Path:
     chosen = os.environ.get(XLA_CACHE_ENV, "")
-    if chosen == "run" or (not chosen and os.environ.get("CI", "").lower() in ("1", "true")):
+    if chosen == "run" or (not chosen and os.environ.get("CI")):  # CI as standins.image reads it
         return Path(os.environ[RUN_SHARED_ENV]) / "xla"
     return Path(chosen) if chosen else KEPT_XLA_CACHE
 

@@ -13,16 +13,10 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from tpuctl.errors import CloudError, ConfigError
-from tpuctl.imports import import_without
+from tpuctl.imports import load_tpu_v2
 
 if TYPE_CHECKING:
     from tpuctl.config import Settings
-
-
-def load_tpu_v2() -> Any:
-    """google.cloud.tpu_v2 without aiohttp (installed where gcsfs is): api_core's optional asyncio REST transport
-    imports it, ~0.2 s of every command that asks the API, and tpuctl never uses asyncio."""
-    return import_without("google.cloud.tpu_v2", "aiohttp")
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from tpuctl.imports import load_paramiko
 from tpuctl.ssh import (
     KnownHosts,
     UnconfirmedAddress,
-    load_paramiko,
     load_private_key,
     open_socket,
     proxy_of,

@@ -19,18 +19,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from tpuctl.errors import ConfigError, HostKeyChangedError, ProxyError, TpuctlError
-from tpuctl.imports import import_without
+from tpuctl.imports import load_paramiko
 
 if TYPE_CHECKING:
     import paramiko
 
     from tpuctl.config import Settings
-
-
-def load_paramiko() -> Any:
-    """paramiko, without the `invoke` it would pull in: paramiko.config imports invoke only to run `Match exec` lines
-    of ssh_config files, which tpuctl never parses with paramiko (~60 ms of every fleet command's start)."""
-    return import_without("paramiko", "invoke")
 
 
 def host_key_name(host: str, port: int) -> str:

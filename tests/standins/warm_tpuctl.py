@@ -77,26 +77,18 @@ class _Server:
             tempfile.TemporaryFile("w+b") as stderr,
             socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn,
         ):
-            if input is not None:
-                stdin.write(input.encode())
-                stdin.seek(0)
-                stdin_fd = stdin.fileno()
-            else:
-                devnull = os.open(os.devnull, os.O_RDONLY)
-                stdin_fd = devnull
-            try:
-                conn.connect(self.path)
-                header = json.dumps({"argv": argv, "env": env, "cwd": cwd}).encode()
-                socket.send_fds(conn, [header], [stdin_fd, stdout.fileno(), stderr.fileno()])
-            finally:
-                if input is None:
-                    os.close(devnull)
+            stdin.write((input or "").encode())  # no input: an empty file, read to its end at once as /dev/null is
+            stdin.seek(0)
+            conn.connect(self.path)
+            header = json.dumps({"argv": argv, "env": env, "cwd": cwd}).encode()
+            socket.send_fds(conn, [header], [stdin.fileno(), stdout.fileno(), stderr.fileno()])
             conn.settimeout(timeout)
             pid = json.loads(conn.recv(_HEADER_MAX))["pid"]
             try:
                 code = json.loads(conn.recv(_HEADER_MAX))["exit"]  # once the process is gone (-N: killed by signal N)
             except TimeoutError:
-                _kill(pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
                 raise subprocess.TimeoutExpired([TPUCTL, *argv], timeout or 0) from None
             stdout.seek(0)
             stderr.seek(0)
@@ -109,11 +101,6 @@ class _Server:
         if self.process.stdout is not None:
             self.process.stdout.close()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _kill(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
 
 
 _lock = threading.Lock()
@@ -139,10 +126,10 @@ def _warm_up() -> None:
     import rich.console
     import rich.table  # noqa: F401
 
-    from tpuctl.imports import import_without
+    from tpuctl.imports import load_paramiko, load_tpu_v2
 
-    import_without("google.cloud.tpu_v2", "aiohttp")  # tpuctl.cloud.load_tpu_v2
-    import_without("paramiko", "invoke")  # tpuctl.ssh.load_paramiko
+    load_tpu_v2()
+    load_paramiko()
     import google.api_core.retry
     import google.auth.credentials
     import google.protobuf.json_format  # noqa: F401
