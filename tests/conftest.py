@@ -52,6 +52,10 @@ _made_run_dir = False
 # workers see it too. CI (CI=true) starts from an empty one in the run's directory, as a new machine would; so does
 # TPUCTL_TESTS_XLA_CACHE=run (or a path: that one). To clear it: rm -rf /var/tmp/tpuctl-tests-xla
 XLA_CACHE_ENV = "TPUCTL_TESTS_XLA_CACHE"
+# XLA:CPU's LLVM at -O0 for every JAX process of the tests: compiling the tests' small programs is most of their CPU
+# (a trainer run of the tiny recipe: 20 of 48 CPU-s), and -O0 compiles in ~60% of the time; the steps then run ~2.5x
+# slower, which the tests' few small steps hardly feel (RESULTS.md, issue 32). Every run of a comparison uses the same.
+TESTS_XLA_FLAGS = "--xla_backend_optimization_level=0"
 KEPT_XLA_CACHE = Path("/var/tmp/tpuctl-tests-xla")
 
 
@@ -82,6 +86,7 @@ def pytest_configure(config: pytest.Config) -> None:
         # applied by several tests in both xdist workers (measured: 18% less CPU for those modules, RESULTS.md)
         "JAX_COMPILATION_CACHE_DIR": str(xla),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "XLA_FLAGS": TESTS_XLA_FLAGS,
         **dict.fromkeys(UNSET_ENV),
         "CLOUDSDK_CONFIG": str(cloudsdk),  # an empty gcloud config: no account, project or credentials
         # A config path that does not exist, so tpuctl never reads the developer's own config.

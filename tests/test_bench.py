@@ -8,14 +8,13 @@ import subprocess
 import sys
 
 import pytest
+from standins import warm
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
 
 def bench(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "trainer.bench", *args], env=ENV, capture_output=True, text=True, timeout=240
-    )
+    return warm.run([sys.executable, "-m", "trainer.bench", *args], env=ENV, timeout=240)
 
 
 def test_bench_reports_step_time_throughput_and_flops(capsys):

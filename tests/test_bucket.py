@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from standins import cpu_env
 from standins.gcs import GcsEmulator
 from standins.wandb_offline import offline_run
 from test_train import FAST as TRAIN_FAST
@@ -88,7 +89,7 @@ def trainer_run(gcs: GcsEmulator, recipe: Path, workdir: str, *overrides: str, t
     args = [sys.executable, "-m", "trainer", str(recipe), "--workdir", workdir]
     for item in overrides:
         args += ["--set", item]
-    env = {**os.environ, **gcs.env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**cpu_env(1), **gcs.env}
     env.update(extra_env or {})
     start = time.monotonic()
     done = subprocess.run(gcs.namespaced(args), env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -228,7 +229,7 @@ def test_an_eval_that_fails_on_one_host_of_two_is_reported_by_both_and_training_
     args = [sys.executable, "-m", "trainer", str(recipe), "--workdir", str(workdir)]
     for item in [*FAST, f'text.vocab="{tmp_path}/val/vocab.txt"', "text.vocab_rows=100"]:
         args += ["--set", item]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = cpu_env(1)
     outs = run_distributed(args, env, ROOT, 400)
     for step in (6, 12):
         assert f"eval failed: broken at stage pretrain16 step {step}: FailedElsewhere: it failed on host 1" in outs[0]

@@ -10,7 +10,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-from standins import warm_tpuctl
+from standins import warm
 
 from tpuctl import config
 from tpuctl.errors import ConfigError
@@ -145,7 +145,7 @@ def test_a_jax_version_that_is_not_a_release_is_one_line(env, bad):
 
 def run(env, *args):
     full = {**os.environ, **env}
-    return warm_tpuctl.run(list(args), env=full, timeout=30)
+    return warm.tpuctl(list(args), env=full, timeout=30)
 
 
 def test_config_show_json_and_table(env):

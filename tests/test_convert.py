@@ -11,7 +11,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from PIL import Image
 from safetensors.numpy import load_file
 from safetensors.torch import save_file
 from sklearn.datasets import images as sample_images
+from standins import warm
 from test_real_data import make_data, run
 
 from trainer import checkpoint, convert, openclip, pretrained
@@ -524,7 +524,7 @@ def test_convert_never_needs_torch_for_safetensors(tmp_path):
     src = random_open_clip(tmp_path / "hub", config=TINY_CONFIG, preprocess=TINY_PREPROCESS)
     code = "import sys; sys.modules['torch'] = None; from trainer.convert import main; main()"
     args = [sys.executable, "-c", code, "import", str(src), "--model", "Mu/7", "--out", str(tmp_path / "o")]
-    r = subprocess.run(args, capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    r = warm.run(args, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert r.returncode == 0, r.stderr[-2000:]
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from standins import warm
 
 from trainer import data, recipe
 from trainer.data.prepare import FASHION_CLASSES, FASHION_HOME, main, read_idx
@@ -468,7 +469,7 @@ def train(recipe_path: Path, workdir: Path, *overrides: str) -> subprocess.Compl
     for key, value in settings.items():
         args += ["--set", f"{key}={value}"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=280)
+    return warm.run(args, env=env, cwd=ROOT, timeout=280)
 
 
 @pytest.mark.slow

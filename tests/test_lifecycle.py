@@ -13,7 +13,7 @@ from http import HTTPStatus
 from pathlib import Path
 
 import pytest
-from standins import warm_tpuctl
+from standins import warm
 from standins.pod import PROJECT, ZONE
 from standins.tpu_api import ApiError, FakeTpuApi, OperationError
 
@@ -33,7 +33,7 @@ def tpuctl(tpu_api: FakeTpuApi, tmp_path: Path) -> Tpuctl:
     }
 
     def run(*args: str, timeout: float = 60, **more_env: str) -> subprocess.CompletedProcess[str]:
-        return warm_tpuctl.run(list(args), env=env | more_env, timeout=timeout)
+        return warm.tpuctl(list(args), env=env | more_env, timeout=timeout)
 
     return run
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from standins import warm
 
 from trainer.data import examples
 from trainer.metrics import read_jsonl
@@ -80,7 +81,7 @@ def run(module: str, recipe: Path, d: Path, *extra: str) -> subprocess.Completed
     for item in overrides:
         args += ["--set", item]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # the test run's XLA cache: TRAINER_COMPILE_CACHE (conftest)
-    return subprocess.run([*args, *extra], env=env, cwd=ROOT, capture_output=True, text=True, timeout=280)
+    return warm.run([*args, *extra], env=env, cwd=ROOT, timeout=280)
 
 
 def test_train_on_shards_with_evals_then_evaluate_a_checkpoint(shard_run, tmp_path):

@@ -194,10 +194,17 @@ def test_the_trainer_environment_wires_workers_unless_told_otherwise():
     assert remote.trainer_env({"TRAINER_PROCESS_ID": "7"}, "h:1", 2, 1)["TRAINER_PROCESS_ID"] == "7"  # the user's wins
 
 
-def test_stop_kills_a_trainer_that_outlives_its_grace(tmp_path):
-    """scripts/runs.py stop: SIGTERM first; a trainer still alive after the grace period is SIGKILLed."""
+@pytest.mark.parametrize(
+    "on_sigterm, state, code",
+    [("signal.SIG_IGN", "killed", 137), ("lambda *_: sys.exit(3)", "failed", 3)],
+    ids=["outlives-its-grace", "fails-its-save"],
+)
+def test_stop_names_a_trainer_that_does_not_stop_cleanly(tmp_path, on_sigterm, state, code):
+    """scripts/runs.py stop: SIGTERM first; a trainer still alive after the grace period is SIGKILLed ("killed"); one
+    that exits non-zero on the SIGTERM (its save failed) is "failed", never "stopped"."""
     stubborn = (
-        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)"
+        f"import signal, sys, time; signal.signal(signal.SIGTERM, {on_sigterm}); print('up', flush=True);"
+        " time.sleep(60)"
     )
     run_dir = tmp_path / "run"
     env = {**os.environ, "TMUX_TMPDIR": str(tmp_path)}
@@ -210,10 +217,10 @@ def test_stop_kills_a_trainer_that_outlives_its_grace(tmp_path):
         assert r.returncode == 0 and json.loads(r.stdout)["pid"], r.stdout + r.stderr
         status = json.loads(sh(remote.run_command("status", sys.executable, workdir="/none", **where), env=env).stdout)
         assert status["state"] == "running" and status["session"]
-        log = run_dir / "log"  # SIGTERM is ignored from its "up" on (before it, SIGTERM alone would stop it)
+        log = run_dir / "log"  # its SIGTERM handler is set from its "up" on (before it, SIGTERM alone would stop it)
         wait_until(lambda: "up" in log.read_text().splitlines(), 30, "the trainer's 'up' in its log", log.read_text)
         stop = json.loads(sh(remote.run_command("stop", sys.executable, grace=0.5, **where), env=env).stdout)
-        assert stop["state"] == "killed" and stop["exit_code"] == 137  # the pane's shell saw it die of SIGKILL
+        assert (stop["state"], stop["exit_code"]) == (state, code)  # 137: the pane's shell saw it die of SIGKILL
         status = json.loads(sh(remote.run_command("status", sys.executable, workdir="/none", **where), env=env).stdout)
         assert status["state"] == "failed" and not status["session"] and status["pid"] is None
     finally:

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import standins
 from conftest import once_per_run
-from standins import image, wait_until, warm_tpuctl
+from standins import image, wait_until, warm
 from standins.pod import RUN_RECIPE
 from test_chips import alive, holds
 from test_data import write_idx
@@ -100,6 +100,8 @@ def env_args(shared, heartbeat=30):
         "--env",
         "JAX_PLATFORMS=cpu",
         "--env",
+        f"XLA_FLAGS={os.environ['XLA_FLAGS']}",
+        "--env",
         f"TRAINER_HEARTBEAT_TIMEOUT={heartbeat}",
     ]
 
@@ -171,13 +173,16 @@ def test_two_workers_stop_and_resume_a_run_by_its_name(bucket_pod, project, shar
     for worker in pod.fleet.workers:  # each past its start (a SIGTERM before the trainer's handler just ends it)
         wait_for_logged_step(worker, name, 3)
     r = pod.tpuctl("stop", name, "--grace", "120", "--json", timeout=200)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert [w["state"] for w in json.loads(r.stdout)["workers"]] == ["stopped", "stopped"]
+    logs = "\n".join(  # what each trainer said last, for a failure here
+        f"w{w.index}'s log ends:\n" + w.path(f"/root/.tpuctl/runs/{slug(name)}/log").read_text()[-1500:]
+        for w in pod.fleet.workers
+    )
+    assert r.returncode == 0, r.stdout + r.stderr + logs
+    assert [w["state"] for w in json.loads(r.stdout)["workers"]] == ["stopped", "stopped"], r.stdout + logs
     code, workers = status(pod, name)
     seen = [(w["state"], w.get("exit_code"), w.get("last_line"), w.get("error")) for w in workers]
     assert [w["state"] for w in workers] == ["stopped", "stopped"] and not any(w["session"] for w in workers), (
-        f"{seen}\nworker 1's log ends:\n"
-        + pod.fleet.workers[1].path(f"/root/.tpuctl/runs/{slug(name)}/log").read_text()[-2000:]
+        f"{seen}\n{logs}"
     )
     saved = workers[0]["checkpoint"]  # read from the bucket by each worker's venv (python -m trainer.workdir)
     assert workers[1]["checkpoint"] == saved
@@ -331,7 +336,7 @@ def sent_files(project: Path) -> list[str]:
 
 
 def tpuctl_here(env, *args, cwd, timeout=60):
-    return warm_tpuctl.run(list(args), env=env, cwd=cwd, timeout=timeout)
+    return warm.tpuctl(list(args), env=env, cwd=cwd, timeout=timeout)
 
 
 def test_the_local_target_trains_the_tiny_recipe_from_a_clean_checkout(project, local_env, tmp_path):

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
 import pytest
+from standins import cpu_env, warm
 
 from trainer.recipe import Mesh, RecipeError
 from trainer.sharding import mesh_shape
@@ -61,9 +61,8 @@ SCRIPT = textwrap.dedent(
 
 
 def test_parameters_and_batches_are_laid_out_by_the_rules():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     tiny = os.path.join(os.path.dirname(__file__), "tiny_synthetic.toml")
-    r = subprocess.run([sys.executable, "-c", SCRIPT, tiny], env=env, capture_output=True, text=True, timeout=300)
+    r = warm.run([sys.executable, "-c", SCRIPT, tiny], env=cpu_env(8), timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["devices"] == 8 and got["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -12,6 +11,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from standins import cpu_env, warm
 
 from trainer import optimizer, recipe
 
@@ -84,8 +84,7 @@ SCRIPT = textwrap.dedent(
 
 
 def run_step(devices: int) -> dict:
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
-    r = subprocess.run([sys.executable, "-c", SCRIPT, str(TINY)], env=env, capture_output=True, text=True, timeout=600)
+    r = warm.run([sys.executable, "-c", SCRIPT, str(TINY)], env=cpu_env(devices), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import once_per_run
-from standins import free_port, wait_until
+from standins import cpu_env, free_port, wait_until, warm
 
 from trainer import contract, storage
 from trainer.metrics import read_jsonl
@@ -64,17 +64,12 @@ class Trainer:
     def start(
         self, workdir: Path | str, *overrides: str, devices=1, recipe: Path = TINY, base=FAST, extra=(), env=None
     ):
-        env = {
-            **os.environ,
-            "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-            **(env or {}),
-        }
+        env = {**cpu_env(devices), **(env or {})}
         args = [sys.executable, "-m", "trainer", str(recipe), "--workdir", str(workdir), "--compile-cache"]
         args += [str(self.cache), *extra]
         for item in [*base, *overrides]:
             args += ["--set", item]
-        proc = subprocess.Popen(
+        proc = warm.popen(
             args,
             env=env,
             cwd=ROOT,

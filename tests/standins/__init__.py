@@ -3,6 +3,7 @@ the few helpers the tests share: a free port, waiting on a condition, trainers j
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
@@ -39,12 +40,22 @@ def wait_until(
         time.sleep(poll)
 
 
+def cpu_env(devices: int = 1, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a JAX process of the tests (`base`, else this one's) on `devices` CPU devices, with the
+    session's XLA flags (conftest) kept."""
+    env = dict(os.environ if base is None else base)
+    flags = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    return {**env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
+
+
 def run_distributed(command: list[str], env: dict[str, str], cwd: Path, timeout: float, count: int = 2) -> list[str]:
     """`python -m trainer ...` as `count` processes joined by jax.distributed on this machine (the hosts of a pod),
     to their end: each one's output (stdout and stderr), after checking that every one exited 0. None outlives it."""
+    from standins import warm
+
     wiring = ["--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", str(count), "--process-id"]
     procs = [
-        subprocess.Popen(
+        warm.popen(
             [*command, *wiring, str(i)], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         for i in range(count)

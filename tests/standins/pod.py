@@ -1,5 +1,5 @@
 """A stand-in TPU pod: an sshd fleet registered as a node in the local Cloud TPU API, and a way to run tpuctl
-against it (tpuctl's console script in a process of its own, started warm: warm_tpuctl; with an environment of the
+against it (tpuctl's console script in a process of its own, started warm: standins.warm; with an environment of the
 test's own)."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from standins import warm_tpuctl
+from standins import warm
 from standins.sshfleet import SshFleet
 from standins.tpu_api import FakeTpuApi
 
-TPUCTL = warm_tpuctl.TPUCTL
+TPUCTL = warm.TPUCTL
 PROJECT, ZONE, NODE = "proj", "zone-a", "pod"
 RUN_RECIPE = "tests/tiny_run.toml"  # tiny_synthetic.toml's first stage alone, written into a checkout by `project`
 
@@ -64,7 +64,7 @@ class Pod:
         input: str | None = None,
         cwd: Path | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        return warm_tpuctl.run(list(args), env={**self.env, **(env or {})}, cwd=cwd, timeout=timeout, input=input)
+        return warm.tpuctl(list(args), env={**self.env, **(env or {})}, cwd=cwd, timeout=timeout, input=input)
 
 
 def make_pod(fleet: SshFleet, api: FakeTpuApi, home: Path) -> Pod:

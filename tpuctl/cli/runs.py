@@ -296,6 +296,11 @@ def stop(run: str | None, grace: float, show_all: bool, as_json: bool, **flags: 
     else:
         show_table(reports, render.stop_table, render.report_state, show_all)
         say_failures((r.index, r.ip, r.error) for r in reports)
+        say_failures(
+            (r.index, r.ip, f"the trainer exited {r.data.get('exit_code')} on SIGTERM (see `tpuctl logs`)")
+            for r in reports
+            if r.state == "failed"
+        )
         if not any(r.error for r in reports):
             (first,) = launch.status(settings, target.subset([0]), record)  # the checkpoint it will resume from
             saved = first.data.get("checkpoint") or "none yet"
@@ -308,7 +313,7 @@ def stop(run: str | None, grace: float, show_all: bool, as_json: bool, **flags: 
                 )
             else:
                 err().print(render.plain(f"Stopped at checkpoint {saved}. Resume with: {resume_command(record)}"))
-    failed = any(r.error or r.state == "killed" for r in reports)
+    failed = any(r.error or r.state in ("killed", "failed") for r in reports)
     raise SystemExit(EXIT_FAILED if failed else EXIT_OK)
 
 

@@ -270,7 +270,8 @@ def status(args):
 
 
 def stop(args):
-    """SIGTERM the trainer (it checkpoints and exits), wait up to `grace`; then kill it and its session."""
+    """SIGTERM the trainer (it checkpoints and exits), wait up to `grace`; then kill it and its session. "failed": it
+    ended within the grace with a non-zero status (its checkpoint may be missing: its log says why)."""
     run_dir = expand(args["run_dir"])
     pid = trainer_pid(run_dir)
     if pid is not None:
@@ -288,11 +289,14 @@ def stop(args):
     if session_alive(args["session"]):
         tmux("kill-session", "-t", "=" + args["session"])
     code = read(os.path.join(run_dir, "exit"))
-    return {
-        "state": "killed" if killed else "stopped" if pid is not None else "not running",
-        "pid": pid,
-        "exit_code": int(code) if code and code.lstrip("-").isdigit() else None,
-    }
+    exit_code = int(code) if code and code.lstrip("-").isdigit() else None
+    if killed:
+        state = "killed"
+    elif pid is None:
+        state = "not running"
+    else:
+        state = "failed" if exit_code else "stopped"
+    return {"state": state, "pid": pid, "exit_code": exit_code}
 
 
 def main():
