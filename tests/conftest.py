@@ -119,9 +119,21 @@ SLOW_MODULES = {
 }
 
 
-# The modules whose tests take longest, costliest first (measured: benchmarks/RESULTS.md, issue 32). They are
-# collected first, so the two xdist workers start on them and the run's tail is short tests, not one worker alone
-# on a two-minute drill while the other idles.
+# The tests that take longest, in the order the xdist workers start them (CI hands tests out one at a time,
+# `--maxschedchunk 1`, each worker holding two: the first worker gets the first two, the second the next two). Those
+# on many stand-in workers (sshds, tmux, the status script) go one after the other on one worker, beside the trainer
+# tests on the other: two of them at once took 3x as long each (the 128-worker pod beside the stop-and-resume drill:
+# 69 and 76 s, 30 and 25 s alone; benchmarks/RESULTS.md, issue 32).
+LONGEST_TESTS_FIRST = [
+    "test_scale.py::test_a_pod_of_128_workers_runs_reports_and_stops",
+    "test_runs.py::test_two_workers_stop_and_resume_a_run_by_its_name",
+    "test_train.py::test_two_processes_stop_together_on_preemption_and_resume_on_another_mesh",
+    "test_runs.py::test_the_local_target_trains_the_tiny_recipe_from_a_clean_checkout",
+    "test_scale.py::test_a_pod_of_128_workers_execs_checks_and_syncs",
+    "test_babysit.py::test_preemption_drill",
+]
+# Then the modules whose tests take longest, costliest first, so the run's tail is short tests, not one worker
+# alone on a long drill while the other idles.
 LONGEST_FIRST = [
     "test_runs",
     "test_train",
@@ -150,9 +162,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if item.module is not None and item.module.__name__ in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
 
-    def rank(item: pytest.Item) -> int:
+    def rank(item: pytest.Item) -> tuple[int, int]:
+        test = item.nodeid.rsplit("/", 1)[-1]
+        if test in LONGEST_TESTS_FIRST:
+            return 0, LONGEST_TESTS_FIRST.index(test)
         name = item.module.__name__ if item.module is not None else ""
-        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+        return 1, LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: each module keeps its own order
 

@@ -100,7 +100,7 @@ def test_prepare_dry_run_prints_the_pins_and_the_remote_command(pod):
     )
     assert r.stdout == "" and "tpuctl -v prepare --dry-run" in r.stderr  # the summary; the script when asked
     r = pod.tpuctl("-v", "prepare", "--dry-run", "--jax-version", "0.4.35", "--apt-packages", "libgl1,ffmpeg")
-    assert r.stdout.startswith("python3 -c ") and '"remote_dir": "~/tpuctl"' in r.stdout
+    assert r.stdout.startswith("python3 -I -S -c ") and '"remote_dir": "~/tpuctl"' in r.stdout
     assert '"constraints": ["jax==0.4.35"]' in r.stdout and '"packages": ["libgl1", "ffmpeg"]' in r.stdout
     assert pod.tpuctl("prepare", "--dry-run").stderr.startswith(
         f"Would install the project[train] with jax=={LOCAL_JAX} "
@@ -169,8 +169,8 @@ def test_prepare_pins_jax_on_every_worker_and_a_new_pin_prepares_again(pod, toy_
 def test_prepare_command_pins_jax_tpu_on_tpu_hosts_and_jax_everywhere():
     settings = config.Settings(jax_version="0.4.35", apt_packages=["libgl1"])
     words = shlex.split(ops.prepare_command(settings))
-    assert words[:2] == ["python3", "-c"]
-    args = json.loads(words[3])
+    assert words[:4] == ["python3", "-I", "-S", "-c"]  # stdlib alone: no site-packages, no PYTHONPATH
+    args = json.loads(words[5])
     assert args["requirements"] == {"tpu": ["jax[tpu]==0.4.35"], "other": []}
     assert args["tpu_pip_args"] == ["--find-links", remote.LIBTPU_FIND_LINKS]
     assert args["constraints"] == ["jax==0.4.35"]

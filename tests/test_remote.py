@@ -81,10 +81,10 @@ def test_sync_batch_applies_only_on_the_expected_tree(tmp_path):
 
 def test_chip_script_arguments_travel_as_json():
     command = remote.chips_command("check", ["/dev/it's*"], dry_run=True)
-    assert command.startswith('if [ "$(id -u)" -eq 0 ]; then python3 -c ')
+    assert command.startswith('if [ "$(id -u)" -eq 0 ]; then python3 -I -S -c ')
     words = remote.shlex.split(command.split("; then ", 1)[1].split("; else", 1)[0])
-    assert words[:2] == ["python3", "-c"] and "def inspect(args)" in words[2]
-    args = json.loads(words[3])
+    assert words[:4] == ["python3", "-I", "-S", "-c"] and "def inspect(args)" in words[4]
+    args = json.loads(words[5])
     assert args["device_globs"] == ["/dev/it's*"] and args["dry_run"] is True
     assert args["lockfile_globs"] == list(remote.LOCKFILE_GLOBS)
 

@@ -39,28 +39,39 @@ def small_project(project, tmp_path):
     return small
 
 
-@pytest.mark.timeout(900)
-def test_a_pod_of_128_workers(make_fleet, tpu_api, tmp_path, small_project):
-    project = small_project
+def pod_of_128(make_fleet, tpu_api, tmp_path):
+    """The pod, and a tpuctl with the timeouts 128 handshakes on two cores need."""
     fleet = make_fleet(WORKERS)
     pod = make_pod(fleet, tpu_api, tmp_path / "home")
 
     def tpuctl(*args, **kw):
         return pod.tpuctl(*args, env=SLOW | kw.pop("env", {}), timeout=600, **kw)
 
+    return fleet, tpuctl
+
+
+def hold_the_chips_of_w77(fleet) -> tuple[dict[str, str], int]:
+    """Every worker gets a chip (a device file); a process on w77 holds its. The env that points tpuctl at those chips,
+    and the holder's pid."""
+    for w in fleet.workers:
+        w.path("/tmp/dev").mkdir()
+        w.path("/tmp/dev/accel0").write_bytes(b"")
+    holder = fleet.workers[77].spawn(["python3", "-c", "import time; f = open('/tmp/dev/accel0'); time.sleep(600)"])
+    wait_until(lambda: r"accel0" in " ".join(_fds(holder)), 10, "the holder opened accel0")
+    return {"TPUCTL_DEVICE_GLOBS": "/tmp/dev/accel*"}, holder
+
+
+@pytest.mark.timeout(600)
+def test_a_pod_of_128_workers_execs_checks_and_syncs(make_fleet, tpu_api, tmp_path, small_project):
+    project = small_project
+    fleet, tpuctl = pod_of_128(make_fleet, tpu_api, tmp_path)
     r = tpuctl("exec", "--", "hostname")
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(r.stdout.splitlines()) == sorted(f"[w{w.index}] {w.hostname}" for w in fleet.workers)
     assert f"{WORKERS} workers: {WORKERS} ok" in r.stderr and not worker_rows(r.stderr)  # no row for an ok worker
 
     # check: one summary line, the one busy worker's row alone; --all and --json: every worker
-    for w in fleet.workers:
-        w.path("/tmp/dev").mkdir()
-        w.path("/tmp/dev/accel0").write_bytes(b"")
-    odd = fleet.workers[77]
-    holder = odd.spawn(["python3", "-c", "import time; f = open('/tmp/dev/accel0'); time.sleep(600)"])
-    devices = {"TPUCTL_DEVICE_GLOBS": "/tmp/dev/accel*"}
-    wait_until(lambda: r"accel0" in " ".join(_fds(holder)), 10, "the holder opened accel0")
+    devices, holder = hold_the_chips_of_w77(fleet)
     r = tpuctl("check", env=devices)
     assert r.returncode == 1, r.stderr[-3000:]
     assert f"{WORKERS} workers: {WORKERS - 1} free, 1 busy; the 1 worker not free below" in r.stdout
@@ -81,7 +92,14 @@ def test_a_pod_of_128_workers(make_fleet, tpu_api, tmp_path, small_project):
     assert {d["method"] for d in json.loads(r.stdout)} == {"batch"}
     assert all(w.path("~/tpuctl/recipes/note.txt").read_text() == "edited\n" for w in fleet.workers)
 
-    # run, status, stop
+
+@pytest.mark.timeout(600)
+def test_a_pod_of_128_workers_runs_reports_and_stops(make_fleet, tpu_api, tmp_path, small_project):
+    """`run` on a pod whose w77 chips are held (--force: that holder alone is killed first), without a sync from
+    here (the code's tree is not recorded: the first test's sync is not this one's), then status and stop."""
+    project = small_project
+    fleet, tpuctl = pod_of_128(make_fleet, tpu_api, tmp_path)
+    devices, holder = hold_the_chips_of_w77(fleet)
     for w in fleet.workers:  # what `prepare` would make: the project's venv (sync leaves it alone)
         python = w.path("~/tpuctl/.venv/bin/python")
         python.parent.mkdir(parents=True)
@@ -90,6 +108,8 @@ def test_a_pod_of_128_workers(make_fleet, tpu_api, tmp_path, small_project):
     run = ["run", RUN_RECIPE, "--name", "wide", "--no-sync", "--workdir", "/tmp/w", "--force"]
     r = tpuctl(*run, env=devices, cwd=project)  # --force: w77's holder goes first
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "killing what holds the chips on 1 of 128 workers" in r.stdout + r.stderr
+    wait_until(lambda: not _fds(holder), 10, "w77's holder killed")
 
     def all_stepping():
         answer = tpuctl("status", "wide", "--json")

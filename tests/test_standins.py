@@ -361,3 +361,15 @@ def test_the_reference_check_catches_a_stand_in_that_drifts():
     newer = {**operation, "metadata": {"@type": "type.googleapis.com/google.cloud.tpu.v3.OperationMetadata"}}
     found = discovery.problems(doc, "GET", "/v2/projects/p/locations/z/operations/o", 200, newer)
     assert any("tpu.v3.OperationMetadata is none the reference knows" in p for p in found)
+
+
+def test_the_scheduling_order_names_tests_and_modules_that_exist():
+    """conftest's LONGEST_TESTS_FIRST and LONGEST_FIRST order CI's run: a renamed test or module would silently fall
+    back to the default order (and two fleet drills could run at once again)."""
+    from conftest import LONGEST_FIRST, LONGEST_TESTS_FIRST
+
+    here = Path(__file__).parent
+    for entry in LONGEST_TESTS_FIRST:
+        module, test = entry.split("::")
+        assert f"\ndef {test}(" in (here / module).read_text(), f"conftest.LONGEST_TESTS_FIRST: no {entry}"
+    assert all((here / f"{name}.py").exists() for name in LONGEST_FIRST)

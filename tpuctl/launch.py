@@ -473,4 +473,4 @@ def _free_chips(settings: Settings, target: Target, busy: Busy, say: Callable[[s
             busy=reports,
         )
     say(f"killing what holds the chips on {len(taken)} of {len(reports)} workers")
-    ops.kill(settings, target.fleet)
+    ops.kill(settings, target.subset([i for i, r in enumerate(reports) if r.state != "free"]).fleet)  # those alone

@@ -1,7 +1,7 @@
 """Every command line sent to a worker's shell is built here, with shlex quoting, and nowhere else.
 
 Bigger jobs (inspecting chips, killing holders, preparing a virtualenv) are small stdlib-only Python scripts in
-tpuctl/scripts/, sent inline as `python3 -c SCRIPT ARGS_JSON`: nothing to install on the worker, no quoting of
+tpuctl/scripts/, sent inline as `python3 -I -S -c SCRIPT ARGS_JSON`: nothing to install on the worker, no quoting of
 data into code, and they answer with one JSON document on stdout.
 """
 
@@ -55,7 +55,10 @@ def _script(name: str) -> str:
 
 
 def python_script(name: str, args: dict[str, Any], python: str = "python3") -> list[str]:
-    return [python, "-c", _script(name), json.dumps(args, sort_keys=True)]
+    """The script runs isolated (-I: no PYTHONPATH, no user site) and without site (-S): it needs the standard
+    library alone, and a VM image's site-packages can cost each start tens of ms (their .pth imports), on every worker
+    of every command."""
+    return [python, "-I", "-S", "-c", _script(name), json.dumps(args, sort_keys=True)]
 
 
 def chips_command(action: str, device_globs: Sequence[str], **options: Any) -> str:
