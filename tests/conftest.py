@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -119,34 +120,27 @@ SLOW_MODULES = {
 }
 
 
-# The tests that take longest, in the order the xdist workers start them (CI hands tests out one at a time,
-# `--maxschedchunk 1`, each worker holding two: the first worker gets the first two, the second the next two). Those
-# on many stand-in workers (sshds, tmux, the status script) go one after the other on one worker, beside the trainer
-# tests on the other: two of them at once took 3x as long each (the 128-worker pod beside the stop-and-resume drill:
-# 69 and 76 s, 30 and 25 s alone; benchmarks/RESULTS.md, issue 32).
-LONGEST_TESTS_FIRST = [
+# The order CI starts the tests in. Two long tests at once take 2-3x as long each, past a minute (the 128-worker pod
+# beside the stop-and-resume drill: 69 and 76 s, 30 and 25 s alone; the two-process test beside the fleet drills:
+# 187 s, 64 alone): the drills on many stand-in workers (sshds, tmux, the status script) keep more than one core
+# busy. So `scheduled` orders the tests such that no two LONG_TESTS run at once, each beside shorter ones, the
+# LONG_TESTS early and in this order, the run ending on the shortest tests (benchmarks/RESULTS.md, issue 32).
+LONG_TESTS = [
+    "test_train.py::test_an_uninterrupted_run_trains_both_stages_and_logs",  # builds the reference the others read
     "test_scale.py::test_a_pod_of_128_workers_runs_reports_and_stops",
+    "test_runs.py::test_the_local_target_trains_the_tiny_recipe_from_a_clean_checkout",
     "test_runs.py::test_two_workers_stop_and_resume_a_run_by_its_name",
     "test_train.py::test_two_processes_stop_together_on_preemption_and_resume_on_another_mesh",
-    "test_runs.py::test_the_local_target_trains_the_tiny_recipe_from_a_clean_checkout",
     "test_scale.py::test_a_pod_of_128_workers_execs_checks_and_syncs",
     "test_babysit.py::test_preemption_drill",
+    "test_runs.py::test_a_dead_worker_stops_the_others_and_status_names_it",
+    "test_bucket.py::test_an_eval_that_fails_on_one_host_of_two_is_reported_by_both_and_training_goes_on",
 ]
-# Then the modules whose tests take longest, costliest first, so the run's tail is short tests, not one worker
-# alone on a long drill while the other idles.
-LONGEST_FIRST = [
-    "test_runs",
-    "test_train",
-    "test_convert",
-    "test_scale",
-    "test_real_data",
-    "test_bucket",
-    "test_babysit",
-    "test_data_formats",
-    "test_step",
-    "test_bench",
-    "test_models",
-]
+# Each test's seconds (set-up, call and tear-down) in a full run; `TESTS_STORE_DURATIONS=1 pytest -n 2 ...` writes
+# them anew. A test not in it counts as 1 s.
+DURATIONS = Path(__file__).with_name("durations.json")
+STORE_DURATIONS_ENV = "TESTS_STORE_DURATIONS"
+_durations: dict[str, float] = {}
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
@@ -162,14 +156,60 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if item.module is not None and item.module.__name__ in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
 
-    def rank(item: pytest.Item) -> tuple[int, int]:
-        test = item.nodeid.rsplit("/", 1)[-1]
-        if test in LONGEST_TESTS_FIRST:
-            return 0, LONGEST_TESTS_FIRST.index(test)
-        name = item.module.__name__ if item.module is not None else ""
-        return 1, LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+    items[:] = scheduled(items)
 
-    items.sort(key=rank)  # stable: each module keeps its own order
+
+def test_id(nodeid: str) -> str:
+    """A test's id in LONG_TESTS and DURATIONS: its node id from the tests' directory."""
+    return nodeid.removeprefix("tests/")
+
+
+def scheduled(items: list[pytest.Item], workers: int = 2) -> list[pytest.Item]:
+    """The order for CI's `pytest -n 2 --maxschedchunk 1`: xdist then gives each worker two tests, and a worker that
+    ends one starts the other and takes the next test in the order. Played out on DURATIONS, each next test is
+    chosen as a worker takes it: the next of LONG_TESTS if no other worker is in one by the time it starts (so they
+    run one after the other), else the shortest other test left while one is running, the longest after."""
+    known = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+
+    def seconds(item: pytest.Item) -> float:
+        return known.get(test_id(item.nodeid), 1.0)
+
+    long = sorted(
+        (i for i in items if test_id(i.nodeid) in LONG_TESTS), key=lambda i: LONG_TESTS.index(test_id(i.nodeid))
+    )
+    others = sorted((i for i in items if test_id(i.nodeid) not in LONG_TESTS), key=seconds, reverse=True)
+    order: list[pytest.Item] = []
+    ends: list[list[float]] = [[] for _ in range(workers)]  # when each test a worker took ends
+    long_until = [0.0] * workers
+
+    def take(worker: int) -> None:
+        start = ends[worker][-1] if ends[worker] else 0.0
+        alone = all(until <= start for w, until in enumerate(long_until) if w != worker)
+        # beside a long test, the shortest others: they wait on sshds and subprocesses more than they compute
+        item = long.pop(0) if long and (alone or not others) else others.pop(0 if alone else -1)
+        order.append(item)
+        ends[worker].append(start + seconds(item))
+        if test_id(item.nodeid) in LONG_TESTS:
+            long_until[worker] = ends[worker][-1]
+
+    for worker in range(workers):  # the first two tests of each
+        for _ in range(2):
+            if long or others:
+                take(worker)
+    while long or others:
+        take(min(range(workers), key=lambda w: ends[w][-2]))  # the first to end its current test
+    return order
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    test = test_id(report.nodeid)
+    _durations[test] = _durations.get(test, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """With STORE_DURATIONS_ENV set, the run's durations replace DURATIONS (xdist: its controller has every test's)."""
+    if os.environ.get(STORE_DURATIONS_ENV) and not hasattr(session.config, "workerinput") and _durations:
+        DURATIONS.write_text(json.dumps({k: round(v, 1) for k, v in sorted(_durations.items())}, indent=0) + "\n")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

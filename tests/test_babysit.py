@@ -1,10 +1,11 @@
 """tpuctl babysit: the preemption drill on real stand-ins.
 
 The local Cloud TPU API makes "VMs" when asked to create a TPU: a fresh pair of sshd workers (new addresses, new host
-keys, the project's SSH key accepted, standins.image's Python image with the trainer's dependencies). The test then
-plays the cloud: it flips the TPU to PREEMPTED and kills its workers mid-training. babysit must delete and recreate
-the TPU, sync, prepare, relaunch, and the run must resume from the newest checkpoint the lost VMs committed to the
-bucket and finish. On the way, babysit itself is killed and started again, and carries on from its state file.
+keys, the project's SSH key accepted, standins.image's Python image with the trainer's dependencies; the second pair
+also the venv the first pair's prepare made, so their prepare is quick). The test then plays the cloud: it flips the
+TPU to PREEMPTED and kills its workers mid-training. babysit must delete and recreate the TPU, sync, prepare,
+relaunch, and the run must resume from the newest checkpoint the lost VMs committed to the bucket and finish. On the
+way, babysit itself is killed and started again, and carries on from its state file.
 
 The trainer is the stand-in of standins/trainer_main.py (the trainer's log lines and checkpoint layout, no JAX):
 babysit's part is under test here. The real trainer on a pod stopped and resumed to the uninterrupted losses is
@@ -26,7 +27,7 @@ import pytest
 import standins
 from standins import free_port, image, wait_until
 from standins.pod import PROJECT, TPUCTL, ZONE
-from test_runs import RECIPE, STEPS, env_args, logged_step, sets
+from test_runs import RECIPE, STEPS, VENV, copy_prepared_venv, env_args, logged_step, sets
 
 from tpuctl.registry import slug
 from trainer import contract, storage
@@ -72,6 +73,9 @@ def test_preemption_drill(tpu_api, make_fleet, project, shared, tmp_path, gcs, b
     def on_create(project_id, zone, name, node):
         fleet = first if not vms else make_fleet(2, like=first)
         image.install(fleet)
+        if vms:  # the new VMs hold the venv the first ones' prepare made, as VMs made from a prepared image would:
+            # their prepare finds it up to date (test_prepare is where a prepare installs; here, that babysit runs it)
+            copy_prepared_venv(vms[0].workers[0].path(VENV), fleet.workers)
         vms.append(fleet)
         return [(w.ip, w.ip) for w in fleet.workers]
 
@@ -121,6 +125,9 @@ def test_preemption_drill(tpu_api, make_fleet, project, shared, tmp_path, gcs, b
             sitter.kill()
             sitter.wait()
     log = (tmp_path / "babysit-2.log").read_text()
+    # each new TPU was prepared before its launch (the first one's prepare installed the project into the venv)
+    for text in ((tmp_path / "babysit-1.log").read_text(), log):
+        assert text.index("Preparing 2 workers") < text.index("launched: on 2 workers"), text[-3000:]
     state = json.loads((home / "state" / "tpuctl" / "babysit" / f"{slug(RUN)}.json").read_text())
     events = [e["what"] for e in state["events"]]
     # the whole story, across both babysit processes, in the state file

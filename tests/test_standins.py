@@ -363,13 +363,13 @@ def test_the_reference_check_catches_a_stand_in_that_drifts():
     assert any("tpu.v3.OperationMetadata is none the reference knows" in p for p in found)
 
 
-def test_the_scheduling_order_names_tests_and_modules_that_exist():
-    """conftest's LONGEST_TESTS_FIRST and LONGEST_FIRST order CI's run: a renamed test or module would silently fall
-    back to the default order (and two fleet drills could run at once again)."""
-    from conftest import LONGEST_FIRST, LONGEST_TESTS_FIRST
+def test_the_scheduling_order_names_tests_that_exist():
+    """conftest's LONG_TESTS and DURATIONS order CI's run: a renamed long test would silently fall back to the
+    default order (and two long tests could run at once again)."""
+    from conftest import DURATIONS, LONG_TESTS
 
     here = Path(__file__).parent
-    for entry in LONGEST_TESTS_FIRST:
+    for entry in LONG_TESTS:
         module, test = entry.split("::")
-        assert f"\ndef {test}(" in (here / module).read_text(), f"conftest.LONGEST_TESTS_FIRST: no {entry}"
-    assert all((here / f"{name}.py").exists() for name in LONGEST_FIRST)
+        assert f"\ndef {test}(" in (here / module).read_text(), f"conftest.LONG_TESTS: no {entry}"
+        assert entry in json.loads(DURATIONS.read_text()), f"{DURATIONS.name} has no {entry}: store them again"
