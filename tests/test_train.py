@@ -299,10 +299,10 @@ def test_two_processes_stop_together_on_preemption_and_resume_on_another_mesh(re
     """2 processes x 2 CPU devices (data 2 x fsdp 2) through jax.distributed (gloo collectives), as two hosts of a
     pod with their workdir in a bucket: the same losses as one device; SIGTERM to both (a preempted pod) -> both save
     one checkpoint into the bucket at one agreed step, right there (the run has no periodic save), with each host's
-    data position, and exit cleanly. Then one process on 1 device resumes from that save: the state sharded over 4
-    devices of 2 hosts restores onto the new mesh and the stage ends where the uninterrupted run does; each start
-    recorded the code tpuctl named (contract.CODE_ENV) and where it started. The first stage alone (the hand-over to
-    the next stage is tested above); the resumed run's program is the reference's, from the XLA cache."""
+    data position, and exit cleanly. Then one process on 2 devices (fsdp 2) resumes from that save: the state sharded
+    over 4 devices of 2 hosts restores onto the new mesh and the stage ends where the uninterrupted run does; each
+    start recorded the code tpuctl named (contract.CODE_ENV) and where it started. The first stage alone: each mesh
+    compiles its own programs, and the hand-over to the next stage is tested above."""
     recipe = one_stage_recipe(tmp_path)
     workdir = f"{bucket}/two hosts"
     code = {"tree": "0123abcd" * 8, "files": 3}  # what tpuctl passes: the synced tree's identity
@@ -340,7 +340,7 @@ def test_two_processes_stop_together_on_preemption_and_resume_on_another_mesh(re
     # the same mathematics over other device counts: equal up to the order of float sums
     assert losses(records) == pytest.approx({s: want[s] for s in range(1, last + 1)}, rel=2e-4)
 
-    out = trainer.run(workdir, devices=1, recipe=recipe, base=stop_only, env=code_env)
+    out = trainer.run(workdir, "mesh.fsdp=2", devices=2, recipe=recipe, base=stop_only, env=code_env)
     assert f"resuming at step {last}/12" in out
     got = losses(read_jsonl(f"{workdir}/metrics.jsonl"))
     assert sorted(got) == sorted(want)
