@@ -167,8 +167,8 @@ def test_id(nodeid: str) -> str:
 def scheduled(items: list[pytest.Item], workers: int = 2) -> list[pytest.Item]:
     """The order for CI's `pytest -n 2 --maxschedchunk 1`: xdist then gives each worker two tests, and a worker that
     ends one starts the other and takes the next test in the order. Played out on DURATIONS, each next test is
-    chosen as a worker takes it: the next of LONG_TESTS if no other worker is in one by the time it starts (so they
-    run one after the other), else the shortest other test left while one is running, the longest after."""
+    chosen as a worker takes it: the next of LONG_TESTS if no other worker is in one by the time it starts, else the
+    longest other test left."""
     known = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
 
     def seconds(item: pytest.Item) -> float:
@@ -185,8 +185,7 @@ def scheduled(items: list[pytest.Item], workers: int = 2) -> list[pytest.Item]:
     def take(worker: int) -> None:
         start = ends[worker][-1] if ends[worker] else 0.0
         alone = all(until <= start for w, until in enumerate(long_until) if w != worker)
-        # beside a long test, the shortest others: they wait on sshds and subprocesses more than they compute
-        item = long.pop(0) if long and (alone or not others) else others.pop(0 if alone else -1)
+        item = (long if long and (alone or not others) else others).pop(0)
         order.append(item)
         ends[worker].append(start + seconds(item))
         if test_id(item.nodeid) in LONG_TESTS:

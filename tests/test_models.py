@@ -6,6 +6,8 @@ learned positions for 1 + N tokens and the patchify bias. Taking those out must 
 
 from __future__ import annotations
 
+from functools import partial
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -87,6 +89,12 @@ def randomized(params, seed=1):
     )
 
 
+def compiled(model):
+    """model.apply as one compiled program (op by op, each op of a CLIP's forward compiles alone: ~2x the time);
+    patch_keep, a Python number the forward branches on, static."""
+    return jax.jit(model.apply, static_argnums=4)
+
+
 def initialized(model, *inputs):
     """`randomized` parameters of `model` for `inputs`, initialised by one compiled program (op by op takes 2x)."""
     return randomized(jax.jit(model.init)(jax.random.key(0), *inputs))
@@ -98,7 +106,7 @@ def test_clip_forward_from_the_tiny_recipe():
     images, texts = jnp.ones((2, 32, 32, 3)), jnp.ones((2, 16), jnp.int32)
     captions = jnp.array([[5, 6, 7, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]] * 2)
     params = jax.jit(model.init)(jax.random.key(0), images, texts, captions)
-    out = model.apply(randomized(params), images, texts, captions)
+    out = compiled(model)(randomized(params), images, texts, captions)
     assert out["image_emb"].shape == (2, 192) and out["text_emb"].shape == (2, 192)
     np.testing.assert_allclose(np.linalg.norm(out["image_emb"], axis=-1), 1.0, rtol=1e-5)
     assert out["caption_logits"].shape == (2, 16, 32_000)
@@ -106,13 +114,13 @@ def test_clip_forward_from_the_tiny_recipe():
     # the recipe's weights: 1 x contrastive + 2 x caption, the caption loss over the 4 non-padding tokens
     from trainer.step import loss_terms
 
-    total, terms = loss_terms(
-        model, _r, randomized(params)["params"], {"images": images, "texts": texts, "captions": captions}
+    total, terms = jax.jit(partial(loss_terms, model, _r))(
+        randomized(params)["params"], {"images": images, "texts": texts, "captions": captions}
     )
     assert float(total) == pytest.approx(float(terms["contrastive"]) + 2 * float(terms["caption"]), rel=1e-5)
     assert float(terms["caption"]) > 0
     sig = tiny_clip("loss.contrastive=sigmoid")[1]
-    p = sig.init(jax.random.key(0), images, texts)
+    p = jax.jit(sig.init)(jax.random.key(0), images, texts)
     assert float(p["params"]["bias"]) == -10.0 and float(p["params"]["log_scale"]) == pytest.approx(np.log(10.0))
 
 
@@ -124,17 +132,18 @@ def test_contrast_recaption_averages_the_images_contrast_with_either_text():
     second = texts[::-1] + 100
     captions = jnp.array([[5, 6, 7, 2] + [0] * 12] * 4)
     params = initialized(model, images, texts, captions)
-    out = model.apply(params, images, texts, captions, 1.0, second)
-    alone = model.apply(params, images, second, captions)  # the second text through the tower on its own
+    apply = compiled(model)
+    out = apply(params, images, texts, captions, 1.0, second)
+    alone = apply(params, images, second, captions)  # the second text through the tower on its own
     np.testing.assert_allclose(out["second_text_emb"], alone["text_emb"], rtol=1e-5, atol=1e-6)
     # the decoder reads the alt-text's tokens, not the second text's
-    alt_only = model.apply(params, images, texts, captions)["caption_logits"]
+    alt_only = apply(params, images, texts, captions)["caption_logits"]
     np.testing.assert_allclose(out["caption_logits"], alt_only, rtol=1e-5, atol=1e-6)
     from trainer import losses
     from trainer.step import loss_terms
 
     batch = {"images": images, "texts": texts, "captions": captions, "recaption_texts": second}
-    total, terms = loss_terms(model, r, params["params"], batch)
+    total, terms = jax.jit(partial(loss_terms, model, r))(params["params"], batch)
     scale = out["log_scale"]
     alt = losses.softmax_contrastive(losses.logits(out["image_emb"], out["text_emb"], scale, 100.0))
     recap = losses.softmax_contrastive(losses.logits(out["image_emb"], out["second_text_emb"], scale, 100.0))
@@ -151,8 +160,9 @@ def test_the_caption_decoder_is_causal():
     images, texts = jnp.ones((1, 32, 32, 3)), jnp.ones((1, 16), jnp.int32)
     captions = jnp.arange(3, 19)[None]
     params = initialized(model, images, texts, captions)
-    before = model.apply(params, images, texts, captions)["caption_logits"]
-    after = model.apply(params, images, texts, captions.at[0, 5].set(99))["caption_logits"]
+    apply = compiled(model)
+    before = apply(params, images, texts, captions)["caption_logits"]
+    after = apply(params, images, texts, captions.at[0, 5].set(99))["caption_logits"]
     # position t predicts captions[t] from captions[:t]: changing captions[5] leaves positions 0-5 alone
     np.testing.assert_allclose(before[0, :6], after[0, :6], rtol=1e-5, atol=1e-6)
     assert not np.allclose(before[0, 6:], after[0, 6:])

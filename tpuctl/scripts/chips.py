@@ -46,6 +46,8 @@ def pids():
 def open_files_by_id(wanted):
     """{file id: set of pids that have it open} for the file ids in `wanted`."""
     found = {}
+    if not wanted:  # no device or lockfile here: nothing to look for in every process's fds
+        return found
     for pid in pids():
         fd_dir = f"/proc/{pid}/fd"
         try:
