@@ -123,7 +123,7 @@ SLOW_MODULES = {
 # The order CI starts the tests in. Two long tests at once take 2-3x as long each, past a minute (the 128-worker pod
 # beside the stop-and-resume drill: 69 and 76 s, 30 and 25 s alone; the two-process test beside the fleet drills:
 # 187 s, 64 alone): the drills on many stand-in workers (sshds, tmux, the status script) keep more than one core
-# busy. So `scheduled` orders the tests such that no two LONG_TESTS run at once, each beside shorter ones, the
+# busy. So `scheduled` orders the tests such that no two LONG_TESTS run at once, each beside the longest others, the
 # LONG_TESTS early and in this order, the run ending on the shortest tests (benchmarks/RESULTS.md, issue 32).
 LONG_TESTS = [
     "test_train.py::test_an_uninterrupted_run_trains_both_stages_and_logs",  # builds the reference the others read
@@ -202,14 +202,19 @@ def scheduled(items: list[pytest.Item], workers: int = 2) -> list[pytest.Item]:
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if not os.environ.get(STORE_DURATIONS_ENV):  # kept only for a run that stores them
+        return
     test = test_id(report.nodeid)
     _durations[test] = _durations.get(test, 0.0) + report.duration
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """With STORE_DURATIONS_ENV set, the run's durations replace DURATIONS (xdist: its controller has every test's)."""
+    """With STORE_DURATIONS_ENV set, the run's durations replace those of its tests in DURATIONS (a partial run keeps
+    the others'; xdist: its controller has every test's)."""
     if os.environ.get(STORE_DURATIONS_ENV) and not hasattr(session.config, "workerinput") and _durations:
-        DURATIONS.write_text(json.dumps({k: round(v, 1) for k, v in sorted(_durations.items())}, indent=0) + "\n")
+        stored = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
+        stored |= {k: round(v, 1) for k, v in _durations.items()}
+        DURATIONS.write_text(json.dumps(dict(sorted(stored.items())), indent=0) + "\n")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
