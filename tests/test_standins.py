@@ -7,6 +7,8 @@ import json
 import os
 import socket
 import subprocess
+import sys
+import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -21,7 +23,7 @@ from google.api_core import exceptions as gexc
 from google.api_core.client_options import ClientOptions
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import tpu_v2
-from standins import wait_until
+from standins import wait_until, warm
 from standins.sshfleet import SshFleet, StandinWorker, start_fleet
 from standins.tpu_api import FakeTpuApi
 
@@ -373,3 +375,33 @@ def test_the_scheduling_order_names_tests_that_exist():
         module, test = entry.split("::")
         assert f"\ndef {test}(" in (here / module).read_text(), f"conftest.LONG_TESTS: no {entry}"
         assert entry in json.loads(DURATIONS.read_text()), f"{DURATIONS.name} has no {entry}: store them again"
+
+
+# -- warm processes ----------------------------------------------------------------------------------------------
+
+ENDINGS = textwrap.dedent(
+    """
+    import atexit, sys, threading, time
+    atexit.register(lambda: print("atexit ran", flush=True))
+    threading.Thread(target=lambda: (time.sleep(0.3), print("thread done", end=" "))).start()
+    print("unflushed", end=" ")
+    how = sys.argv[1]
+    if how == "raise":
+        raise ValueError("boom")
+    sys.exit(int(how) if how.isdigit() else how)
+    """
+)
+
+
+@pytest.mark.slow  # the warm JAX server's TensorFlow import: the full tier has it started anyway
+def test_a_warm_call_ends_as_a_cold_interpreter_would():
+    """A warm call's process ends by os._exit (standins/warm.py): its threads, atexit, buffered output and exit
+    status are still those of a cold run."""
+    for how, status in (("0", 0), ("3", 3), ("a message", 1), ("raise", 1)):
+        args = [sys.executable, "-c", ENDINGS, how]
+        cold = subprocess.run(args, capture_output=True, text=True, timeout=60)
+        hot = warm.run(args, timeout=60)
+        assert hot.returncode == cold.returncode == status, (how, hot, cold)
+        assert hot.stdout == cold.stdout == "unflushed thread done atexit ran\n", how
+        assert hot.stderr.splitlines()[-1:] == cold.stderr.splitlines()[-1:], how
+    assert "ValueError: boom" in hot.stderr and "Traceback" in hot.stderr

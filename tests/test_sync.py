@@ -202,11 +202,14 @@ def test_a_recreated_worker_with_a_new_host_key_is_refused_until_replaced(pod, p
 def test_same_size_edits_back_to_back_all_arrive(pod, project, how):
     """rsync's quick check compares sizes and whole-second mtimes: an edit that keeps the size and lands in the same
     second as the copy a worker (or the mirror) holds was skipped, and sync said it was done (2 of 5 sweeps hit it).
-    Every edit here keeps the size and follows the last sync by well under a second; every worker is read back."""
+    Every edit here keeps the size and is stamped within the same whole second as the one before (nanoseconds
+    apart), so each is the case that was missed; every worker is read back."""
     target = project / "pkg" / "mod3.py"
     extra = ["--full"] if how == "full" else []
-    for i in range(12):
+    second = time.time_ns() // 10**9 * 10**9
+    for i in range(4):
         target.write_text(f"VALUE = {i:04d}\n")
+        os.utime(target, ns=(second + 1000 * i,) * 2)
         sync_json(pod, str(project), *extra)
         for w in pod.fleet.workers:
             assert w.path("/root/tpuctl/pkg/mod3.py").read_text() == f"VALUE = {i:04d}\n", f"edit {i}, w{w.index}"
