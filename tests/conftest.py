@@ -135,6 +135,7 @@ LONG_TESTS = [
     "test_babysit.py::test_preemption_drill",
     "test_runs.py::test_a_dead_worker_stops_the_others_and_status_names_it",
     "test_bucket.py::test_an_eval_that_fails_on_one_host_of_two_is_reported_by_both_and_training_goes_on",
+    "test_real_data.py::test_train_on_shards_with_zero_shot_and_retrieval_evals_in_the_loop",  # builds the shard run
 ]
 # Each test's seconds (set-up, call and tear-down) in a full run; `TESTS_STORE_DURATIONS=1 pytest -n 2 ...` writes
 # them anew. A test not in it counts as 1 s.

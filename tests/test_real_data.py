@@ -84,13 +84,11 @@ def run(module: str, recipe: Path, d: Path, *extra: str) -> subprocess.Completed
     return warm.run([*args, *extra], env=env, cwd=ROOT, timeout=280)
 
 
-def test_train_on_shards_with_evals_then_evaluate_a_checkpoint(shard_run, tmp_path):
+def test_train_on_shards_with_zero_shot_and_retrieval_evals_in_the_loop(shard_run):
     """The run is conftest's shard_run (this module's data and recipe; its first stage starts from an imported open_clip
     model, which test_convert checks; nothing here depends on the values it starts from)."""
     out = (shard_run / "out.txt").read_text()
-    d = Path(shutil.copytree(shard_run / "data", tmp_path / "data"))  # the shared run stays as it was
-    recipe, args = d / "recipe.toml", json.loads((shard_run / "args.json").read_text())
-    records = read_jsonl(d / "run" / "metrics.jsonl")
+    records = read_jsonl(shard_run / "data" / "run" / "metrics.jsonl")
     assert [rec["stage_step"] for rec in records] == [1, 2, 3, 4, 1, 2]
     ends = [records[3], records[5]]  # each stage's end carries the evals
     for rec in ends:
@@ -101,6 +99,13 @@ def test_train_on_shards_with_evals_then_evaluate_a_checkpoint(shard_run, tmp_pa
         assert rec["data_bad"] == 0
     assert "fashion_mnist" in out and "toy_retrieval" in out and "i2t_r@1" in out  # the tables
 
+
+def test_a_checkpoint_of_that_run_evaluates_to_the_numbers_of_the_loop(shard_run, tmp_path):
+    """`python -m trainer.eval` on a checkpoint of shard_run (a test of its own: the run, built once, is the other
+    test's; the two together took 100 s of one test)."""
+    d = Path(shutil.copytree(shard_run / "data", tmp_path / "data"))  # the shared run stays as it was
+    recipe, args = d / "recipe.toml", json.loads((shard_run / "args.json").read_text())
+    records = read_jsonl(d / "run" / "metrics.jsonl")
     r = run("trainer.eval", recipe, d, "--stage", "fmnist21", "--checkpoint", "4", *args)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "evals: stage fmnist21 step 4" in r.stdout
