@@ -196,9 +196,13 @@ def test_two_workers_stop_and_resume_a_run_by_its_name(bucket_pod, project, shar
     logs = pod.tpuctl("logs", name, "--workers", "all", "-n", "3")
     assert f"[w0] preempted: saved stage pretrain16 step {stopped_at}/{DRILL_STEPS}" in logs.stdout, logs.stdout
 
-    # the same name again: the recorded workdir, resumed from that checkpoint, followed to its end
-    r = pod.tpuctl("run", *common, "--name", name, cwd=project, timeout=120)
+    # the same name again: the recorded workdir, resumed from that checkpoint, followed to its end; with --prepare
+    # and the pip arguments the first prepare used (other ones make it install again), as a user who is not sure
+    # would start it: the workers are prepared before the trainers start
+    offline = {"TPUCTL_PIP_ARGS": "--no-index --no-build-isolation"}
+    r = pod.tpuctl("run", *common, "--name", name, "--prepare", env=offline, cwd=project, timeout=120)
     assert r.returncode == 0, r.stderr
+    assert r.stderr.index("Preparing 2 workers") < r.stderr.index("Started run"), r.stderr
     r = pod.tpuctl("logs", name, "--follow", timeout=400)
     assert r.returncode == 0 and r.stdout.rstrip().endswith(f"checkpoints in {workdir}"), r.stdout[-3000:]
     assert f"resuming at step {stopped_at}/{DRILL_STEPS}" in r.stdout
