@@ -88,7 +88,7 @@ def test_preemption_drill(tpu_api, make_fleet, project, shared, tmp_path, gcs, b
         "TPUCTL_SSH_KEY": str(first.key_path),
         "TPUCTL_SSH_PORT": str(first.port),
         "TPUCTL_KNOWN_HOSTS": str(home / "known_hosts"),
-        "TPUCTL_PIP_ARGS": "--no-index --no-build-isolation",
+        "TPUCTL_PIP_ARGS": image.OFFLINE_PIP_ARGS,
     }
     workdir = f"{bucket}/w"
     babysit = [TPUCTL, "babysit", RECIPE, "--name", RUN, "--type", "v4-16", "--workdir", workdir]

@@ -22,11 +22,12 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from standins import image
 
 from tpuctl import config, ops, remote
 from tpuctl.errors import ConfigError
 
-PIP_ARGS = "--no-index --no-build-isolation"
+PIP_ARGS = image.OFFLINE_PIP_ARGS
 LOCAL_JAX = metadata.version("jax")  # the test extra installs jax: the default pin
 NEWER_JAX = "99.0"
 

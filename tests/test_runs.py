@@ -71,7 +71,7 @@ def prepared(pod, project):
     assert pod.tpuctl("sync", str(project)).returncode == 0
 
     def prepare() -> list[dict]:
-        r = pod.tpuctl("prepare", "--pip-args", "--no-index --no-build-isolation", "--json", timeout=300)
+        r = pod.tpuctl("prepare", "--pip-args", image.OFFLINE_PIP_ARGS, "--json", timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr
         return json.loads(r.stdout)
 
@@ -199,7 +199,7 @@ def test_two_workers_stop_and_resume_a_run_by_its_name(bucket_pod, project, shar
     # the same name again: the recorded workdir, resumed from that checkpoint, followed to its end; with --prepare
     # and the pip arguments the first prepare used (other ones make it install again), as a user who is not sure
     # would start it: the workers are prepared before the trainers start
-    offline = {"TPUCTL_PIP_ARGS": "--no-index --no-build-isolation"}
+    offline = {"TPUCTL_PIP_ARGS": image.OFFLINE_PIP_ARGS}
     r = pod.tpuctl("run", *common, "--name", name, "--prepare", env=offline, cwd=project, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stderr.index("Preparing 2 workers") < r.stderr.index("Started run"), r.stderr

@@ -48,16 +48,17 @@ SCRIPT = textwrap.dedent(
     # compiled, not run: XLA takes the layout as the initialiser's output; drawing 34M random numbers would only
     # cost time (the trainer's own runs on fsdp meshes execute it)
     compiled = jax.jit(init, out_shardings=sharding.logical_shardings(abstract, mesh)).lower().compile()
-    laid_out = nn.unbox(jax.tree.map(lambda x, s: (x.shape, s), abstract, compiled.output_shardings))["params"]
-    fc1 = laid_out["image"]["blocks"]["mlp"]["fc1"]["kernel"]
-    emb = laid_out["text"]["embedding"]["embedding"]
+    # each parameter's (spec, the shape of one device's shard)
+    placed = lambda x, s: (list(s.spec), list(s.shard_shape(x.shape)))
+    laid_out = nn.unbox(jax.tree.map(placed, abstract, compiled.output_shardings))["params"]
+    fc1_spec, fc1_shard = laid_out["image"]["blocks"]["mlp"]["fc1"]["kernel"]
+    emb_spec, emb_shard = laid_out["text"]["embedding"]["embedding"]
     batch = jax.device_put(images, sharding.batch_sharding(mesh))
     print(json.dumps({
         "devices": jax.device_count(),
         "mesh": dict(mesh.shape),
-        "fc1_spec": list(fc1[1].spec), "fc1_shard": list(fc1[1].shard_shape(fc1[0])),
-        "emb_spec": list(emb[1].spec), "emb_shard": list(emb[1].shard_shape(emb[0])),
-        "scale_spec": list(laid_out["log_scale"][1].spec),
+        "fc1_spec": fc1_spec, "fc1_shard": fc1_shard, "emb_spec": emb_spec, "emb_shard": emb_shard,
+        "scale_spec": laid_out["log_scale"][0],
         "batch_shard": list(batch.addressable_shards[0].data.shape),
     }))
     """

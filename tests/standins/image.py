@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+# `tpuctl prepare --pip-args` on the image: no index to reach, and pip installs the project with what the image holds
+OFFLINE_PIP_ARGS = "--no-index --no-build-isolation"
 WORKER_PYTHON = "/usr/bin/python3"  # what a worker's sshd session finds first (the workers' /root, pyenv's, is private)
 
 

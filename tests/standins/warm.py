@@ -12,7 +12,8 @@ that reads the environment as it is imported (JAX's flags, TensorFlow's logging,
 warm only for calls with that environment: a server serves calls whose such variables equal its own, and a call
 with other values gets a server of its own. What warm does not show: that the console script or the interpreter
 starts, and what a program imports by itself; the tests that run the console script (test_cli, test_menu,
-test_babysit) show that, and TPUCTL_TESTS_COLD=1 runs every call cold.
+test_babysit) show that; nor finalizers of objects still alive as a call's program ends (it ends by os._exit,
+`_finish`); TPUCTL_TESTS_COLD=1 runs every call cold.
 
 `tpuctl(argv, ...)` is subprocess.run(["tpuctl", *argv], capture_output=True, text=True, ...);
 `run(args, ...)` and `popen(args, ...)` are subprocess.run / subprocess.Popen for `[sys.executable, "-m" or "-c",
