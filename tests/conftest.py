@@ -36,6 +36,9 @@ SESSION_ENV = {
     "NO_GCE_CHECK": "true",  # lowercase: google-auth compares against "true"
     "GCE_METADATA_HOST": "127.0.0.1:9",
     "GCE_METADATA_IP": "127.0.0.1:9",
+    # where tpuctl reads a pod run's gs:// paths: a closed local port, never Google (the `gcs` fixture's emulator
+    # while a test has one)
+    "TPUCTL_STORAGE_ENDPOINT": "http://127.0.0.1:9",
 }
 # The host's gcloud/ADC setup must not leak into tests.
 UNSET_ENV = ("GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT", "CLOUDSDK_CORE_PROJECT")
@@ -109,6 +112,7 @@ SLOW_MODULES = {
     "test_bucket",  # trainer runs against the GCS emulator
     "test_convert",  # upstream open_clip (torch) against our towers
     "test_data_formats",  # TFDS builders written by tensorflow-datasets, trainer runs
+    "test_first_steps",  # the README's first steps, a prepare on stand-in VMs among them
     "test_openvision_jax",  # orbax checkpoints and open_clip
     "test_prepare",  # offline `tpuctl prepare` builds a venv per stand-in worker
     "test_real_data",  # two trainer stages on real image files

@@ -291,7 +291,7 @@ def test_a_start_that_fails_on_one_worker_stops_the_others(pod, project):
     assert "no run was started" in pod.tpuctl("status").stderr
 
 
-def test_recipe_mistakes_are_one_line_before_anything_starts(pod, project):
+def test_recipe_mistakes_are_one_line_before_anything_starts(pod, project, gcs):
     r = pod.tpuctl("run", "recipes/nope.toml", cwd=project)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "recipes/nope.toml' does not exist" in r.stderr
     r = pod.tpuctl("run", RECIPE, "--set", "stages.0.resolution=15", cwd=project)
@@ -312,6 +312,59 @@ def test_recipe_mistakes_are_one_line_before_anything_starts(pod, project):
     for local in ([], ["--local"]):  # a bucket workdir reaches the trainer as it is, also on this machine
         r = pod.tpuctl("run", RECIPE, "--workdir", "gs://bucket/b16", *local, "--dry-run", "--json", cwd=project)
         assert json.loads(r.stdout)["workers"][0]["argv"][3:6] == [RECIPE, "--workdir", "gs://bucket/b16"], r.stdout
+
+
+def test_a_pod_runs_bucket_paths_are_read_from_here_before_anything_starts(pod, project, gcs, bucket):
+    """What a pod run will read from Cloud Storage (tpuctl.bucket, through the emulator): a missing bucket, a glob
+    that matches nothing, a file not copied up, a TFDS builder without the split, a directory that is no converted
+    checkpoint, all named in one message before anything starts (nothing synced to any worker); once there, the run
+    goes ahead; --no-check-paths skips the check; Cloud Storage out of reach is one line."""
+    from google.cloud import storage as gcs_client
+
+    text = (project / RECIPE).read_text()
+    text = text.replace('source = "synthetic"', f'source = "tfds"\ntrain = "{bucket}/tfds/ds/1.0.0"\nsplit = "train"')
+    text = text.replace("[text]\n", f'[text]\ntokenizer = "bert_wordpiece"\nvocab = "{bucket}/vocab.txt"\n')
+    text += f'\n[[evals]]\nkind = "zeroshot"\nname = "inet"\npath = "{bucket}/inet/val-*.tfrecord"\n'
+    text += f'\n[[evals]]\nkind = "retrieval"\nname = "coco"\npath = "{bucket}/coco/karpathy.json"\n'
+    (project / "recipes" / "paths.toml").write_text(text)
+    run = ["run", "recipes/paths.toml", "--set", f"stages.0.init_from={bucket}/imported"]
+    r = pod.tpuctl(*run, "--workdir", "gs://no-such-bucket/runs", cwd=project)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr  # one line: the problems, then the fix
+    assert "the workdir gs://no-such-bucket/runs: bucket gs://no-such-bucket does not exist (and 5 more:" in r.stderr
+    assert "data.train, text.vocab, evals[0].path" in r.stderr and "copy the files there" in r.stderr
+    assert not any(w.path("/root/tpuctl").exists() for w in pod.fleet.workers), "nothing synced"
+    r = pod.tpuctl(*run, "--workdir", f"{bucket}/runs", cwd=project)
+    assert f'data.train = "{bucket}/tfds/ds/1.0.0" is not a TFDS builder directory' in r.stderr, r.stderr
+
+    prefix = bucket.removeprefix("gs://bucket/")
+    store = gcs_client.Client(project="proj").bucket("bucket")
+    info = {"splits": [{"name": "validation"}]}  # no "train"
+    store.blob(f"{prefix}/tfds/ds/1.0.0/dataset_info.json").upload_from_string(json.dumps(info))
+    for name in ("vocab.txt", "inet/val-0.tfrecord", "imported/model.toml"):
+        store.blob(f"{prefix}/{name}").upload_from_string("")
+    store.blob(f"{prefix}/coco/karpathy.json.bak").upload_from_string("")  # a neighbour is not the file
+    r = pod.tpuctl(*run, "--workdir", f"{bucket}/runs", "--dry-run", cwd=project)
+    assert r.returncode == 2, r.stderr
+    assert f'data.split = "train": {bucket}/tfds/ds/1.0.0 has no split "train" (its splits: validation)' in r.stderr
+    assert "(and 1 more: evals[1].path)" in r.stderr, r.stderr
+    store.blob(f"{prefix}/coco/karpathy.json").upload_from_string("{}")
+    info["splits"].append({"name": "train"})
+    store.blob(f"{prefix}/tfds/ds/1.0.0/dataset_info.json").upload_from_string(json.dumps(info))
+    r = pod.tpuctl(*run, "--workdir", f"{bucket}/runs", "--dry-run", cwd=project)
+    assert r.returncode == 0, r.stderr
+    assert f"--workdir {bucket}/runs" in r.stdout
+
+    unreachable = {
+        "TPUCTL_STORAGE_ENDPOINT": "http://127.0.0.1:9",
+        "TPUCTL_API_TIMEOUT": "1",
+    }  # a closed port: retried 1 s
+    r = pod.tpuctl(*run, "--workdir", f"{bucket}/runs", "--dry-run", cwd=project, env=unreachable)
+    assert r.returncode == 2 and "cannot reach Cloud Storage at http://127.0.0.1:9" in r.stderr, r.stderr
+    assert "--no-check-paths" in r.stderr and "Traceback" not in r.stderr
+    r = pod.tpuctl(
+        *run, "--workdir", "gs://no-such-bucket/x", "--no-check-paths", "--dry-run", cwd=project, env=unreachable
+    )
+    assert r.returncode == 0, r.stderr
 
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -392,7 +445,7 @@ def test_the_local_target_trains_the_tiny_recipe_from_a_clean_checkout(project, 
     assert "Resume with" not in r.stderr
 
 
-def test_a_multi_worker_run_refuses_a_workdir_on_each_workers_own_disk(pod, project):
+def test_a_multi_worker_run_refuses_a_workdir_on_each_workers_own_disk(pod, project, gcs):
     """Checkpoints on every VM's own disk would be lost with the VMs (a preempted spot TPU is deleted): refused
     before anything starts, naming the fix; a bucket or a declared shared mount is fine."""
     r = pod.tpuctl("run", RECIPE, "--dry-run", cwd=project)  # the default workdir: ~/tpuctl-runs/NAME, per worker
@@ -405,9 +458,9 @@ def test_a_multi_worker_run_refuses_a_workdir_on_each_workers_own_disk(pod, proj
     no_shared = {"TPUCTL_SHARED_DIRS": ""}
     r = pod.tpuctl("run", RECIPE, "--workdir", "/var/tmp/runs/x", "--dry-run", cwd=project, env=no_shared)
     assert r.returncode == 2 and "own disk" in r.stderr
-    r = pod.tpuctl("run", RECIPE, "--dry-run", cwd=project, env={"TPUCTL_WORKDIR_ROOT": "gs://team-bucket/runs"})
+    r = pod.tpuctl("run", RECIPE, "--dry-run", cwd=project, env={"TPUCTL_WORKDIR_ROOT": "gs://bucket/team-runs"})
     assert r.returncode == 0, r.stderr  # a team sets the bucket once
-    assert "gs://team-bucket/runs/tiny_run" in r.stderr + r.stdout
-    r = pod.tpuctl("run", RECIPE, "--set", "workdir=gs://b/own", "--dry-run", "--json", cwd=project)
+    assert "gs://bucket/team-runs/tiny_run" in r.stderr + r.stdout
+    r = pod.tpuctl("run", RECIPE, "--set", "workdir=gs://bucket/own", "--dry-run", "--json", cwd=project)
     assert r.returncode == 0, r.stderr  # or the recipe names its own (workdir = "gs://...")
-    assert json.loads(r.stdout)["run"]["workdir"] == "gs://b/own"
+    assert json.loads(r.stdout)["run"]["workdir"] == "gs://bucket/own"

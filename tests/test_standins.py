@@ -252,6 +252,7 @@ def tpu_client(api: FakeTpuApi) -> tpu_v2.TpuClient:
 def test_session_env_keeps_google_auth_local() -> None:
     assert os.environ["NO_GCE_CHECK"] == "true"
     assert os.environ["GCE_METADATA_HOST"] == os.environ["GCE_METADATA_IP"] == "127.0.0.1:9"
+    assert os.environ["TPUCTL_STORAGE_ENDPOINT"].startswith("http://127.")  # a run's gs:// paths: never Google
     assert "GOOGLE_APPLICATION_CREDENTIALS" not in os.environ
     assert os.listdir(os.environ["CLOUDSDK_CONFIG"]) == []
     assert not Path(os.environ["TPUCTL_CONFIG"]).exists()

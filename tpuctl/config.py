@@ -109,6 +109,18 @@ class Settings:
         "str",
         "Compute Engine API endpoint (the project's metadata: enable-oslogin); http:// means an emulator.",
     )
+    storage_endpoint: str = _setting(
+        "https://storage.googleapis.com",
+        "str",
+        "Cloud Storage JSON API endpoint (check_paths reads the recipe's gs:// paths through it); http:// means an"
+        " emulator.",
+    )
+    check_paths: bool = _setting(
+        True,
+        "bool",
+        "Before a pod run starts, check from this machine that the recipe's gs:// paths can be read and its workdir's"
+        " bucket exists (with your credentials; the trainers check again with the workers').",
+    )
     ssh_port: int = _setting(22, "int", "SSH port of the workers.", "--ssh-port")
     remote_dir: str = _setting("~/tpuctl", "str", "Project directory on the workers.", "--remote-dir")
     internal_ip: bool = _setting(

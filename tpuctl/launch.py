@@ -175,6 +175,15 @@ class RunSpec:
         workdir = workdir or checked.workdir or None  # --workdir, else the recipe's own
         return cls(path, name or Path(path).stem, workdir, tuple(overrides), parse_env(env_items), digest)
 
+    def check_bucket(self, settings: Settings, project: Path) -> None:
+        """A pod run's gs:// paths (the recipe's, the workdir's bucket), read from this machine before anything
+        starts; a TpuctlError naming every one that cannot be (tpuctl.bucket)."""
+        from tpuctl import bucket
+        from trainer.recipe import load
+
+        workdir = registry.workdir_for(self.name, self.workdir, settings.workdir_root)
+        bucket.check(settings, load(project / self.recipe, self.overrides), workdir)
+
     def record(self, settings: Settings, kind: str, cwd: str, hosts: list[str] | None = None) -> RunRecord:
         """The run's record on a target of `kind` ("tpu" | "local") whose project is at `cwd`, on `hosts` when they
         are known (`launch` records the hosts it started on)."""

@@ -42,26 +42,12 @@ def inputs(recipe: Recipe) -> list[Evaluator]:
         raise UserError(str(error)) from None
 
 
-def named_paths(recipe: Recipe) -> list[tuple[str, str, str]]:
-    """(key, value, "glob" | "file" | "tfds") of every file, comma-separated globs or TFDS builder directory the
-    recipe names."""
-    found = []
-    if recipe.data.source != "synthetic" or recipe.data.mixture:
-        for source in recipe.data.sources():
-            found.append((source.key("train"), source.train, "tfds" if source.source == "tfds" else "glob"))
-    if recipe.text.vocab:
-        found.append(("text.vocab", recipe.text.vocab, "file"))
-    for index, spec in enumerate(recipe.evals):
-        key = f"evals[{index}]"
-        found.append((f"{key}.path", spec.path, "glob" if spec.kind == "zeroshot" else "file"))
-        found += [(f"{key}.{name}", getattr(spec, name), "file") for name in ("classnames", "templates")]
-    return [(key, value, kind) for key, value, kind in found if value]
-
-
 def check_paths(recipe: Recipe, workdir: epath.Path) -> None:
     storage.check_writable(workdir, "--workdir")
     tfds_sources = {s.key("train"): s for s in recipe.data.sources()}
-    for key, value, kind in named_paths(recipe):
+    for key, value, kind in recipe.named_paths():
+        if kind == "converted":
+            continue  # read whole below, then checked against the recipe
         if kind == "glob":
             storage.list_files(value, key)
             continue

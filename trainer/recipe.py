@@ -11,6 +11,7 @@ Standard library only: `tpuctl` reads recipes too, and must not import jax.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import typing
 from dataclasses import dataclass, field
@@ -92,6 +93,7 @@ class Text:
     caption_length: int = 128  # decoder target tokens
 
 
+TFDS_INFO = "dataset_info.json"  # a TFDS builder directory's description: its splits, features, file format
 SOURCE_KEYS = ("source", "train", "split", "image_key", "caption_key", "recaption_key")  # a mixture entry's own
 
 
@@ -126,6 +128,31 @@ class Source:
     def key(self, name: str) -> str:
         """The recipe key that set `name` (for messages)."""
         return f"{self.entry}.{name}" if name in self.own else f"data.{name}"
+
+    def check_tfds_info(self, text: str) -> dict[str, Any]:
+        """The source's TFDS builder's dataset_info.json (`text`) parsed and checked: it has the split(s) named and
+        stores TFRecord files; a RecipeError naming the key otherwise. Plain JSON: the trainer's preflight and
+        tpuctl (reading the bucket from the user's machine) both check a builder with it."""
+        try:
+            info = json.loads(text)
+            splits = {s["name"]: s for s in info.get("splits", [])}
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise RecipeError(
+                f'{self.key("train")} = "{self.train}": its {TFDS_INFO} is not TFDS dataset info'
+            ) from None
+        missing = [name for name in self.split.split("+") if name not in splits]
+        if missing:
+            raise RecipeError(
+                f'{self.key("split")} = "{self.split}": {self.train} has no split "{missing[0]}" (its splits:'
+                f" {', '.join(sorted(splits)) or 'none'})"
+            )
+        file_format = info.get("fileFormat") or "tfrecord"
+        if file_format != "tfrecord":
+            raise RecipeError(
+                f'{self.key("train")} = "{self.train}" stores its records as {file_format}: the trainer reads TFRecord'
+                ' builders (prepare the dataset with file_format="tfrecord")'
+            )
+        return info
 
 
 @dataclass(frozen=True)
@@ -265,6 +292,23 @@ class Recipe:
     def global_step(self, index: int, step: int) -> int:
         """Steps over all stages: stage `index`'s step `step`."""
         return sum(self.stage_steps(s) for s in self.stages[:index]) + step
+
+    def named_paths(self) -> list[tuple[str, str, str]]:
+        """(key, value, kind) of everything the recipe reads: kind "glob" (comma-separated paths or globs), "file",
+        "tfds" (a TFDS builder directory) or "converted" (a directory `python -m trainer.convert import` wrote)."""
+        found = []
+        if self.data.source != "synthetic" or self.data.mixture:
+            for source in self.data.sources():
+                found.append((source.key("train"), source.train, "tfds" if source.source == "tfds" else "glob"))
+        if self.text.vocab:
+            found.append(("text.vocab", self.text.vocab, "file"))
+        for index, spec in enumerate(self.evals):
+            key = f"evals[{index}]"
+            found.append((f"{key}.path", spec.path, "glob" if spec.kind == "zeroshot" else "file"))
+            found += [(f"{key}.{name}", getattr(spec, name), "file") for name in ("classnames", "templates")]
+        for index, stage in enumerate(self.stages):
+            found.append((f"stages[{index}].init_from", stage.init_from, "converted"))
+        return [(key, value, kind) for key, value, kind in found if value]
 
 
 # --- loading ------------------------------------------------------------------------------------------------

@@ -122,6 +122,7 @@ class GcsEmulator:
         """What points every client at this server (and keeps each one off the network)."""
         return {
             "STORAGE_EMULATOR_HOST": self.http_url,
+            "TPUCTL_STORAGE_ENDPOINT": self.http_url,  # tpuctl's check of a pod run's gs:// paths
             "TENSORSTORE_GCS_HTTP_URL": self.http_url,
             "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake-token",  # TensorFlow and tensorstore: no credential look-up
             "CURL_CA_BUNDLE": str(self.dir / "ca.pem"),  # TensorFlow's HTTPS client trusts the test CA

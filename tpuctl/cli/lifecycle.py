@@ -279,7 +279,7 @@ def _show_node(api: Any, node: Any, as_json: bool) -> None:
 )
 @fleet_options("remote_dir", "command_timeout")
 @new_tpu_options
-@setting_options("workdir_root", "coordinator_port")
+@setting_options("workdir_root", "coordinator_port", "check_paths")
 @setting_options("python", "extras", "pip_args", "jax_version", "apt_packages")
 @json_option
 def babysit(
@@ -321,6 +321,7 @@ def babysit(
     ops.prepare_command(settings)  # no jax pin: one line now, not in a round after a TPU was made
     project = Path.cwd()
     spec = launch.RunSpec.parse(project, recipe, name, workdir, overrides, env_items)
+    spec.check_bucket(settings, project)  # before a TPU is made or waited for
     record = spec.record(settings, "tpu", settings.remote_dir)
     request = None
     if settings.accelerator_type:  # else babysit can only remake a TPU like the one there

@@ -18,6 +18,7 @@ FLEET_SETTINGS = ("project", "zone", "tpu", "ssh_user", "ssh_key", "ssh_port", "
 BOOL_FLAGS = {
     "internal_ip": "--internal-ip/--external-ip",
     "replace_host_keys": "--replace-host-keys/--keep-host-keys",
+    "check_paths": "--check-paths/--no-check-paths",
 }
 
 

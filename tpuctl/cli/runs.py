@@ -65,7 +65,7 @@ FOLLOW_TIMEOUT_S = 7 * 24 * 3600.0
 @click.option("--follow", "-f", is_flag=True, help="Then print worker 0's log until the trainers end.")
 @click.option("--local", is_flag=True, help="Train on this machine instead of a TPU (target 'local').")
 @fleet_options("remote_dir", "command_timeout")
-@setting_options("target", "workdir_root", "coordinator_port")
+@setting_options("target", "workdir_root", "coordinator_port", "check_paths")
 @dry_run_option
 @json_option
 def run(
@@ -104,6 +104,7 @@ def run(
     if local:
         target = launch.local_target(settings, project)
     else:  # the API's addresses: the launch's rsync reaches the workers outside the fleet
+        spec.check_bucket(settings, project)  # the local trainer checks its own paths in seconds
         fleet = fleet_of(settings, recorded_ok=False, authorize=not dry_run)
         settings = fleet.settings
         target = launch.pod_target(settings, fleet)

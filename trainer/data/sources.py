@@ -11,13 +11,12 @@ it is, with the source's image and caption keys.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from trainer import storage
-from trainer.recipe import RecipeError, Source
+from trainer.recipe import TFDS_INFO, RecipeError, Source
 
-INFO = "dataset_info.json"
+INFO = TFDS_INFO
 
 
 def shards(source: Source) -> tuple[list[str], dict[str, int]]:
@@ -44,24 +43,7 @@ def check_builder(source: Source) -> dict[str, Any]:
         raise RecipeError(
             f'{key} = "{source.train}" is not a TFDS builder directory (it has no {INFO}){_hint(directory)}'
         )
-    try:
-        info = json.loads(text)
-        splits = {s["name"]: s for s in info.get("splits", [])}
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-        raise RecipeError(f'{key} = "{source.train}": its {INFO} is not TFDS dataset info') from None
-    missing = [name for name in source.split.split("+") if name not in splits]
-    if missing:
-        raise RecipeError(
-            f'{source.key("split")} = "{source.split}": {source.train} has no split "{missing[0]}" (its splits:'
-            f" {', '.join(sorted(splits)) or 'none'})"
-        )
-    file_format = info.get("fileFormat") or "tfrecord"
-    if file_format != "tfrecord":
-        raise RecipeError(
-            f'{key} = "{source.train}" stores its records as {file_format}: the trainer reads TFRecord builders'
-            ' (prepare the dataset with file_format="tfrecord")'
-        )
-    return info
+    return source.check_tfds_info(text)
 
 
 def tfds_shards(source: Source) -> tuple[list[str], dict[str, int]]:
