@@ -134,7 +134,7 @@ LONG_TESTS = [
     "test_scale.py::test_a_pod_of_128_workers_runs_reports_and_stops",
     "test_runs.py::test_the_local_target_trains_the_tiny_recipe_from_a_clean_checkout",
     "test_runs.py::test_two_workers_stop_and_resume_a_run_by_its_name",
-    "test_train.py::test_two_processes_stop_together_on_preemption_and_resume_on_another_mesh",
+    "test_train.py::test_two_processes_stop_together_on_preemption",
     "test_scale.py::test_a_pod_of_128_workers_execs_checks_and_syncs",
     "test_babysit.py::test_preemption_drill",
     "test_runs.py::test_a_dead_worker_stops_the_others_and_status_names_it",

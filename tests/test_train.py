@@ -19,7 +19,7 @@ from standins import cpu_env, free_port, wait_until, warm
 
 from trainer import contract, storage
 from trainer.metrics import read_jsonl
-from trainer.workdir import committed_steps
+from trainer.workdir import COMMIT_MARKER, committed_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "tiny_synthetic.toml"
@@ -295,57 +295,103 @@ def test_recipe_errors_are_one_line_before_any_training(trainer, tmp_path):
     )
 
 
-def test_two_processes_stop_together_on_preemption_and_resume_on_another_mesh(reference, trainer, bucket, tmp_path):
+# what the two hosts' trainers are told: the synced tree's identity, as tpuctl passes it
+TWO_HOSTS_CODE = {"tree": "0123abcd" * 8, "files": 3}
+# no periodic save (a bucket save from both hosts costs seconds a step here): the stop's is the one resumed
+STOP_ONLY = [*(o for o in ONE_STAGE if not o.startswith("checkpoint.every_steps")), "checkpoint.every_steps=1000"]
+
+
+def copy_tree(source: str | Path, dest: str | Path) -> None:
+    """Every file under `source` to the same place under `dest` (a local directory or a gs:// prefix, either way)."""
+    for path in storage.at(source).iterdir():  # epath's rglob refuses gs:// (an RPC per directory, it says)
+        if path.is_dir():
+            copy_tree(path, f"{dest}/{path.name}")
+            continue
+        target = storage.at(f"{dest}/{path.name}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+
+
+@pytest.fixture
+def two_hosts_stopped(xla_cache, gcs, bucket) -> Path:
     """2 processes x 2 CPU devices (data 2 x fsdp 2) through jax.distributed (gloo collectives), as two hosts of a
-    pod with their workdir in a bucket: the same losses as one device; SIGTERM to both (a preempted pod) -> both save
-    one checkpoint into the bucket at one agreed step, right there (the run has no periodic save), with each host's
-    data position, and exit cleanly. Then one process on 2 devices (fsdp 2) resumes from that save: the state sharded
-    over 4 devices of 2 hosts restores onto the new mesh and the stage ends where the uninterrupted run does; each
-    start recorded the code tpuctl named (contract.CODE_ENV) and where it started. The first stage alone: each mesh
-    compiles its own programs, and the hand-over to the next stage is tested above."""
-    recipe = one_stage_recipe(tmp_path)
-    workdir = f"{bucket}/two hosts"
-    code = {"tree": "0123abcd" * 8, "files": 3}  # what tpuctl passes: the synced tree's identity
-    code_env = {contract.CODE_ENV: json.dumps(code)}
-    # no periodic save (a bucket save from both hosts costs seconds a step here): the stop's is the one resumed
-    stop_only = [*(o for o in ONE_STAGE if not o.startswith("checkpoint.every_steps")), "checkpoint.every_steps=1000"]
-    coordinator = f"127.0.0.1:{free_port()}"
-    procs = [
-        trainer.start(
-            workdir,
-            "mesh.fsdp=2",
-            devices=2,
-            recipe=recipe,
-            base=stop_only,
-            extra=["--coordinator", coordinator, "--num-processes", "2", "--process-id", str(i)],
-            env=code_env,
-        )
-        for i in range(2)
-    ]
-    seen = wait_for_line(procs[0], "pretrain16 3 ")
-    for proc in procs:
-        proc.send_signal(signal.SIGTERM)
-    outs = [proc.communicate(timeout=120)[0] for proc in procs]
-    outs[0] = seen + outs[0]
-    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
-    records = read_jsonl(f"{workdir}/metrics.jsonl")  # host 0 writes the metrics
+    pod with their workdir in a bucket, SIGTERMed together after step 3 (a preempted pod): made once per test run
+    (the stop, then its resume, are two tests of a minute's work between them). Its directory: workdir/ (the bucket's
+    workdir as the two left it, copied: another xdist worker has its own bucket), recipe one_stage.toml, run.json
+    (each process's exit code and output)."""
+
+    def build(root: Path) -> None:
+        recipe = one_stage_recipe(root)
+        workdir = f"{bucket}/two hosts stopping"
+        coordinator = f"127.0.0.1:{free_port()}"
+        trainer = Trainer(xla_cache)
+        try:
+            procs = [
+                trainer.start(
+                    workdir,
+                    "mesh.fsdp=2",
+                    devices=2,
+                    recipe=recipe,
+                    base=STOP_ONLY,
+                    extra=["--coordinator", coordinator, "--num-processes", "2", "--process-id", str(i)],
+                    env={contract.CODE_ENV: json.dumps(TWO_HOSTS_CODE)},
+                )
+                for i in range(2)
+            ]
+            seen = wait_for_line(procs[0], "pretrain16 3 ")
+            for proc in procs:
+                proc.send_signal(signal.SIGTERM)
+            outs = [proc.communicate(timeout=120)[0] for proc in procs]
+        finally:
+            trainer.stop_all()
+        outs[0] = seen + outs[0]
+        (root / "run.json").write_text(json.dumps({"codes": [p.returncode for p in procs], "outs": outs}))
+        copy_tree(workdir, root / "workdir")
+
+    return once_per_run("two-hosts-stopped", build)
+
+
+def test_two_processes_stop_together_on_preemption(reference, two_hosts_stopped):
+    """The two hosts (two_hosts_stopped) train the same losses as one device; SIGTERM to both -> both save one
+    checkpoint into the bucket at one agreed step, right there (the run has no periodic save), with each host's data
+    position, and exit cleanly."""
+    run = json.loads((two_hosts_stopped / "run.json").read_text())
+    outs = run["outs"]
+    assert run["codes"] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    workdir = two_hosts_stopped / "workdir"
+    records = read_jsonl(workdir / "metrics.jsonl")  # host 0 writes the metrics
     last = records[-1]["stage_step"]
     assert last < 12, "the run ended before the preemption: nothing was resumed"
     assert f"preempted: saved stage pretrain16 step {last}/12" in outs[0]
-    stage = storage.at(workdir) / "pretrain16"
-    assert committed_steps(stage) == [last]  # saved right at the step it stopped
+    stage = workdir / "pretrain16"
+    # saved right at the step it stopped, and nothing else: the copy holds every step directory the bucket had
+    assert committed_steps(stage) == [last]
+    assert (stage / "checkpoints" / str(last) / COMMIT_MARKER).exists()  # committed in the bucket
     meta = json.loads((stage / "checkpoints" / str(last) / "meta" / "metadata").read_text())
     assert meta["data"] == [{"batch": last}] * 2  # both hosts' data positions
     want = losses(reference[2][:12])
     # the same mathematics over other device counts: equal up to the order of float sums
     assert losses(records) == pytest.approx({s: want[s] for s in range(1, last + 1)}, rel=2e-4)
 
-    out = trainer.run(workdir, "mesh.fsdp=2", devices=2, recipe=recipe, base=stop_only, env=code_env)
+
+def test_a_two_host_save_resumes_on_another_mesh(reference, trainer, two_hosts_stopped, bucket):
+    """One process on 2 devices (fsdp 2) resumes from the two hosts' save in a bucket: the state sharded over 4
+    devices of 2 hosts restores onto the new mesh and the stage ends where the uninterrupted run does; each start
+    recorded the code tpuctl named (contract.CODE_ENV) and where it started. The first stage alone: each mesh compiles
+    its own programs, and the hand-over to the next stage is tested above."""
+    last = read_jsonl(two_hosts_stopped / "workdir" / "metrics.jsonl")[-1]["stage_step"]
+    workdir = f"{bucket}/two hosts"
+    copy_tree(two_hosts_stopped / "workdir", workdir)  # into this test's bucket, as the two hosts left it
+    recipe = two_hosts_stopped / "one_stage.toml"
+    code_env = {contract.CODE_ENV: json.dumps(TWO_HOSTS_CODE)}
+    out = trainer.run(workdir, "mesh.fsdp=2", devices=2, recipe=recipe, base=STOP_ONLY, env=code_env)
     assert f"resuming at step {last}/12" in out
+    want = losses(reference[2][:12])
     got = losses(read_jsonl(f"{workdir}/metrics.jsonl"))
     assert sorted(got) == sorted(want)
     assert got == pytest.approx(want, rel=2e-4)
     starts = json.loads(storage.at(f"{workdir}/{contract.CODE_FILE}").read_text())
+    code = TWO_HOSTS_CODE
     assert [(s["stage"], s["step"], s["tree"], s["files"]) for s in starts] == [
         ("pretrain16", 0, code["tree"], 3),
         ("pretrain16", last, code["tree"], 3),
