@@ -127,20 +127,51 @@ SLOW_MODULES = {
 # The order CI starts the tests in. Two long tests at once take 2-3x as long each, past a minute (the 128-worker pod
 # beside the stop-and-resume drill: 69 and 76 s, 30 and 25 s alone; the two-process test beside the fleet drills:
 # 187 s, 64 alone): the drills on many stand-in workers (sshds, tmux, the status script) keep more than one core
-# busy. So `scheduled` orders the tests such that no two LONG_TESTS run at once, each beside the longest others, the
-# LONG_TESTS early and in this order, the run ending on the shortest tests (benchmarks/RESULTS.md, issue 32).
+# busy. So `scheduled` orders the tests such that no two LONG_TESTS run at once, the LONG_TESTS early and in this
+# order, those in SHIELDED beside the longest LIGHT_MODULES tests left (a long test beside a trainer test took up to
+# 3x its time alone), the other tests longest first, the run ending on the shortest (benchmarks/RESULTS.md, issue 32).
+# Modules whose tests drive tpuctl against stand-ins (sshd workers, the local APIs) and start no trainer, JAX,
+# TensorFlow or pip: mostly waiting on sockets and subprocesses, they leave a core to the long test beside them.
+LIGHT_MODULES = {
+    "test_access",
+    "test_chips",
+    "test_cli",
+    "test_cloud",
+    "test_code",
+    "test_config",
+    "test_doctor",
+    "test_exec",
+    "test_keys",
+    "test_lifecycle",
+    "test_menu",
+    "test_mux",
+    "test_proxy",
+    "test_recipe",
+    "test_remote",
+    "test_report",
+    "test_storage",
+    "test_sync",
+}
 LONG_TESTS = [
     "test_train.py::test_an_uninterrupted_run_trains_both_stages_and_logs",  # builds the reference the others read
-    "test_scale.py::test_a_pod_of_128_workers_runs_reports_and_stops",
+    # first, those that are most CPU and slowed most beside another test: they get the light ones beside them
     "test_runs.py::test_the_local_target_trains_the_tiny_recipe_from_a_clean_checkout",
-    "test_runs.py::test_two_workers_stop_and_resume_a_run_by_its_name",
-    "test_train.py::test_two_processes_stop_together_on_preemption",
-    "test_scale.py::test_a_pod_of_128_workers_execs_checks_and_syncs",
-    "test_babysit.py::test_preemption_drill",
-    "test_runs.py::test_a_dead_worker_stops_the_others_and_status_names_it",
-    "test_bucket.py::test_an_eval_that_fails_on_one_host_of_two_is_reported_by_both_and_training_goes_on",
+    "test_train.py::test_two_processes_stop_together_on_preemption",  # builds the two hosts' save
     "test_real_data.py::test_train_on_shards_with_zero_shot_and_retrieval_evals_in_the_loop",  # builds the shard run
+    "test_bucket.py::test_an_eval_that_fails_on_one_host_of_two_is_reported_by_both_and_training_goes_on",
+    "test_runs.py::test_a_dead_worker_stops_the_others_and_status_names_it",
+    "test_babysit.py::test_preemption_drill",
+    "test_runs.py::test_two_workers_stop_and_resume_a_run_by_its_name",
+    "test_scale.py::test_a_pod_of_128_workers_runs_reports_and_stops",
+    "test_scale.py::test_a_pod_of_128_workers_execs_checks_and_syncs",
 ]
+# The long tests slowed most beside a CPU-heavy test (the local target 70 s in CI, 30 s alone; the two hosts' save
+# 62 s, 21 s alone: trainers of their own that start cold or two at once): `scheduled` puts the light tests beside them.
+SHIELDED = {
+    "test_runs.py::test_the_local_target_trains_the_tiny_recipe_from_a_clean_checkout",
+    "test_train.py::test_two_processes_stop_together_on_preemption",
+    "test_real_data.py::test_train_on_shards_with_zero_shot_and_retrieval_evals_in_the_loop",
+}
 # Each test's seconds (set-up, call and tear-down) in a full run; `TESTS_STORE_DURATIONS=1 pytest -n 2 ...` writes
 # them anew. A test not in it counts as 1 s.
 DURATIONS = Path(__file__).with_name("durations.json")
@@ -173,8 +204,8 @@ def test_id(nodeid: str) -> str:
 def scheduled(items: list[pytest.Item], workers: int = 2) -> list[pytest.Item]:
     """The order for CI's `pytest -n 2 --maxschedchunk 1`: xdist then gives each worker two tests, and a worker that
     ends one starts the other and takes the next test in the order. Played out on DURATIONS, each next test is
-    chosen as a worker takes it: the next of LONG_TESTS if no other worker is in one by the time it starts, else the
-    longest other test left."""
+    chosen as a worker takes it: the next of LONG_TESTS if no other worker is in one by the time it starts; beside
+    one of SHIELDED, the longest test of LIGHT_MODULES left; else the longest other test left (light ones last)."""
     known = json.loads(DURATIONS.read_text()) if DURATIONS.exists() else {}
 
     def seconds(item: pytest.Item) -> float:
@@ -186,16 +217,24 @@ def scheduled(items: list[pytest.Item], workers: int = 2) -> list[pytest.Item]:
     others = sorted((i for i in items if test_id(i.nodeid) not in LONG_TESTS), key=seconds, reverse=True)
     order: list[pytest.Item] = []
     ends: list[list[float]] = [[] for _ in range(workers)]  # when each test a worker took ends
-    long_until = [0.0] * workers
+    long_runs: list[tuple[int, float, float, str]] = []  # (worker, start, end, test) of each long test taken
+
+    def light(item: pytest.Item) -> bool:
+        return item.nodeid.split("::")[0].removeprefix("tests/").removesuffix(".py") in LIGHT_MODULES
 
     def take(worker: int) -> None:
         start = ends[worker][-1] if ends[worker] else 0.0
-        alone = all(until <= start for w, until in enumerate(long_until) if w != worker)
-        item = (long if long and (alone or not others) else others).pop(0)
+        beside = {name for w, begin, end, name in long_runs if w != worker and begin <= start < end}
+        if long and (not beside or not others):
+            item = long.pop(0)
+        else:  # beside a shielded long test, the longest light one; else the longest other
+            shield = bool(beside & SHIELDED)
+            item = next((i for i in others if light(i) == shield), others[0])
+            others.remove(item)
         order.append(item)
         ends[worker].append(start + seconds(item))
         if test_id(item.nodeid) in LONG_TESTS:
-            long_until[worker] = ends[worker][-1]
+            long_runs.append((worker, start, ends[worker][-1], test_id(item.nodeid)))
 
     for worker in range(workers):  # the first two tests of each
         for _ in range(2):

@@ -351,7 +351,7 @@ def two_hosts_stopped(xla_cache, gcs, bucket) -> Path:
     return once_per_run("two-hosts-stopped", build)
 
 
-def test_two_processes_stop_together_on_preemption(reference, two_hosts_stopped):
+def test_two_processes_stop_together_on_preemption(two_hosts_stopped, reference):  # the save first (no reference)
     """The two hosts (two_hosts_stopped) train the same losses as one device; SIGTERM to both -> both save one
     checkpoint into the bucket at one agreed step, right there (the run has no periodic save), with each host's data
     position, and exit cleanly."""
