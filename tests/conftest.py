@@ -158,6 +158,8 @@ LONG_TESTS = [
     "test_runs.py::test_the_local_target_trains_the_tiny_recipe_from_a_clean_checkout",
     "test_train.py::test_two_processes_stop_together_on_preemption",  # builds the two hosts' save
     "test_real_data.py::test_train_on_shards_with_zero_shot_and_retrieval_evals_in_the_loop",  # builds the shard run
+    # 13 s alone, 78 s beside the 128-worker pods: long enough to keep away from the other long tests
+    "test_train.py::test_a_two_host_save_resumes_on_another_mesh",
     "test_bucket.py::test_an_eval_that_fails_on_one_host_of_two_is_reported_by_both_and_training_goes_on",
     "test_runs.py::test_a_dead_worker_stops_the_others_and_status_names_it",
     "test_babysit.py::test_preemption_drill",
