@@ -523,8 +523,7 @@ def _alive(namespaces: set[str], children: list[subprocess.Popen[bytes]]) -> set
     alive = _pids_in(namespaces) | {p.pid for p in children if p.poll() is None}
     if alive:
         return alive
-    # None, as far as one scan of /proc saw: a process forked while it ran (a session's child as its sshd ends) is
-    # in the next one (seen once in a CI run: a process left after close)
+    # None, as far as one scan of /proc saw: a process forked while the scan ran, behind it, is in the next one
     time.sleep(POLL_S)
     return _pids_in(namespaces)
 
