@@ -161,6 +161,8 @@ LONG_TESTS = [
     # 13 s alone, 78 s beside the 128-worker pods: long enough to keep away from the other long tests
     "test_train.py::test_a_two_host_save_resumes_on_another_mesh",
     "test_bucket.py::test_an_eval_that_fails_on_one_host_of_two_is_reported_by_both_and_training_goes_on",
+    # 20 s in one fresh-clone run, 69 and 76 s in the next two: kept away from the other long tests
+    "test_data_formats.py::test_the_trainer_trains_on_a_mixture_of_a_tfds_builder_and_tars_with_every_eval_format",
     "test_runs.py::test_a_dead_worker_stops_the_others_and_status_names_it",
     "test_babysit.py::test_preemption_drill",
     "test_runs.py::test_two_workers_stop_and_resume_a_run_by_its_name",
