@@ -366,6 +366,38 @@ def test_a_pod_runs_bucket_paths_are_read_from_here_before_anything_starts(pod, 
     assert r.returncode == 0, r.stderr
 
 
+def test_a_bucket_your_account_may_not_read_names_the_role_and_the_way_past(pod, project):
+    """Cloud Storage refusing your account (403): one line naming the path, the role that reads it and
+    --no-check-paths (the TPU VMs' service account may read what you cannot). fake-gcs-server never refuses, so a
+    loopback server answers every request as Cloud Storage answers one without storage.objects.list."""
+    import http.server
+    import threading
+
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            message = "me@example.com does not have storage.objects.list access to the Google Cloud Storage bucket."
+            body = json.dumps({"error": {"code": 403, "message": message, "errors": [{"reason": "forbidden"}]}})
+            self.send_response(403)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        refusing = {"TPUCTL_STORAGE_ENDPOINT": f"http://127.0.0.1:{server.server_port}"}
+        r = pod.tpuctl("run", RECIPE, "--workdir", "gs://locked/runs", "--dry-run", cwd=project, env=refusing)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "the workdir gs://locked/runs cannot be read with your credentials (me@example.com does not" in r.stderr
+    assert "roles/storage.objectViewer" in r.stderr and "--no-check-paths" in r.stderr
+
+
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 

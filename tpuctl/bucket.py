@@ -173,5 +173,6 @@ def _match(pattern: list[str], name: list[str]) -> bool:
 
 
 def _message(error: Any) -> str:
-    text = str(getattr(error, "message", "") or error).strip().splitlines()
+    """Cloud Storage's own words: api_core puts the request ("GET https://...: ") before them."""
+    text = re.sub(r"^[A-Z]+ \S+: ", "", str(getattr(error, "message", "") or error).strip()).splitlines()
     return (text[0] if text else type(error).__name__)[:200]
