@@ -376,7 +376,8 @@ def test_a_bucket_your_account_may_not_read_names_the_role_and_the_way_past(pod,
     class Refusing(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             message = "me@example.com does not have storage.objects.list access to the Google Cloud Storage bucket."
-            body = json.dumps({"error": {"code": 403, "message": message, "errors": [{"reason": "forbidden"}]}})
+            error = {"message": message, "domain": "global", "reason": "forbidden"}  # the JSON API's error body
+            body = json.dumps({"error": {"code": 403, "message": message, "errors": [error]}})
             self.send_response(403)
             self.send_header("Content-Type", "application/json")
             self.end_headers()

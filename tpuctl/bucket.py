@@ -17,16 +17,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tpuctl.errors import TpuctlError
+from trainer.recipe import CONVERTED_SETTINGS, TFDS_INFO, RecipeError
 
 if TYPE_CHECKING:
     from tpuctl.config import Settings
-    from trainer.recipe import Recipe
+    from trainer.recipe import Recipe, Source
 
 WILDCARD = re.compile(r"[*?\[]")
 LIST_LIMIT = 20_000  # objects looked at for one glob before its match is left to the trainer's own check
-CONVERTED_SETTINGS = (
-    "model.toml"  # what `python -m trainer.convert import` writes beside params/ (trainer/pretrained.py)
-)
 
 
 @dataclass(frozen=True)
@@ -93,7 +91,7 @@ class Store:
             client_options={"api_endpoint": self.endpoint},
         )
 
-    def check(self, key: str, path: str, kind: str, source: Any) -> Problem | None:
+    def check(self, key: str, path: str, kind: str, source: Source | None) -> Problem | None:
         from google.api_core import exceptions
 
         bucket, _, name = path[len("gs://") :].partition("/")
@@ -104,13 +102,10 @@ class Store:
                 return None
             if kind == "glob" and WILDCARD.search(name):
                 return None if self._glob_matches(bucket, name) else Problem(key, f"{said} matches no files")
-            if kind == "tfds":
-                info = f"{name.rstrip('/')}/dataset_info.json"
-                text = self._read(bucket, info)
+            if kind == "tfds" and source is not None:
+                text = self._read(bucket, f"{name.rstrip('/')}/{TFDS_INFO}")
                 if text is None:
-                    return Problem(key, f"{said} is not a TFDS builder directory (it has no dataset_info.json)")
-                from trainer.recipe import RecipeError
-
+                    return Problem(key, f"{said} is not a TFDS builder directory (it has no {TFDS_INFO})")
                 try:
                     source.check_tfds_info(text)
                 except RecipeError as error:

@@ -158,6 +158,7 @@ class RunSpec:
     overrides: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     recipe_sha256: str | None = None  # the content validated here: the workers must read these very bytes
+    checked: Any = field(default=None, compare=False, repr=False)  # the Recipe read from those bytes
 
     @classmethod
     def parse(
@@ -173,16 +174,15 @@ class RunSpec:
         content, checked = validate_recipe(project / path, list(overrides))
         digest = hashlib.sha256(content).hexdigest()
         workdir = workdir or checked.workdir or None  # --workdir, else the recipe's own
-        return cls(path, name or Path(path).stem, workdir, tuple(overrides), parse_env(env_items), digest)
+        return cls(path, name or Path(path).stem, workdir, tuple(overrides), parse_env(env_items), digest, checked)
 
-    def check_bucket(self, settings: Settings, project: Path) -> None:
+    def check_bucket(self, settings: Settings) -> None:
         """A pod run's gs:// paths (the recipe's, the workdir's bucket), read from this machine before anything
         starts; a TpuctlError naming every one that cannot be (tpuctl.bucket)."""
         from tpuctl import bucket
-        from trainer.recipe import load
 
         workdir = registry.workdir_for(self.name, self.workdir, settings.workdir_root)
-        bucket.check(settings, load(project / self.recipe, self.overrides), workdir)
+        bucket.check(settings, self.checked, workdir)
 
     def record(self, settings: Settings, kind: str, cwd: str, hosts: list[str] | None = None) -> RunRecord:
         """The run's record on a target of `kind` ("tpu" | "local") whose project is at `cwd`, on `hosts` when they

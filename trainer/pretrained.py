@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from trainer import storage
 from trainer.errors import UserError
 from trainer.models import variants
-from trainer.recipe import Model, Recipe, Stage, Text, tomllib
+from trainer.recipe import CONVERTED_SETTINGS, Model, Recipe, Stage, Text, tomllib
 
 # what only changes how the model runs (precision, memory, kernels), never what its parameters mean
 RUNTIME_KEYS = {"dtype", "param_dtype", "remat", "attention", "scan_layers"}
@@ -56,7 +56,7 @@ def write(location: Location, params: Any, settings: dict[str, Any]) -> None:
     for table in ("model", "text", "loss"):
         lines.append(f"\n[{table}]")
         lines += [f"{key} = {toml_value(value)}" for key, value in settings[table].items()]
-    (directory / "model.toml").write_text("\n".join(lines) + "\n")
+    (directory / CONVERTED_SETTINGS).write_text("\n".join(lines) + "\n")
 
 
 def toml_value(value: Any) -> str:
@@ -67,10 +67,10 @@ def toml_value(value: Any) -> str:
 
 def read_settings(location: Location) -> dict[str, Any]:
     directory = storage.at(location)
-    path = directory / "model.toml"
+    path = directory / CONVERTED_SETTINGS
     if not path.is_file() or not (directory / "params").is_dir():
         raise UserError(
-            f"{directory} is not a converted checkpoint (no model.toml and params/): write one with"
+            f"{directory} is not a converted checkpoint (no {CONVERTED_SETTINGS} and params/): write one with"
             " python -m trainer.convert import"
         )
     return tomllib.loads(path.read_text())

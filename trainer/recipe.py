@@ -94,6 +94,7 @@ class Text:
 
 
 TFDS_INFO = "dataset_info.json"  # a TFDS builder directory's description: its splits, features, file format
+CONVERTED_SETTINGS = "model.toml"  # what `python -m trainer.convert import` writes beside params/ (trainer/pretrained)
 SOURCE_KEYS = ("source", "train", "split", "image_key", "caption_key", "recaption_key")  # a mixture entry's own
 
 

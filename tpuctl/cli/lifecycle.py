@@ -321,7 +321,7 @@ def babysit(
     ops.prepare_command(settings)  # no jax pin: one line now, not in a round after a TPU was made
     project = Path.cwd()
     spec = launch.RunSpec.parse(project, recipe, name, workdir, overrides, env_items)
-    spec.check_bucket(settings, project)  # before a TPU is made or waited for
+    spec.check_bucket(settings)  # before a TPU is made or waited for
     record = spec.record(settings, "tpu", settings.remote_dir)
     request = None
     if settings.accelerator_type:  # else babysit can only remake a TPU like the one there

@@ -104,7 +104,7 @@ def run(
     if local:
         target = launch.local_target(settings, project)
     else:  # the API's addresses: the launch's rsync reaches the workers outside the fleet
-        spec.check_bucket(settings, project)  # the local trainer checks its own paths in seconds
+        spec.check_bucket(settings)  # the local trainer checks its own paths in seconds
         fleet = fleet_of(settings, recorded_ok=False, authorize=not dry_run)
         settings = fleet.settings
         target = launch.pod_target(settings, fleet)

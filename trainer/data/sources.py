@@ -16,8 +16,6 @@ from typing import Any
 from trainer import storage
 from trainer.recipe import TFDS_INFO, RecipeError, Source
 
-INFO = TFDS_INFO
-
 
 def shards(source: Source) -> tuple[list[str], dict[str, int]]:
     """(the source's shard files in a fixed order, {file: record count} for those whose count is known)."""
@@ -33,7 +31,7 @@ def check_builder(source: Source) -> dict[str, Any]:
     """dataset_info.json of the source's builder directory, checked: it exists, stores TFRecord files and has the
     split(s); a RecipeError naming the key otherwise."""
     key, directory = source.key("train"), source.train.rstrip("/")
-    path = storage.at(f"{directory}/{INFO}")
+    path = storage.at(f"{directory}/{TFDS_INFO}")
     try:
         exists = path.is_file()
         text = path.read_text() if exists else ""
@@ -41,7 +39,7 @@ def check_builder(source: Source) -> dict[str, Any]:
         raise RecipeError(f'{key} = "{source.train}" cannot be read: {storage.describe(error)}') from None
     if not exists:
         raise RecipeError(
-            f'{key} = "{source.train}" is not a TFDS builder directory (it has no {INFO}){_hint(directory)}'
+            f'{key} = "{source.train}" is not a TFDS builder directory (it has no {TFDS_INFO}){_hint(directory)}'
         )
     return source.check_tfds_info(text)
 
@@ -68,7 +66,7 @@ def _hint(directory: str) -> str:
     """Where a builder directory below `directory` is, if one is (users often name the dataset's folder, not its
     version's)."""
     try:
-        found = storage.glob(f"{directory}/*/{INFO}") or storage.glob(f"{directory}/*/*/{INFO}")
+        found = storage.glob(f"{directory}/*/{TFDS_INFO}") or storage.glob(f"{directory}/*/*/{TFDS_INFO}")
     except Exception:
         return ""
     return f": did you mean {found[0].rsplit('/', 1)[0]}?" if found else ""
