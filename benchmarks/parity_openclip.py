@@ -3,11 +3,12 @@ embeddings against open_clip's (fp32, CPU), the export loaded back into open_cli
 open_clip's transform on real photos. Prints tables (benchmarks/RESULTS.md records them).
 
     python benchmarks/parity_openclip.py [--models ViT-B-16,ViT-B-16-quickgelu,ViT-L-14-CLIPA,ViT-H-14]
-        [--openvision tiny,small,base,large,so400m,huge]
+        [--openvision tiny,small,base,large,so400m,huge,so400m-384]
 
---openvision: per size, OpenVision's released open_clip config at its smallest released resolution
-(tests/fixtures/openvision/) built by open_clip with random weights, imported, our embeddings against open_clip's;
-then our recipe of that size (recipes/*.toml, its first stage: the same resolution) with random weights, a run's
+--openvision: per size, OpenVision's released open_clip config at its smallest released resolution (so400m-384: its
+So400m/14 at 384 px, 27 x 27 patches with 6 pixel rows and columns unused) (tests/fixtures/openvision/) built by
+open_clip with random weights, imported, our embeddings against open_clip's; then our recipe of that size
+(recipes/*.toml, its stage at that resolution) with random weights, a run's
 checkpoint of it exported with `python -m trainer.convert export`, loaded back into open_clip, its embeddings against
 ours; an error at or over 1e-4 exits 1 after the table. The sizes run one after another in this process, each one's
 memory freed before the next (H/14's peak RSS: ~22 GB, file-backed pages of the files it reads included).
@@ -56,6 +57,7 @@ OPENVISION = {
     "large": ("openvision-vit-large-patch14-84", "L/14", "l14"),
     "so400m": ("openvision-vit-so400m-patch14-84", "So400m/14", "so400m"),
     "huge": ("openvision-vit-huge-patch14-84", "H/14", "h14"),
+    "so400m-384": ("openvision-vit-so400m-patch14-384", "So400m/14", "so400m"),
 }
 
 
@@ -175,11 +177,12 @@ def openvision_errors(size: str, work: Path) -> dict[str, float]:
     del mine, theirs
     gc.collect()
 
-    # 2. our recipe (its first stage, at the released resolution; no caption decoder: open_clip's CLIP has none),
+    # 2. our recipe (its stage at the released resolution; no caption decoder: open_clip's CLIP has none),
     # random weights -> a run's checkpoint -> export -> open_clip
     recipe = load(ROOT / "recipes" / f"{recipe_name}.toml", ["model.dtype=float32", 'model.decoder=""'])
-    recipe = dataclasses.replace(recipe, stages=recipe.stages[:1])
-    assert recipe.stages[0].resolution == vision["image_size"], (recipe_name, recipe.stages[0].resolution)
+    stage = next((s for s in recipe.stages if s.resolution == vision["image_size"]), None)
+    assert stage is not None, f"{recipe_name} has no stage at {vision['image_size']} px"
+    recipe = dataclasses.replace(recipe, stages=[stage])
     params = nn.unbox(jax.jit(lambda: init_variables(build(recipe), recipe, recipe.stages[0]))()["params"])
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda x: np.asarray(x) + 0.05 * rng.standard_normal(x.shape, np.float32), params)

@@ -10,6 +10,7 @@ import inspect
 import io
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -338,8 +339,9 @@ def recipe_keys(directory: Path) -> list[str]:
 
 def train_from_an_import(root: Path) -> None:
     """The shared run of conftest's `shard_run` (made once per test run): a random open_clip model (learned 2x2
-    positions at 14 px) imported, then the demo's recipe (21 px, then 28 px) on real PNG shards with zero-shot and
-    retrieval evals, its first stage starting from the import with a learning rate of 1e-12 (so its values stay)."""
+    positions at 14 px) imported, then the demo's recipe (21 px, then 30 px: 4 x 4 patches of 7) on real PNG shards
+    with zero-shot and retrieval evals, its first stage starting from the import with a learning rate of 1e-12 (so its
+    values stay)."""
     data = root / "data"
     data.mkdir()
     recipe = make_data(data)
@@ -371,7 +373,7 @@ def test_a_stage_starts_from_an_import_at_a_new_resolution_and_the_run_exports_t
 
     r = run("trainer.eval", recipe, data, "--checkpoint", str(imported), *args)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert f"evals: {imported} at 28 px" in r.stdout and "fashion_mnist" in r.stdout
+    assert f"evals: {imported} at 30 px" in r.stdout and "fashion_mnist" in r.stdout
 
     wrong = [a.replace('model.activation="gelu_tanh"', 'model.activation="gelu"') for a in args]
     assert wrong != args
@@ -381,9 +383,9 @@ def test_a_stage_starts_from_an_import_at_a_new_resolution_and_the_run_exports_t
     out = tmp_path / "export" / "open_clip_model.safetensors"
     assert convert_cli("export", str(data / "run"), "--out", str(out))[0] == 0
     exported = open_clip.create_model(f"local-dir:{out.parent}").eval()
-    final = ocp.StandardCheckpointer().restore(data / "run" / "ft28" / "checkpoints" / "2" / "params")
+    final = ocp.StandardCheckpointer().restore(data / "run" / "ft30" / "checkpoints" / "2" / "params")
     settings = pretrained.read_settings(imported)
-    settings["resolution"] = 28
+    settings["resolution"] = 30
     settings["model"]["dtype"] = "float32"
     model = build(pretrained.recipe_from_settings(settings))
     pixels, tokens = inputs(settings)
@@ -398,6 +400,7 @@ def test_a_stage_starts_from_an_import_at_a_new_resolution_and_the_run_exports_t
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 RELEASED = Path(__file__).resolve().parent / "fixtures" / "openvision"  # OpenVision's model_configs, verbatim
 OPENVISION_RECIPES = {"tiny": "ti16", "small": "s16", "base": "b16", "large": "l14", "so400m": "so400m", "huge": "h14"}
+OPENVISION_VARIANTS = {"tiny": "Ti", "small": "S", "base": "B", "large": "L", "so400m": "So400m", "huge": "H"}
 
 
 def shipped_recipe(name: str, *overrides: str) -> Recipe:
@@ -433,6 +436,124 @@ def test_openvision_recipes_export_openvisions_released_open_clip_configs(releas
     differ = {k: (mine[k], v) for k, v in expected.items() if mine[k] != v}
     assert not differ, f"(ours, released) per key: {differ}"
     assert ours == theirs  # and the file itself: the same keys, none of open_clip's defaults spelled out
+
+
+def released_config(name: str, layers: int) -> dict:
+    """OpenVision's released open_clip config `name`, its towers cut to `layers` (the import maps every layer alike;
+    the whole towers: benchmarks/parity_openclip.py --openvision)."""
+    config = json.loads((RELEASED / name).read_text())
+    for tower in ("vision_cfg", "text_cfg"):
+        config["model_cfg"][tower]["layers"] = layers
+    return config
+
+
+@pytest.mark.parametrize("released", sorted(p.name for p in RELEASED.glob("*.json")))
+def test_every_released_openvision_config_imports_computes_what_open_clip_does_and_exports_back(tmp_path, released):
+    """Each OpenVision checkpoint's layout (its released open_clip config, So400m/14 at 384 px among them: 27 x 27
+    patches, 6 pixel rows and columns unused) as open_clip builds it, with random weights and one layer per tower:
+    imported at the config's resolution, our embeddings within 1e-4 of open_clip's (fp32), exported back to that very
+    config."""
+    config = released_config(released, layers=1)
+    _, _, size, patch, resolution = Path(released).stem.split("-")
+    src = random_open_clip(tmp_path / "hub", config=config["model_cfg"], preprocess=config["preprocess_cfg"])
+    model = f"{OPENVISION_VARIANTS[size]}/{patch.removeprefix('patch')}"
+    code, out = convert_cli("import", str(src), "--model", model, "--out", str(tmp_path / "ours"))
+    assert code == 0, out
+    settings = pretrained.read_settings(tmp_path / "ours")
+    assert settings["resolution"] == int(resolution)
+    assert settings["model"]["image_depth"] == settings["model"]["text_depth"] == 1
+
+    reference = open_clip.create_model(f"local-dir:{tmp_path / 'hub'}").eval()
+    pixels, tokens = inputs(settings, count=2)
+    theirs = embeddings_with_stats(reference, pixels, tokens, reference.visual.image_mean, reference.visual.image_std)
+    mine = our_embeddings(tmp_path / "ours", pixels, tokens)
+    assert relative_error(mine[0], theirs[0]) <= 1e-4 and relative_error(mine[1], theirs[1]) <= 1e-4
+
+    back = tmp_path / "back" / "open_clip_model.safetensors"
+    code, out = convert_cli("export", str(tmp_path / "ours"), "--out", str(back))
+    assert code == 0, out
+    assert json.loads((back.parent / "open_clip_config.json").read_text()) == config
+    np.testing.assert_array_equal(load_file(back)["visual.conv1.weight"], load_file(src)["visual.conv1.weight"])
+
+
+def so400m_at_384(root: Path, evals: bool) -> tuple[dict, Path, Path, list[str]]:
+    """OpenVision's So400m/14 at 384 px (its released config, one layer per tower), random weights, imported; a recipe
+    of one stage at 384 px starting from it on real PNG shards (with a zero-shot eval on 10 of them: `evals`), and the
+    --set items that give the recipe the import's model keys. -> (config, imported, recipe, sets)"""
+    config = released_config("openvision-vit-so400m-patch14-384.json", layers=1)
+    src = random_open_clip(root / "hub", config=config["model_cfg"], preprocess=config["preprocess_cfg"])
+    imported = root / "imported"
+    assert convert_cli("import", str(src), "--model", "So400m/14", "--out", str(imported))[0] == 0
+    d = root / "data"
+    d.mkdir()
+    make_data(d)
+    recipe = root / "so400m384.toml"
+    text = f"""
+[model]
+dtype = "float32"
+[text]
+vocab = "{d}/vocab.txt"
+[data]
+source = "tfrecord"
+train = "{d}/train-*.tfrecord"
+shuffle_buffer = 50
+[[stages]]
+name = "ft384"
+resolution = 384
+global_batch = 2
+samples = 2
+peak_lr = 1e-5
+init_from = "{imported}"
+"""
+    if evals:
+        text += f"""
+[[evals]]
+kind = "zeroshot"
+name = "toy"
+path = "{sorted(d.glob("test-*.tfrecord"))[0]}"
+classnames = "{d}/classnames.txt"
+templates = "{d}/templates.txt"
+batch = 4
+"""
+    recipe.write_text(text)
+    return config, imported, recipe, [x for item in recipe_keys(imported) for x in ("--set", item)]
+
+
+def test_openvisions_so400m_at_384_is_evaluated_at_384(tmp_path):
+    """`trainer.eval` on the import as released, at its 384 px (27 x 27 patches; 6 pixel rows and columns unused)."""
+    _, imported, recipe, sets = so400m_at_384(tmp_path, evals=True)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    r = warm.run([sys.executable, "-m", "trainer.eval", str(recipe), "--checkpoint", str(imported), *sets], env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"evals: {imported} at 384 px" in r.stdout
+    assert re.search(r"toy\s.*samples\s.*\b10\b", r.stdout), r.stdout
+
+
+def test_openvisions_so400m_at_384_fine_tunes_at_384_and_exports_to_the_same_config(tmp_path):
+    """A stage at 384 px that starts from the import; the run exported back to OpenVision's released config, which
+    open_clip then computes as we do (fp32, within 1e-4)."""
+    config, imported, recipe, sets = so400m_at_384(tmp_path, evals=False)
+    workdir = tmp_path / "run"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    r = warm.run([sys.executable, "-m", "trainer", str(recipe), "--workdir", str(workdir), *sets], env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"stage ft384: parameters from {imported}" in r.stdout + r.stderr
+
+    out = tmp_path / "export" / "open_clip_model.safetensors"
+    assert convert_cli("export", str(workdir), "--out", str(out))[0] == 0
+    assert json.loads((out.parent / "open_clip_config.json").read_text()) == config
+    exported = open_clip.create_model(f"local-dir:{out.parent}").eval()
+    final = ocp.StandardCheckpointer().restore(workdir / "ft384" / "checkpoints" / "1" / "params")
+    start = pretrained.restore_numpy(imported)
+    assert not np.array_equal(final["image"]["patchify"]["kernel"], start["image"]["patchify"]["kernel"])  # trained
+    settings = pretrained.read_settings(imported)
+    settings["model"]["dtype"] = "float32"
+    model = build(pretrained.recipe_from_settings(settings))
+    pixels, tokens = inputs(settings, count=2)
+    theirs = embeddings_with_stats(exported, pixels, tokens, exported.visual.image_mean, exported.visual.image_std)
+    image = np.asarray(model.apply({"params": final}, jnp.asarray(pixels), method=model.encode_image))
+    text = np.asarray(model.apply({"params": final}, jnp.asarray(tokens), method=model.encode_text))
+    assert relative_error(image, theirs[0]) <= 1e-4 and relative_error(text, theirs[1]) <= 1e-4
 
 
 # Every shipped recipe: exported (its towers cut to one layer here: the export maps each layer alike) and loaded by

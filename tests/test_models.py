@@ -61,6 +61,22 @@ def test_the_tower_runs_and_positions_are_fixed_by_default():
     assert p["pos_embedding"].value.shape == (16, 192) and p["cls"].value.shape == (192,)
 
 
+def test_a_resolution_the_patch_does_not_divide_leaves_the_last_rows_and_columns_unused():
+    """384 px at patch 14 is 27 x 27 patches (OpenVision's So400m/14 at 384), as a stride-14 convolution without
+    padding computes it in open_clip and big_vision: the last 6 pixel rows and columns are never read. Here 30 px at
+    patch 7: 4 x 4 patches, 2 unused."""
+    tower = ImageTower(IMAGE["Mu"], 7, 32, posemb="learned")
+    images = jax.random.uniform(jax.random.key(1), (2, 30, 30, 3))
+    params = nn.unbox(tower.init(jax.random.key(0), images))
+    assert params["params"]["pos_embedding"].shape == (16, IMAGE["Mu"].width)
+    embedding, tokens = tower.apply(params, images)
+    assert tokens.shape == (2, 16, IMAGE["Mu"].width)
+    unused = images.at[:, 28:, :].set(0.0).at[:, :, 28:].set(0.0)
+    np.testing.assert_array_equal(tower.apply(params, unused)[0], embedding)
+    used = images.at[:, 27, 27].set(0.0)  # the last pixel of the last patch
+    assert not np.allclose(tower.apply(params, used)[0], embedding)
+
+
 def test_sincos_positions():
     pe = posemb_sincos_2d(3, 4, 8)
     assert pe.shape == (12, 8)
@@ -232,20 +248,27 @@ def test_text_tower_sizes_match_the_published_clip_text_towers(variant, publishe
     assert ours == published + (VOCAB_ROWS - 49_408) * w + (80 - 77) * w
 
 
-def test_text_depth_sets_the_text_towers_layers_and_the_flop_count_follows():
+@pytest.mark.parametrize("tower", ["image", "text"])
+def test_a_depth_key_sets_its_towers_layers_and_the_flop_count_follows(tower):
+    """model.image_depth / model.text_depth: fewer (or more) layers than the variant's, one layer's parameters and
+    FLOPs apart (an imported open_clip config of another depth sets them)."""
     from trainer.models import flops
-    from trainer.models.variants import TEXT
+    from trainer.models.variants import IMAGE, TEXT
 
-    texts = jnp.ones((1, 16), jnp.int32)
     counts, per_sample = {}, {}
-    for depth in (0, 1):  # 0: the variant's (Mu: 2)
-        r, model = tiny_clip("model.text=Mu", f"model.text_depth={depth}", "model.decoder=")
-        counts[depth] = param_count(model.text, texts)
+    for depth in (0, 1):  # 0: the variant's (Mu: 3 image layers, 2 text layers)
+        r, model = tiny_clip("model.image=Mu/8", "model.text=Mu", f"model.{tower}_depth={depth}", "model.decoder=")
+        if tower == "image":
+            tokens = flops.image_tokens(r, r.stages[0])
+            counts[depth] = param_count(model.image, jnp.ones((1, 16, 16, 3)))
+        else:
+            tokens = 16
+            counts[depth] = param_count(model.text, jnp.ones((1, tokens), jnp.int32))
         per_sample[depth] = flops.forward_per_sample(r, r.stages[0])
-    size = TEXT["Mu"]
-    assert size.depth == 2
+    size = (IMAGE if tower == "image" else TEXT)["Mu"]
+    assert size.depth == (3 if tower == "image" else 2)
     layer = 4 * size.width**2 + 4 * size.width + 2 * size.width * size.mlp + size.mlp + size.width + 4 * size.width
-    assert counts[0] - counts[1] == layer  # attention (q, k, v, out + biases), MLP, two LayerNorms
-    # one text block at context 16: the QKV/out and MLP matmuls and the attention scores
-    block = 2 * 16 * (4 * size.width**2 + 2 * size.width * size.mlp) + 2 * 2 * 16 * 16 * size.width
-    assert per_sample[0] - per_sample[1] == block
+    assert counts[0] - counts[1] == (size.depth - 1) * layer  # attention (q, k, v, out + biases), MLP, 2 LayerNorms
+    # one block: the QKV/out and MLP matmuls and the attention scores
+    block = 2 * tokens * (4 * size.width**2 + 2 * size.width * size.mlp) + 2 * 2 * tokens * tokens * size.width
+    assert per_sample[0] - per_sample[1] == (size.depth - 1) * block

@@ -301,7 +301,10 @@ def test_bad_openvision_jax_checkpoints_are_one_line(tmp_path, tiny_names):
     assert "--config" in error(tiny_names, "--model", "Mu/7", "--config", str(tmp_path / "c.json"))
     learned = names(random_jax_params(TINY_OPENVISION, learned_positions=True))
     line = error(learned, "--model", "Mu/7", "--resolution", "28")
-    assert "--resolution 28:" in line and "learned positions for 14 px" in line
+    assert "--resolution 28:" in line and "learned positions for 2 x 2 patches (14-20 px)" in line
+    # any resolution of that grid imports (patch 7 leaves 20 px's last 6 rows and columns unused)
+    imported(write_npz(tmp_path / "learned.npz", learned), tmp_path / "at20", "Mu/7", "--resolution", "20")
+    assert pretrained.read_settings(tmp_path / "at20")["resolution"] == 20
 
     (tmp_path / "empty").mkdir()
     line = error(None, "--model", "Mu/7", src=tmp_path / "empty")

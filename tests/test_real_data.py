@@ -53,9 +53,11 @@ def make_data(d: Path) -> Path:
     entries.append({"filepath": "images", "filename": "0.png", "split": "train", "sentences": [{"raw": "x"}]})
     (d / "karpathy.json").write_text(json.dumps({"images": entries}))
     recipe = d / "recipe.toml"
-    recipe.write_text(  # the demo's recipe, a second stage at a higher resolution, and a retrieval eval
+    # the demo's recipe, a second stage at a higher resolution that its patch size (7) does not divide (4 x 4 patches,
+    # 2 pixel rows and columns unused), and a retrieval eval
+    recipe.write_text(
         (ROOT / "recipes" / "tiny.toml").read_text()
-        + '\n[[stages]]\nname = "ft28"\nresolution = 28\nglobal_batch = 16\nsamples = 32\npeak_lr = 1e-4\n'
+        + '\n[[stages]]\nname = "ft30"\nresolution = 30\nglobal_batch = 16\nsamples = 32\npeak_lr = 1e-4\n'
         + f'\n[[evals]]\nkind = "retrieval"\nname = "toy_retrieval"\npath = "{d}/karpathy.json"\nbatch = 8\n'
     )
     return recipe
@@ -114,4 +116,4 @@ def test_a_checkpoint_of_that_run_evaluates_to_the_numbers_of_the_loop(shard_run
     assert again["loss"] == records[3]["loss"]  # added to the step's record, not replacing it
 
     r = run("trainer.eval", recipe, d, "--stage", "nope", *args)
-    assert r.returncode == 2 and "--stage nope: the recipe's stages are fmnist21, ft28" in r.stderr
+    assert r.returncode == 2 and "--stage nope: the recipe's stages are fmnist21, ft30" in r.stderr

@@ -36,7 +36,7 @@ def test_every_shipped_recipe_loads_and_says_how_it_is_launched(name):
         ("s16", "S/16", [160, 224, 384]),
         ("b16", "B/16", [160, 224, 384]),
         ("l14", "L/14", [84, 224, 336]),
-        ("so400m", "So400m/14", [84, 224, 378]),
+        ("so400m", "So400m/14", [84, 224, 384]),
         ("h14", "H/14", [84, 224]),
     ],
 )
@@ -83,10 +83,10 @@ def test_overrides_reach_any_key():
         (["stages.0.global_batch=256", "stages.0.global_batch=512"], "--set stages.0.global_batch is given twice"),
         (["stages.5.name=x"], "--set stages.5: there are 3 entries (0-2)"),
         (["model"], "--set 'model' is not key=value"),
-        (["model.imag=B/16"], "unknown key model.imag (known here: image, text, text_depth, decoder,"),
+        (["model.imag=B/16"], "unknown key model.imag (known here: image, text, image_depth, text_depth,"),
         (
-            ["stages.1.resolution=150"],
-            'stages[1].resolution = 150 is not divisible by the patch size 16 of model.image = "B/16"',
+            ["stages.1.resolution=10"],
+            'stages[1].resolution = 10 is smaller than the patch size 16 of model.image = "B/16": at least 16 px',
         ),
         (["stages.0.global_batch=many"], 'stages[0].global_batch = "many" must be an integer'),
         (["model.pooling=max"], 'model.pooling = "max" is not one of "mean", "cls"'),
@@ -122,14 +122,14 @@ def test_mistakes_are_one_line_naming_the_key(overrides, message):
 
 def test_a_mistake_a_set_made_is_named_by_the_set_not_the_file():
     with pytest.raises(RecipeError) as e:
-        recipe.load(RECIPES / "b16.toml", ["stages.0.global_batch=256", "stages.1.resolution=150"])
+        recipe.load(RECIPES / "b16.toml", ["stages.0.global_batch=256", "stages.1.resolution=10"])
     assert str(e.value) == (
-        "--set stages.1.resolution=150: stages[1].resolution = 150 is not divisible by the patch size 16 of"
-        ' model.image = "B/16"'
+        "--set stages.1.resolution=10: stages[1].resolution = 10 is smaller than the patch size 16 of"
+        ' model.image = "B/16": at least 16 px'
     )
     with pytest.raises(RecipeError) as e:  # the file's own value, not the --set's: named as before
-        recipe.load(RECIPES / "b16.toml", ["stages.0.global_batch=256", "model.image=B/14"])
-    assert str(e.value).startswith("stages[0].resolution = 160 is not divisible by the patch size 14")
+        recipe.load(RECIPES / "b16.toml", ["stages.0.global_batch=256", "stages.1.grad_accum=3"])
+    assert str(e.value).startswith("stages[1].global_batch = 16384 is not divisible by stages[1].grad_accum = 3")
 
 
 def test_file_level_mistakes(tmp_path):

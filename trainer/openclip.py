@@ -94,7 +94,13 @@ def settings_from_config(config: dict[str, Any], model: str) -> dict[str, Any]:
         round(width * vision.get("mlp_ratio", 4.0)),
         width // vision.get("head_width", 64),
     )
-    image_variant = find_variant(variants.IMAGE, image_size, "the image tower")
+    # a tower of a variant's shape with fewer (or more) layers is that variant with model.image_depth (text_depth) set
+    image_variant = find_variant(
+        {k: dataclasses.replace(v, depth=image_size.depth) for k, v in variants.IMAGE.items()},
+        image_size,
+        "the image tower",
+    )
+    image_depth = 0 if variants.IMAGE[image_variant].depth == image_size.depth else image_size.depth
     if f"{image_variant}/{patch}" != model:
         raise FormatError(f'--model {model}: the config describes "{image_variant}/{patch}"; pass that')
     text_width = text.get("width", 512)
@@ -104,7 +110,6 @@ def settings_from_config(config: dict[str, Any], model: str) -> dict[str, Any]:
         round(text_width * text.get("mlp_ratio", 4.0)),
         text.get("heads", 8),
     )
-    # a text tower of a variant's shape with fewer (or more) layers is that variant with model.text_depth set
     text_variant = find_variant(
         {k: dataclasses.replace(v, depth=text_size.depth) for k, v in variants.TEXT.items()},
         text_size,
@@ -144,6 +149,7 @@ def settings_from_config(config: dict[str, Any], model: str) -> dict[str, Any]:
         "model": {
             "image": model,
             "text": text_variant,
+            "image_depth": image_depth,
             "text_depth": text_depth,
             "pooling": "cls" if pool == "tok" else "mean",
             "posemb": "learned",
@@ -191,7 +197,7 @@ def config_from_recipe(recipe: Recipe, resolution: int) -> dict[str, Any]:
             'model.pooling = "mean" without model.class_token: open_clip\'s ViT always attends with a class token,'
             " so it cannot compute this model; train with model.class_token = true to export"
         )
-    image, text = variants.IMAGE[m.image_variant], variants.text_tower(m)
+    image, text = variants.image_tower(m), variants.text_tower(m)
     activations = (m.activation, m.text_activation or m.activation)
     if "quick_gelu" in activations and activations != ("quick_gelu", "quick_gelu"):
         raise FormatError(
@@ -340,6 +346,7 @@ def params_from_state(state: dict[str, np.ndarray], settings: dict[str, Any], so
     m = settings["model"]
     variant, patch = m["image"].split("/")
     image, text = variants.IMAGE[variant], variants.TEXT[m["text"]]
+    image = dataclasses.replace(image, depth=m.get("image_depth") or image.depth)
     text = dataclasses.replace(text, depth=m.get("text_depth") or text.depth)
     grid = settings["resolution"] // int(patch)
     wi, wt, embed = image.width, text.width, m["embed_dim"]
@@ -398,7 +405,7 @@ def state_from_params(params: dict[str, Any], recipe: Recipe, resolution: int) -
     """Our params tree -> open_clip's state dict (float32, contiguous), for the config config_from_recipe made (and
     so checked: it refuses what open_clip cannot build)."""
     m = recipe.model
-    image, text = variants.IMAGE[m.image_variant], variants.text_tower(m)
+    image, text = variants.image_tower(m), variants.text_tower(m)
     p = _float32(params)
     out: dict[str, np.ndarray] = {}
     vi = p["image"]

@@ -220,14 +220,20 @@ def settings_from_names(names: dict[str, np.ndarray], model: str, resolution: in
     posemb = "learned" if "img/pos_embedding" in names else "sincos2d"
     if posemb == "learned":  # it records the image size: patches + the class token's (zero) row
         grid = math.isqrt(dim("img/pos_embedding", -2) - 1)
-        if resolution not in (None, grid * int(patch)):
-            raise FormatError(f"--resolution {resolution}: {source} has learned positions for {grid * int(patch)} px")
-        resolution = grid * int(patch)
+        # any resolution of that grid (384 px at patch 14 is 27 x 27, as is 378); without --resolution, the least
+        if resolution is not None and resolution // int(patch) != grid:
+            low, high = grid * int(patch), (grid + 1) * int(patch) - 1
+            raise FormatError(
+                f"--resolution {resolution}: {source} has learned positions for {grid} x {grid} patches"
+                f" ({low}-{high} px)"
+            )
+        resolution = resolution or grid * int(patch)
     bpe = rows == CLIP_BPE_VOCAB
     return {
         "model": {
             "image": model,
             "text": text,
+            "image_depth": 0,  # the variant's: a block beyond it is refused as a name outside the layout
             "text_depth": 0 if variants.TEXT[text].depth == depth else depth,
             "pooling": "mean",
             "posemb": posemb,

@@ -34,6 +34,7 @@ NOT_CHECKED = RUNTIME_KEYS | {"vocab", "caption_length", "decoder", "decoder_con
 # keys whose 0 (or "") stands for another value: compared by what they mean
 EFFECTIVE: dict[str, Callable[[Model], int | str]] = {
     "embed_dim": lambda m: m.embed_dim or variants.EMBED_DIM[m.image_variant],
+    "image_depth": lambda m: variants.image_tower(m).depth,
     "text_depth": lambda m: variants.text_tower(m).depth,
     "text_activation": lambda m: m.text_activation or m.activation,
 }

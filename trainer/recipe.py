@@ -1,7 +1,7 @@
 """Recipes: one TOML file -> a typed, validated `Recipe`. The schema below is the one source of defaults.
 
 Every key is checked once, at start-up: an unknown key, a wrong type, an impossible value or a key set twice is one
-`RecipeError` line naming the key (e.g. `stages[1].resolution = 150 is not divisible by the patch size 16 of
+`RecipeError` line naming the key (e.g. `stages[1].resolution = 10 is smaller than the patch size 16 of
 model.image = "B/16"`). `--set key=value` overrides any key before validation (`stages.1.global_batch=256`).
 Checks that need the machine (batch divisible by the device count) are in `check_devices`, run once JAX is up.
 
@@ -38,6 +38,8 @@ class RecipeError(ValueError):
 class Model:
     image: str = "B/16"  # VARIANT/PATCH, e.g. "L/14"
     text: str = "B"  # text tower variant
+    # image tower layers; 0 = the variant's (an import of a config with another depth sets it)
+    image_depth: int = 0
     text_depth: int = 0  # text tower layers; 0 = the variant's (templated captions need fewer)
     decoder: str = ""  # caption decoder variant ("" = none); OpenVision trains with one
     # what the decoder cross-attends to: the image's tokens and the alt-text's (OpenVision), or the image's alone
@@ -242,7 +244,10 @@ class Log:
 @dataclass(frozen=True)
 class Stage:
     name: str  # names its checkpoints and metrics (unique in the recipe)
-    resolution: int  # image side in pixels (the patch size must divide it)
+    # image side in pixels, at least one patch; the patch grid is resolution // patch (a stride-patch convolution
+    # without padding, as open_clip's and big_vision's): 384 px at patch 14 is 27 x 27 patches, the last 6 pixel rows
+    # and columns unused
+    resolution: int
     global_batch: int  # images per step over all devices and hosts
     peak_lr: float  # the learning rate after warm-up (then cosine decay to 0 over the stage)
     samples: int = 0  # how long, in samples ...
@@ -472,6 +477,7 @@ def validate(r: Recipe) -> None:
     _positive(
         [
             ("model.embed_dim", m.embed_dim, 0),
+            ("model.image_depth", m.image_depth, 0),
             ("model.text_depth", m.text_depth, 0),
             ("text.context_length", r.text.context_length, 1),
             ("text.vocab_rows", r.text.vocab_rows, 3),
@@ -576,10 +582,10 @@ def _validate_stage(r: Recipe, s: Stage, key: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", s.name):
         raise RecipeError(f'{key}.name = "{s.name}" must be letters, digits, _ . - (it names a directory)')
     patch = r.model.patch
-    if s.resolution <= 0 or s.resolution % patch:
+    if s.resolution < patch:
         raise RecipeError(
-            f"{key}.resolution = {s.resolution} is not divisible by the patch size {patch}"
-            f' of model.image = "{r.model.image}"'
+            f"{key}.resolution = {s.resolution} is smaller than the patch size {patch}"
+            f' of model.image = "{r.model.image}": at least {patch} px'
         )
     if s.samples > 0 and s.epochs > 0:
         dotted = key.replace("[", ".").rstrip("]")

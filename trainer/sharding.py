@@ -52,7 +52,7 @@ def check_model_fits(recipe: Recipe, shape: tuple[int, int, int]) -> None:
     _, fsdp, tensor = shape
     m = recipe.model
     towers = [
-        ("model.image", f'"{m.image}"', variants.IMAGE[m.image_variant]),
+        ("model.image", f'"{m.image}"', variants.image_tower(m)),
         ("model.text", f'"{m.text}"', variants.text_tower(m)),
     ]
     if m.decoder:

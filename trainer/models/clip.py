@@ -119,7 +119,7 @@ def attention_for(choice: str, dtype: str, sizes: list[variants.Size], backend: 
 
 def build(recipe: Recipe) -> Clip:
     m = recipe.model
-    sizes = [variants.IMAGE[m.image_variant], variants.text_tower(m)]
+    sizes = [variants.image_tower(m), variants.text_tower(m)]
     sizes += [variants.TEXT[m.decoder]] if m.decoder else []
     layers = Layers(m.remat, attention_for(m.attention, m.dtype, sizes, jax.default_backend()), m.scan_layers)
     dtypes: dict[str, Any] = {"dtype": jnp.dtype(m.dtype), "param_dtype": jnp.dtype(m.param_dtype), "layers": layers}

@@ -24,7 +24,7 @@ def image_tokens(recipe: Recipe, stage: Stage) -> int:
 
 def forward_per_sample(recipe: Recipe, stage: Stage) -> int:
     m, t = recipe.model, recipe.text
-    image, text = variants.IMAGE[m.image_variant], variants.text_tower(m)
+    image, text = variants.image_tower(m), variants.text_tower(m)
     embed = m.embed_dim or variants.EMBED_DIM[m.image_variant]
     n = image_tokens(recipe, stage)
     flops = 2 * n * 3 * m.patch**2 * image.width + _blocks(image, n) + 2 * image.width * embed

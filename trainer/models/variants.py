@@ -41,6 +41,12 @@ TEXT = {
 EMBED_DIM = {"Mu": 96, "Ti": 192, "S": 384, "B": 512, "L": 768, "So400m": 1152, "H": 1024}
 
 
+def image_tower(model: Any) -> Size:
+    """The image tower's shape: the variant's, with `model.image_depth` layers where the recipe sets it."""
+    size = IMAGE[model.image_variant]
+    return replace(size, depth=model.image_depth) if model.image_depth else size
+
+
 def text_tower(model: Any) -> Size:
     """The text tower's shape: the variant's, with `model.text_depth` layers where the recipe sets it."""
     size = TEXT[model.text]
