@@ -140,17 +140,24 @@ def test_the_readmes_first_steps_work_as_written(tpu_api, make_fleet, gcs, proje
 
         def run(line: str, until: str | None = None, then: list[str] | None = None, timeout: float = 120) -> str:
             """Type `line`; where it waits for the user, wait for `until` on screen and type `then`. Its output and
-            exit status."""
-            before = len(EXIT.findall(output()))
+            exit status: the first `@@ exit` after the terminal's echo of the line (the previous prompt's may reach
+            the log after this line was typed)."""
             start = len(output())
             type_line(line)
+
+            def end() -> re.Match[str] | None:
+                said = output()[start:]
+                echo = said.find(line[:30])
+                return EXIT.search(said, echo + 30) if echo >= 0 else None
+
             if until:
                 wait_until(lambda: until in output()[start:], timeout, f"{until!r} after {line!r}", output)
                 for keys in then or []:
                     type_line(keys)
-            wait_until(lambda: len(EXIT.findall(output())) > before, timeout, f"{line!r} to end", output)
-            said = output()[start:]
-            return said, int(EXIT.findall(said)[-1])
+            wait_until(end, timeout, f"{line!r} to end", output)
+            ended = end()
+            assert ended is not None
+            return output()[start:], int(ended.group(1))
 
         for line in lines:
             command = line.split("  #", 1)[0].strip()

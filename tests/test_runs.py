@@ -293,9 +293,9 @@ def test_a_start_that_fails_on_one_worker_stops_the_others(pod, project):
 def test_recipe_mistakes_are_one_line_before_anything_starts(pod, project, gcs):
     r = pod.tpuctl("run", "recipes/nope.toml", cwd=project)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "recipes/nope.toml' does not exist" in r.stderr
-    r = pod.tpuctl("run", RECIPE, "--set", "stages.0.resolution=15", cwd=project)
+    r = pod.tpuctl("run", RECIPE, "--set", "stages.0.resolution=5", cwd=project)
     assert r.returncode == 2 and r.stderr.count("\n") == 1
-    assert "error: --set stages.0.resolution=15: stages[0].resolution = 15" in r.stderr  # the flag, not the file
+    assert "error: --set stages.0.resolution=5: stages[0].resolution = 5 is smaller" in r.stderr  # the flag's
     outside = project.parent / "elsewhere.toml"
     shutil.copy(project / RECIPE, outside)
     r = pod.tpuctl("run", str(outside), cwd=project)

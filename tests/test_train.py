@@ -280,12 +280,12 @@ def test_a_finished_stage_hands_its_params_to_the_next(reference, trainer, tmp_p
 
 
 def test_recipe_errors_are_one_line_before_any_training(trainer, tmp_path):
-    proc = trainer.start(tmp_path, "stages.1.resolution=20")
+    proc = trainer.start(tmp_path, "stages.1.resolution=4")
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert out.strip() == (
-        "Error: --set stages.1.resolution=20: stages[1].resolution = 20 is not divisible by the patch size 8 of"
-        ' model.image = "Mu/8"'
+        "Error: --set stages.1.resolution=4: stages[1].resolution = 4 is smaller than the patch size 8 of"
+        ' model.image = "Mu/8": at least 8 px'
     )
     proc = trainer.start(tmp_path, devices=5)
     out, _ = proc.communicate(timeout=120)
