@@ -18,6 +18,7 @@ import optax
 
 from trainer import optimizer, sharding
 from trainer.checkpoint import abstract
+from trainer.data import JITTER_DRAWS
 from trainer.models.clip import Clip
 from trainer.models.vit import resize_positions
 from trainer.recipe import Recipe, Stage
@@ -86,6 +87,8 @@ def example_batch(recipe: Recipe, stage: Stage, size: int = 1) -> dict[str, jax.
         batch["captions"] = jax.ShapeDtypeStruct((size, recipe.text.caption_length), jnp.int32)
     if recipe.loss.contrast_recaption:
         batch["recaption_texts"] = batch["texts"]
+    if recipe.data.color_jitter > 0:  # each sample's jitter draws, which the step turns into its colour map
+        batch["colour"] = jax.ShapeDtypeStruct((size, JITTER_DRAWS), jnp.float32)
     return batch
 
 

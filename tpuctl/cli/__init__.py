@@ -57,6 +57,7 @@ COMMANDS = (
     chips.clean_logs,
     discovery.menu,
     doctor.doctor,
+    runs.plan,
     runs.run,
     runs.status,
     runs.logs,

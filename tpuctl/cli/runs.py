@@ -357,3 +357,39 @@ def runs_(as_json: bool) -> None:
         err().print("No runs yet. Start one with: tpuctl run RECIPE")
     else:
         out().print(render.runs_table(records))
+
+
+@click.command("plan")
+@click.argument("recipe", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
+@click.option("--hbm-gib", type=float, help="Plan against this much HBM per chip (default: the chip's).")
+@setting_options("accelerator_type")
+@json_option
+def plan(recipe: Path, overrides: tuple[str, ...], hbm_gib: float | None, as_json: bool, **flags: Any) -> None:
+    """Compile every stage of RECIPE for a TPU type here (libtpu, no TPU) and show what each chip must hold.
+
+    The real TPU compiler's memory per chip (parameters and optimizer state, temporaries) against the chip's HBM,
+    whether each stage fits (and what it needs where it does not), and the step's FLOPs per chip. Needs the trainer and
+    libtpu on this machine: pip install -e '.[train,tpu]'. Exit 1 when a stage does not fit.
+
+    \b
+    Examples:
+      tpuctl plan recipes/b16.toml --type v4-256
+      tpuctl plan recipes/so400m.toml --type v5p-256 --set mesh.fsdp=8 --json
+    """
+    import importlib.util
+    import subprocess
+
+    settings = settings_from(flags)
+    if not settings.accelerator_type:
+        raise TpuctlError("plan needs the pod's accelerator type", "--type v4-256 (or accelerator_type in the config)")
+    if importlib.util.find_spec("jax") is None:
+        raise TpuctlError(
+            "plan compiles with the trainer, which is not installed here", "pip install -e '.[train,tpu]'"
+        )
+    args = [sys.executable, "-m", "trainer.plan", str(recipe), "--type", settings.accelerator_type]
+    args += [x for item in overrides for x in ("--set", item)]
+    args += [] if hbm_gib is None else ["--hbm-gib", str(hbm_gib)]
+    args += ["--json"] if as_json else []
+    # its table and lines go straight to this terminal; JAX only ever runs in that child, never in tpuctl
+    raise SystemExit(subprocess.run(args, check=False).returncode)

@@ -1,0 +1,151 @@
+"""`python -m trainer.plan`: a recipe's stages compiled by the real TPU compiler (libtpu, which compiles for a TPU
+topology on this CPU machine) for a small TPU slice, and the figures it reports held to what they must be.
+
+libtpu lies outside the venv's import path (.ci/setup puts it in .libtpu), found through TPU_LIBRARY_PATH, so that no
+other test's JAX process tries to start a TPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from standins import image
+
+from trainer import tpu_types
+
+ROOT = Path(__file__).resolve().parents[1]
+LIBTPU = ROOT / ".libtpu" / "libtpu" / "libtpu.so"
+RECIPE = ROOT / "recipes" / "tiny.toml"  # Mu/7 at 21 px, 64 images a step, a zero-shot eval of batch 500
+
+
+@pytest.fixture
+def plan_env(tmp_path):
+    if not LIBTPU.is_file():
+        image.unusable(f"no libtpu at {LIBTPU} (bash .ci/setup installs it)")
+    return {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",  # the plan compiles for the topology's devices; nothing runs on them
+        "TPU_LIBRARY_PATH": str(LIBTPU),
+        "TPUCTL_PLAN_CACHE": str(tmp_path / "plans"),
+    }
+
+
+def plan(env, *args: str) -> subprocess.CompletedProcess[str]:
+    """A cold process: one forked from the tests' warm JAX server would load libtpu into a JAX already started."""
+    args = [sys.executable, "-m", "trainer.plan", str(RECIPE), *args]
+    return subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.slow
+def test_a_plan_compiles_each_stage_for_the_slice_and_says_what_a_chip_holds(plan_env, tmp_path):
+    import jax
+    import numpy as np
+
+    from trainer import optimizer
+    from trainer.models import flops
+    from trainer.models.clip import build
+    from trainer.program import init_variables
+    from trainer.recipe import load
+    from trainer.step import init_state
+
+    r = plan(plan_env, "--type", "v5litepod-4", "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout)
+    assert (result["type"], result["topology"], result["chips"], result["hosts"]) == ("v5litepod-4", "v5e:2x2", 4, 1)
+    assert result["device_kind"] == "TPU v5 lite"  # libtpu's own device, not a CPU's
+    [stage] = result["stages"]
+    recipe = load(RECIPE)
+    assert (stage["stage"], stage["resolution"], stage["global_batch"]) == ("fmnist21", 21, 64)
+    assert stage["per_chip_batch"] == 16 and stage["hbm_bytes"] == 16 * 1024**3 and stage["fits"]
+    # every chip holds the whole train state (data parallel) and its rows of the batch: the compiler's arguments
+    state = jax.eval_shape(
+        lambda: init_state(
+            init_variables(build(recipe), recipe, recipe.stages[0])["params"],
+            optimizer.make(recipe, recipe.stages[0]),
+            recipe.data.seed,
+        )
+    )
+    state_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))
+    batch_bytes = 16 * 21 * 21 * 3 + 16 * 12 * 4  # images and token rows
+    # (a TPU pads small arrays to its tiles: this small model's ~150 tensors take ~17% more)
+    assert state_bytes <= stage["arguments_bytes"] <= 1.25 * state_bytes + batch_bytes
+    assert stage["temporaries_bytes"] > 0
+    assert stage["total_bytes"] >= stage["arguments_bytes"] + stage["temporaries_bytes"]
+    assert stage["eval_fits"] and 0 < stage["eval_total_bytes"] < stage["hbm_bytes"]
+    model_flops = flops.train_per_sample(recipe, recipe.stages[0]) * 64 / 4
+    assert stage["model_flops_per_chip"] == pytest.approx(model_flops)
+    assert stage["step_time_bound_s"] == pytest.approx(model_flops / 197e12)
+    assert stage["compiled_flops_per_chip"] > 0
+
+    # the same recipe and type again: the cached plan, not a second compile
+    [cached] = (tmp_path / "plans").glob("*.json")
+    cached.write_text(cached.read_text().replace("TPU v5 lite", "from the cache"))
+    again = plan(plan_env, "--type", "v5litepod-4", "--json")
+    assert json.loads(again.stdout)["device_kind"] == "from the cache"
+    # `tpuctl plan` runs the same (tpuctl itself never imports jax): here it reads the same cached plan
+    tpuctl = [str(Path(sys.executable).with_name("tpuctl")), "plan", str(RECIPE)]
+    r = subprocess.run([*tpuctl, "--type", "v5litepod-4", "--json"], env=plan_env, capture_output=True, text=True)
+    assert r.returncode == 0 and json.loads(r.stdout)["device_kind"] == "from the cache", r.stderr[-2000:]
+    r = subprocess.run(tpuctl, env=plan_env, capture_output=True, text=True)
+    assert r.returncode == 2 and "plan needs the pod's accelerator type (--type v4-256" in r.stderr, r.stderr
+    r = plan(plan_env, "--type", "v5litepod-4")  # the table, for people
+    assert r.returncode == 0 and "fmnist21" in r.stdout and "16 GiB" in r.stdout
+
+
+@pytest.mark.slow
+def test_a_stage_that_cannot_fit_is_refused_with_what_it_needs(plan_env):
+    # 262,144 images a chip at 21 px: the contrastive logits alone (this chip's rows against the whole batch) are
+    # 256 GiB; the compiler refuses it, saying what it needed
+    stage_keys = ("--set", "stages.0.warmup_steps=0", "--set", "stages.0.samples=8388608")
+    huge = ("--set", "stages.0.global_batch=1048576")
+    r = plan(plan_env, "--type", "v5litepod-4", "--json", *stage_keys, *huge)
+    assert r.returncode == 1, r.stderr[-3000:]
+    [stage] = json.loads(r.stdout)["stages"]
+    assert not stage["fits"] and stage["total_bytes"] > 256 * 1024**3 and stage["compiled_flops_per_chip"] is None
+    line = r.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"stage fmnist21 does not fit a v5litepod-4 chip: its train step needs \d+\.\d\d GiB of the 1[56]\.\d\d GiB"
+        r' of HBM per chip; try model.remat = "block", mesh.fsdp > 1, a smaller global_batch',
+        line,
+    ), line
+
+    # --hbm-gib: a plan against less HBM than the chip's (room kept free); the same program, now over it
+    r = plan(plan_env, "--type", "v5litepod-4", "--json", "--hbm-gib", "0.001")
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("stage fmnist21 does not fit")
+    [stage] = json.loads(r.stdout)["stages"]
+    assert stage["hbm_bytes"] == int(0.001 * 1024**3) and not stage["fits"] and stage["compiled_flops_per_chip"]
+
+
+@pytest.mark.slow
+def test_mistakes_are_one_line(plan_env):
+    r = plan(plan_env, "--type", "v4-7")
+    assert r.returncode == 2 and "--type v4-7: no standard v4 slice of that size; known: 8, 16, 32" in r.stderr
+    r = plan({**plan_env, "TPU_LIBRARY_PATH": ""}, "--type", "v5litepod-4")  # this venv has no libtpu package
+    assert r.returncode == 2 and r.stderr.strip().endswith("not installed here: pip install -e '.[tpu]'"), r.stderr
+    r = plan(plan_env, "--type", "v5litepod-4", "--set", "stages.0.global_batch=66")
+    assert r.returncode == 2 and "stages[0].global_batch = 66" in r.stderr and "4" in r.stderr
+
+
+def test_accelerator_types_lay_out_as_googles_tables_say():
+    v4 = tpu_types.parse("v4-256")  # 256 TensorCores: 128 chips in a 4x4x8 torus of 4-chip hosts
+    assert (v4.chips, v4.topology, v4.hosts, v4.host_bounds, v4.generation.hbm_gib) == (
+        128,
+        "v4:4x4x8",
+        32,
+        (2, 2, 1),
+        32,
+    )
+    v5p = tpu_types.parse("v5p-8")
+    assert (v5p.chips, v5p.topology, v5p.hosts, v5p.host_bounds) == (4, "v5:2x2x1", 1, (2, 2, 1))
+    v5e = tpu_types.parse("v5litepod-16")  # chips, not cores
+    assert (v5e.chips, v5e.topology, v5e.hosts, v5e.generation.hbm_gib) == (16, "v5e:4x4", 4, 16)
+    v6e = tpu_types.parse("v6e-8")  # one host of 8 chips
+    assert (v6e.chips, v6e.topology, v6e.hosts, v6e.host_bounds) == (8, "v6e:2x4", 1, (2, 4, 1))
+    for bad, message in (("v4-7", "no standard v4 slice"), ("v9-8", "is not an accelerator type"), ("v4", "e.g.")):
+        with pytest.raises(tpu_types.UnknownType, match=message):
+            tpu_types.parse(bad)
