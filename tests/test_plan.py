@@ -53,8 +53,18 @@ def test_a_plan_compiles_each_stage_for_the_slice_and_says_what_a_chip_holds(pla
     from trainer.recipe import load
     from trainer.step import init_state
 
-    r = plan(plan_env, "--type", "v5litepod-4", "--json")
+    # a second plan at the same time (another cache): libtpu's lock on the chips must not refuse either
+    beside = {**plan_env, "TPUCTL_PLAN_CACHE": str(tmp_path / "other")}
+    args = [sys.executable, "-m", "trainer.plan", str(RECIPE), "--type", "v5litepod-4", "--json"]
+    other = subprocess.Popen(args, env=beside, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        r = plan(plan_env, "--type", "v5litepod-4", "--json")
+        _, other_err = other.communicate(timeout=240)
+    finally:
+        other.kill()
+        other.wait()
     assert r.returncode == 0, r.stderr[-3000:]
+    assert other.returncode == 0, other_err[-3000:]
     result = json.loads(r.stdout)
     assert (result["type"], result["topology"], result["chips"], result["hosts"]) == ("v5litepod-4", "v5e:2x2", 4, 1)
     assert result["device_kind"] == "TPU v5 lite"  # libtpu's own device, not a CPU's

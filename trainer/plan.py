@@ -297,8 +297,10 @@ def main(
     as_json: bool,
 ) -> None:
     """Compile every stage of RECIPE for a TPU type's topology here and show what each chip must hold."""
-    # compile-only: nothing runs on a device, and this machine's own TPU (if any) is left alone
+    # compile-only: nothing runs on a device, and this machine's own TPU (if any) is left alone; libtpu's lock on
+    # the chips (/tmp/libtpu_lockfile) would refuse a second plan at once, or a plan beside a training run
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         tpu = tpu_types.parse(accelerator_type)
         recipe = load(recipe_path, list(overrides))
