@@ -36,7 +36,9 @@ SSHD = "/usr/sbin/sshd"
 # sshd refuses to start without its privilege-separation directory.
 PRIVSEP_DIR = Path("/run/sshd")
 UNSHARE = ["unshare", "--uts", "--mount", "--propagation", "private", "--"]
-READY_TIMEOUT_S = 10.0
+# a worker's sshd listening (or a process inside it): 128 of them starting beside a busy neighbour test took longer
+# than 10 s once; only a failure waits this long
+READY_TIMEOUT_S = 30.0
 TERM_GRACE_S = 2.0
 KILL_WAIT_S = 5.0
 POLL_S = 0.02
