@@ -152,6 +152,7 @@ def eval_memory(recipe: Recipe, stage: Stage, devices: list[Any]) -> Memory | No
 
 
 def plan_stage(recipe: Recipe, index: int, tpu: tpu_types.TpuType, devices: list[Any], hbm: int) -> dict:
+    from trainer.hardware import peak_flops
     from trainer.models import flops
 
     stage = recipe.stages[index]
@@ -175,7 +176,7 @@ def plan_stage(recipe: Recipe, index: int, tpu: tpu_types.TpuType, devices: list
         "eval_fits": None if evals is None else evals.fits and evals.total <= hbm,
         "model_flops_per_chip": model_flops,
         "compiled_flops_per_chip": memory.compiled_flops,
-        "step_time_bound_s": model_flops / tpu.generation.peak_bf16,
+        "step_time_bound_s": model_flops / peak if (peak := peak_flops(devices[0].device_kind)) else None,
     }
 
 
@@ -274,7 +275,7 @@ def show(result: dict) -> None:
             ("yes" if s["fits"] else "[red]no[/]") + ("" if s["eval_fits"] is not False else " [red](evals no)[/]"),
             f"{s['model_flops_per_chip'] / 1e12:.2f}",
             "-" if refused else f"{s['compiled_flops_per_chip'] / 1e12:.2f}",
-            f"{1000 * s['step_time_bound_s']:.0f} ms",
+            "-" if s["step_time_bound_s"] is None else f"{1000 * s['step_time_bound_s']:.0f} ms",
         )
     console = Console()
     console.width = max(console.width, 150)  # a pipe's 80 columns would cut the stage names

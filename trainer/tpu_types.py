@@ -1,5 +1,6 @@
 """Cloud TPU accelerator types (`v4-256`, `v5litepod-16`, `v6e-64`, ...) -> what a slice of that type is: its chips,
-the topology libtpu compiles for, its hosts, and each chip's HBM and peak.
+the topology libtpu compiles for, its hosts, and each chip's HBM (its peak FLOP/s: trainer.hardware, by the device
+kind the compiler's devices name).
 
 From Google's pages for each generation (cloud.google.com/tpu/docs/v4, v5e, v5p, v6e): v4 and v5p name a slice by
 its TensorCores (2 per chip; JAX sees one device per chip, "megacore") and lay chips out in a 3-D torus of 4-chip
@@ -22,7 +23,6 @@ class Generation:
     cores_in_name: bool  # the type's number counts TensorCores (2 per chip), not chips
     chip_config: str  # libtpu's chip config: "megacore" (one device per chip) or "default"
     hbm_gib: float  # per chip
-    peak_bf16: float  # dense FLOP/s per chip
     shapes: dict[int, tuple[int, ...]]  # chips -> the documented slice shape
 
 
@@ -53,11 +53,11 @@ PLANES: dict[int, tuple[int, ...]] = {
 }
 
 GENERATIONS = {
-    "v4": Generation("v4", True, "megacore", 32, 275e12, CUBES),
-    "v5p": Generation("v5", True, "megacore", 95, 459e12, CUBES),
-    "v5litepod": Generation("v5e", False, "default", 16, 197e12, PLANES),
-    "v5e": Generation("v5e", False, "default", 16, 197e12, PLANES),
-    "v6e": Generation("v6e", False, "default", 32, 918e12, PLANES),
+    "v4": Generation("v4", True, "megacore", 32, CUBES),
+    "v5p": Generation("v5", True, "megacore", 95, CUBES),
+    "v5litepod": Generation("v5e", False, "default", 16, PLANES),
+    "v5e": Generation("v5e", False, "default", 16, PLANES),
+    "v6e": Generation("v6e", False, "default", 32, PLANES),
 }
 
 
