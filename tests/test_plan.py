@@ -159,3 +159,60 @@ def test_accelerator_types_lay_out_as_googles_tables_say():
     for bad, message in (("v4-7", "no standard v4 slice"), ("v9-8", "is not an accelerator type"), ("v4", "e.g.")):
         with pytest.raises(tpu_types.UnknownType, match=message):
             tpu_types.parse(bad)
+
+
+MESH_SCRIPT = """
+import json
+from jax.experimental import topologies
+from trainer import sharding
+from trainer.recipe import Mesh
+desc = topologies.get_topology_desc(topology_name="v4:2x2x2", platform="tpu", chip_config_name="megacore",
+                                    chips_per_host_bounds=(2, 2, 1), num_slices=2)
+mesh = sharding.make_mesh(Mesh(data=-1, fsdp=4), list(desc.devices))
+print(json.dumps({
+    "shape": dict(mesh.shape),
+    "slices": [sorted({d.slice_index for d in mesh.devices[i].flat}) for i in range(mesh.shape["dcn"])],
+    "fsdp_groups": [[list(d.coords) for d in mesh.devices[s, i, :, 0]] for s in range(2) for i in range(2)],
+}))
+"""
+
+
+def test_the_mesh_follows_the_slices_and_the_torus(plan_env):
+    # two v4-16 slices (8 chips each) as libtpu describes them, no TPU needed: the mesh is built from the devices'
+    # slice and physical coordinates, not from their order in a list
+    r = subprocess.run(
+        [sys.executable, "-c", MESH_SCRIPT], env=plan_env, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["shape"] == {"dcn": 2, "data": 2, "fsdp": 4, "tensor": 1}  # data = -1 fills one slice
+    assert got["slices"] == [[0], [1]]  # only the batch's dcn axis crosses between slices
+    for group in got["fsdp_groups"]:  # each fsdp group of 4 chips is one 2 x 2 face of the 2 x 2 x 2 cube
+        assert len({tuple(c) for c in group}) == 4 and len({c[2] for c in group}) == 1, group
+
+
+@pytest.mark.slow
+def test_a_run_on_a_pod_is_refused_when_the_plan_says_a_stage_cannot_fit(plan_env, pod, project):
+    from standins.pod import RUN_RECIPE
+
+    # the stand-in pod is a v4-32 to the API: 16 chips, each of 32 GiB; 65,536 images a chip at 16 px need far more
+    keys = ("global_batch=1048576", "samples=8388608", "warmup_steps=0")
+    huge = [word for key in keys for word in ("--set", f"stages.0.{key}")]
+    env = {k: plan_env[k] for k in ("TPU_LIBRARY_PATH", "TPUCTL_PLAN_CACHE")}
+    r = pod.tpuctl("run", RUN_RECIPE, *huge, "--workdir", "/tmp/w", env=env, cwd=project, timeout=240)
+    assert r.returncode == 1, r.stdout + r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"tpuctl: error: stage pretrain16 does not fit a v4-32 chip: its train step needs \d+\.\d\d GiB of the"
+        r' \d+\.\d\d GiB of HBM per chip; try model.remat = "block", mesh.fsdp > 1, a smaller global_batch'
+        r" \(change the recipe \(tpuctl plan shows each stage\), or --force to start anyway\)",
+        last,
+    ), last
+    assert not any(w.path("/root/tpuctl").exists() for w in pod.fleet.workers)  # refused before the sync
+    assert json.loads(pod.tpuctl("runs", "--json").stdout) == []  # and before any run was recorded
+
+    # --force goes past the plan (now cached: no second compile) to the workers, where the start stops at the
+    # missing trainer (these stand-in VMs were never prepared)
+    r = pod.tpuctl("run", RUN_RECIPE, *huge, "--workdir", "/tmp/w", "--force", env=env, cwd=project, timeout=120)
+    assert "does not fit a v4-32 chip" in r.stderr and "; starting anyway (--force)." in r.stderr, r.stderr
+    assert r.returncode == 2 and "run `tpuctl prepare` first" in r.stderr.strip().splitlines()[-1], r.stderr

@@ -72,7 +72,7 @@ def test_parameters_and_batches_are_laid_out_by_the_rules():
     r = subprocess.run(args, env=cpu_env(8), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
-    assert got["devices"] == 8 and got["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert got["devices"] == 8 and got["mesh"] == {"dcn": 1, "data": 2, "fsdp": 2, "tensor": 2}
     # image MLP kernels (layers 12, embed 384, mlp 1536): layers whole, embed over fsdp, mlp over tensor
     assert got["fc1_spec"] == [None, "fsdp", "tensor"] and got["fc1_shard"] == [12, 192, 768]
     # token table (vocab 32000, embed 384): vocab over tensor, embed over fsdp

@@ -106,11 +106,17 @@ class Fleet:
     """The workers of one TPU node, reachable over SSH."""
 
     def __init__(
-        self, settings: Settings, workers: Sequence[Worker], refresh: Callable[[], Sequence[Worker]] | None = None
+        self,
+        settings: Settings,
+        workers: Sequence[Worker],
+        refresh: Callable[[], Sequence[Worker]] | None = None,
+        accelerator_type: str | None = None,
     ):
         """`refresh`: the workers are recorded addresses (tpuctl.endpoints), to be confirmed by their host keys;
-        refresh() asks the API for them when one is not (its answer then replaces them)."""
+        refresh() asks the API for them when one is not (its answer then replaces them). `accelerator_type`: the
+        node's, where the API was asked."""
         self.settings = settings
+        self.accelerator_type = accelerator_type
         self.workers = list(workers)
         self.hosts = [w.address(settings.internal_addresses) for w in self.workers]
         self._refresh = refresh

@@ -55,8 +55,13 @@ def compile_stage(model: Clip, recipe: Recipe, stage: Stage, mesh: jax.sharding.
     boxed = jax.eval_shape(lambda: init_state(init_variables(model, recipe, stage)["params"], tx, recipe.data.seed))
     state_shardings = sharding.logical_shardings(boxed, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
+
+    def laid_out_step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+        with sharding.activation_layout(mesh):
+            return train_step(model, recipe, stage, tx, state, batch)
+
     step = jax.jit(
-        partial(train_step, model, recipe, stage, tx),
+        laid_out_step,
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, None),
         donate_argnums=0,

@@ -110,7 +110,8 @@ def fleet_of(settings: Settings, workers: str = "all", recorded_ok: bool = True,
     node = ready_node(settings)
     if authorize:
         settings = authorized(settings, node)
-    return Fleet(settings, [node.workers[i] for i in parse_workers(workers, len(node.workers))])
+    picked = [node.workers[i] for i in parse_workers(workers, len(node.workers))]
+    return Fleet(settings, picked, accelerator_type=node.accelerator_type)
 
 
 def recorded_workers(settings: Settings) -> list[Worker] | None:

@@ -59,8 +59,8 @@ FOLLOW_TIMEOUT_S = 7 * 24 * 3600.0
 @click.option(
     "--force",
     is_flag=True,
-    help="Kill whatever holds the chips first, and start where a worker's code differs from what the sync sent,"
-    " instead of refusing.",
+    help="Kill whatever holds the chips first, start where a worker's code differs from what the sync sent, and"
+    " where the plan says a stage does not fit the pod's chips, instead of refusing.",
 )
 @click.option("--follow", "-f", is_flag=True, help="Then print worker 0's log until the trainers end.")
 @click.option("--local", is_flag=True, help="Train on this machine instead of a TPU (target 'local').")
@@ -85,9 +85,10 @@ def run(
 ) -> None:
     """Start the trainer with RECIPE in tmux on every worker (or on this machine with --local).
 
-    Syncs this directory first (unless --no-sync), refuses if the chips are busy (unless --force), wires the workers
-    together for jax.distributed, and records the run so status/logs/stop/attach know it. Running the same name again
-    resumes from its workdir's checkpoint.
+    On a TPU, first plans the recipe for the pod's type (as `tpuctl plan`, where libtpu is installed here) and
+    refuses a stage that cannot fit a chip's HBM. Syncs this directory (unless --no-sync), refuses if the chips are
+    busy, wires the workers together for jax.distributed, and records the run so status/logs/stop/attach know it.
+    --force starts past each refusal. Running the same name again resumes from its workdir's checkpoint.
 
     \b
     Examples:
@@ -101,6 +102,7 @@ def run(
     project = Path.cwd()
     spec = launch.RunSpec.parse(project, recipe, name, workdir, overrides, env_items)
     local = local or settings.target == "local"
+    accelerator_type = None
     if local:
         target = launch.local_target(settings, project)
     else:  # the API's addresses: the launch's rsync reaches the workers outside the fleet
@@ -108,7 +110,13 @@ def run(
         fleet = fleet_of(settings, recorded_ok=False, authorize=not dry_run)
         settings = fleet.settings
         target = launch.pod_target(settings, fleet)
+        accelerator_type = fleet.accelerator_type or settings.accelerator_type
     record = spec.record(settings, target.kind, target.cwd, target.hosts)
+    if accelerator_type and not dry_run:  # after the checks that take no time, before anything reaches a worker
+        from tpuctl import fit
+
+        launch.require_shared_workdir(settings, record, len(target.hosts))
+        fit.check(recipe, spec.overrides, accelerator_type, force, say)
     sync = not (local or no_sync)
     if dry_run:
         launch.require_shared_workdir(settings, record, len(target.hosts))
@@ -380,6 +388,8 @@ def plan(recipe: Path, overrides: tuple[str, ...], hbm_gib: float | None, as_jso
     import importlib.util
     import subprocess
 
+    from tpuctl import fit
+
     settings = settings_from(flags)
     if not settings.accelerator_type:
         raise TpuctlError("plan needs the pod's accelerator type", "--type v4-256 (or accelerator_type in the config)")
@@ -387,9 +397,6 @@ def plan(recipe: Path, overrides: tuple[str, ...], hbm_gib: float | None, as_jso
         raise TpuctlError(
             "plan compiles with the trainer, which is not installed here", "pip install -e '.[train,tpu]'"
         )
-    args = [sys.executable, "-m", "trainer.plan", str(recipe), "--type", settings.accelerator_type]
-    args += [x for item in overrides for x in ("--set", item)]
-    args += [] if hbm_gib is None else ["--hbm-gib", str(hbm_gib)]
-    args += ["--json"] if as_json else []
+    args = fit.plan_args(recipe, settings.accelerator_type, overrides, hbm_gib) + (["--json"] if as_json else [])
     # its table and lines go straight to this terminal; JAX only ever runs in that child, never in tpuctl
     raise SystemExit(subprocess.run(args, check=False).returncode)

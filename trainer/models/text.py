@@ -16,15 +16,41 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from trainer.models.variants import Size
-from trainer.models.vit import Arch, Attention, Block, Dtype, Implementation, Layers, Mlp, layer_norm, logical, stacked
+from trainer.models.vit import (
+    POOLED,
+    TOKENS,
+    Arch,
+    Attention,
+    Block,
+    Dtype,
+    Implementation,
+    Layers,
+    Mlp,
+    constrain,
+    layer_norm,
+    logical,
+    stacked,
+    whole,
+)
 
+LOGITS = ("batch", "length", "vocab")  # a decoder's (B, T, V) output
 VOCAB_ROWS = 32_000  # OpenVision's table (BERT's 30,522 word pieces, padded); text.vocab_rows sets it
+
+
+class TokenEmbed(nn.Embed):
+    """nn.Embed (same parameter) whose table is gathered along its width before the lookup, as fsdp gathers a
+    kernel before its matmul: the looked-up rows then come out split like the batch, not like the table."""
+
+    def __call__(self, inputs: jnp.ndarray) -> jnp.ndarray:
+        (table,) = self.promote_dtype(self.embedding, dtype=self.dtype, inexact=False)
+        assert table is not None
+        return jnp.take(constrain(table, ("vocab", "act_embed")), inputs, axis=0)
 
 
 def embed_tokens(
     name: str, tokens: jnp.ndarray, width: int, rows: int, dtype: Dtype, param_dtype: Dtype
 ) -> jnp.ndarray:
-    table = nn.Embed(
+    table = TokenEmbed(
         rows,
         width,
         dtype=dtype,
@@ -32,13 +58,14 @@ def embed_tokens(
         embedding_init=logical(nn.initializers.normal(0.02), "vocab", "embed"),
         name=name,
     )
-    return table(tokens)
+    return constrain(table(tokens), TOKENS)
 
 
 def positions(module: nn.Module, length: int, width: int, param_dtype: Dtype) -> jnp.ndarray:
-    return module.param(
+    pos = module.param(
         "pos_embedding", logical(nn.initializers.normal(0.01), None, "embed"), (length, width), param_dtype
     )
+    return whole(pos)
 
 
 class TextTower(nn.Module):
@@ -83,7 +110,7 @@ class TextTower(nn.Module):
             kernel_init=logical(nn.initializers.lecun_normal(), "embed", None),
             name="head",
             **kw,
-        )(pooled)
+        )(constrain(pooled, POOLED))
         return embedding, raw if self.raw_tokens else x
 
 
@@ -99,9 +126,10 @@ class DecoderBlock(nn.Module):
     def __call__(self, x: jnp.ndarray, context: jnp.ndarray) -> tuple[jnp.ndarray, None]:
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         attn = {"implementation": self.attention, **kw}
+        x = constrain(x, TOKENS)
         x = x + Attention(self.size.heads, causal=True, name="self_attn", **attn)(layer_norm("ln1", **kw)(x))
         x = x + Attention(self.size.heads, name="cross_attn", **attn)(layer_norm("ln2", **kw)(x), context=context)
-        return x + Mlp(self.size.mlp, name="mlp", **kw)(layer_norm("ln3", **kw)(x)), None
+        return constrain(x + Mlp(self.size.mlp, name="mlp", **kw)(layer_norm("ln3", **kw)(x)), TOKENS), None
 
 
 def project_context(
@@ -118,7 +146,7 @@ def project_context(
     tokens = {"image_proj": image_tokens} | ({"text_proj": text_tokens} if text_tokens is not None else {})
     kw = {"dtype": dtype, "param_dtype": param_dtype, "use_bias": use_bias}
     return [
-        nn.Dense(width, kernel_init=logical(init, None, "embed"), name=name, **kw)(x.astype(dtype))
+        constrain(nn.Dense(width, kernel_init=logical(init, None, "embed"), name=name, **kw)(x.astype(dtype)), TOKENS)
         for name, x in tokens.items()
     ]
 
@@ -140,7 +168,7 @@ class CaptionDecoder(nn.Module):
         width = self.size.width
 
         parts = project_context(image_tokens, text_tokens, width, nn.initializers.xavier_uniform(), True, **kw)
-        context = jnp.concatenate(parts, axis=1)
+        context = constrain(jnp.concatenate(parts, axis=1), TOKENS)
         x = embed_tokens("embedding", inputs, width, self.vocab_rows, **kw)
         x = x + positions(self, inputs.shape[1], width, self.param_dtype).astype(self.dtype)[None]
         blocks = stacked(DecoderBlock, self.size.depth, self.layers, 1)(
@@ -148,9 +176,10 @@ class CaptionDecoder(nn.Module):
         )
         x, _ = blocks(x, context)
         x = layer_norm("ln_final", **kw)(x)
-        return nn.Dense(
+        logits = nn.Dense(
             self.vocab_rows, kernel_init=logical(nn.initializers.zeros, "embed", "vocab"), name="logits", **kw
         )(x)
+        return constrain(logits, LOGITS)
 
 
 class QueryDecoder(nn.Module):
@@ -172,22 +201,23 @@ class QueryDecoder(nn.Module):
         width, length = self.size.width, inputs.shape[1]
 
         parts = project_context(image_tokens, text_tokens, width, nn.initializers.lecun_normal(), False, **kw)
-        queries = self.param("queries", logical(nn.initializers.normal(1.0), None, "embed"), (length, width))
+        queries = whole(self.param("queries", logical(nn.initializers.normal(1.0), None, "embed"), (length, width)))
         context = sum(part.shape[1] for part in parts)
         parts.append(jnp.broadcast_to(queries.astype(self.dtype), (inputs.shape[0], length, width)))
-        x = jnp.concatenate(parts, axis=1)
+        x = constrain(jnp.concatenate(parts, axis=1), TOKENS)
         blocks = stacked(Block, self.size.depth, self.layers, 1)(
             self.size, self.layers.attention, self.arch, name="blocks", **kw
         )
         x, _ = blocks(x, prefix_mask(context, length))
         x = layer_norm("ln_final", eps=self.arch.norm_eps, **kw)(x[:, context:])
-        return nn.Dense(
+        logits = nn.Dense(
             self.vocab_rows,
             use_bias=False,
             kernel_init=logical(nn.initializers.zeros, "embed", "vocab"),
             name="logits",
             **kw,
         )(x)
+        return constrain(logits, LOGITS)
 
 
 def prefix_mask(context: int, length: int) -> jnp.ndarray:

@@ -8,8 +8,10 @@ which is what keeps compile times short for the big towers (and on CPU). Paramet
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any, Literal
 
@@ -34,6 +36,42 @@ REMAT_POLICIES = {
 
 def logical(init: Any, *axes: str | None) -> Any:
     return nn.with_logical_partitioning(init, axes)
+
+
+# The activations' logical axes: a token sequence (B, T, width), its MLP hidden (B, T, mlp), its heads (B, T, H, D).
+TOKENS = ("batch", "length", "act_embed")
+HIDDEN = ("batch", "length", "mlp")
+HEADS = ("batch", "length", "heads", "kv")
+POOLED = ("batch", "act_embed")  # a tower's pooled features (B, width)
+
+
+# The rules that map those names to mesh axes, while a step is traced (trainer/sharding.py: activation_layout). Not
+# flax's global rules: with those set, flax also constrains every parameter as it unboxes it, and fails on
+# DenseGeneral's kernels, which it constrains before their reshape.
+_ACTIVATION_RULES: contextvars.ContextVar[Any] = contextvars.ContextVar("activation_rules", default=None)
+
+
+@contextlib.contextmanager
+def activation_rules(rules: Any) -> Iterator[None]:
+    token = _ACTIVATION_RULES.set(rules)
+    try:
+        yield
+    finally:
+        _ACTIVATION_RULES.reset(token)
+
+
+def constrain(x: jnp.ndarray, axes: tuple[str | None, ...]) -> jnp.ndarray:
+    """Pin an activation's layout by logical axis names (a no-op outside activation_rules). Without it XLA is free
+    to shard a block's activations like its weights (embed over fsdp): then it gathers the batch and all-reduces
+    activations in every layer instead of gathering the layer's weights."""
+    rules = _ACTIVATION_RULES.get()
+    return x if rules is None else nn.with_logical_constraint(x, axes, rules=rules)
+
+
+def whole(weight: jnp.ndarray) -> jnp.ndarray:
+    """A weight used outside a matmul (added or concatenated to the tokens), gathered along its width (its last
+    axis) first, as fsdp gathers a kernel: otherwise XLA lays the tokens out like the weight around it."""
+    return constrain(weight, (None,) * (weight.ndim - 1) + ("act_embed",))
 
 
 def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
@@ -77,7 +115,8 @@ class Attention(nn.Module):
                 name=name,
             )(inputs)
 
-        q, k, v = project("query", x), project("key", context), project("value", context)
+        q = constrain(project("query", x), HEADS)
+        k, v = constrain(project("key", context), HEADS), constrain(project("value", context), HEADS)
         out = jax.nn.dot_product_attention(
             q, k, v, mask=mask, is_causal=self.causal, implementation=self.implementation
         )
@@ -125,7 +164,7 @@ class Mlp(nn.Module):
             name="fc1",
             **dense,
         )(x)
-        x = ACTIVATIONS[self.activation](x)
+        x = ACTIVATIONS[self.activation](constrain(x, HIDDEN))
         return nn.Dense(
             width,
             kernel_init=logical(nn.initializers.xavier_uniform(), "mlp", "embed"),
@@ -172,10 +211,11 @@ class Block(nn.Module):
     def __call__(self, x: jnp.ndarray, mask: jnp.ndarray | None = None) -> tuple[jnp.ndarray, None]:
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         eps = self.arch.norm_eps
+        x = constrain(x, TOKENS)
         attn = Attention(self.size.heads, self.causal, self.attention, name="attn", **kw)
-        x = x + attn(layer_norm("ln1", eps=eps, **kw)(x), mask=mask)
+        x = constrain(x + attn(layer_norm("ln1", eps=eps, **kw)(x), mask=mask), TOKENS)
         mlp = Mlp(self.size.mlp, self.arch.activation, name="mlp", **kw)
-        return x + mlp(layer_norm("ln2", eps=eps, **kw)(x)), None
+        return constrain(x + mlp(layer_norm("ln2", eps=eps, **kw)(x)), TOKENS), None
 
 
 def stacked(block: Any, depth: int, layers: Layers, broadcast_args: int) -> Any:
@@ -206,6 +246,7 @@ class MapHead(nn.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         probe = self.param("probe", logical(nn.initializers.xavier_uniform(), None, None, "embed"), (1, 1, x.shape[-1]))
+        probe = whole(probe)
         probe = jnp.broadcast_to(probe.astype(self.dtype), (x.shape[0], 1, x.shape[-1]))
         x = Attention(self.size.heads, implementation=self.attention, name="attn", **kw)(probe, context=x)
         mlp = Mlp(self.size.mlp, self.arch.activation, name="mlp", **kw)
@@ -262,19 +303,19 @@ class ImageTower(nn.Module):
             **kw,
         )(images.astype(self.dtype))
         b, h, w, _ = x.shape
-        x = x.reshape(b, h * w, width)
+        x = constrain(x.reshape(b, h * w, width), TOKENS)
         if self.posemb == "sincos2d":
             x = x + jnp.asarray(posemb_sincos_2d(h, w, width), self.dtype)[None]
         else:
             pos = self.param(
                 "pos_embedding", logical(nn.initializers.normal(0.02), None, "embed"), (h * w, width), self.param_dtype
             )
-            x = x + pos.astype(self.dtype)[None]
+            x = x + whole(pos).astype(self.dtype)[None]
         if patch_keep < 1:
             x = drop_patches(self.make_rng("dropout"), x, patch_keep)
         has_cls = self.class_token or self.pooling == "cls"
         if has_cls:  # no position of its own: open_clip's is folded into it on import (trainer/openclip.py)
-            cls = self.param("cls", logical(nn.initializers.zeros, "embed"), (width,), self.param_dtype)
+            cls = whole(self.param("cls", logical(nn.initializers.zeros, "embed"), (width,), self.param_dtype))
             x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, width)), x], axis=1)
         if self.ln_pre:
             x = layer_norm("ln_pre", eps=eps, **kw)(x)
@@ -300,7 +341,7 @@ class ImageTower(nn.Module):
             kernel_init=logical(nn.initializers.lecun_normal(), "embed", None),
             name="head",
             **kw,
-        )(pooled)
+        )(constrain(pooled, POOLED))
         return embedding, patch_tokens if self.raw_patch_tokens else x
 
 
