@@ -172,6 +172,7 @@ LONG_TESTS = [
     # sshds showed no banner within the start's timeout
     "test_plan.py::test_a_plan_compiles_each_stage_for_the_slice_and_says_what_a_chip_holds",
     "test_plan.py::test_a_stage_that_cannot_fit_is_refused_with_what_it_needs",
+    "test_plan.py::test_remat_auto_takes_the_least_recomputation_that_fits",
 ]
 # The long tests slowed most beside a CPU-heavy test (the local target 70 s in CI, 30 s alone; the two hosts' save
 # 62 s, 21 s alone: trainers of their own that start cold or two at once): `scheduled` puts the light tests beside them.

@@ -156,6 +156,30 @@ def test_remat_and_unrolled_layers_change_memory_and_code_not_results():
         assert ("stablehlo.while" in lowered) == layers.scan  # unrolled: straight-line code, one copy per layer
 
 
+def test_each_tower_recomputes_what_its_own_remat_says():
+    # OpenVision's choice and more: the image tower's blocks whole, the text tower's all but the matmuls, the decoder's
+    # not at all; model.remat stays the default of a tower that sets none, and "auto" is chosen before training
+    tiny = Path(__file__).with_name("tiny_synthetic.toml")
+    r = recipe.load(tiny, ["model.image_remat=block", "model.text_remat=dots"])
+    assert [r.model.tower_remat(t) for t in ("image", "text", "decoder")] == ["block", "dots", "none"]
+    model = build(r)
+    assert (model.image.layers.remat, model.text.layers.remat, model.decoder.layers.remat) == ("block", "dots", "none")
+    batch = {
+        "images": jnp.zeros((2, 16, 16, 3), jnp.uint8),
+        "texts": jnp.ones((2, 16), jnp.int32),
+        "captions": jnp.ones((2, 16), jnp.int32),
+    }
+    init = lambda: nn.unbox(model.init(jax.random.key(0), batch["images"], batch["texts"], batch["captions"]))  # noqa: E731
+    params = jax.eval_shape(init)
+    grads = jax.make_jaxpr(jax.grad(lambda p: loss_terms(model, r, p, batch)[0]))(params["params"])
+    assert sorted(map(str, policies_in(grads.jaxpr))) == sorted(
+        map(str, [REMAT_POLICIES["block"], REMAT_POLICIES["dots"]])
+    )
+    assert build(recipe.load(tiny, ["model.remat=block", "model.decoder_remat=none"])).decoder.layers.remat == "none"
+    with pytest.raises(recipe.RecipeError, match=r'model.remat = "auto" chooses every tower\'s, and model.text_remat'):
+        recipe.load(tiny, ["model.remat=auto", "model.text_remat=block"])
+
+
 # --- scanned blocks --------------------------------------------------------------------------------------------
 
 

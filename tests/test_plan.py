@@ -216,3 +216,29 @@ def test_a_run_on_a_pod_is_refused_when_the_plan_says_a_stage_cannot_fit(plan_en
     r = pod.tpuctl("run", RUN_RECIPE, *huge, "--workdir", "/tmp/w", "--force", env=env, cwd=project, timeout=120)
     assert "does not fit a v4-32 chip" in r.stderr and "; starting anyway (--force)." in r.stderr, r.stderr
     assert r.returncode == 2 and "run `tpuctl prepare` first" in r.stderr.strip().splitlines()[-1], r.stderr
+
+
+@pytest.mark.slow
+def test_remat_auto_takes_the_least_recomputation_that_fits(plan_env, tmp_path):
+    # the tests' recipe (Ti/8 image and text towers, no decoder), one stage at 32 px, 32 images a chip: libtpu needs
+    # 0.42 GiB a chip with no recomputation, 0.25 recomputing all but the matmuls ("dots"), 0.22 whole blocks
+    tiny = (ROOT / "tests" / "tiny_synthetic.toml").read_text()
+    recipe = tmp_path / "one_stage.toml"
+    recipe.write_text("[[stages]]".join(tiny.split("[[stages]]")[:2]))
+    keys = ["model.decoder=", "text.vocab_rows=4096", "stages.0.resolution=32", "stages.0.global_batch=128"]
+    keys += ["stages.0.warmup_steps=0"]
+    sets = [word for key in keys for word in ("--set", key)]
+    args = [sys.executable, "-m", "trainer.plan", str(recipe), "--type", "v5litepod-4", "--hbm-gib", "0.3", "--json"]
+
+    def planned(remat: str) -> tuple[int, dict]:
+        r = subprocess.run(
+            [*args, *sets, "--set", f"model.remat={remat}"], env=plan_env, capture_output=True, text=True
+        )
+        assert r.returncode in (0, 1), r.stderr[-3000:]
+        return r.returncode, json.loads(r.stdout)["stages"][0]
+
+    code, stage = planned("auto")  # no recomputation does not fit 0.3 GiB; "dots" is the next candidate, and fits
+    assert code == 0 and stage["fits"] and (stage["remat"], stage["remat_auto"]) == ("dots", True)
+    assert stage["total_bytes"] <= 0.3 * 1024**3
+    code, none = planned("none")  # what auto passed over
+    assert code == 1 and not none["fits"] and none["total_bytes"] > 0.3 * 1024**3 and not none["remat_auto"]

@@ -190,7 +190,7 @@ def test_the_recipe_reference_is_what_the_schema_says():
     assert written == reference.markdown(), "run: python -m trainer.reference > recipes/REFERENCE.md"
     for key in ("`workdir`", "`global_batch`", "`remat`", "`contrast_recaption`", "`wandb_project`", "`init_from`"):
         assert key in written
-    assert '| `remat` | one of `"none"`, `"block"`, `"dots"` | `"none"` |' in written
+    assert '| `remat` | one of `"none"`, `"block"`, `"dots"`, `"auto"` | `"none"` |' in written
     assert "| `peak_lr` | number | required |" in written
 
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from etils import epath
 
-from trainer import checkpoint, contract, data, evals, optimizer, pretrained, sharding
+from trainer import checkpoint, contract, data, evals, fitting, optimizer, pretrained, sharding
 from trainer.data.prefetch import Prefetched
 from trainer.hardware import peak_flops
 from trainer.metrics import MetricsLog
@@ -129,7 +129,11 @@ def run_stage(
 ) -> tuple[Outcome, Any]:
     stage = recipe.stages[index]
     steps = recipe.stage_steps(stage)
-    program = compile_stage(model, recipe, stage, mesh)
+    chosen = fitting.for_devices(recipe, stage, mesh)  # remat "auto": what fits these devices
+    if chosen is not recipe:
+        model = build(chosen)
+        report.say(f"stage {stage.name}: remat {fitting.describe(chosen)} (auto: the least that fits)")
+    program = compile_stage(model, chosen, stage, mesh)
     ckpt = checkpoint.for_stage(recipe, workdir, index)
     position = None
     if resume_step is not None:

@@ -19,8 +19,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,68 +26,11 @@ import click
 
 from trainer import tpu_types
 from trainer.errors import UserError
+from trainer.memory import Memory, compile_memory, train_memory
 from trainer.recipe import Recipe, RecipeError, Stage, check_devices, load
 
-PLAN_FORMAT = 1  # bump when a plan's fields change: older cached plans are then compiled again
+PLAN_FORMAT = 2  # bump when a plan's fields change: older cached plans are then compiled again
 GIB = tpu_types.GIB
-# libtpu's refusal of a program that does not fit: "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory
-# required for HLO temporaries (112.51G) exceeds available HBM (15.75G)."
-OUT_OF_MEMORY = re.compile(r"HLO temporaries \(([\d.]+)([KMGT])?\) exceeds available HBM \(([\d.]+)([KMGT])?\)")
-UNITS = {None: 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-
-
-@dataclass(frozen=True)
-class Memory:
-    """One compiled program's bytes per device, as the compiler lays them out; where it refused the program, its
-    temporaries as the refusal states them, and the HBM it said was available."""
-
-    arguments: int  # parameters and optimizer state, and the batch's rows
-    temporaries: int
-    total: int  # arguments + temporaries + outputs that reuse no donated buffer + code
-    compiled_flops: float | None  # per device, XLA's count (a scanned layer's body counted once); None: refused
-    available: int | None = None  # the HBM the compiler said it had, when it refused
-
-    @property
-    def fits(self) -> bool:
-        return self.compiled_flops is not None
-
-
-def argument_bytes(args: Any) -> int:
-    """What the arguments (ShapeDtypeStructs with shardings) take on one device."""
-    import jax
-    import numpy as np
-
-    return sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize for x in jax.tree.leaves(args))
-
-
-def compile_memory(fn: Any, *args: Any) -> Memory:
-    """`fn.lower(*args).compile()` for the TPU: its memory, or what it needed where the compiler refused it."""
-    try:
-        compiled = fn.lower(*args).compile()
-    except Exception as e:  # jax raises JaxRuntimeError with libtpu's message
-        found = OUT_OF_MEMORY.search(str(e))
-        if "RESOURCE_EXHAUSTED" not in str(e) or not found:
-            raise
-        temporaries = int(float(found.group(1)) * UNITS[found.group(2)])
-        arguments = argument_bytes(args)
-        available = int(float(found.group(3)) * UNITS[found.group(4)])
-        return Memory(arguments, temporaries, arguments + temporaries, None, available)
-    stats = compiled.memory_analysis()
-    fixed = (
-        stats.argument_size_in_bytes
-        + stats.output_size_in_bytes
-        - stats.alias_size_in_bytes
-        + stats.generated_code_size_in_bytes
-    )
-    # libtpu reports the program's peak: what is live at once, arguments and code included (its temp size adds up
-    # buffers that are never live together); XLA:CPU reports no peak
-    peak = getattr(stats, "peak_memory_in_bytes", 0)
-    temporaries = max(0, peak - fixed) if peak else stats.temp_size_in_bytes
-    peak = peak or fixed + temporaries
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    flops = float(cost.get("flops", 0.0)) if cost else 0.0
-    return Memory(stats.argument_size_in_bytes, temporaries, peak, flops)
 
 
 def topology_devices(tpu: tpu_types.TpuType) -> list[Any]:
@@ -108,23 +49,6 @@ def topology_devices(tpu: tpu_types.TpuType) -> list[Any]:
             raise
         raise UserError("the plan compiles with libtpu, which is not installed here: pip install -e '.[tpu]'") from None
     return list(desc.devices)
-
-
-def train_memory(recipe: Recipe, stage: Stage, devices: list[Any]) -> Memory:
-    """The stage's train step, compiled for `devices` as the trainer compiles it."""
-    import jax
-
-    from trainer import sharding
-    from trainer.models.clip import build
-    from trainer.program import compile_stage, example_batch
-
-    mesh = sharding.make_mesh(recipe.mesh, devices)
-    program = compile_stage(build(recipe), recipe, stage, mesh)
-    batch = {
-        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=program.batch_sharding)
-        for k, v in example_batch(recipe, stage, stage.global_batch).items()
-    }
-    return compile_memory(program.step, program.abstract_state, batch)
 
 
 def eval_memory(recipe: Recipe, stage: Stage, devices: list[Any]) -> Memory | None:
@@ -152,20 +76,25 @@ def eval_memory(recipe: Recipe, stage: Stage, devices: list[Any]) -> Memory | No
 
 
 def plan_stage(recipe: Recipe, index: int, tpu: tpu_types.TpuType, devices: list[Any], hbm: int) -> dict:
+    from trainer import fitting, sharding
     from trainer.hardware import peak_flops
     from trainer.models import flops
 
     stage = recipe.stages[index]
-    memory = train_memory(recipe, stage, devices)
+    mesh = sharding.make_mesh(recipe.mesh, devices)
+    fits_chip = lambda m: m.fits and m.total <= hbm  # noqa: E731 (the compiler refuses what does not fit at all)
+    # remat "auto": the least recomputation that fits, as the trainer chooses it on the pod
+    chosen, memory = fitting.choose(recipe, lambda r: train_memory(r, stage, mesh), fits_chip)
     evals = eval_memory(recipe, stage, devices)
-    fits = memory.fits and memory.total <= hbm  # the compiler refuses what does not fit the chip at all
+    fits = fits_chip(memory)
     model_flops = flops.train_per_sample(recipe, stage) * stage.global_batch / len(devices)
     return {
         "stage": stage.name,
         "resolution": stage.resolution,
         "global_batch": stage.global_batch,
         "per_chip_batch": stage.global_batch / len(devices),
-        "remat": recipe.model.remat,
+        "remat": fitting.describe(chosen),
+        "remat_auto": recipe.model.remat == "auto",
         "arguments_bytes": memory.arguments,
         "temporaries_bytes": memory.temporaries,
         "total_bytes": memory.total,
@@ -241,7 +170,7 @@ def refusal(result: dict) -> str | None:
         what = "its train step" if not s["fits"] else "its evals' encoder"
         need = s["total_bytes"] if not s["fits"] else s["eval_total_bytes"]
         ways = []
-        if s["remat"] == "none":
+        if s["remat"] != "block":  # (auto tries block last)
             ways.append('model.remat = "block"')
         ways.append("mesh.fsdp > 1")
         ways.append("a smaller global_batch")
@@ -259,7 +188,8 @@ def show(result: dict) -> None:
 
     title = f"plan on {result['type']} ({result['chips']} chips of {result['device_kind']}, {result['hosts']} hosts)"
     table = Table(title=title)
-    columns = ("stage", "res", "global batch", "per chip", "params + opt", "temporaries", "total / HBM", "fits")
+    columns = ("stage", "res", "global batch", "per chip", "remat", "params + opt", "temporaries")
+    columns += ("total / HBM", "fits")
     for column in (*columns, "model TFLOP / chip", "compiled TFLOP / chip", "bound"):
         table.add_column(column, justify="left" if column == "stage" else "right")
     for s in result["stages"]:
@@ -269,6 +199,7 @@ def show(result: dict) -> None:
             str(s["resolution"]),
             str(s["global_batch"]),
             f"{s['per_chip_batch']:g}",
+            s["remat"] + (" (auto)" if s["remat_auto"] else ""),
             f"{s['arguments_bytes'] / GIB:.2f} GiB",  # (where refused: the compiler's temporaries, our arguments)
             f"{s['temporaries_bytes'] / GIB:.2f} GiB",
             f"{s['total_bytes'] / GIB:.2f} / {s['hbm_bytes'] / GIB:.3g} GiB",
@@ -278,7 +209,7 @@ def show(result: dict) -> None:
             "-" if s["step_time_bound_s"] is None else f"{1000 * s['step_time_bound_s']:.0f} ms",
         )
     console = Console()
-    console.width = max(console.width, 150)  # a pipe's 80 columns would cut the stage names
+    console.width = max(console.width, 180)  # a pipe's 80 columns would cut the stage names
     console.print(table)
 
 

@@ -27,7 +27,16 @@ from trainer.models import variants
 from trainer.recipe import CONVERTED_SETTINGS, Model, Recipe, Stage, Text, tomllib
 
 # what only changes how the model runs (precision, memory, kernels), never what its parameters mean
-RUNTIME_KEYS = {"dtype", "param_dtype", "remat", "attention", "scan_layers"}
+RUNTIME_KEYS = {
+    "dtype",
+    "param_dtype",
+    "remat",
+    "image_remat",
+    "text_remat",
+    "decoder_remat",
+    "attention",
+    "scan_layers",
+}
 # what a converted checkpoint does not hold (a caption decoder, and the text the decoder reads) or need not fix
 NOT_CHECKED = RUNTIME_KEYS | {"vocab", "caption_length", "decoder", "decoder_context"}
 

@@ -67,10 +67,21 @@ class Model:
     embed_dim: int = 0  # output width; 0 = the variant's (Ti 192, S 384, B 512, L 768, So400m 1152, H 1024)
     dtype: Literal["bfloat16", "float32"] = "bfloat16"  # compute
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # parameters as stored and updated
-    remat: Literal["none", "block", "dots"] = "none"  # backward pass recomputes all of a block, or all but matmuls
+    # what the backward pass recomputes of each block (every tower's): nothing, all of it ("block"), all but the
+    # matmuls ("dots"); "auto": per stage, the least recomputation whose step fits the chips' HBM (the plan's choice,
+    # and the trainer's on the devices it has: trainer/fitting.py)
+    remat: Literal["none", "block", "dots", "auto"] = "none"
+    # the image tower's, over model.remat ("" = model.remat); OpenVision recomputes its towers, not its decoder
+    image_remat: Literal["", "none", "block", "dots"] = ""
+    text_remat: Literal["", "none", "block", "dots"] = ""  # the text tower's ("" = model.remat)
+    decoder_remat: Literal["", "none", "block", "dots"] = ""  # the caption decoder's ("" = model.remat)
     # "auto": cuDNN's fused attention on GPUs in bf16/fp16 where its shapes allow, XLA's elsewhere (CPU, TPU, fp32)
     attention: Literal["auto", "xla", "cudnn"] = "auto"
     scan_layers: bool = True  # false: the layer loop unrolled (longer compiles; the same parameters)
+
+    def tower_remat(self, tower: Literal["image", "text", "decoder"]) -> str:
+        """The tower's remat policy (none, block or dots) once "auto" is resolved."""
+        return getattr(self, f"{tower}_remat") or self.remat
 
     @property
     def image_variant(self) -> str:
@@ -489,6 +500,12 @@ def validate(r: Recipe) -> None:
             ("log.every_steps", r.log.every_steps, 1),
         ]
     )
+    towers = [key for key in ("image_remat", "text_remat", "decoder_remat") if getattr(m, key)]
+    if m.remat == "auto" and towers:
+        raise RecipeError(
+            f'model.remat = "auto" chooses every tower\'s, and model.{towers[0]} = "{getattr(m, towers[0])}" sets one:'
+            " keep one of them"
+        )
     if not 0 < m.norm_eps < 1:
         raise RecipeError(f"model.norm_eps = {m.norm_eps} must be in (0, 1)")
     if m.text_pooling == "argmax" and r.text.tokenizer != "clip_bpe":

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal, cast
 
 import flax.linen as nn
 import jax
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from trainer.models import variants
 from trainer.models.text import CaptionDecoder, QueryDecoder, TextTower
-from trainer.models.vit import Arch, ImageTower, Implementation, Layers
+from trainer.models.vit import Arch, ImageTower, Implementation, Layers, Remat
 from trainer.recipe import Recipe, RecipeError
 
 BOS_ID = 1  # OpenVision's [bos] (BERT's [unused0])
@@ -121,8 +121,14 @@ def build(recipe: Recipe) -> Clip:
     m = recipe.model
     sizes = [variants.image_tower(m), variants.text_tower(m)]
     sizes += [variants.TEXT[m.decoder]] if m.decoder else []
-    layers = Layers(m.remat, attention_for(m.attention, m.dtype, sizes, jax.default_backend()), m.scan_layers)
-    dtypes: dict[str, Any] = {"dtype": jnp.dtype(m.dtype), "param_dtype": jnp.dtype(m.param_dtype), "layers": layers}
+    attention = attention_for(m.attention, m.dtype, sizes, jax.default_backend())
+
+    def towers(tower: Literal["image", "text", "decoder"]) -> dict[str, Any]:
+        # "auto" is resolved per stage before training (trainer/fitting.py); what is left runs forward only (evals)
+        remat = m.tower_remat(tower).replace("auto", "none")
+        layers = Layers(cast(Remat, remat), attention, m.scan_layers)
+        return {"dtype": jnp.dtype(m.dtype), "param_dtype": jnp.dtype(m.param_dtype), "layers": layers}
+
     embed_dim = m.embed_dim or variants.EMBED_DIM[m.image_variant]
     arch = Arch(m.activation, m.norm_eps)
     queries = bool(m.decoder) and m.decoder_style == "queries"
@@ -137,16 +143,16 @@ def build(recipe: Recipe) -> Clip:
         norm_after_pool=m.norm_after_pool,
         raw_patch_tokens=queries,
         arch=arch,
-        **dtypes,
+        **towers("image"),
     )
     rows = recipe.text.vocab_rows
     text_arch = Arch(m.text_activation or m.activation, m.norm_eps)
-    text = TextTower(sizes[1], embed_dim, rows, m.text_causal, m.text_pooling, queries, text_arch, **dtypes)
+    text = TextTower(sizes[1], embed_dim, rows, m.text_causal, m.text_pooling, queries, text_arch, **towers("text"))
     decoder: CaptionDecoder | QueryDecoder | None = None
     if m.decoder and queries:  # OpenVision's decoder blocks are its text tower's: tanh GELU
-        decoder = QueryDecoder(sizes[2], vocab_rows=rows, arch=Arch("gelu_tanh", m.norm_eps), **dtypes)
+        decoder = QueryDecoder(sizes[2], vocab_rows=rows, arch=Arch("gelu_tanh", m.norm_eps), **towers("decoder"))
     elif m.decoder:
-        decoder = CaptionDecoder(sizes[2], vocab_rows=rows, **dtypes)
+        decoder = CaptionDecoder(sizes[2], vocab_rows=rows, **towers("decoder"))
     return Clip(
         image=image,
         text=text,
