@@ -180,6 +180,31 @@ def test_each_tower_recomputes_what_its_own_remat_says():
         recipe.load(tiny, ["model.remat=auto", "model.text_remat=block"])
 
 
+@pytest.mark.slow
+def test_the_traced_flop_count_counts_every_layer_and_the_recomputation():
+    # XLA's cost analysis counts a scanned layer once; the count from the traced step (what the plan reports) is the
+    # same on the scanned program as XLA's own on the unrolled one, and remat's recomputation shows in it
+    from trainer import sharding
+    from trainer.memory import train_step_args
+
+    tiny = Path(__file__).with_name("tiny_synthetic.toml")
+    counted = {}
+    for remat in ("none", "block"):
+        sets = [f"model.remat={remat}", "stages.0.global_batch=8", "text.vocab_rows=4096"]
+        scanned = recipe.load(tiny, sets)
+        step, state, batch = train_step_args(scanned, scanned.stages[0], sharding.checked_mesh(scanned))
+        counted[remat] = flops.traced(step, state, batch)
+        unrolled = recipe.load(tiny, [*sets, "model.scan_layers=false"])
+        step, state, batch = train_step_args(unrolled, unrolled.stages[0], sharding.checked_mesh(unrolled))
+        assert flops.traced(step, state, batch) == counted[remat]  # the same arithmetic either way
+        # XLA adds the elementwise work (norms, softmax, GELU, AdamW) that only matmuls are counted of here
+        assert 1.0 <= flops.xla_count(step.lower(state, batch)) / counted[remat] < 1.1
+    model = flops.train_per_sample(scanned, scanned.stages[0]) * 8
+    assert counted["none"] == pytest.approx(model, rel=0.01)  # nothing recomputed: the model's own count
+    # "block" runs each block's forward pass again in the backward: up to a third more (heads and logits are not)
+    assert 1.1 < counted["block"] / counted["none"] < 1.34
+
+
 # --- scanned blocks --------------------------------------------------------------------------------------------
 
 

@@ -70,8 +70,9 @@ def compile_memory(fn: Any, *args: Any) -> Memory:
     return Memory(stats.argument_size_in_bytes, temporaries, peak, flops)
 
 
-def train_memory(recipe: Recipe, stage: Stage, mesh: Any) -> Memory:
-    """The stage's train step, compiled for `mesh` as the trainer compiles it (its batch as the loop feeds it)."""
+def train_step_args(recipe: Recipe, stage: Stage, mesh: Any) -> tuple[Any, Any, Any]:
+    """The stage's jitted train step as the trainer builds it for `mesh`, and its abstract arguments (the state, and
+    the global batch as the loop feeds it)."""
     import jax
 
     from trainer.models.clip import build
@@ -82,4 +83,9 @@ def train_memory(recipe: Recipe, stage: Stage, mesh: Any) -> Memory:
         k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=program.batch_sharding)
         for k, v in example_batch(recipe, stage, stage.global_batch).items()
     }
-    return compile_memory(program.step, program.abstract_state, batch)
+    return program.step, program.abstract_state, batch
+
+
+def train_memory(recipe: Recipe, stage: Stage, mesh: Any) -> Memory:
+    """The stage's train step, compiled for `mesh` as the trainer compiles it."""
+    return compile_memory(*train_step_args(recipe, stage, mesh))

@@ -4,9 +4,10 @@ Whether each stage of a recipe fits its pod, before the pod is paid for. Every s
 `python -m trainer` runs: the same model, optimizer, shardings and donation) and its evals' encoders are compiled
 by the real TPU compiler, libtpu (the `tpu` extra), for the accelerator type's topology, on this machine and with no
 TPU. Per stage: what one chip holds (parameters and optimizer state, the step's temporaries and outputs) against its
-HBM, whether it fits (the compiler's word, and where it refuses, what it needed), and the step's FLOPs per chip
-against the chip's peak. These are the compiler's own figures, the ones a pod fails on (RESOURCE_EXHAUSTED); the
-time is only a bound (FLOPs over peak), never a promise.
+HBM, whether it fits (the compiler's word, and where it refuses, what it needed), the remat "auto" chose, and the
+step's FLOPs per chip: the model's, and the traced step's (every layer, the recomputation included: the cost of
+remat), against the chip's peak. The memory figures are the compiler's own, the ones a pod fails on
+(RESOURCE_EXHAUSTED); the time is only a bound (FLOPs over peak), never a promise.
 
 Plans are cached by the recipe, the type and the jax and libtpu versions (TPUCTL_PLAN_CACHE, else
 ~/.cache/tpuctl/plans). Exit status: 0 every stage fits, 1 one does not (named, with the ways to make it fit), 2 a
@@ -26,7 +27,7 @@ import click
 
 from trainer import tpu_types
 from trainer.errors import UserError
-from trainer.memory import Memory, compile_memory, train_memory
+from trainer.memory import Memory, compile_memory, train_memory, train_step_args
 from trainer.recipe import Recipe, RecipeError, Stage, check_devices, load
 
 PLAN_FORMAT = 2  # bump when a plan's fields change: older cached plans are then compiled again
@@ -87,6 +88,7 @@ def plan_stage(recipe: Recipe, index: int, tpu: tpu_types.TpuType, devices: list
     chosen, memory = fitting.choose(recipe, lambda r: train_memory(r, stage, mesh), fits_chip)
     evals = eval_memory(recipe, stage, devices)
     fits = fits_chip(memory)
+    step_flops = flops.traced(*train_step_args(chosen, stage, mesh)) / len(devices)  # every layer, remat included
     model_flops = flops.train_per_sample(recipe, stage) * stage.global_batch / len(devices)
     return {
         "stage": stage.name,
@@ -104,7 +106,7 @@ def plan_stage(recipe: Recipe, index: int, tpu: tpu_types.TpuType, devices: list
         "eval_total_bytes": None if evals is None else evals.total,
         "eval_fits": None if evals is None else evals.fits and evals.total <= hbm,
         "model_flops_per_chip": model_flops,
-        "compiled_flops_per_chip": memory.compiled_flops,
+        "step_flops_per_chip": step_flops,
         "step_time_bound_s": model_flops / peak if (peak := peak_flops(devices[0].device_kind)) else None,
     }
 
@@ -188,12 +190,11 @@ def show(result: dict) -> None:
 
     title = f"plan on {result['type']} ({result['chips']} chips of {result['device_kind']}, {result['hosts']} hosts)"
     table = Table(title=title)
-    columns = ("stage", "res", "global batch", "per chip", "remat", "params + opt", "temporaries")
+    columns: tuple[str, ...] = ("stage", "res", "global batch", "per chip", "remat", "params + opt", "temporaries")
     columns += ("total / HBM", "fits")
-    for column in (*columns, "model TFLOP / chip", "compiled TFLOP / chip", "bound"):
+    for column in (*columns, "model TFLOP / chip", "step TFLOP / chip", "bound"):
         table.add_column(column, justify="left" if column == "stage" else "right")
     for s in result["stages"]:
-        refused = s["compiled_flops_per_chip"] is None
         table.add_row(
             s["stage"],
             str(s["resolution"]),
@@ -205,7 +206,7 @@ def show(result: dict) -> None:
             f"{s['total_bytes'] / GIB:.2f} / {s['hbm_bytes'] / GIB:.3g} GiB",
             ("yes" if s["fits"] else "[red]no[/]") + ("" if s["eval_fits"] is not False else " [red](evals no)[/]"),
             f"{s['model_flops_per_chip'] / 1e12:.2f}",
-            "-" if refused else f"{s['compiled_flops_per_chip'] / 1e12:.2f}",
+            f"{s['step_flops_per_chip'] / 1e12:.2f}",
             "-" if s["step_time_bound_s"] is None else f"{1000 * s['step_time_bound_s']:.0f} ms",
         )
     console = Console()

@@ -62,3 +62,36 @@ def xla_count(lowered: Any) -> float:
     if isinstance(cost, (list, tuple)):  # older jax: one dict per program
         cost = cost[0]
     return float(cost["flops"])
+
+
+def traced(fn: Any, *args: Any) -> float:
+    """The matmul FLOPs of `fn(*args)` as JAX traces it, every layer of a scan counted (XLA's cost analysis counts a
+    loop's body once) and the backward pass's recomputation (remat) included: what the compiler is given to run, the
+    whole global batch (divide by the devices for one's share). Counts dot_general and convolutions, as above."""
+    import jax
+
+    return _jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def _jaxpr_flops(jaxpr: Any) -> float:
+    import numpy as np
+
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (contracting, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs[d] for d in contracting])
+        elif name == "conv_general_dilated":
+            kernel = eqn.invars[1].aval.shape  # (out, in / groups, *window) in the rhs_spec's order
+            spec = eqn.params["dimension_numbers"].rhs_spec
+            window = np.prod([kernel[d] for d in spec[2:]])
+            total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * kernel[spec[1]] * window
+        inner = [v for v in eqn.params.values() if hasattr(v, "eqns") or hasattr(getattr(v, "jaxpr", None), "eqns")]
+        repeat = eqn.params.get("length", 1) if name == "scan" else 1
+        for sub in inner:
+            total += repeat * _jaxpr_flops(getattr(sub, "jaxpr", sub) if not hasattr(sub, "eqns") else sub)
+        if name == "cond":  # one branch runs: count the costliest
+            total += max(_jaxpr_flops(b.jaxpr) for b in eqn.params["branches"])
+    return total
