@@ -243,3 +243,24 @@ def test_remat_auto_takes_the_least_recomputation_that_fits(plan_env, tmp_path):
     assert stage["total_bytes"] <= 0.3 * 1024**3
     code, none = planned("none")  # what auto passed over
     assert code == 1 and not none["fits"] and none["total_bytes"] > 0.3 * 1024**3 and not none["remat_auto"]
+
+
+def test_the_largest_batch_search_lands_within_a_sixteenth_below_the_limit():
+    from trainer.plan import search_largest
+
+    for limit in (1, 7, 100, 1000, 4097):
+        for start in (1, 16, 300, 5000):
+            asked: list[int] = []
+
+            def fits(n: int, limit: int = limit, asked: list[int] = asked) -> bool:
+                asked.append(n)
+                return n <= limit
+
+            found = search_largest(start, fits)
+            if limit >= 64 * start:  # the search looks no further than 64 x the stage's batch
+                assert found == 64 * start
+            else:
+                assert found <= limit and limit - found <= max(1, found // 16), (limit, start, found)
+            assert len(asked) == len(set(asked)) and len(asked) <= 16  # one compile per batch tried, and few
+    assert search_largest(8, lambda n: False) == 0  # not even one row a device
+    assert search_largest(8, lambda n: True, most=4) == 32  # no limit found within 4x the stage's batch

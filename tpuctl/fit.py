@@ -25,12 +25,17 @@ class DoesNotFit(TpuctlError):
 
 
 def plan_args(
-    recipe: Path, accelerator_type: str, overrides: tuple[str, ...] = (), hbm_gib: float | None = None
+    recipe: Path,
+    accelerator_type: str,
+    overrides: tuple[str, ...] = (),
+    hbm_gib: float | None = None,
+    largest_batch: bool = False,
 ) -> list[str]:
     """The command line of the trainer's plan (without --json)."""
     args = [sys.executable, "-m", "trainer.plan", str(recipe), "--type", accelerator_type]
     args += [x for item in overrides for x in ("--set", item)]
-    return args + ([] if hbm_gib is None else ["--hbm-gib", str(hbm_gib)])
+    args += [] if hbm_gib is None else ["--hbm-gib", str(hbm_gib)]
+    return args + (["--largest-batch"] if largest_batch else [])
 
 
 def can_plan() -> str | None:

@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from trainer.errors import UserError
 from trainer.memory import Memory, compile_memory, train_memory, train_step_args
 from trainer.recipe import Recipe, RecipeError, Stage, check_devices, load
 
-PLAN_FORMAT = 2  # bump when a plan's fields change: older cached plans are then compiled again
+PLAN_FORMAT = 3  # bump when a plan's fields change: older cached plans are then compiled again
 GIB = tpu_types.GIB
 
 
@@ -76,7 +77,50 @@ def eval_memory(recipe: Recipe, stage: Stage, devices: list[Any]) -> Memory | No
     return compile_memory(encode_image, {"params": params}, images)
 
 
-def plan_stage(recipe: Recipe, index: int, tpu: tpu_types.TpuType, devices: list[Any], hbm: int) -> dict:
+def largest_batch(recipe: Recipe, stage: Stage, mesh: Any, fits: Callable[[Memory], bool]) -> int:
+    """The largest global batch whose train step fits (0: not even one row a device), searched by compiling. Batches
+    step by the devices' count (times grad_accum: each micro-batch splits evenly)."""
+    unit = len(mesh.devices.flat) * stage.grad_accum
+
+    def fits_at(units: int) -> bool:
+        probe = dataclasses.replace(stage, global_batch=units * unit)
+        return fits(train_memory(dataclasses.replace(recipe, stages=(probe,)), probe, mesh))
+
+    return search_largest(max(1, stage.global_batch // unit), fits_at) * unit
+
+
+def search_largest(start: int, fits: Callable[[int], bool], most: int = 64) -> int:
+    """The largest n >= 1 with fits(n) (fits falls as n grows), to within 1/16 below it, else 0: doubled (or halved)
+    from `start` until the answer changes (at most `most` x start), then the interval halved. Each fits() is asked
+    once per n (a compile each)."""
+    answers: dict[int, bool] = {}
+
+    def ask(n: int) -> bool:
+        if n not in answers:
+            answers[n] = fits(n)
+        return answers[n]
+
+    if ask(start):
+        low, high = start, start * 2
+        while ask(high):
+            if high >= start * most:
+                return high
+            low, high = high, high * 2
+    else:
+        low, high = start // 2, start
+        while low >= 1 and not ask(low):
+            low, high = low // 2, low
+        if low < 1:
+            return 0
+    while high - low > max(1, low // 16):
+        middle = (low + high) // 2
+        low, high = (middle, high) if ask(middle) else (low, middle)
+    return low
+
+
+def plan_stage(
+    recipe: Recipe, index: int, tpu: tpu_types.TpuType, devices: list[Any], hbm: int, search: bool = False
+) -> dict:
     from trainer import fitting, sharding
     from trainer.hardware import peak_flops
     from trainer.models import flops
@@ -90,6 +134,7 @@ def plan_stage(recipe: Recipe, index: int, tpu: tpu_types.TpuType, devices: list
     fits = fits_chip(memory)
     step_flops = flops.traced(*train_step_args(chosen, stage, mesh)) / len(devices)  # every layer, remat included
     model_flops = flops.train_per_sample(recipe, stage) * stage.global_batch / len(devices)
+    largest = largest_batch(chosen, stage, mesh, fits_chip) if search else None
     return {
         "stage": stage.name,
         "resolution": stage.resolution,
@@ -108,21 +153,23 @@ def plan_stage(recipe: Recipe, index: int, tpu: tpu_types.TpuType, devices: list
         "model_flops_per_chip": model_flops,
         "step_flops_per_chip": step_flops,
         "step_time_bound_s": model_flops / peak if (peak := peak_flops(devices[0].device_kind)) else None,
+        "largest_global_batch": largest,  # (with --largest-batch) at the remat chosen
     }
 
 
-def plan(recipe: Recipe, tpu: tpu_types.TpuType, hbm: int | None = None) -> dict:
+def plan(recipe: Recipe, tpu: tpu_types.TpuType, hbm: int | None = None, search: bool = False) -> dict:
     """Every stage's figures on `tpu` (module docstring), from the cache when this recipe was planned for it; `hbm`:
-    bytes per chip to plan against, when less than the chip's (room kept free)."""
+    bytes per chip to plan against, when less than the chip's (room kept free); `search`: also each stage's largest
+    global batch that fits (several compiles a stage)."""
     hbm = min(hbm or tpu.hbm_bytes, tpu.hbm_bytes)
     import jax
 
     check_devices(recipe, tpu.chips, tpu.hosts)
-    cached = cache_path(recipe, tpu, hbm)
+    cached = cache_path(recipe, tpu, hbm, search)
     if cached.exists():
         return json.loads(cached.read_text())
     devices = topology_devices(tpu)
-    stages = [plan_stage(recipe, i, tpu, devices, hbm) for i in range(len(recipe.stages))]
+    stages = [plan_stage(recipe, i, tpu, devices, hbm, search) for i in range(len(recipe.stages))]
     result = {
         "type": tpu.name,
         "topology": tpu.topology,
@@ -139,11 +186,11 @@ def plan(recipe: Recipe, tpu: tpu_types.TpuType, hbm: int | None = None) -> dict
     return result
 
 
-def cache_path(recipe: Recipe, tpu: tpu_types.TpuType, hbm: int) -> Path:
+def cache_path(recipe: Recipe, tpu: tpu_types.TpuType, hbm: int, search: bool = False) -> Path:
     import jax
 
     key = json.dumps(
-        [PLAN_FORMAT, dataclasses.asdict(recipe), tpu.name, hbm, jax.__version__, libtpu_version()],
+        [PLAN_FORMAT, dataclasses.asdict(recipe), tpu.name, hbm, search, jax.__version__, libtpu_version()],
         sort_keys=True,
         default=str,
     )
@@ -192,7 +239,9 @@ def show(result: dict) -> None:
     table = Table(title=title)
     columns: tuple[str, ...] = ("stage", "res", "global batch", "per chip", "remat", "params + opt", "temporaries")
     columns += ("total / HBM", "fits")
-    for column in (*columns, "model TFLOP / chip", "step TFLOP / chip", "bound"):
+    searched = any(s["largest_global_batch"] is not None for s in result["stages"])
+    columns += ("model TFLOP / chip", "step TFLOP / chip", "bound") + (("largest batch",) if searched else ())
+    for column in columns:
         table.add_column(column, justify="left" if column == "stage" else "right")
     for s in result["stages"]:
         table.add_row(
@@ -208,6 +257,7 @@ def show(result: dict) -> None:
             f"{s['model_flops_per_chip'] / 1e12:.2f}",
             f"{s['step_flops_per_chip'] / 1e12:.2f}",
             "-" if s["step_time_bound_s"] is None else f"{1000 * s['step_time_bound_s']:.0f} ms",
+            *((str(s["largest_global_batch"]),) if searched else ()),
         )
     console = Console()
     console.width = max(console.width, 180)  # a pipe's 80 columns would cut the stage names
@@ -221,12 +271,16 @@ def show(result: dict) -> None:
 @click.option(
     "--hbm-gib", type=float, help="Plan against this much HBM per chip (default: the chip's), keeping the rest free."
 )
+@click.option(
+    "--largest-batch", is_flag=True, help="Also search each stage's largest global batch that fits (more compiles)."
+)
 @click.option("--json", "as_json", is_flag=True, help="The plan as one JSON object on stdout.")
 def main(
     recipe_path: str,
     accelerator_type: str,
     overrides: tuple[str, ...],
     hbm_gib: float | None,
+    largest_batch: bool,
     as_json: bool,
 ) -> None:
     """Compile every stage of RECIPE for a TPU type's topology here and show what each chip must hold."""
@@ -237,7 +291,7 @@ def main(
     try:
         tpu = tpu_types.parse(accelerator_type)
         recipe = load(recipe_path, list(overrides))
-        result = plan(recipe, tpu, int(hbm_gib * GIB) if hbm_gib else None)
+        result = plan(recipe, tpu, int(hbm_gib * GIB) if hbm_gib else None, largest_batch)
     except (RecipeError, tpu_types.UnknownType) as e:
         raise UserError(f"--type {e}" if isinstance(e, tpu_types.UnknownType) else str(e)) from None
     if as_json:

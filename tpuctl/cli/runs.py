@@ -371,9 +371,17 @@ def runs_(as_json: bool) -> None:
 @click.argument("recipe", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key (repeatable).")
 @click.option("--hbm-gib", type=float, help="Plan against this much HBM per chip (default: the chip's).")
+@click.option("--largest-batch", is_flag=True, help="Also search each stage's largest batch that fits (slower).")
 @setting_options("accelerator_type")
 @json_option
-def plan(recipe: Path, overrides: tuple[str, ...], hbm_gib: float | None, as_json: bool, **flags: Any) -> None:
+def plan(
+    recipe: Path,
+    overrides: tuple[str, ...],
+    hbm_gib: float | None,
+    largest_batch: bool,
+    as_json: bool,
+    **flags: Any,
+) -> None:
     """Compile every stage of RECIPE for a TPU type here (libtpu, no TPU) and show what each chip must hold.
 
     The real TPU compiler's memory per chip (parameters and optimizer state, temporaries) against the chip's HBM,
@@ -397,6 +405,7 @@ def plan(recipe: Path, overrides: tuple[str, ...], hbm_gib: float | None, as_jso
         raise TpuctlError(
             "plan compiles with the trainer, which is not installed here", "pip install -e '.[train,tpu]'"
         )
-    args = fit.plan_args(recipe, settings.accelerator_type, overrides, hbm_gib) + (["--json"] if as_json else [])
+    args = fit.plan_args(recipe, settings.accelerator_type, overrides, hbm_gib, largest_batch)
+    args += ["--json"] if as_json else []
     # its table and lines go straight to this terminal; JAX only ever runs in that child, never in tpuctl
     raise SystemExit(subprocess.run(args, check=False).returncode)
