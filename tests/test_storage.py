@@ -32,7 +32,7 @@ def test_check_writable_names_a_missing_bucket(gcs) -> None:
         storage.check_writable(storage.at("gs://no-such-bucket/run"), "--workdir")
 
 
-def test_a_growing_file_on_a_bucket_is_uploaded_whole(bucket: str) -> None:
+def test_a_growing_file_on_a_bucket_uploads_only_what_it_adds(bucket: str) -> None:
     path = storage.at(f"{bucket}/metrics.jsonl")
     log = storage.GrowingFile(path, append=True, upload_every=3600)
     log.write(b"one\n")
@@ -46,8 +46,24 @@ def test_a_growing_file_on_a_bucket_is_uploaded_whole(bucket: str) -> None:
     again = storage.GrowingFile(path, append=True)  # a resumed run appends to what the bucket holds
     again.write(b"three\n")
     again.close()
-    assert path.read_bytes() == b"one\ntwo\nthree\n"
+    assert path.read_bytes() == b"one\ntwo\nthree\n" and again.bytes_uploaded == len(b"three\n")
     fresh = storage.GrowingFile(path, append=False)
     fresh.write(b"new\n")
     fresh.close()
     assert path.read_bytes() == b"new\n"
+
+    # a long run: each upload sends what was added since the last, however long the file has grown (the object is
+    # composed from the pieces by the bucket), and the file is whole after each
+    long = storage.GrowingFile(storage.at(f"{bucket}/long.jsonl"), append=True, upload_every=0)
+    line = b"x" * 1000 + b"\n"
+    sent = []
+    for i in range(40):
+        before = long.bytes_uploaded
+        long.write(line)
+        long.flush(force=True)
+        sent.append(long.bytes_uploaded - before)
+        if i in (0, 39):
+            assert storage.at(f"{bucket}/long.jsonl").read_bytes() == line * (i + 1)
+    assert sent == [len(line)] * 40  # the 40th upload: 1 kB, not 40
+    long.close()
+    assert storage.glob(f"{bucket}/.parts/*") == []  # the pieces are gone once composed

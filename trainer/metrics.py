@@ -6,8 +6,9 @@ TensorBoard file starts with a restart marker at the resume step, so TensorBoard
 preempted run logged after its last checkpoint.
 
 With `[log] wandb_project` set, host 0 also logs the same numbers and each eval's table to Weights & Biases
-(trainer/wandb_log.py). Both files are `storage.GrowingFile`s: on a bucket they are uploaded whole every
-`upload_every` seconds and at close. The event records are framed by tensorboard's own RecordWriter (not its
+(trainer/wandb_log.py). Both files are `storage.GrowingFile`s: on a bucket, what was added is uploaded every
+`upload_every` seconds (from a background thread, composed onto the object: the cost does not grow with the run),
+at each checkpoint and at close. The event records are framed by tensorboard's own RecordWriter (not its
 EventFileWriter, which writes through TensorFlow's GCS client: see trainer/storage.py for why the workdir goes through
 one client).
 """

@@ -8,8 +8,9 @@ Which client moves the bytes (the README's "Runs in a bucket" says why):
 - the bulk reads (training and eval shards, retrieval images): tf.data's native GCS reader, inside the input graph.
 
 A bucket object cannot be appended to, so a file that grows (metrics.jsonl, a TensorBoard event file) is a
-`GrowingFile`: appended to on a local disk, rewritten whole on a bucket at most every `upload_every` seconds and at
-close — what TensorFlow's own GCS files do on flush.
+`GrowingFile`: appended to on a local disk; on a bucket, what was added goes up as an object of its own, composed
+onto the file's end by Cloud Storage, at most every `upload_every` seconds and at close, from a background thread:
+an upload costs what it adds, however long the run (TensorFlow's own GCS files rewrite the whole object on flush).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import glob as local_glob
 import os
 import re
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO
 
 os.environ.setdefault("EPATH_USE_TF", "false")  # read by epath at each call; a user may still choose TF's client
@@ -102,35 +104,60 @@ def read_text(location: str, what: str) -> str:
 
 
 class GrowingFile:
-    """A binary file that only grows. Local: appended to and flushed. Bucket: kept in memory (with what the object
-    held before, when appending) and uploaded whole when `flush` finds `upload_every` seconds passed, and at close."""
+    """A binary file that only grows. Local: appended to and flushed. Bucket: what was written since the last upload
+    goes up as an object of its own and Cloud Storage composes it onto the end of the file's object (server-side, so
+    an upload costs what it adds, not the file's size), at most every `upload_every` seconds and at every forced
+    flush; on a background thread, so that the training loop never waits on the bucket except where it asks to
+    (a forced flush, close). A failed upload is raised by the next flush or close."""
 
     def __init__(self, path: epath.Path, append: bool, upload_every: float = 30.0):
         self.path, self.upload_every = path, upload_every
         self.local: IO[bytes] | None = None
-        self.content = bytearray()
-        self.uploaded = 0.0  # when the object was last written
-        self.dirty = False
+        self.pending = bytearray()
+        self.uploaded = 0.0  # when the last upload was started
         self.closed = False
+        self.bytes_uploaded = 0  # what the uploads sent (each its own bytes only)
+        self.uploads: Future[None] | None = None  # the latest; each waits for the one before
         if not is_remote(path):
             path.parent.mkdir(parents=True, exist_ok=True)
             self.local = open(os.fspath(path), "ab" if append else "wb")  # noqa: SIM115 (closed by close())
-        elif append and path.exists():
-            self.content += path.read_bytes()
+            return
+        self.exists = append and path.exists()  # compose onto it; else the first upload makes (or replaces) it
+        self.uploader = ThreadPoolExecutor(1, thread_name_prefix="growing-file")  # one at a time, in order
 
     def write(self, data: bytes) -> None:
         if self.local is not None:
             self.local.write(data)
         else:
-            self.content += data
-            self.dirty = True
+            self.pending += data
 
     def flush(self, force: bool = False) -> None:
         if self.local is not None:
             self.local.flush()
-        elif self.dirty and (force or time.monotonic() - self.uploaded >= self.upload_every):
-            self.path.write_bytes(bytes(self.content))
-            self.uploaded, self.dirty = time.monotonic(), False
+            return
+        if self.uploads is not None and self.uploads.done():
+            self.uploads.result()  # an earlier upload's error, here
+        if self.pending and (force or time.monotonic() - self.uploaded >= self.upload_every):
+            chunk, self.pending = bytes(self.pending), bytearray()
+            self.uploads = self.uploader.submit(self._upload, chunk)
+            self.uploaded = time.monotonic()
+        if force and self.uploads is not None:
+            self.uploads.result()
+
+    def _upload(self, chunk: bytes) -> None:
+        if not self.exists:
+            self.path.write_bytes(chunk)
+            self.exists = True
+        else:
+            import fsspec
+
+            # (named so that no reader takes it for the file: TensorBoard reads any name with "tfevents" in it)
+            part = self.path.parent / ".parts" / f"{os.getpid()}-{time.monotonic_ns()}"
+            part.write_bytes(chunk)
+            fs, target = fsspec.core.url_to_fs(os.fspath(self.path))
+            fs.merge(target, [target, fsspec.core.url_to_fs(os.fspath(part))[1]])
+            part.unlink()
+        self.bytes_uploaded += len(chunk)
 
     def close(self) -> None:
         if self.closed:
@@ -139,4 +166,7 @@ class GrowingFile:
         if self.local is not None:
             self.local.close()
         else:
-            self.flush(force=True)
+            try:
+                self.flush(force=True)
+            finally:
+                self.uploader.shutdown(wait=True)
