@@ -67,3 +67,15 @@ def test_a_growing_file_on_a_bucket_uploads_only_what_it_adds(bucket: str) -> No
     assert sent == [len(line)] * 40  # the 40th upload: 1 kB, not 40
     long.close()
     assert storage.glob(f"{bucket}/.parts/*") == []  # the pieces are gone once composed
+
+
+def test_the_compilation_cache_defaults_to_a_folder_next_to_the_workdir() -> None:
+    from trainer.compile_cache import location
+
+    assert location(None, "", "gs://bucket/runs/b16") == "gs://bucket/runs/compile_cache"  # shared by its runs
+    assert location(None, "", "gs://bucket") == "gs://bucket/compile_cache"  # a bucket's root: inside it
+    assert location(None, "", "/data/runs/b16/") == "/data/runs/compile_cache"
+    assert location(None, "gs://bucket/xla", "gs://bucket/runs/b16") == "gs://bucket/xla"  # the recipe's key
+    assert location(None, "off", "gs://bucket/runs/b16") is None
+    assert location("/tmp/xla", "gs://bucket/xla", "gs://bucket/runs/b16") == "/tmp/xla"  # the flag (or its env)
+    assert location("", "gs://bucket/xla", "gs://bucket/runs/b16") is None  # '' = off

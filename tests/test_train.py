@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -62,11 +63,24 @@ class Trainer:
         self.procs: list[subprocess.Popen] = []
 
     def start(
-        self, workdir: Path | str, *overrides: str, devices=1, recipe: Path = TINY, base=FAST, extra=(), env=None
+        self,
+        workdir: Path | str,
+        *overrides: str,
+        devices=1,
+        recipe: Path = TINY,
+        base=FAST,
+        extra=(),
+        env=None,
+        shared_cache: bool = True,
     ):
+        """`shared_cache` False: the trainer's own default cache (next to the workdir), not the tests' shared one."""
         env = {**cpu_env(devices), **(env or {})}
-        args = [sys.executable, "-m", "trainer", str(recipe), "--workdir", str(workdir), "--compile-cache"]
-        args += [str(self.cache), *extra]
+        args = [sys.executable, "-m", "trainer", str(recipe), "--workdir", str(workdir)]
+        if shared_cache:
+            args += ["--compile-cache", str(self.cache)]
+        else:
+            env.pop(contract.COMPILE_CACHE_ENV, None)
+        args += [*extra]
         for item in [*base, *overrides]:
             args += ["--set", item]
         proc = warm.popen(
@@ -254,15 +268,19 @@ def test_kill_9_then_resume_continues_exactly(reference, trainer, tmp_path):
 
 
 def test_a_bucket_workdir_killed_and_resumed_continues_exactly(reference, trainer, bucket):
-    """The same drill with the workdir in a bucket (the GCS emulator): checkpoints, metrics and the resume all go
-    through gs://."""
+    """The same drill with the workdir in a bucket (the GCS emulator): checkpoints, metrics, the resume and the
+    compilation cache (the trainer's default: next to the workdir) all go through gs://."""
     workdir = f"{bucket}/run"
-    proc = trainer.start(workdir)
+    proc = trainer.start(workdir, shared_cache=False)
     wait_for_checkpoint(workdir, proc, "pretrain16", 4)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    out = trainer.run(workdir)
+    assert storage.glob(f"{bucket}/compile_cache/*"), "the first start wrote its programs into the bucket"
+    out = trainer.run(workdir, shared_cache=False)
     assert "resuming at step" in out
+    # the restart read its train step from there instead of compiling it again
+    first = re.search(r"stage pretrain16: first step after [\d.]+ s \((\d+) of (\d+) programs so far read", out)
+    assert first and int(first.group(1)) >= 1, out[-3000:]
     got, want = losses(read_jsonl(f"{workdir}/metrics.jsonl")), losses(reference[2])
     assert sorted(got) == sorted(want)
     for step in want:

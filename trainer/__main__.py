@@ -8,7 +8,6 @@ error (one line on stderr); 1 anything else.
 from __future__ import annotations
 
 import glob
-import os
 import sys
 
 import click
@@ -60,9 +59,8 @@ def start_distributed(
 @click.option(
     "--compile-cache",
     envvar=contract.COMPILE_CACHE_ENV,
-    default="~/.cache/trainer/xla",
-    show_default=True,
-    help="Persistent XLA compilation cache: a resumed run skips recompiling ('' = off).",
+    help="Persistent XLA compilation cache, local or gs:// ('' = off; default: the recipe's compile_cache, else a"
+    " compile_cache folder next to the workdir): a restart, a resume or another host skips recompiling.",
 )
 def main(
     recipe_path: str,
@@ -72,7 +70,7 @@ def main(
     num_processes: int | None,
     process_id: int | None,
     heartbeat_timeout: int,
-    compile_cache: str,
+    compile_cache: str | None,
 ) -> None:
     """Train the CLIP model of RECIPE, every stage, resuming from WORKDIR's checkpoints."""
     try:
@@ -86,10 +84,12 @@ def main(
 
     run_dir = storage.at(workdir)
     evaluators = preflight.check(recipe, run_dir)  # every path the recipe names, before compiling anything
-    import jax
 
-    if compile_cache:
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(compile_cache))
+    from trainer import compile_cache as xla_cache
+
+    cache = xla_cache.location(compile_cache, recipe.compile_cache, workdir)
+    if cache:
+        xla_cache.enable(cache)
     start_distributed(coordinator, num_processes, process_id, heartbeat_timeout)
     from trainer import loop
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from etils import epath
 
-from trainer import checkpoint, contract, data, evals, fitting, optimizer, pretrained, sharding
+from trainer import checkpoint, compile_cache, contract, data, evals, fitting, optimizer, pretrained, sharding
 from trainer.data.prefetch import Prefetched
 from trainer.hardware import peak_flops
 from trainer.metrics import MetricsLog
@@ -127,6 +127,7 @@ def run_stage(
     report: Report,
     evaluators: list[evals.Evaluator],
 ) -> tuple[Outcome, Any]:
+    began = time.monotonic()
     stage = recipe.stages[index]
     steps = recipe.stage_steps(stage)
     chosen = fitting.for_devices(recipe, stage, mesh)  # remat "auto": what fits these devices
@@ -165,6 +166,11 @@ def run_stage(
             if speed.started is None:  # the first step compiles: time from the end of it
                 jax.block_until_ready(state.step)
                 speed.restart()
+                counts = compile_cache.COUNTS
+                report.say(
+                    f"stage {stage.name}: first step after {time.monotonic() - began:.1f} s"
+                    f" ({counts.hits} of {counts.requests} programs so far read from the compilation cache)"
+                )
             else:
                 timed_steps += 1
             preempted = preemption.reached(recipe.global_step(index, step))

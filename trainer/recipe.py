@@ -299,6 +299,9 @@ class Recipe:
     # Where the run keeps its checkpoints, metrics and TensorBoard files when neither `python -m trainer --workdir`
     # nor `tpuctl run --workdir` says (a bucket, for a pod: every worker must see it)
     workdir: str = ""
+    # The persistent XLA compilation cache, shared by every host and every restart (gs:// included): "" = a
+    # compile_cache folder next to the workdir, "off" = none. `python -m trainer --compile-cache` overrides it.
+    compile_cache: str = ""
 
     def stage_samples(self, stage: Stage) -> int:
         return stage.samples or round(stage.epochs * self.data.epoch_size)
