@@ -25,8 +25,10 @@ def test_every_shipped_recipe_loads_and_says_how_it_is_launched(name):
     path = RECIPES / f"{name}.toml"
     r = recipe.load(path)
     assert r.stages and all(recipe.Recipe.stage_steps(r, s) > 0 for s in r.stages)
-    head = path.read_text().splitlines()[:6]
+    head = path.read_text().splitlines()[:10]
     assert any(line.startswith("# Launch:") for line in head) and any(line.startswith("# Cost:") for line in head)
+    if r.model.remat == "auto":  # what the plan chose on the pod the recipe names, and the command that says so
+        assert any(line.startswith(f"# Fits:   `tpuctl plan recipes/{name}.toml --type v") for line in head)
 
 
 @pytest.mark.parametrize(
