@@ -156,6 +156,7 @@ def run_stage(
     with batches:
         window: dict[str, Any] | None = None  # metrics summed on the device since the last log
         window_steps = timed_steps = 0
+        save_held_s = 0.0  # the time checkpoint saves held the loop since the last log
         step = int(state.step)
         while step < steps:
             batch, position = next(batches)
@@ -183,12 +184,16 @@ def run_stage(
                 if timed_steps:
                     record.update(speed.measure(timed_steps, steps - step))
                 record.update({f"data_{k}": v for k, v in position.items() if k in ("epoch", "bad")})
-                window, window_steps, timed_steps = None, 0, 0
+                if save_held_s:
+                    record["checkpoint_held_s"] = save_held_s  # since the last log
+                window, window_steps, timed_steps, save_held_s = None, 0, 0, 0.0
             report.advance(step)
             saving = due(step, every_ckpt, steps) or preempted or evaluate
             if saving:
+                held = time.perf_counter()
                 positions = data.gather_positions(position, host)  # every host's: each resumes its own stream
                 ckpt.save(state, {"stage": index, "stage_name": stage.name, "step": step, "data": positions})
+                save_held_s += time.perf_counter() - held  # orbax writes in the background: only this holds the loop
             if record is not None:
                 if evaluate:
                     ckpt.wait()  # committed before the evals run: nothing trained is lost to an eval
