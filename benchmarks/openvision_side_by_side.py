@@ -1,7 +1,7 @@
 """OpenVision's own training step and ours, compiled side by side for one TPU topology: memory and FLOPs per chip.
 
     python benchmarks/openvision_side_by_side.py --openvision /tmp/openvision [--type v4-256] [--per-chip 256]
-        [--res 160] [--search] [--json]
+        [--res 160] [--search] [--json] [--save-json FILE]
 
 --openvision: a work tree of github.com/UCSC-VLAA/OpenVision (the folder holding src/), imported as OpenVision's
 code, never edited. Its step is built as its src/main_clip.py builds it for src/configs/openvision.py and the
@@ -97,7 +97,10 @@ def traced_flops(fn: Any, *args: Any) -> float:
     from trainer.models import flops
 
     jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
-    return flops._jaxpr_flops(jaxpr) + _shard_map_rest(jaxpr)
+    rest = _shard_map_rest(jaxpr)
+    if rest:
+        log(f"  shard_map bodies on the other devices: {rest / 1e12:.2f} TFLOP of the step's")
+    return flops._jaxpr_flops(jaxpr) + rest
 
 
 def _shard_map_rest(jaxpr: Any, times: float = 1.0) -> float:
@@ -390,6 +393,7 @@ class Ours:
         if remat is None:
             sets.append("model.remat=auto")
         else:
+            sets.append("model.remat=none")  # the towers' own below (the recipe's may be "auto")
             sets += [f"model.{t}_remat={p}" for t, p in zip(("image", "text", "decoder"), remat, strict=True)]
         return load(RECIPE, sets)
 
@@ -418,7 +422,8 @@ def largest_batch(probe: Callable[[int], Any], seen: dict[int, Any], hbm: int) -
     `seen`: batch -> Memory already measured (kept up to date). The bracket [lo fits, hi does not] starts at
     [0, TOP + STEP] (neither measured) narrowed by `seen`; each probe is the multiple of STEP where the line through
     the bracket's measured totals (or through the one measured end and the arguments' bytes at no batch) reaches
-    `hbm`, kept strictly inside the bracket; after a probe that did not halve the bracket, the middle."""
+    `hbm` (or the HBM a refusal said the compiler has, if less), kept strictly inside the bracket; after a probe
+    that did not halve the bracket, the middle."""
     fits = lambda m: m.fits and m.total <= hbm  # noqa: E731
     probed: list[int] = []
     halved = True
@@ -429,6 +434,8 @@ def largest_batch(probe: Callable[[int], Any], seen: dict[int, Any], hbm: int) -
             return lo, probed
         middle = lo + (hi - lo) // 2 // STEP * STEP
         guess = None
+        # aim at the HBM, or below it where the compiler said it has less (libtpu keeps some of a chip's for itself)
+        target = min([hbm] + [m.available for m in seen.values() if m.available])
         if halved:
             if lo in seen and hi in seen:
                 (b0, t0), (b1, t1) = (lo, seen[lo].total), (hi, seen[hi].total)
@@ -438,7 +445,7 @@ def largest_batch(probe: Callable[[int], Any], seen: dict[int, Any], hbm: int) -
             else:
                 b0 = None
             if b0 is not None and t1 > t0:
-                guess = int(b0 + (hbm - t0) * (b1 - b0) / (t1 - t0)) // STEP * STEP
+                guess = int(b0 + (target - t0) * (b1 - b0) / (t1 - t0)) // STEP * STEP
         step = guess if guess is not None else middle
         step = min(max(step, lo + STEP), hi - STEP)
         log(f"  probe {step} per chip (bracket {lo}..{hi})")
@@ -644,7 +651,20 @@ def show(result: dict) -> None:
 @click.option("--res", default=160, show_default=True, help="Image resolution (OpenVision's stage 1: 160).")
 @click.option("--search", is_flag=True, help="Also the largest batch per chip that fits (one compile a probe).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout instead of the table.")
-def main(openvision: Path, accelerator_type: str, per_chip: int, res: int, search: bool, as_json: bool) -> None:
+@click.option(
+    "--save-json",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the JSON object to this file (one run, both forms).",
+)
+def main(
+    openvision: Path,
+    accelerator_type: str,
+    per_chip: int,
+    res: int,
+    search: bool,
+    as_json: bool,
+    save_json: Path | None,
+) -> None:
     """Compile OpenVision's training step and ours for a TPU type's topology and compare memory and FLOPs."""
     # compile-only, with libtpu for the topology: nothing runs on a device (as trainer/plan.py's main)
     library = ROOT / ".libtpu" / "libtpu" / "libtpu.so"
@@ -656,6 +676,8 @@ def main(openvision: Path, accelerator_type: str, per_chip: int, res: int, searc
     if per_chip % STEP or not STEP <= per_chip <= TOP:
         raise click.UsageError(f"--per-chip: a multiple of {STEP} from {STEP} to {TOP}")
     result = run(openvision.resolve(), accelerator_type, per_chip, res, search)
+    if save_json:
+        save_json.write_text(json.dumps(result) + "\n")
     if as_json:
         click.echo(json.dumps(result))
     else:
