@@ -190,7 +190,7 @@ def test_the_traced_flop_count_counts_every_layer_and_the_recomputation():
     tiny = Path(__file__).with_name("tiny_synthetic.toml")
     counted = {}
     for remat in ("none", "block"):
-        sets = [f"model.remat={remat}", "stages.0.global_batch=8", "text.vocab_rows=4096"]
+        sets = [f"model.remat={remat}", "stages.0.global_batch=8", "text.vocab_rows=4096", "model.decoder="]
         scanned = recipe.load(tiny, sets)
         step, state, batch = train_step_args(scanned, scanned.stages[0], sharding.checked_mesh(scanned))
         counted[remat] = flops.traced(step, state, batch)

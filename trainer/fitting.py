@@ -56,13 +56,21 @@ def candidates(recipe: Recipe) -> list[Recipe]:
     return out
 
 
-def choose(recipe: Recipe, measure: Callable[[Recipe], T], fits: Callable[[T], bool]) -> tuple[Recipe, T]:
+def choose(
+    recipe: Recipe,
+    measure: Callable[[Recipe], T],
+    fits: Callable[[T], bool],
+    tried: list[tuple[Recipe, T]] | None = None,
+) -> tuple[Recipe, T]:
     """The recipe as it runs and its measure: as given unless its remat is "auto", else the first candidate whose
-    measure fits (or, where none does, the last: the least memory, for the plan to report as not fitting)."""
+    measure fits (or, where none does, the last: the least memory, for the plan to report as not fitting). `tried`
+    collects each candidate measured, in order."""
     if recipe.model.remat != "auto":
         return recipe, measure(recipe)
     for option in candidates(recipe):
         measured = measure(option)
+        if tried is not None:
+            tried.append((option, measured))
         if fits(measured):
             break
     return option, measured

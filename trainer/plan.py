@@ -31,7 +31,7 @@ from trainer.errors import UserError
 from trainer.memory import Memory, compile_memory, train_memory, train_step_args
 from trainer.recipe import Recipe, RecipeError, Stage, check_devices, load
 
-PLAN_FORMAT = 3  # bump when a plan's fields change: older cached plans are then compiled again
+PLAN_FORMAT = 4  # bump when a plan's fields change: older cached plans are then compiled again
 GIB = tpu_types.GIB
 
 
@@ -129,7 +129,8 @@ def plan_stage(
     mesh = sharding.make_mesh(recipe.mesh, devices)
     fits_chip = lambda m: m.fits and m.total <= hbm  # noqa: E731 (the compiler refuses what does not fit at all)
     # remat "auto": the least recomputation that fits, as the trainer chooses it on the pod
-    chosen, memory = fitting.choose(recipe, lambda r: train_memory(r, stage, mesh), fits_chip)
+    tried: list[tuple[Recipe, Memory]] = []
+    chosen, memory = fitting.choose(recipe, lambda r: train_memory(r, stage, mesh), fits_chip, tried)
     evals = eval_memory(recipe, stage, devices)
     fits = fits_chip(memory)
     step_flops = flops.traced(*train_step_args(chosen, stage, mesh)) / len(devices)  # every layer, remat included
@@ -142,6 +143,9 @@ def plan_stage(
         "per_chip_batch": stage.global_batch / len(devices),
         "remat": fitting.describe(chosen),
         "remat_auto": recipe.model.remat == "auto",
+        "remat_tried": [  # what "auto" compiled before its choice, in order (the choice last)
+            {"remat": fitting.describe(r), "total_bytes": m.total, "fits": fits_chip(m)} for r, m in tried
+        ],
         "arguments_bytes": memory.arguments,
         "temporaries_bytes": memory.temporaries,
         "total_bytes": memory.total,
