@@ -34,7 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 FASHION = ROOT / "data" / "fashion-mnist"
 
 CONFIGS = {
-    "tiny": (ROOT / "recipes" / "tiny.toml", ["log.every_steps=10", "checkpoint.every_steps=20"]),
+    "tiny": (
+        ROOT / "recipes" / "tiny.toml",
+        ["log.every_steps=10", "checkpoint.every_steps=20", "stages.0.warmup_steps=0"],
+    ),
     "b16": (
         ROOT / "tests" / "tiny_synthetic.toml",
         [
