@@ -27,10 +27,16 @@ runs in a shard_map, whose body is traced per device, so its FLOPs are counted o
 change to that count). "fits": the compiler accepted it and its total is within the chip's HBM.
 
 --search: the largest batch per chip that fits, for OpenVision, our "block" and auto's choice (held fixed), over
-multiples of 8 between 8 and 1024, each probe one compile (a refusal or a total over HBM: does not fit). It keeps a
-bracket [largest that fits, smallest that does not], seeded by the measurement at --per-chip, and probes where the
-line through the bracket's measured totals crosses the HBM (bisecting instead when that did not halve the bracket):
-the answer a plain bisection gives, in fewer compiles (OpenVision's unrolled step takes minutes to compile here).
+multiples of 8 between 8 and 1024: a bisection, each probe one compile (a refusal or a total over HBM: does not
+fit), its first bracket narrowed by the measurement at --per-chip. (Interpolating the totals was tried and dropped:
+near the limit libtpu trades its schedule for memory, the total stays flat at ~28 GiB from 256 to 400 images a chip
+for OpenVision, so the line through two totals aims low, and a probe that fits costs 5-8 minutes here where a
+refusal costs 1.5-2.)
+
+Each compile runs in a process of its own (--worker, internal), one at a time: OpenVision's compile near a chip's
+limit takes 10 GB and more of this machine's memory, which a long run in one process would pile up. --cache FILE
+keeps each compile's figures as they come (keyed by the code compiled, the versions, the type, resolution, remat
+and batch), so that a run cut short goes on where it stopped.
 
 Shims for OpenVision's code on this venv's jax (0.10), applied at run time, none changing its math:
   1. jax.tree_flatten = jax.tree_util.tree_flatten (removed from jax; src/optim/build_optax.py calls it);
@@ -51,9 +57,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import importlib
 import json
 import os
+import subprocess
 import sys
 import time
 import warnings
@@ -417,43 +425,22 @@ def remat_of(recipe: Any) -> tuple[str, str, str]:
 
 
 def largest_batch(probe: Callable[[int], Any], seen: dict[int, Any], hbm: int) -> tuple[int, list[int]]:
-    """The largest multiple of STEP up to TOP per chip whose step fits (0: none does), and the batches probed.
-
-    `seen`: batch -> Memory already measured (kept up to date). The bracket [lo fits, hi does not] starts at
-    [0, TOP + STEP] (neither measured) narrowed by `seen`; each probe is the multiple of STEP where the line through
-    the bracket's measured totals (or through the one measured end and the arguments' bytes at no batch) reaches
-    `hbm` (or the HBM a refusal said the compiler has, if less), kept strictly inside the bracket; after a probe
-    that did not halve the bracket, the middle."""
+    """The largest multiple of STEP up to TOP per chip whose step fits (0: none does), by bisection, and the batches
+    it probed. `seen`: batch -> figures already measured (the run's --per-chip), which narrow the first bracket
+    [0, TOP + STEP] (neither end measured: 0 fits by definition, TOP + STEP is past the range)."""
     fits = lambda m: m.fits and m.total <= hbm  # noqa: E731
+    lo = max([b for b, m in seen.items() if fits(m)], default=0)
+    hi = min([b for b, m in seen.items() if not fits(m) and b > lo], default=TOP + STEP)
     probed: list[int] = []
-    halved = True
-    while True:
-        lo = max([b for b, m in seen.items() if fits(m)], default=0)
-        hi = min([b for b, m in seen.items() if not fits(m) and b > lo], default=TOP + STEP)
-        if hi - lo <= STEP:
-            return lo, probed
+    while hi - lo > STEP:
         middle = lo + (hi - lo) // 2 // STEP * STEP
-        guess = None
-        # aim at the HBM, or below it where the compiler said it has less (libtpu keeps some of a chip's for itself)
-        target = min([hbm] + [m.available for m in seen.values() if m.available])
-        if halved:
-            if lo in seen and hi in seen:
-                (b0, t0), (b1, t1) = (lo, seen[lo].total), (hi, seen[hi].total)
-            elif lo in seen or hi in seen:  # one end measured: through the arguments' bytes at batch 0
-                end = lo if lo in seen else hi
-                (b0, t0), (b1, t1) = (0, seen[end].arguments), (end, seen[end].total)
-            else:
-                b0 = None
-            if b0 is not None and t1 > t0:
-                guess = int(b0 + (target - t0) * (b1 - b0) / (t1 - t0)) // STEP * STEP
-        step = guess if guess is not None else middle
-        step = min(max(step, lo + STEP), hi - STEP)
-        log(f"  probe {step} per chip (bracket {lo}..{hi})")
-        seen[step] = probe(step)
-        probed.append(step)
-        new_lo = max([b for b, m in seen.items() if fits(m)], default=0)
-        new_hi = min([b for b, m in seen.items() if not fits(m) and b > new_lo], default=TOP + STEP)
-        halved = (new_hi - new_lo) * 2 <= hi - lo
+        log(f"  probe {middle} per chip (between {lo} and {hi})")
+        probed.append(middle)
+        if fits(probe(middle)):
+            lo = middle
+        else:
+            hi = middle
+    return lo, probed
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -472,104 +459,176 @@ class Row:
     flops_per_image: float
     largest: int | None = None  # per chip, with --search
     probes: list[int] | None = None
+    ratios: dict[str, float | None] | None = None  # ours against OpenVision's
 
 
-def run(openvision: Path, accelerator_type: str, per_chip: int, res: int, search: bool) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    """One compile's figures as a worker sends them back: trainer.memory.Memory's, and the traced FLOPs."""
+
+    arguments: int
+    temporaries: int
+    total: int
+    compiled_flops: float | None
+    available: int | None
+    flops: float | None  # traced, global; None where not asked for
+
+    @property
+    def fits(self) -> bool:
+        return self.compiled_flops is not None
+
+
+def worker(spec: dict) -> dict:
+    """One compile (and with spec["flops"], the traced FLOPs) of one side's step, in this process. The parent runs
+    each in a process of its own, so that a compile's memory (OpenVision's: 10 GB and more here) is given back
+    before the next one starts."""
     import jax
 
+    from trainer import tpu_types
+    from trainer.plan import topology_devices
+
+    devices = topology_devices(tpu_types.parse(spec["type"]))
+    b = spec["per_chip"]
+    if spec["side"] == "openvision":
+        ov = OpenVision(Path(spec["openvision"]), devices, spec["res"], b)
+        memory = ov.memory(b)
+        flops = ov.flops(b) if spec["flops"] else None
+        params = ov.params_count
+    else:
+        ours = Ours(devices, spec["res"])
+        recipe = ours.recipe(tuple(spec["remat"]), b)  # type: ignore[arg-type]
+        memory = ours.memory(recipe)
+        flops = ours.flops(recipe) if spec["flops"] else None
+        params = None
+    return {
+        **dataclasses.asdict(memory),
+        "flops": flops,
+        "params": params,
+        "devices": len(devices),
+        "device_kind": devices[0].device_kind,
+        "jax": jax.__version__,
+    }
+
+
+def code_hash(root: Path, *files: Path) -> str:
+    """What a cached figure was compiled from: the Python files under `root`, and `files`."""
+    digest = hashlib.sha256()
+    for path in [*sorted(root.rglob("*.py")), *files]:
+        digest.update(str(path).encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+class Compiler:
+    """Each compile in a worker process, one at a time. With a cache file, each one's figures are kept there as soon
+    as they are known, keyed by the code compiled (its files' hash), jax's and libtpu's versions, the type, the
+    resolution, the remat and the batch: a run cut short goes on where it stopped."""
+
+    def __init__(self, openvision: Path, accelerator_type: str, res: int, cache: Path | None) -> None:
+        from importlib import metadata
+
+        from trainer.plan import libtpu_version
+
+        self.openvision, self.type, self.res, self.cache_path = openvision, accelerator_type, res, cache
+        self.versions = [metadata.version("jax"), metadata.version("jaxlib"), libtpu_version()]
+        here = Path(__file__).resolve()
+        self.hashes = {
+            "openvision": code_hash(openvision / "src", here),
+            "ours": code_hash(ROOT / "trainer", RECIPE, here),
+        }
+        self.cache: dict[str, dict] = json.loads(cache.read_text()) if cache and cache.is_file() else {}
+        self.info: dict[str, Any] = {}  # devices, device_kind, jax and OpenVision's parameters, from the workers
+
+    def measure(self, side: str, remat: tuple[str, str, str] | None, per_chip: int, flops: bool = False) -> Measured:
+        key = json.dumps([side, remat, per_chip, self.type, self.res, self.hashes[side], self.versions])
+        hit = self.cache.get(key)
+        what = "OpenVision" if side == "openvision" else f"ours, remat {'/'.join(remat or ())}"
+        if hit is None or (flops and hit["flops"] is None):
+            started = time.time()
+            spec = {"side": side, "openvision": str(self.openvision), "type": self.type, "res": self.res}
+            hit = self._spawn({**spec, "per_chip": per_chip, "remat": remat, "flops": flops})
+            state = f"{hit['total'] / GIB:.2f} GiB" + ("" if hit["compiled_flops"] is not None else " (refused)")
+            log(f"{what}, {per_chip} per chip: compiled in {time.time() - started:.0f} s, {state}")
+            self.cache[key] = hit
+            if self.cache_path:
+                scratch = self.cache_path.with_name(self.cache_path.name + ".tmp")
+                scratch.write_text(json.dumps(self.cache))
+                scratch.replace(self.cache_path)
+        else:
+            log(f"{what}, {per_chip} per chip: from the cache, {hit['total'] / GIB:.2f} GiB")
+        self.info.update({k: hit[k] for k in ("devices", "device_kind", "jax")})
+        if hit["params"]:
+            self.info["openvision_params"] = hit["params"]
+        return Measured(**{f.name: hit[f.name] for f in dataclasses.fields(Measured)})
+
+    def _spawn(self, spec: dict) -> dict:
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert process.stdout is not None and process.stderr is not None
+        tail: list[str] = []
+        for line in process.stderr:  # the worker's progress lines; libtpu's and tensorflow's chatter is held back
+            if line[:1] == "[" and line[1:3].isdigit():
+                sys.stderr.write(line)
+            tail = [*tail[-40:], line]
+        out = process.stdout.read()
+        if process.wait() != 0:
+            raise click.ClickException(f"a compile failed ({spec}):\n{''.join(tail)}")
+        return json.loads(out.strip().splitlines()[-1])
+
+
+def run(openvision: Path, accelerator_type: str, per_chip: int, res: int, search: bool, cache: Path | None) -> dict:
     from trainer import fitting, tpu_types
-    from trainer.plan import libtpu_version, topology_devices
+    from trainer.plan import libtpu_version
+    from trainer.recipe import load
 
     tpu = tpu_types.parse(accelerator_type)
     hbm = tpu.hbm_bytes
-    devices = topology_devices(tpu)
-    n = len(devices)
+    compiler = Compiler(openvision, accelerator_type, res, cache)
     fits = lambda m: m.fits and m.total <= hbm  # noqa: E731
     started = time.time()
-    log(f"{tpu.name}: {n} devices ({devices[0].device_kind}), {per_chip} per chip = {per_chip * n} images, {res} px")
+    log(f"{tpu.name}: {per_chip} images per chip at {res} px; each compile in a process of its own")
 
-    def timed(what: str, fn: Callable[[], Any]) -> Any:
-        t = time.time()
-        out = fn()
-        detail = ""
-        if hasattr(out, "total"):
-            detail = f": {out.total / GIB:.2f} GiB" + (" (refused)" if not out.fits else "")
-        log(f"{what} in {time.time() - t:.0f} s{detail}")
-        return out
+    def row(name: str, remat: str, m: Measured, n: int) -> Row:
+        assert m.flops is not None
+        return Row(name, remat, per_chip, m.arguments, m.temporaries, m.total, fits(m), m.flops / (per_chip * n))
 
     # OpenVision
-    log("OpenVision: building its model, optimizer and update_fn")
-    ov = OpenVision(openvision, devices, res, per_chip)
-    ov_seen: dict[int, Any] = {}
-    ov_probe = lambda b: timed(f"OpenVision compiled at {b} per chip", lambda: ov.memory(b))  # noqa: E731
-    ov_seen[per_chip] = ov_probe(per_chip)
-    ov_flops = timed("OpenVision traced FLOPs", lambda: ov.flops(per_chip))
-    m = ov_seen[per_chip]
-    rows = [
-        Row(
-            "OpenVision",
-            "image+text full, decoder none",
-            per_chip,
-            m.arguments,
-            m.temporaries,
-            m.total,
-            fits(m),
-            ov_flops / (per_chip * n),
-        )
-    ]
+    ov = compiler.measure("openvision", None, per_chip, flops=True)
+    n = compiler.info["devices"]
+    rows = [row("OpenVision", "image+text full, decoder none", ov, n)]
     if search:
         log("OpenVision: the largest batch per chip that fits")
-        rows[0].largest, rows[0].probes = largest_batch(ov_probe, ov_seen, hbm)
+        rows[0].largest, rows[0].probes = largest_batch(
+            lambda b: compiler.measure("openvision", None, b), {per_chip: ov}, hbm
+        )
 
     # Ours
-    ours = Ours(devices, res)
-    cache: dict[tuple[tuple[str, str, str], int], Any] = {}
-
-    def measure(recipe: Any) -> Any:
-        key = (remat_of(recipe), recipe.stages[0].global_batch // n)
-        if key not in cache:
-            cache[key] = timed(
-                f"ours compiled, remat {fitting.describe(recipe)}, {key[1]} per chip", lambda: ours.memory(recipe)
-            )
-        return cache[key]
-
-    for name, remat in OURS:
-        recipe = ours.recipe(remat, per_chip)
-        if remat is None:  # the plan's choice: the least recomputation that fits
-            recipe, m = fitting.choose(recipe, measure, fits)
+    base = load(RECIPE, [f"stages.0.global_batch={per_chip * n}", f"stages.0.resolution={res}", "model.remat=auto"])
+    for name, choice in OURS:
+        if choice is None:  # the plan's: the least recomputation that fits (trainer.fitting.choose)
+            recipe, _ = fitting.choose(base, lambda r: compiler.measure("ours", remat_of(r), per_chip), fits)
         else:
-            m = measure(recipe)
-        chosen = remat_of(recipe)
-        step_flops = timed(f"ours traced FLOPs, remat {fitting.describe(recipe)}", lambda r=recipe: ours.flops(r))
-        row = Row(
-            f"ours, {name}",
-            fitting.describe(recipe),
-            per_chip,
-            m.arguments,
-            m.temporaries,
-            m.total,
-            fits(m),
-            step_flops / (per_chip * n),
-        )
+            recipe = fitting.with_remat(base, choice)  # type: ignore[arg-type]
+        remat = remat_of(recipe)
+        m = compiler.measure("ours", remat, per_chip, flops=True)
+        rows.append(row(f"ours, {name}", fitting.describe(recipe), m, n))
         if search and name in ("block", "auto"):
-            log(f"ours, {name} ({row.remat}): the largest batch per chip that fits")
-            seen = {b: mem for (r, b), mem in cache.items() if r == chosen}
-            row.largest, row.probes = largest_batch(lambda b, c=chosen: measure(ours.recipe(c, b)), seen, hbm)
-        rows.append(row)
+            log(f"ours, {name} ({fitting.describe(recipe)}): the largest batch per chip that fits")
+            rows[-1].largest, rows[-1].probes = largest_batch(
+                lambda b, r=remat: compiler.measure("ours", r, b), {per_chip: m}, hbm
+            )
 
-    base = rows[0]
-    for row in rows[1:]:
-        row_ratios = {
-            "total_hbm": row.total / base.total,
-            "largest_batch": (row.largest / base.largest) if row.largest is not None and base.largest else None,
-            "flops_per_image": row.flops_per_image / base.flops_per_image,
+    first = rows[0]
+    for r in rows[1:]:
+        r.ratios = {
+            "total_hbm": r.total / first.total,
+            "largest_batch": r.largest / first.largest if r.largest is not None and first.largest else None,
+            "flops_per_image": r.flops_per_image / first.flops_per_image,
         }
-        setattr(row, "ratios", row_ratios)  # noqa: B010  (a field only the ours rows have)
     log(f"done in {time.time() - started:.0f} s")
     return {
         "type": tpu.name,
         "devices": n,
-        "device_kind": devices[0].device_kind,
+        "device_kind": compiler.info["device_kind"],
         "hbm_bytes": hbm,
         "resolution": res,
         "per_chip": per_chip,
@@ -577,11 +636,11 @@ def run(openvision: Path, accelerator_type: str, per_chip: int, res: int, search
         "search": search,
         "search_range": [STEP, TOP, STEP],
         "openvision": str(openvision),
-        "openvision_params": ov.params_count,
-        "jax": jax.__version__,
+        "openvision_params": compiler.info.get("openvision_params"),
+        "jax": compiler.info["jax"],
         "libtpu": libtpu_version(),
         "seconds": round(time.time() - started, 1),
-        "rows": [{**dataclasses.asdict(r), "ratios": getattr(r, "ratios", None)} for r in rows],
+        "rows": [dataclasses.asdict(r) for r in rows],
         "targets": {"total_hbm": "<= 0.5", "largest_batch": ">= 1.5", "flops_per_image": "<= 1"},
     }
 
@@ -642,7 +701,6 @@ def show(result: dict) -> None:
 @click.option(
     "--openvision",
     "openvision",
-    required=True,
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="A work tree of OpenVision's repository (holding src/).",
 )
@@ -656,14 +714,22 @@ def show(result: dict) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Also write the JSON object to this file (one run, both forms).",
 )
+@click.option(
+    "--cache",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Keep each compile's figures in this JSON file; a later run of the same code reads them back.",
+)
+@click.option("--worker", "worker_spec", hidden=True, help="(internal) one compile, its figures as JSON on stdout.")
 def main(
-    openvision: Path,
+    openvision: Path | None,
     accelerator_type: str,
     per_chip: int,
     res: int,
     search: bool,
     as_json: bool,
     save_json: Path | None,
+    cache: Path | None,
+    worker_spec: str | None,
 ) -> None:
     """Compile OpenVision's training step and ours for a TPU type's topology and compare memory and FLOPs."""
     # compile-only, with libtpu for the topology: nothing runs on a device (as trainer/plan.py's main)
@@ -673,9 +739,14 @@ def main(
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # OpenVision imports tensorflow
+    if worker_spec:
+        click.echo(json.dumps(worker(json.loads(worker_spec))))
+        return
+    if openvision is None:
+        raise click.UsageError("--openvision is required")
     if per_chip % STEP or not STEP <= per_chip <= TOP:
         raise click.UsageError(f"--per-chip: a multiple of {STEP} from {STEP} to {TOP}")
-    result = run(openvision.resolve(), accelerator_type, per_chip, res, search)
+    result = run(openvision.resolve(), accelerator_type, per_chip, res, search, cache)
     if save_json:
         save_json.write_text(json.dumps(result) + "\n")
     if as_json:
