@@ -173,6 +173,8 @@ LONG_TESTS = [
     "test_plan.py::test_a_plan_compiles_each_stage_for_the_slice_and_says_what_a_chip_holds",
     "test_plan.py::test_a_stage_that_cannot_fit_is_refused_with_what_it_needs",
     "test_plan.py::test_remat_auto_takes_the_least_recomputation_that_fits",
+    # 20-28 s alone, 66 s in two runs beside the plan's libtpu compiles: eight XLA:CPU devices compiling
+    "test_step.py::test_a_step_on_8_devices_equals_the_step_on_1",
 ]
 # The long tests slowed most beside a CPU-heavy test (the local target 70 s in CI, 30 s alone; the two hosts' save
 # 62 s, 21 s alone: trainers of their own that start cold or two at once): `scheduled` puts the light tests beside them.
