@@ -16,17 +16,18 @@ nn.logical_axis_rules(...)` as its loop calls it, with its unsafe_rbg PRNG). Its
 it: uint8 images (config.cpu_unit8), token rows of 80 (two texts), caption labels and mask of 128.
 
 Ours: trainer's own step for recipes/b16.toml (trainer.memory.train_step_args) at the same global batch and
-resolution, for remat none, OpenVision's choice (image and text block, decoder none), block (all three) and auto
+resolution, for the towers' "dots" with the decoder's "block" (the row held to the targets), remat none, OpenVision's
+choice (image and text block, decoder none), block (all three) and auto
 (trainer.fitting.choose, as the plan chooses).
 
 Both are compiled by libtpu for the type's topology on this machine (no TPU): trainer.memory.compile_memory gives
 the compiler's per-chip memory (arguments: parameters, optimizer state and the batch's rows; temporaries; total:
 libtpu's peak) or, where it refuses the program, what it said it needed. FLOPs: the traced program's matmuls with
-every layer and remat's recomputation (trainer.models.flops.traced's count), global, per image; OpenVision's loss
-runs in a shard_map, whose body is traced per device, so its FLOPs are counted once per device here (the only
-change to that count). "fits": the compiler accepted it and its total is within the chip's HBM.
+every layer and remat's recomputation (trainer.models.flops.traced's count), global, per image; a shard_map's body
+(OpenVision's loss, our caption loss) is traced on one device's block, so it counts once a device. "fits": the
+compiler accepted it and its total is within the chip's HBM.
 
---search: the largest batch per chip that fits, for OpenVision, our "block" and auto's choice (held fixed), over
+--search: the largest batch per chip that fits, for OpenVision and our first row (its remat held fixed), over
 multiples of 8 between 8 and 1024: a bisection, each probe one compile (a refusal or a total over HBM: does not
 fit), its first bracket narrowed by the measurement at --per-chip. (Interpolating the totals was tried and dropped:
 near the limit libtpu trades its schedule for memory, the total stays flat at ~28 GiB from 256 to 400 images a chip
@@ -79,12 +80,14 @@ GIB = 1024**3
 STEP = 8  # the search's grain: batches per chip in multiples of 8
 TOP = 1024  # and at most this many
 RECIPE = ROOT / "recipes" / "b16.toml"
-# (row name, model.image_remat, text_remat, decoder_remat); "auto" is the plan's choice
-OURS: tuple[tuple[str, tuple[str, str, str] | None], ...] = (
-    ("none", ("none", "none", "none")),
-    ("OpenVision's (image+text block)", ("block", "block", "none")),
-    ("block", ("block", "block", "block")),
-    ("auto", None),
+# (row name, (model.image_remat, text_remat, decoder_remat), searched with --search); "auto" is the plan's choice.
+# The first is the one held to the targets: the towers keep their matmuls' outputs, the decoder recomputes its blocks.
+OURS: tuple[tuple[str, tuple[str, str, str] | None, bool], ...] = (
+    ("towers dots, decoder block", ("dots", "dots", "block"), True),
+    ("none", ("none", "none", "none"), False),
+    ("OpenVision's (image+text block)", ("block", "block", "none"), False),
+    ("block", ("block", "block", "block"), False),
+    ("auto", None, False),
 )
 
 
@@ -97,38 +100,11 @@ def log(message: str) -> None:
 
 
 def traced_flops(fn: Any, *args: Any) -> float:
-    """trainer.models.flops.traced's count of `fn(*args)` (every layer, remat included, global), with each shard_map's
-    body counted once per device: its body is traced on one device's shapes, where the rest of the program is
-    traced on the global ones."""
-    import jax
-
+    """trainer.models.flops.traced's count of `fn(*args)`: every layer, remat included, global, each shard_map's body
+    (OpenVision's loss; our caption loss) once a device."""
     from trainer.models import flops
 
-    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
-    rest = _shard_map_rest(jaxpr)
-    if rest:
-        log(f"  shard_map bodies on the other devices: {rest / 1e12:.2f} TFLOP of the step's")
-    return flops._jaxpr_flops(jaxpr) + rest
-
-
-def _shard_map_rest(jaxpr: Any, times: float = 1.0) -> float:
-    """The FLOPs of every shard_map body in `jaxpr` on all its devices but the one already counted."""
-    from trainer.models import flops
-
-    total = 0.0
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "shard_map":
-            body = eqn.params["jaxpr"]
-            total += times * (eqn.params["mesh"].size - 1) * flops._jaxpr_flops(getattr(body, "jaxpr", body))
-            continue
-        inner = [v for v in eqn.params.values() if hasattr(v, "eqns") or hasattr(getattr(v, "jaxpr", None), "eqns")]
-        repeat = eqn.params.get("length", 1) if name == "scan" else 1
-        for sub in inner:
-            total += _shard_map_rest(getattr(sub, "jaxpr", sub) if not hasattr(sub, "eqns") else sub, times * repeat)
-        if name == "cond":
-            total += max(_shard_map_rest(b.jaxpr, times) for b in eqn.params["branches"])
-    return total
+    return flops.traced(fn, *args)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -603,7 +579,7 @@ def run(openvision: Path, accelerator_type: str, per_chip: int, res: int, search
 
     # Ours
     base = load(RECIPE, [f"stages.0.global_batch={per_chip * n}", f"stages.0.resolution={res}", "model.remat=auto"])
-    for name, choice in OURS:
+    for name, choice, searched in OURS:
         if choice is None:  # the plan's: the least recomputation that fits (trainer.fitting.choose)
             recipe, _ = fitting.choose(base, lambda r: compiler.measure("ours", remat_of(r), per_chip), fits)
         else:
@@ -611,7 +587,7 @@ def run(openvision: Path, accelerator_type: str, per_chip: int, res: int, search
         remat = remat_of(recipe)
         m = compiler.measure("ours", remat, per_chip, flops=True)
         rows.append(row(f"ours, {name}", fitting.describe(recipe), m, n))
-        if search and name in ("block", "auto"):
+        if search and searched:
             log(f"ours, {name} ({fitting.describe(recipe)}): the largest batch per chip that fits")
             rows[-1].largest, rows[-1].probes = largest_batch(
                 lambda b, r=remat: compiler.measure("ours", r, b), {per_chip: m}, hbm

@@ -6,6 +6,7 @@ learned positions for 1 + N tokens and the patchify bias. Taking those out must 
 
 from __future__ import annotations
 
+import re
 from functools import partial
 
 import flax.linen as nn
@@ -125,7 +126,7 @@ def test_clip_forward_from_the_tiny_recipe():
     out = compiled(model)(randomized(params), images, texts, captions)
     assert out["image_emb"].shape == (2, 192) and out["text_emb"].shape == (2, 192)
     np.testing.assert_allclose(np.linalg.norm(out["image_emb"], axis=-1), 1.0, rtol=1e-5)
-    assert out["caption_logits"].shape == (2, 16, 32_000)
+    assert out["caption"].logits().shape == (2, 16, 32_000)
     assert float(params["params"]["log_scale"]) == pytest.approx(np.log(1 / 0.07))
     # the recipe's weights: 1 x contrastive + 2 x caption, the caption loss over the 4 non-padding tokens
     from trainer.step import loss_terms
@@ -153,8 +154,8 @@ def test_contrast_recaption_averages_the_images_contrast_with_either_text():
     alone = apply(params, images, second, captions)  # the second text through the tower on its own
     np.testing.assert_allclose(out["second_text_emb"], alone["text_emb"], rtol=1e-5, atol=1e-6)
     # the decoder reads the alt-text's tokens, not the second text's
-    alt_only = apply(params, images, texts, captions)["caption_logits"]
-    np.testing.assert_allclose(out["caption_logits"], alt_only, rtol=1e-5, atol=1e-6)
+    alt_only = apply(params, images, texts, captions)["caption"].logits()
+    np.testing.assert_allclose(out["caption"].logits(), alt_only, rtol=1e-5, atol=1e-6)
     from trainer import losses
     from trainer.step import loss_terms
 
@@ -177,8 +178,8 @@ def test_the_caption_decoder_is_causal():
     captions = jnp.arange(3, 19)[None]
     params = initialized(model, images, texts, captions)
     apply = compiled(model)
-    before = apply(params, images, texts, captions)["caption_logits"]
-    after = apply(params, images, texts, captions.at[0, 5].set(99))["caption_logits"]
+    before = apply(params, images, texts, captions)["caption"].logits()
+    after = apply(params, images, texts, captions.at[0, 5].set(99))["caption"].logits()
     # position t predicts captions[t] from captions[:t]: changing captions[5] leaves positions 0-5 alone
     np.testing.assert_allclose(before[0, :6], after[0, :6], rtol=1e-5, atol=1e-6)
     assert not np.allclose(before[0, 6:], after[0, 6:])
@@ -199,17 +200,17 @@ def test_openvisions_query_decoder_predicts_from_its_queries_causally():
     images = jax.random.uniform(jax.random.key(2), (2, 32, 32, 3), minval=-1, maxval=1)
     texts, captions = jnp.arange(32, dtype=jnp.int32).reshape(2, 16) + 3, jnp.arange(3, 35).reshape(2, 16)
     params = nn.unbox(initialized(model, images, texts, captions))
-    logits = model.apply(params, images, texts, captions)["caption_logits"]
+    logits = model.apply(params, images, texts, captions)["caption"].logits()
     assert logits.shape == (2, 16, 32_000)
     # the captions' values are never read (only their length): every token is predicted from the queries at once
-    np.testing.assert_array_equal(logits, model.apply(params, images, texts, captions[::-1])["caption_logits"])
+    np.testing.assert_array_equal(logits, model.apply(params, images, texts, captions[::-1])["caption"].logits())
     # the context: 16 patch tokens (no class token) and 15 alt-text tokens (not the pooled last one)
     decoder = params["params"]["decoder"]
     assert decoder["image_proj"]["kernel"].shape[0] == 192 and "queries" in decoder
 
     def position(t, queries):
         p = {**params["params"], "decoder": {**decoder, "queries": queries}}
-        return model.apply({"params": p}, images, texts, captions)["caption_logits"][:, t].sum()
+        return model.apply({"params": p}, images, texts, captions)["caption"].logits()[:, t].sum()
 
     grad = jax.grad(position, argnums=1)(5, decoder["queries"])
     assert np.abs(grad[:6]).sum() > 0 and np.abs(grad[6:]).sum() == 0  # position 5 reads queries 0-5 only
@@ -272,3 +273,40 @@ def test_a_depth_key_sets_its_towers_layers_and_the_flop_count_follows(tower):
     # one block: the QKV/out and MLP matmuls and the attention scores
     block = 2 * tokens * (4 * size.width**2 + 2 * size.width * size.mlp) + 2 * 2 * tokens * tokens * size.width
     assert per_sample[0] - per_sample[1] == (size.depth - 1) * block
+
+
+def test_chunked_attention_is_attention_in_value_and_gradient():
+    """Attention over chunks of queries (remat "block"'s, recomputed in the backward pass) = attention at once, for
+    a mask, causal and neither, with a ragged last chunk; its scan body sees (B, chunk) queries only."""
+    from trainer.models.vit import chunked_attention
+
+    rng = np.random.default_rng(3)
+    b, t, s, h, d = 2, 13, 13, 2, 8
+    q, k, v = (jnp.asarray(rng.normal(size=(b, n, h, d)), jnp.float32) for n in (t, s, s))
+    prefix = jnp.asarray(np.arange(s)[None, :] < 5) | jnp.tri(t, s, dtype=bool)
+    for mask, causal in ((None, False), (None, True), (prefix, False)):
+
+        def at_once(q_, mask=mask, causal=causal):
+            return jax.nn.dot_product_attention(q_, k, v, mask=mask, is_causal=causal)
+
+        def chunked(q_, mask=mask, causal=causal):
+            return chunked_attention(q_, k, v, mask, causal, 4, "xla")
+
+        np.testing.assert_allclose(chunked(q), at_once(q), rtol=1e-5, atol=1e-6)
+        weights = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
+        grads = [jax.grad(lambda q_, f=f, w=weights: (f(q_) * w).sum())(q) for f in (chunked, at_once)]
+        np.testing.assert_allclose(grads[0], grads[1], rtol=1e-4, atol=1e-5)
+    jaxpr = str(jax.make_jaxpr(lambda q_: chunked_attention(q_, k, v, None, False, 4, "xla"))(q))
+    scores = {m for m in re.findall(r"f32\[([\d,]+)\]", jaxpr) if m.endswith(f",{s}") and len(m.split(",")) == 4}
+    assert scores == {f"{b},{h},4,{s}"}, scores  # a chunk's (B, heads, 4, S) scores, never all T queries' at once
+
+
+def test_remat_block_and_only_block_chunks_attention():
+    """The least-memory remat also bounds attention's working set: a tower with remat "block" attends in chunks of
+    clip.QUERY_CHUNK queries; "dots" and "none" at once."""
+    from trainer.models import clip as clip_module
+
+    for remat in ("none", "dots", "block"):
+        _, model = tiny_clip("model.decoder='Ti'", f"model.remat='{remat}'")
+        chunk = clip_module.QUERY_CHUNK if remat == "block" else 0
+        assert (model.image.layers.query_chunk, model.decoder.layers.query_chunk) == (chunk, chunk)

@@ -9,7 +9,7 @@ step's FLOPs per chip: the model's, and the traced step's (every layer, the reco
 remat), against the chip's peak. The memory figures are the compiler's own, the ones a pod fails on
 (RESOURCE_EXHAUSTED); the time is only a bound (FLOPs over peak), never a promise.
 
-Plans are cached by the recipe, the type and the jax and libtpu versions (TPUCTL_PLAN_CACHE, else
+Plans are cached by the recipe, the type, the jax and libtpu versions and the trainer's code (TPUCTL_PLAN_CACHE, else
 ~/.cache/tpuctl/plans). Exit status: 0 every stage fits, 1 one does not (named, with the ways to make it fit), 2 a
 recipe or flag mistake.
 """
@@ -17,6 +17,7 @@ recipe or flag mistake.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -194,12 +195,23 @@ def cache_path(recipe: Recipe, tpu: tpu_types.TpuType, hbm: int, search: bool = 
     import jax
 
     key = json.dumps(
-        [PLAN_FORMAT, dataclasses.asdict(recipe), tpu.name, hbm, search, jax.__version__, libtpu_version()],
+        [PLAN_FORMAT, dataclasses.asdict(recipe), tpu.name, hbm, search, jax.__version__, libtpu_version(), code()],
         sort_keys=True,
         default=str,
     )
     root = os.environ.get("TPUCTL_PLAN_CACHE") or Path.home() / ".cache" / "tpuctl" / "plans"
     return Path(root) / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+
+
+@functools.cache
+def code() -> str:
+    """The trainer's own code, hashed: a plan compiled the step this code builds, so a changed model, loss or remat
+    is planned again rather than served from the cache."""
+    digest = hashlib.sha256()
+    package = Path(__file__).resolve().parent
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def libtpu_version() -> str:

@@ -69,8 +69,8 @@ def loss_terms(
         terms["contrastive_alt"], terms["contrastive_recaption"] = contrastive, contrast(out["second_text_emb"])
         contrastive = terms["contrastive"] = (contrastive + terms["contrastive_recaption"]) / 2
     total = recipe.loss.contrastive_weight * contrastive
-    if "caption_logits" in out:
-        terms["caption"] = losses.caption_cross_entropy(out["caption_logits"], batch["captions"])
+    if "caption" in out:
+        terms["caption"] = losses.readout_cross_entropy(out["caption"], batch["captions"])
         total = total + recipe.loss.caption_weight * terms["caption"]
     return total, terms
 

@@ -18,6 +18,7 @@ from trainer.models.vit import Arch, ImageTower, Implementation, Layers, Remat
 from trainer.recipe import Recipe, RecipeError
 
 BOS_ID = 1  # OpenVision's [bos] (BERT's [unused0])
+QUERY_CHUNK = 128  # queries a chunk in the attention of a tower with remat "block" (vit.chunked_attention)
 
 
 class Clip(nn.Module):
@@ -60,7 +61,7 @@ class Clip(nn.Module):
         if self.decoder is not None and captions is not None:
             inputs = jnp.concatenate([jnp.full_like(captions[:, :1], BOS_ID), captions[:, :-1]], axis=1)
             context = text_tokens if self.decoder_sees_text else None
-            out["caption_logits"] = self.decoder(inputs, image_tokens, context)
+            out["caption"] = self.decoder(inputs, image_tokens, context)  # a Readout: .logits() forms them
         return out
 
     def encode_image(self, images: jnp.ndarray) -> jnp.ndarray:
@@ -126,7 +127,9 @@ def build(recipe: Recipe) -> Clip:
     def towers(tower: Literal["image", "text", "decoder"]) -> dict[str, Any]:
         # "auto" is resolved per stage before training (trainer/fitting.py); what is left runs forward only (evals)
         remat = m.tower_remat(tower).replace("auto", "none")
-        layers = Layers(cast(Remat, remat), attention, m.scan_layers)
+        # remat "block" asks for the least memory: attention's scores then also come a chunk of queries at a time
+        chunk = QUERY_CHUNK if remat == "block" else 0
+        layers = Layers(cast(Remat, remat), attention, scan=m.scan_layers, query_chunk=chunk)
         return {"dtype": jnp.dtype(m.dtype), "param_dtype": jnp.dtype(m.param_dtype), "layers": layers}
 
     embed_dim = m.embed_dim or variants.EMBED_DIM[m.image_variant]

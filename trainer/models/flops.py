@@ -66,8 +66,9 @@ def xla_count(lowered: Any) -> float:
 
 def traced(fn: Any, *args: Any) -> float:
     """The matmul FLOPs of `fn(*args)` as JAX traces it, every layer of a scan counted (XLA's cost analysis counts a
-    loop's body once) and the backward pass's recomputation (remat) included: what the compiler is given to run, the
-    whole global batch (divide by the devices for one's share). Counts dot_general and convolutions, as above."""
+    loop's body once), a shard_map's body once a device, and the backward pass's recomputation (remat) included:
+    what the compiler is given to run, the whole global batch (divide by the devices for one's share). Counts
+    dot_general and convolutions, as above."""
     import jax
 
     return _jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
@@ -90,6 +91,9 @@ def _jaxpr_flops(jaxpr: Any) -> float:
             total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * kernel[spec[1]] * window
         inner = [v for v in eqn.params.values() if hasattr(v, "eqns") or hasattr(getattr(v, "jaxpr", None), "eqns")]
         repeat = eqn.params.get("length", 1) if name == "scan" else 1
+        if name == "shard_map":  # its body is traced on one device's block: it runs on every device of its axes
+            mesh, manual = eqn.params["mesh"], eqn.params.get("newly_manual_axes") or eqn.params["mesh"].axis_names
+            repeat = int(np.prod([mesh.shape[a] for a in manual]))
         for sub in inner:
             total += repeat * _jaxpr_flops(getattr(sub, "jaxpr", sub) if not hasattr(sub, "eqns") else sub)
         if name == "cond":  # one branch runs: count the costliest

@@ -10,7 +10,7 @@ to the context and to the queries before it; every caption token is predicted at
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -95,7 +95,7 @@ class TextTower(nn.Module):
         x = embed_tokens("embedding", tokens, width, self.vocab_rows, **kw)
         x = x + positions(self, tokens.shape[1], width, self.param_dtype).astype(self.dtype)[None]
         blocks = stacked(Block, self.size.depth, self.layers, 0)(
-            self.size, self.layers.attention, self.arch, self.causal, name="blocks", **kw
+            self.size, self.layers.attention, self.arch, self.causal, self.layers.query_chunk, name="blocks", **kw
         )
         x, _ = blocks(x)
         raw = x[:, :-1]
@@ -119,13 +119,14 @@ class DecoderBlock(nn.Module):
 
     size: Size
     attention: Implementation = "xla"
+    query_chunk: int = 0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, context: jnp.ndarray) -> tuple[jnp.ndarray, None]:
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
-        attn = {"implementation": self.attention, **kw}
+        attn = {"implementation": self.attention, "query_chunk": self.query_chunk, **kw}
         x = constrain(x, TOKENS)
         x = x + Attention(self.size.heads, causal=True, name="self_attn", **attn)(layer_norm("ln1", **kw)(x))
         x = x + Attention(self.size.heads, name="cross_attn", **attn)(layer_norm("ln2", **kw)(x), context=context)
@@ -151,8 +152,40 @@ def project_context(
     ]
 
 
+class Readout(NamedTuple):
+    """A decoder's next-token scores, not yet multiplied out: the last hidden states (B, T, W) in the compute dtype and
+    the vocabulary projection's parameters (kernel (W, V), bias (V,) or None). The (B, T, V) logits are the largest
+    tensor of a training step (f32, 4 GB a chip for B/16 at 256 images); trainer.losses.caption_cross_entropy takes
+    the readout and never forms them whole. `logits()` forms them (tests, inspection)."""
+
+    hidden: jnp.ndarray
+    kernel: jnp.ndarray
+    bias: jnp.ndarray | None
+
+    def logits(self) -> jnp.ndarray:
+        dtype = self.hidden.dtype
+        out = jnp.einsum("btw,wv->btv", self.hidden, self.kernel.astype(dtype))
+        return constrain(out if self.bias is None else out + self.bias.astype(dtype), LOGITS)
+
+
+class VocabHead(nn.Module):
+    """The decoder's vocabulary projection: nn.Dense's parameters ("kernel" (W, V), "bias"), returned unapplied."""
+
+    rows: int
+    use_bias: bool
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> Readout:
+        init = logical(nn.initializers.zeros, "embed", "vocab")
+        kernel = self.param("kernel", init, (x.shape[-1], self.rows), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.rows,), self.param_dtype) if self.use_bias else None
+        return Readout(constrain(x.astype(self.dtype), TOKENS), kernel, bias)
+
+
 class CaptionDecoder(nn.Module):
-    """(caption inputs (B, T), image tokens (B, N, Wi), alt-text tokens (B, L, Wt) or None) -> logits (B, T, V)."""
+    """(caption inputs (B, T), image tokens (B, N, Wi), alt-text tokens (B, L, Wt) or None) -> Readout (B, T, V)."""
 
     size: Size
     vocab_rows: int = VOCAB_ROWS
@@ -172,19 +205,16 @@ class CaptionDecoder(nn.Module):
         x = embed_tokens("embedding", inputs, width, self.vocab_rows, **kw)
         x = x + positions(self, inputs.shape[1], width, self.param_dtype).astype(self.dtype)[None]
         blocks = stacked(DecoderBlock, self.size.depth, self.layers, 1)(
-            self.size, self.layers.attention, name="blocks", **kw
+            self.size, self.layers.attention, self.layers.query_chunk, name="blocks", **kw
         )
         x, _ = blocks(x, context)
         x = layer_norm("ln_final", **kw)(x)
-        logits = nn.Dense(
-            self.vocab_rows, kernel_init=logical(nn.initializers.zeros, "embed", "vocab"), name="logits", **kw
-        )(x)
-        return constrain(logits, LOGITS)
+        return VocabHead(self.vocab_rows, use_bias=True, name="logits", **kw)(x)
 
 
 class QueryDecoder(nn.Module):
     """(caption inputs (B, T): only their length is read, image tokens (B, N, Wi), alt-text tokens (B, L, Wt) or
-    None) -> logits (B, T, V)."""
+    None) -> Readout (B, T, V)."""
 
     size: Size
     vocab_rows: int = VOCAB_ROWS
@@ -206,18 +236,11 @@ class QueryDecoder(nn.Module):
         parts.append(jnp.broadcast_to(queries.astype(self.dtype), (inputs.shape[0], length, width)))
         x = constrain(jnp.concatenate(parts, axis=1), TOKENS)
         blocks = stacked(Block, self.size.depth, self.layers, 1)(
-            self.size, self.layers.attention, self.arch, name="blocks", **kw
+            self.size, self.layers.attention, self.arch, query_chunk=self.layers.query_chunk, name="blocks", **kw
         )
         x, _ = blocks(x, prefix_mask(context, length))
         x = layer_norm("ln_final", eps=self.arch.norm_eps, **kw)(x[:, context:])
-        logits = nn.Dense(
-            self.vocab_rows,
-            use_bias=False,
-            kernel_init=logical(nn.initializers.zeros, "embed", "vocab"),
-            name="logits",
-            **kw,
-        )(x)
-        return constrain(logits, LOGITS)
+        return VocabHead(self.vocab_rows, use_bias=False, name="logits", **kw)(x)
 
 
 def prefix_mask(context: int, length: int) -> jnp.ndarray:

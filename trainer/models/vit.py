@@ -60,6 +60,11 @@ def activation_rules(rules: Any) -> Iterator[None]:
         _ACTIVATION_RULES.reset(token)
 
 
+def active_rules() -> Any:
+    """The logical -> mesh axis rules of the step being traced (None outside trainer.sharding.activation_layout)."""
+    return _ACTIVATION_RULES.get()
+
+
 def constrain(x: jnp.ndarray, axes: tuple[str | None, ...]) -> jnp.ndarray:
     """Pin an activation's layout by logical axis names (a no-op outside activation_rules). Without it XLA is free
     to shard a block's activations like its weights (embed over fsdp): then it gathers the batch and all-reduces
@@ -95,6 +100,7 @@ class Attention(nn.Module):
     heads: int
     causal: bool = False
     implementation: Implementation = "xla"
+    query_chunk: int = 0  # > 0: chunked_attention over this many queries at a time
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -117,9 +123,12 @@ class Attention(nn.Module):
 
         q = constrain(project("query", x), HEADS)
         k, v = constrain(project("key", context), HEADS), constrain(project("value", context), HEADS)
-        out = jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=self.causal, implementation=self.implementation
-        )
+        if self.query_chunk and q.shape[1] > self.query_chunk:
+            out = chunked_attention(q, k, v, mask, self.causal, self.query_chunk, self.implementation)
+        else:
+            out = jax.nn.dot_product_attention(
+                q, k, v, mask=mask, is_causal=self.causal, implementation=self.implementation
+            )
         return nn.DenseGeneral(
             width,
             axis=(-2, -1),
@@ -129,6 +138,38 @@ class Attention(nn.Module):
             bias_init=logical(nn.initializers.zeros, "embed"),
             name="out",
         )(out)
+
+
+def chunked_attention(
+    q: jnp.ndarray,
+    k: jnp.ndarray,
+    v: jnp.ndarray,
+    mask: jnp.ndarray | None,
+    causal: bool,
+    chunk: int,
+    implementation: Implementation,
+) -> jnp.ndarray:
+    """dot_product_attention over at most `chunk` queries at a time (a scan), each chunk recomputed in the backward:
+    the (B, heads, T, S) f32 scores, probabilities and their gradients then exist for one chunk at a time, not for
+    all T queries (for the decoder's ~300 positions at 256 images a chip, 0.9 GiB each, three at once). The cost: the
+    scores' matmul once more in the backward pass. Ragged ends are padded with queries that attend everywhere."""
+    b, t, heads, d = q.shape
+    count = -(-t // chunk)
+    chunk = -(-t // count)  # as even as they come: 307 queries are 3 x 103, not 3 x 128 (the padding costs FLOPs)
+    pad = count * chunk - t
+    allowed = jnp.ones((t, k.shape[1]), bool) if mask is None else mask
+    if causal:
+        allowed = allowed & jnp.tri(t, k.shape[1], dtype=bool)
+    allowed = jnp.pad(allowed, ((0, pad), (0, 0)), constant_values=True)
+    queries = jnp.swapaxes(jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, count, chunk, heads, d), 0, 1)
+
+    @jax.checkpoint
+    def one(queries_and_mask: tuple[jnp.ndarray, jnp.ndarray]) -> jnp.ndarray:
+        q_chunk, allowed_chunk = queries_and_mask
+        return jax.nn.dot_product_attention(q_chunk, k, v, mask=allowed_chunk, implementation=implementation)
+
+    out = jax.lax.map(one, (queries, allowed.reshape(count, chunk, -1)))
+    return jnp.swapaxes(out, 0, 1).reshape(b, count * chunk, heads, d)[:, :t]
 
 
 ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
@@ -191,6 +232,8 @@ class Layers:
 
     remat: Remat = "none"
     attention: Implementation = "xla"
+    # > 0: attention over this many queries at a time (chunked_attention); the builder sets it with remat "block"
+    query_chunk: int = 0
     # False unrolls the scan into straight-line code: longer compiles, and XLA's cost analysis counts every layer
     # (it counts a loop body once)
     scan: bool = True
@@ -204,6 +247,7 @@ class Block(nn.Module):
     attention: Implementation = "xla"
     arch: Arch = Arch()
     causal: bool = False
+    query_chunk: int = 0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -212,7 +256,7 @@ class Block(nn.Module):
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         eps = self.arch.norm_eps
         x = constrain(x, TOKENS)
-        attn = Attention(self.size.heads, self.causal, self.attention, name="attn", **kw)
+        attn = Attention(self.size.heads, self.causal, self.attention, self.query_chunk, name="attn", **kw)
         x = constrain(x + attn(layer_norm("ln1", eps=eps, **kw)(x), mask=mask), TOKENS)
         mlp = Mlp(self.size.mlp, self.arch.activation, name="mlp", **kw)
         return constrain(x + mlp(layer_norm("ln2", eps=eps, **kw)(x)), TOKENS), None
@@ -320,7 +364,7 @@ class ImageTower(nn.Module):
         if self.ln_pre:
             x = layer_norm("ln_pre", eps=eps, **kw)(x)
         blocks = stacked(Block, self.size.depth, self.layers, 0)(
-            self.size, self.layers.attention, self.arch, name="blocks", **kw
+            self.size, self.layers.attention, self.arch, query_chunk=self.layers.query_chunk, name="blocks", **kw
         )
         x, _ = blocks(x)
         patch_tokens = x[:, int(has_cls) :]
