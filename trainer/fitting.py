@@ -17,11 +17,14 @@ from trainer.recipe import Recipe, Stage
 T = TypeVar("T")
 Policy = Literal["none", "block", "dots"]
 
-# (image, text, decoder), least recomputation first. "dots" keeps the matmuls' outputs and recomputes the rest;
-# towers before the decoder, whose activations OpenVision keeps (it recomputes its towers only: the third).
+# (image, text, decoder), least recomputation first. "dots" keeps the matmuls' outputs and recomputes the rest (no
+# matmul runs twice); "block" runs a tower's forward twice. The decoder before the towers: OpenVision's decoders are
+# smaller than its towers together (B/16: about as costly; L/14 and up: less). OpenVision's own choice (towers block,
+# decoder none) is the fourth.
 CANDIDATES: tuple[tuple[Policy, Policy, Policy], ...] = (
     ("none", "none", "none"),
     ("dots", "dots", "dots"),
+    ("dots", "dots", "block"),
     ("block", "block", "none"),
     ("block", "block", "dots"),
     ("block", "block", "block"),
