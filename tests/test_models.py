@@ -310,3 +310,21 @@ def test_remat_block_and_only_block_chunks_attention():
         _, model = tiny_clip("model.decoder='Ti'", f"model.remat='{remat}'")
         chunk = clip_module.QUERY_CHUNK if remat == "block" else 0
         assert (model.image.layers.query_chunk, model.decoder.layers.query_chunk) == (chunk, chunk)
+
+
+def test_bf16_towers_keep_openvision_s_float32_stem_embeddings_and_heads():
+    """With bf16 compute, what OpenVision keeps in float32 stays float32: the patch embedding (a convolution of f32
+    pixels), the token table's rows, the text tower's final LayerNorm and both heads; the blocks run in bf16."""
+    r, model = tiny_clip("model.dtype='bfloat16'")
+    images = jnp.zeros((2, r.stages[0].resolution, r.stages[0].resolution, 3), jnp.float32)
+    texts = jnp.ones((2, r.text.context_length), jnp.int32)
+    params = nn.unbox(model.init(jax.random.key(0), images, texts))
+    jaxpr = str(jax.make_jaxpr(lambda p: model.apply(p, images, texts))(params))
+    conv = next(line for line in jaxpr.splitlines() if "conv_general_dilated" in line)
+    assert conv.split("=")[0].strip().endswith("f32[2,2,2,32]") or "f32[" in conv.split("=")[0], conv
+    dots = [line.split("=")[0] for line in jaxpr.splitlines() if "dot_general" in line]
+    assert any("bf16[" in d for d in dots), "the blocks' matmuls run in bf16"
+    out = model.apply(params, images, texts)
+    assert out["image_emb"].dtype == out["text_emb"].dtype == jnp.float32
+    gathers = [line.split("=")[0] for line in jaxpr.splitlines() if " gather[" in line or "= gather" in line]
+    assert gathers and all("f32[" in g for g in gathers), gathers  # the token table's rows, looked up in f32

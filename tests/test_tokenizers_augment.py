@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trainer import augment, recipe
+from trainer import augment, data, recipe
 from trainer.data import tokenizers
 from trainer.data.tfsetup import tf
 
@@ -147,32 +147,60 @@ def draws(*rows):
     return jnp.array(rows, jnp.float32)
 
 
-NEUTRAL = (0.5, 0.5, 0.5, 0.5)  # brightness +0, contrast x1, saturation x1, hue 0
+def openvision_jitter(image: np.ndarray, row: np.ndarray, strength: float) -> np.ndarray:
+    """OpenVision's simclr_jitter_gray (src/transforms/ops_image.py -> simclr_aug.color_jitter_rand, impl simclrv2)
+    written with the same tf.image ops, its random draws replaced by this row's: uint8 (H, W, 3) -> uint8."""
+    import tensorflow as tf
+
+    spread, low = 0.8 * strength, max(1 - 0.8 * strength, 0.0)
+    factors = (
+        low + row[0] * (1 + spread - low),  # tf.random_uniform([], max(1 - b, 0), 1 + b)
+        1 - spread + row[1] * 2 * spread,  # random_contrast(lower=1 - c, upper=1 + c)
+        1 - spread + row[2] * 2 * spread,  # random_saturation
+        (2 * row[3] - 1) * 0.2 * strength,  # random_hue(max_delta=h)
+    )
+    ops = (
+        lambda x: x * factors[0],
+        lambda x: tf.image.adjust_contrast(x, factors[1]),
+        lambda x: tf.image.adjust_saturation(x, factors[2]),
+        lambda x: tf.image.adjust_hue(x, factors[3]),
+    )
+    x = tf.cast(image, tf.float32) / 255.0
+    if row[4] < 0.8:  # random_apply(color_jitter, p=0.8)
+        for op in np.argsort(row[6:10]):  # tf.random_shuffle(tf.range(4))
+            x = tf.clip_by_value(ops[op](x), 0.0, 1.0)
+    if row[5] < 0.2:  # random_apply(to_grayscale, p=0.2)
+        x = tf.tile(tf.image.rgb_to_grayscale(x), [1, 1, 3])
+    return tf.cast(tf.clip_by_value(x * 255, 0, 255), tf.uint8).numpy()
 
 
-def test_colour_jitter_off_and_neutral_draws_are_the_identity():
-    images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 5, 5, 3)), jnp.uint8)
-    skipped = draws((0.0, 0.0, 1.0, 0.9, 0.95, 0.5), (1.0, 1.0, 0.0, 0.1, 0.81, 0.99))  # jitter? no (p 0.8), grey? no
-    np.testing.assert_allclose(augment.colour_jitter(images, skipped, 0.4), images.astype(np.float32), atol=1e-4)
-    neutral = draws((*NEUTRAL, 0.1, 0.5), (*NEUTRAL, 0.7, 0.9))
-    np.testing.assert_allclose(augment.colour_jitter(images, neutral, 0.4), images.astype(np.float32), atol=1e-3)
+def test_colour_jitter_is_openvision_s_on_the_same_draws():
+    """Every image of a batch against OpenVision's formulas (tf.image's ops in its order, clipped after each) on the
+    same draws: equal to the pixel but where float rounding puts a value on the other side of a whole number."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (32, 6, 7, 3)).astype(np.uint8)
+    images[0] = 128  # a flat grey image: no hue, no saturation
+    rows = rng.random((32, data.JITTER_DRAWS)).astype(np.float32)
+    rows[:24, 4] = 0.5  # most of them jittered (p 0.8 otherwise), a few grey
+    got = np.asarray(augment.colour_jitter(jnp.asarray(images), jnp.asarray(rows), 0.4))
+    want = np.stack([openvision_jitter(image, row, 0.4) for image, row in zip(images, rows, strict=True)])
+    assert got.dtype == np.float32 and np.all(got == np.floor(got))
+    difference = np.abs(got - want.astype(np.float32))
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.02, (difference.max(), (difference > 0).mean())
+    assert np.abs(got - images).max() > 20  # it did jitter
 
 
-def test_colour_jitter_brightness_grey_and_hue():
+def test_colour_jitter_order_matters_and_skipped_draws_are_the_identity():
     rng = np.random.default_rng(1)
-    images = jnp.asarray(rng.integers(40, 200, (1, 6, 6, 3)), jnp.uint8)
-    x = np.asarray(images, np.float32)
-    brighter = augment.colour_jitter(images, draws((1.0, 0.5, 0.5, 0.5, 0.0, 0.9)), 0.1)
-    np.testing.assert_allclose(brighter, np.clip(x + 0.8 * 0.1 * 255, 0, 255), atol=1e-3)  # + 0.8 s, in pixels
-    grey = np.asarray(augment.colour_jitter(images, draws((0.5, 0.5, 0.5, 0.5, 0.9, 0.1)), 0.4))
-    np.testing.assert_allclose(grey[..., 0], x @ augment.LUMA, atol=1e-3)
-    assert np.allclose(grey[..., 0], grey[..., 1]) and np.allclose(grey[..., 1], grey[..., 2])
-    hue = np.asarray(augment.colour_jitter(images, draws((0.5, 0.5, 0.5, 1.0, 0.0, 0.9)), 0.4))
-    np.testing.assert_allclose(hue @ augment.LUMA, x @ augment.LUMA, atol=1e-2)  # a chroma rotation keeps luma
-    assert np.abs(hue - x).max() > 5  # ... and changes the colours
-    contrast = np.asarray(augment.colour_jitter(images, draws((0.5, 0.0, 0.5, 0.5, 0.0, 0.9)), 0.5))
-    mean_grey = (x @ augment.LUMA).mean()
-    np.testing.assert_allclose(contrast, (x - mean_grey) * 0.6 + mean_grey, atol=1e-3)  # x (1 - 0.8 * 0.5)
+    images = jnp.asarray(rng.integers(0, 256, (1, 5, 5, 3)), jnp.uint8)
+    skipped = np.array([[0.0, 0.0, 1.0, 0.9, 0.95, 0.5, 0.1, 0.2, 0.3, 0.4]], np.float32)  # jitter? no, grey? no
+    np.testing.assert_array_equal(augment.colour_jitter(images, jnp.asarray(skipped), 0.4), np.asarray(images))
+    # brightness x1.32 then contrast x0.68, and the other way round: clipping in between tells them apart
+    first, second = (np.array([[1.0, 0.0, 0.5, 0.5, 0.1, 0.9, *o]], np.float32) for o in ((0, 1, 2, 3), (1, 0, 2, 3)))
+    a, b = (np.asarray(augment.colour_jitter(images, jnp.asarray(r), 0.5)) for r in (first, second))
+    assert np.abs(a - b).max() >= 2
+    for r, out in ((first, a), (second, b)):
+        np.testing.assert_allclose(out, openvision_jitter(np.asarray(images[0]), r[0], 0.5)[None], atol=1)
 
 
 @pytest.mark.parametrize("resolution", [224, 112, 84, 40])  # JPEG decoded at 1/2, 1/4, 1/8 and 1/8 scale

@@ -46,7 +46,9 @@ def caption_cross_entropy(logits: jnp.ndarray, targets: jnp.ndarray, pad_id: int
     return (nll * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
-def readout_cross_entropy(readout: Readout, targets: jnp.ndarray, pad_id: int = 0, chunk: int = 8) -> jnp.ndarray:
+def readout_cross_entropy(
+    readout: Readout, targets: jnp.ndarray, pad_id: int = 0, chunk: int = 8, tokens: jnp.ndarray | None = None
+) -> jnp.ndarray:
     """caption_cross_entropy(readout.logits(), targets), value and gradient, without the (B, T, V) logits: a scan over
     `chunk` caption positions at a time forms that chunk's f32 logits, its loss and at once its gradient (softmax -
     one-hot): the hidden states' (kept per chunk) and the projection's (summed). The backward pass only scales them
@@ -55,9 +57,10 @@ def readout_cross_entropy(readout: Readout, targets: jnp.ndarray, pad_id: int = 
 
     On a mesh (inside trainer.sharding.activation_layout) each device runs the scan on its own rows (shard_map): the
     projection's gradient is summed over the batch's devices once, after the scan, not once a chunk; a vocabulary
-    split over `tensor` takes its softmax's max and sum across those devices."""
+    split over `tensor` takes its softmax's max and sum across those devices. `tokens`: divide by this many target
+    tokens instead of these targets' (a micro-batch's share of a whole batch's mean)."""
     mask = (targets != pad_id).astype(jnp.float32)
-    weights = mask / jnp.maximum(mask.sum(), 1.0)
+    weights = mask / jnp.maximum(mask.sum() if tokens is None else tokens.astype(jnp.float32), 1.0)
     length = targets.shape[1]
     chunk = max(c for c in range(1, min(chunk, length) + 1) if length % c == 0)
     bias = readout.bias if readout.bias is not None else jnp.zeros(readout.kernel.shape[1], readout.kernel.dtype)

@@ -32,6 +32,29 @@ def init_state(params: Any, tx: optax.GradientTransformation, seed: int = 0) -> 
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
 
 
+EMBEDDINGS = ("image_emb", "text_emb", "second_text_emb")  # what the contrastive loss reads of the model's output
+SUMMED_TERMS = ("caption",)  # a micro-batch's share of the batch's term, added up over micro-batches (the rest: equal)
+
+
+@struct.dataclass
+class Negatives:
+    """The whole batch's embeddings from grad_accum's first pass, (micro-batches, rows, dim) each, and its caption
+    tokens' count: a micro-batch's loss contrasts with every one of them and divides by all of them."""
+
+    embeddings: dict[str, jnp.ndarray]
+    caption_tokens: jnp.ndarray
+    index: jnp.ndarray  # this micro-batch's row in `embeddings`
+
+
+def model_inputs(recipe: Recipe, batch: dict[str, jnp.ndarray]) -> jnp.ndarray:
+    """The batch's images as the model takes them: colour-jittered where the recipe jitters (the draws in the batch)."""
+    images = batch["images"]
+    if "colour" in batch:
+        jittered = augment.colour_jitter(images, batch["colour"], recipe.data.color_jitter)
+        images = pixels_to_model_range(jittered, recipe.model.pixel_norm)
+    return images
+
+
 def loss_terms(
     model: Clip,
     recipe: Recipe,
@@ -39,40 +62,81 @@ def loss_terms(
     batch: dict[str, jnp.ndarray],
     patch_keep: float = 1.0,
     rng: jax.Array | None = None,
+    negatives: Negatives | None = None,
 ) -> tuple[jnp.ndarray, dict]:
     """The weighted total and each term; batch: images, texts (alt-text ids), captions (re-caption ids),
     recaption_texts (a re-caption sentence's ids, with loss.contrast_recaption) and colour (each sample's jitter
-    draws) when the recipe jitters colours."""
-    images = batch["images"]
-    if "colour" in batch:
-        jittered = augment.colour_jitter(images, batch["colour"], recipe.data.color_jitter)
-        images = pixels_to_model_range(jittered, recipe.model.pixel_norm)
+    draws) when the recipe jitters colours.
+
+    With `negatives` (a micro-batch of grad_accum), this micro-batch's embeddings take their rows among the whole
+    batch's and the contrastive loss is the whole batch's: its gradient reaches this micro-batch's rows (the others
+    are constants) and 1/micro-batches of the temperature's, so the gradients summed over the micro-batches are the
+    whole batch's (open_clip's accum_freq). The caption loss is this micro-batch's share of the batch's mean."""
     out: dict[str, Any] = model.apply(  # type: ignore[assignment]
         {"params": params},
-        images,
+        model_inputs(recipe, batch),
         batch["texts"],
         batch.get("captions"),
         patch_keep,
         batch.get("recaption_texts"),
         rngs={"dropout": rng} if rng is not None else None,
     )
+    log_scale, bias = out["log_scale"], out.get("bias")
+    embeddings = {name: out[name] for name in EMBEDDINGS if name in out}
+    if negatives is not None:
+        count = next(iter(negatives.embeddings.values())).shape[0]
+
+        def among(name: str, mine: jnp.ndarray) -> jnp.ndarray:
+            cached = jax.lax.stop_gradient(negatives.embeddings[name])
+            return cached.at[negatives.index].set(mine).reshape(-1, mine.shape[-1])
+
+        embeddings = {name: among(name, mine) for name, mine in embeddings.items()}
+        share = lambda p: p / count + jax.lax.stop_gradient(p * (1 - 1 / count))  # noqa: E731
+        log_scale, bias = share(log_scale), None if bias is None else share(bias)
 
     def contrast(text_emb: jnp.ndarray) -> jnp.ndarray:
-        sim = losses.logits(out["image_emb"], text_emb, out["log_scale"], recipe.loss.max_temperature)
+        sim = losses.logits(embeddings["image_emb"], text_emb, log_scale, recipe.loss.max_temperature)
         if recipe.loss.contrastive == "sigmoid":
-            return losses.sigmoid_contrastive(sim, out["bias"])
+            return losses.sigmoid_contrastive(sim, bias)
         return losses.softmax_contrastive(sim)
 
-    contrastive = contrast(out["text_emb"])
+    contrastive = contrast(embeddings["text_emb"])
     terms = {"contrastive": contrastive, "temperature": jnp.exp(out["log_scale"])}
-    if "second_text_emb" in out:  # OpenVision: the mean of the image's contrast with either text
-        terms["contrastive_alt"], terms["contrastive_recaption"] = contrastive, contrast(out["second_text_emb"])
-        contrastive = terms["contrastive"] = (contrastive + terms["contrastive_recaption"]) / 2
-    total = recipe.loss.contrastive_weight * contrastive
+    if "second_text_emb" in embeddings:  # OpenVision: the mean of the image's contrast with either text
+        terms["contrastive_alt"], terms["contrastive_recaption"] = contrastive, contrast(embeddings["second_text_emb"])
+        terms["contrastive"] = (contrastive + terms["contrastive_recaption"]) / 2
     if "caption" in out:
-        terms["caption"] = losses.readout_cross_entropy(out["caption"], batch["captions"])
-        total = total + recipe.loss.caption_weight * terms["caption"]
-    return total, terms
+        count = None if negatives is None else negatives.caption_tokens
+        terms["caption"] = losses.readout_cross_entropy(out["caption"], batch["captions"], tokens=count)
+    return weighted_total(recipe, terms), terms
+
+
+def weighted_total(recipe: Recipe, terms: dict[str, jnp.ndarray]) -> jnp.ndarray:
+    total = recipe.loss.contrastive_weight * terms["contrastive"]
+    return total + recipe.loss.caption_weight * terms["caption"] if "caption" in terms else total
+
+
+def embeddings_of(
+    model: Clip, recipe: Recipe, params: Any, micros: dict[str, jnp.ndarray], patch_keep: float, rng: jax.Array | None
+) -> dict[str, jnp.ndarray]:
+    """grad_accum's first pass: every micro-batch's embeddings (no caption decoder, no gradient), (count, rows, dim)
+    each, with the same patch dropout as the second pass."""
+
+    def one(_: None, xs: tuple[dict[str, jnp.ndarray], jnp.ndarray]) -> tuple[None, dict[str, jnp.ndarray]]:
+        micro, index = xs
+        out = model.apply(
+            {"params": params},
+            model_inputs(recipe, micro),
+            micro["texts"],
+            None,
+            patch_keep,
+            micro.get("recaption_texts"),
+            rngs={"dropout": jax.random.fold_in(rng, index)} if rng is not None else None,
+        )
+        return None, {name: out[name] for name in EMBEDDINGS if name in out}
+
+    count = micros["texts"].shape[0]
+    return jax.lax.scan(one, None, (micros, jnp.arange(count)))[1]
 
 
 def micro_batches(batch: dict[str, jnp.ndarray], count: int) -> dict[str, jnp.ndarray]:
@@ -98,18 +162,24 @@ def train_step(
 
     if stage.grad_accum == 1:
         (loss, terms), grads = grads_of(batch, rng)
-    else:
+    else:  # open_clip's accum_freq: every micro-batch contrasts with the whole batch's embeddings (a first pass)
+        micros = micro_batches(batch, stage.grad_accum)
+        cached = embeddings_of(model, recipe, state.params, micros, stage.patch_keep, rng)
+        caption_tokens = (batch["captions"] != 0).sum() if "captions" in batch else jnp.zeros((), jnp.int32)
 
         def accumulate(total: Any, xs: tuple[dict[str, jnp.ndarray], jnp.ndarray]) -> tuple[Any, Any]:
             micro, index = xs
-            out, grads = grads_of(micro, None if rng is None else jax.random.fold_in(rng, index))
-            return jax.tree.map(jnp.add, total, grads), out
+            negatives = Negatives(cached, caption_tokens, index)
+            key = None if rng is None else jax.random.fold_in(rng, index)
+            terms_of = lambda p: loss_terms(model, recipe, p, micro, stage.patch_keep, key, negatives)  # noqa: E731
+            (_, terms), grads = jax.value_and_grad(terms_of, has_aux=True)(state.params)
+            return jax.tree.map(jnp.add, total, grads), terms
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        indices = jnp.arange(stage.grad_accum)
-        grads, (losses_, terms) = jax.lax.scan(accumulate, zeros, (micro_batches(batch, stage.grad_accum), indices))
-        grads = jax.tree.map(lambda g, p: (g / stage.grad_accum).astype(p.dtype), grads, state.params)
-        loss, terms = losses_.mean(), jax.tree.map(jnp.mean, terms)
+        grads, terms = jax.lax.scan(accumulate, zeros, (micros, jnp.arange(stage.grad_accum)))
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)  # the sum is the batch's gradient
+        terms = {k: v.sum() if k in SUMMED_TERMS else v.mean() for k, v in terms.items()}
+        loss = weighted_total(recipe, terms)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **terms}

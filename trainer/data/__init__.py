@@ -20,7 +20,7 @@ import numpy as np
 from trainer.recipe import Recipe
 
 Batch = dict[str, np.ndarray]
-JITTER_DRAWS = 6  # a batch's `colour`: uniforms per sample that trainer.augment turns into its colour map
+JITTER_DRAWS = 10  # a batch's `colour`: uniforms per sample that trainer.augment turns into its colour jitter
 Position = dict[str, Any]
 
 

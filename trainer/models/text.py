@@ -50,10 +50,10 @@ class TokenEmbed(nn.Embed):
 def embed_tokens(
     name: str, tokens: jnp.ndarray, width: int, rows: int, dtype: Dtype, param_dtype: Dtype
 ) -> jnp.ndarray:
-    table = TokenEmbed(
+    table = TokenEmbed(  # float32 rows (OpenVision's), cast to `dtype` by the caller once positions are added
         rows,
         width,
-        dtype=dtype,
+        dtype=jnp.float32,
         param_dtype=param_dtype,
         embedding_init=logical(nn.initializers.normal(0.02), "vocab", "embed"),
         name=name,
@@ -93,25 +93,28 @@ class TextTower(nn.Module):
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         width = self.size.width
         x = embed_tokens("embedding", tokens, width, self.vocab_rows, **kw)
-        x = x + positions(self, tokens.shape[1], width, self.param_dtype).astype(self.dtype)[None]
+        x = x + positions(self, tokens.shape[1], width, self.param_dtype).astype(jnp.float32)[None]
+        x = constrain(x.astype(self.dtype), TOKENS)
         blocks = stacked(Block, self.size.depth, self.layers, 0)(
             self.size, self.layers.attention, self.arch, self.causal, self.layers.query_chunk, name="blocks", **kw
         )
         x, _ = blocks(x)
         raw = x[:, :-1]
-        x = layer_norm("ln_final", eps=self.arch.norm_eps, **kw)(x)
+        # float32 as OpenVision's (its final LayerNorm takes no dtype: flax computes it in its parameters' float32)
+        x = layer_norm("ln_final", eps=self.arch.norm_eps, dtype=jnp.float32, param_dtype=self.param_dtype)(x)
         if self.pooling == "argmax":
             pooled = jnp.take_along_axis(x, jnp.argmax(tokens, axis=1)[:, None, None], axis=1)[:, 0]
         else:
             pooled = x[:, -1]
-        embedding = nn.Dense(
+        embedding = nn.Dense(  # float32, as OpenVision's heads
             self.embed_dim,
             use_bias=False,
             kernel_init=logical(nn.initializers.lecun_normal(), "embed", None),
             name="head",
-            **kw,
+            dtype=jnp.float32,
+            param_dtype=self.param_dtype,
         )(constrain(pooled, POOLED))
-        return embedding, raw if self.raw_tokens else x
+        return embedding, raw if self.raw_tokens else x.astype(self.dtype)
 
 
 class DecoderBlock(nn.Module):
@@ -203,7 +206,8 @@ class CaptionDecoder(nn.Module):
         parts = project_context(image_tokens, text_tokens, width, nn.initializers.xavier_uniform(), True, **kw)
         context = constrain(jnp.concatenate(parts, axis=1), TOKENS)
         x = embed_tokens("embedding", inputs, width, self.vocab_rows, **kw)
-        x = x + positions(self, inputs.shape[1], width, self.param_dtype).astype(self.dtype)[None]
+        x = x + positions(self, inputs.shape[1], width, self.param_dtype).astype(jnp.float32)[None]
+        x = constrain(x.astype(self.dtype), TOKENS)
         blocks = stacked(DecoderBlock, self.size.depth, self.layers, 1)(
             self.size, self.layers.attention, self.layers.query_chunk, name="blocks", **kw
         )

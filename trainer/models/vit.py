@@ -336,6 +336,8 @@ class ImageTower(nn.Module):
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         eps = self.arch.norm_eps
         width = self.size.width
+        # OpenVision's stem: the patch embedding, positions and class token in float32 whatever the compute dtype
+        # (bf16 rounds the pixels' projection before the first block); the blocks then run in `dtype`
         x = nn.Conv(
             width,
             (self.patch, self.patch),
@@ -344,23 +346,25 @@ class ImageTower(nn.Module):
             use_bias=False,
             kernel_init=logical(nn.initializers.lecun_normal(), None, None, None, "embed"),
             name="patchify",
-            **kw,
-        )(images.astype(self.dtype))
+            dtype=jnp.float32,
+            param_dtype=self.param_dtype,
+        )(images.astype(jnp.float32))
         b, h, w, _ = x.shape
         x = constrain(x.reshape(b, h * w, width), TOKENS)
         if self.posemb == "sincos2d":
-            x = x + jnp.asarray(posemb_sincos_2d(h, w, width), self.dtype)[None]
+            x = x + jnp.asarray(posemb_sincos_2d(h, w, width), jnp.float32)[None]
         else:
             pos = self.param(
                 "pos_embedding", logical(nn.initializers.normal(0.02), None, "embed"), (h * w, width), self.param_dtype
             )
-            x = x + whole(pos).astype(self.dtype)[None]
+            x = x + whole(pos).astype(jnp.float32)[None]
         if patch_keep < 1:
             x = drop_patches(self.make_rng("dropout"), x, patch_keep)
         has_cls = self.class_token or self.pooling == "cls"
         if has_cls:  # no position of its own: open_clip's is folded into it on import (trainer/openclip.py)
             cls = whole(self.param("cls", logical(nn.initializers.zeros, "embed"), (width,), self.param_dtype))
-            x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, width)), x], axis=1)
+            x = jnp.concatenate([jnp.broadcast_to(cls.astype(jnp.float32), (b, 1, width)), x], axis=1)
+        x = constrain(x.astype(self.dtype), TOKENS)
         if self.ln_pre:
             x = layer_norm("ln_pre", eps=eps, **kw)(x)
         blocks = stacked(Block, self.size.depth, self.layers, 0)(
@@ -379,12 +383,13 @@ class ImageTower(nn.Module):
             pooled = x[:, int(has_cls) :].mean(axis=1)
         if self.norm_after_pool:
             pooled = final_norm(pooled)
-        embedding = nn.Dense(
+        embedding = nn.Dense(  # float32, as OpenVision's heads ("for logit training stability")
             self.embed_dim,
             use_bias=False,
             kernel_init=logical(nn.initializers.lecun_normal(), "embed", None),
             name="head",
-            **kw,
+            dtype=jnp.float32,
+            param_dtype=self.param_dtype,
         )(constrain(pooled, POOLED))
         return embedding, patch_tokens if self.raw_patch_tokens else x
 
