@@ -121,6 +121,33 @@ def test_order_is_seeded_and_resume_is_exact(shards):
     assert not np.array_equal(other_seed[0][0]["images"], first[0][0]["images"])
 
 
+def test_a_resume_reads_no_shard_window_before_its_own(shards):
+    """With every shard's count known (the index), a resume starts at the window of shards holding its next record:
+    the earlier windows' shards are never opened, so it takes the same time wherever in the epoch it stops. Shown by
+    replacing them with garbage after the position was taken: the resumed batches do not change (replacing a shard of
+    the resume's own window does change them)."""
+    from trainer.data import tfdata
+
+    write_shards(shards)  # 4 shards x 25 records, with the index
+    for seed in range(10):  # a seed whose first two windows leave out the first shard (a start probes its records)
+        r = tiny_recipe(shards, "data.shard_window=1", f"data.seed={seed}")
+        part = tfdata.open_parts(r, data.Host())[0]
+        order = [part.files[i] for i in tfdata.shard_order(part, 0).numpy()]
+        if part.files[0] not in order[:3]:
+            break
+    straight = take(data.open_stage(r, 0, data.Host()), 11)
+    position = straight[7][1]  # 64 records consumed: the third window (records 50-74)
+    assert position["epoch"] == 0 and position["consumed"] == 64
+    for done in order[:2]:
+        Path(done).write_bytes(b"garbage " * 100)
+    resumed = take(data.open_stage(r, 0, data.Host(), position), 3)
+    for (a, pa), (b, pb) in zip(straight[8:11], resumed, strict=True):
+        assert pa == pb and all(np.array_equal(a[k], b[k]) for k in a)
+    Path(order[2]).write_bytes(b"garbage " * 100)
+    broken = take(data.open_stage(r, 0, data.Host(), position), 1)[0][0]
+    assert not np.array_equal(broken["images"], straight[8][0]["images"])
+
+
 def test_epochs_follow_each_other_without_losing_rows(shards):
     write_shards(shards)
     r = tiny_recipe(shards, "data.crop_min_area=1.0")  # whole images: a sample's rows are equal in every epoch

@@ -179,6 +179,9 @@ class Data:
     caption_key: str = "txt"  # alt-text
     recaption_key: str = "llava_caption"  # the re-caption the decoder predicts ("" = use the alt-text)
     shuffle_buffer: int = 250_000  # records shuffled across, per host
+    # shards read at once (interleaved) and shuffled together; where every shard's record count is known (an index),
+    # a resume starts at its window without reading the windows before it
+    shard_window: int = 16
     seed: int = 0  # the data order's and the augmentations' seed
     epoch_size: int = 1_281_167  # samples per "epoch" when a stage counts epochs (ImageNet-1k's train split)
     color_jitter: float = 0.4  # strength; 0 = off (p 0.8, grayscale p 0.2, as OpenVision; applied on the device)
@@ -497,6 +500,7 @@ def validate(r: Recipe) -> None:
             ("text.vocab_rows", r.text.vocab_rows, 3),
             ("text.caption_length", r.text.caption_length, 1),
             ("data.shuffle_buffer", r.data.shuffle_buffer, 1),
+            ("data.shard_window", r.data.shard_window, 1),
             ("data.epoch_size", r.data.epoch_size, 1),
             ("checkpoint.every_steps", r.checkpoint.every_steps, 1),
             ("checkpoint.keep", r.checkpoint.keep, 1),

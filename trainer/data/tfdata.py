@@ -5,7 +5,8 @@ interleaved, a seeded shuffle buffer of serialized records, then each record num
 epoch stream). The epochs follow each other in one dataset, so decoding never stops at an epoch's end; the records
 are parsed, decoded, cropped in parallel and in order, batched (a batch may span two epochs), and each batch's
 captions tokenized in one call. A source's position is (epoch, ordinals consumed): a resumed run rebuilds the same
-stream and skips the consumed records before anything is decoded.
+stream from the window of shards that holds its next record (record_stream), reading no earlier window, and skips
+that window's consumed records before anything is decoded.
 
 A mixture (`[[data.mixture]]`) decodes each source's rows as above and picks every row's source by a draw: draw i
 is a categorical sample of the weights seeded by (data.seed, i), so the position is the draws made plus each
@@ -167,7 +168,7 @@ def gap_shard(recipe: Recipe, part: Part, epoch: int, begin: int, ordinals: np.n
     """The shard of the last record in [begin, ordinals[-1]] that did not come out (found by reading the epoch's
     record stream again, without decoding: only on the way to an error)."""
     last_missing = max(set(range(begin, int(ordinals[-1]) + 1)) - set(ordinals.tolist()))
-    for _, (file, _) in record_stream(recipe, part, epoch).skip(last_missing).take(1).as_numpy_iterator():
+    for _, (file, _) in record_stream(recipe, part, epoch, last_missing).take(1).as_numpy_iterator():
         return part.files[int(file)]
     return part.files[-1]
 
@@ -203,21 +204,59 @@ def recaption_key(recipe: Recipe, spec: Source) -> str:
     return spec.recaption_key if reads_recaptions(recipe) else ""
 
 
-def record_stream(recipe: Recipe, part: Part, epoch: int | tf.Tensor) -> tf.data.Dataset:
-    """(ordinal, (file index, record)) of every record of this host's epoch of a source, in the epoch's order (a
-    record as shard_records gives it)."""
+def shard_order(part: Part, epoch: int | tf.Tensor) -> tf.Tensor:
+    """The indices of this host's shards of a source in `epoch`'s seeded order."""
+    key = tf.stack([tf.constant(part.seed, tf.int64), tf.cast(epoch, tf.int64)])
+    return tf.argsort(tf.random.stateless_uniform([len(part.files)], key))
+
+
+def record_stream(recipe: Recipe, part: Part, epoch: int | tf.Tensor, skip: int | tf.Tensor = 0) -> tf.data.Dataset:
+    """(ordinal, (file index, record)) of this host's epoch of a source in the epoch's order, from ordinal `skip` on
+    (a record as shard_records gives it).
+
+    The epoch's shards in a seeded order, in windows of data.shard_window: a window's shards are read interleaved and
+    shuffled together (a buffer of data.shuffle_buffer, at most the window), the windows one after the other, the next
+    one read and its buffer filled while this one is drained. Where every shard's record count is known (an index),
+    window w's ordinals start at the records before it, so `skip` starts at its window and reads no earlier one: a
+    resume reads at most one window's records, wherever in the epoch it stops. Without counts, one window of every
+    shard, `skip` records read and dropped."""
     seed, files = part.seed, part.files
-    epoch = tf.cast(epoch, tf.int64)
-    order = tf.argsort(tf.random.stateless_uniform([len(files)], tf.stack([tf.constant(seed, tf.int64), epoch])))
-    names = tf.data.Dataset.from_tensor_slices((order, tf.gather(tf.constant(files), order)))
-    records = names.interleave(
-        lambda i, f: shard_records(recipe, part, f).map(lambda *r: (i, r if len(r) > 1 else r[0])),
-        cycle_length=min(16, len(files)),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
+    epoch, skip = tf.cast(epoch, tf.int64), tf.cast(skip, tf.int64)
+    order = shard_order(part, epoch)
+    counted = bool((part.expected >= 0).all())
+    width = min(recipe.data.shard_window, len(files)) if counted else len(files)
+    windows = -(-len(files) // width)
+    counts = tf.gather(tf.constant(np.maximum(part.expected, 0), tf.int64), order)
+    per_window = tf.reduce_sum(tf.reshape(tf.pad(counts, [[0, windows * width - len(files)]]), [windows, width]), 1)
+    ends = tf.cumsum(per_window)  # window w holds the ordinals [ends[w] - per_window[w], ends[w])
+    first = tf.constant(0, tf.int64)
+    if counted:
+        first = tf.minimum(tf.searchsorted(ends, skip[None], side="right", out_type=tf.int64)[0], windows - 1)
+
+    def window(w: tf.Tensor) -> tf.data.Dataset:
+        chosen = order[w * width : (w + 1) * width]
+        names = tf.data.Dataset.from_tensor_slices((chosen, tf.gather(tf.constant(files), chosen)))
+        records = names.interleave(
+            lambda i, f: shard_records(recipe, part, f).map(lambda *r: (i, r if len(r) > 1 else r[0])),
+            cycle_length=min(16, width),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+        buffer = tf.constant(recipe.data.shuffle_buffer, tf.int64)
+        if counted:  # no bigger than the window: a buffer is filled whole before its first record comes out
+            buffer = tf.maximum(tf.minimum(buffer, per_window[w]), 1)
+        shuffle_seed = seed * 100_003 + epoch + w * 1_000_000_007  # window 0: the seed of the whole-epoch order
+        shuffled = records.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+        start = ends[w] - per_window[w] if counted else tf.constant(0, tf.int64)
+        return shuffled.enumerate(start).skip(tf.maximum(skip - start, 0))
+
+    # one window after the other (block_length: all of it), the next one opened beside it so that its shuffle buffer
+    # fills while this one's drains, then holds a few records (Dataset.interleave would buffer 2 x block_length: the
+    # whole next window; only the experimental form takes buffer_output_elements)
+    ahead = tf.data.experimental.parallel_interleave(
+        window, cycle_length=2, block_length=2**31, sloppy=False, buffer_output_elements=64, prefetch_input_elements=0
     )
-    shuffled = records.shuffle(recipe.data.shuffle_buffer, seed=seed * 100_003 + epoch, reshuffle_each_iteration=False)
-    return shuffled.enumerate()
+    return tf.data.Dataset.range(first, windows).apply(ahead)
 
 
 def sample_row(
@@ -307,7 +346,7 @@ def source_rows(recipe: Recipe, resolution: int, part: Part, epoch: int, skip: i
     row = partial(sample_row, recipe, part, resolution)
 
     def epoch_records(e: tf.Tensor) -> tf.data.Dataset:
-        records = record_stream(recipe, part, e).skip(tf.where(e == epoch, tf.constant(skip, tf.int64), 0))
+        records = record_stream(recipe, part, e, tf.where(e == epoch, tf.constant(skip, tf.int64), 0))
         return records.map(lambda ordinal, pair: (e, ordinal, pair))
 
     records = tf.data.Dataset.range(epoch, 2**62).flat_map(epoch_records)
