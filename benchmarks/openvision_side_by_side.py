@@ -581,7 +581,8 @@ def run(openvision: Path, accelerator_type: str, per_chip: int, res: int, search
     base = load(RECIPE, [f"stages.0.global_batch={per_chip * n}", f"stages.0.resolution={res}", "model.remat=auto"])
     for name, choice, searched in OURS:
         if choice is None:  # the plan's: the least recomputation that fits (trainer.fitting.choose)
-            recipe, _ = fitting.choose(base, lambda r: compiler.measure("ours", remat_of(r), per_chip), fits)
+            measure = lambda r: compiler.measure("ours", remat_of(r), per_chip)  # noqa: E731
+            recipe, _ = fitting.choose(base, measure, fits, stage=base.stages[0])
         else:
             recipe = fitting.with_remat(base, choice)  # type: ignore[arg-type]
         remat = remat_of(recipe)

@@ -202,3 +202,24 @@ def test_warmup_in_epochs_is_counted_as_openvision_counts_it():
     assert r.stages[0].warmup_steps == 1563 == recipe.load(RECIPES / "b16.toml").stages[0].warmup_steps
     again = recipe.from_dict(json.loads(json.dumps(dataclasses.asdict(r))))  # a workdir's recipe.json, read back
     assert again.stages[0].warmup_steps == 1563
+
+
+def test_auto_remat_tries_the_least_recomputation_first_for_each_stage():
+    """remat "auto"'s candidates for a stage go by the FLOPs they recompute (the forward of each tower "block" runs
+    twice): for B/16 at 160 px the decoder's blocks cost less than the towers', so "towers dots, decoder block" comes
+    before the towers "block"; for So400m/14 at 84 px (36 patches, its text tower on two texts) the towers' blocks
+    cost what they cost, and the order follows them."""
+    from trainer import fitting
+
+    def order(name: str) -> list[tuple[str, ...]]:
+        r = recipe.load(RECIPES / f"{name}.toml")
+        towers = ("image", "text", "decoder")
+        return [tuple(c.model.tower_remat(t) for t in towers) for c in fitting.candidates(r, r.stages[0])]
+
+    b16, so400m = order("b16"), order("so400m")
+    assert b16[:2] == [("none", "none", "none"), ("dots", "dots", "dots")]  # nothing recomputed: CANDIDATES' order
+    assert b16.index(("dots", "dots", "block")) < b16.index(("block", "block", "none"))
+    r = recipe.load(RECIPES / "so400m.toml")
+    costs = {c: fitting.recomputed_flops(r, r.stages[0], c) for c in so400m}
+    assert [costs[c] for c in so400m] == sorted(costs[c] for c in so400m)
+    assert so400m[-1] == ("block", "block", "block")

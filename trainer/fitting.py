@@ -17,10 +17,10 @@ from trainer.recipe import Recipe, Stage
 T = TypeVar("T")
 Policy = Literal["none", "block", "dots"]
 
-# (image, text, decoder), least recomputation first. "dots" keeps the matmuls' outputs and recomputes the rest (no
-# matmul runs twice); "block" runs a tower's forward twice. The decoder before the towers: OpenVision's decoders are
-# smaller than its towers together (B/16: about as costly; L/14 and up: less). OpenVision's own choice (towers block,
-# decoder none) is the fourth.
+# (image, text, decoder), least memory saved first. "dots" keeps the matmuls' outputs and recomputes the rest (no
+# matmul runs twice); "block" runs a tower's blocks twice. For a stage, `candidates` orders them by the matmul FLOPs
+# recomputed (the "block" towers' forward), this order breaking ties: the decoder "block" costs less than the towers
+# at B/16's 160 px, more at So400m's 84 px. OpenVision's own choice (towers block, decoder none) is among them.
 CANDIDATES: tuple[tuple[Policy, Policy, Policy], ...] = (
     ("none", "none", "none"),
     ("dots", "dots", "dots"),
@@ -47,11 +47,25 @@ def describe(recipe: Recipe) -> str:
     return ", ".join(f"{t} {c}" for t, c in zip(towers, chosen, strict=True))
 
 
-def candidates(recipe: Recipe) -> list[Recipe]:
-    """The recipe with each candidate in turn (those a model without a decoder cannot tell apart, once)."""
+def recomputed_flops(recipe: Recipe, stage: Stage, choice: tuple[Policy, Policy, Policy]) -> int:
+    """The matmul FLOPs per sample a choice adds: the forward of each tower it recomputes whole."""
+    from trainer.models import flops
+
+    blocks = flops.blocks_per_sample(recipe, stage)
+    return sum(
+        blocks.get(tower, 0) for tower, p in zip(("image", "text", "decoder"), choice, strict=True) if p == "block"
+    )
+
+
+def candidates(recipe: Recipe, stage: Stage | None = None) -> list[Recipe]:
+    """The recipe with each candidate in turn (those a model without a decoder cannot tell apart, once); for a
+    stage, the least recomputed FLOPs first."""
+    choices = list(CANDIDATES)
+    if stage is not None:
+        choices.sort(key=lambda c: recomputed_flops(recipe, stage, c))  # stable: ties keep CANDIDATES' order
     seen: set[tuple[Policy, ...]] = set()
     out = []
-    for choice in CANDIDATES:
+    for choice in choices:
         key = choice if recipe.model.decoder else choice[:2]
         if key not in seen:
             seen.add(key)
@@ -64,13 +78,14 @@ def choose(
     measure: Callable[[Recipe], T],
     fits: Callable[[T], bool],
     tried: list[tuple[Recipe, T]] | None = None,
+    stage: Stage | None = None,
 ) -> tuple[Recipe, T]:
-    """The recipe as it runs and its measure: as given unless its remat is "auto", else the first candidate whose
-    measure fits (or, where none does, the last: the least memory, for the plan to report as not fitting). `tried`
-    collects each candidate measured, in order."""
+    """The recipe as it runs and its measure: as given unless its remat is "auto", else the first candidate (for
+    `stage`, the least recomputation first) whose measure fits (or, where none does, the last, for the plan to
+    report as not fitting). `tried` collects each candidate measured, in order."""
     if recipe.model.remat != "auto":
         return recipe, measure(recipe)
-    for option in candidates(recipe):
+    for option in candidates(recipe, stage):
         measured = measure(option)
         if tried is not None:
             tried.append((option, measured))
@@ -99,5 +114,6 @@ def for_devices(recipe: Recipe, stage: Stage, mesh: Any) -> Recipe:
         return candidates(recipe)[0]
     from trainer.memory import train_memory
 
-    chosen, _ = choose(recipe, lambda r: train_memory(r, stage, mesh), lambda m: m.fits and m.total <= limit)
+    fits = lambda m: m.fits and m.total <= limit  # noqa: E731
+    chosen, _ = choose(recipe, lambda r: train_memory(r, stage, mesh), fits, stage=stage)
     return chosen

@@ -131,7 +131,7 @@ def plan_stage(
     fits_chip = lambda m: m.fits and m.total <= hbm  # noqa: E731 (the compiler refuses what does not fit at all)
     # remat "auto": the least recomputation that fits, as the trainer chooses it on the pod
     tried: list[tuple[Recipe, Memory]] = []
-    chosen, memory = fitting.choose(recipe, lambda r: train_memory(r, stage, mesh), fits_chip, tried)
+    chosen, memory = fitting.choose(recipe, lambda r: train_memory(r, stage, mesh), fits_chip, tried, stage)
     evals = eval_memory(recipe, stage, devices)
     fits = fits_chip(memory)
     step_flops = flops.traced(*train_step_args(chosen, stage, mesh)) / len(devices)  # every layer, remat included

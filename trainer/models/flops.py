@@ -22,31 +22,45 @@ def image_tokens(recipe: Recipe, stage: Stage) -> int:
     return max(1, round(patches * stage.patch_keep)) + (recipe.model.pooling == "cls" or recipe.model.class_token)
 
 
+def blocks_per_sample(recipe: Recipe, stage: Stage) -> dict[str, int]:
+    """Each tower's transformer blocks, forward FLOPs per sample: what remat "block" runs a second time."""
+    m, t = recipe.model, recipe.text
+    image, text = variants.image_tower(m), variants.text_tower(m)
+    n = image_tokens(recipe, stage)
+    texts = 2 if recipe.loss.contrast_recaption else 1  # the text tower also reads a re-caption sentence
+    out = {"image": _blocks(image, n), "text": texts * _blocks(text, t.context_length)}
+    if m.decoder and m.decoder_style == "queries":  # one sequence: the context's tokens, then the queries
+        text_context = t.context_length - 1 if m.decoder_context == "image+text" else 0
+        patches = n - int(m.pooling == "cls" or m.class_token)  # the class token is not in the context
+        out["decoder"] = _blocks(variants.TEXT[m.decoder], patches + text_context + t.caption_length)
+    elif m.decoder:
+        dec, steps = variants.TEXT[m.decoder], t.caption_length
+        context, w = n + (t.context_length if m.decoder_context == "image+text" else 0), dec.width
+        cross = 2 * steps * 2 * w * w + 2 * context * 2 * w * w + 4 * steps * context * w
+        # causal self-attention and MLP (the mask is not skipped: counted in full), then cross-attention
+        out["decoder"] = _blocks(dec, steps) + dec.depth * cross
+    return out
+
+
 def forward_per_sample(recipe: Recipe, stage: Stage) -> int:
     m, t = recipe.model, recipe.text
     image, text = variants.image_tower(m), variants.text_tower(m)
     embed = m.embed_dim or variants.EMBED_DIM[m.image_variant]
     n = image_tokens(recipe, stage)
-    flops = 2 * n * 3 * m.patch**2 * image.width + _blocks(image, n) + 2 * image.width * embed
+    flops = sum(blocks_per_sample(recipe, stage).values())
+    flops += 2 * n * 3 * m.patch**2 * image.width + 2 * image.width * embed  # patch embedding, head
     if m.pooling == "map":  # one probe token attending to n tokens, then its MLP
         flops += 2 * n * 2 * image.width**2 + 2 * 2 * image.width**2 + 4 * n * image.width
         flops += 2 * 2 * image.width * image.mlp
-    texts = 2 if recipe.loss.contrast_recaption else 1  # the text tower also reads a re-caption sentence
-    flops += texts * (_blocks(text, t.context_length) + 2 * text.width * embed)
-    if m.decoder and m.decoder_style == "queries":  # one sequence: the context's tokens, then the queries
-        text_context = t.context_length - 1 if m.decoder_context == "image+text" else 0
+    texts = 2 if recipe.loss.contrast_recaption else 1
+    flops += texts * 2 * text.width * embed
+    if m.decoder:  # the context's projections and the vocabulary's
         dec, steps = variants.TEXT[m.decoder], t.caption_length
-        patches = n - int(m.pooling == "cls" or m.class_token)  # the class token is not in the context
-        flops += 2 * (patches * image.width + text_context * text.width) * dec.width  # context projections
-        flops += _blocks(dec, patches + text_context + steps) + 2 * steps * dec.width * t.vocab_rows
-    elif m.decoder:
-        text_context = t.context_length if m.decoder_context == "image+text" else 0
-        dec, steps, context = variants.TEXT[m.decoder], t.caption_length, n + text_context
-        w = dec.width
-        flops += 2 * (n * image.width + text_context * text.width) * w  # context projections
-        flops += _blocks(dec, steps)  # causal self-attention and MLP (the mask is not skipped: counted in full)
-        cross = 2 * steps * 2 * w * w + 2 * context * 2 * w * w + 4 * steps * context * w
-        flops += dec.depth * cross + 2 * steps * w * t.vocab_rows
+        queries = m.decoder_style == "queries"
+        text_context = (t.context_length - int(queries)) if m.decoder_context == "image+text" else 0
+        patches = n - int(queries and (m.pooling == "cls" or m.class_token))
+        flops += 2 * (patches * image.width + text_context * text.width) * dec.width
+        flops += 2 * steps * dec.width * t.vocab_rows
     return flops
 
 
