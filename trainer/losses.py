@@ -90,7 +90,9 @@ def _on_mesh(chunk, hidden, kernel, bias, targets, weights, with_grads):
     rules, mesh = active_rules(), jax.sharding.get_abstract_mesh()
     if rules is None or mesh.empty:
         return _local_cross_entropy(chunk, hidden, kernel, bias, targets, weights, with_grads, (), None)
-    rows, _, vocab = nn.logical_to_mesh_axes(LOGITS, rules)
+    spec = nn.logical_to_mesh_axes(LOGITS, rules)
+    assert spec is not None  # rules are given: a spec comes back
+    rows, _, vocab = spec
     batch_axes = tuple(a for a in (rows if isinstance(rows, tuple) else (rows,)) if a is not None)
     vocab_axis = vocab if vocab is not None and mesh.shape[vocab] > 1 else None
     tokens, table, row = P(rows, None, None), P(None, vocab_axis), P(rows, None)

@@ -84,19 +84,20 @@ def loss_terms(
     log_scale, bias = out["log_scale"], out.get("bias")
     embeddings = {name: out[name] for name in EMBEDDINGS if name in out}
     if negatives is not None:
-        count = next(iter(negatives.embeddings.values())).shape[0]
+        micro_count = next(iter(negatives.embeddings.values())).shape[0]
 
         def among(name: str, mine: jnp.ndarray) -> jnp.ndarray:
             cached = jax.lax.stop_gradient(negatives.embeddings[name])
             return cached.at[negatives.index].set(mine).reshape(-1, mine.shape[-1])
 
         embeddings = {name: among(name, mine) for name, mine in embeddings.items()}
-        share = lambda p: p / count + jax.lax.stop_gradient(p * (1 - 1 / count))  # noqa: E731
+        share = lambda p: p / micro_count + jax.lax.stop_gradient(p * (1 - 1 / micro_count))  # noqa: E731
         log_scale, bias = share(log_scale), None if bias is None else share(bias)
 
     def contrast(text_emb: jnp.ndarray) -> jnp.ndarray:
         sim = losses.logits(embeddings["image_emb"], text_emb, log_scale, recipe.loss.max_temperature)
         if recipe.loss.contrastive == "sigmoid":
+            assert bias is not None  # a sigmoid model has its bias
             return losses.sigmoid_contrastive(sim, bias)
         return losses.softmax_contrastive(sim)
 
@@ -106,8 +107,8 @@ def loss_terms(
         terms["contrastive_alt"], terms["contrastive_recaption"] = contrastive, contrast(embeddings["second_text_emb"])
         terms["contrastive"] = (contrastive + terms["contrastive_recaption"]) / 2
     if "caption" in out:
-        count = None if negatives is None else negatives.caption_tokens
-        terms["caption"] = losses.readout_cross_entropy(out["caption"], batch["captions"], tokens=count)
+        tokens = None if negatives is None else negatives.caption_tokens
+        terms["caption"] = losses.readout_cross_entropy(out["caption"], batch["captions"], tokens=tokens)
     return weighted_total(recipe, terms), terms
 
 
@@ -124,7 +125,7 @@ def embeddings_of(
 
     def one(_: None, xs: tuple[dict[str, jnp.ndarray], jnp.ndarray]) -> tuple[None, dict[str, jnp.ndarray]]:
         micro, index = xs
-        out = model.apply(
+        out: dict[str, Any] = model.apply(  # type: ignore[assignment]
             {"params": params},
             model_inputs(recipe, micro),
             micro["texts"],

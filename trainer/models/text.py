@@ -199,7 +199,7 @@ class CaptionDecoder(nn.Module):
     @nn.compact
     def __call__(
         self, inputs: jnp.ndarray, image_tokens: jnp.ndarray, text_tokens: jnp.ndarray | None = None
-    ) -> jnp.ndarray:
+    ) -> Readout:
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         width = self.size.width
 
@@ -230,7 +230,7 @@ class QueryDecoder(nn.Module):
     @nn.compact
     def __call__(
         self, inputs: jnp.ndarray, image_tokens: jnp.ndarray, text_tokens: jnp.ndarray | None = None
-    ) -> jnp.ndarray:
+    ) -> Readout:
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         width, length = self.size.width, inputs.shape[1]
 
