@@ -99,14 +99,6 @@ def log(message: str) -> None:
 # FLOPs
 
 
-def traced_flops(fn: Any, *args: Any) -> float:
-    """trainer.models.flops.traced's count of `fn(*args)`: every layer, remat included, global, each shard_map's body
-    (OpenVision's loss; our caption loss) once a device."""
-    from trainer.models import flops
-
-    return flops.traced(fn, *args)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # OpenVision's step
 
@@ -352,8 +344,10 @@ class OpenVision:
             return compile_memory(self.update_fn, *self.args(per_chip))
 
     def flops(self, per_chip: int) -> float:
+        from trainer.models.flops import traced  # every layer, remat, a shard_map body once a device
+
         with self.tracing():
-            return traced_flops(self.update_fn, *self.args(per_chip))
+            return traced(self.update_fn, *self.args(per_chip))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -388,8 +382,9 @@ class Ours:
 
     def flops(self, recipe: Any) -> float:
         from trainer.memory import train_step_args
+        from trainer.models.flops import traced
 
-        return traced_flops(*train_step_args(recipe, recipe.stages[0], self.mesh))
+        return traced(*train_step_args(recipe, recipe.stages[0], self.mesh))
 
 
 def remat_of(recipe: Any) -> tuple[str, str, str]:

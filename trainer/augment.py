@@ -67,12 +67,11 @@ def colour_jitter(images: jnp.ndarray, draws: jnp.ndarray, strength: float) -> j
         hsv = rgb_to_hsv(y)
         return hsv_to_rgb(hsv.at[..., 0].set(jnp.mod(hsv[..., 0] + hue[:, None, None], 1.0)))
 
-    ops = (
-        lambda y: y * brightness,
-        lambda y: (y - y.mean(axis=(1, 2), keepdims=True)) * contrast + y.mean(axis=(1, 2), keepdims=True),
-        adjust_saturation,
-        adjust_hue,
-    )
+    def adjust_contrast(y: jnp.ndarray) -> jnp.ndarray:
+        mean = y.mean(axis=(1, 2), keepdims=True)  # per image and channel, as tf.image.adjust_contrast
+        return (y - mean) * contrast + mean
+
+    ops = (lambda y: y * brightness, adjust_contrast, adjust_saturation, adjust_hue)
     order = jnp.argsort(u[:, ORDER], axis=1)  # (B, 4): the op each image applies at each position
     y = x
     for position in range(4):  # every op on every image, each image keeping its own (one elementwise fusion)

@@ -46,13 +46,30 @@ class Negatives:
     index: jnp.ndarray  # this micro-batch's row in `embeddings`
 
 
-def model_inputs(recipe: Recipe, batch: dict[str, jnp.ndarray]) -> jnp.ndarray:
-    """The batch's images as the model takes them: colour-jittered where the recipe jitters (the draws in the batch)."""
+def forward(
+    model: Clip,
+    recipe: Recipe,
+    params: Any,
+    batch: dict[str, jnp.ndarray],
+    patch_keep: float,
+    rng: jax.Array | None,
+    captions: bool = True,
+) -> dict[str, Any]:
+    """The model's outputs for a batch: its images colour-jittered where the recipe jitters (the draws in the batch),
+    the caption decoder run where `captions` and the batch has them."""
     images = batch["images"]
     if "colour" in batch:
         jittered = augment.colour_jitter(images, batch["colour"], recipe.data.color_jitter)
         images = pixels_to_model_range(jittered, recipe.model.pixel_norm)
-    return images
+    return model.apply(  # type: ignore[return-value]
+        {"params": params},
+        images,
+        batch["texts"],
+        batch.get("captions") if captions else None,
+        patch_keep,
+        batch.get("recaption_texts"),
+        rngs={"dropout": rng} if rng is not None else None,
+    )
 
 
 def loss_terms(
@@ -72,15 +89,7 @@ def loss_terms(
     batch's and the contrastive loss is the whole batch's: its gradient reaches this micro-batch's rows (the others
     are constants) and 1/micro-batches of the temperature's, so the gradients summed over the micro-batches are the
     whole batch's (open_clip's accum_freq). The caption loss is this micro-batch's share of the batch's mean."""
-    out: dict[str, Any] = model.apply(  # type: ignore[assignment]
-        {"params": params},
-        model_inputs(recipe, batch),
-        batch["texts"],
-        batch.get("captions"),
-        patch_keep,
-        batch.get("recaption_texts"),
-        rngs={"dropout": rng} if rng is not None else None,
-    )
+    out = forward(model, recipe, params, batch, patch_keep, rng)
     log_scale, bias = out["log_scale"], out.get("bias")
     embeddings = {name: out[name] for name in EMBEDDINGS if name in out}
     if negatives is not None:
@@ -117,6 +126,11 @@ def weighted_total(recipe: Recipe, terms: dict[str, jnp.ndarray]) -> jnp.ndarray
     return total + recipe.loss.caption_weight * terms["caption"] if "caption" in terms else total
 
 
+def micro_key(rng: jax.Array | None, index: jnp.ndarray) -> jax.Array | None:
+    """Micro-batch `index`'s patch-dropout key: the same in grad_accum's two passes."""
+    return None if rng is None else jax.random.fold_in(rng, index)
+
+
 def embeddings_of(
     model: Clip, recipe: Recipe, params: Any, micros: dict[str, jnp.ndarray], patch_keep: float, rng: jax.Array | None
 ) -> dict[str, jnp.ndarray]:
@@ -125,15 +139,7 @@ def embeddings_of(
 
     def one(_: None, xs: tuple[dict[str, jnp.ndarray], jnp.ndarray]) -> tuple[None, dict[str, jnp.ndarray]]:
         micro, index = xs
-        out: dict[str, Any] = model.apply(  # type: ignore[assignment]
-            {"params": params},
-            model_inputs(recipe, micro),
-            micro["texts"],
-            None,
-            patch_keep,
-            micro.get("recaption_texts"),
-            rngs={"dropout": jax.random.fold_in(rng, index)} if rng is not None else None,
-        )
+        out = forward(model, recipe, params, micro, patch_keep, micro_key(rng, index), captions=False)
         return None, {name: out[name] for name in EMBEDDINGS if name in out}
 
     count = micros["texts"].shape[0]
@@ -157,8 +163,10 @@ def train_step(
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     rng = step_key if stage.patch_keep < 1 else None  # only patch dropout draws random numbers
 
-    def grads_of(micro: dict[str, jnp.ndarray], key: jax.Array | None) -> tuple[tuple[jnp.ndarray, dict], Any]:
-        terms_of = lambda p: loss_terms(model, recipe, p, micro, stage.patch_keep, key)  # noqa: E731
+    def grads_of(
+        micro: dict[str, jnp.ndarray], key: jax.Array | None, negatives: Negatives | None = None
+    ) -> tuple[tuple[jnp.ndarray, dict], Any]:
+        terms_of = lambda p: loss_terms(model, recipe, p, micro, stage.patch_keep, key, negatives)  # noqa: E731
         return jax.value_and_grad(terms_of, has_aux=True)(state.params)
 
     if stage.grad_accum == 1:
@@ -170,10 +178,7 @@ def train_step(
 
         def accumulate(total: Any, xs: tuple[dict[str, jnp.ndarray], jnp.ndarray]) -> tuple[Any, Any]:
             micro, index = xs
-            negatives = Negatives(cached, caption_tokens, index)
-            key = None if rng is None else jax.random.fold_in(rng, index)
-            terms_of = lambda p: loss_terms(model, recipe, p, micro, stage.patch_keep, key, negatives)  # noqa: E731
-            (_, terms), grads = jax.value_and_grad(terms_of, has_aux=True)(state.params)
+            (_, terms), grads = grads_of(micro, micro_key(rng, index), Negatives(cached, caption_tokens, index))
             return jax.tree.map(jnp.add, total, grads), terms
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
