@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
+from trainer.models import flops
 from trainer.recipe import Recipe, Stage
 
 T = TypeVar("T")
@@ -49,8 +50,6 @@ def describe(recipe: Recipe) -> str:
 
 def recomputed_flops(recipe: Recipe, stage: Stage, choice: tuple[Policy, Policy, Policy]) -> int:
     """The matmul FLOPs per sample a choice adds: the forward of each tower it recomputes whole."""
-    from trainer.models import flops
-
     blocks = flops.blocks_per_sample(recipe, stage)
     return sum(
         blocks.get(tower, 0) for tower, p in zip(("image", "text", "decoder"), choice, strict=True) if p == "block"
