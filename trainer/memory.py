@@ -52,6 +52,11 @@ def compile_memory(fn: Any, *args: Any) -> Memory:
         arguments = argument_bytes(args)
         available = int(float(found.group(3)) * UNITS[found.group(4)])
         return Memory(arguments, temporaries, arguments + temporaries, None, available)
+    return of_compiled(compiled)
+
+
+def of_compiled(compiled: Any) -> Memory:
+    """A compiled program's memory and FLOPs per device, by the compiler's own analysis."""
     stats = compiled.memory_analysis()
     fixed = (
         stats.argument_size_in_bytes

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from trainer import augment, losses
+from trainer import augment, losses, replicas
 from trainer.models.clip import Clip, pixels_to_model_range
 from trainer.recipe import Recipe, Stage
 
@@ -72,6 +72,34 @@ def forward(
     )
 
 
+def scored(
+    model: Clip,
+    recipe: Recipe,
+    params: Any,
+    batch: dict[str, jnp.ndarray],
+    patch_keep: float,
+    rng: jax.Array | None,
+    tokens: jnp.ndarray | None = None,
+) -> dict[str, Any]:
+    """forward's outputs with the caption readout scored: "caption_loss", the batch's token-weighted mean (or its
+    share of a mean over `tokens` target tokens)."""
+    out = forward(model, recipe, params, batch, patch_keep, rng)
+    if "caption" in out:
+        out["caption_loss"] = losses.readout_cross_entropy(out.pop("caption"), batch["captions"], tokens=tokens)
+    return out
+
+
+def caption_tokens(batch: dict[str, jnp.ndarray]) -> jnp.ndarray:
+    return (batch["captions"] != 0).sum() if "captions" in batch else jnp.zeros((), jnp.int32)
+
+
+def merged(per_replica: dict[str, jnp.ndarray]) -> dict[str, jnp.ndarray]:
+    """The replicas' outputs as the whole batch's: embeddings' rows concatenated, caption shares summed, and the
+    temperature and bias averaged (so each replica's copy takes its share of their gradient)."""
+    how = {name: replicas.merge_rows for name in EMBEDDINGS} | {"caption_loss": lambda x: x.sum(0)}
+    return {name: how.get(name, lambda x: x.mean(0))(x) for name, x in per_replica.items()}
+
+
 def loss_terms(
     model: Clip,
     recipe: Recipe,
@@ -80,6 +108,7 @@ def loss_terms(
     patch_keep: float = 1.0,
     rng: jax.Array | None = None,
     negatives: Negatives | None = None,
+    on: replicas.Replicas | None = None,
 ) -> tuple[jnp.ndarray, dict]:
     """The weighted total and each term; batch: images, texts (alt-text ids), captions (re-caption ids),
     recaption_texts (a re-caption sentence's ids, with loss.contrast_recaption) and colour (each sample's jitter
@@ -88,8 +117,15 @@ def loss_terms(
     With `negatives` (a micro-batch of grad_accum), this micro-batch's embeddings take their rows among the whole
     batch's and the contrastive loss is the whole batch's: its gradient reaches this micro-batch's rows (the others
     are constants) and 1/micro-batches of the temperature's, so the gradients summed over the micro-batches are the
-    whole batch's (open_clip's accum_freq). The caption loss is this micro-batch's share of the batch's mean."""
-    out = forward(model, recipe, params, batch, patch_keep, rng)
+    whole batch's (open_clip's accum_freq). The caption loss is this micro-batch's share of the batch's mean.
+    `on`: `params` are stacked one copy per replica and each replica's rows run through its own (trainer.replicas)."""
+    tokens = None if negatives is None else negatives.caption_tokens
+    if on is None:
+        out = scored(model, recipe, params, batch, patch_keep, rng, tokens)
+    else:
+        tokens = caption_tokens(batch) if tokens is None else tokens  # a replica's share of the whole batch's mean
+        score = lambda p, rows, key: scored(model, recipe, p, rows, patch_keep, key, tokens)  # noqa: E731
+        out = merged(on.run(score, params, batch, rng))
     log_scale, bias = out["log_scale"], out.get("bias")
     embeddings = {name: out[name] for name in EMBEDDINGS if name in out}
     if negatives is not None:
@@ -115,9 +151,8 @@ def loss_terms(
     if "second_text_emb" in embeddings:  # OpenVision: the mean of the image's contrast with either text
         terms["contrastive_alt"], terms["contrastive_recaption"] = contrastive, contrast(embeddings["second_text_emb"])
         terms["contrastive"] = (contrastive + terms["contrastive_recaption"]) / 2
-    if "caption" in out:
-        tokens = None if negatives is None else negatives.caption_tokens
-        terms["caption"] = losses.readout_cross_entropy(out["caption"], batch["captions"], tokens=tokens)
+    if "caption_loss" in out:
+        terms["caption"] = out["caption_loss"]
     return weighted_total(recipe, terms), terms
 
 
@@ -132,15 +167,27 @@ def micro_key(rng: jax.Array | None, index: jnp.ndarray) -> jax.Array | None:
 
 
 def embeddings_of(
-    model: Clip, recipe: Recipe, params: Any, micros: dict[str, jnp.ndarray], patch_keep: float, rng: jax.Array | None
+    model: Clip,
+    recipe: Recipe,
+    params: Any,
+    micros: dict[str, jnp.ndarray],
+    patch_keep: float,
+    rng: jax.Array | None,
+    on: replicas.Replicas | None = None,
 ) -> dict[str, jnp.ndarray]:
     """grad_accum's first pass: every micro-batch's embeddings (no caption decoder, no gradient), (count, rows, dim)
-    each, with the same patch dropout as the second pass."""
+    each, with the same patch dropout (and replicas) as the second pass."""
+
+    def embed(p: Any, rows: dict[str, jnp.ndarray], key: jax.Array | None) -> dict[str, jnp.ndarray]:
+        out = forward(model, recipe, p, rows, patch_keep, key, captions=False)
+        return {name: out[name] for name in EMBEDDINGS if name in out}
 
     def one(_: None, xs: tuple[dict[str, jnp.ndarray], jnp.ndarray]) -> tuple[None, dict[str, jnp.ndarray]]:
         micro, index = xs
-        out = forward(model, recipe, params, micro, patch_keep, micro_key(rng, index), captions=False)
-        return None, {name: out[name] for name in EMBEDDINGS if name in out}
+        key = micro_key(rng, index)
+        if on is None:
+            return None, embed(params, micro, key)
+        return None, jax.tree.map(replicas.merge_rows, on.run(embed, params, micro, key))
 
     count = micros["texts"].shape[0]
     return jax.lax.scan(one, None, (micros, jnp.arange(count)))[1]
@@ -164,25 +211,37 @@ def train_step(
     rng = step_key if stage.patch_keep < 1 else None  # only patch dropout draws random numbers
 
     def grads_of(
-        micro: dict[str, jnp.ndarray], key: jax.Array | None, negatives: Negatives | None = None
+        params: Any,
+        micro: dict[str, jnp.ndarray],
+        key: jax.Array | None,
+        negatives: Negatives | None = None,
+        on: replicas.Replicas | None = None,
     ) -> tuple[tuple[jnp.ndarray, dict], Any]:
-        terms_of = lambda p: loss_terms(model, recipe, p, micro, stage.patch_keep, key, negatives)  # noqa: E731
-        return jax.value_and_grad(terms_of, has_aux=True)(state.params)
+        terms_of = lambda p: loss_terms(model, recipe, p, micro, stage.patch_keep, key, negatives, on)  # noqa: E731
+        return jax.value_and_grad(terms_of, has_aux=True)(params)
 
     if stage.grad_accum == 1:
-        (loss, terms), grads = grads_of(batch, rng)
+        (loss, terms), grads = grads_of(state.params, batch, rng)
     else:  # open_clip's accum_freq: every micro-batch contrasts with the whole batch's embeddings (a first pass)
         micros = micro_batches(batch, stage.grad_accum)
-        cached = embeddings_of(model, recipe, state.params, micros, stage.patch_keep, rng)
-        caption_tokens = (batch["captions"] != 0).sum() if "captions" in batch else jnp.zeros((), jnp.int32)
+        on = replicas.Replicas.of_active_mesh()  # each replica's gradient summed where it lies, all-reduced once
+        params = state.params if on is None else on.stack(state.params)
+        cached = embeddings_of(model, recipe, params, micros, stage.patch_keep, rng, on)
+        whole_batch = caption_tokens(batch)
 
         def accumulate(total: Any, xs: tuple[dict[str, jnp.ndarray], jnp.ndarray]) -> tuple[Any, Any]:
             micro, index = xs
-            (_, terms), grads = grads_of(micro, micro_key(rng, index), Negatives(cached, caption_tokens, index))
+            negatives = Negatives(cached, whole_batch, index)
+            (_, terms), grads = grads_of(params, micro, micro_key(rng, index), negatives, on)
             return jax.tree.map(jnp.add, total, grads), terms
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        grads, terms = jax.lax.scan(accumulate, zeros, (micros, jnp.arange(stage.grad_accum)))
+        with jax.named_scope("accumulate"):
+            grads, terms = jax.lax.scan(
+                accumulate, zeros if on is None else on.stack(zeros), (micros, jnp.arange(stage.grad_accum))
+            )
+        if on is not None:
+            grads = jax.tree.map(lambda g: g.sum(0), grads)  # the replicas' gradients: the step's one all-reduce
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)  # the sum is the batch's gradient
         terms = {k: v.sum() if k in SUMMED_TERMS else v.mean() for k, v in terms.items()}
         loss = weighted_total(recipe, terms)
