@@ -1,16 +1,20 @@
 """The training loop against its bare step: what the Python loop around the compiled step costs, what a checkpoint
 save holds it for, and how much of a start the compilation cache saves.
 
-    python benchmarks/bench_loop.py [--config tiny|b16] [--steps 60] [--json]
+    python benchmarks/bench_loop.py [--config tiny|b16] [--steps 200] [--breakdown] [--json]
 
 For one configuration on the devices JAX sees (a CPU here):
 - the bare step: the trainer's own jitted step (trainer/program.py) on a batch already on the device, dispatched
   `--steps` times and waited for once at the end (the best the loop could do);
 - the loop: `python -m trainer` on the same recipe for `--steps` steps with its data pipeline, metrics, progress
-  report and checkpoints at the recipe's cadence; its `step_time_s` (wall time between logs over the steps in
-  between, checkpoint saves included), the median over its logs after the first;
-- their ratio, and what each checkpoint save held the loop (`checkpoint_held_s`) against one step;
-- the time from start to the first step, with an empty compilation cache and again with the one that start wrote.
+  report, logs every 10 steps and checkpoints every 50; its `step_time_s` (wall time between logs over the steps
+  in between), the mean over the logs after the first that hold no save, plus the mean time a save held the loop
+  (`checkpoint_held_s`) over the real recipe's checkpoint cadence (tiny.toml's 500 steps, b16.toml's 1000): the
+  loop's time a step at that cadence (`loop_over_bare_every_50`: at the run's own);
+- their ratio, and the longest a checkpoint save held the loop against one step;
+- the time from start to the first step, with an empty compilation cache and again with the one that start wrote;
+- with --breakdown, the loop again without each of its parts (checkpoints, logs, tf.data: on a CPU the input
+  pipeline decodes on the cores that run the step, which a TPU host's CPU does not), each against the bare step.
 
 Configurations: `tiny` (recipes/tiny.toml on Fashion-MNIST, prepared into data/fashion-mnist when missing) and `b16`
 (a B/16 image and text tower at 32 px, 8 images a step, on the tests' synthetic data).
@@ -33,18 +37,19 @@ import click
 ROOT = Path(__file__).resolve().parents[1]
 FASHION = ROOT / "data" / "fashion-mnist"
 
+# (recipe, overrides, the recipe whose checkpoint cadence the loop is amortised over). The runs log every 10 steps
+# and checkpoint every 50, so that a short run sees several of each; the figures are then amortised over the real
+# recipe's cadence (tiny.toml: 500 steps, b16.toml: 1000).
+CADENCE = ["log.every_steps=10", "checkpoint.every_steps=50"]
 CONFIGS = {
-    "tiny": (
-        ROOT / "recipes" / "tiny.toml",
-        ["log.every_steps=10", "checkpoint.every_steps=20", "stages.0.warmup_steps=0"],
-    ),
+    "tiny": (ROOT / "recipes" / "tiny.toml", [*CADENCE, "stages.0.warmup_steps=0"], ROOT / "recipes" / "tiny.toml"),
     "b16": (
         ROOT / "tests" / "tiny_synthetic.toml",
         [
             *("model.image=B/16", "model.text=B", "model.decoder=", "model.dtype=float32"),
-            *("stages.0.resolution=32", "stages.0.global_batch=8", "stages.0.warmup_steps=0"),
-            *("log.every_steps=5", "checkpoint.every_steps=20"),
+            *("stages.0.resolution=32", "stages.0.global_batch=8", "stages.0.warmup_steps=0", *CADENCE),
         ],
+        ROOT / "recipes" / "b16.toml",
     ),
 }
 
@@ -108,8 +113,8 @@ def first_step_s(output: str) -> tuple[float, int, int]:
     return float(found.group(1)), int(found.group(2)), int(found.group(3))
 
 
-def measure(config: str, steps: int) -> dict:
-    recipe, overrides = CONFIGS[config]
+def measure(config: str, steps: int, breakdown: bool = False) -> dict:
+    recipe, overrides, cadence_of = CONFIGS[config]
     if config == "tiny" and not FASHION.joinpath("vocab.txt").exists():
         prepare = [sys.executable, "-m", "trainer.data.prepare", "fashion-mnist", "/usr/share/datasets/fashion-mnist"]
         subprocess.run([*prepare, str(FASHION)], cwd=ROOT, check=True)
@@ -122,31 +127,61 @@ def measure(config: str, steps: int) -> dict:
         cache = scratch_dir / "cache"
         cold_out, records = train(path, sets, scratch_dir / "cold", cache)
         warm_out, _ = train(path, sets, scratch_dir / "warm", cache)
-    timed = [r["step_time_s"] for r in records if "step_time_s" in r][1:]  # the first window follows the compile
+        parts = {}
+        if breakdown:  # the loop again without one of its parts each time (warm cache): what each costs
+            for name, more in BREAKDOWN.items():
+                if config in NOT_FOR.get(name, ()):
+                    continue
+                parts[name] = loop_step_s(train(path, [*sets, *more], scratch_dir / name, cache)[1]) / bare
+    from trainer.recipe import load
+
+    every = load(cadence_of).checkpoint.every_steps
     held = [r["checkpoint_held_s"] for r in records if "checkpoint_held_s" in r]
-    loop = statistics.median(timed)
+    between = loop_step_s([r for r in records if "checkpoint_held_s" not in r])  # the windows without a save
+    amortised = between + statistics.mean(held) / every
     cold, warm = first_step_s(cold_out), first_step_s(warm_out)
     return {
         "config": config,
         "steps": steps,
         "bare_step_s": bare,
-        "loop_step_s": loop,
-        "loop_over_bare": loop / bare,
-        "checkpoint_held_s": max(held) if held else None,
-        "checkpoint_held_over_step": max(held) / bare if held else None,
+        "loop_step_s_between_checkpoints": between,
+        "checkpoint_every_steps": every,
+        "loop_step_s": amortised,
+        "loop_over_bare": amortised / bare,
+        "loop_over_bare_every_50": loop_step_s(records) / bare,
+        "checkpoint_held_s": max(held),
+        "checkpoint_held_over_step": max(held) / bare,
         "first_step_cold_s": cold[0],
         "first_step_warm_s": warm[0],
         "warm_over_cold": warm[0] / cold[0],
         "programs_from_cache_warm": f"{warm[1]} of {warm[2]}",
+        **{f"loop_over_bare {name}": ratio for name, ratio in parts.items()},
     }
+
+
+# The loop between checkpoints without one more of its parts: `--breakdown` (the stage's last checkpoint falls
+# after the timing)
+BREAKDOWN = {
+    "with one log": ["checkpoint.every_steps=1000000", "log.every_steps=1000000"],
+    "on synthetic data": ["checkpoint.every_steps=1000000", "data.source='synthetic'"],  # no tf.data beside the step
+}
+NOT_FOR = {"on synthetic data": ("b16",)}  # b16 is synthetic already
+
+
+def loop_step_s(records: list[dict]) -> float:
+    """The loop's seconds a step, amortised over its logs and checkpoints: the mean over the logged windows after the
+    first (which follows the compile), or the one window there is."""
+    timed = [r["step_time_s"] for r in records if "step_time_s" in r]
+    return statistics.mean(timed[1:] if len(timed) > 1 else timed)
 
 
 @click.command()
 @click.option("--config", type=click.Choice(sorted(CONFIGS)), default="tiny", show_default=True)
-@click.option("--steps", default=60, show_default=True, help="Steps of the loop (and of each bare-step timing).")
+@click.option("--steps", default=200, show_default=True, help="Steps of the loop (and of each bare-step timing).")
+@click.option("--breakdown", is_flag=True, help="Also time the loop without each of its parts.")
 @click.option("--json", "as_json", is_flag=True)
-def main(config: str, steps: int, as_json: bool) -> None:
-    result = measure(config, steps)
+def main(config: str, steps: int, breakdown: bool, as_json: bool) -> None:
+    result = measure(config, steps, breakdown)
     if as_json:
         click.echo(json.dumps(result))
         return

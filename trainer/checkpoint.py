@@ -54,7 +54,9 @@ def newest(recipe: Recipe, workdir: epath.Path, stage_name: str | None = None) -
 class StageCheckpoints:
     def __init__(self, stage_dir: epath.Path, keep: int):
         self.directory = stage_dir / "checkpoints"
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=True, enable_background_delete=True
+        )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def latest(self) -> int | None:

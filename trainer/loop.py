@@ -14,6 +14,7 @@ nothing trained is ever lost to an eval.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -162,7 +163,7 @@ def run_stage(
             batch, position = next(batches)
             state, step_metrics = program.step(state, batch)
             step += 1
-            window = step_metrics if window is None else jax.tree.map(jnp.add, window, step_metrics)
+            window = step_metrics if window is None else add_metrics(window, step_metrics)
             window_steps += 1
             if speed.started is None:  # the first step compiles: time from the end of it
                 jax.block_until_ready(state.step)
@@ -190,10 +191,11 @@ def run_stage(
             report.advance(step)
             saving = due(step, every_ckpt, steps) or preempted or evaluate
             if saving:
+                jax.block_until_ready(state)  # the save copies the step's results: the chips are busy until then
                 held = time.perf_counter()
                 positions = data.gather_positions(position, host)  # every host's: each resumes its own stream
                 ckpt.save(state, {"stage": index, "stage_name": stage.name, "step": step, "data": positions})
-                save_held_s += time.perf_counter() - held  # orbax writes in the background: only this holds the loop
+                save_held_s += time.perf_counter() - held  # the chips' wait; orbax writes in the background
             if record is not None:
                 if evaluate:
                     ckpt.wait()  # committed before the evals run: nothing trained is lost to an eval
@@ -214,6 +216,13 @@ def run_stage(
     ckpt.close()
     report.say(f"stage {stage.name}: done ({steps} steps)")
     return Outcome(finished=index == len(recipe.stages) - 1, preempted=False, stage=stage.name, step=step), state.params
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def add_metrics(window: dict[str, jax.Array], step_metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """The window's sums and this step's metrics, on the device in one dispatch (an eager add per metric costs the
+    loop a dispatch each, every step); fetched only when a log is due."""
+    return jax.tree.map(jnp.add, window, step_metrics)
 
 
 def due(step: int, every: int, total: int) -> bool:
