@@ -15,6 +15,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 from standins import cpu_env
 
 from trainer import collectives
@@ -129,6 +130,7 @@ ACCUMULATE_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # two compiles on 8 devices: 20 s
 def test_grad_accum_all_reduces_the_gradient_once_and_keeps_the_whole_batch_s_update(tmp_path):
     """data 4 x fsdp 2, grad_accum 2: inside the accumulation loop no reduction crosses the data axis but the loss's
     few numbers (fsdp's, 2 devices, reduce the weights' gradients there, as FSDP must); after it one reduction
