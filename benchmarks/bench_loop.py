@@ -132,7 +132,9 @@ def measure(config: str, steps: int, breakdown: bool = False) -> dict:
             for name, more in BREAKDOWN.items():
                 if config in NOT_FOR.get(name, ()):
                     continue
-                parts[name] = loop_step_s(train(path, [*sets, *more], scratch_dir / name, cache)[1]) / bare
+                keys = {item.partition("=")[0] for item in more}
+                variant = [item for item in sets if item.partition("=")[0] not in keys] + more
+                parts[name] = loop_step_s(train(path, variant, scratch_dir / name, cache)[1]) / bare
     from trainer.recipe import load
 
     every = load(cadence_of).checkpoint.every_steps

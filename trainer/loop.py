@@ -137,32 +137,35 @@ def run_stage(
         report.say(f"stage {stage.name}: remat {fitting.describe(chosen)} (auto: the least that fits)")
     program = compile_stage(model, chosen, stage, mesh)
     ckpt = checkpoint.for_stage(recipe, workdir, index)
-    position = None
-    if resume_step is not None:
-        state, meta = ckpt.restore(resume_step, program.abstract_state)
-        position = data.my_position(meta["data"], host, report.say)
-        report.say(f"stage {stage.name}: resuming at step {resume_step}/{steps}")
-    else:
-        if stage.init_from:
-            params = pretrained.restore(stage.init_from, recipe, stage, model, mesh)
-            report.say(f"stage {stage.name}: parameters from {stage.init_from}")
-        state = program.init_state(None if params is None else fit_positions(recipe, stage, params))
-        report.say(f"stage {stage.name}: {steps} steps at {stage.resolution} px, batch {stage.global_batch}")
+    position = None if resume_step is None else data.my_position(ckpt.meta(resume_step)["data"], host, report.say)
     schedule = optimizer.schedule(stage, steps)
-    batches = Prefetched(data.open_stage(recipe, index, host, position), program.global_batch)
     flops_per_step = flops.train_per_sample(recipe, stage) * stage.global_batch
     speed = Speed(recipe, index, flops_per_step)
     every_ckpt = stage.checkpoint_every or recipe.checkpoint.every_steps
-    report.start_stage(stage, steps, int(state.step))
-    with batches:
+    # the input opens first: its shuffle buffer fills while the state is restored or initialised and the step compiles
+    with Prefetched(data.open_stage(recipe, index, host, position), program.global_batch) as batches:
+        if resume_step is not None:
+            state, _ = ckpt.restore(resume_step, program.abstract_state)
+            report.say(f"stage {stage.name}: resuming at step {resume_step}/{steps}")
+        else:
+            if stage.init_from:
+                params = pretrained.restore(stage.init_from, recipe, stage, model, mesh)
+                report.say(f"stage {stage.name}: parameters from {stage.init_from}")
+            state = program.init_state(None if params is None else fit_positions(recipe, stage, params))
+            report.say(f"stage {stage.name}: {steps} steps at {stage.resolution} px, batch {stage.global_batch}")
+        report.start_stage(stage, steps, int(state.step))
         window: dict[str, Any] | None = None  # metrics summed on the device since the last log
         window_steps = timed_steps = 0
         save_held_s = 0.0  # the time checkpoint saves held the loop since the last log
         step = int(state.step)
+        pending: PendingLog | None = None  # a log whose numbers are fetched once the next step is queued
         while step < steps:
             batch, position = next(batches)
             state, step_metrics = program.step(state, batch)
             step += 1
+            if pending is not None:  # the previous step's log: the chips have this step queued meanwhile
+                write_log(metrics, report, pending, pending.finish(speed))
+                pending = None
             window = step_metrics if window is None else add_metrics(window, step_metrics)
             window_steps += 1
             if speed.started is None:  # the first step compiles: time from the end of it
@@ -178,15 +181,15 @@ def run_stage(
             preempted = preemption.reached(recipe.global_step(index, step))
             # a preempted host has seconds to save: the evals wait for the resumed run
             evaluate = bool(evaluators) and not preempted and due(step, stage.eval_every, steps)
-            record = None
             if due(step, recipe.log.every_steps, steps) or preempted or evaluate:
-                values = {k: float(v) / window_steps for k, v in jax.device_get(window).items()}
-                record = {"stage": stage.name, "stage_step": step, **values, "lr": float(schedule(step - 1))}
-                if timed_steps:
-                    record.update(speed.measure(timed_steps, steps - step))
-                record.update({f"data_{k}": v for k, v in position.items() if k in ("epoch", "bad")})
+                head = {"stage": stage.name, "stage_step": step}
+                tail: dict[str, Any] = {"lr": float(schedule(step - 1))}
+                tail.update({f"data_{k}": v for k, v in position.items() if k in ("epoch", "bad")})
                 if save_held_s:
-                    record["checkpoint_held_s"] = save_held_s  # since the last log
+                    tail["checkpoint_held_s"] = save_held_s  # since the last log
+                pending = PendingLog(
+                    recipe.global_step(index, step), head, tail, window, window_steps, timed_steps, steps - step
+                )
                 window, window_steps, timed_steps, save_held_s = None, 0, 0, 0.0
             report.advance(step)
             saving = due(step, every_ckpt, steps) or preempted or evaluate
@@ -196,7 +199,8 @@ def run_stage(
                 positions = data.gather_positions(position, host)  # every host's: each resumes its own stream
                 ckpt.save(state, {"stage": index, "stage_name": stage.name, "step": step, "data": positions})
                 save_held_s += time.perf_counter() - held  # the chips' wait; orbax writes in the background
-            if record is not None:
+            if pending is not None and (saving or step == steps):  # these write their log now
+                record = pending.finish(speed)
                 if evaluate:
                     ckpt.wait()  # committed before the evals run: nothing trained is lost to an eval
                     results = run_evals(evaluators, model, state.params, mesh, stage, step, report)
@@ -204,8 +208,8 @@ def run_stage(
                     numbers = {k: v for k, v in results.items() if k != "eval_error"}
                     metrics.table(f"evals/{stage.name}", recipe.global_step(index, step), numbers)
                     speed.restart()  # the eval's time is not the step's
-                metrics.write(recipe.global_step(index, step), record)
-                report.log(record)
+                write_log(metrics, report, pending, record)
+                pending = None
             if saving:  # the logs in a bucket reach every checkpoint: a resumed run re-logs only what it re-trains
                 metrics.sync()
             if preempted:
@@ -216,6 +220,35 @@ def run_stage(
     ckpt.close()
     report.say(f"stage {stage.name}: done ({steps} steps)")
     return Outcome(finished=index == len(recipe.stages) - 1, preempted=False, stage=stage.name, step=step), state.params
+
+
+@dataclass
+class PendingLog:
+    """A due log whose numbers stay on the device until the next step is dispatched (their copy to the host
+    started at once): fetching them at once would leave the chips idle while the host queues the next step."""
+
+    global_step: int
+    head: dict[str, Any]  # the record's fields before the numbers
+    tail: dict[str, Any]  # and after them
+    window: dict[str, jax.Array]  # the metrics summed over the window's steps
+    window_steps: int
+    timed_steps: int  # of them, those the speed counts (not the first, compiling, step)
+    steps_left: int
+
+    def __post_init__(self) -> None:
+        for value in jax.tree.leaves(self.window):
+            value.copy_to_host_async()
+
+    def finish(self, speed: Speed) -> dict[str, Any]:
+        """The record: the window's means, and the speed up to now (the logged step is done by the time they are)."""
+        values = {k: float(v) / self.window_steps for k, v in jax.device_get(self.window).items()}
+        timing = speed.measure(self.timed_steps, self.steps_left) if self.timed_steps else {}
+        return {**self.head, **values, **self.tail, **timing}
+
+
+def write_log(metrics: MetricsLog, report: Report, pending: PendingLog, record: dict[str, Any]) -> None:
+    metrics.write(pending.global_step, record)
+    report.log(record)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
