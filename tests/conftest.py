@@ -158,6 +158,9 @@ LONG_TESTS = [
     "test_runs.py::test_the_local_target_trains_the_tiny_recipe_from_a_clean_checkout",
     "test_train.py::test_two_processes_stop_together_on_preemption",  # builds the two hosts' save
     "test_real_data.py::test_train_on_shards_with_zero_shot_and_retrieval_evals_in_the_loop",  # builds the shard run
+    # the heaviest neighbours (128 sshds' handshakes): a trainer test beside them took 3.5x its time alone
+    "test_scale.py::test_a_pod_of_128_workers_runs_reports_and_stops",
+    "test_scale.py::test_a_pod_of_128_workers_execs_checks_and_syncs",
     # 13 s alone, 78 s beside the 128-worker pods: long enough to keep away from the other long tests
     "test_train.py::test_a_two_host_save_resumes_on_another_mesh",
     "test_bucket.py::test_an_eval_that_fails_on_one_host_of_two_is_reported_by_both_and_training_goes_on",
@@ -166,8 +169,6 @@ LONG_TESTS = [
     "test_runs.py::test_a_dead_worker_stops_the_others_and_status_names_it",
     "test_babysit.py::test_preemption_drill",
     "test_runs.py::test_two_workers_stop_and_resume_a_run_by_its_name",
-    "test_scale.py::test_a_pod_of_128_workers_runs_reports_and_stops",
-    "test_scale.py::test_a_pod_of_128_workers_execs_checks_and_syncs",
     # libtpu compiles on both cores (two plans at once in the first): beside the 128 workers' start, one of their
     # sshds showed no banner within the start's timeout
     "test_plan.py::test_a_plan_compiles_each_stage_for_the_slice_and_says_what_a_chip_holds",
@@ -176,15 +177,13 @@ LONG_TESTS = [
     # 20-28 s alone, 66 s in two runs beside the plan's libtpu compiles: eight XLA:CPU devices compiling
     "test_step.py::test_a_step_on_8_devices_equals_the_step_on_1",
 ]
-# The long tests slowed most beside a CPU-heavy test (the local target 70 s in CI, 30 s alone; the two hosts' save
-# 62 s, 21 s alone: trainers of their own that start cold or two at once): `scheduled` puts the light tests beside them.
+# The long tests slowed most beside a CPU-heavy test, and the heaviest neighbours: `scheduled` puts the light tests
+# beside them (about 140 s of light tests in all: enough for these three). The local target: 70 s in CI, 30 s alone.
 SHIELDED = {
     # 30-37 s alone, 70-80 s beside each other or a trainer test: 128 sshds and their handshakes share the two cores
     "test_scale.py::test_a_pod_of_128_workers_runs_reports_and_stops",
     "test_scale.py::test_a_pod_of_128_workers_execs_checks_and_syncs",
     "test_runs.py::test_the_local_target_trains_the_tiny_recipe_from_a_clean_checkout",
-    "test_train.py::test_two_processes_stop_together_on_preemption",
-    "test_real_data.py::test_train_on_shards_with_zero_shot_and_retrieval_evals_in_the_loop",
 }
 # Each test's seconds (set-up, call and tear-down) in a full run; `TESTS_STORE_DURATIONS=1 pytest -n 2 ...` writes
 # them anew. A test not in it counts as 1 s.
@@ -238,15 +237,19 @@ def scheduled(items: list[pytest.Item], workers: int = 2) -> list[pytest.Item]:
 
     def take(worker: int) -> None:
         start = ends[worker][-1] if ends[worker] else 0.0
-        beside = {name for w, begin, end, name in long_runs if w != worker and begin <= start < end}
         # a long test may not start beside another, nor have one start beside it (the other worker's queued test)
         clash = bool(long) and any(
             w != worker and begin < start + seconds(long[0]) and start < end for w, begin, end, _ in long_runs
         )
         if long and (not clash or not others):
             item = long.pop(0)
-        else:  # beside a shielded long test, the longest light one; else the longest other
-            shield = bool(beside & SHIELDED)
+        else:  # beside a shielded long test (running or due to start within it), the longest light one
+            heavy = next((i for i in others if not light(i)), None)
+            horizon = start + (seconds(heavy) if heavy is not None else 0.0)
+            shield = any(
+                name in SHIELDED and w != worker and begin < horizon and start < end
+                for w, begin, end, name in long_runs
+            )
             item = next((i for i in others if light(i) == shield), others[0])
             others.remove(item)
         order.append(item)
