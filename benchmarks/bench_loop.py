@@ -13,8 +13,9 @@ For one configuration on the devices JAX sees (a CPU here):
   loop's time a step at that cadence (`loop_over_bare_every_50`: at the run's own);
 - their ratio, and the longest a checkpoint save held the loop against one step;
 - the time from start to the first step, with an empty compilation cache and again with the one that start wrote;
-- with --breakdown, the loop again without each of its parts (checkpoints, logs, tf.data: on a CPU the input
-  pipeline decodes on the cores that run the step, which a TPU host's CPU does not), each against the bare step.
+- with --breakdown, the loop between checkpoints again with one log only, and on synthetic data (on a CPU the
+  input pipeline decodes on the cores that run the step, which a TPU host's CPU does not), each against the bare
+  step.
 
 Configurations: `tiny` (recipes/tiny.toml on Fashion-MNIST, prepared into data/fashion-mnist when missing) and `b16`
 (a B/16 image and text tower at 32 px, 8 images a step, on the tests' synthetic data).

@@ -20,6 +20,7 @@ from standins import cpu_env
 
 from trainer import collectives
 
+TESTS = os.path.dirname(os.path.abspath(__file__))  # on the scripts' path: their standins
 GLOBAL_BATCH = 40  # 5 rows a device: a size no parameter has, so a gathered or reduced activation shows by its shape
 
 SCRIPT = textwrap.dedent(
@@ -87,8 +88,8 @@ ACCUMULATE_SCRIPT = textwrap.dedent(
     """
     import dataclasses, json, sys
     from pathlib import Path
-    import jax, jax.numpy as jnp, numpy as np, optax
-    import flax.linen as nn
+    import jax, numpy as np, optax
+    from standins.params import random_params
     from trainer import recipe, sharding
     from trainer.models.clip import build
     from trainer.step import init_state, train_step
@@ -102,10 +103,9 @@ ACCUMULATE_SCRIPT = textwrap.dedent(
     batch = {"images": rng.normal(size=(rows, stage.resolution, stage.resolution, 3)).astype(np.float32),
              "texts": rng.integers(3, 30_000, size=(rows, r.text.context_length)).astype(np.int32),
              "captions": captions}
-    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *(v[:1] for v in batch.values())))
-    fill = lambda path, leaf: jnp.asarray(
-        (1 if path[-1].key == "scale" else 0) + rng.standard_normal(leaf.shape) * 0.05, leaf.dtype)
-    params = jax.tree_util.tree_map_with_path(fill, nn.unbox(boxed))["params"]
+    firsts = [v[:1] for v in batch.values()]
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *firsts))
+    params = random_params(model, *firsts)["params"]
     tx = optax.sgd(1.0)  # new params = params - the step's gradient
     shardings = sharding.logical_shardings(jax.eval_shape(lambda: init_state(boxed["params"], tx)), mesh)
 
@@ -152,7 +152,7 @@ def test_grad_accum_all_reduces_the_gradient_once_and_keeps_the_whole_batch_s_up
             tmp_path / "whole.npz",
             *overrides,
         ],
-        env=cpu_env(8),
+        env=cpu_env(8) | {"PYTHONPATH": os.pathsep.join(filter(None, [TESTS, os.environ.get("PYTHONPATH")]))},
         capture_output=True,
         text=True,
         timeout=300,

@@ -164,7 +164,7 @@ def run_stage(
             state, step_metrics = program.step(state, batch)
             step += 1
             if pending is not None:  # the previous step's log: the chips have this step queued meanwhile
-                write_log(metrics, report, pending, pending.finish(speed))
+                pending.write(metrics, report, pending.finish(speed))
                 pending = None
             window = step_metrics if window is None else add_metrics(window, step_metrics)
             window_steps += 1
@@ -208,7 +208,7 @@ def run_stage(
                     numbers = {k: v for k, v in results.items() if k != "eval_error"}
                     metrics.table(f"evals/{stage.name}", recipe.global_step(index, step), numbers)
                     speed.restart()  # the eval's time is not the step's
-                write_log(metrics, report, pending, record)
+                pending.write(metrics, report, record)
                 pending = None
             if saving:  # the logs in a bucket reach every checkpoint: a resumed run re-logs only what it re-trains
                 metrics.sync()
@@ -245,10 +245,9 @@ class PendingLog:
         timing = speed.measure(self.timed_steps, self.steps_left) if self.timed_steps else {}
         return {**self.head, **values, **self.tail, **timing}
 
-
-def write_log(metrics: MetricsLog, report: Report, pending: PendingLog, record: dict[str, Any]) -> None:
-    metrics.write(pending.global_step, record)
-    report.log(record)
+    def write(self, metrics: MetricsLog, report: Report, record: dict[str, Any]) -> None:
+        metrics.write(self.global_step, record)
+        report.log(record)
 
 
 @functools.partial(jax.jit, donate_argnums=0)

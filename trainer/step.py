@@ -7,6 +7,7 @@ step never waits on the host.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -89,6 +90,18 @@ def scored(
     return out
 
 
+def through(
+    on: replicas.Replicas | None,
+    f: Callable[..., dict[str, Any]],
+    params: Any,
+    batch: dict[str, jnp.ndarray],
+    key: jax.Array | None,
+    merge: Callable[[dict[str, Any]], dict[str, Any]],
+) -> dict[str, Any]:
+    """f(params, batch, key), or where `on` gives replicas, f on each replica's copy and rows, merged as one batch's."""
+    return f(params, batch, key) if on is None else merge(on.run(f, params, batch, key))
+
+
 def caption_tokens(batch: dict[str, jnp.ndarray]) -> jnp.ndarray:
     return (batch["captions"] != 0).sum() if "captions" in batch else jnp.zeros((), jnp.int32)
 
@@ -119,13 +132,11 @@ def loss_terms(
     are constants) and 1/micro-batches of the temperature's, so the gradients summed over the micro-batches are the
     whole batch's (open_clip's accum_freq). The caption loss is this micro-batch's share of the batch's mean.
     `on`: `params` are stacked one copy per replica and each replica's rows run through its own (trainer.replicas)."""
-    tokens = None if negatives is None else negatives.caption_tokens
-    if on is None:
-        out = scored(model, recipe, params, batch, patch_keep, rng, tokens)
-    else:
-        tokens = caption_tokens(batch) if tokens is None else tokens  # a replica's share of the whole batch's mean
-        score = lambda p, rows, key: scored(model, recipe, p, rows, patch_keep, key, tokens)  # noqa: E731
-        out = merged(on.run(score, params, batch, rng))
+    tokens = None if negatives is None else negatives.caption_tokens  # a share of the whole batch's caption mean
+    if tokens is None and on is not None:  # each replica's share of this batch's
+        tokens = caption_tokens(batch)
+    score = lambda p, rows, key: scored(model, recipe, p, rows, patch_keep, key, tokens)  # noqa: E731
+    out = through(on, score, params, batch, rng, merged)
     log_scale, bias = out["log_scale"], out.get("bias")
     embeddings = {name: out[name] for name in EMBEDDINGS if name in out}
     if negatives is not None:
@@ -184,10 +195,8 @@ def embeddings_of(
 
     def one(_: None, xs: tuple[dict[str, jnp.ndarray], jnp.ndarray]) -> tuple[None, dict[str, jnp.ndarray]]:
         micro, index = xs
-        key = micro_key(rng, index)
-        if on is None:
-            return None, embed(params, micro, key)
-        return None, jax.tree.map(replicas.merge_rows, on.run(embed, params, micro, key))
+        merge = lambda out: jax.tree.map(replicas.merge_rows, out)  # noqa: E731
+        return None, through(on, embed, params, micro, micro_key(rng, index), merge)
 
     count = micros["texts"].shape[0]
     return jax.lax.scan(one, None, (micros, jnp.arange(count)))[1]
