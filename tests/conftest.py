@@ -178,12 +178,14 @@ LONG_TESTS = [
     "test_step.py::test_a_step_on_8_devices_equals_the_step_on_1",
 ]
 # The long tests slowed most beside a CPU-heavy test, and the heaviest neighbours: `scheduled` puts the light tests
-# beside them (about 140 s of light tests in all: enough for these three). The local target: 70 s in CI, 30 s alone.
+# beside them (about 150 s of light tests in all: enough for these four). The local target: 70 s in CI, 30 s alone.
 SHIELDED = {
     # 30-37 s alone, 70-80 s beside each other or a trainer test: 128 sshds and their handshakes share the two cores
     "test_scale.py::test_a_pod_of_128_workers_runs_reports_and_stops",
     "test_scale.py::test_a_pod_of_128_workers_execs_checks_and_syncs",
     "test_runs.py::test_the_local_target_trains_the_tiny_recipe_from_a_clean_checkout",
+    # two trainer processes of two devices each: ~25 s alone, 59-69 s beside another trainer test
+    "test_train.py::test_two_processes_stop_together_on_preemption",
 }
 # Each test's seconds (set-up, call and tear-down) in a full run; `TESTS_STORE_DURATIONS=1 pytest -n 2 ...` writes
 # them anew. A test not in it counts as 1 s.

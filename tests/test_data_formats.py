@@ -212,6 +212,32 @@ def test_a_tfds_builder_is_read_with_its_keys_and_resumes_exactly(sets):
     assert len(seen[0]) == len(seen[1]) == 40 and not seen[0] & seen[1]
 
 
+def test_a_tfds_source_is_opened_on_the_caller_s_thread_and_only_read_on_the_prefetch_thread(sets):
+    # TensorFlow Datasets' imports swap Python's import function for the whole process while they run (etils'
+    # lazy_imports): a JAX import on another thread meanwhile (lax.scan imports inside itself) failed the trainer's
+    # init, once, in CI. So every TFDS import happens where the stage is opened, never on the thread that reads it.
+    import builtins
+    import threading
+
+    from trainer.data.prefetch import Prefetched
+
+    original, on_prefetch = builtins.__import__, []
+
+    def recording(name, *args, **kwargs):
+        if threading.current_thread().name == "prefetch":
+            on_prefetch.append(name)
+        return original(name, *args, **kwargs)
+
+    stream = data.open_stage(tfds_recipe(sets), 0, data.Host())
+    builtins.__import__ = recording
+    try:
+        with Prefetched(stream, lambda batch: batch) as batches:
+            assert next(batches)[0]["images"].shape == (8, 21, 21, 3)
+    finally:
+        builtins.__import__ = original
+    assert not [name for name in on_prefetch if name.startswith(("tensorflow_datasets", "etils"))], on_prefetch
+
+
 def test_tfds_mistakes_are_one_line_naming_what_exists(sets):
     from trainer import preflight
 

@@ -96,7 +96,16 @@ def batches(
         preflight(recipe, part, stage.resolution)
     starts = [(t.epoch, t.end) for t in trackers]
     stream = endless_stream(recipe, stage.resolution, tokenizer, parts, starts, draws if mixed else None, size)
-    for chunk in stream.as_numpy_iterator():
+    return _positioned(stream.as_numpy_iterator(), trackers, size, draws, mixed)
+
+
+def _positioned(
+    chunks: Iterator[dict[str, np.ndarray]], trackers: list[Tracker], size: int, draws: int, mixed: bool
+) -> Iterator[tuple[Batch, Position]]:
+    """Each batch with the stream's position right after it. Only this iterates on the prefetch thread: `batches`
+    opens everything before it on the caller's, because TensorFlow Datasets' imports swap Python's import function
+    for the whole process (etils' lazy_imports) and a JAX import made meanwhile on another thread fails."""
+    for chunk in chunks:
         for k, tracker in enumerate(trackers):
             rows = np.flatnonzero(chunk["source"] == k)
             if len(rows):
