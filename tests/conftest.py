@@ -110,6 +110,7 @@ SLOW_MODULES = {
     "test_babysit",  # recreated stand-in VMs, preemption drills
     "test_bench",  # the step benchmark end to end
     "test_bucket",  # trainer runs against the GCS emulator
+    "test_compute_fleet",  # a MIG of stand-in workers: prepare, runs, the trainer on two hosts
     "test_convert",  # upstream open_clip (torch) against our towers
     "test_data_formats",  # TFDS builders written by tensorflow-datasets, trainer runs
     "test_first_steps",  # the README's first steps, a prepare on stand-in VMs among them
@@ -138,6 +139,7 @@ LIGHT_MODULES = {
     "test_cli",
     "test_cloud",
     "test_code",
+    "test_compute",
     "test_config",
     "test_doctor",
     "test_exec",
@@ -167,6 +169,8 @@ LONG_TESTS = [
     # 20 s in one fresh-clone run, 69 and 76 s in the next two: kept away from the other long tests
     "test_data_formats.py::test_the_trainer_trains_on_a_mixture_of_a_tfds_builder_and_tars_with_every_eval_format",
     "test_runs.py::test_a_dead_worker_stops_the_others_and_status_names_it",
+    "test_compute_fleet.py::test_the_trainer_runs_on_a_two_host_mig_joined_by_jax_distributed",
+    "test_compute_fleet.py::test_a_four_worker_mig_slice_goes_through_a_pods_commands",
     "test_babysit.py::test_preemption_drill",
     "test_runs.py::test_two_workers_stop_and_resume_a_run_by_its_name",
     # libtpu compiles on both cores (two plans at once in the first): beside the 128 workers' start, one of their

@@ -80,11 +80,11 @@ def prepare(settings: Settings, node: Node, say: Callable[[str], None] = lambda 
     settings = dataclasses.replace(settings, ssh_keys="metadata")
     if keys.has_key(dict(node.metadata).get(keys.SSH_KEYS, ""), settings.ssh_user, public):
         return Access(settings, "metadata", False)
-    from tpuctl import lifecycle
-    from tpuctl.cloud import TpuApi
+    from tpuctl import lifecycle, slices
 
     say(f"Adding SSH key {path} for {settings.ssh_user!r} to the ssh-keys metadata of TPU {node.name!r}")
-    lifecycle.add_ssh_key(TpuApi(settings), node.name, settings.ssh_user, public, poll=min(2.0, settings.api_poll))
+    api = slices.api_of(settings, node)
+    lifecycle.add_ssh_key(api, node.name, settings.ssh_user, public, poll=min(2.0, settings.api_poll))
     return Access(settings, "metadata", True)
 
 

@@ -55,6 +55,7 @@ class Node:
     labels: tuple[tuple[str, str], ...] = ()
     zone: str = ""  # from its resource name: where a TPU made by `create --zones` landed
     metadata: tuple[tuple[str, str], ...] = ()  # the VMs' metadata (ssh-keys, startup-script, ...)
+    source: str = "tpu"  # where it is: "tpu" (a Cloud TPU API node) or "compute" (Compute Engine's VMs, tpuctl.gce)
 
     def to_json(self) -> dict[str, Any]:
         # metadata by key only: its values (a startup script, say) may hold what must not reach logs
@@ -403,6 +404,8 @@ def credentials_for(endpoint: str) -> Any:
 
 class TpuApi:
     """Thin wrapper over tpu_v2.TpuClient that turns API failures into one-line CloudErrors."""
+
+    source = "tpu"
 
     def __init__(self, settings: Settings):
         settings.require("project")

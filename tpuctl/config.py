@@ -81,6 +81,14 @@ class Settings:
         "--zones",
     )
     tpu: str | None = _setting(None, "str", "Name of the TPU node (pod).", "--tpu")
+    backend: str = _setting(
+        "auto",
+        "str",
+        "Where TPUs are: tpu (the Cloud TPU API's nodes), compute (Compute Engine: a managed instance group of TPU VMs"
+        " or one TPU VM; v5p, v6e, TPU7x) or auto (a name the Cloud TPU API has is its node, else Compute Engine's"
+        " slice; `list` shows both; `create` makes tpu7x on Compute Engine, the rest through the Cloud TPU API).",
+        "--backend",
+    )
     ssh_user: str = _setting(_local_user(), "str", "User to log in as on the workers.", "--ssh-user")
     ssh_key: str = _setting("~/.ssh/google_compute_engine", "path", "Private key for the workers.", "--ssh-key")
     ssh_keys: str = _setting(
@@ -107,7 +115,7 @@ class Settings:
     compute_endpoint: str = _setting(
         "https://compute.googleapis.com",
         "str",
-        "Compute Engine API endpoint (the project's metadata: enable-oslogin); http:// means an emulator.",
+        "Compute Engine API endpoint (TPU VMs and their groups, the project's metadata); http:// means an emulator.",
     )
     storage_endpoint: str = _setting(
         "https://storage.googleapis.com",
@@ -163,6 +171,13 @@ class Settings:
         "TPU VM software version `create` asks for; default: the one Google documents for the type (v6e:"
         " v2-alpha-tpuv6e, v5p: v2-alpha-tpuv5, v5e: v2-alpha-tpuv5-lite, v4 and older: tpu-ubuntu2204-base).",
         "--runtime",
+    )
+    image: str | None = _setting(
+        None,
+        "str",
+        "Boot image of new TPU VMs on Compute Engine (an image or a family, projects/P/global/images/...); default:"
+        " Ubuntu 22.04 LTS (prepare installs jax[tpu] with its libtpu from PyPI).",
+        "--image",
     )
     network: str | None = _setting(None, "str", "VPC network of new TPUs (default: the project's).", "--network")
     subnetwork: str | None = _setting(None, "str", "Subnetwork of new TPUs.", "--subnet")
@@ -311,6 +326,7 @@ def _validate(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
         ("command_timeout", lambda v: v > 0, "more than 0 seconds"),
         ("api_timeout", lambda v: v > 0, "more than 0 seconds"),
         ("target", lambda v: v in ("tpu", "local"), "'tpu' or 'local'"),
+        ("backend", lambda v: v in ("auto", "tpu", "compute"), "'auto', 'tpu' or 'compute'"),
         ("coordinator_port", lambda v: 1 <= v <= 65535, "a port between 1 and 65535"),
     ]
     for name, ok, want in checks:

@@ -106,15 +106,28 @@ class Doctor:
         return True
 
     def _api(self) -> TpuApi | None:
-        from tpuctl.cloud import TpuApi
+        """The API that holds the TPU (backend auto: the Cloud TPU API's node, else Compute Engine's slice),
+        checked by listing what it has in the zone."""
+        from tpuctl import slices
 
         try:
             self.settings.require("project", "zone", "tpu")
-            api = TpuApi(self.settings)
-            nodes = api.list_nodes()
+            api = slices.compute_api(self.settings) if self.settings.backend == "compute" else None
+            if api is None:
+                api = slices.tpu_api(self.settings)
+                nodes = api.list_nodes()
+                if self.settings.backend == "auto" and not any(n.name == self.settings.tpu for n in nodes):
+                    found, node = slices.find(self.settings, str(self.settings.tpu))
+                    api = found if node is not None else api
+            if api.source == "compute":
+                nodes = api.list_nodes()
         except TpuctlError as e:
             self._add("tpu api", FAIL, e.message, e.hint or "")
             return None
+        if api.source == "compute":
+            where = "Compute Engine reachable and enabled; instanceGroupManagers.list and instances.list allowed"
+            self._add("tpu api", PASS, f"{where} ({count(len(nodes), 'TPU slice')} in {api.project}/{api.zone})")
+            return api
         self._add(
             "tpu api",
             PASS,

@@ -69,10 +69,12 @@ def pick_tpu(settings: Settings, zones: list[str], env: dict[str, str]) -> tuple
     """A TPU of the project in any of `zones` (name, zone), or one made now through `tpuctl create`."""
     import questionary
 
+    from tpuctl import slices
     from tpuctl.cloud import TpuApi
 
     api = TpuApi(settings)
-    nodes = [node for zone in zones for node in api.in_zone(zone).list_nodes()]
+    nodes = [] if settings.backend == "compute" else [n for zone in zones for n in api.in_zone(zone).list_nodes()]
+    nodes += slices.compute_nodes(settings, zones)
     choices = [
         questionary.Choice(
             f"{n.name}  ({n.state}, {n.accelerator_type}, {len(n.workers)} workers) in {n.zone}", value=(n.name, n.zone)
@@ -85,7 +87,7 @@ def pick_tpu(settings: Settings, zones: list[str], env: dict[str, str]) -> tuple
             f"{q.name}  (queued: {q.state}, {q.accelerator_type}) in {q.zone}",
             disabled=f"no node yet; `tpuctl delete {q.name} --zone {q.zone}` cancels it",
         )
-        for q in _waiting_requests(api, zones, nodes)
+        for q in ([] if settings.backend == "compute" else _waiting_requests(api, zones, nodes))
     ]
     picked = ask(questionary.select("TPU", choices=[*choices, *waiting, NEW_TPU], default=default))
     if picked != NEW_TPU:
@@ -120,7 +122,7 @@ def create_tpu(settings: Settings, zones: list[str], env: dict[str, str]) -> tup
     is READY, None when create failed."""
     import questionary
 
-    from tpuctl.cloud import TAG_RE, TpuApi
+    from tpuctl.cloud import TAG_RE
 
     name = ask(questionary.text("Name", validate=lambda v: bool(TAG_RE.fullmatch(v)) or "lowercase, digits and -"))
     kind = ask(questionary.text("Accelerator type", default=settings.accelerator_type or "v4-8", validate=_given))
@@ -131,8 +133,11 @@ def create_tpu(settings: Settings, zones: list[str], env: dict[str, str]) -> tup
     zone_args = ["--zones", ",".join(zones)] if zone == first_free else ["--zone", zone]
     if run_action(["create", name, "--type", kind.strip(), *zone_args, *capacity], env) != 0:
         return None
-    api = TpuApi(settings)
-    found = next((z for z in zones if api.in_zone(z).find_node(name) is not None), zone)
+    import dataclasses
+
+    from tpuctl import slices
+
+    found = next((z for z in zones if slices.find(dataclasses.replace(settings, zone=z), name)[1] is not None), zone)
     return name, found
 
 

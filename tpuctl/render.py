@@ -126,8 +126,9 @@ def nodes_table(nodes: Sequence[Node], internal: bool) -> Table:
         shown = ", ".join(ips[:4]) + (f", … (+{len(ips) - 4})" if len(ips) > 4 else "")
         state = plain(n.state)
         state.stylize("green" if n.state == "READY" else "yellow")
-        rows.append((n.name, state, n.health or "-", n.accelerator_type, len(n.workers), shown))
-    return table(None, ["name", "state", "health", "type", "workers", "ips"], rows)
+        source = "Compute Engine" if n.source == "compute" else "Cloud TPU"
+        rows.append((n.name, state, n.health or "-", n.accelerator_type, len(n.workers), shown, source))
+    return table(None, ["name", "state", "health", "type", "workers", "ips", "source"], rows)
 
 
 def since(iso: str, now: datetime.datetime | None = None) -> str:

@@ -31,12 +31,11 @@ def settings_from(flags: dict[str, Any]) -> Settings:
 
 def ready_node(settings: Settings) -> Node:
     """The --tpu node, READY and with its workers, else one line saying what it is instead."""
-    from tpuctl import endpoints
-    from tpuctl.cloud import TpuApi
+    from tpuctl import endpoints, slices
 
     settings.require("project", "zone", "tpu")
     assert settings.tpu is not None
-    node = TpuApi(settings).get_node(settings.tpu)
+    _, node = slices.get(settings, settings.tpu)
     if node.state != "READY":
         raise TpuctlError(f"TPU {node.name!r} is {node.state}, not READY", "see `tpuctl list` for its state")
     if not node.workers:

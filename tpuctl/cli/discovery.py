@@ -33,24 +33,20 @@ def config_show(as_json: bool, **flags: Any) -> None:
 
 
 @click.command("list")
-@setting_options("project", "zone", "internal_ip")
+@setting_options("project", "zone", "internal_ip", "backend")
 @json_option
 def list_nodes(as_json: bool, **flags: Any) -> None:
-    """List the TPUs in the zone: state, health, type, workers and their IPs.
+    """List the TPUs in the zone (the Cloud TPU API's and Compute Engine's): state, health, type, workers and their
+    IPs, and where each is.
 
     Example: tpuctl list --project my-proj --zone us-central2-b --json
     """
-    from tpuctl.cloud import TpuApi
-    from tpuctl.errors import CloudError
+    from tpuctl import slices
 
     settings = settings_from(flags)
-    api = TpuApi(settings)
-    nodes = api.list_nodes()
-    try:  # requests still in line have no node: shown too, or a user cannot see (or cancel) their own
-        waiting = api.waiting_requests(nodes)
-    except CloudError as e:  # the list of nodes stands on its own
-        waiting = []
-        err().print(render.plain(f"queued resources not listed: {e.message}"))
+    nodes, waiting, notes = slices.list_all(settings)
+    for note in notes:  # a source that could not be read, while another could
+        err().print(render.plain(note))
     if as_json:
         entries = [{**n.to_json(), "kind": "node"} for n in nodes]
         render.print_json(entries + [{**q.to_json(), "kind": "queued_resource"} for q in waiting])

@@ -89,7 +89,7 @@ class Progress:
 @click.option(
     "--ready-timeout", default=defaults.READY_TIMEOUT_S, show_default=True, help="Seconds to wait for READY per try."
 )
-@setting_options("project", "zone", "ssh_user", "ssh_key")  # whose key the new VMs accept
+@setting_options("project", "zone", "ssh_user", "ssh_key", "backend")  # whose key the new VMs accept
 @new_tpu_options
 @dry_run_option
 @json_option
@@ -121,7 +121,7 @@ def create(
       tpuctl create my-pod --type v5litepod-16 --queued --valid-until 6h
       tpuctl create my-pod --type v4-32 --dry-run
     """
-    from tpuctl import cloud, keys, lifecycle
+    from tpuctl import cloud, keys, lifecycle, slices
 
     settings = settings_from(flags)
     settings.require("project")
@@ -139,6 +139,10 @@ def create(
     ssh_key = keys.for_new_node(settings, make=not dry_run)  # the new VMs accept tpuctl from their first boot
     request = cloud.NodeRequest.from_settings(settings, name, ssh_key, **capacity)
     parent = f"projects/{settings.project}/locations/{zones[0]}"
+    api = slices.for_create(settings)
+    if dry_run and api.source == "compute":  # what Compute Engine would be sent: template, policy, group
+        render.print_json(api.plan_json(request)) if as_json else out().print(render.plain(api.describe_plan(request)))
+        return
     if dry_run:
         sent = cloud.request_json(request, parent)
         if as_json:
@@ -147,7 +151,6 @@ def create(
             out().print(render.plain(f"{sent['method']} {settings.api_endpoint}{sent['path']}"))
             render.print_json(sent["body"])
         return
-    api = cloud.TpuApi(settings)
     with Progress() as say:
         node = lifecycle.create(
             api,
@@ -172,7 +175,7 @@ def create(
 @click.argument("name", required=False)
 @yes_option
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until it is gone.")
-@setting_options("project", "zone", "tpu")
+@setting_options("project", "zone", "tpu", "backend")
 @dry_run_option
 def delete(name: str | None, yes: bool, wait: bool, dry_run: bool, **flags: Any) -> None:
     """Delete the TPU NAME or --tpu (with the queued resource that made it, if any). Asks you to type the name
@@ -180,17 +183,17 @@ def delete(name: str | None, yes: bool, wait: bool, dry_run: bool, **flags: Any)
 
     Example: tpuctl delete my-pod --yes
     """
-    from tpuctl import cloud, endpoints, lifecycle
+    from tpuctl import endpoints, lifecycle, slices
 
     settings = settings_from(flags)
     name = name or _tpu_name(settings)
-    api = cloud.TpuApi(settings)
-    node = api.find_node(name)
+    api, node = slices.find(settings, name)
     waiting = api.get_queued(name) if node is None else None
     if node is None and waiting is not None:  # a request still in line, or one that failed: no node to delete
         _delete_queued(api, waiting, yes, wait, dry_run, settings.api_poll)
         return
-    node = node or api.get_node(name)  # one line naming the TPUs there when there is no such TPU
+    if node is None:  # one line naming the TPUs there
+        api, node = slices.get(settings, name)
     what = f"TPU {name!r} ({node.accelerator_type}, {node.state})"
     if node.queued_resource:
         what += f" and its queued resource {node.queued_resource!r}"
@@ -206,19 +209,18 @@ def delete(name: str | None, yes: bool, wait: bool, dry_run: bool, **flags: Any)
 
 @click.command()
 @click.argument("name", required=False)
-@setting_options("project", "zone", "tpu")
+@setting_options("project", "zone", "tpu", "backend")
 @json_option
 def describe(name: str | None, as_json: bool, **flags: Any) -> None:
     """One TPU in full: state, health and why, accelerator, runtime, spot/queued, workers (NAME or --tpu).
 
     Example: tpuctl describe my-pod --json
     """
-    from tpuctl import cloud
+    from tpuctl import slices
 
     settings = settings_from(flags)
     name = name or _tpu_name(settings)
-    api = cloud.TpuApi(settings)
-    node = api.find_node(name)
+    api, node = slices.find(settings, name)
     waiting = api.get_queued(name) if node is None else None
     if node is None and waiting is not None:  # a request with no node yet (or a failed one): the request itself
         if as_json:
@@ -227,7 +229,9 @@ def describe(name: str | None, as_json: bool, **flags: Any) -> None:
             out().print(render.queued_describe_table(waiting))
             err().print(render.plain(f"it has no node yet; `tpuctl delete {name}` cancels the request"))
         return
-    _show_node(api, node or api.get_node(name), as_json)
+    if node is None:
+        api, node = slices.get(settings, name)
+    _show_node(api, node, as_json)
 
 
 def _delete_queued(api: Any, waiting: Any, yes: bool, wait: bool, dry_run: bool, poll: float) -> None:
@@ -312,7 +316,7 @@ def babysit(
       tpuctl babysit recipes/b16.toml --tpu my-pod --recreate
     """
     from tpuctl import babysit as babysitting
-    from tpuctl import cloud, keys, launch, ops
+    from tpuctl import cloud, keys, launch, ops, slices
 
     settings = settings_from(flags)
     settings.require("project", "tpu")
@@ -333,7 +337,9 @@ def babysit(
         unhealthy_grace=unhealthy_grace,
         backoff=babysitting.babysit_backoff(backoff),
     )
-    sitter = babysitting.Babysitter(settings, cloud.TpuApi(settings), project, record, request, options, say_at)
+    sitter = babysitting.Babysitter(
+        settings, slices.for_name(settings, settings.tpu), project, record, request, options, say_at
+    )
     try:
         state = sitter.run()
     finally:

@@ -54,6 +54,7 @@ NEW_TPU_SETTINGS = (
     "zones",
     "accelerator_type",
     "runtime_version",
+    "image",
     "network",
     "subnetwork",
     "service_account",
