@@ -194,3 +194,69 @@ def test_create_dry_run_shows_what_compute_engine_would_be_sent(tpuctl: Tpuctl, 
     assert not compute.requests  # nothing was sent
     r = tpuctl("create", "s", "--type", "tpu7x-16", "--dry-run")  # auto: TPU7x is Compute Engine's
     assert r.returncode == 0 and "would create on Compute Engine" in r.stdout and "2 VMs" in r.stdout, r.stderr
+
+
+def test_babysit_remakes_a_preempted_mig_slice_like_it_was(compute: FakeComputeApi, tpu_api, monkeypatch, tmp_path):
+    """babysit's TPU step on Compute Engine: a spot MIG whose VMs were taken back reads PREEMPTED, is deleted with
+    its template and policy, and made again with the same type, spot-ness and keys; then it is READY again."""
+    from tpuctl.babysit import Babysitter, Options
+    from tpuctl.config import Settings
+    from tpuctl.registry import RunRecord
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    made = iter(range(100))
+    compute.on_create = lambda project, zone, name, n: [(f"10.4.{next(made)}.1", None) for _ in range(n)]
+    settings = Settings(project=PROJECT, zone=ZONE, tpu="s", backend="compute", compute_endpoint=compute.endpoint,
+                        api_poll=0.05, ssh_keys="off")  # fmt: skip
+    from tpuctl import cloud, lifecycle, slices
+
+    request = cloud.NodeRequest("s", "v6e-16", "", spot=True, metadata=(("ssh-keys", "jane:ssh-ed25519 AAAAj jane"),))
+    first = lifecycle.create(slices.for_create(settings), request, poll=0.05)
+    assert first is not None and first.state == "READY"
+    compute.preempt(PROJECT, ZONE, "s")
+    record = RunRecord(name="r", recipe="r.toml", workdir="/w", target="tpu", cwd="~/tpuctl", project=PROJECT)
+    said: list[str] = []
+    sitter = Babysitter(settings, slices.for_name(settings, "s"), tmp_path, record, None, Options(recreate=True),
+                        say=said.append, sleep=lambda _: None)  # fmt: skip
+    node = sitter.ready_tpu()
+    assert node.state == "READY" and node.accelerator_type == "v6e-16" and node.spot
+    assert {w.internal_ip for w in node.workers}.isdisjoint(w.internal_ip for w in first.workers)  # new VMs
+    assert [e.what for e in sitter.state.events[:2]] == ["deleting", "deleted"]
+    assert "is PREEMPTED" in sitter.state.events[0].detail
+    assert dict(node.metadata)["ssh-keys"] == "jane:ssh-ed25519 AAAAj jane"  # the keys came along
+    assert len(compute.migs) == len(compute.templates) == len(compute.policies) == 1
+
+
+def test_the_stand_in_is_held_to_compute_v1_both_ways(compute: FakeComputeApi):
+    """What the stand-in is sent and answers is Google's discovery document's (compute.v1.json, in PyPI's
+    google-api-python-client), not ours: a body with a field the API lacks is refused as the real front end refuses
+    it, and an answer the document would not allow is found by the check every test's teardown runs."""
+    import urllib.request
+
+    from standins import discovery
+
+    def post(path: str, body: dict) -> tuple[int, dict]:
+        request = urllib.request.Request(f"{compute.endpoint}{SERVICE_PATH}/projects/{PROJECT}/{path}",
+                                         data=json.dumps(body).encode(), method="POST")  # fmt: skip
+        try:
+            with urllib.request.urlopen(request) as answer:
+                return answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    wrong = {"machineType": "ct6e-standard-4t", "acceleratorTopology": "4x4"}
+    status, answer = post("global/instanceTemplates", {"name": "t", "properties": wrong})
+    assert status == 400 and "acceleratorTopology" in answer["error"]["message"]  # that is the policy's field
+    status, _ = post("global/instanceTemplates", {"name": "t", "properties": {"machineType": "ct6e-standard-4t"}})
+    assert status == 200 and (PROJECT, "t") in compute.templates
+    policy = {"type": "HIGH_THROUGHPUT", "acceleratorTopology": "4x4"}
+    status, answer = post("regions/zone/resourcePolicies", {"name": "p", "workloadPolicy": policy})
+    assert status == 200 and answer["status"] == "DONE"
+    doc = discovery.document("compute.v1.json")
+    path = f"projects/{PROJECT}/global/instanceTemplates/t"
+    good = json.loads(urllib.request.urlopen(f"{compute.endpoint}{SERVICE_PATH}/{path}").read())
+    assert discovery.problems(doc, "GET", path, 200, good, enums_as_numbers=False) == []
+    drifted = {**good, "properties": {**good["properties"], "topology": "4x4"}}
+    assert discovery.problems(doc, "GET", path, 200, drifted, enums_as_numbers=False) == [
+        "InstanceTemplate.properties.topology: a field InstanceProperties does not have"
+    ]

@@ -7,6 +7,7 @@ the second test."""
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +22,16 @@ from test_runs import RECIPE, env_args, prepared, sets, status, wait_for_logged_
 
 from trainer import contract
 
-SLICE = "slice"
+SLICE = "my-slice"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_steps() -> dict[str, list[str]]:
+    """The README's Compute Engine first steps: each `tpuctl` line's words (after `tpuctl`), by its command."""
+    section = (ROOT / "README.md").read_text().split("**On Compute Engine**", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = [shlex.split(line, comments=True) for line in block.splitlines() if line.startswith("tpuctl ")]
+    return {words[1]: words[1:] for words in lines}
 
 
 @pytest.fixture
@@ -58,15 +68,19 @@ def test_a_four_worker_mig_slice_goes_through_a_pods_commands(make_fleet, tpu_ap
     pod = mig_pod(fleet, tpu_api, compute, tmp_path / "home")
     shutil.copy(Path(standins.__file__).parent / "trainer_main.py", project / "trainer" / "__main__.py")
 
-    r = pod.tpuctl("create", SLICE, "--backend", "compute", "--type", "v5p-32", "--json")
+    steps = readme_steps()  # create, list, delete: as the README shows them
+    assert steps["create"][1] == SLICE and steps["delete"][1] == SLICE
+    r = pod.tpuctl(*steps["create"], "--json")
     assert r.returncode == 0, r.stderr
     node = json.loads(r.stdout)
-    assert node["source"] == "compute" and node["accelerator_type"] == "v5p-32" and len(node["workers"]) == 4
+    assert node["source"] == "compute" and node["accelerator_type"] == "v6e-16" and len(node["workers"]) == 4
+    region = ZONE.rsplit("-", 1)[0]
+    assert node["spot"] and compute.policies[(PROJECT, region, SLICE)]["workloadPolicy"]["acceleratorTopology"] == "4x4"
     # the key went into the template: every VM accepts tpuctl from its first boot, nothing to add later
     template = compute.templates[(PROJECT, SLICE)]["properties"]["metadata"]["items"]
     assert any(i["key"] == "ssh-keys" and fleet.user in i["value"] for i in template)
 
-    r = pod.tpuctl("list")
+    r = pod.tpuctl(*steps["list"])
     assert r.returncode == 0 and SLICE in r.stdout and "Compute Engine" in r.stdout, r.stderr
     r = pod.tpuctl("exec", "--", "cat /etc/hostname 2>/dev/null || hostname")
     assert r.returncode == 0, r.stderr
@@ -100,7 +114,7 @@ def test_a_four_worker_mig_slice_goes_through_a_pods_commands(make_fleet, tpu_ap
     assert r.returncode == 0, r.stdout + r.stderr
     assert [w["state"] for w in json.loads(r.stdout)["workers"]] == ["stopped"] * 4
 
-    r = pod.tpuctl("delete", SLICE, "--yes")
+    r = pod.tpuctl(*steps["delete"], "--yes")
     assert r.returncode == 0, r.stderr
     assert not compute.migs and not compute.instances and not compute.templates and not compute.policies
     r = pod.tpuctl("exec", "--", "true", env={"TPUCTL_NODE_CACHE_S": "0"})

@@ -92,6 +92,12 @@ class FakeComputeApi(JsonApi):
             instance["status"] = status
             return instance
 
+    def preempt(self, project: str, zone: str, mig: str) -> None:
+        """Compute Engine takes the MIG's spot VMs back: they stop (instanceTerminationAction STOP: TERMINATED)."""
+        with self._state_lock:
+            for key in self._members(project, zone, mig):
+                self.instances[key]["status"] = "TERMINATED"
+
     # -- routing ----------------------------------------------------------------------------------------
 
     def route(self, method: str, path: str, query: dict[str, list[str]], body: dict[str, Any]) -> dict[str, Any]:
