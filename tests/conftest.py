@@ -39,6 +39,8 @@ SESSION_ENV = {
     # where tpuctl reads a pod run's gs:// paths: a closed local port, never Google (the `gcs` fixture's emulator
     # while a test has one)
     "TPUCTL_STORAGE_ENDPOINT": "http://127.0.0.1:9",
+    # Compute Engine (TPU slices under backend auto, the project's metadata): the same, unless a test's stand-in
+    "TPUCTL_COMPUTE_ENDPOINT": "http://127.0.0.1:9",
 }
 # The host's gcloud/ADC setup must not leak into tests.
 UNSET_ENV = ("GOOGLE_APPLICATION_CREDENTIALS", "GOOGLE_CLOUD_PROJECT", "CLOUDSDK_CORE_PROJECT")
