@@ -216,7 +216,7 @@ def test_babysit_remakes_a_preempted_mig_slice_like_it_was(compute: FakeComputeA
     compute.preempt(PROJECT, ZONE, "s")
     record = RunRecord(name="r", recipe="r.toml", workdir="/w", target="tpu", cwd="~/tpuctl", project=PROJECT)
     said: list[str] = []
-    sitter = Babysitter(settings, slices.for_name(settings, "s"), tmp_path, record, None, Options(recreate=True),
+    sitter = Babysitter(settings, slices.for_create(settings), tmp_path, record, None, Options(recreate=True),
                         say=said.append, sleep=lambda _: None)  # fmt: skip
     node = sitter.ready_tpu()
     assert node.state == "READY" and node.accelerator_type == "v6e-16" and node.spot

@@ -39,18 +39,13 @@ def api_of(settings: Settings, node: Node) -> Any:
 
 
 def for_create(settings: Settings) -> Any:
-    """The API a new TPU is made through."""
+    """The API a new TPU is made through; babysit's too, which may make one (so a Compute Engine slice other than
+    TPU7x is babysat with --backend compute)."""
     if settings.backend == "compute" or (
         settings.backend == "auto" and (settings.accelerator_type or "").startswith(COMPUTE_ONLY)
     ):
         return compute_api(settings)
     return tpu_api(settings)
-
-
-def for_name(settings: Settings, name: str) -> Any:
-    """The API that holds TPU `name`, else the one it would be made through (babysit: either)."""
-    api, node = find(settings, name)
-    return api if node is not None else for_create(settings)
 
 
 def find(settings: Settings, name: str) -> tuple[Any, Node | None]:

@@ -281,7 +281,7 @@ def _show_node(api: Any, node: Any, as_json: bool) -> None:
 @click.option(
     "--unhealthy-grace", default=defaults.UNHEALTHY_GRACE_S, show_default=True, help="Seconds a TPU may stay unhealthy."
 )
-@fleet_options("remote_dir", "command_timeout")
+@fleet_options("remote_dir", "command_timeout", "backend")
 @new_tpu_options
 @setting_options("workdir_root", "coordinator_port", "check_paths")
 @setting_options("python", "extras", "pip_args", "jax_version", "apt_packages")
@@ -338,7 +338,7 @@ def babysit(
         backoff=babysitting.babysit_backoff(backoff),
     )
     sitter = babysitting.Babysitter(
-        settings, slices.for_name(settings, settings.tpu), project, record, request, options, say_at
+        settings, slices.for_create(settings), project, record, request, options, say_at
     )
     try:
         state = sitter.run()
