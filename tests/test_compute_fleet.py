@@ -110,6 +110,10 @@ def test_a_four_worker_mig_slice_goes_through_a_pods_commands(make_fleet, tpu_ap
         wait_for_logged_step(worker, "mig run", 2)
     code, workers = status(pod, "mig run")
     assert code == 0 and [w["state"] for w in workers] == ["running"] * 4, workers
+    r = pod.tpuctl("logs", "mig run", "--workers", "all", "-n", "1")
+    assert r.returncode == 0 and sorted(line[:4] for line in r.stdout.splitlines()) == ["[w0]", "[w1]", "[w2]", "[w3]"]
+    r = pod.tpuctl("check", "--json")  # what holds the chips: nothing here (no TPU device files on these VMs)
+    assert r.returncode == 0 and [w["state"] for w in json.loads(r.stdout)] == ["free"] * 4, r.stdout + r.stderr
     r = pod.tpuctl("stop", "mig run", "--grace", "60", "--json", timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert [w["state"] for w in json.loads(r.stdout)["workers"]] == ["stopped"] * 4

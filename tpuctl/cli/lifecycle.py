@@ -281,7 +281,7 @@ def _show_node(api: Any, node: Any, as_json: bool) -> None:
 @click.option(
     "--unhealthy-grace", default=defaults.UNHEALTHY_GRACE_S, show_default=True, help="Seconds a TPU may stay unhealthy."
 )
-@fleet_options("remote_dir", "command_timeout", "backend")
+@fleet_options("remote_dir", "command_timeout")
 @new_tpu_options
 @setting_options("workdir_root", "coordinator_port", "check_paths")
 @setting_options("python", "extras", "pip_args", "jax_version", "apt_packages")
@@ -337,9 +337,7 @@ def babysit(
         unhealthy_grace=unhealthy_grace,
         backoff=babysitting.babysit_backoff(backoff),
     )
-    sitter = babysitting.Babysitter(
-        settings, slices.for_create(settings), project, record, request, options, say_at
-    )
+    sitter = babysitting.Babysitter(settings, slices.for_create(settings), project, record, request, options, say_at)
     try:
         state = sitter.run()
     finally:

@@ -14,7 +14,7 @@ from tpuctl.config import env_name, setting_fields
 # A list setting's flag takes one comma-separated string, as its env variable does.
 _CLICK_TYPES: dict[str, Any] = {"str": str, "path": str, "int": int, "float": float, "list": str}
 # Settings every fleet command takes; the others live in profiles/env (and a few get flags below).
-FLEET_SETTINGS = ("project", "zone", "tpu", "ssh_user", "ssh_key", "ssh_port", "ssh_proxy", "concurrency")
+FLEET_SETTINGS = ("project", "zone", "tpu", "backend", "ssh_user", "ssh_key", "ssh_port", "ssh_proxy", "concurrency")
 BOOL_FLAGS = {
     "internal_ip": "--internal-ip/--external-ip",
     "replace_host_keys": "--replace-host-keys/--keep-host-keys",
