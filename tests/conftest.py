@@ -167,6 +167,8 @@ LONG_TESTS = [
     "test_scale.py::test_a_pod_of_128_workers_execs_checks_and_syncs",
     # 13 s alone, 78 s beside the 128-worker pods: long enough to keep away from the other long tests
     "test_train.py::test_a_two_host_save_resumes_on_another_mesh",
+    # 40 s alone, 65 s beside the shard run and the 128-worker pod: two trainer starts against the GCS emulator
+    "test_train.py::test_a_bucket_workdir_killed_and_resumed_continues_exactly",
     "test_bucket.py::test_an_eval_that_fails_on_one_host_of_two_is_reported_by_both_and_training_goes_on",
     # 20 s in one fresh-clone run, 69 and 76 s in the next two: kept away from the other long tests
     "test_data_formats.py::test_the_trainer_trains_on_a_mixture_of_a_tfds_builder_and_tars_with_every_eval_format",

@@ -236,13 +236,7 @@ def test_the_stand_in_is_held_to_compute_v1_both_ways(compute: FakeComputeApi):
     from standins import discovery
 
     def post(path: str, body: dict) -> tuple[int, dict]:
-        request = urllib.request.Request(f"{compute.endpoint}{SERVICE_PATH}/projects/{PROJECT}/{path}",
-                                         data=json.dumps(body).encode(), method="POST")  # fmt: skip
-        try:
-            with urllib.request.urlopen(request) as answer:
-                return answer.status, json.loads(answer.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
+        return rest(compute, path, body)
 
     wrong = {"machineType": "ct6e-standard-4t", "acceleratorTopology": "4x4"}
     status, answer = post("global/instanceTemplates", {"name": "t", "properties": wrong})
@@ -260,3 +254,33 @@ def test_the_stand_in_is_held_to_compute_v1_both_ways(compute: FakeComputeApi):
     assert discovery.problems(doc, "GET", path, 200, drifted, enums_as_numbers=False) == [
         "InstanceTemplate.properties.topology: a field InstanceProperties does not have"
     ]
+
+
+def rest(compute: FakeComputeApi, path: str, body: dict) -> tuple[int, dict]:
+    """POST `body` to the stand-in as another client would (gcloud, the console): (HTTP status, answer)."""
+    import urllib.error
+    import urllib.request
+
+    url = f"{compute.endpoint}{SERVICE_PATH}/projects/{PROJECT}/{path}"
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+    try:
+        with urllib.request.urlopen(request) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_deleting_a_mig_made_elsewhere_keeps_its_template(tpuctl: Tpuctl, compute: FakeComputeApi):
+    """A MIG someone made with gcloud from a template of their own: `tpuctl delete` removes the group (and so its
+    VMs), never the template, which may serve other groups."""
+    compute.on_create = lambda project, zone, name, n: [("10.5.0.1", None)]
+    assert rest(compute, "global/instanceTemplates", {"name": "team-v6e", "properties": {
+        "machineType": "ct6e-standard-8t"}})[0] == 200  # fmt: skip
+    group = {"name": "theirs", "baseInstanceName": "theirs", "targetSize": 1,
+             "instanceTemplate": f"projects/{PROJECT}/global/instanceTemplates/team-v6e"}  # fmt: skip
+    assert rest(compute, f"zones/{ZONE}/instanceGroupManagers", group)[0] == 200
+    r = tpuctl("describe", "theirs", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["accelerator_type"] == "v6e-8", r.stderr
+    r = tpuctl("delete", "theirs", "--yes")
+    assert r.returncode == 0, r.stderr
+    assert not compute.migs and not compute.instances and (PROJECT, "team-v6e") in compute.templates

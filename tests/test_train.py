@@ -334,11 +334,11 @@ def copy_tree(source: str | Path, dest: str | Path) -> None:
 
 @pytest.fixture
 def two_hosts_stopped(xla_cache, gcs, bucket) -> Path:
-    """2 processes x 2 CPU devices (data 2 x fsdp 2) through jax.distributed (gloo collectives), as two hosts of a
-    pod with their workdir in a bucket, SIGTERMed together after step 3 (a preempted pod): made once per test run
-    (the stop, then its resume, are two tests of a minute's work between them). Its directory: workdir/ (the bucket's
-    workdir as the two left it, copied: another xdist worker has its own bucket), recipe one_stage.toml, run.json
-    (each process's exit code and output)."""
+    """2 processes x 1 CPU device (fsdp 2: every parameter split across the hosts) through jax.distributed (gloo
+    collectives), as two hosts of a pod with their workdir in a bucket, SIGTERMed together after step 3 (a preempted
+    pod): made once per test run (the stop, then its resume, are two tests of a minute's work between them). Its
+    directory: workdir/ (the bucket's workdir as the two left it, copied: another xdist worker has its own bucket),
+    recipe one_stage.toml, run.json (each process's exit code and output)."""
 
     def build(root: Path) -> None:
         recipe = one_stage_recipe(root)
@@ -349,8 +349,8 @@ def two_hosts_stopped(xla_cache, gcs, bucket) -> Path:
             procs = [
                 trainer.start(
                     workdir,
-                    "mesh.fsdp=2",
-                    devices=2,
+                    "mesh.fsdp=2",  # each parameter split over the two hosts' devices
+                    devices=1,
                     recipe=recipe,
                     base=STOP_ONLY,
                     extra=["--coordinator", coordinator, "--num-processes", "2", "--process-id", str(i)],
@@ -395,8 +395,9 @@ def test_two_processes_stop_together_on_preemption(two_hosts_stopped, reference)
 
 
 def test_a_two_host_save_resumes_on_another_mesh(reference, trainer, two_hosts_stopped, bucket):
-    """One process on 2 devices (fsdp 2) resumes from the two hosts' save in a bucket: the state sharded over 4
-    devices of 2 hosts restores onto the new mesh and the stage ends where the uninterrupted run does; each start
+    """One process on 2 devices (data 2: every parameter whole on each) resumes from the two hosts' save in a
+    bucket: the state split across 2 hosts restores onto the new mesh and the stage ends where the uninterrupted
+    run does; each start
     recorded the code tpuctl named (contract.CODE_ENV) and where it started. The first stage alone: each mesh compiles
     its own programs, and the hand-over to the next stage is tested above."""
     last = read_jsonl(two_hosts_stopped / "workdir" / "metrics.jsonl")[-1]["stage_step"]
@@ -404,7 +405,7 @@ def test_a_two_host_save_resumes_on_another_mesh(reference, trainer, two_hosts_s
     copy_tree(two_hosts_stopped / "workdir", workdir)  # into this test's bucket, as the two hosts left it
     recipe = two_hosts_stopped / "one_stage.toml"
     code_env = {contract.CODE_ENV: json.dumps(TWO_HOSTS_CODE)}
-    out = trainer.run(workdir, "mesh.fsdp=2", devices=2, recipe=recipe, base=STOP_ONLY, env=code_env)
+    out = trainer.run(workdir, devices=2, recipe=recipe, base=STOP_ONLY, env=code_env)
     assert f"resuming at step {last}/12" in out
     want = losses(reference[2][:12])
     got = losses(read_jsonl(f"{workdir}/metrics.jsonl"))

@@ -533,19 +533,27 @@ class ComputeTpus:
             )
             self._wait(op, doing)
             return Done(op.name)
-        mig = self._migs.get(project=self.project, zone=self.zone, instance_group_manager=node.name)
+        mig = self._call(
+            lambda: self._migs.get(project=self.project, zone=self.zone, instance_group_manager=node.name),
+            doing,
+            "compute.instanceGroupManagers.get",
+        )
+        template = self._template(mig.instance_template) if mig.instance_template else None
         op = self._call(
             lambda: self._migs.delete_unary(project=self.project, zone=self.zone, instance_group_manager=node.name),
             doing,
             "compute.instanceGroupManagers.delete",
         )
         self._wait(op, doing, timeout=1800)
+        # the parts tpuctl made (named after the slice, labelled by it); a template made elsewhere may serve others
         policy = mig.resource_policies.workload_policy if mig.resource_policies else ""
-        self._remove_parts(last(mig.instance_template), policy=bool(policy), policy_name=last(policy) if policy else "")
+        if template is not None and template.name == node.name and made_by_tpuctl(template.properties.labels):
+            self._remove_parts(template.name, policy=last(policy) == node.name)
         return Done(op.name)
 
-    def _remove_parts(self, template: str, policy: bool, policy_name: str = "") -> None:
-        """The instance template and workload policy of a slice that is gone (or was never made)."""
+    def _remove_parts(self, template: str, policy: bool) -> None:
+        """The instance template and workload policy (both named `template`) of a slice tpuctl made, once its MIG
+        is gone or was never made."""
         from google.api_core import exceptions
 
         steps = [
@@ -555,11 +563,12 @@ class ComputeTpus:
             )
         ]
         if policy:
-            name = policy_name or template
             steps.append(
                 (
-                    lambda: self._policies.delete_unary(project=self.project, region=self.region, resource_policy=name),
-                    f"deleting workload policy {name!r}",
+                    lambda: self._policies.delete_unary(
+                        project=self.project, region=self.region, resource_policy=template
+                    ),
+                    f"deleting workload policy {template!r}",
                 )
             )
         for call, doing in steps:
@@ -702,6 +711,11 @@ class ComputeTpus:
         if isinstance(e, OSError):
             return CloudError(f"{doing}: cannot reach the Compute Engine API at {self.endpoint} ({e})")
         return e
+
+
+def made_by_tpuctl(labels: Any) -> bool:
+    """Whether a template carries the label tpuctl gives what it makes (cloud.NodeRequest's labels)."""
+    return dict(labels).get("created-by") == "tpuctl"
 
 
 def worker_order(instance: Any) -> tuple[int, str]:
