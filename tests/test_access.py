@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 from standins.compute_api import SERVICE_PATH, FakeComputeApi
+from standins.discovery import held_to_reference
 from standins.guest_agent import GuestAgent, metadata_keys
-from standins.jsonapi import JsonApi
 from standins.oslogin_api import FakeOsLoginApi, posix_name
 from standins.pod import NODE, PROJECT, ZONE, Pod, make_pod
 from standins.sshfleet import SshFleet
@@ -24,22 +24,6 @@ from standins.sshfleet import SshFleet
 USER = "jane"  # the local user name tpuctl logs in as (ssh_user's default), an account the workers have
 OTHERS = "bob:ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBobsOwnKeyBobsOwnKeyBobsOwnKeyBobsOwnKey12 bob"
 ACCOUNT = "jane@example.com"
-
-
-def held_to_reference(api: JsonApi, document: str, service_path: str = "", enums_as_numbers: bool = True) -> None:
-    """Every answer `api` gave, held to Google's discovery document for it (as conftest does the TPU stand-in's);
-    enums as names where the API's client reads them so (Compute Engine's)."""
-    from standins import discovery
-
-    doc = discovery.document(document)
-    found = [
-        f"{a.request.method} {a.request.path} -> {a.status}: {problem}"
-        for a in api.answers
-        for problem in discovery.problems(
-            doc, a.request.method, a.request.path.removeprefix(service_path), a.status, a.body, enums_as_numbers
-        )
-    ]
-    assert not found, f"{type(api).__name__} answered unlike {document}:\n" + "\n".join(found[:20])
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,20 +17,11 @@ from standins import warm
 from standins.compute_api import SERVICE_PATH, FakeComputeApi
 from standins.pod import PROJECT, ZONE
 from standins.tpu_api import FakeTpuApi
-from test_access import held_to_reference
 
 from tpuctl import gce
 from tpuctl.errors import ConfigError
 
 Tpuctl = Callable[..., subprocess.CompletedProcess[str]]
-
-
-@pytest.fixture
-def compute() -> Iterator[FakeComputeApi]:
-    with FakeComputeApi() as api:
-        api.projects[PROJECT] = {}
-        yield api
-    held_to_reference(api, "compute.v1.json", SERVICE_PATH, enums_as_numbers=False)
 
 
 @pytest.fixture

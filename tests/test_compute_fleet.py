@@ -9,15 +9,13 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import standins
-from standins.compute_api import SERVICE_PATH, FakeComputeApi
+from standins.compute_api import FakeComputeApi
 from standins.pod import PROJECT, ZONE, Pod
-from test_access import held_to_reference
 from test_runs import RECIPE, env_args, prepared, sets, status, wait_for_logged_step
 
 from trainer import contract
@@ -32,14 +30,6 @@ def readme_steps() -> dict[str, list[str]]:
     block = section.split("```bash\n", 1)[1].split("```", 1)[0]
     lines = [shlex.split(line, comments=True) for line in block.splitlines() if line.startswith("tpuctl ")]
     return {words[1]: words[1:] for words in lines}
-
-
-@pytest.fixture
-def compute() -> Iterator[FakeComputeApi]:
-    with FakeComputeApi() as api:
-        api.projects[PROJECT] = {}
-        yield api
-    held_to_reference(api, "compute.v1.json", SERVICE_PATH, enums_as_numbers=False)
 
 
 @dataclass

@@ -160,3 +160,17 @@ class Checker:
             else:
                 found.append(f"{where}.{key}: a field {schema.get('id', where)} does not have")
         return found
+
+
+def held_to_reference(api: Any, reference: str, service_path: str = "", enums_as_numbers: bool = True) -> None:
+    """Every answer `api` (a jsonapi.JsonApi) gave, held to Google's discovery document `reference` for it (as
+    conftest does the TPU stand-in's); enums as names where the API's client reads them so (Compute Engine's)."""
+    doc = document(reference)
+    found = [
+        f"{a.request.method} {a.request.path} -> {a.status}: {problem}"
+        for a in api.answers
+        for problem in problems(
+            doc, a.request.method, a.request.path.removeprefix(service_path), a.status, a.body, enums_as_numbers
+        )
+    ]
+    assert not found, f"{type(api).__name__} answered unlike {reference}:\n" + "\n".join(found[:20])
