@@ -275,3 +275,33 @@ def test_deleting_a_mig_made_elsewhere_keeps_its_template(tpuctl: Tpuctl, comput
     r = tpuctl("delete", "theirs", "--yes")
     assert r.returncode == 0, r.stderr
     assert not compute.migs and not compute.instances and (PROJECT, "team-v6e") in compute.templates
+
+
+def test_os_login_is_read_from_a_slices_vms_then_from_the_project(compute: FakeComputeApi, tmp_path, monkeypatch):
+    """The day-one key handling on Compute Engine: whether the workers take keys from OS Login is what the slice's
+    VMs' metadata says (a MIG's, from its template; a lone VM's own), else the project's, as on a Cloud TPU node."""
+    from tpuctl import access, config, slices
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the project's answer is remembered for a day
+    compute.on_create = lambda project, zone, name, n: [(f"10.6.0.{i}", None) for i in range(n)]
+    compute.add_instance(
+        PROJECT, ZONE, "says-no", "tpu7x-standard-4t", "10.6.1.1", metadata={"enable-oslogin": "FALSE"}
+    )
+    compute.add_instance(PROJECT, ZONE, "says-nothing", "tpu7x-standard-4t", "10.6.1.2")
+    compute.projects[PROJECT] = {"enable-oslogin": "TRUE"}
+    env = {
+        "TPUCTL_COMPUTE_ENDPOINT": compute.endpoint,
+        "TPUCTL_PROJECT": PROJECT,
+        "TPUCTL_ZONE": ZONE,
+        "TPUCTL_BACKEND": "compute",
+        "TPUCTL_API_POLL": "0.05",
+        "TPUCTL_METADATA": "enable-oslogin=FALSE",  # the MIG's template: its VMs say no, the project yes
+        "TPUCTL_ACCELERATOR_TYPE": "tpu7x-8",
+    }
+    settings = config.resolve(env=env)
+    from tpuctl import cloud, lifecycle
+
+    lifecycle.create(slices.for_create(settings), cloud.NodeRequest.from_settings(settings, "mig-says-no"), poll=0.05)
+    for name, expected in (("mig-says-no", False), ("says-no", False), ("says-nothing", True)):
+        _, node = slices.get(settings, name)
+        assert access.uses_oslogin(settings, node) is expected, name
