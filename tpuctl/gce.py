@@ -262,7 +262,8 @@ class ComputeTpus:
             raise self._error("listing VM instances", e, "compute.instances.list") from None
 
     def _member_of(self, instance: Any, mig: str) -> bool:
-        path = f"projects/{self.project}/zones/{self.zone}/instanceGroupManagers/{mig}"
+        # Compute Engine writes `projects/NUMBER/zones/Z/instanceGroupManagers/NAME`: the number, not the project's id
+        path = f"/zones/{self.zone}/instanceGroupManagers/{mig}"
         return metadata_dict(instance.metadata).get(CREATED_BY, "").endswith(path)
 
     def _template(self, url: str) -> Any | None:

@@ -186,7 +186,7 @@ class FakeComputeApi(JsonApi):
         items = [{"key": k, "value": v} for k, v in metadata.items()]
         return {
             "kind": "compute#project",
-            "id": str(int(hashlib.sha256(project.encode()).hexdigest()[:12], 16)),
+            "id": self._project_number(project),
             "name": project,
             "selfLink": f"{BASE}/projects/{project}",
             "commonInstanceMetadata": {"kind": "compute#metadata", "fingerprint": _fingerprint(items), "items": items},
@@ -409,8 +409,9 @@ class FakeComputeApi(JsonApi):
                 {"kind": "compute#accessConfig", "name": "External NAT", "type": "ONE_TO_ONE_NAT", "natIP": external_ip}
             ]
         items = [{"key": k, "value": v} for k, v in metadata.items()]
-        if mig is not None:
-            items.append({"key": "created-by", "value": f"projects/{project}/zones/{zone}/instanceGroupManagers/{mig}"})
+        if mig is not None:  # as Compute Engine writes it: the project's number, not its id
+            number = self._project_number(project)
+            items.append({"key": "created-by", "value": f"projects/{number}/zones/{zone}/instanceGroupManagers/{mig}"})
         instance = {
             "kind": "compute#instance",
             "id": str(next(self._ids)),
@@ -433,8 +434,12 @@ class FakeComputeApi(JsonApi):
             instance["status"] = "RUNNING"
         return {k: v for k, v in instance.items() if not k.startswith("_")}
 
+    @staticmethod
+    def _project_number(project: str) -> str:
+        return str(int(hashlib.sha256(project.encode()).hexdigest()[:10], 16))
+
     def _members(self, project: str, zone: str, name: str) -> list[tuple[str, str, str]]:
-        mine = f"projects/{project}/zones/{zone}/instanceGroupManagers/{name}"
+        mine = f"projects/{self._project_number(project)}/zones/{zone}/instanceGroupManagers/{name}"
         return [
             key
             for key, instance in sorted(self.instances.items())
