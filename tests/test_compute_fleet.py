@@ -89,6 +89,7 @@ def test_a_four_worker_mig_slice_goes_through_a_pods_commands(make_fleet, tpu_ap
     plans = json.loads(r.stdout)["workers"]
     numbers = worker_numbers(compute)
     for plan in plans:
+        assert plan["tpu_vm_drops"] == []  # kept on Compute Engine's VMs even where they have TPU chips
         wired = dict(zip(contract.DISTRIBUTED_ENV, (plan["env"].get(k) for k in contract.DISTRIBUTED_ENV), strict=True))
         assert wired[contract.COORDINATOR_ENV].startswith(f"{fleet.workers[0].ip}:")
         assert wired[contract.NUM_PROCESSES_ENV] == "4"

@@ -296,7 +296,7 @@ class Babysitter:
                     self.say(f"{done}/{total} workers accept the key")
 
             access.wait_accepted(prepared.settings, node.workers, progress, sleep=self.sleep)
-        return launch.pod_target(prepared.settings, Fleet(prepared.settings, node.workers))
+        return launch.pod_target(prepared.settings, Fleet(prepared.settings, node.workers, source=node.source))
 
     def adopt(self, target: launch.Target) -> bool:
         """A run already training on these workers (babysit was restarted): watch it rather than start it again."""

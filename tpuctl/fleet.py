@@ -111,12 +111,14 @@ class Fleet:
         workers: Sequence[Worker],
         refresh: Callable[[], Sequence[Worker]] | None = None,
         accelerator_type: str | None = None,
+        source: str = "tpu",
     ):
         """`refresh`: the workers are recorded addresses (tpuctl.endpoints), to be confirmed by their host keys;
         refresh() asks the API for them when one is not (its answer then replaces them). `accelerator_type`: the
-        node's, where the API was asked."""
+        node's, where the API was asked; `source`: which API holds the node (cloud.Node.source)."""
         self.settings = settings
         self.accelerator_type = accelerator_type
+        self.source = source
         self.workers = list(workers)
         self.hosts = [w.address(settings.internal_addresses) for w in self.workers]
         self._refresh = refresh

@@ -246,8 +246,16 @@ def worker_plan(settings: Settings, target: Target, record: RunRecord, worker: W
         "env": remote.trainer_env(record.env, coordinator(settings, target), count, worker.index, record.code),
         "secret_env": sorted(secret_env()),  # names only: start() sends the values on stdin
         "device_globs": list(settings.device_globs),
-        "tpu_vm_drops": list(contract.DISTRIBUTED_ENV),  # what a worker with TPU device files leaves out
+        "tpu_vm_drops": tpu_vm_drops(target),
     }
+
+
+def tpu_vm_drops(target: Target) -> list[str]:
+    """What a worker with TPU device files leaves out of the trainer's environment: on a Cloud TPU node, the explicit
+    jax.distributed wiring (JAX finds the other workers in the VM's metadata itself); on Compute Engine's VMs
+    nothing, since Google's pages do not promise that metadata there and the wiring tpuctl gives (in the VMs'
+    agent-worker-number order) holds either way."""
+    return [] if getattr(target.fleet, "source", "tpu") == "compute" else list(contract.DISTRIBUTED_ENV)
 
 
 def secret_env() -> dict[str, str]:

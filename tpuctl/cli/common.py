@@ -110,7 +110,7 @@ def fleet_of(settings: Settings, workers: str = "all", recorded_ok: bool = True,
     if authorize:
         settings = authorized(settings, node)
     picked = [node.workers[i] for i in parse_workers(workers, len(node.workers))]
-    return Fleet(settings, picked, accelerator_type=node.accelerator_type)
+    return Fleet(settings, picked, accelerator_type=node.accelerator_type, source=node.source)
 
 
 def recorded_workers(settings: Settings) -> list[Worker] | None:
