@@ -380,7 +380,10 @@ def test_the_scheduling_order_names_tests_that_exist():
     here = Path(__file__).parent
     for entry in LONG_TESTS:
         module, test = entry.split("::")
-        assert f"\ndef {test}(" in (here / module).read_text(), f"conftest.LONG_TESTS: no {entry}"
+        name, _, case = test.partition("[")  # a parametrized test's case: its function, and the case's id
+        source = (here / module).read_text()
+        assert f"\ndef {name}(" in source, f"conftest.LONG_TESTS: no {entry}"
+        assert not case or case.rstrip("]").split("-")[0] in source, f"conftest.LONG_TESTS: no case {entry}"
         assert entry in json.loads(DURATIONS.read_text()), f"{DURATIONS.name} has no {entry}: store them again"
 
 
