@@ -23,6 +23,7 @@ import copy
 import re
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from tpuctl.cloud import Node, NodeRequest, Worker, api_message, credentials_for
@@ -143,10 +144,10 @@ STATES = {
 
 
 class Done:
-    """A finished step (what delete returns once everything is gone)."""
+    """A finished step (what delete returns once everything is gone), shaped as lifecycle reads an operation."""
 
     def __init__(self, name: str):
-        self.operation = type("Named", (), {"name": name})()
+        self.operation = SimpleNamespace(name=name)
 
     def done(self) -> bool:
         return True
@@ -661,17 +662,8 @@ class ComputeTpus:
     def queued_state(self, name: str) -> str:
         return ""
 
-    def list_queued(self) -> list[Any]:
-        return []
-
-    def waiting_requests(self, nodes: list[Node]) -> list[Any]:
-        return []
-
     def delete_queued(self, name: str) -> Any:
         raise CloudError(f"{name!r}: queued resources are the Cloud TPU API's; Compute Engine has none")
-
-    def check_zone(self) -> None:
-        return None
 
     # -- errors -----------------------------------------------------------------------------------------------
 
