@@ -179,7 +179,9 @@ def test_the_traced_flop_count_counts_every_layer_and_the_recomputation():
     tiny = Path(__file__).with_name("tiny_synthetic.toml")
     counted = {}
     for remat in ("none", "block"):
+        # three layers a tower: enough for a scan to differ from its unrolled loop, and quick to compile unrolled
         sets = [f"model.remat={remat}", "stages.0.global_batch=8", "text.vocab_rows=4096", "model.decoder="]
+        sets += ["model.image_depth=3", "model.text_depth=3"]
         scanned = recipe.load(tiny, sets)
         step, state, batch = train_step_args(scanned, scanned.stages[0], sharding.checked_mesh(scanned))
         counted[remat] = flops.traced(step, state, batch)
