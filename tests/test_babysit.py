@@ -87,6 +87,7 @@ def test_preemption_drill(tpu_api, make_fleet, project, shared, tmp_path, gcs, b
         "TPUCTL_SSH_USER": first.user,
         "TPUCTL_SSH_KEY": str(first.key_path),
         "TPUCTL_SSH_PORT": str(first.port),
+        "TPUCTL_COORDINATOR_PORT": str(standins.coordinator_port()),
         "TPUCTL_KNOWN_HOSTS": str(home / "known_hosts"),
         "TPUCTL_PIP_ARGS": image.OFFLINE_PIP_ARGS,
     }

@@ -4,6 +4,7 @@ the few helpers the tests share: a free port, waiting on a condition, trainers j
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import subprocess
 import time
@@ -19,6 +20,21 @@ def free_port(ip: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((ip, 0))
         return int(sock.getsockname()[1])
+
+
+def coordinator_port() -> int:
+    """A port for a stand-in pod's jax.distributed coordinator. JAX's coordinator listens on every address ([::]), so
+    two pods' coordinators on one machine (parallel tests) must not share a port: at the default 8476 one pod's
+    worker 1 would join the other's, and a pod's coordinator could not start. Below the ephemeral range (no client
+    socket takes it meanwhile), free now."""
+    while True:
+        port = 10_000 + secrets.randbelow(20_000)
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind(("0.0.0.0", port))  # refused while anything listens on the port, at any address
+            return port
+        except OSError:
+            continue
 
 
 def wait_until(

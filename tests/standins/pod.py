@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from standins import warm
+from standins import coordinator_port, warm
 from standins.sshfleet import SshFleet
 from standins.tpu_api import FakeTpuApi
 
@@ -23,6 +23,8 @@ class Pod:
     fleet: SshFleet
     api: FakeTpuApi
     home: Path  # HOME of the tpuctl user: its config, cache (sync mirror) and known_hosts live here
+    # its own (standins.coordinator_port): pods of parallel tests share this machine's ports
+    coordinator_port: int = field(default_factory=coordinator_port, kw_only=True)
 
     tpuctl_path = TPUCTL
 
@@ -49,6 +51,7 @@ class Pod:
             # Compute Engine API whether the project turns OS Login on (test_access does, against its stand-in).
             "TPUCTL_SSH_KEYS": "metadata",
             "TPUCTL_SSH_PORT": str(self.fleet.port),
+            "TPUCTL_COORDINATOR_PORT": str(self.coordinator_port),
             "TPUCTL_KNOWN_HOSTS": str(self.known_hosts),
             "TPUCTL_CONNECT_TIMEOUT": "5",
             "TPUCTL_API_TIMEOUT": "10",
