@@ -9,13 +9,22 @@ them is real: tmux sessions, pid and exit files, the status script reading them.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pytest
+from conftest import reference_problems, write_checkout
 from standins import wait_until
-from standins.pod import RUN_RECIPE, make_pod
+from standins.pod import RUN_RECIPE, Pod, make_pod
+from standins.sshfleet import SshFleet, start_fleet
+from standins.tpu_api import FakeTpuApi
 
 WORKERS = 128
 SLOW = {"TPUCTL_CONNECT_TIMEOUT": "60", "TPUCTL_TIMEOUT": "300"}  # 128 handshakes share two cores with 128 sshds
@@ -27,34 +36,39 @@ while :; do i=$((i + 1)); echo "pretrain $i  loss 2.5 img_per_s 100.0"; sleep 0.
 """
 
 
-@pytest.fixture
-def small_project(project, tmp_path):
-    """The recipe alone (what `run` checks here), in a git repo: 128 copies of the whole checkout would be most of
-    the test's time."""
-    small = tmp_path / "small"
+@dataclass
+class WidePod:
+    fleet: SshFleet
+    project: Path  # the recipe alone, in a git repo: 128 copies of the whole checkout would be most of the time
+    pod: Pod
+
+    def tpuctl(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+        """tpuctl with the timeouts 128 handshakes on two cores need."""
+        return self.pod.tpuctl(*args, env=SLOW | kw.pop("env", {}), timeout=600, **kw)
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory) -> Iterator[WidePod]:
+    """One 128-worker pod for this module's tests: its sshds start, and tpuctl's master connections to them open, once
+    (each test leaves it as it found it: no chip holder, no run). Its API's answers are held to the reference at the
+    end, as the `tpu_api` fixture's are."""
+    root = tmp_path_factory.mktemp("wide")
+    small = root / "small"
     (small / RUN_RECIPE).parent.mkdir(parents=True)
-    shutil.copy(project / RUN_RECIPE, small / RUN_RECIPE)
+    shutil.copy(write_checkout(root / "project") / RUN_RECIPE, small / RUN_RECIPE)
     (small / "recipes").mkdir()
     subprocess.run(["git", "init", "-q", str(small)], check=True)
-    return small
-
-
-def pod_of_128(make_fleet, tpu_api, tmp_path):
-    """The pod, and a tpuctl with the timeouts 128 handshakes on two cores need."""
-    fleet = make_fleet(WORKERS)
-    pod = make_pod(fleet, tpu_api, tmp_path / "home")
-
-    def tpuctl(*args, **kw):
-        return pod.tpuctl(*args, env=SLOW | kw.pop("env", {}), timeout=600, **kw)
-
-    return fleet, tpuctl
+    with FakeTpuApi() as api, start_fleet(WORKERS) as fleet:
+        yield WidePod(fleet, small, make_pod(fleet, api, root / "home"))
+    found = reference_problems(api)
+    assert not found, "the local Cloud TPU API answered unlike Google's reference:\n" + "\n".join(found[:20])
 
 
 def hold_the_chips_of_w77(fleet) -> tuple[dict[str, str], int]:
     """Every worker gets a chip (a device file); a process on w77 holds its. The env that points tpuctl at those chips,
     and the holder's pid."""
     for w in fleet.workers:
-        w.path("/tmp/dev").mkdir()
+        w.path("/tmp/dev").mkdir(exist_ok=True)
         w.path("/tmp/dev/accel0").write_bytes(b"")
     holder = fleet.workers[77].spawn(["python3", "-c", "import time; f = open('/tmp/dev/accel0'); time.sleep(600)"])
     wait_until(lambda: r"accel0" in " ".join(_fds(holder)), 10, "the holder opened accel0")
@@ -62,9 +76,8 @@ def hold_the_chips_of_w77(fleet) -> tuple[dict[str, str], int]:
 
 
 @pytest.mark.timeout(600)
-def test_a_pod_of_128_workers_execs_checks_and_syncs(make_fleet, tpu_api, tmp_path, small_project):
-    project = small_project
-    fleet, tpuctl = pod_of_128(make_fleet, tpu_api, tmp_path)
+def test_a_pod_of_128_workers_execs_checks_and_syncs(wide):
+    fleet, tpuctl, project = wide.fleet, wide.tpuctl, wide.project
     r = tpuctl("exec", "--", "hostname")
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(r.stdout.splitlines()) == sorted(f"[w{w.index}] {w.hostname}" for w in fleet.workers)
@@ -72,15 +85,18 @@ def test_a_pod_of_128_workers_execs_checks_and_syncs(make_fleet, tpu_api, tmp_pa
 
     # check: one summary line, the one busy worker's row alone; --all and --json: every worker
     devices, holder = hold_the_chips_of_w77(fleet)
-    r = tpuctl("check", env=devices)
-    assert r.returncode == 1, r.stderr[-3000:]
-    assert f"{WORKERS} workers: {WORKERS - 1} free, 1 busy; the 1 worker not free below" in r.stdout
-    (row,) = worker_rows(r.stdout)
-    assert row.startswith("w77 ") and str(holder) in row
-    r = tpuctl("check", "--all", env=devices)
-    assert len(worker_rows(r.stdout)) == WORKERS
-    r = tpuctl("check", "--json", env=devices)
-    assert [d["state"] for d in json.loads(r.stdout)].count("free") == WORKERS - 1
+    try:
+        r = tpuctl("check", env=devices)
+        assert r.returncode == 1, r.stderr[-3000:]
+        assert f"{WORKERS} workers: {WORKERS - 1} free, 1 busy; the 1 worker not free below" in r.stdout
+        (row,) = worker_rows(r.stdout)
+        assert row.startswith("w77 ") and str(holder) in row
+        r = tpuctl("check", "--all", env=devices)
+        assert len(worker_rows(r.stdout)) == WORKERS
+        r = tpuctl("check", "--json", env=devices)
+        assert [d["state"] for d in json.loads(r.stdout)].count("free") == WORKERS - 1
+    finally:  # the pod as this test found it, for the module's next test
+        os.kill(holder, signal.SIGKILL)
 
     # sync: cold (every worker in full or by batch), then one edit (the batch, everywhere)
     r = tpuctl("sync", str(project), "--json")
@@ -94,16 +110,15 @@ def test_a_pod_of_128_workers_execs_checks_and_syncs(make_fleet, tpu_api, tmp_pa
 
 
 @pytest.mark.timeout(600)
-def test_a_pod_of_128_workers_runs_reports_and_stops(make_fleet, tpu_api, tmp_path, small_project):
+def test_a_pod_of_128_workers_runs_reports_and_stops(wide):
     """`run` on a pod whose w77 chips are held (--force: that holder alone is killed first), after a sync: every
     worker's tree checked against what it sent (the code's identity recorded with the run), then status and stop."""
-    project = small_project
-    fleet, tpuctl = pod_of_128(make_fleet, tpu_api, tmp_path)
+    fleet, tpuctl, project = wide.fleet, wide.tpuctl, wide.project
     devices, holder = hold_the_chips_of_w77(fleet)
     assert tpuctl("sync", str(project)).returncode == 0
     for w in fleet.workers:  # what `prepare` would make: the project's venv (sync leaves it alone)
         python = w.path("~/tpuctl/.venv/bin/python")
-        python.parent.mkdir(parents=True)
+        python.parent.mkdir(parents=True, exist_ok=True)
         python.write_text(STAND_IN_TRAINER)
         python.chmod(0o755)
     run = ["run", RUN_RECIPE, "--name", "wide", "--no-sync", "--workdir", "/tmp/w", "--force"]
@@ -136,8 +151,6 @@ def worker_rows(text: str) -> list[str]:
 
 
 def _fds(pid: int) -> list[str]:
-    import os
-
     try:
         return [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
     except OSError:
