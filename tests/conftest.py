@@ -175,6 +175,8 @@ LONG_TESTS = [
     # 40 s alone, 65 s beside the shard run and the 128-worker pod: two trainer starts against the GCS emulator
     "test_train.py::test_a_bucket_workdir_killed_and_resumed_continues_exactly",
     "test_bucket.py::test_an_eval_that_fails_on_one_host_of_two_is_reported_by_both_and_training_goes_on",
+    # 22-33 s in CI, 67 s beside convert's B/16 import then a 128-worker pod: a trainer with its evals on the emulator
+    "test_bucket.py::test_evals_read_from_the_bucket_and_a_failing_one_leaves_training_intact",
     # 20 s in one fresh-clone run, 69 and 76 s in the next two: kept away from the other long tests
     "test_data_formats.py::test_the_trainer_trains_on_a_mixture_of_a_tfds_builder_and_tars_with_every_eval_format",
     "test_runs.py::test_a_dead_worker_stops_the_others_and_status_names_it",
