@@ -396,6 +396,14 @@ def tpu_api() -> Iterator[FakeTpuApi]:
     """A started local Cloud TPU v2 API; point the client at `tpu_api.endpoint`. Every answer it gave during the test
     is then held to Google's discovery document for the API (standins/discovery.py): a stand-in that drifts from the
     real API fails the test that met the drift."""
+    with held_tpu_api() as api:
+        yield api
+
+
+@contextlib.contextmanager
+def held_tpu_api() -> Iterator[FakeTpuApi]:
+    """A started local Cloud TPU v2 API whose answers are held to tpu.v2.json once it is closed (fixture tpu_api's,
+    also for fixtures of a wider scope)."""
     with FakeTpuApi() as api:
         yield api
     found = reference_problems(api)

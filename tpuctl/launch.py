@@ -255,7 +255,7 @@ def tpu_vm_drops(target: Target) -> list[str]:
     jax.distributed wiring (JAX finds the other workers in the VM's metadata itself); on Compute Engine's VMs
     nothing, since Google's pages do not promise that metadata there and the wiring tpuctl gives (in the VMs'
     agent-worker-number order) holds either way."""
-    return [] if getattr(target.fleet, "source", "tpu") == "compute" else list(contract.DISTRIBUTED_ENV)
+    return [] if target.fleet.source == "compute" else list(contract.DISTRIBUTED_ENV)
 
 
 def secret_env() -> dict[str, str]:

@@ -22,6 +22,8 @@ LOCAL_WORKER = Worker(index=0, internal_ip="127.0.0.1", external_ip="127.0.0.1")
 
 
 class LocalFleet:
+    source = "local"  # this machine, not a node of either API (tpuctl.fleet.Fleet.source)
+
     def __init__(self, settings: Settings):
         self.settings = settings
         self.workers = [LOCAL_WORKER]
