@@ -16,7 +16,7 @@ import pytest
 import standins
 from standins.compute_api import FakeComputeApi
 from standins.pod import PROJECT, ZONE, Pod
-from test_runs import RECIPE, env_args, prepared, sets, status, wait_for_logged_step
+from test_runs import RECIPE, ended_status, env_args, prepared, sets, status, wait_for_logged_step
 
 from trainer import contract
 
@@ -146,7 +146,7 @@ def test_the_trainer_runs_on_a_two_host_mig_joined_by_jax_distributed(make_fleet
     assert r.returncode == 0, r.stderr
     r = pod.tpuctl("logs", "two hosts", "--follow", timeout=300)
     assert r.returncode == 0 and r.stdout.rstrip().endswith(f"checkpoints in {workdir}"), r.stdout[-3000:]
-    code, workers = status(pod, "two hosts")
+    code, workers = ended_status(pod, "two hosts")
     assert code == 0 and [w["state"] for w in workers] == ["done", "done"], workers
     meta = json.loads((workdir / "pretrain16" / "checkpoints" / str(steps) / "meta" / "metadata").read_text())
     assert len(meta["data"]) == 2  # one data position per process: both joined the one run

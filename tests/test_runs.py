@@ -115,6 +115,17 @@ def status(pod, name=None):
     return r.returncode, json.loads(r.stdout)["workers"]
 
 
+def ended_status(pod, name: str) -> tuple[int, list[dict]]:
+    """`status` once every worker's trainer has ended: `logs --follow` returns when worker 0's has, and another worker
+    may still be writing its exit status ("exiting") or finishing its last step."""
+
+    def ended():
+        code, workers = status(pod, name)
+        return (code, workers) if not {w["state"] for w in workers} & {"starting", "running", "exiting"} else None
+
+    return wait_until(ended, 60, f"every trainer of {name!r} ended", poll=0.5)
+
+
 def attached_screen(pod, name: str, scratch: Path, want: str) -> str:
     """`tpuctl attach NAME` in a terminal (a tmux pane of a server of the test's own): the screen once `want` shows."""
     env = {k: v for k, v in pod.env.items() if k != "TMUX"} | {"TMUX_TMPDIR": str(scratch)}
@@ -206,7 +217,7 @@ def test_two_workers_stop_and_resume_a_run_by_its_name(bucket_pod, project, shar
     r = pod.tpuctl("logs", name, "--follow", timeout=400)
     assert r.returncode == 0 and r.stdout.rstrip().endswith(f"checkpoints in {workdir}"), r.stdout[-3000:]
     assert f"resuming at step {stopped_at}/{DRILL_STEPS}" in r.stdout
-    code, workers = status(pod, name)
+    code, workers = ended_status(pod, name)
     assert code == 0 and [w["state"] for w in workers] == ["done", "done"]
     assert [w["checkpoint"] for w in workers] == [f"pretrain16/{DRILL_STEPS}"] * 2
 
